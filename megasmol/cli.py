@@ -206,6 +206,7 @@ def _quiet_import_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch_dtype.*deprecated")
+    warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
 
 
 def main(argv=None) -> int:

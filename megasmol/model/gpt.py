@@ -41,12 +41,13 @@ class SmolGPTModel(GPTModel):
         self.z_loss_coeff = z_loss_coeff
 
     def compute_language_model_loss(self, labels, logits):
+        if not self.z_loss_coeff:
+            return super().compute_language_model_loss(labels, logits)
+        # Before the cross-entropy: Megatron's vocab-parallel CE shifts the logits in place.
+        # logits are [s, b, v/tp]; the loss is [b, s].
+        lse = vocab_parallel_logsumexp(logits).transpose(0, 1)
         loss = super().compute_language_model_loss(labels, logits)
-        if self.z_loss_coeff:
-            # logits are [s, b, v/tp]; the loss is [b, s].
-            lse = vocab_parallel_logsumexp(logits).transpose(0, 1)
-            loss = loss + self.z_loss_coeff * lse.square()
-        return loss
+        return loss + self.z_loss_coeff * lse.square()
 
 
 def transformer_config(

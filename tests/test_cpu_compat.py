@@ -1,0 +1,53 @@
+"""The CPU compatibility layer: on only without CUDA, and what it redirects."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megasmol.runtime import cpu_compat
+
+
+def test_wanted_follows_cuda_and_the_environment(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv(cpu_compat.ENV_VAR, "auto")
+    assert cpu_compat.wanted() is False  # never on a GPU machine
+    monkeypatch.setenv(cpu_compat.ENV_VAR, "on")
+    with pytest.raises(RuntimeError, match="never runs on a GPU"):
+        cpu_compat.wanted()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv(cpu_compat.ENV_VAR, "auto")
+    assert cpu_compat.wanted() is True
+    monkeypatch.setenv(cpu_compat.ENV_VAR, "off")
+    assert cpu_compat.wanted() is False
+    monkeypatch.setenv(cpu_compat.ENV_VAR, "maybe")
+    with pytest.raises(ValueError, match=cpu_compat.ENV_VAR):
+        cpu_compat.wanted()
+
+
+CHECK = """
+import torch
+from megasmol.runtime import cpu_compat
+assert cpu_compat.activate_if_needed()
+x = torch.zeros(3, device="cuda")
+assert x.device.type == "cpu"
+assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
+assert x.cuda() is x and x.to("cuda:0").device.type == "cpu"
+assert torch.nn.Parameter(torch.zeros(1)).type() == "torch.cuda.FloatTensor"
+state = torch.cuda.get_rng_state(); a = torch.rand(3)
+torch.cuda.set_rng_state(state); assert torch.equal(a, torch.rand(3))
+torch.cuda.synchronize(); torch.cuda.current_stream().wait_stream(torch.cuda.Stream())
+print("ok")
+"""
+
+
+def test_redirects_cuda_to_cpu_in_a_fresh_process():
+    proc = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_off_leaves_megatron_failing_on_cuda_calls():
+    code = "import os; os.environ['MEGASMOL_CPU_COMPAT']='off'\n" + CHECK
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0
