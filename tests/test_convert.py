@@ -178,3 +178,25 @@ def test_export_rejects_bad_input(tmp_path):
 def test_cli_help_for_every_command():
     for command in ("info", "init", "export-hf", "import-hf", "generate", "demo"):
         assert "usage: megasmol " + command in run_cli(command, "--help").stdout
+
+
+def test_yarn_spec_builds_and_export_writes_rope_scaling(tmp_path):
+    from megasmol.model.spec import YarnSpec
+
+    spec = tiny_smollm3(yarn=YarnSpec(factor=2.0, original_max_position_embeddings=64).__dict__)
+    init_checkpoint(spec, tmp_path / "ckpt")
+    model, loaded, _ = load_checkpoint_model(tmp_path / "ckpt")
+    assert type(model.rotary_pos_emb).__name__ == "YarnRotaryEmbedding"
+    ids = torch.randint(0, 1000, (1, 80))
+    assert torch.isfinite(megatron_logits(model, ids)).all()
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", show_progress=False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_scaling"]["rope_type"] == "yarn" and config["rope_scaling"]["factor"] == 2.0
+    assert config["rope_parameters"]["original_max_position_embeddings"] == 64
+    # --yarn-factor on a plain checkpoint writes the block too.
+    init_checkpoint(tiny_smollm3(), tmp_path / "plain")
+    export_hf(tmp_path / "plain", tmp_path / "plain-hf", yarn=YarnSpec(factor=2.0),
+              show_progress=False)
+    config = json.loads((tmp_path / "plain-hf" / "config.json").read_text())
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 65536
+    assert config["max_position_embeddings"] == 131072

@@ -33,6 +33,9 @@ assert cpu_compat.activate_if_needed()
 x = torch.zeros(3, device="cuda")
 assert x.device.type == "cpu"
 assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
+assert torch.ones(2, device=0).device.type == "cpu"
+with torch.device(torch.cuda.current_device()):
+    assert torch.arange(3).device.type == "cpu"
 assert x.cuda() is x and x.to("cuda:0").device.type == "cpu"
 assert torch.nn.Parameter(torch.zeros(1)).type() == "torch.cuda.FloatTensor"
 state = torch.cuda.get_rng_state(); a = torch.rand(3)

@@ -48,7 +48,7 @@ def block_causal_mask(document_ids: Tensor) -> Tensor:
 
 
 def _flex_document_attention(q, k, v, document_ids: Tensor, scale: float) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     b, _, s, _ = q.shape
 

@@ -112,23 +112,13 @@ def transformer_config(
     )
 
 
-def build_model(
-    spec: ModelSpec,
-    *,
-    params_dtype: torch.dtype = torch.float32,
-    cpu_initialization: bool = False,
-    sequence_parallel: bool = False,
-    recompute: Optional[str] = None,
-    initialize: bool = True,
-) -> SmolGPTModel:
+def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialized).
 
-    ``initialize=False`` skips random init, for models whose weights are loaded next.
+    ``config_options`` go to :func:`transformer_config` (params_dtype, cpu_initialization,
+    sequence_parallel, recompute, and initialize=False for models loaded right after).
     """
-    config = transformer_config(
-        spec, params_dtype=params_dtype, cpu_initialization=cpu_initialization,
-        sequence_parallel=sequence_parallel, recompute=recompute, initialize=initialize,
-    )
+    config = transformer_config(spec, **config_options)
     use_yarn = spec.yarn is not None and spec.yarn.factor > 1.0
     if use_yarn:
         config.yarn_rotary_scaling_factor = spec.yarn.factor

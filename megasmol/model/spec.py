@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -170,7 +169,3 @@ def load_model_spec(name_or_path: str | Path) -> ModelSpec:
         return model_spec_from_dict(load_yaml(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-
-
-def approx_equal(a: float, b: float, rel: float) -> bool:
-    return math.isclose(a, b, rel_tol=rel)

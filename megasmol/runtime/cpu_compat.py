@@ -131,7 +131,9 @@ def _noop():
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # The CPU device itself rather than ordinal 0: Megatron also uses it as
+    # ``with torch.device(torch.cuda.current_device())``, which an ordinal would make CUDA.
+    cuda.current_device = lambda: _CPU
     cuda.set_device = _noop()
     cuda.synchronize = _noop()
     cuda.empty_cache = _noop()

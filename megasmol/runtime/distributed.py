@@ -72,7 +72,6 @@ def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
     info = init_distributed()
     layout.check(info.world_size, spec, seq_length)
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -43,24 +43,13 @@ class ParallelLayout:
             )
         if spec is not None:
             tp = self.tensor_parallel
-            if spec.num_attention_heads % tp:
-                raise ConfigError(
-                    f"parallel.tensor_parallel={tp} does not divide num_attention_heads="
-                    f"{spec.num_attention_heads}"
-                )
-            if spec.num_kv_heads % tp:
-                raise ConfigError(
-                    f"parallel.tensor_parallel={tp} does not divide num_kv_heads={spec.num_kv_heads}"
-                )
-            if spec.ffn_hidden_size % tp:
-                raise ConfigError(
-                    f"parallel.tensor_parallel={tp} does not divide ffn_hidden_size="
-                    f"{spec.ffn_hidden_size}"
-                )
-            if spec.vocab_size % tp:
-                raise ConfigError(
-                    f"parallel.tensor_parallel={tp} does not divide vocab_size={spec.vocab_size}"
-                )
+            # Tensor parallelism splits heads, KV groups, the FFN and the vocabulary.
+            for field in ("num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+                if getattr(spec, field) % tp:
+                    raise ConfigError(
+                        f"parallel.tensor_parallel={tp} does not divide {field}="
+                        f"{getattr(spec, field)}"
+                    )
             if spec.num_layers % self.pipeline_parallel:
                 raise ConfigError(
                     f"parallel.pipeline_parallel={self.pipeline_parallel} does not divide "
