@@ -106,8 +106,6 @@ def cmd_import_hf(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.config.typed import ConfigError
     from megasmol.generate import greedy_generate
@@ -132,7 +130,6 @@ def cmd_generate(args) -> int:
     print(f"continuation: {continuation}")
     if args.show_ids:
         print("token ids:    " + " ".join(str(t) for t in ids[0].tolist()))
-    del torch
     return 0
 
 
