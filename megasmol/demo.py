@@ -60,8 +60,8 @@ def _run(workdir: Path) -> int:
                          pad_token_id=spec.pad_token_id, attention_mask=torch.ones_like(prompt_ids))
     with torch.no_grad():
         positions = torch.arange(prompt_ids.shape[1]).unsqueeze(0)
-        diff = (model(prompt_ids, positions, None) - hf(prompt_ids).logits).norm()
-        rel = (diff / hf(prompt_ids).logits.norm()).item()
+        reference = hf(prompt_ids).logits
+        rel = ((model(prompt_ids, positions, None) - reference).norm() / reference.norm()).item()
     same = theirs.tolist() == ours.tolist()
     print(f"[4/4] transformers {type(hf).__name__}: same tokens: {same}; "
           f"logit relative error {rel:.2e}")

@@ -17,6 +17,7 @@ Masks:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -59,16 +60,12 @@ def _flex_document_attention(q, k, v, document_ids: Tensor, scale: float) -> Ten
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-_FLEX = None
-
-
+@functools.cache
 def _compiled_flex():
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    # FlexAttention is only fused (and memory-light) when compiled; compile once per process.
+    from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class SDPACoreAttention(MegatronModule):
