@@ -139,6 +139,42 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir), steps=args.steps)
 
 
+def cmd_prepare_data(args) -> int:
+    from megasmol.data.tokenize import prepare_data
+
+    summary = prepare_data(args.input, args.out, tokenizer=args.tokenizer, text_key=args.text_key,
+                           workers=args.workers, dtype=args.dtype, overwrite=args.overwrite,
+                           skip_bad_files=args.skip_bad_files, show_progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    print(f"  stats      {args.out}.stats.json")
+    return 0
+
+
+def cmd_demo_corpus(args) -> int:
+    from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
+
+    manifest = build_demo_corpus(args.out, code_mb=args.code_mb, math_problems=args.math_problems,
+                                 seed=args.seed)
+    print(f"demo corpus in {args.out} (Python {manifest['python']}, seed {manifest['seed']})")
+    for domain, info in manifest["domains"].items():
+        print(f"  {domain:<6} {info['documents']:>7,} documents  {info['characters']:>11,} characters")
+    if args.tokenize:
+        for domain, summary in tokenize_demo_corpus(args.out, tokenizer=args.tokenizer,
+                                                    workers=args.workers, overwrite=True,
+                                                    show_progress=not args.quiet).items():
+            print(f"  {domain:<6} {summary.tokens:>11,} tokens -> {summary.output_prefix}")
+    return 0
+
+
+def cmd_data_audit(args) -> int:
+    from megasmol.config.run import load_run_config
+    from megasmol.data.audit import audit_run
+
+    report = audit_run(load_run_config(args.config, args.set))
+    print(report.render())
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megasmol", description="SmolLM3-style pretraining on Megatron-Core.")
@@ -189,6 +225,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--show-ids", action="store_true", help="also print the token ids")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset")
+    p.add_argument("--input", required=True, nargs="+", help="files, directories or globs")
+    p.add_argument("--out", required=True,
+                   help="output prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.stats.json")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: Llama-3.2, SmolLM3's)")
+    p.add_argument("--text-key", default="text", help="JSONL field / Parquet column (default text)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="1 (default): one process, the tokenizer's own threads on all cores; "
+                        "N>1: N single-threaded tokenizer processes")
+    p.add_argument("--dtype", default="auto", help="auto (default), uint16 or int32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
+    p.add_argument("--skip-bad-files", action="store_true",
+                   help="count and report unreadable files instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("demo-corpus", help="build the embedded prose/code/math demo corpus")
+    p.add_argument("--out", default="runs/demo/corpus", help="directory (default runs/demo/corpus)")
+    p.add_argument("--tokenize", action="store_true", help="also tokenize it into OUT/tokens/")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
+    p.add_argument("--code-mb", type=float, default=3.0, help="standard-library code budget (default 3 MB)")
+    p.add_argument("--math-problems", type=int, default=20000, help="word problems (default 20000)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for code sampling and problems")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_demo_corpus)
+
+    p = sub.add_parser("data-audit", help="tokens available / drawn / epochs per stage and dataset")
+    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. training.train_steps=1000 (repeatable)")
+    p.set_defaults(func=cmd_data_audit)
 
     p = sub.add_parser("demo", help="the end-to-end CPU demo")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")

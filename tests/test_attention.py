@@ -1,5 +1,3 @@
-import pytest
-
 from megasmol.model.attention import SDPACoreAttention
 from tests.attention_check import compare
 from tests.conftest import WORKERS, run_torchrun
@@ -43,13 +41,32 @@ def test_zloss_is_added_to_the_lm_loss(megatron_runtime):
     assert zloss_error(small_spec()) < 1e-5
 
 
-def test_sdpa_refuses_context_parallel_and_thd(megatron_runtime):
+def test_sdpa_thd_layout_matches_sbhd(megatron_runtime):
+    """Transformer Engine's THD layout ([t, heads, d]) gives the sbhd result with b = 1."""
     from megatron.core.packed_seq_params import PackedSeqParams
     import torch
 
     from megasmol.model.gpt import build_model
 
     layer = build_model(small_spec()).decoder.layers[0].self_attention.core_attention
-    q = torch.zeros(8, 1, 2, 16)
-    with pytest.raises(ValueError, match="THD"):
-        layer(q, q[:, :, :1], q[:, :, :1], None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+    gen = torch.Generator().manual_seed(0)
+    heads, groups = layer.heads_per_partition, layer.groups_per_partition
+    q = torch.randn(10, 1, heads, 16, generator=gen)
+    k, v = (torch.randn(10, 1, groups, 16, generator=gen) for _ in range(2))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+
+    def params(fmt):
+        return PackedSeqParams(qkv_format=fmt, cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=10, max_seqlen_kv=10)
+
+    sbhd = layer(q, k, v, None, packed_seq_params=params("sbhd"))
+    thd = layer(q.squeeze(1), k.squeeze(1), v.squeeze(1), None, packed_seq_params=params("thd"))
+    assert thd.shape == (10, heads * 16)
+    assert torch.allclose(thd, sbhd.squeeze(1))
+    # The second document (tokens 4..9) does not see the first.
+    q2 = q.clone()
+    k2, v2 = k.clone(), v.clone()
+    k2[:4] += 1.0
+    v2[:4] += 1.0
+    moved = layer(q2, k2, v2, None, packed_seq_params=params("sbhd"))
+    assert torch.allclose(moved[4:], sbhd[4:]) and not torch.allclose(moved[:4], sbhd[:4])

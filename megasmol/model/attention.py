@@ -9,8 +9,9 @@ Masks:
 * no mask: causal attention (``is_causal``), the fast path;
 * ``attention_mask`` in Megatron's convention ([b, 1, sq, sk] bool, True = masked out);
 * document masking via ``PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)``: the
-  cumulative document boundaries over the flattened [b * s] token stream.  Positions are not
-  restarted (RoPE is relative, as in SmolLM3).  On GPU this becomes a FlexAttention block mask
+  cumulative document boundaries over the flattened [b * s] token stream (``"thd"``, the
+  Transformer Engine layout with [t, heads, d] inputs, is accepted too and treated as b = 1).
+  Positions are not restarted (RoPE is relative, as in SmolLM3).  On GPU this becomes a FlexAttention block mask
   (only the diagonal blocks are computed); on CPU, where FlexAttention has no backward, an
   equivalent dense block-diagonal causal mask.
 """
@@ -110,11 +111,10 @@ class SDPACoreAttention(MegatronModule):
     ) -> Tensor:
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by the sdpa attention backend")
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            raise ValueError(
-                "the sdpa attention backend takes document boundaries as "
-                "PackedSeqParams(qkv_format='sbhd'); THD packing needs Transformer Engine"
-            )
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            # [t, heads, d]: one packed stream; the same block-causal attention as sbhd with b=1.
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
         sq, b = query.shape[0], query.shape[1]
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -142,5 +142,6 @@ class SDPACoreAttention(MegatronModule):
                 q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale,
                 enable_gqa=True,
             )
-        # [b, heads, s, d] -> [s, b, heads * d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+        # [b, heads, s, d] -> [s, b, heads * d]  ([t, heads * d] for THD)
+        out = out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+        return out.squeeze(1) if thd else out

@@ -1,0 +1,71 @@
+"""data-audit: epochs per dataset and stage, and the errors that must stop a run."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from megasmol.config.run import load_run_config
+from megasmol.data.audit import audit_plan, audit_run
+from megasmol.data.recipe import DataRecipe, from_dict, plan_stages
+from tests.conftest import run_cli
+from tests.data_fixtures import EOS, write_dataset
+
+
+def _recipe(root, stages):
+    recipe = from_dict(DataRecipe, {"name": "t", "root": str(root), "stages": stages})
+    recipe.base_dir = str(root)
+    return recipe
+
+
+def test_epochs_and_warnings(tmp_path):
+    write_dataset(tmp_path / "big", [[5] * 999] * 10)     # 10,000 tokens
+    write_dataset(tmp_path / "small", [[6] * 99] * 10)    # 1,000 tokens
+    recipe = _recipe(tmp_path, [
+        {"name": "a", "start_step": 1, "datasets": [{"path": "big", "weight": 0.6},
+                                                    {"path": "small", "weight": 0.3}]},
+        {"name": "b", "start_step": 11, "datasets": [{"path": "big", "weight": 1.0}]}])
+    plans = plan_stages(recipe, 20, 4, 50)  # 10 steps x 200 tokens per stage
+    report = audit_plan(recipe, plans, vocab_size=100, eos_id=EOS, max_epochs=0.5)
+    rows = {(r.stage, r.name): r for r in report.rows}
+    assert rows["a", "small"].tokens_drawn == round(2000 / 0.9 * 0.3)
+    assert rows["a", "small"].epochs == pytest.approx(2000 / 0.9 * 0.3 / 1000, rel=1e-3)
+    assert rows["b", "big"].epochs_all_stages == pytest.approx((2000 / 0.9 * 0.6 + 2000) / 10_000, rel=1e-3)
+    assert report.ok
+    assert any("weights sum to 0.90000" in w for w in report.warnings)
+    assert any(w.startswith("small: drawn 0.7 times") for w in report.warnings)
+    text = report.render()
+    assert "epochs" in text and "audit: OK, 2 warning(s)" in text
+
+
+def test_errors_stop_the_run(tmp_path):
+    write_dataset(tmp_path / "wide", [[5, 7000, 6]])  # id 7000: outside a 4096 vocabulary
+    write_dataset(tmp_path / "ok", [[5, 6]])
+    (tmp_path / "ok.stats.json").write_text(json.dumps({"eos_id": 0, "max_token_id": 6}))
+    recipe = _recipe(tmp_path, [{"name": "a", "start_step": 1, "datasets": [
+        {"path": "wide", "weight": 0.5}, {"path": "ok", "weight": 0.25}, {"path": "gone", "weight": 0.25}]}])
+    report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS)
+    errors = "\n".join(report.errors)
+    assert not report.ok and len(report.errors) == 3, errors
+    assert "token id 7000" in errors and "gone.bin/.idx" in errors and "end with token 0" in errors
+
+
+def test_cli_data_audit_exit_codes(tmp_path):
+    write_dataset(tmp_path / "d", [[5] * 50] * 20)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "r", "root": ".", "stages": [
+        {"name": "s", "start_step": 1, "datasets": [{"path": "d", "weight": 1.0}]}]}))
+    config = {"model": "smollm3-tiny", "data": {"recipe": "recipe.yaml", "seq_length": 16},
+              "training": {"train_steps": 4, "global_batch_size": 2}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    report = audit_run(load_run_config(tmp_path / "run.yaml"))
+    assert report.ok and report.rows[0].tokens_available == int(1020 * 0.99)
+    proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"))
+    assert proc.returncode == 0 and "audit: OK" in proc.stdout
+    proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"), "--set", "data.root=/nowhere",
+                   check=False)
+    assert proc.returncode == 1 and "missing /nowhere/d.bin/.idx" in proc.stdout
+    proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"), "--set", "training.gbs=3",
+                   check=False)
+    assert proc.returncode == 2 and "unknown field(s) training.gbs" in proc.stderr
+    assert np.iinfo(np.int32).max > 7000
