@@ -1,0 +1,3 @@
+from megasmol.cli import main
+
+raise SystemExit(main())

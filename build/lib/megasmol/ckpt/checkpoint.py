@@ -1,0 +1,165 @@
+"""Checkpoints: Megatron-Core ``dist_checkpointing`` directories, written atomically.
+
+Layout of a checkpoint root::
+
+    ROOT/latest                 name of the newest complete iteration directory
+    ROOT/iter_0000100/          dist_checkpointing files (loadable under any TP/PP layout)
+    ROOT/iter_0000100/megasmol.json   model spec, step, layout, format version
+    ROOT/iter_0000100/tokenizer/      tokenizer files, when known
+
+An iteration is first written as ``iter_XXXXXXX.partial`` and renamed once every rank has
+finished; ``latest`` is replaced (write-then-rename) only after that.  A crash mid-save leaves
+a ``.partial`` directory that nothing loads and the previous ``latest`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT_VERSION = 1
+META_FILE = "megasmol.json"
+LATEST_FILE = "latest"
+TOKENIZER_DIR = "tokenizer"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+def iteration_dirname(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def resolve(path: str | Path) -> Path:
+    """An iteration directory from either a checkpoint root (via ``latest``) or itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if (path / META_FILE).is_file():
+        return path
+    latest = path / LATEST_FILE
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if not (target / META_FILE).is_file():
+            raise CheckpointError(f"{latest} points at {target.name}, which is not complete")
+        return target
+    if path.name.endswith(".partial"):
+        raise CheckpointError(f"{path}: an interrupted save (.partial), not a checkpoint")
+    raise CheckpointError(
+        f"{path}: not a megasmol checkpoint (no {META_FILE} and no {LATEST_FILE} file)"
+    )
+
+
+def read_metadata(path: str | Path) -> dict:
+    iteration = resolve(path)
+    meta_path = iteration / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{meta_path}: corrupt ({exc})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')!r}")
+    if not (iteration / "metadata.json").is_file():
+        raise CheckpointError(f"{iteration}: dist_checkpointing metadata.json is missing")
+    return meta
+
+
+def tokenizer_dir(path: str | Path) -> Optional[Path]:
+    iteration = resolve(path)
+    candidate = iteration / TOKENIZER_DIR
+    return candidate if candidate.is_dir() else None
+
+
+def save_checkpoint(
+    model,
+    root: str | Path,
+    step: int,
+    metadata: dict,
+    *,
+    extra_sharded_state: Optional[dict] = None,
+    tokenizer_source: Optional[str | Path] = None,
+) -> Path:
+    """Collective: every rank calls it with its own model chunk."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / iteration_dirname(step)
+    partial = root / (final.name + ".partial")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir()
+    _barrier()
+    sharded = model.sharded_state_dict()
+    if extra_sharded_state:
+        sharded.update(extra_sharded_state)
+    dist_checkpointing.save(sharded, str(partial))
+    _barrier()
+    if _rank() == 0:
+        if tokenizer_source is not None:
+            copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
+        meta = {"format": FORMAT_VERSION, "step": step, **metadata}
+        atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    _barrier()
+    return final
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja",
+)
+
+
+def copy_tokenizer(source: str | Path, dest: Path) -> bool:
+    """Copy the tokenizer files found in ``source`` (a directory); returns whether any were."""
+    source = Path(source)
+    found = [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if not found:
+        return False
+    dest.mkdir(parents=True, exist_ok=True)
+    for file in found:
+        shutil.copy2(file, dest / file.name)
+    return True
+
+
+def load_model_weights(model, path: str | Path, strict: bool = True) -> dict:
+    """Load weights into this rank's model chunk from any layout; returns the metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(path)
+    iteration = resolve(path)
+    sharded = model.sharded_state_dict()
+    try:
+        state = dist_checkpointing.load(sharded, str(iteration))
+    except Exception as exc:  # Megatron raises several types for missing/mismatched tensors.
+        raise CheckpointError(f"{iteration}: cannot load model weights: {exc}") from None
+    model.load_state_dict(state, strict=strict)
+    return meta

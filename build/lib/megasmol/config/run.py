@@ -1,0 +1,137 @@
+"""The run config: one YAML file, typed sections, ``--set section.field=value`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from megasmol.config.typed import ConfigError, from_dict, load_yaml
+from megasmol.runtime.parallel import ParallelLayout
+
+
+@dataclass
+class DataConfig:
+    """What the run trains on and how sequences are formed."""
+
+    recipe: str
+    """Data recipe: a name from the repository's data/ folder or a YAML path (relative to this config)."""
+    root: Optional[str] = None
+    """Override the recipe's ``root`` (where its dataset prefixes live)."""
+    seq_length: int = 4096
+    """Tokens per training sequence (a stage may set its own)."""
+    document_masking: bool = True
+    """Attention stays inside each document of a packed sequence, and the token predicted from a
+    document's EOS gets no loss (SmolLM3 default)."""
+    reset_position_ids: bool = False
+    """Restart position ids at each document (SmolLM3 does not: RoPE is relative)."""
+    validation_fraction: float = 0.01
+    """Share of each dataset's documents held out for validation loss (0 disables)."""
+    cache_dir: Optional[str] = None
+    """Where the sample indices are cached (default: ``<run_dir>/data_cache``)."""
+    max_epochs: float = 4.0
+    """The audit warns when the plan repeats a dataset more than this many times."""
+    prefetch: int = 2
+    """Batches prepared ahead by a background thread (0: none)."""
+
+    def validate(self) -> None:
+        if self.seq_length < 2:
+            raise ConfigError(f"data.seq_length must be >= 2, got {self.seq_length}")
+        if not 0.0 <= self.validation_fraction < 0.5:
+            raise ConfigError("data.validation_fraction must be in [0, 0.5), got "
+                              f"{self.validation_fraction}")
+        if self.max_epochs <= 0:
+            raise ConfigError("data.max_epochs must be > 0")
+        if self.prefetch < 0:
+            raise ConfigError("data.prefetch must be >= 0")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch geometry and length of the run."""
+
+    train_steps: int
+    """Optimizer steps in the run (the last stage ends here)."""
+    global_batch_size: int
+    """Sequences per optimizer step, over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward on one rank."""
+    seed: int = 1234
+    """Seed for initialization, data order and dropout."""
+
+    def validate(self) -> None:
+        for name in ("train_steps", "global_batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not a "
+                              f"multiple of training.micro_batch_size={self.micro_batch_size}")
+
+    def micro_batches_per_step(self, data_parallel: int) -> int:
+        per_step = self.micro_batch_size * data_parallel
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.global_batch_size={self.global_batch_size} is not divisible by "
+                f"micro_batch_size x data_parallel = {self.micro_batch_size} x {data_parallel}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class RunConfig:
+    """A training run."""
+
+    model: str
+    """Model spec: a preset name (model_specs/) or a spec YAML path."""
+    data: DataConfig
+    """Data recipe and sequence options."""
+    training: TrainingConfig
+    """Steps, batch sizes, seed."""
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    """Tensor / pipeline / context parallel sizes; data parallel takes the remaining ranks."""
+    run_dir: str = "runs/default"
+    """Where checkpoints, logs and caches go (relative to the config file)."""
+    config_dir: str = field(default=".", init=False, repr=False)
+    """Directory of the config file; relative paths in the config are taken from it."""
+
+    def path(self, value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (Path(self.config_dir) / p).resolve()
+
+    @property
+    def cache_dir(self) -> Path:
+        if self.data.cache_dir:
+            return self.path(self.data.cache_dir)
+        return self.path(self.run_dir) / "data_cache"
+
+    def recipe_reference(self) -> str:
+        candidate = self.path(self.data.recipe)
+        return str(candidate) if candidate.exists() else self.data.recipe
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {exc}") from None
+
+
+def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Load and validate a run config; ``overrides`` are ``section.field=value`` strings."""
+    data = load_yaml(path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item}: expected section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), raw)
+    config = from_dict(RunConfig, data, where="")
+    config.config_dir = str(Path(path).resolve().parent)
+    return config

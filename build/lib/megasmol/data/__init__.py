@@ -1,0 +1,1 @@
+"""The data path: tokenize to Megatron indexed datasets, stage recipes, loaders, masks, audit."""

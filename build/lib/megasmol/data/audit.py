@@ -1,0 +1,170 @@
+"""``data-audit``: what a run's plan will draw from each dataset, and what is wrong with it.
+
+For each stage and dataset: tokens available, tokens the plan draws, and the epochs that
+implies (also summed over stages, since a dataset shared by stages is read again). Errors stop
+training before it starts: missing files, token ids beyond the model's vocabulary, an EOS id
+the model does not use for document boundaries. Warnings: weights that do not sum to 1 and
+datasets repeated more than ``data.max_epochs`` times (the playbook: more than 3% math in
+stage 1 would have meant more than 5 epochs of it).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from megasmol.data.recipe import DataRecipe, StagePlan
+from megasmol.data.tokenize import read_stats
+
+SCAN_TOKENS = 1 << 22  # ids checked directly when a dataset has no stats JSON
+
+
+@dataclass
+class DatasetRow:
+    stage: str
+    name: str
+    prefix: str
+    weight: float
+    documents: int = 0
+    tokens_available: int = 0
+    tokens_drawn: int = 0
+    epochs: float = 0.0
+    epochs_all_stages: float = 0.0
+
+
+@dataclass
+class AuditReport:
+    rows: list[DatasetRow] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    stage_lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def render(self) -> str:
+        out = list(self.stage_lines)
+        if self.rows:
+            header = ("stage", "dataset", "weight", "available", "drawn", "epochs", "all stages")
+            table = [header] + [
+                (r.stage, r.name, f"{r.weight:.4f}", _human(r.tokens_available), _human(r.tokens_drawn),
+                 f"{r.epochs:.2f}", f"{r.epochs_all_stages:.2f}") for r in self.rows]
+            widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+            for i, row in enumerate(table):
+                cells = [c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
+                out.append("  ".join(cells).rstrip())
+                if i == 0:
+                    out.append("  ".join("-" * w for w in widths))
+        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"error: {e}" for e in self.errors]
+        out.append("audit: " + ("OK" if self.ok else f"{len(self.errors)} error(s)")
+                   + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
+        return "\n".join(out)
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _scan_max_id(prefix: Path, dtype) -> int:
+    data = np.memmap(str(prefix) + ".bin", dtype=dtype, mode="r")
+    head = data[:SCAN_TOKENS]
+    tail = data[-SCAN_TOKENS:] if data.size > SCAN_TOKENS else data[:0]
+    return int(max(head.max(initial=0), tail.max(initial=0)))
+
+
+def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, eos_id: int,
+               root: Optional[str] = None, max_epochs: float = 4.0,
+               validation_fraction: float = 0.0) -> AuditReport:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    report = AuditReport()
+    drawn_total: dict[str, int] = defaultdict(int)
+    available: dict[str, int] = {}
+    checked: set[str] = set()
+    for plan in plans:
+        stage = plan.stage
+        report.stage_lines.append(
+            f"stage {stage.name}: steps {plan.first_step:,}-{plan.last_step:,} ({plan.steps:,} steps x "
+            f"{plan.global_batch_size} x {plan.seq_length} = {_human(plan.tokens)} tokens)")
+        total_weight = stage.weight_sum
+        if abs(total_weight - 1.0) > 1e-3:
+            report.warnings.append(f"stage {stage.name}: weights sum to {total_weight:.5f}, not 1; "
+                                   "they are normalized")
+        for entry in stage.datasets:
+            try:
+                prefix = recipe.dataset_prefix(entry, root)
+            except ValueError as exc:
+                report.errors.append(str(exc))
+                continue
+            key = str(prefix)
+            row = DatasetRow(stage.name, entry.label, key, entry.weight / total_weight)
+            row.tokens_drawn = int(round(plan.tokens * row.weight))
+            report.rows.append(row)
+            missing = [s for s in (".bin", ".idx") if not Path(key + s).is_file()]
+            if missing:
+                report.errors.append(f"stage {stage.name}, {entry.label}: missing {key}{'/'.join(missing)}")
+                continue
+            if key not in available:
+                try:
+                    indexed = IndexedDataset(key, mmap=True)
+                except Exception as exc:  # a truncated or foreign .idx
+                    report.errors.append(f"{key}.idx: unreadable indexed dataset ({exc})")
+                    continue
+                available[key] = int(np.asarray(indexed.sequence_lengths, dtype=np.int64).sum())
+                row.documents = len(indexed.document_indices) - 1
+                _check_tokens(report, key, indexed, vocab_size, eos_id, checked)
+            row.tokens_available = int(available[key] * (1.0 - validation_fraction))
+            drawn_total[key] += row.tokens_drawn
+            row.epochs = row.tokens_drawn / max(row.tokens_available, 1)
+    for row in report.rows:
+        if row.prefix in available:
+            row.epochs_all_stages = drawn_total[row.prefix] / max(row.tokens_available, 1)
+    repeated = {}
+    for row in report.rows:
+        if row.epochs_all_stages > max_epochs:
+            repeated[row.prefix] = row
+    for row in repeated.values():
+        report.warnings.append(f"{row.name}: drawn {row.epochs_all_stages:.1f} times over the run "
+                               f"(data.max_epochs={max_epochs:g}); add data or lower its weight")
+    return report
+
+
+def _check_tokens(report: AuditReport, key: str, indexed, vocab_size: int, eos_id: int,
+                  checked: set) -> None:
+    checked.add(key)
+    stats = read_stats(key)
+    if stats is not None:
+        max_id, how = stats.get("max_token_id", -1), "per its stats JSON"
+        if stats.get("eos_id") not in (None, eos_id):
+            report.errors.append(f"{key}: documents end with token {stats['eos_id']} but the model's "
+                                 f"eos_token_id is {eos_id}; document masking would not see the "
+                                 "boundaries (tokenizer mismatch?)")
+    else:
+        max_id, how = _scan_max_id(Path(key), indexed.index.dtype), "in its first/last tokens"
+    if max_id >= vocab_size:
+        report.errors.append(f"{key}: token id {max_id} ({how}) is outside the model's vocabulary "
+                             f"of {vocab_size}")
+
+
+def audit_run(config, spec=None) -> AuditReport:
+    """Audit a ``RunConfig``: its recipe, its plan, and its model's vocabulary."""
+    from megasmol.data.recipe import load_recipe, plan_stages
+    from megasmol.model.spec import load_model_spec
+
+    spec = spec or load_model_spec(config.model)
+    recipe = load_recipe(config.recipe_reference())
+    plans = plan_stages(recipe, config.training.train_steps, config.training.global_batch_size,
+                        config.data.seq_length)
+    return audit_plan(recipe, plans, vocab_size=spec.vocab_size, eos_id=spec.eos_token_id,
+                      root=config.data.root and str(config.path(config.data.root)),
+                      max_epochs=config.data.max_epochs,
+                      validation_fraction=config.data.validation_fraction)

@@ -1,0 +1,124 @@
+"""Document masking: how a packed micro-batch reaches the model for each attention backend.
+
+A training sequence packs several documents, each ending in EOS. With document masking,
+attention stays inside each document and the prediction made from a document's EOS (the next
+document's first token) gets no loss; the loss mask for that comes from the dataset
+(``eod_mask_loss``). How the boundaries are handed to attention depends on the backend, one
+small function per format, chosen from a table like a layer spec:
+
+* ``thd`` (Transformer Engine): the micro-batch is flattened to one [1, b*s] token stream with
+  ``PackedSeqParams(qkv_format="thd", cu_seqlens)``; TE runs variable-length attention and
+  Megatron applies RoPE per document;
+* ``sbhd`` (megasmol's SDPA attention): [b, s] stays as is, with cu_seqlens over the flattened
+  stream; FlexAttention on GPU, a dense block-causal mask on CPU;
+* ``dense`` (Megatron's local attention): a [b, 1, s, s] boolean mask, True = masked.
+
+RoPE is relative, so whether position ids restart per document does not change attention inside
+a document; ``reset_position_ids`` only matters for absolute position schemes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from megasmol.model.attention import block_causal_mask
+
+BACKEND_MASK_FORMAT = {"te": "thd", "sdpa": "sbhd", "local": "dense"}
+
+
+@dataclass
+class ModelInputs:
+    """Tensors for one forward pass of ``GPTModel`` plus its loss mask."""
+
+    tokens: Tensor
+    position_ids: Tensor
+    labels: Tensor
+    loss_mask: Tensor
+    attention_mask: Optional[Tensor] = None
+    packed_seq_params: Optional[PackedSeqParams] = None
+
+    def to(self, device) -> "ModelInputs":
+        moved = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
+                 for k, v in vars(self).items() if k != "packed_seq_params"}
+        params = self.packed_seq_params
+        if params is not None:
+            params = PackedSeqParams(
+                qkv_format=params.qkv_format,
+                cu_seqlens_q=params.cu_seqlens_q.to(device), cu_seqlens_kv=params.cu_seqlens_kv.to(device),
+                max_seqlen_q=params.max_seqlen_q, max_seqlen_kv=params.max_seqlen_kv)
+        return ModelInputs(**moved, packed_seq_params=params)
+
+
+def document_ids(tokens: Tensor, eod_id: int) -> Tensor:
+    """[b, s] index of the document each token belongs to (an EOS closes its own document)."""
+    ends = (tokens == eod_id).long()
+    return torch.cumsum(ends, dim=1) - ends
+
+
+def cu_seqlens(tokens: Tensor, eod_id: int) -> Tensor:
+    """Document boundaries over the flattened [b*s] stream, sample boundaries included (int32)."""
+    b, s = tokens.shape
+    flat = tokens.reshape(-1)
+    after_eod = torch.nonzero(flat == eod_id).flatten() + 1
+    row_starts = torch.arange(0, b * s + 1, s, device=tokens.device)
+    bounds = torch.unique(torch.cat([row_starts, after_eod]))
+    return bounds.to(torch.int32)
+
+
+def restarted_positions(tokens: Tensor, eod_id: int) -> Tensor:
+    doc = document_ids(tokens, eod_id)
+    s = tokens.size(1)
+    index = torch.arange(s, device=tokens.device).expand_as(tokens)
+    # The first index of each token's document, carried forward along the row.
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index))
+    first = torch.cummax(first, dim=1).values
+    return index - first
+
+
+def _thd(batch: dict, eod_id: int) -> ModelInputs:
+    bounds = cu_seqlens(batch["tokens"], eod_id)
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+    return ModelInputs(**flat, packed_seq_params=params)
+
+
+def _sbhd(batch: dict, eod_id: int) -> ModelInputs:
+    bounds = cu_seqlens(batch["tokens"], eod_id)
+    # Megatron sizes the rotary table from max_seqlen when packed parameters are present; in
+    # sbhd the positions run over the whole row, so that is the row length.
+    length = batch["tokens"].size(1)
+    params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                             max_seqlen_q=length, max_seqlen_kv=length)
+    return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"],
+                       packed_seq_params=params)
+
+
+def _dense(batch: dict, eod_id: int) -> ModelInputs:
+    allowed = block_causal_mask(document_ids(batch["tokens"], eod_id))
+    return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"],
+                       attention_mask=~allowed)
+
+
+MASK_FORMATS = {"thd": _thd, "sbhd": _sbhd, "dense": _dense}
+
+
+def model_inputs(batch: dict, eod_id: int, document_masking: bool, mask_format: str,
+                 reset_position_ids: bool = False) -> ModelInputs:
+    """Turn a collated dataset batch ([b, s] tensors) into what the model's forward takes."""
+    if reset_position_ids:
+        batch = {**batch, "position_ids": restarted_positions(batch["tokens"], eod_id)}
+    if not document_masking:
+        return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"unknown document mask format {mask_format!r}; known: {', '.join(MASK_FORMATS)}")
+    return MASK_FORMATS[mask_format](batch, eod_id)

@@ -1,0 +1,147 @@
+"""Core attention on PyTorch's ``scaled_dot_product_attention``, as a Megatron-Core submodule.
+
+Megatron-Core's local ``DotProductAttention`` materializes the full [b, heads, s, s] score
+matrix and repeats K/V for GQA.  This module is a drop-in ``core_attention`` for the layer spec
+(same constructor and forward signature) that calls SDPA, which picks flash / cuDNN /
+memory-efficient kernels on GPU and handles GQA without copying K and V.
+
+Masks:
+* no mask: causal attention (``is_causal``), the fast path;
+* ``attention_mask`` in Megatron's convention ([b, 1, sq, sk] bool, True = masked out);
+* document masking via ``PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=...)``: the
+  cumulative document boundaries over the flattened [b * s] token stream (``"thd"``, the
+  Transformer Engine layout with [t, heads, d] inputs, is accepted too and treated as b = 1).
+  Positions are not restarted (RoPE is relative, as in SmolLM3).  On GPU this becomes a FlexAttention block mask
+  (only the diagonal blocks are computed); on CPU, where FlexAttention has no backward, an
+  equivalent dense block-diagonal causal mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+def document_ids_from_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -> Tensor:
+    """[b, s] document index of every token, from boundaries over the flattened [b*s] stream."""
+    positions = torch.arange(batch * seq_len, device=cu_seqlens.device)
+    doc = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True) - 1
+    return doc.view(batch, seq_len)
+
+
+def block_causal_mask(document_ids: Tensor) -> Tensor:
+    """[b, 1, s, s] bool, True where attention is allowed (same document, not in the future)."""
+    s = document_ids.size(1)
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
+    return (same_doc & causal).unsqueeze(1)
+
+
+def _flex_document_attention(q, k, v, document_ids: Tensor, scale: float) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, _, s, _ = q.shape
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
+
+    block_mask = create_block_mask(mask_mod, b, None, s, s, device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+@functools.cache
+def _compiled_flex():
+    # FlexAttention is only fused (and memory-light) when compiled; compile once per process.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class SDPACoreAttention(MegatronModule):
+    """Replaces Megatron-Core's DotProductAttention through the layer spec."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "context parallelism needs Transformer Engine attention "
+                "(attention_backend: te); the sdpa backend supports context_parallel_size=1"
+            )
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
+        self.groups_per_partition = divide(config.num_query_groups, tp_size)
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by the sdpa attention backend")
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:
+            # [t, heads, d]: one packed stream; the same block-causal attention as sbhd with b=1.
+            query, key, value = (t.unsqueeze(1) for t in (query, key, value))
+        sq, b = query.shape[0], query.shape[1]
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.dropout_p if self.training else 0.0
+        mask_type = attn_mask_type or self.attn_mask_type
+
+        if packed_seq_params is not None:
+            doc_ids = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
+            if q.is_cuda and dropout == 0.0:
+                out = _flex_document_attention(q, k, v, doc_ids, self.softmax_scale)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=block_causal_mask(doc_ids), dropout_p=dropout,
+                    scale=self.softmax_scale, enable_gqa=True,
+                )
+        elif attention_mask is not None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
+                scale=self.softmax_scale, enable_gqa=True,
+            )
+        else:
+            # With a KV cache a single query attends to everything before it.
+            causal = mask_type == AttnMaskType.causal and sq == k.shape[2]
+            out = F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, dropout_p=dropout, scale=self.softmax_scale,
+                enable_gqa=True,
+            )
+        # [b, heads, s, d] -> [s, b, heads * d]  ([t, heads * d] for THD)
+        out = out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
+        return out.squeeze(1) if thd else out

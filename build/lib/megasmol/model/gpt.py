@@ -1,0 +1,143 @@
+"""Turn a ModelSpec into a Megatron-Core TransformerConfig and GPTModel."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megasmol.model.layer_specs import layer_spec, resolve_attention_backend
+from megasmol.model.spec import ModelSpec
+
+
+def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over a vocabulary split across tensor-parallel ranks ([..., v/tp] -> [...])."""
+    logits = logits.float()
+    local_max = logits.max(dim=-1).values.detach()
+    global_max = local_max.clone()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(
+            global_max, op=torch.distributed.ReduceOp.MAX,
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
+    sum_exp = torch.exp(logits - global_max.unsqueeze(-1)).sum(dim=-1)
+    # Forward all-reduce, identity backward: each rank's slice gets d lse / d logits locally.
+    sum_exp = tensor_parallel.reduce_from_tensor_model_parallel_region(sum_exp)
+    return global_max + torch.log(sum_exp)
+
+
+class SmolGPTModel(GPTModel):
+    """Megatron-Core's GPTModel plus the LM-logit z-loss (PaLM), which Megatron-Core lacks.
+
+    The per-token loss returned with labels is ``CE + z_loss_coeff * logsumexp(logits)^2``.
+    """
+
+    def __init__(self, *args, z_loss_coeff: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.z_loss_coeff = z_loss_coeff
+
+    def compute_language_model_loss(self, labels, logits):
+        if not self.z_loss_coeff:
+            return super().compute_language_model_loss(labels, logits)
+        # Before the cross-entropy: Megatron's vocab-parallel CE shifts the logits in place.
+        # logits are [s, b, v/tp]; the loss is [b, s].
+        lse = vocab_parallel_logsumexp(logits).transpose(0, 1)
+        loss = super().compute_language_model_loss(labels, logits)
+        return loss + self.z_loss_coeff * lse.square()
+
+
+def transformer_config(
+    spec: ModelSpec,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    cpu_initialization: bool = False,
+    sequence_parallel: bool = False,
+    recompute: Optional[str] = None,
+    initialize: bool = True,
+) -> TransformerConfig:
+    """The Megatron-Core TransformerConfig for ``spec`` under the current parallel layout."""
+    backend = resolve_attention_backend(spec.attention_backend)
+    on_gpu = torch.cuda.is_available()
+    te = backend == "te"
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rope_skipped = spec.rope_skipped()
+    kwargs = {}
+    if recompute:
+        kwargs.update(recompute_granularity=recompute)
+        if recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return TransformerConfig(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads,
+        num_query_groups=spec.num_kv_heads,
+        kv_channels=spec.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=spec.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=spec.qk_norm,
+        no_rope_freq=[int(s) for s in rope_skipped] if any(rope_skipped) else None,
+        init_method_std=spec.init_std,
+        # Megatron scales output-layer init by 1/sqrt(2*num_layers) unless told otherwise.
+        **({} if spec.scaled_output_init else {"output_layer_init_method": None}),
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=cpu_initialization,
+        perform_initialization=initialize,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        sequence_parallel=sequence_parallel and tp > 1,
+        pipeline_dtype=params_dtype,
+        # Fused kernels need CUDA (and some need TE/Apex); the CPU path uses plain torch ops.
+        masked_softmax_fusion=te,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=te,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=te,
+        cross_entropy_loss_fusion=False,
+        **kwargs,
+    )
+
+
+def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
+    """This rank's pipeline stage of the model (parallel_state must be initialized).
+
+    ``config_options`` go to :func:`transformer_config` (params_dtype, cpu_initialization,
+    sequence_parallel, recompute, and initialize=False for models loaded right after).
+    """
+    config = transformer_config(spec, **config_options)
+    use_yarn = spec.yarn is not None and spec.yarn.factor > 1.0
+    if use_yarn:
+        config.yarn_rotary_scaling_factor = spec.yarn.factor
+        config.yarn_original_max_position_embeddings = spec.yarn.original_max_position_embeddings
+        config.yarn_beta_fast = spec.yarn.beta_fast
+        config.yarn_beta_slow = spec.yarn.beta_slow
+        config.yarn_mscale = 1.0
+        config.yarn_mscale_all_dim = 0.0
+        config.yarn_correction_range_round_to_int = True
+    model = SmolGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(spec.attention_backend, spec.qk_norm),
+        vocab_size=spec.vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type="yarn" if use_yarn else "rope",
+        rotary_base=spec.rope_theta,
+        z_loss_coeff=spec.z_loss_coeff,
+    )
+    return model

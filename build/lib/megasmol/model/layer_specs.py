@@ -1,0 +1,59 @@
+"""Layer specs: which implementation each transformer submodule uses, chosen by spec.
+
+Three backends, all saving the same checkpoint keys (Megatron-Core maps the local norms onto
+Transformer Engine's fused-norm names), so a checkpoint moves freely between them:
+* ``te``:    Transformer Engine fused norm+linear and attention kernels (BF16/FP8);
+* ``sdpa``:  Megatron-Core local linears + megasmol's SDPA/FlexAttention core attention;
+* ``local``: Megatron-Core's local spec as is (reference attention, materializes s x s scores).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megasmol.config.typed import ConfigError
+from megasmol.model.attention import SDPACoreAttention
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def resolve_attention_backend(requested: str) -> str:
+    if requested == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    if requested == "te" and not transformer_engine_available():
+        raise ConfigError(
+            "attention_backend: te needs Transformer Engine and a CUDA GPU "
+            "(pip install 'megasmol[gpu]'); use sdpa or auto"
+        )
+    return requested
+
+
+def te_layer_spec(qk_norm: bool) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+
+
+def local_layer_spec(qk_norm: bool) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+
+
+def sdpa_layer_spec(qk_norm: bool) -> ModuleSpec:
+    spec = copy.deepcopy(local_layer_spec(qk_norm))
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+LAYER_SPECS = {"te": te_layer_spec, "sdpa": sdpa_layer_spec, "local": local_layer_spec}
+
+
+def layer_spec(backend: str, qk_norm: bool) -> ModuleSpec:
+    return LAYER_SPECS[resolve_attention_backend(backend)](qk_norm)

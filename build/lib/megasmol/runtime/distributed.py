@@ -1,0 +1,116 @@
+"""Start torch.distributed and Megatron-Core's parallel state for one job.
+
+Reads the launcher's environment (torchrun: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/PORT;
+Slurm's srun: SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) and falls back to a single process.
+NCCL on GPUs, gloo on CPU (where the CPU compatibility layer is switched on first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+from megasmol.runtime import cpu_compat
+from megasmol.runtime.parallel import ParallelLayout
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rank_info_from_env(env=os.environ) -> RankInfo:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return RankInfo(
+            int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+        )
+    return RankInfo(0, 1, 0)
+
+
+def init_distributed() -> RankInfo:
+    """Initialize torch.distributed once (idempotent)."""
+    cpu_compat.activate_if_needed()
+    info = rank_info_from_env()
+    if torch.distributed.is_initialized():
+        return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
+                        info.local_rank)
+    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        # A lone process: a private port, without touching the environment that child
+        # processes (e.g. a torchrun launched from here) inherit.
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        init_method = f"tcp://{addr}:{os.environ.get('MASTER_PORT', '29500')}"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    torch.distributed.init_process_group(
+        backend=backend, rank=info.rank, world_size=info.world_size, init_method=init_method
+    )
+    return info
+
+
+def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
+                  seq_length: int | None = None) -> RankInfo:
+    """torch.distributed + Megatron parallel_state + per-rank RNG streams."""
+    info = init_distributed()
+    layout.check(info.world_size, spec, seq_length)
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor_parallel,
+        pipeline_model_parallel_size=layout.pipeline_parallel,
+        context_parallel_size=layout.context_parallel,
+    )
+    set_seed(seed)
+    return info
+
+
+def set_seed(seed: int) -> None:
+    """Same default stream within a data-parallel replica; a distinct stream per TP rank.
+
+    The playbook's TP seed bug: every TP rank initialising its shard from the same seed gives
+    correlated shards.  Megatron-Core's tracker gives TP rank r the seed ``seed + 2718 + r``
+    for everything drawn inside ``get_cuda_rng_tracker().fork()`` (weight init, TP dropout).
+    """
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    # Pipeline stages hold different layers: offset so they are not initialised alike.
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    with contextlib.suppress(Exception):
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Parallel layout: sizes, their validation against the world and the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megasmol.config.typed import ConfigError
+
+
+@dataclass
+class ParallelLayout:
+    """How the job's ranks are split; data parallel takes what is left."""
+
+    tensor_parallel: int = 1
+    """Tensor-parallel size (splits heads, KV groups, FFN and vocabulary)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size (splits layers into stages)."""
+    context_parallel: int = 1
+    """Context-parallel size (splits the sequence; needs Transformer Engine attention)."""
+    sequence_parallel: bool = False
+    """Shard norms/dropout activations along the sequence inside TP regions (TP > 1 only)."""
+
+    def validate(self) -> None:
+        for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel(self, world_size: int) -> int:
+        return world_size // self.model_parallel
+
+    def check(self, world_size: int, spec=None, seq_length: int | None = None) -> None:
+        """Raise ConfigError naming the field when this layout cannot run."""
+        self.validate()
+        if world_size % self.model_parallel:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x "
+                f"pipeline_parallel x context_parallel = {self.tensor_parallel} x "
+                f"{self.pipeline_parallel} x {self.context_parallel}"
+            )
+        if spec is not None:
+            tp = self.tensor_parallel
+            # Tensor parallelism splits heads, KV groups, the FFN and the vocabulary.
+            for field in ("num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size"):
+                if getattr(spec, field) % tp:
+                    raise ConfigError(
+                        f"parallel.tensor_parallel={tp} does not divide {field}="
+                        f"{getattr(spec, field)}"
+                    )
+            if spec.num_layers % self.pipeline_parallel:
+                raise ConfigError(
+                    f"parallel.pipeline_parallel={self.pipeline_parallel} does not divide "
+                    f"num_layers={spec.num_layers}"
+                )
+        if seq_length is not None and self.context_parallel > 1:
+            if seq_length % (2 * self.context_parallel):
+                raise ConfigError(
+                    f"sequence length {seq_length} is not divisible by 2 x context_parallel="
+                    f"{2 * self.context_parallel}"
+                )
