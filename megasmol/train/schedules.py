@@ -1,0 +1,109 @@
+"""Learning-rate schedules as pure functions of the step (1-based: the LR step ``s`` uses).
+
+Being a function of the step alone, a schedule needs no state in a checkpoint beyond the step,
+and resuming at any step gives exactly the LR an uninterrupted run had.
+
+* ``wsd``: linear warmup, a constant stable phase, then a decay to ``min_lr`` over the last
+  ``decay_steps`` (or ``decay_fraction`` of the run) with a linear, cosine or 1-sqrt shape
+  (SmolLM3: 2e-4, 2000 warmup steps, linear decay to 0 over the last 522,000 of 4.72M steps);
+* ``cosine``: warmup, then cosine from ``lr`` to ``min_lr`` at the last step;
+* ``multistep``: warmup, then ``lr`` multiplied by each factor in ``decay_factors`` once the run
+  passes the matching fraction in ``milestones`` (DeepSeek's 80/10/10: factors 0.316 and 0.1);
+* ``constant``: warmup, then ``lr``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megasmol.config.typed import ConfigError
+
+SHAPES = {
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "1-sqrt": lambda progress: 1.0 - math.sqrt(progress),
+}
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule."""
+
+    kind: Literal["wsd", "cosine", "multistep", "constant"] = "wsd"
+    """Schedule family (see the module docstring)."""
+    lr: float = 2e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay (wsd, cosine)."""
+    warmup_steps: int = 2000
+    """Linear warmup from lr / warmup_steps (step 1) to lr (step warmup_steps)."""
+    decay_steps: Optional[int] = None
+    """wsd: length of the decay phase in steps (exclusive with decay_fraction)."""
+    decay_fraction: Optional[float] = None
+    """wsd: length of the decay phase as a fraction of the run's steps."""
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    """wsd: shape of the decay phase."""
+    milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    """multistep: fractions of the run after which the LR drops."""
+    decay_factors: list[float] = field(default_factory=lambda: [0.316, 0.1])
+    """multistep: LR multiplier in force after each milestone (relative to lr)."""
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"schedule.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"schedule.min_lr must be in [0, lr], got {self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps must be >= 0")
+        if self.kind == "wsd":
+            if (self.decay_steps is None) == (self.decay_fraction is None):
+                raise ConfigError("schedule: wsd needs exactly one of decay_steps or decay_fraction")
+            if self.decay_steps is not None and self.decay_steps < 1:
+                raise ConfigError("schedule.decay_steps must be >= 1")
+            if self.decay_fraction is not None and not 0 < self.decay_fraction <= 1:
+                raise ConfigError("schedule.decay_fraction must be in (0, 1]")
+        if self.kind == "multistep":
+            if len(self.milestones) != len(self.decay_factors) or not self.milestones:
+                raise ConfigError("schedule: milestones and decay_factors must have the same length")
+            if sorted(self.milestones) != self.milestones or not all(0 < m < 1 for m in self.milestones):
+                raise ConfigError("schedule.milestones must be increasing fractions in (0, 1)")
+
+    def check_against(self, total_steps: int) -> None:
+        """Errors that need the run length: warmup or decay longer than the run."""
+        decay = self.decay_length(total_steps) if self.kind == "wsd" else 0
+        if self.warmup_steps + decay > total_steps:
+            raise ConfigError(f"schedule: warmup_steps ({self.warmup_steps}) + decay "
+                              f"({decay}) exceed training.train_steps ({total_steps})")
+
+    def decay_length(self, total_steps: int) -> int:
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return max(1, round(self.decay_fraction * total_steps))
+
+
+def lr_at(config: ScheduleConfig, step: int, total_steps: int) -> float:
+    """The learning rate of (1-based) ``step`` in a run of ``total_steps``."""
+    if step < 1:
+        raise ValueError(f"steps are 1-based, got {step}")
+    if step <= config.warmup_steps:
+        return config.lr * step / config.warmup_steps
+    if config.kind == "constant":
+        return config.lr
+    if config.kind == "multistep":
+        factor = 1.0
+        for milestone, decay in zip(config.milestones, config.decay_factors):
+            if step > milestone * total_steps:
+                factor = decay
+        return config.lr * factor
+    if config.kind == "cosine":
+        span = max(1, total_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.min_lr + (config.lr - config.min_lr) * SHAPES["cosine"](progress)
+    decay = config.decay_length(total_steps)
+    decay_start = total_steps - decay  # last stable step
+    if step <= decay_start:
+        return config.lr
+    progress = min(1.0, (step - decay_start) / decay)
+    return config.min_lr + (config.lr - config.min_lr) * SHAPES[config.decay_shape](progress)
