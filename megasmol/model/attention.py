@@ -12,8 +12,8 @@ Masks:
   cumulative document boundaries over the flattened [b * s] token stream (``"thd"``, the
   Transformer Engine layout with [t, heads, d] inputs, is accepted too and treated as b = 1).
   Positions are not restarted (RoPE is relative, as in SmolLM3).  On GPU this becomes a
-  FlexAttention block mask (only the diagonal blocks are computed); on CPU, where FlexAttention has no backward, an
-  equivalent dense block-diagonal causal mask.
+  FlexAttention block mask (only the diagonal blocks are computed); on CPU, where
+  FlexAttention has no backward, an equivalent dense block-diagonal causal mask.
 """
 
 from __future__ import annotations
