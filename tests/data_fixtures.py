@@ -17,6 +17,16 @@ def write_dataset(prefix, documents, dtype=np.int32):
     return str(prefix)
 
 
+def recipe_at(root, stages):
+    """A DataRecipe over datasets under ``root``, built the way ``load_recipe`` builds one."""
+    from megasmol.config.typed import from_dict
+    from megasmol.data.recipe import DataRecipe
+
+    recipe = from_dict(DataRecipe, {"name": "t", "root": str(root), "stages": stages})
+    recipe.base_dir = str(root)
+    return recipe
+
+
 def random_documents(count, low, high, min_len, max_len, seed):
     rng = np.random.default_rng(seed)
     return [rng.integers(low, high, rng.integers(min_len, max_len)).tolist() for _ in range(count)]

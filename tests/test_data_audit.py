@@ -8,21 +8,15 @@ import yaml
 
 from megasmol.config.run import load_run_config
 from megasmol.data.audit import audit_plan, audit_run
-from megasmol.data.recipe import DataRecipe, from_dict, plan_stages
+from megasmol.data.recipe import plan_stages
 from tests.conftest import run_cli
-from tests.data_fixtures import EOS, write_dataset
-
-
-def _recipe(root, stages):
-    recipe = from_dict(DataRecipe, {"name": "t", "root": str(root), "stages": stages})
-    recipe.base_dir = str(root)
-    return recipe
+from tests.data_fixtures import EOS, recipe_at, write_dataset
 
 
 def test_epochs_and_warnings(tmp_path):
     write_dataset(tmp_path / "big", [[5] * 999] * 10)     # 10,000 tokens
     write_dataset(tmp_path / "small", [[6] * 99] * 10)    # 1,000 tokens
-    recipe = _recipe(tmp_path, [
+    recipe = recipe_at(tmp_path, [
         {"name": "a", "start_step": 1, "datasets": [{"path": "big", "weight": 0.6},
                                                     {"path": "small", "weight": 0.3}]},
         {"name": "b", "start_step": 11, "datasets": [{"path": "big", "weight": 1.0}]}])
@@ -43,7 +37,7 @@ def test_errors_stop_the_run(tmp_path):
     write_dataset(tmp_path / "wide", [[5, 7000, 6]])  # id 7000: outside a 4096 vocabulary
     write_dataset(tmp_path / "ok", [[5, 6]])
     (tmp_path / "ok.stats.json").write_text(json.dumps({"eos_id": 0, "max_token_id": 6}))
-    recipe = _recipe(tmp_path, [{"name": "a", "start_step": 1, "datasets": [
+    recipe = recipe_at(tmp_path, [{"name": "a", "start_step": 1, "datasets": [
         {"path": "wide", "weight": 0.5}, {"path": "ok", "weight": 0.25}, {"path": "gone", "weight": 0.25}]}])
     report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS)
     errors = "\n".join(report.errors)

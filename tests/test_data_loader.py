@@ -5,17 +5,11 @@ import pytest
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
-from megasmol.data.recipe import REPO_RECIPES, from_dict, DataRecipe, load_recipe, plan_stages
-from tests.data_fixtures import EOS, random_documents, write_dataset
+from megasmol.data.recipe import REPO_RECIPES, load_recipe, plan_stages
+from tests.data_fixtures import EOS, random_documents, recipe_at, write_dataset
 
 TOKEN_IDS = TokenIds(vocab_size=4096, eod=EOS, pad=0)
 WIDE_TOKEN_IDS = TokenIds(vocab_size=131072, eod=EOS, pad=0)
-
-
-def _recipe(root, stages):
-    recipe = from_dict(DataRecipe, {"name": "t", "root": str(root), "stages": stages})
-    recipe.base_dir = str(root)
-    return recipe
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +42,18 @@ def _source_share(micro_batches):
 
 
 def test_stage_switch_resume_and_dp_split(megatron_runtime, two_sources):
-    batches = _batches(two_sources, _recipe(two_sources, _stages()))
+    batches = _batches(two_sources, recipe_at(two_sources, _stages()))
     assert [batches.stage_at(s).stage.name for s in (1, 5, 6, 10)] == ["one", "one", "two", "two"]
     first = np.mean([_source_share(batches.micro_batches(s)) for s in range(1, 6)])
     second = np.mean([_source_share(batches.micro_batches(s)) for s in range(6, 11)])
     assert first < 0.4 < 0.6 < second, (first, second)
     # A resumed run (new objects, indices loaded from the cache) sees the same batches mid-stage.
-    resumed = _batches(two_sources, _recipe(two_sources, _stages()))
+    resumed = _batches(two_sources, recipe_at(two_sources, _stages()))
     for step in (3, 7):
         for a, b in zip(batches.micro_batches(step), resumed.micro_batches(step)):
             assert all(np.array_equal(a[k], b[k]) for k in a)
     # Two DP ranks together hold exactly the DP=1 global batch.
-    ranks = [_batches(two_sources, _recipe(two_sources, _stages()), dp_rank=r, dp=2) for r in (0, 1)]
+    ranks = [_batches(two_sources, recipe_at(two_sources, _stages()), dp_rank=r, dp=2) for r in (0, 1)]
     whole = sorted(batches.sample_indices(7).ravel().tolist())
     split = sorted(np.concatenate([r.sample_indices(7).ravel() for r in ranks]).tolist())
     assert whole == split == list(range(8, 16))
@@ -75,7 +69,7 @@ def test_sequence_level_shuffling_spreads_a_long_document(megatron_runtime, tmp_
     short = random_documents(3000, 10, 1000, 16, 48, seed=3)
     write_dataset(tmp_path / "corpus", short[:1500] + [long_doc] + short[1500:])
     only = [{"name": "s", "start_step": 1, "datasets": [{"path": "corpus", "weight": 1}]}]
-    recipe = _recipe(tmp_path, only)
+    recipe = recipe_at(tmp_path, only)
     batches = _batches(tmp_path, recipe, steps=40, gb=32, mb=32, token_ids=WIDE_TOKEN_IDS)
     shares = []
     for step in range(1, 41):
@@ -107,7 +101,7 @@ def test_recipes_plan_and_validation(tmp_path, monkeypatch):
     monkeypatch.setenv("SMOLLM3_DATA", str(tmp_path))
     assert recipe.dataset_prefix(recipe.stages[0].datasets[0]) == tmp_path / "fineweb-edu"
     # Token-based starts become steps at the previous stage's tokens per step.
-    by_tokens = _recipe(tmp_path, [
+    by_tokens = recipe_at(tmp_path, [
         {"name": "a", "start_tokens": 0, "datasets": [{"path": "x", "weight": 1}]},
         {"name": "b", "start_tokens": 1000, "seq_length": 64, "datasets": [{"path": "x", "weight": 1}]}])
     assert [p.first_step for p in plan_stages(by_tokens, 100, 4, 32)] == [1, 9]
@@ -121,11 +115,12 @@ def test_recipes_plan_and_validation(tmp_path, monkeypatch):
     ]
     for stages, message in bad:
         with pytest.raises(ConfigError, match=message):
-            _recipe(tmp_path, stages)
+            recipe_at(tmp_path, stages)
     assert (REPO_RECIPES / "demo.yaml").is_file()
 
 
 def test_missing_dataset_named(megatron_runtime, tmp_path):
-    recipe = _recipe(tmp_path, [{"name": "s", "start_step": 1, "datasets": [{"path": "gone", "weight": 1}]}])
+    gone = [{"name": "s", "start_step": 1, "datasets": [{"path": "gone", "weight": 1}]}]
+    recipe = recipe_at(tmp_path, gone)
     with pytest.raises(ConfigError, match="gone.bin.*stage s"):
         _batches(tmp_path, recipe)

@@ -1,3 +1,0 @@
-from megasmol.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""The data path: tokenize to Megatron indexed datasets, stage recipes, loaders, masks, audit."""
