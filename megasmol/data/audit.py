@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megasmol.data.recipe import DataRecipe, StagePlan
-from megasmol.data.tokenize import read_stats
+from megasmol.data.tokenize import missing_parts, read_stats
 
 SCAN_TOKENS = 1 << 22  # ids checked directly when a dataset has no stats JSON
 
@@ -109,7 +109,7 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
             row = DatasetRow(stage.name, entry.label, key, entry.weight / total_weight)
             row.tokens_drawn = int(round(plan.tokens * row.weight))
             report.rows.append(row)
-            missing = [s for s in (".bin", ".idx") if not Path(key + s).is_file()]
+            missing = missing_parts(key)
             if missing:
                 report.errors.append(f"stage {stage.name}, {entry.label}: missing {key}{'/'.join(missing)}")
                 continue

@@ -155,13 +155,13 @@ def build_demo_corpus(out_dir: str | Path, code_mb: float = 3.0, math_problems: 
 def tokenize_demo_corpus(out_dir: str | Path, tokenizer: str | None = None, workers: int = 1,
                          overwrite: bool = False, show_progress: bool = True) -> dict:
     """Tokenize each domain of a built demo corpus into ``out_dir/tokens/<domain>_text_document``."""
-    from megasmol.data.tokenize import prepare_data
+    from megasmol.data.tokenize import missing_parts, prepare_data
 
     corpus = DemoCorpus(Path(out_dir))
     corpus.prefix("prose").parent.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for domain in DOMAINS:
-        if corpus.prefix(domain).with_suffix(".idx").exists() and not overwrite:
+        if not missing_parts(corpus.prefix(domain)) and not overwrite:
             summaries[domain] = None  # already tokenized: datasets are immutable once renamed
             continue
         summaries[domain] = prepare_data([str(corpus.jsonl(domain))], str(corpus.prefix(domain)),

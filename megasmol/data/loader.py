@@ -24,6 +24,7 @@ import torch
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.recipe import DataRecipe, StagePlan, stage_for_step
+from megasmol.data.tokenize import missing_parts
 from megasmol.utils.prefetch import prefetched
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,8 @@ def check_dataset_files(recipe: DataRecipe, plans: list[StagePlan], root: Option
     for plan in plans:
         for entry in plan.stage.datasets:
             prefix = recipe.dataset_prefix(entry, root)
-            for suffix in (".bin", ".idx"):
-                if not Path(str(prefix) + suffix).is_file():
-                    missing.append(f"{prefix}{suffix} (stage {plan.stage.name}, {entry.label})")
+            for suffix in missing_parts(prefix):
+                missing.append(f"{prefix}{suffix} (stage {plan.stage.name}, {entry.label})")
     if missing:
         shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"data recipe {recipe.name}: missing dataset file(s): {shown}")

@@ -163,13 +163,13 @@ def prepare_data(inputs: list[str], out_prefix: str, tokenizer: Optional[str] = 
                  overwrite: bool = False, skip_bad_files: bool = False,
                  show_progress: bool = True) -> TokenizeSummary:
     """Tokenize ``inputs`` (files, directories or globs) into ``out_prefix``.bin/.idx."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     from megasmol.tokenizer import default_tokenizer_dir
 
     files = expand_inputs(inputs)
     prefix = Path(out_prefix)
-    bin_path, idx_path = prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
+    bin_path, idx_path = Path(get_bin_path(str(prefix))), Path(get_idx_path(str(prefix)))
     stats_path = prefix.with_name(prefix.name + ".stats.json")
     if (bin_path.exists() or idx_path.exists()) and not overwrite:
         raise FileExistsError(f"{idx_path} already exists (use --overwrite to replace it)")
@@ -258,6 +258,15 @@ def _ordered(pool, batches, eos_id: int, in_flight: int):
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def missing_parts(prefix: str | Path) -> list[str]:
+    """Which of ``.bin`` / ``.idx`` an indexed dataset prefix lacks (empty when whole)."""
+    from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+    return [suffix for suffix, path in ((".bin", get_bin_path(str(prefix))),
+                                        (".idx", get_idx_path(str(prefix))))
+            if not Path(path).is_file()]
 
 
 def read_stats(prefix: str | Path) -> Optional[dict]:
