@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -133,10 +134,23 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _training_process() -> None:
+    """Logging and warning setup shared by the commands that train."""
+    import logging
+
+    # Megatron's checkpoint writer starts helper processes that re-import it without this
+    # process's warning filters; keep its import-time notices about optional kernels quiet there.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 def cmd_demo(args) -> int:
     from megasmol.demo import run_demo
 
-    return run_demo(Path(args.workdir), steps=args.steps)
+    _training_process()
+    return run_demo(Path(args.workdir), steps=args.steps, overrides=args.set)
 
 
 def cmd_prepare_data(args) -> int:
@@ -163,6 +177,24 @@ def cmd_demo_corpus(args) -> int:
                                                     workers=args.workers, overwrite=True,
                                                     show_progress=not args.quiet).items():
             print(f"  {domain:<6} {summary.tokens:>11,} tokens -> {summary.output_prefix}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from megasmol.config.run import load_run_config
+    from megasmol.runtime.distributed import shutdown
+    from megasmol.train.loop import train
+
+    _training_process()
+    config = load_run_config(args.config, args.set)
+    try:
+        result = train(config)
+    finally:
+        shutdown()
+    if result.losses and int(os.environ.get("RANK", "0")) == 0:
+        first, last = result.first_and_last_loss()
+        print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
+              f"(last steps); checkpoint {result.checkpoint}")
     return 0
 
 
@@ -259,9 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. training.train_steps=1000 (repeatable)")
     p.set_defaults(func=cmd_data_audit)
 
-    p = sub.add_parser("demo", help="the end-to-end CPU demo")
+    p = sub.add_parser(
+        "train", help="train (or resume) a run from its YAML config; under torchrun for TP/PP/DP",
+        description="Runs the stage(s) in the config on Megatron-Core. Rerunning the same command "
+                    "resumes from the latest complete checkpoint in the run's checkpoint directory.")
+    p.add_argument("--config", required=True, help="run config YAML (see examples/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. schedule.lr=3e-4 (repeatable)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",
+        description="Builds the demo corpus, trains smollm3-tiny with examples/tiny/demo.yaml, "
+                    "plots the loss, exports to Hugging Face format and samples with transformers. "
+                    "Also under torchrun --nproc_per_node 2 with --set parallel.tensor_parallel=2.")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (when training exists)")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of examples/tiny/demo.yaml (repeatable)")
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -273,6 +320,8 @@ def _quiet_import_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch_dtype.*deprecated")
     warnings.filterwarnings("ignore", message=r"torch.distributed is disabled")
+    # Megatron's DDP reads .grad of expanded parameter views to find their grad accumulators.
+    warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,9 @@ def test_cosine_multistep_constant():
 
 
 def test_invalid_schedules_are_named():
-    with pytest.raises(ConfigError, match="exactly one of decay_steps or decay_fraction"):
-        _config(kind="wsd")
+    with pytest.raises(ConfigError, match="decay_steps or decay_fraction, not both"):
+        _config(kind="wsd", decay_steps=5, decay_fraction=0.1)
+    assert _config(kind="wsd").decay_length(200) == 20  # the default: the last 10%
     with pytest.raises(ConfigError, match="min_lr"):
         _config(kind="cosine", lr=1e-4, min_lr=1e-3)
     with pytest.raises(ConfigError, match="milestones and decay_factors"):

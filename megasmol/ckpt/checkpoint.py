@@ -18,9 +18,11 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
+
+from megasmol.utils import faults
 
 FORMAT_VERSION = 1
 META_FILE = "megasmol.json"
@@ -87,6 +89,14 @@ def read_metadata(path: str | Path) -> dict:
     return meta
 
 
+def latest_iteration(root: str | Path) -> Optional[Path]:
+    """The complete iteration ``root/latest`` names, or None when there is none yet."""
+    latest = Path(root) / LATEST_FILE
+    if not latest.is_file():
+        return None
+    return resolve(root)
+
+
 def tokenizer_dir(path: str | Path) -> Optional[Path]:
     iteration = resolve(path)
     candidate = iteration / TOKENIZER_DIR
@@ -99,10 +109,14 @@ def save_checkpoint(
     step: int,
     metadata: dict,
     *,
-    extra_sharded_state: Optional[dict] = None,
+    extra_sharded_state: Union[None, dict, Callable[[dict], dict]] = None,
     tokenizer_source: Optional[str | Path] = None,
 ) -> Path:
-    """Collective: every rank calls it with its own model chunk."""
+    """Collective: every rank calls it with its own model chunk.
+
+    ``extra_sharded_state`` is added to the model's sharded state dict; a callable gets the
+    model's dict (an optimizer needs it to name its states) and returns the extra entries.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -115,10 +129,13 @@ def save_checkpoint(
         partial.mkdir()
     _barrier()
     sharded = model.sharded_state_dict()
+    if callable(extra_sharded_state):
+        extra_sharded_state = extra_sharded_state(sharded)
     if extra_sharded_state:
         sharded.update(extra_sharded_state)
     dist_checkpointing.save(sharded, str(partial))
     _barrier()
+    faults.kill_if_planned("kill_in_save", step)
     if _rank() == 0:
         if tokenizer_source is not None:
             copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
@@ -161,5 +178,6 @@ def load_model_weights(model, path: str | Path, strict: bool = True) -> dict:
         state = dist_checkpointing.load(sharded, str(iteration))
     except Exception as exc:  # Megatron raises several types for missing/mismatched tensors.
         raise CheckpointError(f"{iteration}: cannot load model weights: {exc}") from None
-    model.load_state_dict(state, strict=strict)
+    # A training checkpoint's common state (optimizer groups, ...) comes back too; keep the model's.
+    model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=strict)
     return meta

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import yaml
 
-from megasmol.config.typed import ConfigError, from_dict, load_yaml
+from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfig,
+                                      OptimizerSettings, SpikeConfig)
+from megasmol.config.typed import ConfigError, from_dict, load_yaml, to_dict
 from megasmol.runtime.parallel import ParallelLayout
+from megasmol.train.schedules import ScheduleConfig
 
 
 @dataclass
@@ -35,6 +38,9 @@ class DataConfig:
     """The audit warns when the plan repeats a dataset more than this many times."""
     prefetch: int = 2
     """Batches prepared ahead by a background thread (0: none)."""
+    tokenizer: Optional[str] = "bundled"
+    """Tokenizer the data was made with, copied into every checkpoint so export and generate
+    find it: a directory, ``bundled`` (the Llama-3.2 tokenizer SmolLM3 uses), or null."""
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -60,6 +66,12 @@ class TrainingConfig:
     """Sequences per forward/backward on one rank."""
     seed: int = 1234
     """Seed for initialization, data order and dropout."""
+    precision: Literal["fp32", "bf16", "fp8"] = "bf16"
+    """Parameter/compute precision: bf16 keeps fp32 master weights and gradients reduced in
+    fp32; fp8 adds Transformer Engine FP8 GEMMs (needs the te attention backend on Hopper or
+    newer). CPU runs use fp32."""
+    recompute: Optional[Literal["selective", "full"]] = None
+    """Activation recomputation: selective (attention core) or full (whole layers)."""
 
     def validate(self) -> None:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
@@ -90,10 +102,47 @@ class RunConfig:
     """Steps, batch sizes, seed."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     """Tensor / pipeline / context parallel sizes; data parallel takes the remaining ranks."""
+    optim: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """AdamW hyper-parameters and weight-decay groups."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning rate and its schedule over this run's steps (a new run is a fresh schedule)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, resuming and ``init_from``."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, JSONL and TensorBoard metrics."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out validation loss."""
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike detection, policy and data ranges to skip."""
     run_dir: str = "runs/default"
     """Where checkpoints, logs and caches go (relative to the config file)."""
     config_dir: str = field(default=".", init=False, repr=False)
     """Directory of the config file; relative paths in the config are taken from it."""
+
+    def validate(self) -> None:
+        self.schedule.check_against(self.training.train_steps)
+        if self.eval.interval and self.eval.steps and not self.data.validation_fraction:
+            raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
+                              "held-out split to evaluate on (set eval.interval=0 or a fraction)")
+
+    def to_dict(self) -> dict:
+        """The resolved config (saved with every checkpoint)."""
+        return {**to_dict(self), "config_dir": self.config_dir}
+
+    def tokenizer_dir(self) -> Optional[Path]:
+        if self.data.tokenizer is None:
+            return None
+        if self.data.tokenizer == "bundled":
+            from megasmol.tokenizer import default_tokenizer_dir
+
+            return default_tokenizer_dir()
+        return self.path(self.data.tokenizer)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        if self.checkpoint.dir:
+            return self.path(self.checkpoint.dir)
+        return self.path(self.run_dir) / "checkpoints"
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()
@@ -105,9 +154,14 @@ class RunConfig:
             return self.path(self.data.cache_dir)
         return self.path(self.run_dir) / "data_cache"
 
+    def model_reference(self) -> str:
+        """The model spec: a YAML path (relative to this config) when one exists, else a preset."""
+        candidate = self.path(self.model)
+        return str(candidate) if candidate.is_file() else self.model
+
     def recipe_reference(self) -> str:
         candidate = self.path(self.data.recipe)
-        return str(candidate) if candidate.exists() else self.data.recipe
+        return str(candidate) if candidate.is_file() else self.data.recipe
 
 
 def _set_path(tree: dict, dotted: str, raw: str) -> None:

@@ -160,7 +160,7 @@ def audit_run(config, spec=None) -> AuditReport:
     from megasmol.data.recipe import load_recipe, plan_stages
     from megasmol.model.spec import load_model_spec
 
-    spec = spec or load_model_spec(config.model)
+    spec = spec or load_model_spec(config.model_reference())
     recipe = load_recipe(config.recipe_reference())
     plans = plan_stages(recipe, config.training.train_steps, config.training.global_batch_size,
                         config.data.seq_length)

@@ -116,7 +116,9 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialized).
 
     ``config_options`` go to :func:`transformer_config` (params_dtype, cpu_initialization,
-    sequence_parallel, recompute, and initialize=False for models loaded right after).
+    sequence_parallel, recompute, and initialize=False for inference models loaded right after:
+    Megatron-Core sets the tensor-parallel attributes of weights only while initializing them,
+    and training needs those for the gradient norm).
     """
     config = transformer_config(spec, **config_options)
     use_yarn = spec.yarn is not None and spec.yarn.factor > 1.0

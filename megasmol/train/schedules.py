@@ -27,6 +27,9 @@ SHAPES = {
 }
 
 
+DEFAULT_DECAY_FRACTION = 0.1
+
+
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule."""
@@ -42,7 +45,8 @@ class ScheduleConfig:
     decay_steps: Optional[int] = None
     """wsd: length of the decay phase in steps (exclusive with decay_fraction)."""
     decay_fraction: Optional[float] = None
-    """wsd: length of the decay phase as a fraction of the run's steps."""
+    """wsd: length of the decay phase as a fraction of the run's steps (0.1 when neither this
+    nor decay_steps is given)."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     """wsd: shape of the decay phase."""
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])
@@ -58,8 +62,10 @@ class ScheduleConfig:
         if self.warmup_steps < 0:
             raise ConfigError("schedule.warmup_steps must be >= 0")
         if self.kind == "wsd":
-            if (self.decay_steps is None) == (self.decay_fraction is None):
-                raise ConfigError("schedule: wsd needs exactly one of decay_steps or decay_fraction")
+            if self.decay_steps is not None and self.decay_fraction is not None:
+                raise ConfigError("schedule: give decay_steps or decay_fraction, not both")
+            if self.decay_steps is None and self.decay_fraction is None:
+                self.decay_fraction = DEFAULT_DECAY_FRACTION
             if self.decay_steps is not None and self.decay_steps < 1:
                 raise ConfigError("schedule.decay_steps must be >= 1")
             if self.decay_fraction is not None and not 0 < self.decay_fraction <= 1:
@@ -80,7 +86,7 @@ class ScheduleConfig:
     def decay_length(self, total_steps: int) -> int:
         if self.decay_steps is not None:
             return self.decay_steps
-        return max(1, round(self.decay_fraction * total_steps))
+        return max(1, round((self.decay_fraction or DEFAULT_DECAY_FRACTION) * total_steps))
 
 
 def lr_at(config: ScheduleConfig, step: int, total_steps: int) -> float:

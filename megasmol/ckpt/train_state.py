@@ -1,0 +1,229 @@
+"""Training checkpoints: model + optimizer + RNG streams + loop state, and their housekeeping.
+
+A training checkpoint is an ordinary megasmol checkpoint (``checkpoint.py``: export, generate
+and ``init_from`` read it like any other) with three more things inside:
+
+* the optimizer states, in Megatron-Core's fully reshardable layout, so a run can resume under a
+  different TP/PP/DP layout;
+* each rank's RNG streams (Python, NumPy, torch, Megatron's tensor-parallel tracker), restored
+  only when the layout is the same (other layouts draw fresh streams, as Megatron-LM does);
+* ``train_state`` in ``megasmol.json``: step, consumed tokens, spike window, skipped ranges;
+  next to the resolved run config.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megasmol.ckpt.checkpoint import (CheckpointError, iteration_dirname, latest_iteration,
+                                      read_metadata, resolve, save_checkpoint)
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _layout_now() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+            "context_parallel": ps.get_context_parallel_world_size()}
+
+
+def _rng_sharded_object(states):
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "megasmol.rng_state", states,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def capture_rng() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: dict, *,
+                             tokenizer_source=None) -> Path:
+    """Collective. ``model`` is this rank's (unwrapped) model chunk."""
+    def extra(model_sharded: dict) -> dict:
+        return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=OPTIMIZER_FORMAT),
+                "rng_state": _rng_sharded_object([capture_rng()])}
+
+    metadata = {**metadata, "written_with": _layout_now()}
+    return save_checkpoint(model, root, step, metadata, extra_sharded_state=extra,
+                           tokenizer_source=tokenizer_source)
+
+
+def _materialize_adam_state(optimizer) -> None:
+    """Give a fresh torch Adam its (zero) states before a load, as its first step would.
+
+    Megatron's distributed optimizer builds the load request from its current state, and torch's
+    Adam creates state lazily on the first step; Transformer Engine's and Apex's fused Adam do not
+    need this.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                state = torch_optimizer.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` that survives Megatron-Core 0.16.1's torch-Adam path.
+
+    With torch's Adam (no Transformer Engine or Apex), the fully reshardable loader leaves the
+    per-parameter ``step`` out of the tensors it copies but then copies every key the inner
+    state has, ``step`` included (KeyError). For the duration of the load, each distributed
+    optimizer copies its states without ``step``, which the loader has already set from the
+    checkpoint's parameter groups. That loader also gives every parameter the same ``step``
+    tensor object, which torch's Adam then increments once per parameter; each gets its own copy.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(inner, DistributedOptimizer):
+            continue
+        original = inner._set_main_param_and_optimizer_states
+
+        def without_step(model_param, tensors, inner=inner, original=original):
+            group_index, group_order = inner.model_param_group_index_map[model_param]
+            main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+            param_state = inner.optimizer.state[main_param]
+            step = param_state.pop("step", None)
+            try:
+                original(model_param, tensors)
+            finally:
+                if step is not None:
+                    param_state["step"] = step
+
+        inner._set_main_param_and_optimizer_states = without_step
+        patched.append(inner)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = getattr(inner, "optimizer", None)
+        for param_state in getattr(torch_optimizer, "state", {}).values():
+            if isinstance(param_state.get("step"), torch.Tensor):
+                param_state["step"] = param_state["step"].clone()
+
+
+def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
+    """Restore model, optimizer and (same layout only) RNG; returns the checkpoint's metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(path)
+    iteration = resolve(path)
+    if "train_state" not in meta:
+        raise CheckpointError(f"{iteration}: a weights-only checkpoint has no optimizer state to "
+                              "resume from (use checkpoint.init_from for it)")
+    same_layout = meta.get("written_with") == _layout_now()
+    sharded = model.sharded_state_dict()
+    _materialize_adam_state(optimizer)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                        metadata=OPTIMIZER_FORMAT)
+    if same_layout:
+        sharded["rng_state"] = _rng_sharded_object([None])
+    try:
+        state = dist_checkpointing.load(sharded, str(iteration))
+    except Exception as exc:  # Megatron raises several types for missing/mismatched tensors.
+        raise CheckpointError(f"{iteration}: cannot resume from it: {exc}") from None
+    optimizer_state = state.pop("optimizer")
+    rng_state = state.pop("rng_state", None)
+    model.load_state_dict(state, strict=True)
+    _load_optimizer_state(optimizer, optimizer_state)
+    if rng_state is not None:
+        restore_rng(rng_state[0])
+    else:
+        log.warning("%s was written under layout %s; RNG streams start fresh under %s",
+                    iteration, meta.get("written_with"), _layout_now())
+    return meta
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete iterations (never the latest)."""
+    if keep_last < 1:
+        return []
+    latest = latest_iteration(root)
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
+    doomed = [p for p in complete[:-keep_last] if p != latest]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def run_post_save_command(template: str, path: Path, step: int) -> bool:
+    """Run the user's command for a fresh checkpoint; returns whether it succeeded."""
+    command = template.replace("{path}", shlex.quote(str(path))).replace("{step}", str(step))
+    result = subprocess.run(command, shell=True, capture_output=True, text=True)
+    if result.returncode != 0:
+        log.error("post-save command failed (exit %d): %s\n%s", result.returncode, command,
+                  (result.stderr or result.stdout)[-2000:])
+        return False
+    return True
+
+
+def delete_uploaded(root: Path) -> list[Path]:
+    """After a successful upload: remove every complete iteration but the latest."""
+    latest = latest_iteration(root)
+    doomed = [p for p in root.glob("iter_*") if p.is_dir() and p != latest
+              and not p.name.endswith(".partial")]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Interrupted saves left by a crash (never loaded; removed on the next start)."""
+    stale = [p for p in Path(root).glob("iter_*.partial") if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def checkpoint_path(root: Path, step: int) -> Path:
+    return Path(root) / iteration_dirname(step)
+
+
+def find_resume_point(root: Path) -> Optional[Path]:
+    return latest_iteration(root) if Path(root).exists() else None

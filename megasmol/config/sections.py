@@ -1,0 +1,155 @@
+"""Run-config sections for the training loop: optimizer, checkpoints, logging, eval, spikes.
+
+Plain dataclasses (one docstring per field, ``validate`` raising ``ConfigError``); nothing here
+imports Megatron-Core.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megasmol.config.typed import ConfigError
+from megasmol.train.param_groups import WeightDecayPolicy
+
+
+@dataclass
+class OptimizerSettings:
+    """AdamW through Megatron-Core's (distributed) optimizer; the LR lives in ``schedule``."""
+
+    beta1: float = 0.9
+    """Adam beta1 (SmolLM3: 0.9)."""
+    beta2: float = 0.95
+    """Adam beta2 (SmolLM3: 0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon (SmolLM3: 1e-8)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (SmolLM3: 0.1), applied per ``decay``."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    decay: WeightDecayPolicy = field(default_factory=WeightDecayPolicy)
+    """Which parameter kinds are decayed (embeddings never, by default)."""
+    distributed: bool = True
+    """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
+
+    def validate(self) -> None:
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written, and where a run starts from."""
+
+    dir: Optional[str] = None
+    """Checkpoint root (default: ``<run_dir>/checkpoints``)."""
+    interval: int = 1000
+    """Save every this many steps (0: only at the end and on signals)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; older ones are deleted after a save (0: keep all)."""
+    save_on_signal: bool = True
+    """On SIGTERM or SIGUSR1 (preemption, Slurm ``--signal``), save after the current step and
+    exit, so a requeued job resumes where it stopped."""
+    save_at_end: bool = True
+    """Save after the last step."""
+    async_save: bool = False
+    """Write checkpoint files in a background process while training goes on (Megatron-Core's
+    asynchronous ``dist_checkpointing`` save); ``latest`` still moves only once it is complete."""
+    resume: bool = True
+    """Start from the latest complete checkpoint in ``dir`` when there is one."""
+    init_from: Optional[str] = None
+    """Weights-only start from another run's checkpoint (root or iteration directory): new
+    optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
+    post_save_command: Optional[str] = None
+    """Shell command run on rank 0 after each save; ``{path}`` and ``{step}`` are substituted
+    (e.g. ``aws s3 sync {path} s3://bucket/run/$(basename {path})``)."""
+    delete_after_upload: bool = False
+    """After ``post_save_command`` succeeds, delete the local copies of older checkpoints (the
+    newest always stays, for resume and rollback)."""
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
+        if self.delete_after_upload and not self.post_save_command:
+            raise ConfigError("checkpoint.delete_after_upload needs checkpoint.post_save_command")
+
+
+@dataclass
+class LoggingConfig:
+    """What each log interval reports and where."""
+
+    interval: int = 10
+    """Steps between log lines (metrics are averaged over the interval)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to ``<run_dir>/tensorboard``."""
+    jsonl: bool = True
+    """Append one JSON object per log line to ``<run_dir>/metrics.jsonl``."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak dense TFLOP/s for MFU (default: from the GPU model for H100/H200/A100,
+    none on CPU)."""
+    nvml: bool = True
+    """Add per-GPU temperature, utilization, SM clock and throttle reasons when NVML works."""
+    progress: bool = True
+    """Show a progress bar with ETA for the run on rank 0."""
+
+    def validate(self) -> None:
+        if self.interval < 1:
+            raise ConfigError(f"logging.interval must be >= 1, got {self.interval}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError("logging.peak_tflops must be > 0")
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss on the held-out split."""
+
+    interval: int = 1000
+    """Steps between validation runs (0: never)."""
+    steps: int = 4
+    """Global batches per validation run (always the same held-out samples)."""
+
+    def validate(self) -> None:
+        if self.interval < 0 or self.steps < 0:
+            raise ConfigError("eval.interval and eval.steps must be >= 0")
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike detection and what to do about one (PaLM / Falcon practice)."""
+
+    policy: Literal["log", "skip", "rollback"] = "log"
+    """log: report only; skip: drop the step's update; rollback: reload the last checkpoint and
+    skip the data from there to the spike."""
+    window: int = 50
+    """Steps in the running window the loss is compared against."""
+    threshold: float = 4.0
+    """A loss more than this many standard deviations above the window mean is a spike."""
+    min_relative_rise: float = 0.05
+    """... and at least this much above the mean, relatively (ignores tiny-variance windows)."""
+    warmup_steps: int = 20
+    """No detection before the window has this many losses. NaN/inf losses always count."""
+    max_rollbacks: int = 5
+    """Give up (stop with an error) after this many rollbacks in one process."""
+    skip_batches: list[list[int]] = field(default_factory=list)
+    """Step ranges ``[first, last]`` (inclusive) whose data is skipped: no forward, no update,
+    the step counter and LR schedule still advance (Megatron-LM's iterations-to-skip)."""
+
+    def validate(self) -> None:
+        if self.window < 2 or self.warmup_steps < 2:
+            raise ConfigError("spikes.window and spikes.warmup_steps must be >= 2")
+        if self.threshold <= 0:
+            raise ConfigError("spikes.threshold must be > 0")
+        for i, pair in enumerate(self.skip_batches):
+            if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
+                raise ConfigError(f"spikes.skip_batches[{i}]: expected [first, last] with "
+                                  f"1 <= first <= last, got {pair}")
+
+    def skipped(self, step: int) -> bool:
+        return any(first <= step <= last for first, last in self.skip_batches)

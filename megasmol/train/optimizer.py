@@ -1,0 +1,56 @@
+"""The trainable model: Megatron-Core DDP around this rank's model chunk, and its optimizer.
+
+Megatron's DDP keeps gradients in contiguous (fp32) buffers and reduces them across data-parallel
+ranks; with ``optim.distributed`` the optimizer states are sharded over those ranks (ZeRO-1).
+Learning rate and weight decay are set on the optimizer's parameter groups every step by
+:func:`apply_learning_rate` from megasmol's own schedule, honouring each group's ``lr_mult`` and
+``wd_mult`` (the weight-decay overrides of ``param_groups.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megasmol.config.sections import OptimizerSettings
+from megasmol.train.param_groups import weight_decay_overrides
+
+
+def wrap_ddp(model, distributed_optimizer: bool):
+    """Megatron-Core DistributedDataParallel around ``model`` (gradients reduced in fp32)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=distributed_optimizer,
+        check_for_nan_in_grad=False,  # NaN steps are counted and skipped by the loop instead
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
+    """Megatron-Core's AdamW (distributed when asked) with megasmol's weight-decay groups."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=1.0,  # placeholder: apply_learning_rate sets the real value before every step
+        min_lr=0.0,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.beta1,
+        adam_beta2=settings.beta2,
+        adam_eps=settings.eps,
+        clip_grad=settings.clip_grad,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=False,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=settings.distributed,
+    )
+    return get_megatron_optimizer(config, [ddp_model],
+                                  config_overrides=weight_decay_overrides(settings.decay))
+
+
+def apply_learning_rate(optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)

@@ -1,0 +1,139 @@
+"""Everything a run needs before its first step, built in a fixed order that fails fast.
+
+1. the config against the world size and model (layout, batch geometry, precision);
+2. Megatron-Core's parallel state;
+3. the data audit on rank 0 (missing files, vocabulary, EOS) before anything heavy;
+4. the stage datasets (Megatron's index builders, cached);
+5. the model (fresh, or ``init_from`` weights), wrapped in Megatron DDP, and its optimizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megasmol.config.run import RunConfig
+from megasmol.config.typed import ConfigError
+from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
+from megasmol.data.masking import BACKEND_MASK_FORMAT
+from megasmol.data.recipe import load_recipe, plan_stages
+from megasmol.model.layer_specs import resolve_attention_backend
+from megasmol.model.spec import ModelSpec, load_model_spec
+from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
+from megasmol.train.optimizer import build_optimizer, wrap_ddp
+
+log = logging.getLogger(__name__)
+
+PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+@dataclass
+class TrainingSetup:
+    config: RunConfig
+    spec: ModelSpec
+    rank: RankInfo
+    batches: TrainingBatches
+    model: object  # this rank's model chunk (SmolGPTModel)
+    ddp_model: object
+    optimizer: object
+    mask_format: str
+    params_dtype: torch.dtype
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank.rank == 0
+
+
+def _check_precision(config: RunConfig, spec: ModelSpec) -> None:
+    if config.training.precision != "fp8":
+        return
+    if resolve_attention_backend(spec.attention_backend) != "te":
+        raise ConfigError("training.precision=fp8 needs Transformer Engine: the model's "
+                          "attention_backend resolves to something other than te here")
+    if torch.cuda.get_device_capability() < (8, 9):
+        raise ConfigError("training.precision=fp8 needs an Ada/Hopper or newer GPU "
+                          f"(this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+
+
+def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
+    """Rank 0 audits the data; every rank learns the verdict, so all fail together."""
+    from megasmol.data.audit import audit_run
+
+    verdict = [None]
+    if rank == 0:
+        report = audit_run(config, spec)
+        print(report.render(), flush=True)
+        verdict[0] = None if report.ok else "; ".join(report.errors)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise ConfigError(f"data audit failed: {verdict[0]}")
+
+
+def build_setup(config: RunConfig) -> TrainingSetup:
+    from megatron.core import parallel_state
+    from megatron.core.distributed import finalize_model_grads
+
+    from megasmol.ckpt.checkpoint import load_model_weights
+    from megasmol.model.gpt import build_model
+
+    spec = load_model_spec(config.model_reference())
+    recipe = load_recipe(config.recipe_reference())
+    plans = plan_stages(recipe, config.training.train_steps, config.training.global_batch_size,
+                        config.data.seq_length)
+    longest = max(p.seq_length for p in plans)
+    if longest > spec.max_position_embeddings:
+        log.warning("sequence length %d exceeds the spec's max_position_embeddings %d",
+                    longest, spec.max_position_embeddings)
+    if config.parallel.context_parallel > 1:
+        raise ConfigError("parallel.context_parallel > 1 is not supported by the training loop yet "
+                          "(it needs the long-context data split); use 1")
+
+    rank = init_distributed()
+    config.parallel.check(rank.world_size, spec, longest)
+    dp = config.parallel.data_parallel(rank.world_size)
+    config.training.micro_batches_per_step(dp)
+    _check_precision(config, spec)
+    init_parallel(config.parallel, spec, seed=config.training.seed, seq_length=longest)
+    _audit_on_rank0(config, spec, rank.rank)
+
+    stages = build_stage_data(
+        recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
+        cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
+        document_masking=config.data.document_masking,
+        validation_fraction=config.data.validation_fraction,
+        validation_samples=config.eval.steps * config.training.global_batch_size)
+    batches = TrainingBatches(stages, config.training.micro_batch_size,
+                              parallel_state.get_data_parallel_rank(), dp)
+
+    params_dtype = PARAMS_DTYPE[config.training.precision]
+    resuming = config.checkpoint.resume and (config.checkpoint_dir / "latest").is_file()
+    # Always initialized, even when weights are loaded next: Megatron-Core marks tensor-parallel
+    # weights (which the gradient norm relies on) only while initializing them.
+    model = build_model(spec, params_dtype=params_dtype,
+                        sequence_parallel=config.parallel.sequence_parallel,
+                        recompute=config.training.recompute)
+    if config.training.precision == "fp8":
+        model.config.fp8 = "hybrid"
+    if config.checkpoint.init_from and not resuming:
+        source = config.path(config.checkpoint.init_from)
+        meta = load_model_weights(model, source)
+        log.info("weights from %s (step %s); optimizer, schedule and data start fresh",
+                 source, meta.get("step"))
+    # Token-weighted loss over the global batch (see step.py); set before DDP reads it.
+    model.config.calculate_per_token_loss = True
+    ddp_model = wrap_ddp(model, config.optim.distributed)
+    model.config.no_sync_func = ddp_model.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    optimizer = build_optimizer(ddp_model, config.optim, params_dtype)
+    return TrainingSetup(config=config, spec=spec, rank=rank, batches=batches, model=model,
+                         ddp_model=ddp_model, optimizer=optimizer,
+                         mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
+                         params_dtype=params_dtype)
+
+
+def run_directory(config: RunConfig) -> Path:
+    return config.path(config.run_dir)

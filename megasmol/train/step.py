@@ -1,0 +1,86 @@
+"""One optimizer step's forward/backward through Megatron-Core's pipeline schedules.
+
+The loss is the token-weighted mean over the whole global batch: each micro-batch returns its
+summed per-token loss (cross-entropy, plus the z-loss term when the spec asks for it) under the
+document-masking loss mask and its token count; with ``calculate_per_token_loss`` Megatron-Core
+divides the gradients by the global token count in ``finalize_model_grads``. The result does not
+depend on how the batch is split over micro-batches, data-parallel or pipeline ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from megasmol.data.masking import ModelInputs
+
+
+def _loss_func(loss_mask: Tensor, output_tensor: Tensor):
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss_sum, tokens, {"loss": torch.stack([loss_sum.detach(), tokens.detach().float()])}
+
+
+def _forward_step(data_iterator, model):
+    inputs: ModelInputs = next(data_iterator)
+    output = model(inputs.tokens, inputs.position_ids, inputs.attention_mask,
+                   labels=inputs.labels, packed_seq_params=inputs.packed_seq_params)
+    return output, partial(_loss_func, inputs.loss_mask)
+
+
+@dataclass
+class StepGeometry:
+    """The activation shape pipeline stages exchange: [seq_length, micro_batch, hidden]."""
+
+    seq_length: int
+    micro_batch_size: int
+
+    @classmethod
+    def of(cls, inputs: ModelInputs) -> "StepGeometry":
+        b, s = inputs.tokens.shape
+        return cls(seq_length=s, micro_batch_size=b)
+
+
+def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: bool = False) -> Tensor:
+    """Run every micro-batch; returns [loss_sum, tokens, 0] on the last pipeline stage, zeros
+    elsewhere (callers reduce it, see :func:`global_loss`)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    geometry = StepGeometry.of(micro_batches[0])
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        num_microbatches=len(micro_batches),
+        seq_length=geometry.seq_length,
+        micro_batch_size=geometry.micro_batch_size,
+        forward_only=forward_only,
+    )
+    totals = torch.zeros(3, dtype=torch.float64)
+    for item in outputs:
+        totals[:2] += item["loss"].to(torch.float64).cpu()
+    return totals
+
+
+def global_loss(local: Tensor, flag: float = 0.0) -> tuple[float, int, bool]:
+    """(mean loss over the global batch, its token count, whether any rank raised ``flag``).
+
+    One all-reduce over the world: the last pipeline stage's sums are counted once per
+    tensor-parallel rank, which cancels in the ratio; the third slot carries a stop request
+    (a signal seen by any rank) so every rank agrees on it in the same collective.
+    """
+    packed = local.clone()
+    packed[2] = flag
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    packed = packed.to(device)
+    torch.distributed.all_reduce(packed)
+    loss_sum, tokens, raised = packed.tolist()
+    mean = loss_sum / tokens if tokens > 0 else float("nan")
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return mean, int(round(tokens / tp)), raised > 0

@@ -1,0 +1,241 @@
+"""The training loop end to end, as users run it: `megasmol train` in fresh processes.
+
+Each run is the real stack (Megatron DDP, distributed optimizer, pipeline schedules,
+dist_checkpointing) on a 4-layer model with a 512-token vocabulary.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from megasmol.ckpt.checkpoint import read_metadata
+from tests.conftest import REPO, run_cli, run_torchrun
+from tests.train_fixtures import step_losses, write_training_run
+
+STEPS = 20
+
+
+def _train(config, *sets, check=True, env_extra=None):
+    args = ["train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
+    if env_extra:
+        env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
+        return subprocess.run([sys.executable, "-m", "megasmol", *args], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=REPO)
+    return run_cli(*args, check=check)
+
+
+def _start_train(config, *sets, env_extra=None):
+    """A training process in its own session, so a kill can take all its children too."""
+    cmd = [sys.executable, "-m", "megasmol", "train", "--config", str(config),
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _kill_session(proc):
+    # Like Slurm killing a job's cgroup: the trainer and any helper process it started.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def _torchrun_train(config, *sets):
+    return run_torchrun(["-m", "megasmol", "train", "--config", str(config),
+                         *[a for s in sets for a in ("--set", s)]])
+
+
+def _wait_for_step(proc, run_dir, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted TP=1 run that starts from a saved initial checkpoint."""
+    root = tmp_path_factory.mktemp("reference")
+    config = write_training_run(root, steps=STEPS, checkpoint={"keep_last": 0})
+    run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
+    proc = _train(config, f"checkpoint.init_from={root / 'init'}")
+    return {"root": root, "config": config, "losses": step_losses(root / "run"),
+            "grad_norms": step_losses(root / "run", "grad_norm"), "stdout": proc.stdout}
+
+
+def test_reference_run_learns_and_checkpoints(reference):
+    losses = reference["losses"]
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert sum(losses[s] for s in range(16, 21)) / 5 < sum(losses[s] for s in range(1, 6)) / 5 - 0.1
+    ckpts = reference["root"] / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000020"
+    meta = read_metadata(ckpts)
+    assert meta["train_state"]["step"] == STEPS
+    assert meta["run_config"]["training"]["train_steps"] == STEPS  # the resolved config
+    assert "validation at step 10" in reference["stdout"] and "validation at step 20" in reference["stdout"]
+    records = [json.loads(x) for x in (reference["root"] / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "tokens_per_s_per_device", "step_time_s",
+                "memory_gb", "skipped_steps", "nan_steps", "eta_s"):
+        assert key in train[0], key
+    assert train[2]["lr"] == pytest.approx(1e-2) and train[-1]["lr"] == 0.0  # warmup 3, decay to 0
+
+
+def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path):
+    config = write_training_run(tmp_path, steps=STEPS)
+    init = f"checkpoint.init_from={reference['root'] / 'init'}"
+    kill_after = random.Random().randint(7, 17)  # any step: before or after a checkpoint
+    proc = _start_train(config, init)
+    _wait_for_step(proc, tmp_path / "run", kill_after)
+    _kill_session(proc)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    killed_at = max(step_losses(tmp_path / "run"))
+    assert killed_at < STEPS
+    resumed = _train(config, init)
+    assert "resumed from" in resumed.stdout
+    assert step_losses(tmp_path / "run") == reference["losses"]  # every step, bit for bit
+
+
+def test_kill_during_save_keeps_previous_latest(reference, tmp_path):
+    config = write_training_run(tmp_path, steps=STEPS)
+    init = f"checkpoint.init_from={reference['root'] / 'init'}"
+    crashed = _start_train(config, init, env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
+    crashed.wait(timeout=300)
+    assert crashed.returncode == -signal.SIGKILL
+    _kill_session(crashed)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "iter_0000005"
+    assert (ckpts / "iter_0000010.partial").is_dir() and not (ckpts / "iter_0000010").exists()
+    resumed = _train(config, init)
+    assert "removed 1 interrupted save" in resumed.stdout and "at step 5" in resumed.stdout
+    assert not (ckpts / "iter_0000010.partial").exists()
+    assert step_losses(tmp_path / "run") == reference["losses"]
+
+
+def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 0})
+    init = f"checkpoint.init_from={reference['root'] / 'init'}"
+    proc = _start_train(config, init)
+    _wait_for_step(proc, tmp_path / "run", 4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    stopped = read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"]
+    assert 4 <= stopped < STEPS
+    _train(config, init)
+    assert step_losses(tmp_path / "run") == reference["losses"]
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
+                                    "optim.distributed=true"])
+def test_two_process_layouts_match_single_process(reference, tmp_path, layout):
+    config = write_training_run(tmp_path, steps=STEPS)
+    _torchrun_train(config, layout, f"checkpoint.init_from={reference['root'] / 'init'}")
+    losses = step_losses(tmp_path / "run")
+    assert sorted(losses) == sorted(reference["losses"])
+    for step, loss in reference["losses"].items():
+        assert losses[step] == pytest.approx(loss, rel=2e-4, abs=1e-4), step
+    # The clipped gradient norm must count every shard once, or clipping differs by layout.
+    norms, reference_norms = step_losses(tmp_path / "run", "grad_norm"), reference["grad_norms"]
+    for step, norm in reference_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=1e-3), step
+
+
+def test_resume_under_a_different_layout(reference, tmp_path):
+    """A TP=1 checkpoint (model + optimizer) resumed with TP=2 continues the same run."""
+    config = write_training_run(tmp_path, steps=STEPS)
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    src = reference["root"] / "run" / "checkpoints" / "iter_0000010"
+    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
+    (ckpts / "latest").write_text("iter_0000010\n")
+    proc = _torchrun_train(config, "parallel.tensor_parallel=2")
+    assert "resumed from" in proc.stdout
+    losses = step_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(11, STEPS + 1))
+    for step in losses:
+        assert losses[step] == pytest.approx(reference["losses"][step], rel=2e-4, abs=1e-4), step
+
+
+def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
+    trained = reference["root"] / "run" / "checkpoints"
+    config = write_training_run(tmp_path, steps=6, checkpoint={"interval": 0},
+                                eval={"interval": 0})
+    _train(config, f"checkpoint.init_from={trained}")
+    losses = step_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 7))  # a new schedule and data position
+    assert losses[1] < reference["losses"][1] - 0.1  # but the trained weights
+    assert read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"] == 6
+
+
+@pytest.mark.parametrize("policy", ["log", "skip", "rollback"])
+def test_planted_spike_is_handled_per_policy(reference, tmp_path, policy):
+    config = write_training_run(tmp_path, steps=STEPS, spikes={"policy": policy, "window": 8,
+                                                               "warmup_steps": 5, "threshold": 3.0})
+    proc = _train(config, f"checkpoint.init_from={reference['root'] / 'init'}",
+                  env_extra={"MEGASMOL_FAULT": "corrupt_batch:13"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    spikes = [r for r in records if r["kind"] == "spike"]
+    assert [r["step"] for r in spikes] == [13] and "loss spike: step 13" in proc.stdout
+    losses = step_losses(tmp_path / "run")
+    ref = reference["losses"]
+    assert all(losses[s] == ref[s] for s in range(1, 13))
+    if policy == "log":  # the corrupted batch was trained on: later steps differ
+        assert losses[14] != ref[14]
+    if policy == "skip":  # no update from step 13, so step 14 differs only by step 13's update
+        assert losses[14] != ref[14] and 14 in losses
+    if policy == "rollback":  # back to step 10, data of 11..13 skipped, never trained on
+        assert "rolled back to iter_0000010" in proc.stdout
+        assert 11 not in losses or losses[11] == ref[11]
+        meta = read_metadata(tmp_path / "run" / "checkpoints")
+        assert [11, 13] in meta["train_state"]["skip_batches"]
+        assert json.loads((tmp_path / "run" / "result.json").read_text())["rollbacks"] == 1
+
+
+def test_skip_batches_skips_data_deterministically(reference, tmp_path):
+    config = write_training_run(tmp_path, steps=STEPS, spikes={"skip_batches": [[6, 8]]})
+    _train(config, f"checkpoint.init_from={reference['root'] / 'init'}")
+    losses = step_losses(tmp_path / "run")
+    assert not {6, 7, 8} & set(losses)
+    assert all(losses[s] == reference["losses"][s] for s in range(1, 6))
+    assert losses[9] != reference["losses"][9]  # three fewer updates before it
+
+
+def test_post_save_command_and_keep_last(tmp_path):
+    log = tmp_path / "uploads.txt"
+    config = write_training_run(tmp_path, steps=10, checkpoint={
+        "interval": 2, "keep_last": 2, "post_save_command": f"echo {{step}} {{path}} >> {log}"},
+        eval={"interval": 0})
+    _train(config)
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["2", "4", "6", "8", "10"]
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
+    assert kept == ["iter_0000008", "iter_0000010"]
+
+
+def test_bad_configs_fail_before_training_with_the_field_named(tmp_path):
+    config = write_training_run(tmp_path, steps=10)
+    cases = {
+        "training.global_batch_size=7": "global_batch_size",
+        "parallel.tensor_parallel=3": "tensor_parallel",
+        "optim.bogus=1": "optim.bogus",
+        "schedule.warmup_steps=50": "warmup_steps",
+        "optim.beta2=1.5": "optim.beta2",
+        "data.recipe=missing.yaml": "missing",
+    }
+    for override, field in cases.items():
+        proc = _train(config, override, check=False)
+        assert proc.returncode == 2, (override, proc.stdout, proc.stderr)
+        assert field in proc.stderr and "Traceback" not in proc.stderr, (override, proc.stderr)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
