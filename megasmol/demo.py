@@ -71,7 +71,7 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
     from megasmol.convert.export import export_hf
     from megasmol.tokenizer import load_tokenizer
 
-    report = export_hf(checkpoint, workdir / "hf", show_progress=False)
+    report = export_hf(checkpoint, workdir / "hf", show_progress=False, overwrite=True)
     print(f"[4/4] exported {checkpoint.name} to {report.out_dir} ({report.total_bytes / 1e6:.1f} MB)")
     hf = AutoModelForCausalLM.from_pretrained(report.out_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(report.out_dir)
@@ -86,7 +86,8 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
         # No early stop at EOS on either side, so the two decodings compare token for token.
         out = hf.generate(ids, max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids),
                           eos_token_id=None, pad_token_id=tokenizer.eos_token_id)
-        print(f"      transformers sample: {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:])!r}")
+        text = tokenizer.decode(out[0, ids.shape[1]:], clean_up_tokenization_spaces=False)
+        print(f"      transformers sample: {prompt!r} -> {text!r}")
         if megatron is not None:
             from megasmol.generate import greedy_generate
 

@@ -59,9 +59,6 @@ class CheckpointConfig:
     exit, so a requeued job resumes where it stopped."""
     save_at_end: bool = True
     """Save after the last step."""
-    async_save: bool = False
-    """Write checkpoint files in a background process while training goes on (Megatron-Core's
-    asynchronous ``dist_checkpointing`` save); ``latest`` still moves only once it is complete."""
     resume: bool = True
     """Start from the latest complete checkpoint in ``dir`` when there is one."""
     init_from: Optional[str] = None

@@ -58,6 +58,7 @@ def transformer_config(
     sequence_parallel: bool = False,
     recompute: Optional[str] = None,
     initialize: bool = True,
+    fp8: Optional[str] = None,
 ) -> TransformerConfig:
     """The Megatron-Core TransformerConfig for ``spec`` under the current parallel layout."""
     backend = resolve_attention_backend(spec.attention_backend)
@@ -66,6 +67,9 @@ def transformer_config(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rope_skipped = spec.rope_skipped()
     kwargs = {}
+    if fp8:
+        # Transformer Engine FP8 GEMMs: "hybrid" = E4M3 forward, E5M2 gradients.
+        kwargs.update(fp8=fp8)
     if recompute:
         kwargs.update(recompute_granularity=recompute)
         if recompute == "full":
@@ -116,7 +120,7 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialized).
 
     ``config_options`` go to :func:`transformer_config` (params_dtype, cpu_initialization,
-    sequence_parallel, recompute, and initialize=False for inference models loaded right after:
+    sequence_parallel, recompute, fp8, and initialize=False for inference models loaded right after:
     Megatron-Core sets the tensor-parallel attributes of weights only while initializing them,
     and training needs those for the gradient norm).
     """

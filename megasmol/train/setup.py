@@ -115,9 +115,8 @@ def build_setup(config: RunConfig) -> TrainingSetup:
     # weights (which the gradient norm relies on) only while initializing them.
     model = build_model(spec, params_dtype=params_dtype,
                         sequence_parallel=config.parallel.sequence_parallel,
-                        recompute=config.training.recompute)
-    if config.training.precision == "fp8":
-        model.config.fp8 = "hybrid"
+                        recompute=config.training.recompute,
+                        fp8="hybrid" if config.training.precision == "fp8" else None)
     if config.checkpoint.init_from and not resuming:
         source = config.path(config.checkpoint.init_from)
         meta = load_model_weights(model, source)
