@@ -48,7 +48,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="loopbench-"))
     build_demo_corpus(work / "corpus")
     tokenize_demo_corpus(work / "corpus", show_progress=False)
-    total = 2 * args.steps * args.rounds + 5
+    total = args.steps * (2 * args.rounds + 1)  # warm-up, then bare and ours alternating
     config_path = work / "run.yaml"
     config_path.write_text(yaml.safe_dump({
         "model": args.spec, "run_dir": str(work / "run"),

@@ -50,7 +50,8 @@ def test_cli_data_audit_exit_codes(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "r", "root": ".", "stages": [
         {"name": "s", "start_step": 1, "datasets": [{"path": "d", "weight": 1.0}]}]}))
     config = {"model": "smollm3-tiny", "data": {"recipe": "recipe.yaml", "seq_length": 16},
-              "training": {"train_steps": 4, "global_batch_size": 2}}
+              "training": {"train_steps": 4, "global_batch_size": 2},
+              "schedule": {"warmup_steps": 1}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     report = audit_run(load_run_config(tmp_path / "run.yaml"))
     assert report.ok and report.rows[0].tokens_available == int(1020 * 0.99)

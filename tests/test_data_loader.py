@@ -5,7 +5,7 @@ import pytest
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
-from megasmol.data.recipe import REPO_RECIPES, load_recipe, plan_stages
+from megasmol.data.recipe import REPO_RECIPES, BatchSchedule, load_recipe, plan_stages
 from tests.data_fixtures import EOS, random_documents, recipe_at, write_dataset
 
 TOKEN_IDS = TokenIds(vocab_size=4096, eod=EOS, pad=0)
@@ -60,6 +60,28 @@ def test_stage_switch_resume_and_dp_split(megatron_runtime, two_sources):
     prefetched = list(batches.iterate(9, prefetch=2))
     assert [step for step, _, _ in prefetched] == [9, 10]
     assert np.array_equal(prefetched[0][2][0]["tokens"], batches.micro_batches(9)[0]["tokens"])
+
+
+def test_batch_rampup_draws_every_sample_once_across_a_stage_switch(megatron_runtime, two_sources):
+    schedule = BatchSchedule(8, rampup_start=2, rampup_increment=2, rampup_steps=6)
+    assert [schedule.at(s) for s in range(1, 9)] == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert schedule.samples_through(8) == 2 + 2 + 4 + 4 + 6 + 6 + 8 + 8
+    recipe = recipe_at(two_sources, _stages(start2=5))
+    plans = plan_stages(recipe, 10, schedule, 32)
+    assert [p.samples for p in plans] == [2 + 2 + 4 + 4, 6 + 6 + 8 * 4]
+    stages = build_stage_data(recipe, plans, TOKEN_IDS, seed=5, cache_dir=two_sources / "cache")
+    batches = TrainingBatches(stages, 2, 0, 1)
+    assert [len(batches.micro_batches(s)) for s in (1, 3, 5, 7, 10)] == [1, 2, 3, 4, 4]
+    for plan in plans:  # within each stage, steps draw consecutive, non-overlapping samples
+        drawn = np.concatenate([batches.sample_indices(s).ravel()
+                                for s in range(plan.first_step, plan.last_step + 1)])
+        assert drawn.tolist() == list(range(plan.samples))
+    with pytest.raises(ConfigError, match="batch_rampup level"):
+        TrainingBatches(stages, 4, 0, 1)  # level 2 or 6 does not split into micro-batches of 4
+    # Stages given in tokens move with the ramp: steps 1-6 draw the first 20 sequences (24).
+    by_tokens = recipe_at(two_sources, [_stages()[0], {**_stages()[1], "start_step": None,
+                                                       "start_tokens": 20 * 32}])
+    assert [p.first_step for p in plan_stages(by_tokens, 10, schedule, 32)] == [1, 7]
 
 
 def test_sequence_level_shuffling_spreads_a_long_document(megatron_runtime, tmp_path):

@@ -121,6 +121,22 @@ def test_kill_during_save_keeps_previous_latest(reference, tmp_path):
     assert step_losses(tmp_path / "run") == reference["losses"]
 
 
+def test_bf16_run_resumes_exactly(reference, tmp_path):
+    """bf16 (Float16Module, fp32 master weights in the distributed optimizer) saves and resumes."""
+    init = f"checkpoint.init_from={reference['root'] / 'init'}"
+    whole = write_training_run(tmp_path / "whole", steps=12, eval={"interval": 0})
+    _train(whole, init, "training.precision=bf16")
+    expected = step_losses(tmp_path / "whole" / "run")
+    assert expected[12] < expected[1] - 0.2
+    broken = write_training_run(tmp_path / "broken", steps=12, eval={"interval": 0})
+    crashed = _start_train(broken, init, "training.precision=bf16",
+                           env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
+    crashed.wait(timeout=300)
+    _kill_session(crashed)
+    _train(broken, init, "training.precision=bf16")
+    assert step_losses(tmp_path / "broken" / "run") == expected
+
+
 def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 0})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
@@ -210,6 +226,13 @@ def test_skip_batches_skips_data_deterministically(reference, tmp_path):
     assert not {6, 7, 8} & set(losses)
     assert all(losses[s] == reference["losses"][s] for s in range(1, 6))
     assert losses[9] != reference["losses"][9]  # three fewer updates before it
+
+
+def test_batch_rampup_trains_with_growing_batches(tmp_path):
+    config = write_training_run(tmp_path, steps=8, checkpoint={"interval": 0}, eval={"interval": 0})
+    _train(config, "training.batch_rampup={start: 4, increment: 2, steps: 4}")
+    tokens = step_losses(tmp_path / "run", "tokens")
+    assert [tokens[s] // 64 for s in range(1, 9)] == [4, 4, 6, 6, 8, 8, 8, 8]
 
 
 def test_post_save_command_and_keep_last(tmp_path):

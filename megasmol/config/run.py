@@ -55,6 +55,22 @@ class DataConfig:
 
 
 @dataclass
+class BatchRampup:
+    """Grow the global batch linearly at the start of a run (GPT-3, Megatron-LM practice)."""
+
+    start: int
+    """Global batch (sequences) at step 1."""
+    increment: int
+    """Sequences added per level; each level lasts ``steps / levels`` steps."""
+    steps: int
+    """Steps until the full ``training.global_batch_size`` is reached."""
+
+    def validate(self) -> None:
+        if self.start < 1 or self.increment < 1 or self.steps < 1:
+            raise ConfigError("training.batch_rampup: start, increment and steps must be >= 1")
+
+
+@dataclass
 class TrainingConfig:
     """Batch geometry and length of the run."""
 
@@ -72,14 +88,28 @@ class TrainingConfig:
     newer). CPU runs use fp32."""
     recompute: Optional[Literal["selective", "full"]] = None
     """Activation recomputation: selective (attention core) or full (whole layers)."""
+    batch_rampup: Optional[BatchRampup] = None
+    """Start with a smaller global batch and grow it (none: full batch from step 1)."""
 
     def validate(self) -> None:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        ramp = self.batch_rampup
+        if ramp is not None and ramp.start >= self.global_batch_size:
+            raise ConfigError(f"training.batch_rampup.start={ramp.start} must be below "
+                              f"training.global_batch_size={self.global_batch_size}")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not a "
                               f"multiple of training.micro_batch_size={self.micro_batch_size}")
+
+    def batch_schedule(self):
+        from megasmol.data.recipe import BatchSchedule
+
+        ramp = self.batch_rampup
+        if ramp is None:
+            return BatchSchedule(self.global_batch_size)
+        return BatchSchedule(self.global_batch_size, ramp.start, ramp.increment, ramp.steps)
 
     def micro_batches_per_step(self, data_parallel: int) -> int:
         per_step = self.micro_batch_size * data_parallel

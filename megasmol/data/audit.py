@@ -162,7 +162,7 @@ def audit_run(config, spec=None) -> AuditReport:
 
     spec = spec or load_model_spec(config.model_reference())
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.global_batch_size,
+    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
                         config.data.seq_length)
     return audit_plan(recipe, plans, vocab_size=spec.vocab_size, eos_id=spec.eos_token_id,
                       root=config.data.root and str(config.path(config.data.root)),

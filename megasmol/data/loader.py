@@ -6,8 +6,9 @@ cached on disk, and every sample is an O(1) lookup, whatever the length of the r
 are shuffled at the sequence level, so a batch draws windows from many documents.
 
 Which samples a step uses is a pure function of the step: stage-local sample
-``(step - first_step) * global_batch + m * (micro_batch * dp) + dp_rank * micro_batch + i``
-for micro-batch ``m``. A resumed run, at any step of any stage, sees exactly the batches an
+``first_sample(step) + m * (micro_batch * dp) + dp_rank * micro_batch + i`` for micro-batch ``m``,
+where ``first_sample(step)`` counts the sequences of the stage's earlier steps (``(step -
+first_step) * global_batch`` without a batch ramp-up). A resumed run, at any step of any stage, sees exactly the batches an
 uninterrupted run would, and the split across data-parallel ranks keeps the global batch the
 same for any layout.
 """
@@ -136,13 +137,13 @@ class TrainingBatches:
         self.micro_batch_size = micro_batch_size
         self.dp_rank = data_parallel_rank
         self.dp_size = data_parallel_size
-        global_batch = self.plans[0].global_batch_size
         per_micro = micro_batch_size * data_parallel_size
-        if global_batch % per_micro:
-            raise ConfigError(f"training.global_batch_size={global_batch} is not divisible by "
-                              f"micro_batch_size x data_parallel = {micro_batch_size} x "
-                              f"{data_parallel_size}")
-        self.num_micro_batches = global_batch // per_micro
+        for global_batch in self.plans[0].batch.levels():
+            if global_batch % per_micro:
+                raise ConfigError(f"global batch {global_batch} (training.global_batch_size or a "
+                                  "training.batch_rampup level) is not divisible by micro_batch_size "
+                                  f"x data_parallel = {micro_batch_size} x {data_parallel_size}")
+        self.num_micro_batches = self.plans[0].global_batch_size // per_micro
 
     @property
     def last_step(self) -> int:
@@ -154,8 +155,9 @@ class TrainingBatches:
     def sample_indices(self, step: int) -> np.ndarray:
         """[micro_batches, micro_batch_size] stage-local sample indices of this rank at ``step``."""
         plan = self.stage_at(step)
-        base = (step - plan.first_step) * plan.global_batch_size
-        micro = np.arange(self.num_micro_batches)[:, None] * (self.micro_batch_size * self.dp_size)
+        base = plan.first_sample(step)
+        count = plan.batch.at(step) // (self.micro_batch_size * self.dp_size)
+        micro = np.arange(count)[:, None] * (self.micro_batch_size * self.dp_size)
         within = self.dp_rank * self.micro_batch_size + np.arange(self.micro_batch_size)[None, :]
         return base + micro + within
 

@@ -145,6 +145,48 @@ def load_recipe(name_or_path: str | Path) -> DataRecipe:
 
 
 @dataclass(frozen=True)
+class BatchSchedule:
+    """Sequences per step: ``global_batch_size``, or a linear ramp-up to it.
+
+    With ``rampup_start`` set, step 1 draws ``rampup_start`` sequences and the batch grows by
+    ``rampup_increment`` in equal-length levels until step ``rampup_steps`` + 1 reaches
+    ``global_batch_size`` (the GPT-3 / Megatron-LM ramp-up, counted in steps).
+    """
+
+    global_batch_size: int
+    rampup_start: Optional[int] = None
+    rampup_increment: int = 0
+    rampup_steps: int = 0
+
+    def levels(self) -> list[int]:
+        if self.rampup_start is None:
+            return [self.global_batch_size]
+        return list(range(self.rampup_start, self.global_batch_size, self.rampup_increment)) + [
+            self.global_batch_size]
+
+    def at(self, step: int) -> int:
+        """Sequences drawn at (1-based) ``step``."""
+        levels = self.levels()
+        if len(levels) == 1 or step > self.rampup_steps:
+            return self.global_batch_size
+        per_level = self.rampup_steps / (len(levels) - 1)
+        return levels[min(int((step - 1) // per_level), len(levels) - 2)]
+
+    def samples_through(self, step: int) -> int:
+        """Sequences drawn by steps 1..``step``."""
+        ramp = min(step, self.rampup_steps) if self.rampup_start is not None else 0
+        return sum(self.at(s) for s in range(1, ramp + 1)) + (step - ramp) * self.global_batch_size
+
+    def steps_to_draw(self, first_step: int, samples: int) -> int:
+        """Steps from ``first_step`` until at least ``samples`` sequences are drawn."""
+        steps = 0
+        while samples > 0 and first_step + steps <= self.rampup_steps:
+            samples -= self.at(first_step + steps)
+            steps += 1
+        return steps + max(0, math.ceil(samples / self.global_batch_size))
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """Where one stage sits in a run: steps (1-based, inclusive) and what they draw."""
 
@@ -153,7 +195,12 @@ class StagePlan:
     first_step: int
     last_step: int
     seq_length: int
-    global_batch_size: int
+    batch: BatchSchedule
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per step once any ramp-up is over."""
+        return self.batch.global_batch_size
 
     @property
     def steps(self) -> int:
@@ -161,18 +208,24 @@ class StagePlan:
 
     @property
     def samples(self) -> int:
-        return self.steps * self.global_batch_size
+        return self.batch.samples_through(self.last_step) - self.batch.samples_through(self.first_step - 1)
+
+    def first_sample(self, step: int) -> int:
+        """Stage-local index of the first sequence drawn at ``step``."""
+        return self.batch.samples_through(step - 1) - self.batch.samples_through(self.first_step - 1)
 
     @property
     def tokens(self) -> int:
         return self.samples * self.seq_length
 
 
-def plan_stages(recipe: DataRecipe, train_steps: int, global_batch_size: int,
+def plan_stages(recipe: DataRecipe, train_steps: int, global_batch_size: int | BatchSchedule,
                 seq_length: int) -> list[StagePlan]:
     """The stages that fall inside ``train_steps``, with token starts converted to steps."""
     if train_steps < 1:
         raise ConfigError(f"training.train_steps must be >= 1, got {train_steps}")
+    batch = (global_batch_size if isinstance(global_batch_size, BatchSchedule)
+             else BatchSchedule(global_batch_size))
     starts: list[int] = []
     tokens_before, step_before, length_before = 0, 1, None
     for stage in recipe.stages:
@@ -180,14 +233,15 @@ def plan_stages(recipe: DataRecipe, train_steps: int, global_batch_size: int,
         if stage.start_step is not None:
             start = stage.start_step
         else:
-            # Tokens trained before this stage accrue at the previous stage's tokens per step.
-            per_step = global_batch_size * (length_before or length)
-            start = step_before + math.ceil(max(0, stage.start_tokens - tokens_before) / per_step)
+            # Tokens trained before this stage accrue at the previous stage's sequence length.
+            missing = max(0, stage.start_tokens - tokens_before)
+            start = step_before + batch.steps_to_draw(step_before, math.ceil(missing / (length_before or length)))
         if starts and start <= starts[-1]:
             raise ConfigError(f"recipe {recipe.name}: stage {stage.name} resolves to step {start}, "
                               "not after the previous stage")
         if starts:
-            tokens_before += (start - starts[-1]) * global_batch_size * length_before
+            drawn = batch.samples_through(start - 1) - batch.samples_through(starts[-1] - 1)
+            tokens_before += drawn * length_before
         starts.append(start)
         step_before, length_before = start, length
     plans = []
@@ -196,7 +250,7 @@ def plan_stages(recipe: DataRecipe, train_steps: int, global_batch_size: int,
             break
         end = starts[index + 1] - 1 if index + 1 < len(starts) else train_steps
         plans.append(StagePlan(index, stage, start, min(end, train_steps),
-                               stage.seq_length or seq_length, global_batch_size))
+                               stage.seq_length or seq_length, batch))
     return plans
 
 

@@ -112,6 +112,10 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         meta = train_state.load_training_checkpoint(self.s.model, self.s.optimizer, path)
+        changed = _changed_fields(meta.get("run_config", {}), self.config.to_dict())
+        if changed:
+            self._print(f"note: the config differs from the one {path.name} was written with: "
+                        + ", ".join(changed))
         state = meta["train_state"]
         self.step = state["step"]
         self.spikes = SpikeDetector(self.config.spikes, state.get("spike_window"))
@@ -173,7 +177,7 @@ class Trainer:
         eod = setup.spec.eos_token_id
         for step, plan, micro in setup.batches.iterate(first, prefetch=config.data.prefetch):
             lr = lr_at(config.schedule, step, self.total_steps)
-            tokens = plan.global_batch_size * plan.seq_length
+            tokens = plan.batch.at(step) * plan.seq_length
             if self.skipped(step):
                 stats.skipped += 1
                 stats.add(None, None, 0)
@@ -271,6 +275,22 @@ class Trainer:
     def close(self) -> None:
         self.stop.restore()
         self.metrics.close()
+
+
+# Sections whose change alters what the resumed steps do (not where logs or checkpoints go).
+RESUME_SENSITIVE = ("model", "data", "training", "optim", "schedule", "spikes")
+
+
+def _changed_fields(saved: dict, current: dict) -> list[str]:
+    changed = []
+    for section in RESUME_SENSITIVE:
+        old, new = saved.get(section), current.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new and old is not None:
+            changed.append(f"{section}: {old!r} -> {new!r}")
+    return changed
 
 
 def _device() -> torch.device:

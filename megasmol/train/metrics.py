@@ -155,6 +155,7 @@ class MetricsLog:
             "step": step, "stage": stage, "lr": lr,
             "loss": _mean(stats.loss_sum, stats.loss_steps),
             "grad_norm": _mean(stats.grad_norm_sum, stats.grad_norm_steps),
+            "tokens": stats.tokens,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_device": tokens_per_s / self.world_size,
             "step_time_s": elapsed / max(stats.steps, 1),

@@ -73,6 +73,16 @@ def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
         raise ConfigError(f"data audit failed: {verdict[0]}")
 
 
+def _half_precision(model, params_dtype: torch.dtype):
+    """bf16 runs: Megatron-Core's Float16Module casts every parameter (norms built by torch
+    included) to bf16 and returns the loss in fp32; the optimizer keeps fp32 master weights."""
+    if params_dtype == torch.float32:
+        return model
+    from megatron.core.transformer.module import Float16Module
+
+    return Float16Module(model.config, model)
+
+
 def build_setup(config: RunConfig) -> TrainingSetup:
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
@@ -82,7 +92,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
 
     spec = load_model_spec(config.model_reference())
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.global_batch_size,
+    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
                         config.data.seq_length)
     longest = max(p.seq_length for p in plans)
     if longest > spec.max_position_embeddings:
@@ -124,7 +134,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                  source, meta.get("step"))
     # Token-weighted loss over the global batch (see step.py); set before DDP reads it.
     model.config.calculate_per_token_loss = True
-    ddp_model = wrap_ddp(model, config.optim.distributed)
+    ddp_model = wrap_ddp(_half_precision(model, params_dtype), config.optim.distributed)
     model.config.no_sync_func = ddp_model.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(ddp_model, config.optim, params_dtype)
