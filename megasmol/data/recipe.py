@@ -235,7 +235,8 @@ def plan_stages(recipe: DataRecipe, train_steps: int, global_batch_size: int | B
         else:
             # Tokens trained before this stage accrue at the previous stage's sequence length.
             missing = max(0, stage.start_tokens - tokens_before)
-            start = step_before + batch.steps_to_draw(step_before, math.ceil(missing / (length_before or length)))
+            sequences = math.ceil(missing / (length_before or length))
+            start = step_before + batch.steps_to_draw(step_before, sequences)
         if starts and start <= starts[-1]:
             raise ConfigError(f"recipe {recipe.name}: stage {stage.name} resolves to step {start}, "
                               "not after the previous stage")
