@@ -8,9 +8,9 @@ are shuffled at the sequence level, so a batch draws windows from many documents
 Which samples a step uses is a pure function of the step: stage-local sample
 ``first_sample(step) + m * (micro_batch * dp) + dp_rank * micro_batch + i`` for micro-batch
 ``m``, where ``first_sample(step)`` counts the sequences of the stage's earlier steps
-(``(step - first_step) * global_batch`` without a batch ramp-up). A resumed run, at any step of any stage, sees exactly the batches an
-uninterrupted run would, and the split across data-parallel ranks keeps the global batch the
-same for any layout.
+(``(step - first_step) * global_batch`` without a batch ramp-up). A resumed run, at any step
+of any stage, sees exactly the batches an uninterrupted run would, and the split across
+data-parallel ranks keeps the global batch the same for any layout.
 """
 
 from __future__ import annotations
