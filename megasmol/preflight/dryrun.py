@@ -1,0 +1,173 @@
+"""Config dry-run: every constraint of a run config checked, and per-GPU memory estimated.
+
+The model is built on the meta device (Megatron-Core's real layers, no storage) to count its
+parameters; the per-rank share follows the layout: tensor parallelism splits the attention and
+MLP matrices and the vocabulary, pipeline parallelism splits the layers (the first stage holds the
+embedding, the last the output layer, and a tied output layer costs the last stage a copy).
+
+Memory per GPU, for the busiest rank:
+
+* weights: parameters x 2 bytes (bf16) or 4 (fp32);
+* gradients: parameters x 4 (Megatron DDP accumulates and reduces them in fp32);
+* optimizer: fp32 master weights (bf16 runs) + Adam's two moments = 12 (or 8) bytes per parameter,
+  divided by DP with the distributed optimizer;
+* activations per layer and micro-batch, bf16, with flash-style attention (no s^2 scores)
+  (Korthikanti et al. 2022, arXiv 2205.05198, redone for GQA and SwiGLU): per token, the layer
+  input and both norm outputs and the residual (4h), Q and the attention output (2 q_dim), K and V
+  (2 kv_dim), the gate+up projection (2f) and the SwiGLU output (f): 2 bytes each. Divided by TP
+  with sequence parallelism; without it the 4h norm/residual part is replicated. Full recompute
+  keeps only each layer's input (plus one layer's full set while it is recomputed). The first
+  pipeline stage holds min(PP, micro-batches) micro-batches in flight (1F1B);
+* logits: tokens x vocab/TP x 10 bytes on the last stage (bf16 logits, the fp32 copy the
+  cross-entropy makes, and its fp32 softmax);
+* a fixed allowance for the CUDA context, communication buffers and allocator slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megasmol.model.flops import parameter_count
+from megasmol.preflight.report import CheckResult
+
+GB = 1024 ** 3
+FRAMEWORK_OVERHEAD_GB = 3.0
+
+
+@dataclass
+class MemoryEstimate:
+    params_per_rank: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    overhead: float = FRAMEWORK_OVERHEAD_GB * GB
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.overhead
+
+    def breakdown(self) -> dict[str, float]:
+        return {"weights": self.weights / GB, "gradients": self.gradients / GB,
+                "optimizer": self.optimizer / GB, "activations": self.activations / GB,
+                "logits": self.logits / GB, "overhead": self.overhead / GB, "total": self.total / GB}
+
+
+def meta_parameter_count(spec) -> int:
+    """Parameters of the real Megatron-Core model, built on the meta device (TP=PP=1)."""
+    from megatron.core import parallel_state
+
+    from megasmol.model.gpt import build_model
+    from megasmol.runtime.distributed import init_parallel
+    from megasmol.runtime.parallel import ParallelLayout
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_parallel(ParallelLayout(), spec)
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or \
+            parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise RuntimeError("the meta build needs a TP=1, PP=1 parallel state")
+    with torch.device("meta"):
+        model = build_model(spec.replace(attention_backend="sdpa"), params_dtype=torch.bfloat16,
+                            cpu_initialization=True, initialize=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def stage_parameters(spec, tp: int, pp: int) -> tuple[int, int]:
+    """Parameters on one rank of the first and of the last pipeline stage."""
+    counts = parameter_count(spec)
+    replicated = 2 * spec.hidden_size + (2 * spec.kv_channels if spec.qk_norm else 0)  # norms
+    layers = (spec.num_layers // pp) * ((counts.per_layer - replicated) / tp + replicated)
+    vocab = counts.embedding / tp
+    if pp == 1:
+        whole = vocab + layers + counts.final_norm + (0 if spec.tie_embeddings else vocab)
+        return int(whole), int(whole)
+    # With PP > 1 the last stage holds the output layer (a copy of a tied embedding).
+    return int(vocab + layers), int(layers + counts.final_norm + vocab)
+
+
+def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_length: int,
+                    num_micro_batches: int, precision: str, distributed_optimizer: bool,
+                    sequence_parallel: bool, recompute: Optional[str]) -> MemoryEstimate:
+    """The estimate for the busiest rank (first or last pipeline stage)."""
+    weight_bytes = 4 if precision == "fp32" else 2
+    optimizer_bytes = 8 if precision == "fp32" else 12
+    h, f = spec.hidden_size, spec.ffn_hidden_size
+    q_dim = spec.num_attention_heads * spec.kv_channels
+    kv_dim = spec.num_kv_heads * spec.kv_channels
+    replicated = 4 * h  # layer input, two norm outputs, residual
+    split = 2 * q_dim + 2 * kv_dim + 3 * f
+    per_token = 2 * ((replicated / tp if sequence_parallel else replicated) + split / tp)
+    tokens = micro_batch * seq_length
+    layers = spec.num_layers // pp
+    if recompute == "full":
+        kept = 2 * (h / tp if sequence_parallel else h)
+        per_micro = tokens * (layers * kept + per_token)
+    else:
+        per_micro = tokens * layers * per_token
+    first, last = stage_parameters(spec, tp, pp)
+    estimates = []
+    for params, in_flight, has_logits in ((first, min(pp, num_micro_batches), pp == 1),
+                                          (last, 1, True)):
+        estimates.append(MemoryEstimate(
+            params_per_rank=params,
+            weights=params * weight_bytes,
+            gradients=params * 4,
+            optimizer=params * optimizer_bytes / (dp if distributed_optimizer else 1),
+            activations=per_micro * in_flight,
+            logits=tokens * spec.vocab_size / tp * 10 if has_logits else 0.0,
+            notes=[f"{params:,} parameters on this rank", f"{in_flight} micro-batch(es) in flight"]))
+    return max(estimates, key=lambda e: e.total)
+
+
+def device_memory_bytes(override_gb: Optional[float]) -> tuple[float, str]:
+    if override_gb is not None:
+        return override_gb * GB, f"{override_gb:g} GB (given)"
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return float(total), f"{total / GB:.0f} GB ({torch.cuda.get_device_name()})"
+    return 80.0 * GB, "80 GB (assumed: an H100; no GPU here, set --device-memory-gb)"
+
+
+def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -> list[CheckResult]:
+    """Validate ``config`` (a RunConfig) for ``world_size`` ranks and estimate its memory."""
+    from megasmol.config.typed import ConfigError
+    from megasmol.model.spec import load_model_spec
+
+    try:
+        spec = load_model_spec(config.model_reference())
+        layout = config.parallel
+        layout.check(world_size, spec, config.data.seq_length)
+        dp = layout.data_parallel(world_size)
+        micro = config.training.micro_batches_per_step(dp)
+    except ConfigError as exc:
+        return [CheckResult("dry_run", "fail", str(exc), "config")]
+    counted = meta_parameter_count(spec)
+    expected = parameter_count(spec).total
+    rows = []
+    if counted != expected:
+        rows.append(CheckResult("dry_run", "warn", f"meta-built model has {counted:,} parameters, the "
+                                f"spec formula {expected:,}", "config"))
+    estimate = estimate_memory(
+        spec, tp=layout.tensor_parallel, pp=layout.pipeline_parallel, dp=dp,
+        micro_batch=config.training.micro_batch_size, seq_length=config.data.seq_length,
+        num_micro_batches=micro, precision=config.training.precision,
+        distributed_optimizer=config.optim.distributed,
+        sequence_parallel=layout.sequence_parallel and layout.tensor_parallel > 1,
+        recompute=config.training.recompute)
+    capacity, described = device_memory_bytes(device_memory_gb)
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in estimate.breakdown().items() if k != "total")
+    share = estimate.total / capacity
+    status = "fail" if share > 1 else "warn" if share > 0.9 else "pass"
+    summary = (f"{spec.name}: TP{layout.tensor_parallel} PP{layout.pipeline_parallel} "
+               f"CP{layout.context_parallel} DP{dp}, {micro} micro-batch(es)/step; "
+               f"~{estimate.total / GB:.1f} GB per GPU of {described} ({parts} GB)")
+    details = {"breakdown_gb": estimate.breakdown(), "params_meta_built": counted,
+               "params_per_rank": estimate.params_per_rank, "world_size": world_size,
+               "device_memory_gb": capacity / GB, "notes": estimate.notes}
+    rows.append(CheckResult("dry_run", status, summary, "config", details))
+    return rows

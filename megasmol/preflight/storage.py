@@ -1,0 +1,80 @@
+"""Storage: sequential read speed of the training data and write speed of the checkpoint dir.
+
+A dataset on a store that cannot keep up stalls the whole job (the playbook's first production
+surprise). Reads drop the page cache for each file first (``posix_fadvise DONTNEED``) so the
+figure is the device's, not memory's; writes are fsync'ed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+from megasmol.preflight.report import CheckResult, skipped
+
+CHUNK = 8 * 1024 * 1024
+
+
+def read_throughput(files: list[Path], budget_mb: int, seed: int = 0) -> dict:
+    files = list(files)
+    random.Random(seed).shuffle(files)
+    budget, total, used = budget_mb * 1024 * 1024, 0, []
+    t0 = time.perf_counter()
+    for path in files:
+        if total >= budget:
+            break
+        with open(path, "rb", buffering=0) as fh:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            while total < budget:
+                chunk = fh.read(CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+        used.append(str(path))
+    seconds = time.perf_counter() - t0
+    return {"bytes": total, "seconds": seconds, "gbps": total / max(seconds, 1e-9) / 1e9, "files": used}
+
+
+def write_throughput(directory: Path, megabytes: int) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".megasmol-preflight-{os.getpid()}.tmp"
+    block = os.urandom(CHUNK)
+    total = 0
+    t0 = time.perf_counter()
+    try:
+        with open(path, "wb", buffering=0) as fh:
+            while total < megabytes * 1024 * 1024:
+                total += fh.write(block)
+            os.fsync(fh.fileno())
+        seconds = time.perf_counter() - t0
+    finally:
+        path.unlink(missing_ok=True)
+    return {"bytes": total, "seconds": seconds, "gbps": total / max(seconds, 1e-9) / 1e9}
+
+
+def _judge(check: str, target: str, result: dict, minimum: float, verb: str) -> CheckResult:
+    ok = result["gbps"] >= minimum
+    summary = (f"{verb} {result['bytes'] / 1e6:.0f} MB at {result['gbps']:.2f} GB/s "
+               f"({'>=' if ok else 'below'} {minimum} GB/s)")
+    return CheckResult(check, "pass" if ok else "fail", summary, target, {**result, "min_gbps": minimum})
+
+
+def storage_checks(data_files: list[Path], checkpoint_dir: Optional[Path], budget_mb: int,
+                   min_read_gbps: float, min_write_gbps: float) -> list[CheckResult]:
+    rows = []
+    if data_files:
+        result = read_throughput(data_files, budget_mb)
+        target = str(Path(data_files[0]).parent)
+        rows.append(_judge("storage_read", target, result, min_read_gbps, "read"))
+    else:
+        rows.append(skipped("storage_read", "no data files (give --config or --data-path)"))
+    if checkpoint_dir is not None:
+        result = write_throughput(checkpoint_dir, budget_mb)
+        rows.append(_judge("storage_write", str(checkpoint_dir), result, min_write_gbps, "wrote"))
+    else:
+        rows.append(skipped("storage_write", "no checkpoint directory (give --config or --checkpoint-dir)"))
+    return rows

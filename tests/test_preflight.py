@@ -1,0 +1,182 @@
+"""megasmol preflight: DCGM parsing, exit codes, stragglers over gloo, the dry-run, the CPU run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megasmol.preflight.dcgm import parse_dcgm_json, run_dcgm
+from megasmol.preflight.report import CheckResult, PreflightReport
+from tests.conftest import REPO, free_port, run_cli
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dcgm"
+
+
+def _report(rows):
+    report = PreflightReport(host="h")
+    report.extend(rows)
+    return report
+
+
+@pytest.mark.parametrize("fixture,statuses,exit_code,strict_exit", [
+    ("all_pass.json", {"GPU 0": "pass", "GPU 1": "pass"}, 0, 0),
+    ("gpu1_memory_fail.json", {"GPU 0": "pass", "GPU 1": "fail"}, 1, 1),
+    ("warnings_only.json", {"GPU 0": "warn", "GPU 1": "pass"}, 0, 1),
+    ("runtime_error.json", {"node": "fail"}, 1, 1),
+])
+def test_dcgm_reports_parse_into_rows_and_exit_codes(fixture, statuses, exit_code, strict_exit):
+    rows = parse_dcgm_json((FIXTURES / fixture).read_text())
+    assert {r.target: r.status for r in rows} == statuses
+    report = _report(rows)
+    assert report.exit_code() == exit_code and report.exit_code(strict=True) == strict_exit
+    if fixture == "gpu1_memory_fail.json":
+        assert "memory FAIL (GPU 1: Uncorrectable ECC error" in rows[1].summary
+        assert "NO-GO" in report.render() and "GPU 1" in report.verdict()
+    if fixture == "warnings_only.json":
+        assert "diagnostic WARN (GPU 0: clocks throttled" in rows[0].summary
+        assert "GO (1 warning(s))" in report.render()
+    if fixture == "runtime_error.json":
+        assert "host engine is not running" in rows[0].summary
+
+
+def test_unreadable_dcgm_output_fails_plainly():
+    [row] = parse_dcgm_json("Error: unable to connect to the host engine\n")
+    assert row.status == "fail" and "not JSON" in row.summary
+
+
+def test_dcgmi_is_run_with_the_level_and_json_flags(tmp_path, monkeypatch):
+    # A stand-in `dcgmi` on PATH records its arguments and prints a fixture report.
+    fake = tmp_path / "dcgmi"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/args\ncat {FIXTURES / 'gpu1_memory_fail.json'}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    rows = run_dcgm(2, timeout_s=30)
+    assert (tmp_path / "args").read_text().split() == ["diag", "-r", "2", "-j"]
+    assert [r.status for r in rows] == ["pass", "fail"]
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    [row] = run_dcgm(1, timeout_s=30)
+    assert row.status == "skip" and "not installed" in row.summary
+
+
+def _torchrun_preflight(tmp_path, env_extra):
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "megasmol", "preflight", "--json", str(out),
+           "--skip", "gemm,memory_bandwidth,storage,dry_run,dcgm,nvml"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    return proc, json.loads(out.read_text())
+
+
+def test_a_slow_rank_is_named_and_fails(tmp_path):
+    proc, report = _torchrun_preflight(tmp_path, {"MEGASMOL_PREFLIGHT_SLOW_RANK": "1:0.5"})
+    assert proc.returncode != 0, proc.stdout
+    [straggler] = [r for r in report["results"] if r["check"] == "stragglers"]
+    assert straggler["status"] == "fail" and straggler["details"]["slow"] == ["rank 1"]
+    assert "slow: rank 1" in proc.stdout
+    ops = {r["details"]["op"]: r for r in report["results"] if r["check"] == "collectives"}
+    assert set(ops) == {"all_reduce", "all_gather", "reduce_scatter"}
+    assert all(bw > 0 for r in ops.values() for bw in r["details"]["busbw_gbps"].values())
+
+
+def test_without_the_slow_rank_both_pass(tmp_path):
+    proc, report = _torchrun_preflight(tmp_path, {})
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert all(r["status"] == "pass" for r in report["results"]), report
+    assert "GO" in proc.stdout
+
+
+def test_dry_run_rejects_an_impossible_layout(tmp_path):
+    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
+                   "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
+                   "--set", "parallel.tensor_parallel=3", check=False)
+    assert proc.returncode == 1
+    assert "dry_run" in proc.stdout and "tensor_parallel=3 does not divide" in proc.stdout
+
+
+def test_dry_run_memory_of_smollm3_3b_matches_a_hand_estimate(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
+                   "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
+                   "--device-memory-gb", "80", "--json", str(out))
+    [row] = [r for r in json.loads(out.read_text())["results"] if r["check"] == "dry_run"]
+    assert row["status"] == "pass" and "TP2 PP1 CP1 DP192" in row["summary"], proc.stdout
+    assert row["details"]["params_meta_built"] == 3_075_098_624
+    # By hand, with the usual rules of thumb: 3.08B parameters over TP=2, 18 bytes each in mixed
+    # precision without ZeRO (bf16 weight 2 + fp32 gradient 4 + fp32 master and Adam moments 12);
+    # activations 34 s b h / t bytes per layer (Korthikanti et al., sequence parallel, no
+    # recompute) over 36 layers at s=4096, b=3, h=2048, t=2; fp32-ish logits 10 bytes x tokens x
+    # vocab / t; 3 GiB for CUDA context and buffers.
+    states = 3.08e9 / 2 * 18
+    activations = 34 * 4096 * 3 * 2048 / 2 * 36
+    logits = 10 * 4096 * 3 * 128256 / 2
+    by_hand = (states + activations + logits + 3 * 2**30) / 2**30
+    estimate = row["details"]["breakdown_gb"]["total"]
+    assert abs(estimate - by_hand) / by_hand < 0.20, (estimate, by_hand)
+    assert estimate < 80
+
+
+def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
+    out = tmp_path / "report.json"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shard.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    proc = run_cli("preflight", "--burn-seconds", "1", "--data-path", str(data), "--checkpoint-dir",
+                   str(tmp_path / "ckpt"), "--min-read-gbps", "0.001", "--min-write-gbps", "0.001",
+                   "--json", str(out))
+    report = json.loads(out.read_text())
+    status = {r["check"]: r["status"] for r in report["results"]}
+    assert status == {"gemm": "pass", "memory_bandwidth": "pass", "nvml": "skip", "dcgm": "skip",
+                      "storage_read": "pass", "storage_write": "pass", "collectives": "skip",
+                      "dry_run": "skip"}, proc.stdout
+    gemm = next(r for r in report["results"] if r["check"] == "gemm")
+    assert gemm["details"]["mean_tflops"] > 0 and gemm["details"]["plain_matmul_tflops"] > 0
+    assert "skipped: no GPU" in proc.stdout and not list((tmp_path / "ckpt").iterdir())
+    # An impossible storage floor fails the run, with exit code 1.
+    slow = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
+                   str(data), "--min-read-gbps", "1e6", check=False)
+    assert slow.returncode == 1 and "NO-GO: storage_read" in slow.stdout
+
+
+def test_report_verdicts():
+    rows = [CheckResult("gemm", "pass", "ok", "rank 0"), CheckResult("nvml", "warn", "hot", "rank 0")]
+    assert _report(rows).exit_code() == 0 and _report(rows).exit_code(strict=True) == 1
+
+
+def _burn(mean, throttle=()):
+    return {"device": "NVIDIA H100 80GB HBM3", "size": 8192, "dtype": "bfloat16", "mean_tflops": mean,
+            "min_tflops": mean * 0.95, "std_tflops": 1.0, "max_temp_c": 70, "min_sm_clock_mhz": 1980,
+            "throttle": list(throttle)}
+
+
+def test_gemm_judgement_follows_gpu_fryer():
+    from megasmol.preflight.compute import judge_burns
+
+    rows = judge_burns({"gpu0": _burn(700), "gpu1": _burn(690), "gpu2": _burn(600),
+                        "gpu3": _burn(705, ["hw_thermal"]), "gpu4": _burn(0.0)}, tolerance=0.10)
+    status = {r.target: r.status for r in rows}
+    assert status == {"gpu0": "pass", "gpu1": "pass", "gpu2": "fail", "gpu3": "fail", "gpu4": "fail"}
+    assert "15% below the best" in rows[2].summary and "throttled: hw_thermal" in rows[3].summary
+    assert "zero FLOP/s" in rows[4].summary
+
+
+def test_nvml_health_judgement():
+    from megasmol.preflight.nvml_health import judge_drivers, judge_health
+
+    healthy = {"name": "H100", "driver": "550.54", "ecc_uncorrected": 0, "retired_pages_pending": 0,
+               "row_remap_pending": 0, "row_remap_failure": 0, "temp_c": 40, "temp_slowdown_c": 90,
+               "power_w": 80.0, "power_limit_w": 700.0, "pcie_gen": 5, "pcie_gen_max": 5,
+               "pcie_width": 16, "pcie_width_max": 16, "persistence_mode": 1}
+    assert judge_health("gpu0", healthy).status == "pass"
+    assert judge_health("gpu0", {**healthy, "ecc_uncorrected": 3}).status == "fail"
+    assert judge_health("gpu0", {**healthy, "row_remap_failure": 1}).status == "fail"
+    narrow = judge_health("gpu0", {**healthy, "pcie_width": 8, "persistence_mode": 0})
+    assert narrow.status == "warn" and "PCIe x8 of x16" in narrow.summary
+    assert judge_health("gpu0", {**healthy, "temp_c": 88}).status == "warn"
+    assert judge_health("gpu0", None).status == "skip"
+    mixed = judge_drivers({"a": healthy, "b": {**healthy, "driver": "535.104"}})
+    assert mixed.status == "fail" and "535.104" in mixed.summary
+    assert judge_drivers({"a": healthy, "b": healthy}).status == "pass"
