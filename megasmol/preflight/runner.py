@@ -108,6 +108,8 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
         from megasmol.config.run import load_run_config
 
         config = load_run_config(options.config, options.overrides)
+    # Bad paths are found on every rank before any collective, so all ranks stop together.
+    data_files = _data_files(options, config) if "storage" not in options.skip else []
     info = init_distributed()
     level = LEVELS[options.level]
     on_gpu = torch.cuda.is_available()
@@ -132,7 +134,7 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
     if "storage" not in options.skip and info.local_rank == 0:
         ckpt = Path(options.checkpoint_dir) if options.checkpoint_dir else (
             config.checkpoint_dir if config is not None else None)
-        mine["storage"] = storage.storage_checks(_data_files(options, config), ckpt, level.storage_mb,
+        mine["storage"] = storage.storage_checks(data_files, ckpt, level.storage_mb,
                                                  options.min_read_gbps, options.min_write_gbps)
     if "dcgm" not in options.skip and info.local_rank == 0:
         mine["dcgm"] = dcgm.run_dcgm(level.dcgm_level, timeout_s=3600) if on_gpu else [
