@@ -121,6 +121,24 @@ class TrainingConfig:
 
 
 @dataclass
+class RopeSettings:
+    """RoPE for this run, when it differs from the model spec (long-context stages: RoPE ABF)."""
+
+    theta: Optional[float] = None
+    """RoPE base for this run, e.g. 2e6 for SmolLM3's 32k stage and 5e6 for 64k (default: the
+    spec's ``rope_theta``). Recorded in every checkpoint, so export writes it."""
+    max_position_embeddings: Optional[int] = None
+    """Longest sequence the model is trained for (default: the spec's); must cover
+    ``data.seq_length``."""
+
+    def validate(self) -> None:
+        if self.theta is not None and not self.theta > 0:
+            raise ConfigError(f"rope.theta must be > 0, got {self.theta}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            raise ConfigError("rope.max_position_embeddings must be >= 1")
+
+
+@dataclass
 class RunConfig:
     """A training run."""
 
@@ -132,6 +150,8 @@ class RunConfig:
     """Steps, batch sizes, seed."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     """Tensor / pipeline / context parallel sizes; data parallel takes the remaining ranks."""
+    rope: RopeSettings = field(default_factory=RopeSettings)
+    """RoPE base and position range for this run (long-context stages change them)."""
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
     """AdamW hyper-parameters and weight-decay groups."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -183,6 +203,18 @@ class RunConfig:
         if self.data.cache_dir:
             return self.path(self.data.cache_dir)
         return self.path(self.run_dir) / "data_cache"
+
+    def model_spec(self):
+        """The spec this run trains: the referenced one with ``rope`` applied."""
+        from megasmol.model.spec import load_model_spec
+
+        spec = load_model_spec(self.model_reference())
+        changes = {}
+        if self.rope.theta is not None:
+            changes["rope_theta"] = self.rope.theta
+        if self.rope.max_position_embeddings is not None:
+            changes["max_position_embeddings"] = self.rope.max_position_embeddings
+        return spec.replace(**changes) if changes else spec
 
     def model_reference(self) -> str:
         """The model spec: a YAML path (relative to this config) when one exists, else a preset."""

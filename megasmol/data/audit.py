@@ -158,9 +158,8 @@ def _check_tokens(report: AuditReport, key: str, indexed, vocab_size: int, eos_i
 def audit_run(config, spec=None) -> AuditReport:
     """Audit a ``RunConfig``: its recipe, its plan, and its model's vocabulary."""
     from megasmol.data.recipe import load_recipe, plan_stages
-    from megasmol.model.spec import load_model_spec
 
-    spec = spec or load_model_spec(config.model_reference())
+    spec = spec or config.model_spec()
     recipe = load_recipe(config.recipe_reference())
     plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
                         config.data.seq_length)

@@ -122,3 +122,19 @@ def model_inputs(batch: dict, eod_id: int, document_masking: bool, mask_format: 
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"unknown document mask format {mask_format!r}; known: {', '.join(MASK_FORMATS)}")
     return MASK_FORMATS[mask_format](batch, eod_id)
+
+
+def context_parallel_share(inputs: ModelInputs) -> ModelInputs:
+    """This context-parallel rank's part of a causal [b, s] micro-batch.
+
+    Megatron-Core's load-balanced split: the sequence is cut into 2 x CP chunks and rank r keeps
+    chunks r and 2CP-1-r, so every rank has the same causal attention work. Only plain causal
+    inputs get here (setup refuses CP with document masking or without Transformer Engine).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return inputs
+    fields = {k: getattr(inputs, k) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+    return ModelInputs(**get_batch_on_this_cp_rank(fields))

@@ -136,10 +136,9 @@ def device_memory_bytes(override_gb: Optional[float]) -> tuple[float, str]:
 def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -> list[CheckResult]:
     """Validate ``config`` (a RunConfig) for ``world_size`` ranks and estimate its memory."""
     from megasmol.config.typed import ConfigError
-    from megasmol.model.spec import load_model_spec
 
     try:
-        spec = load_model_spec(config.model_reference())
+        spec = config.model_spec()
         layout = config.parallel
         layout.check(world_size, spec, config.data.seq_length)
         dp = layout.data_parallel(world_size)

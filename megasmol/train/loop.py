@@ -22,7 +22,7 @@ import torch
 from megasmol.ckpt import train_state
 from megasmol.ckpt.checkpoint import latest_iteration
 from megasmol.config.run import RunConfig
-from megasmol.data.masking import model_inputs
+from megasmol.data.masking import context_parallel_share, model_inputs
 from megasmol.model.flops import flops_per_token
 from megasmol.train.metrics import IntervalStats, MetricsLog, device_peak_tflops
 from megasmol.train.optimizer import apply_learning_rate
@@ -185,8 +185,9 @@ class Trainer:
                 apply_learning_rate(setup.optimizer, lr, config.optim.weight_decay)
                 if faults.planned_at("corrupt_batch", step):
                     micro = _corrupted(micro, setup.spec.vocab_size, step)
-                inputs = [model_inputs(mb, eod, config.data.document_masking, setup.mask_format,
-                                       config.data.reset_position_ids).to(_device()) for mb in micro]
+                inputs = [context_parallel_share(
+                    model_inputs(mb, eod, config.data.document_masking, setup.mask_format,
+                                 config.data.reset_position_ids)).to(_device()) for mb in micro]
                 setup.ddp_model.zero_grad_buffer()
                 setup.optimizer.zero_grad()
                 local = forward_backward(setup.ddp_model, inputs)
@@ -250,9 +251,10 @@ class Trainer:
         micro = setup.batches.validation_micro_batches(step, self.config.eval.steps)
         if not micro:
             return
-        inputs = [model_inputs(mb, setup.spec.eos_token_id, self.config.data.document_masking,
-                               setup.mask_format, self.config.data.reset_position_ids).to(_device())
-                  for mb in micro]
+        inputs = [context_parallel_share(
+            model_inputs(mb, setup.spec.eos_token_id, self.config.data.document_masking,
+                         setup.mask_format, self.config.data.reset_position_ids)).to(_device())
+            for mb in micro]
         setup.ddp_model.eval()
         with torch.no_grad():
             local = forward_backward(setup.ddp_model, inputs, forward_only=True)

@@ -21,7 +21,7 @@ from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
 from megasmol.data.masking import BACKEND_MASK_FORMAT
 from megasmol.data.recipe import load_recipe, plan_stages
 from megasmol.model.layer_specs import resolve_attention_backend
-from megasmol.model.spec import ModelSpec, load_model_spec
+from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
 
@@ -58,6 +58,21 @@ def _check_precision(config: RunConfig, spec: ModelSpec) -> None:
                           f"(this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
 
 
+def _check_context_parallel(config: RunConfig, spec: ModelSpec) -> None:
+    """CP runs only where it gives right answers: Transformer Engine attention, causal masks."""
+    if config.parallel.context_parallel == 1:
+        return
+    backend = resolve_attention_backend(spec.attention_backend)
+    if backend != "te":
+        raise ConfigError(f"parallel.context_parallel={config.parallel.context_parallel} needs the "
+                          f"Transformer Engine attention (ring attention); attention_backend resolves "
+                          f"to {backend!r} here")
+    if config.data.document_masking:
+        raise ConfigError("parallel.context_parallel > 1 with data.document_masking: packed documents "
+                          "would need per-document padding to a multiple of 2 x CP, which megasmol "
+                          "does not do yet; set data.document_masking=false for CP stages")
+
+
 def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
     """Rank 0 audits the data; every rank learns the verdict, so all fail together."""
     from megasmol.data.audit import audit_run
@@ -90,17 +105,16 @@ def build_setup(config: RunConfig) -> TrainingSetup:
     from megasmol.ckpt.checkpoint import load_model_weights
     from megasmol.model.gpt import build_model
 
-    spec = load_model_spec(config.model_reference())
+    spec = config.model_spec()
     recipe = load_recipe(config.recipe_reference())
     plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
                         config.data.seq_length)
     longest = max(p.seq_length for p in plans)
     if longest > spec.max_position_embeddings:
-        log.warning("sequence length %d exceeds the spec's max_position_embeddings %d",
-                    longest, spec.max_position_embeddings)
-    if config.parallel.context_parallel > 1:
-        raise ConfigError("parallel.context_parallel > 1 is not supported by the training loop yet "
-                          "(it needs the long-context data split); use 1")
+        raise ConfigError(f"sequence length {longest} exceeds the model's max_position_embeddings "
+                          f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
+                          "(and usually rope.theta) for a long-context stage")
+    _check_context_parallel(config, spec)
 
     rank = init_distributed()
     config.parallel.check(rank.world_size, spec, longest)

@@ -64,3 +64,32 @@ def line_chart(path: str | Path, series: dict[str, Sequence[tuple[float, float]]
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def heatmap(path: str | Path, grid: Sequence[Sequence[float]], *, rows: Sequence[str],
+            columns: Sequence[str], title: str, row_label: str, column_label: str,
+            cell: int = 90) -> Path:
+    """Write a [rows x columns] grid of values in [0, 1] as a red (0) to green (1) PNG."""
+    from PIL import Image, ImageDraw
+
+    left, top = 110, 60
+    width, height = left + cell * len(columns) + 20, top + cell * len(rows) + 50
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((left, 15), title, fill="black")
+    draw.text((left, 35), column_label, fill="black")
+    draw.text((8, top - 20), row_label, fill="black")
+    for j, name in enumerate(columns):
+        draw.text((left + j * cell + cell // 3, height - 40), str(name), fill="black")
+    for i, name in enumerate(rows):
+        draw.text((8, top + i * cell + cell // 2 - 6), str(name), fill="black")
+        for j, value in enumerate(grid[i]):
+            value = min(1.0, max(0.0, float(value)))
+            color = (int(220 * (1 - value)) + 20, int(180 * value) + 30, 40)
+            x, y = left + j * cell, top + i * cell
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=color)
+            draw.text((x + cell // 3, y + cell // 2 - 6), f"{100 * value:.0f}%", fill="white")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

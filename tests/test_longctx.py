@@ -1,0 +1,110 @@
+"""Long context: RoPE ABF stages through the config, CP guards, YaRN parity, the passkey eval."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from megasmol.ckpt.checkpoint import read_metadata
+from megasmol.longctx.passkey import NEEDLE, build_prompt, evaluate, score
+from tests.conftest import run_cli
+from tests.specs import tiny_smollm3
+from tests.train_fixtures import step_losses, write_training_run
+
+
+def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path):
+    base = write_training_run(tmp_path / "base", steps=10, eval={"interval": 0})
+    run_cli("train", "--config", str(base))
+    # The CPU-sized SmolLM3 procedure: weights only, 4x the length, 100x theta, fresh cosine.
+    extended = write_training_run(
+        tmp_path / "long", steps=6, eval={"interval": 0},
+        data={"seq_length": 256}, rope={"theta": 1.0e6, "max_position_embeddings": 256},
+        schedule={"kind": "cosine", "lr": 1e-3, "warmup_steps": 2, "decay_fraction": None},
+        checkpoint={"init_from": str(tmp_path / "base" / "run" / "checkpoints"), "interval": 0})
+    run_cli("train", "--config", str(extended))
+    assert sorted(step_losses(tmp_path / "long" / "run")) == list(range(1, 7))
+    meta = read_metadata(tmp_path / "long" / "run" / "checkpoints")
+    assert meta["model_spec"]["rope_theta"] == 1.0e6
+    assert meta["run_config"]["data"]["seq_length"] == 256
+    run_cli("export-hf", "--checkpoint", str(tmp_path / "long" / "run" / "checkpoints"),
+            "--out", str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["rope_parameters"]["rope_theta"] == 1.0e6
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.seq_length=512", "exceeds the model's max_position_embeddings 256"),
+    ("rope.theta=0", "rope.theta must be > 0"),
+    ("parallel.context_parallel=2", "needs the Transformer Engine attention"),
+])
+def test_long_context_settings_are_validated(tmp_path, override, message):
+    config = write_training_run(tmp_path, steps=4, eval={"interval": 0})
+    proc = run_cli("train", "--config", str(config), "--set", override, check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_yarn_megatron_matches_transformers_beyond_the_original_context(tmp_path):
+    """Settings that make the two agree: Megatron yarn_mscale=1, yarn_mscale_all_dim=0 (HF's
+    attention factor 0.1 ln(s) + 1) and a correction range rounded to integers (HF truncate)."""
+    from transformers import AutoModelForCausalLM
+
+    from megasmol.convert.export import export_hf
+    from megasmol.model.init import init_checkpoint
+    from megasmol.model.load import load_checkpoint_model
+    from megasmol.model.spec import YarnSpec
+
+    spec = tiny_smollm3(max_position_embeddings=128,
+                        yarn=YarnSpec(factor=2.0, original_max_position_embeddings=64).__dict__)
+    init_checkpoint(spec, tmp_path / "ckpt")
+    model, _, _ = load_checkpoint_model(tmp_path / "ckpt")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", show_progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 5000, (1, 120))  # beyond the original 64 positions
+    with torch.no_grad():
+        ours = model(ids, torch.arange(120).unsqueeze(0), None)
+        theirs = hf(ids).logits
+        assert ((ours - theirs).norm() / theirs.norm()).item() < 1e-5
+        # The control: without the YaRN block the logits differ, so the check has teeth.
+        plain = tiny_smollm3(max_position_embeddings=128)
+        init_checkpoint(plain, tmp_path / "plain")
+        plain_model, _, _ = load_checkpoint_model(tmp_path / "plain")
+        plain_model.load_state_dict(model.state_dict())
+        moved = plain_model(ids, torch.arange(120).unsqueeze(0), None)
+        assert ((moved - theirs).norm() / theirs.norm()).item() > 1e-4
+
+
+def test_passkey_scores_only_generated_tokens(llama_tokenizer_dir):
+    from megasmol.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(llama_tokenizer_dir)
+    prompt = build_prompt(tokenizer, 512, 0.5, "48213")
+    text = tokenizer.decode(prompt)
+    assert abs(len(prompt) - 512) < 40 and NEEDLE.format(key="48213").strip() in text
+    assert text.rstrip().endswith("The pass key is")  # the answer is not in the prompt's tail
+
+    def reads_the_prompt(ids):  # a perfect retriever: it can only look at the prompt ids
+        found = re.search(r"pass key is (\d+)", tokenizer.decode(ids[0].tolist()))
+        return tokenizer(f" {found.group(1)}.", add_special_tokens=False).input_ids
+
+    def guesses(ids):
+        return tokenizer(" 12345.", add_special_tokens=False).input_ids
+
+    lengths, depths = [256, 1024], [0.0, 0.5, 1.0]
+    perfect = evaluate(reads_the_prompt, tokenizer, lengths, depths, trials=3)
+    assert perfect.grid() == [[1.0] * 3] * 2 and perfect.overall == 1.0
+    wrong = evaluate(guesses, tokenizer, lengths, depths, trials=3)
+    assert wrong.overall == 0.0
+    assert score(" 48213. Remember", "48213") and not score(" 4821", "48213")
+    assert not score("", "48213") and not score(" 148213", "48213")
+
+
+def test_passkey_cli_on_a_random_model_is_near_chance(tmp_path, llama_tokenizer_dir):
+    run_cli("init", "--spec", "smollm3-tiny", "--out", str(tmp_path / "ckpt"),
+            "--tokenizer", str(llama_tokenizer_dir))
+    proc = run_cli("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
+                   "--depths", "0,0.5,1", "--trials", "2", "--out", str(tmp_path / "out"), "--quiet")
+    report = json.loads((tmp_path / "out" / "passkey.json").read_text())
+    assert report["overall"] == 0.0 and len(report["trials"]) == 12
+    assert "overall: 0.0%" in proc.stdout
+    assert (tmp_path / "out" / "passkey.png").stat().st_size > 1000
