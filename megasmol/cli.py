@@ -372,10 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="megasmol checkpoint (Megatron-Core model)")
     p.add_argument("--hf", help="Hugging Face model directory (transformers)")
     p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens (default 1k,2k,4k)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="needle depths (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--trials", type=int, default=5, help="keys per cell (default 5)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per trial (default 8)")
-    p.add_argument("--yarn-factor", type=float, help="run the Megatron model with YaRN scaling by this factor")
+    p.add_argument("--yarn-factor", type=float,
+                   help="run the Megatron model with YaRN scaling by this factor")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed for the keys (default 0)")
     p.add_argument("--out", default="runs/passkey", help="output directory (default runs/passkey)")

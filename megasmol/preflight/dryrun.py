@@ -16,7 +16,8 @@ Memory per GPU, for the busiest rank:
   input and both norm outputs and the residual (4h), Q and the attention output (2 q_dim), K and V
   (2 kv_dim), the gate+up projection (2f) and the SwiGLU output (f): 2 bytes each. Divided by TP
   with sequence parallelism; without it the 4h norm/residual part is replicated. Full recompute
-  keeps only each layer's input (plus one layer's full set while it is recomputed). The first
+  keeps only each layer's input (plus one layer's full set while it is recomputed). Context
+  parallelism divides the tokens of each sequence over its ranks. The first
   pipeline stage holds min(PP, micro-batches) micro-batches in flight (1F1B);
 * logits: tokens x vocab/TP x 10 bytes on the last stage (bf16 logits, the fp32 copy the
   cross-entropy makes, and its fp32 softmax);
@@ -90,7 +91,7 @@ def stage_parameters(spec, tp: int, pp: int) -> tuple[int, int]:
     return int(vocab + layers), int(layers + counts.final_norm + vocab)
 
 
-def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_length: int,
+def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_length: int, cp: int,
                     num_micro_batches: int, precision: str, distributed_optimizer: bool,
                     sequence_parallel: bool, recompute: Optional[str]) -> MemoryEstimate:
     """The estimate for the busiest rank (first or last pipeline stage)."""
@@ -102,7 +103,7 @@ def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_le
     replicated = 4 * h  # layer input, two norm outputs, residual
     split = 2 * q_dim + 2 * kv_dim + 3 * f
     per_token = 2 * ((replicated / tp if sequence_parallel else replicated) + split / tp)
-    tokens = micro_batch * seq_length
+    tokens = micro_batch * seq_length / cp  # context parallelism splits every sequence
     layers = spec.num_layers // pp
     if recompute == "full":
         kept = 2 * (h / tp if sequence_parallel else h)
@@ -152,7 +153,7 @@ def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -
         rows.append(CheckResult("dry_run", "warn", f"meta-built model has {counted:,} parameters, the "
                                 f"spec formula {expected:,}", "config"))
     estimate = estimate_memory(
-        spec, tp=layout.tensor_parallel, pp=layout.pipeline_parallel, dp=dp,
+        spec, tp=layout.tensor_parallel, pp=layout.pipeline_parallel, dp=dp, cp=layout.context_parallel,
         micro_batch=config.training.micro_batch_size, seq_length=config.data.seq_length,
         num_micro_batches=micro, precision=config.training.precision,
         distributed_optimizer=config.optim.distributed,
