@@ -90,11 +90,16 @@ class TrainingConfig:
     """Activation recomputation: selective (attention core) or full (whole layers)."""
     batch_rampup: Optional[BatchRampup] = None
     """Start with a smaller global batch and grow it (none: full batch from step 1)."""
+    stop_after_step: Optional[int] = None
+    """Save and stop after this step, e.g. at a data-stage boundary; the schedule and data plan
+    still span ``train_steps``, and the same command later resumes from here."""
 
     def validate(self) -> None:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_after_step is not None and not 1 <= self.stop_after_step <= self.train_steps:
+            raise ConfigError(f"training.stop_after_step must be in [1, train_steps={self.train_steps}]")
         ramp = self.batch_rampup
         if ramp is not None and ramp.start >= self.global_batch_size:
             raise ConfigError(f"training.batch_rampup.start={ramp.start} must be below "

