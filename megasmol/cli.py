@@ -110,7 +110,7 @@ def cmd_generate(args) -> int:
     from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.config.typed import ConfigError
     from megasmol.generate import greedy_generate
-    from megasmol.model.load import load_checkpoint_model
+    from megasmol.model.load import load_checkpoint_model, yarn_overrides
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer
 
@@ -119,7 +119,8 @@ def cmd_generate(args) -> int:
         raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
     tokenizer = load_tokenizer(source)
     try:
-        model, spec, _ = load_checkpoint_model(args.checkpoint)
+        model, spec, _ = load_checkpoint_model(
+            args.checkpoint, overrides=yarn_overrides(args.checkpoint, args.yarn_factor))
         prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
         if prompt_ids.max() >= spec.vocab_size:
             raise ConfigError("the tokenizer's ids exceed the model's vocabulary: wrong tokenizer?")
@@ -467,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--show-ids", action="store_true", help="also print the token ids")
+    p.add_argument("--yarn-factor", type=float,
+                   help="run with YaRN scaling by this factor over the trained length (e.g. 2)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset")

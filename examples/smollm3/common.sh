@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Shared by the SmolLM3 stage scripts (sourced, not run). Every setting comes from the
 # environment, with these defaults:
 #
@@ -28,7 +29,6 @@ TOKENIZER="${TOKENIZER:-bundled}"
 OVERRIDES="${OVERRIDES:-}"
 PREFLIGHT_LEVEL="${PREFLIGHT_LEVEL:-quick}"
 SKIP_PREFLIGHT="${SKIP_PREFLIGHT:-0}"
-DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
 
 # Megatron-Core wants one hardware queue per device so that tensor/sequence-parallel
@@ -42,14 +42,8 @@ if [[ -n "${DATA_ROOT}" ]]; then
     export SMOLLM3_DATA="${DATA_ROOT}"
 fi
 
-run() {
-    if [[ "${DRY_RUN}" == "1" ]]; then
-        printf '%q ' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
+# shellcheck source=../lib/run.sh
+source "${REPO}/examples/lib/run.sh"
 
 torchrun_args=(
     --nnodes "${NNODES}" --nproc_per_node "${GPUS_PER_NODE}" --node_rank "${NODE_RANK}"

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # The SmolLM3 flow at CPU size, end to end on one machine: data, pre-flight, stage 1, stage 2
 # (the same run resumed into its decay stage), the long-context stage, export, passkey check.
 #   bash examples/tiny/run_all.sh                       # ~10 min on 2 cores
@@ -15,18 +16,11 @@ STEPS="${STEPS:-300}"
 STAGE1_STEPS="${STAGE1_STEPS:-200}"
 LC_STEPS="${LC_STEPS:-60}"
 NPROC="${NPROC:-1}"
-DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
-run() {
-    if [[ "${DRY_RUN}" == "1" ]]; then
-        printf '%q ' "$@"
-        printf '\n'
-    else
-        "$@"
-    fi
-}
+# shellcheck source=../lib/run.sh
+source "${REPO}/examples/lib/run.sh"
 
 megasmol_train() {
     if [[ "${NPROC}" -gt 1 ]]; then

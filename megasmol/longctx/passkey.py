@@ -113,17 +113,10 @@ def evaluate(generate: Generate, tokenizer, lengths: Sequence[int], depths: Sequ
 
 def megatron_generator(checkpoint: str | Path, max_new_tokens: int, yarn_factor: float | None = None):
     """Greedy decoding with a checkpoint's Megatron-Core model (optionally with YaRN)."""
-    from megasmol.ckpt.checkpoint import read_metadata
     from megasmol.generate import greedy_generate
-    from megasmol.model.load import load_checkpoint_model
-    from megasmol.model.spec import YarnSpec
+    from megasmol.model.load import load_checkpoint_model, yarn_overrides
 
-    overrides = None
-    if yarn_factor:
-        original = read_metadata(checkpoint)["model_spec"]["max_position_embeddings"]
-        yarn = YarnSpec(factor=yarn_factor, original_max_position_embeddings=original)
-        overrides = {"yarn": yarn.__dict__, "max_position_embeddings": int(original * yarn_factor)}
-    model, _, _ = load_checkpoint_model(checkpoint, overrides=overrides)
+    model, _, _ = load_checkpoint_model(checkpoint, overrides=yarn_overrides(checkpoint, yarn_factor))
 
     def generate(prompt: torch.Tensor) -> list[int]:
         out = greedy_generate(model, prompt, max_new_tokens)

@@ -24,6 +24,17 @@ def single_process_model(spec: ModelSpec, params_dtype=torch.float32,
     return build_model(spec, params_dtype=params_dtype, initialize=initialize)
 
 
+def yarn_overrides(path: str | Path, factor: Optional[float]) -> Optional[dict]:
+    """Spec changes that run a checkpoint with YaRN scaled by ``factor`` over its trained length."""
+    if not factor or factor <= 1.0:
+        return None
+    from megasmol.model.spec import YarnSpec
+
+    original = read_metadata(path)["model_spec"]["max_position_embeddings"]
+    yarn = YarnSpec(factor=factor, original_max_position_embeddings=original)
+    return {"yarn": yarn.__dict__, "max_position_embeddings": int(original * factor)}
+
+
 def load_checkpoint_model(
     path: str | Path, *, overrides: Optional[dict] = None, params_dtype=None
 ) -> tuple[SmolGPTModel, ModelSpec, dict]:

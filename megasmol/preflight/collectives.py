@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasmol.preflight.compute import _sync, device
+from megasmol.preflight.compute import _sync, device, timed_matmuls
 from megasmol.preflight.report import CheckResult, skipped, slow_outliers
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
@@ -65,20 +65,14 @@ def bus_bandwidth(sizes_mb: list[float], iterations: int) -> dict:
 
 def local_workload_seconds(size: int = 512, repeats: int = 20) -> float:
     """Time of a fixed local GEMM workload on this rank (plus the test-only slow-down)."""
-    dev = device()
-    a = torch.randn(size, size, device=dev)
-    torch.matmul(a, a)
-    _sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        torch.matmul(a, a)
-    _sync()
+    seconds = timed_matmuls(size, torch.float32, repeats)
     knob = os.environ.get(SLOW_RANK_KNOB, "")
     if knob:
-        rank, _, seconds = knob.partition(":")
+        rank, _, delay = knob.partition(":")
         if int(rank) == dist.get_rank():
-            time.sleep(float(seconds))
-    return time.perf_counter() - t0
+            time.sleep(float(delay))
+            seconds += float(delay)
+    return seconds
 
 
 def collective_checks(sizes_mb: list[float], iterations: int, tolerance: float,

@@ -89,8 +89,8 @@ def gemm_burn(seconds: float, size: int, dtype: torch.dtype) -> dict:
     }
 
 
-def matmul_reference(size: int, dtype: torch.dtype, iterations: int = 10) -> float:
-    """A plain ``torch.matmul`` timing in TFLOP/s, to compare the burn figure with."""
+def timed_matmuls(size: int, dtype: torch.dtype, iterations: int) -> float:
+    """Seconds for ``iterations`` plain ``torch.matmul`` calls of [size, size] (after a warm-up)."""
     dev = device()
     a = torch.randn(size, size, device=dev, dtype=dtype)
     b = torch.randn(size, size, device=dev, dtype=dtype)
@@ -100,7 +100,12 @@ def matmul_reference(size: int, dtype: torch.dtype, iterations: int = 10) -> flo
     for _ in range(iterations):
         torch.matmul(a, b)
     _sync()
-    return iterations * 2.0 * size ** 3 / (time.perf_counter() - t0) / 1e12
+    return time.perf_counter() - t0
+
+
+def matmul_reference(size: int, dtype: torch.dtype, iterations: int = 10) -> float:
+    """A plain ``torch.matmul`` timing in TFLOP/s, to compare the burn figure with."""
+    return iterations * 2.0 * size ** 3 / timed_matmuls(size, dtype, iterations) / 1e12
 
 
 def judge_burns(burns: dict[str, dict], tolerance: float) -> list[CheckResult]:
