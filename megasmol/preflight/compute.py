@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megasmol.preflight.report import CheckResult, below_best
+from megasmol.utils.nvml import current_gpu_handle
 
 # NVML clock-event ("throttle") reason bits that mean the GPU slowed itself down for a fault
 # or heat, not for idling or an application clock setting.
@@ -39,16 +40,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _nvml_handle():
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    except Exception:  # no driver / library: the burn goes on without NVML samples
-        return None, None
-
-
 def gemm_burn(seconds: float, size: int, dtype: torch.dtype) -> dict:
     """Burn this rank's device; returns TFLOP/s statistics and what NVML saw."""
     dev = device()
@@ -62,7 +53,7 @@ def gemm_burn(seconds: float, size: int, dtype: torch.dtype) -> dict:
     torch.matmul(a, b, out=out)
     _sync()
     per_sample = max(1, int(0.5 / max(time.perf_counter() - started, 1e-6)))
-    nvml, handle = _nvml_handle() if dev.type == "cuda" else (None, None)
+    nvml, handle = current_gpu_handle()
     samples, temps, clocks, reasons = [], [], [], 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(samples) < 3:

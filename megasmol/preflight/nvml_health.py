@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from megasmol.preflight.report import CheckResult, skipped
+from megasmol.utils.nvml import current_gpu_handle
 
 
 def _call(fn, *args):
@@ -19,14 +20,8 @@ def _call(fn, *args):
 
 def read_health() -> Optional[dict]:
     """Raw NVML readings for this rank's GPU, or None without a GPU / NVML."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import pynvml as n
-
-        n.nvmlInit()
-        h = n.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-    except Exception:
+    n, h = current_gpu_handle()
+    if h is None:
         return None
     remap = _call(n.nvmlDeviceGetRemappedRows, h)
     driver = _call(n.nvmlSystemGetDriverVersion)

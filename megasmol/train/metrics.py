@@ -58,17 +58,9 @@ class NvmlSampler:
     """Per-GPU temperature, utilization, SM clock and throttle reasons (this rank's GPU)."""
 
     def __init__(self):
-        self.handle = None
-        try:
-            import pynvml
+        from megasmol.utils.nvml import current_gpu_handle
 
-            pynvml.nvmlInit()
-            index = torch.cuda.current_device() if torch.cuda.is_available() else None
-            if index is not None:
-                self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                self.nvml = pynvml
-        except Exception:  # no driver, no GPU, or no NVML library: metrics go without
-            self.handle = None
+        self.nvml, self.handle = current_gpu_handle()
 
     def sample(self) -> dict:
         if self.handle is None:
