@@ -90,8 +90,10 @@ def test_reference_run_learns_and_checkpoints(reference):
     assert train[2]["lr"] == pytest.approx(1e-2) and train[-1]["lr"] == 0.0  # warmup 3, decay to 0
 
 
-def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path):
-    config = write_training_run(tmp_path, steps=STEPS)
+@pytest.mark.parametrize("async_save", [False, True])
+def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path, async_save):
+    # With async saves, files are written by a background process while training goes on.
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"async_save": async_save})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
     kill_after = random.Random().randint(7, 17)  # any step: before or after a checkpoint
     proc = _start_train(config, init)
@@ -105,8 +107,9 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path):
     assert step_losses(tmp_path / "run") == reference["losses"]  # every step, bit for bit
 
 
-def test_kill_during_save_keeps_previous_latest(reference, tmp_path):
-    config = write_training_run(tmp_path, steps=STEPS)
+@pytest.mark.parametrize("async_save", [False, True])
+def test_kill_during_save_keeps_previous_latest(reference, tmp_path, async_save):
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"async_save": async_save})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
     crashed = _start_train(config, init, env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
     crashed.wait(timeout=300)

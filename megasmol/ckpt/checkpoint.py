@@ -111,11 +111,16 @@ def save_checkpoint(
     *,
     extra_sharded_state: Union[None, dict, Callable[[dict], dict]] = None,
     tokenizer_source: Optional[str | Path] = None,
+    async_queue=None,
+    on_commit: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Collective: every rank calls it with its own model chunk.
 
     ``extra_sharded_state`` is added to the model's sharded state dict; a callable gets the
     model's dict (an optimizer needs it to name its states) and returns the extra entries.
+    With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the files are written in the
+    background and the commit (rename, ``latest``, then ``on_commit`` on rank 0) runs when the
+    queue finalizes the request; without it, everything happens before this returns.
     """
     from megatron.core import dist_checkpointing
 
@@ -133,19 +138,30 @@ def save_checkpoint(
         extra_sharded_state = extra_sharded_state(sharded)
     if extra_sharded_state:
         sharded.update(extra_sharded_state)
-    dist_checkpointing.save(sharded, str(partial))
-    _barrier()
-    faults.kill_if_planned("kill_in_save", step)
-    if _rank() == 0:
-        if tokenizer_source is not None:
-            copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
-        meta = {"format": FORMAT_VERSION, "step": step, **metadata}
-        atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        atomic_write_text(root / LATEST_FILE, final.name + "\n")
-    _barrier()
+
+    def commit() -> None:
+        _barrier()  # every rank's files (and Megatron's metadata) are written
+        faults.kill_if_planned("kill_in_save", step)
+        if _rank() == 0:
+            if tokenizer_source is not None:
+                copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
+            meta = {"format": FORMAT_VERSION, "step": step, **metadata}
+            atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            atomic_write_text(root / LATEST_FILE, final.name + "\n")
+            if on_commit is not None:
+                on_commit(final)
+        _barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded, str(partial))
+        commit()
+        return final
+    request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+    request.add_finalize_fn(commit)
+    async_queue.schedule_async_request(request)
     return final
 
 

@@ -59,6 +59,10 @@ class CheckpointConfig:
     exit, so a requeued job resumes where it stopped."""
     save_at_end: bool = True
     """Save after the last step."""
+    async_save: bool = False
+    """Write checkpoint files in a background process while training goes on (Megatron-Core's
+    asynchronous ``dist_checkpointing`` save); the checkpoint is renamed into place and
+    ``latest`` moves only once every rank's files are complete."""
     resume: bool = True
     """Start from the latest complete checkpoint in ``dir`` when there is one."""
     init_from: Optional[str] = None

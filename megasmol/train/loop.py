@@ -80,6 +80,11 @@ class Trainer:
         self.total_steps = total
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
         self.tokenizer = self.config.tokenizer_dir()
+        self.async_queue = None
+        if self.config.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
 
     # ----- state -------------------------------------------------------------------------
     def _metadata(self) -> dict:
@@ -92,15 +97,23 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Write a checkpoint of this step; with async saving, return once it is scheduled."""
+        self.finish_pending_saves()  # one save in flight at a time
         started = time.perf_counter()
-        path = train_state.save_training_checkpoint(
-            self.s.model, self.s.optimizer, self.ckpt_dir, self.step, self._metadata(),
-            tokenizer_source=self.tokenizer)
-        if self.s.is_logging_rank:
+
+        def committed(path: Path) -> None:  # rank 0, once the checkpoint is complete
             self._after_save(path)
             self._print(f"saved checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+
+        path = train_state.save_training_checkpoint(
+            self.s.model, self.s.optimizer, self.ckpt_dir, self.step, self._metadata(),
+            tokenizer_source=self.tokenizer, async_queue=self.async_queue, on_commit=committed)
         self.result.checkpoint = path
         return path
+
+    def finish_pending_saves(self) -> None:
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def _after_save(self, path: Path) -> None:
         ckpt = self.config.checkpoint
@@ -147,14 +160,17 @@ class Trainer:
             except RollbackNeeded as spike:
                 self._rollback(spike.step)
         self.result.last_step = self.step
+        self.finish_pending_saves()
         saved_last = self.result.checkpoint is not None and self.result.checkpoint.name.endswith(
             f"iter_{self.step:07d}")
         if (self.config.checkpoint.save_at_end and self.result.stopped_by is None
                 and self.step in (self.total_steps, stop_after) and not saved_last):
             self.save()
+        self.finish_pending_saves()
         return self.result
 
     def _rollback(self, spike_step: int) -> None:
+        self.finish_pending_saves()
         latest = latest_iteration(self.ckpt_dir)
         if self.result.rollbacks >= self.config.spikes.max_rollbacks:
             raise RuntimeError(f"loss spike at step {spike_step} after {self.result.rollbacks} "
@@ -201,6 +217,8 @@ class Trainer:
                     self.stop.signal_name = "signal on another rank"
             self.step = step
             steps_done += 1
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=False)
             if progress is not None:
                 progress.update(1)
             if step % config.logging.interval == 0 or step == self.total_steps:
@@ -279,6 +297,8 @@ class Trainer:
     def close(self) -> None:
         self.stop.restore()
         self.metrics.close()
+        if self.async_queue is not None:
+            self.async_queue.close()
 
 
 # Sections whose change alters what the resumed steps do (not where logs or checkpoints go).
