@@ -53,10 +53,12 @@ def _torchrun_train(config, *sets):
                          *[a for s in sets for a in ("--set", s)]])
 
 
-def _wait_for_step(proc, run_dir, step, timeout=300):
+def _wait_for_step(proc, run_dir, step, timeout=300, committed=False):
+    """Until the run logged ``step`` (and, with ``committed``, a checkpoint is complete)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+        ready = not committed or (run_dir / "checkpoints" / "latest").exists()
+        if ready and (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
             return
         time.sleep(0.02)
 
@@ -97,7 +99,8 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path, async_save):
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
     kill_after = random.Random().randint(7, 17)  # any step: before or after a checkpoint
     proc = _start_train(config, init)
-    _wait_for_step(proc, tmp_path / "run", kill_after)
+    # An async save commits a few steps after it starts: kill once one is complete, at any step.
+    _wait_for_step(proc, tmp_path / "run", kill_after, committed=True)
     _kill_session(proc)
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     killed_at = max(step_losses(tmp_path / "run"))
