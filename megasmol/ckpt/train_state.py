@@ -19,13 +19,12 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
-from megasmol.ckpt.checkpoint import (CheckpointError, iteration_dirname, latest_iteration,
-                                      read_metadata, resolve, save_checkpoint)
+from megasmol.ckpt.checkpoint import (CheckpointError, latest_iteration, read_metadata, resolve,
+                                      save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +204,6 @@ def run_post_save_command(template: str, path: Path, step: int) -> bool:
     return True
 
 
-def delete_uploaded(root: Path) -> list[Path]:
-    """After a successful upload: remove every complete iteration but the latest."""
-    latest = latest_iteration(root)
-    doomed = [p for p in root.glob("iter_*") if p.is_dir() and p != latest
-              and not p.name.endswith(".partial")]
-    for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
-
-
 def remove_stale_partials(root: Path) -> list[Path]:
     """Interrupted saves left by a crash (never loaded; removed on the next start)."""
     stale = [p for p in Path(root).glob("iter_*.partial") if p.is_dir()]
@@ -222,10 +211,3 @@ def remove_stale_partials(root: Path) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
     return stale
 
-
-def checkpoint_path(root: Path, step: int) -> Path:
-    return Path(root) / iteration_dirname(step)
-
-
-def find_resume_point(root: Path) -> Optional[Path]:
-    return latest_iteration(root) if Path(root).exists() else None

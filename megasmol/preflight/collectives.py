@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasmol.preflight.compute import _sync, device, timed_matmuls
+from megasmol.preflight.compute import _sync, timed_matmuls
+from megasmol.runtime.distributed import current_device as device
 from megasmol.preflight.report import CheckResult, skipped, slow_outliers
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from megasmol.preflight.report import CheckResult, below_best
+from megasmol.runtime.distributed import current_device as device
 from megasmol.utils.nvml import current_gpu_handle
 
 # NVML clock-event ("throttle") reason bits that mean the GPU slowed itself down for a fault
@@ -27,12 +28,6 @@ THROTTLE_BITS = {
 # ``MEMBW_FRACTION`` of it.
 NOMINAL_MEMBW_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("A100", 2039.0))
 MEMBW_FRACTION = 0.6
-
-
-def device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _sync() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 Status = Literal["pass", "warn", "fail", "skip"]
 ORDER = {"fail": 0, "warn": 1, "pass": 2, "skip": 3}
@@ -109,6 +109,3 @@ def below_best(values: dict, tolerance: float) -> list:
     best = max(values.values())
     return [k for k, v in values.items() if v < best * (1 - tolerance)]
 
-
-def maybe(value: Optional[float], fmt: str = ".1f") -> str:
-    return "n/a" if value is None else format(value, fmt)

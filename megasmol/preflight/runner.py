@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from megasmol.preflight import collectives, compute, dcgm, dryrun, nvml_health, storage
 from megasmol.preflight.report import PreflightReport, skipped
+from megasmol.runtime.distributed import current_device
 
 CHECKS = ("gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage", "dry_run")
 
@@ -114,7 +115,7 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
     level = LEVELS[options.level]
     on_gpu = torch.cuda.is_available()
     host = socket.gethostname()
-    dev = compute.device()
+    dev = current_device()
     me = f"rank {info.rank} {host}:{dev}"
     report = PreflightReport(host=host if info.world_size == 1 else f"{host} +{info.world_size - 1} rank(s)",
                              level=options.level)

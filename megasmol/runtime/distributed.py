@@ -66,6 +66,13 @@ def init_distributed() -> RankInfo:
     return info
 
 
+def current_device() -> torch.device:
+    """This process's compute device: its CUDA device, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
                   seq_length: int | None = None) -> RankInfo:
     """torch.distributed + Megatron parallel_state + per-rank RNG streams."""

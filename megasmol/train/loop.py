@@ -24,6 +24,7 @@ from megasmol.ckpt.checkpoint import latest_iteration
 from megasmol.config.run import RunConfig
 from megasmol.data.masking import context_parallel_share, model_inputs
 from megasmol.model.flops import flops_per_token
+from megasmol.runtime.distributed import current_device
 from megasmol.train.metrics import IntervalStats, MetricsLog, device_peak_tflops
 from megasmol.train.optimizer import apply_learning_rate
 from megasmol.train.schedules import lr_at
@@ -120,8 +121,8 @@ class Trainer:
         train_state.prune_checkpoints(self.ckpt_dir, ckpt.keep_last)
         if ckpt.post_save_command:
             ok = train_state.run_post_save_command(ckpt.post_save_command, path, self.step)
-            if ok and ckpt.delete_after_upload:
-                train_state.delete_uploaded(self.ckpt_dir)
+            if ok and ckpt.delete_after_upload:  # uploaded: only the newest stays local
+                train_state.prune_checkpoints(self.ckpt_dir, keep_last=1)
 
     def restore(self, path: Path) -> None:
         meta = train_state.load_training_checkpoint(self.s.model, self.s.optimizer, path)
@@ -205,7 +206,7 @@ class Trainer:
                     micro = _corrupted(micro, setup.spec.vocab_size, step)
                 inputs = [context_parallel_share(
                     model_inputs(mb, eod, config.data.document_masking, setup.mask_format,
-                                 config.data.reset_position_ids)).to(_device()) for mb in micro]
+                                 config.data.reset_position_ids)).to(current_device()) for mb in micro]
                 setup.ddp_model.zero_grad_buffer()
                 setup.optimizer.zero_grad()
                 local = forward_backward(setup.ddp_model, inputs)
@@ -273,7 +274,7 @@ class Trainer:
             return
         inputs = [context_parallel_share(
             model_inputs(mb, setup.spec.eos_token_id, self.config.data.document_masking,
-                         setup.mask_format, self.config.data.reset_position_ids)).to(_device())
+                         setup.mask_format, self.config.data.reset_position_ids)).to(current_device())
             for mb in micro]
         setup.ddp_model.eval()
         with torch.no_grad():
@@ -320,12 +321,6 @@ def _changed_fields(saved: dict, current: dict) -> list[str]:
         elif old != new and old is not None:
             changed.append(f"{section}: {old!r} -> {new!r}")
     return changed
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _progress(enabled: bool, first: int, last: int):

@@ -75,8 +75,9 @@ def global_loss(local: Tensor, flag: float = 0.0) -> tuple[float, int, bool]:
     """
     packed = local.clone()
     packed[2] = flag
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    packed = packed.to(device)
+    from megasmol.runtime.distributed import current_device
+
+    packed = packed.to(current_device())
     torch.distributed.all_reduce(packed)
     loss_sum, tokens, raised = packed.tolist()
     mean = loss_sum / tokens if tokens > 0 else float("nan")
