@@ -70,3 +70,31 @@ def test_sdpa_thd_layout_matches_sbhd(megatron_runtime):
     v2[:4] += 1.0
     moved = layer(q2, k2, v2, None, packed_seq_params=params("sbhd"))
     assert torch.allclose(moved[4:], sbhd[4:]) and not torch.allclose(moved[:4], sbhd[:4])
+
+
+def test_flex_context_parallel_masks_match_dense_masks():
+    """The FlexAttention mask the GPU takes for CP (queries at one rank's load-balanced
+    positions, K/V gathered rank by rank) equals the dense mask the CPU takes (forward only:
+    FlexAttention has no CPU backward). Half a document masked away would change the result."""
+    import torch
+    import torch.nn.functional as F
+
+    from megasmol.model.attention import _flex_positional_attention, context_parallel_positions
+
+    gen = torch.Generator().manual_seed(0)
+    b, heads, groups, dim, seq, cp = 2, 4, 2, 16, 256, 2
+    q = torch.randn(b, heads, seq // cp, dim, generator=gen)
+    k, v = (torch.randn(b, groups, seq, dim, generator=gen) for _ in range(2))
+    q_pos = context_parallel_positions(seq, cp, 1)
+    k_pos = torch.cat([context_parallel_positions(seq, cp, r) for r in range(cp)])
+    assert q_pos.tolist() == list(range(64, 192))
+    doc = torch.cumsum((torch.rand(b, seq, generator=gen) < 0.03).long(), 1)
+    causal = (q_pos[:, None] >= k_pos[None, :]).expand(b, -1, -1)
+    same_doc = doc[:, q_pos][:, :, None] == doc[:, k_pos][:, None, :]
+    for docs, allowed in ((doc, causal & same_doc), (None, causal)):
+        flex = _flex_positional_attention(q, k, v, q_pos, k_pos, docs, 0.25)
+        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1), scale=0.25,
+                                               enable_gqa=True)
+        assert (flex - dense).abs().max() < 1e-5
+    assert (_flex_positional_attention(q, k, v, q_pos, k_pos, None, 0.25) - flex).abs().max() == 0
+    assert not torch.allclose(_flex_positional_attention(q, k, v, q_pos, k_pos, doc, 0.25), flex, atol=1e-3)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megasmol.data.masking import (BACKEND_MASK_FORMAT, cu_seqlens, document_ids, model_inputs,
-                                   restarted_positions)
+                                   pad_documents, restarted_positions)
 from megasmol.model.gpt import build_model
 from megasmol.runtime.distributed import set_seed
 from tests.specs import tiny_smollm3
@@ -42,7 +42,16 @@ def _isolated_loss(model, doc):
     return model(tokens, positions, None, labels=labels).float().sum()
 
 
-@pytest.mark.parametrize("backend,mask_format", [("sdpa", "sbhd"), ("sdpa", "thd"), ("local", "dense")])
+def _inputs(batch, mask_format):
+    # "thd-padded": every document padded to a multiple of 8 tokens, as for TE context
+    # parallelism with CP=4; RoPE restarts at each padded offset, padding gets no loss.
+    if mask_format == "thd-padded":
+        return pad_documents(model_inputs(batch, EOS, True, "thd"), 8)
+    return model_inputs(batch, EOS, True, mask_format)
+
+
+@pytest.mark.parametrize("backend,mask_format", [("sdpa", "sbhd"), ("sdpa", "thd"), ("sdpa", "thd-padded"),
+                                                 ("local", "dense")])
 def test_packed_loss_equals_sum_of_documents(megatron_runtime, backend, mask_format):
     spec = tiny_smollm3(vocab_size=VOCAB, eos_token_id=EOS, bos_token_id=1, pad_token_id=0,
                         attention_backend=backend)
@@ -52,8 +61,8 @@ def test_packed_loss_equals_sum_of_documents(megatron_runtime, backend, mask_for
     seq = sum(len(d) for d in docs[:3]) + 4  # three whole documents and 4 tokens of the fourth
     batch = _packed_batch(docs, seq)
     with torch.no_grad():
-        masked = _summed_loss(model, model_inputs(batch, EOS, True, mask_format))
-        plain = _summed_loss(model, model_inputs(batch, EOS, False, mask_format))
+        masked = _summed_loss(model, _inputs(batch, mask_format))
+        plain = _summed_loss(model, model_inputs(batch, EOS, False, "sbhd"))
         expected = sum(_isolated_loss(model, d) for d in docs[:3])
         # The sample holds 4 tokens of the fourth document; its extra label token is the 5th.
         expected = expected + _isolated_loss(model, docs[3][:5])
@@ -82,3 +91,21 @@ def test_boundaries_positions_and_thd_flattening():
     dense = model_inputs(batch, EOS, True, "dense")
     # Token 3 of row 0 (a new document) must not see tokens 0-2.
     assert dense.attention_mask[0, 0, 3, :3].all() and not dense.attention_mask[0, 0, 3, 3]
+
+
+def test_documents_padded_for_context_parallelism_keep_their_tokens_in_place():
+    tokens = torch.tensor([[5, 6, EOS, 7, EOS, 8], [9, EOS, 4, 4, 4, EOS]])
+    batch = {"tokens": tokens, "labels": tokens + 100, "loss_mask": torch.ones(2, 6),
+             "position_ids": torch.arange(6).expand(2, -1)}
+    padded = pad_documents(model_inputs(batch, EOS, True, "thd"), 4)
+    params = padded.packed_seq_params
+    # Real lengths 3, 2, 1, 2, 4 -> padded 4, 4, 4, 4, 4.
+    assert params.cu_seqlens_q.tolist() == [0, 3, 5, 6, 8, 12]
+    assert params.cu_seqlens_q_padded.tolist() == [0, 4, 8, 12, 16, 20]
+    assert params.max_seqlen_q == 4
+    assert padded.tokens.tolist() == [[5, 6, EOS, 0, 7, EOS, 0, 0, 8, 0, 0, 0,
+                                       9, EOS, 0, 0, 4, 4, 4, EOS]]
+    assert padded.labels[0, :3].tolist() == [105, 106, 102]
+    assert padded.loss_mask.sum() == 12 and padded.loss_mask[0, 3] == 0
+    with pytest.raises(ValueError, match="THD"):
+        pad_documents(model_inputs(batch, EOS, True, "sbhd"), 4)

@@ -8,7 +8,7 @@ import torch
 
 from megasmol.ckpt.checkpoint import read_metadata
 from megasmol.longctx.passkey import NEEDLE, build_prompt, evaluate, score
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_torchrun
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, write_training_run
 
@@ -36,12 +36,40 @@ def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path
 @pytest.mark.parametrize("override,message", [
     ("data.seq_length=512", "exceeds the model's max_position_embeddings 256"),
     ("rope.theta=0", "rope.theta must be > 0"),
-    ("parallel.context_parallel=2", "needs the Transformer Engine attention"),
 ])
 def test_long_context_settings_are_validated(tmp_path, override, message):
     config = write_training_run(tmp_path, steps=4, eval={"interval": 0})
     proc = run_cli("train", "--config", str(config), "--set", override, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_context_parallel_is_refused_on_the_local_attention(tmp_path):
+    config = write_training_run(tmp_path, steps=4, eval={"interval": 0})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec.read_text() + "attention_backend: local\n")
+    proc = run_cli("train", "--config", str(config), "--set", "parallel.context_parallel=2", check=False)
+    assert proc.returncode == 2 and "Megatron-Core's local attention has none" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_causal_context_parallel_matches_one_rank(tmp_path):
+    """CP=2 on the sdpa backend (all-gather KV, load-balanced chunks) without document masks:
+    the same losses and clipped grad norms as one rank. The document-masked case runs with the
+    other two-process layouts in test_train.py."""
+    sections = dict(eval={"interval": 0}, data={"document_masking": False},
+                    checkpoint={"interval": 0})
+    single = write_training_run(tmp_path / "one", steps=8, **sections)
+    run_cli("init", "--spec", str(tmp_path / "one" / "spec.yaml"), "--out", str(tmp_path / "init"))
+    run_cli("train", "--config", str(single), "--set", f"checkpoint.init_from={tmp_path / 'init'}")
+    split = write_training_run(tmp_path / "cp", steps=8, **sections)
+    run_torchrun(["-m", "megasmol", "train", "--config", str(split), "--set", "parallel.context_parallel=2",
+                  "--set", f"checkpoint.init_from={tmp_path / 'init'}"])
+    for key in ("loss", "grad_norm"):
+        reference = step_losses(tmp_path / "one" / "run", key)
+        losses = step_losses(tmp_path / "cp" / "run", key)
+        assert sorted(losses) == list(range(1, 9))
+        for step, value in reference.items():
+            assert losses[step] == pytest.approx(value, rel=1e-4), (key, step)
 
 
 def test_yarn_megatron_matches_transformers_beyond_the_original_context(tmp_path):

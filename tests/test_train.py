@@ -159,7 +159,7 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                                    "optim.distributed=true"])
+                                    "optim.distributed=true", "parallel.context_parallel=2"])
 def test_two_process_layouts_match_single_process(reference, tmp_path, layout):
     config = write_training_run(tmp_path, steps=STEPS)
     _torchrun_train(config, layout, f"checkpoint.init_from={reference['root'] / 'init'}")

@@ -5,8 +5,9 @@
 #   bash examples/tiny/run_all.sh                       # ~10 min on 2 cores
 #   STEPS=40 STAGE1_STEPS=20 LC_STEPS=4 bash examples/tiny/run_all.sh   # a quick pass
 # Settings (environment): WORKDIR=runs/tiny-flow, STEPS=300 (stage 2 ends there), STAGE1_STEPS=200,
-# LC_STEPS=60, NPROC=1 (2 runs the training under torchrun with data parallelism), DRY_RUN=1 prints
-# the commands, PYTHON=python.
+# LC_STEPS=60, NPROC=1 (2 runs the training under torchrun: data parallelism for stages 1-2 and
+# context parallelism for the long-context stage, as SmolLM3 did), DRY_RUN=1 prints the commands,
+# PYTHON=python.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,6 +37,11 @@ BASE=(--config "${HERE}/demo.yaml" --set "run_dir=${WORKDIR}/pretrain" --set "da
 LONG=(--config "${HERE}/long_context.yaml" --set "run_dir=${WORKDIR}/long_context"
       --set "data.root=${TOKENS}" --set "training.train_steps=${LC_STEPS}"
       --set "checkpoint.init_from=${WORKDIR}/pretrain/checkpoints")
+if [[ "${NPROC}" -gt 1 ]]; then
+    # Data parallel ranks split the demo's 4 sequences per step; CP ranks split each sequence.
+    BASE+=(--set "training.micro_batch_size=1")
+    LONG+=(--set "parallel.context_parallel=${NPROC}")
+fi
 if [[ "${LC_STEPS}" -lt 20 ]]; then
     LONG+=(--set "schedule.warmup_steps=1" --set "eval.interval=0" --set "checkpoint.interval=0")
 fi

@@ -93,6 +93,9 @@ class TrainingConfig:
     stop_after_step: Optional[int] = None
     """Save and stop after this step, e.g. at a data-stage boundary; the schedule and data plan
     still span ``train_steps``, and the same command later resumes from here."""
+    attention_backend: Optional[Literal["auto", "te", "sdpa", "local"]] = None
+    """Attention implementation for this run, instead of the model spec's (checkpoints are the
+    same for all three): e.g. sdpa for all-gather-KV context parallelism without TE."""
 
     def validate(self) -> None:
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
@@ -210,11 +213,14 @@ class RunConfig:
         return self.path(self.run_dir) / "data_cache"
 
     def model_spec(self):
-        """The spec this run trains: the referenced one with ``rope`` applied."""
+        """The spec this run trains: the referenced one with ``rope`` and
+        ``training.attention_backend`` applied."""
         from megasmol.model.spec import load_model_spec
 
         spec = load_model_spec(self.model_reference())
         changes = {}
+        if self.training.attention_backend is not None:
+            changes["attention_backend"] = self.training.attention_backend
         if self.rope.theta is not None:
             changes["rope_theta"] = self.rope.theta
         if self.rope.max_position_embeddings is not None:

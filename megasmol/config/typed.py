@@ -38,6 +38,8 @@ def _coerce(value: Any, tp, where: str):
                 return _coerce(value, option, where)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message says what is expected
+            raise ConfigError(errors[0] + (" (or null)" if type(None) in options else ""))
         raise ConfigError(f"{where}: {value!r} is none of {[_type_name(o) for o in options]}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):

@@ -48,10 +48,8 @@ class ModelInputs:
                  for k, v in vars(self).items() if k != "packed_seq_params"}
         params = self.packed_seq_params
         if params is not None:
-            params = PackedSeqParams(
-                qkv_format=params.qkv_format,
-                cu_seqlens_q=params.cu_seqlens_q.to(device), cu_seqlens_kv=params.cu_seqlens_kv.to(device),
-                max_seqlen_q=params.max_seqlen_q, max_seqlen_kv=params.max_seqlen_kv)
+            params = PackedSeqParams(**{k: (v.to(device) if isinstance(v, Tensor) else v)
+                                        for k, v in vars(params).items()})
         return ModelInputs(**moved, packed_seq_params=params)
 
 
@@ -124,17 +122,70 @@ def model_inputs(batch: dict, eod_id: int, document_masking: bool, mask_format: 
     return MASK_FORMATS[mask_format](batch, eod_id)
 
 
-def context_parallel_share(inputs: ModelInputs) -> ModelInputs:
-    """This context-parallel rank's part of a causal [b, s] micro-batch.
+def pad_documents(inputs: ModelInputs, multiple: int) -> ModelInputs:
+    """THD inputs with every document padded to a multiple of ``multiple`` tokens.
 
-    Megatron-Core's load-balanced split: the sequence is cut into 2 x CP chunks and rank r keeps
-    chunks r and 2CP-1-r, so every rank has the same causal attention work. Only plain causal
-    inputs get here (setup refuses CP with document masking or without Transformer Engine).
+    Transformer Engine's context parallelism on packed sequences splits each document into
+    2 x CP chunks, so each must be divisible by 2 x CP. The real tokens keep their order; each
+    document's padding follows it (token 0, no loss), ``cu_seqlens`` keep the real lengths and
+    ``cu_seqlens_*_padded`` give the offsets in the padded stream, TE's convention.
+    """
+    params = inputs.packed_seq_params
+    if params is None or params.qkv_format != "thd":
+        raise ValueError("pad_documents takes THD inputs (data.document_masking with the te backend)")
+    bounds = params.cu_seqlens_q.long()
+    lengths = bounds[1:] - bounds[:-1]
+    padded_lengths = (lengths + multiple - 1) // multiple * multiple
+    padded_bounds = torch.cat([bounds.new_zeros(1), torch.cumsum(padded_lengths, 0)])
+    doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=bounds.device), lengths)
+    target = padded_bounds[doc] + torch.arange(doc.numel(), device=bounds.device) - bounds[doc]
+    total = int(padded_bounds[-1])
+
+    def spread(values: Tensor) -> Tensor:
+        out = values.new_zeros(1, total)
+        out[0, target] = values.reshape(-1)
+        return out
+
+    longest = int(padded_lengths.max())
+    padded = padded_bounds.to(torch.int32)
+    return ModelInputs(
+        **{k: spread(getattr(inputs, k)) for k in ("tokens", "position_ids", "labels", "loss_mask")},
+        packed_seq_params=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=params.cu_seqlens_q, cu_seqlens_kv=params.cu_seqlens_kv,
+            cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
+            max_seqlen_q=longest, max_seqlen_kv=longest))
+
+
+def context_parallel_share(inputs: ModelInputs) -> ModelInputs:
+    """This context-parallel rank's part of a micro-batch.
+
+    * causal [b, s] inputs and sbhd document boundaries (the sdpa backend): Megatron-Core's
+      load-balanced split, the sequence cut into 2 x CP chunks of which rank r keeps r and
+      2CP-1-r, so every rank has the same causal work. The boundaries stay over the whole
+      sequence: the sdpa attention gathers K/V from the group and masks in global positions.
+      Megatron sizes the rotary table from ``max_seqlen`` (the full row) and takes this rank's
+      share of it itself.
+    * THD (the te backend): every document padded to a multiple of 2 x CP x TP (TP so that
+      sequence parallelism can split each rank's share), then the same split per document
+      through Megatron-Core's ``get_thd_batch_on_this_cp_rank`` (TE's indices).
     """
     from megatron.core import parallel_state
-    from megatron.core.utils import get_batch_on_this_cp_rank
+    from megatron.core.utils import get_batch_on_this_cp_rank, get_thd_batch_on_this_cp_rank
 
-    if parallel_state.get_context_parallel_world_size() == 1:
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
         return inputs
+    if inputs.attention_mask is not None:
+        raise ValueError("context parallelism cannot split a dense [s, s] attention mask "
+                         "(the local attention backend)")
+    params = inputs.packed_seq_params
+    if params is not None and params.qkv_format == "thd":
+        padded = pad_documents(inputs, 2 * cp_size * parallel_state.get_tensor_model_parallel_world_size())
+        fields = {k: getattr(padded, k) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+        longest = torch.tensor([padded.packed_seq_params.max_seqlen_q])
+        fields, params = get_thd_batch_on_this_cp_rank(
+            fields, padded.packed_seq_params.cu_seqlens_q, padded.packed_seq_params.cu_seqlens_q_padded,
+            longest)
+        return ModelInputs(**fields, packed_seq_params=params)
     fields = {k: getattr(inputs, k) for k in ("tokens", "position_ids", "labels", "loss_mask")}
-    return ModelInputs(**get_batch_on_this_cp_rank(fields))
+    return ModelInputs(**get_batch_on_this_cp_rank(fields), packed_seq_params=params)

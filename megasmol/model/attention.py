@@ -28,6 +28,7 @@ from torch import Tensor
 
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -39,6 +40,13 @@ def document_ids_from_cu_seqlens(cu_seqlens: Tensor, batch: int, seq_len: int) -
     positions = torch.arange(batch * seq_len, device=cu_seqlens.device)
     doc = torch.searchsorted(cu_seqlens.to(positions.dtype), positions, right=True) - 1
     return doc.view(batch, seq_len)
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> Tensor:
+    """Global positions held by one context-parallel rank under Megatron-Core's load-balanced
+    split (``get_batch_on_this_cp_rank``): chunks r and 2CP-1-r of 2 x CP equal chunks."""
+    chunks = torch.arange(seq_len, device=device).view(2 * cp_size, -1)
+    return chunks[[cp_rank, 2 * cp_size - 1 - cp_rank]].reshape(-1)
 
 
 def block_causal_mask(document_ids: Tensor) -> Tensor:
@@ -61,12 +69,38 @@ def _flex_document_attention(q, k, v, document_ids: Tensor, scale: float) -> Ten
     return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
+def _flex_positional_attention(q, k, v, q_pos: Tensor, k_pos: Tensor,
+                               document_ids: Optional[Tensor], scale: float) -> Tensor:
+    """Causal (and document) attention where query/key index i sits at global position pos[i]."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+
+    def mask_mod(batch, head, q_idx, kv_idx):
+        qp, kp = q_pos[q_idx], k_pos[kv_idx]
+        allowed = qp >= kp
+        if document_ids is not None:
+            allowed = allowed & (document_ids[batch, qp] == document_ids[batch, kp])
+        return allowed
+
+    block_mask = create_block_mask(mask_mod, b if document_ids is not None else None, None, sq, sk,
+                                   device=q.device)
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
 @functools.cache
 def _compiled_flex():
     # FlexAttention is only fused (and memory-light) when compiled; compile once per process.
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
+
+
+def _segment_bounds(params: PackedSeqParams) -> Tensor:
+    # Padded THD streams (documents padded for context parallelism) lay documents out at the
+    # padded offsets; a document's padding follows it and belongs to its segment.
+    padded = params.cu_seqlens_q_padded
+    return params.cu_seqlens_q if padded is None else padded
 
 
 class SDPACoreAttention(MegatronModule):
@@ -84,14 +118,10 @@ class SDPACoreAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context parallelism needs Transformer Engine attention "
-                "(attention_backend: te); the sdpa backend supports context_parallel_size=1"
-            )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
         tp_size = pg_collection.tp.size()
+        self.cp_group = getattr(pg_collection, "cp", None) if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         self.heads_per_partition = divide(config.num_attention_heads, tp_size)
         self.groups_per_partition = divide(config.num_query_groups, tp_size)
@@ -121,8 +151,13 @@ class SDPACoreAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         mask_type = attn_mask_type or self.attn_mask_type
 
-        if packed_seq_params is not None:
-            doc_ids = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, sq)
+        if self.cp_group is not None:
+            if thd or attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("the sdpa backend's context parallelism takes causal attention with "
+                                 "optional document masking in the sbhd format only")
+            out = self._context_parallel(q, key, value, packed_seq_params, dropout)
+        elif packed_seq_params is not None:
+            doc_ids = document_ids_from_cu_seqlens(_segment_bounds(packed_seq_params), b, sq)
             if q.is_cuda and dropout == 0.0:
                 out = _flex_document_attention(q, k, v, doc_ids, self.softmax_scale)
             else:
@@ -145,3 +180,26 @@ class SDPACoreAttention(MegatronModule):
         # [b, heads, s, d] -> [s, b, heads * d]  ([t, heads * d] for THD)
         out = out.permute(2, 0, 1, 3).reshape(sq, b, self.heads_per_partition * self.head_dim)
         return out.squeeze(1) if thd else out
+
+    def _context_parallel(self, q: Tensor, key: Tensor, value: Tensor,
+                          packed_seq_params: Optional[PackedSeqParams], dropout: float) -> Tensor:
+        cp_size, cp_rank = self.cp_group.size(), self.cp_group.rank()
+        b, sq = q.shape[0], q.shape[2]
+        full = sq * cp_size
+        # [s/cp, b, g, d] -> [s, b, g, d], rank-major: rank r's two chunks follow rank r-1's.
+        k, v = (gather_from_sequence_parallel_region(t, group=self.cp_group).permute(1, 2, 0, 3)
+                for t in (key, value))
+        q_pos = context_parallel_positions(full, cp_size, cp_rank, q.device)
+        k_pos = torch.cat([context_parallel_positions(full, cp_size, r, q.device) for r in range(cp_size)])
+        doc_ids = None
+        if packed_seq_params is not None:
+            doc_ids = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, full)
+        if q.is_cuda and dropout == 0.0:
+            return _flex_positional_attention(q, k, v, q_pos, k_pos, doc_ids, self.softmax_scale)
+        allowed = (q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)).expand(b, sq, full)
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, q_pos].unsqueeze(2) == doc_ids[:, k_pos].unsqueeze(1))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=dropout, scale=self.softmax_scale,
+            enable_gqa=True,
+        )

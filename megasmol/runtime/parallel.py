@@ -16,9 +16,9 @@ class ParallelLayout:
     pipeline_parallel: int = 1
     """Pipeline-parallel size (splits layers into stages)."""
     context_parallel: int = 1
-    """Context-parallel size (splits the sequence; needs Transformer Engine attention)."""
+    """Context-parallel size (splits the sequence; te ring attention or sdpa all-gather KV)."""
     sequence_parallel: bool = False
-    """Shard norms/dropout activations along the sequence inside TP regions (TP > 1 only)."""
+    """Shard norms/dropout activations along the sequence inside TP regions (TP > 1, te backend)."""
 
     def validate(self) -> None:
         for name in ("tensor_parallel", "pipeline_parallel", "context_parallel"):

@@ -59,18 +59,37 @@ def _check_precision(config: RunConfig, spec: ModelSpec) -> None:
 
 
 def _check_context_parallel(config: RunConfig, spec: ModelSpec) -> None:
-    """CP runs only where it gives right answers: Transformer Engine attention, causal masks."""
-    if config.parallel.context_parallel == 1:
+    """CP runs only where it gives right answers.
+
+    * ``te``: Transformer Engine's ring attention; with document masking, packed THD sequences
+      whose documents are padded to 2 x CP (x TP) tokens, which changes the micro-batch length
+      from step to step, so not under pipeline parallelism (fixed p2p shapes);
+    * ``sdpa``: megasmol's all-gather-KV attention, causal or document-masked, any layout;
+    * ``local``: Megatron-Core's reference attention has no context parallelism.
+    """
+    cp = config.parallel.context_parallel
+    if cp == 1:
         return
     backend = resolve_attention_backend(spec.attention_backend)
-    if backend != "te":
-        raise ConfigError(f"parallel.context_parallel={config.parallel.context_parallel} needs the "
-                          f"Transformer Engine attention (ring attention); attention_backend resolves "
-                          f"to {backend!r} here")
-    if config.data.document_masking:
-        raise ConfigError("parallel.context_parallel > 1 with data.document_masking: packed documents "
-                          "would need per-document padding to a multiple of 2 x CP, which megasmol "
-                          "does not do yet; set data.document_masking=false for CP stages")
+    if backend == "local":
+        raise ConfigError(f"parallel.context_parallel={cp} needs attention_backend te (ring attention) "
+                          "or sdpa (all-gather KV); Megatron-Core's local attention has none")
+    if backend == "te" and config.data.document_masking and config.parallel.pipeline_parallel > 1:
+        raise ConfigError(f"parallel.context_parallel={cp} with data.document_masking and "
+                          f"pipeline_parallel={config.parallel.pipeline_parallel} on the te backend: "
+                          "padded packed sequences vary in length, which pipeline stages cannot "
+                          "exchange; use model.attention_backend=sdpa, pipeline_parallel=1 or "
+                          "data.document_masking=false")
+
+
+def _check_sequence_parallel(config: RunConfig, spec: ModelSpec) -> None:
+    # Megatron-Core's torch norms (the local and sdpa specs without Apex) refuse sequence
+    # parallelism: their weight gradients would not be reduced over the TP group.
+    backend = resolve_attention_backend(spec.attention_backend)
+    if config.parallel.sequence_parallel and config.parallel.tensor_parallel > 1 and backend != "te":
+        raise ConfigError("parallel.sequence_parallel needs the te attention backend (Transformer "
+                          f"Engine norms); attention_backend resolves to {backend!r} here, whose "
+                          "torch norms Megatron-Core does not shard; set parallel.sequence_parallel=false")
 
 
 def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
@@ -115,6 +134,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                           f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
                           "(and usually rope.theta) for a long-context stage")
     _check_context_parallel(config, spec)
+    _check_sequence_parallel(config, spec)
 
     rank = init_distributed()
     config.parallel.check(rank.world_size, spec, longest)

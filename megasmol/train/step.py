@@ -34,15 +34,21 @@ def _forward_step(data_iterator, model):
 
 @dataclass
 class StepGeometry:
-    """The activation shape pipeline stages exchange: [seq_length, micro_batch, hidden]."""
+    """The activation shape pipeline stages exchange: [seq_length, micro_batch, hidden].
+
+    ``seq_length`` is the whole sequence: Megatron's schedules divide it by the context-parallel
+    size themselves, and ``inputs`` already hold only this rank's share.
+    """
 
     seq_length: int
     micro_batch_size: int
 
     @classmethod
     def of(cls, inputs: ModelInputs) -> "StepGeometry":
+        from megatron.core import parallel_state
+
         b, s = inputs.tokens.shape
-        return cls(seq_length=s, micro_batch_size=b)
+        return cls(seq_length=s * parallel_state.get_context_parallel_world_size(), micro_batch_size=b)
 
 
 def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: bool = False) -> Tensor:
