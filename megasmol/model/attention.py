@@ -57,18 +57,6 @@ def block_causal_mask(document_ids: Tensor) -> Tensor:
     return (same_doc & causal).unsqueeze(1)
 
 
-def _flex_document_attention(q, k, v, document_ids: Tensor, scale: float) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    b, _, s, _ = q.shape
-
-    def mask_mod(batch, head, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (document_ids[batch, q_idx] == document_ids[batch, kv_idx])
-
-    block_mask = create_block_mask(mask_mod, b, None, s, s, device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
-
-
 def _flex_positional_attention(q, k, v, q_pos: Tensor, k_pos: Tensor,
                                document_ids: Optional[Tensor], scale: float) -> Tensor:
     """Causal (and document) attention where query/key index i sits at global position pos[i]."""
@@ -159,7 +147,8 @@ class SDPACoreAttention(MegatronModule):
         elif packed_seq_params is not None:
             doc_ids = document_ids_from_cu_seqlens(_segment_bounds(packed_seq_params), b, sq)
             if q.is_cuda and dropout == 0.0:
-                out = _flex_document_attention(q, k, v, doc_ids, self.softmax_scale)
+                positions = torch.arange(sq, device=q.device)
+                out = _flex_positional_attention(q, k, v, positions, positions, doc_ids, self.softmax_scale)
             else:
                 out = F.scaled_dot_product_attention(
                     q, k, v, attn_mask=block_causal_mask(doc_ids), dropout_p=dropout,
