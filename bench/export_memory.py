@@ -42,7 +42,7 @@ def main() -> int:
     if proc.returncode:
         print(proc.stdout, proc.stderr)
         return 1
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT"))
     peak, seconds = int(line.split()[1]), float(line.split()[2])
     model_bytes = sum(p.stat().st_size for p in (work / "hf").glob("*.safetensors"))
     result = {"spec": args.spec, "model_bytes": model_bytes, "peak_rss_bytes": peak,

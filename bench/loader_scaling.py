@@ -24,7 +24,8 @@ warnings.filterwarnings("ignore")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--samples", type=int, default=20000, help="samples fetched per plan and round")
@@ -68,7 +69,8 @@ def main() -> None:
     for steps in loaders:
         n = len(loaders[steps].stages[-1].train)
         print(f"  {steps:>9,} steps: {n:>12,} samples in the last stage, index build "
-              f"{build_seconds[steps]:7.2f} s, fetch {statistics.median(per_sample[steps]) * 1e6:7.1f} us/sample")
+              f"{build_seconds[steps]:7.2f} s, fetch "
+              f"{statistics.median(per_sample[steps]) * 1e6:7.1f} us/sample")
     print(f"  ratio (3.2M / 32k): {long / short:.3f}")
 
 

@@ -71,7 +71,8 @@ def upper_bound(texts: list[str], backend, eos_id: int) -> tuple[float, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--code-mb", type=float, default=8.0, help="demo corpus code budget")
     parser.add_argument("--datatrove-python", help="python interpreter with datatrove installed")

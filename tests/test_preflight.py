@@ -180,3 +180,32 @@ def test_nvml_health_judgement():
     mixed = judge_drivers({"a": healthy, "b": {**healthy, "driver": "535.104"}})
     assert mixed.status == "fail" and "535.104" in mixed.summary
     assert judge_drivers({"a": healthy, "b": healthy}).status == "pass"
+
+
+def test_dry_run_checks_the_attention_layout_and_counts_all_gathered_kv():
+    from megasmol.config.run import load_run_config
+    from megasmol.preflight.dryrun import GB, dry_run
+
+    def row(*overrides, path="examples/smollm3/lc_32k.yaml", world_size=64):
+        config = load_run_config(REPO / path, list(overrides))
+        [result] = dry_run(config, world_size=world_size, device_memory_gb=80)
+        return result
+
+    # auto: a bf16 run checked without a GPU is for the cluster (te, said so); fp32 runs here.
+    assert "te attention (auto, assumed" in row().summary
+    assert "sdpa attention," in row(path="examples/tiny/demo.yaml", world_size=1).summary
+
+    # The recipe's layout (TP2 CP4, sequence parallel) on TE passes; on sdpa, whose torch norms
+    # Megatron-Core will not shard, it fails naming the field, as training would.
+    te = row("training.attention_backend=te", "parallel.sequence_parallel=false")
+    assert te.status == "pass" and "te attention" in te.summary
+    refused = row("training.attention_backend=sdpa")
+    assert refused.status == "fail" and "parallel.sequence_parallel" in refused.summary
+    assert row("training.attention_backend=local").status == "fail"
+    # sdpa's CP keeps the other ranks' K and V for every layer (36) plus one gradient copy:
+    # 3/4 of 32768 tokens x (K, V) x 4 KV heads x 128 / TP2 x 2 bytes.
+    sdpa = row("training.attention_backend=sdpa", "parallel.sequence_parallel=false")
+    extra = (sdpa.details["breakdown_gb"]["activations"] - te.details["breakdown_gb"]["activations"])
+    by_hand = 32768 * 3 / 4 * 2 * (4 * 128 / 2) * 2 * (36 + 1) / GB
+    assert sdpa.status == "pass" and abs(extra - by_hand) < 1e-6, (extra, by_hand)
+    assert any("all-gathered K/V" in note for note in sdpa.details["notes"])

@@ -17,7 +17,9 @@ Memory per GPU, for the busiest rank:
   (2 kv_dim), the gate+up projection (2f) and the SwiGLU output (f): 2 bytes each. Divided by TP
   with sequence parallelism; without it the 4h norm/residual part is replicated. Full recompute
   keeps only each layer's input (plus one layer's full set while it is recomputed). Context
-  parallelism divides the tokens of each sequence over its ranks. The first
+  parallelism divides the tokens of each sequence over its ranks, except on the sdpa backend,
+  whose CP all-gathers K and V: every layer keeps the whole sequence's K and V for backward
+  (one layer's with full recompute), plus one transient copy for their gradient. The first
   pipeline stage holds min(PP, micro-batches) micro-batches in flight (1F1B);
 * logits: tokens x vocab/TP x 10 bytes on the last stage (bf16 logits, the fp32 copy the
   cross-entropy makes, and its fp32 softmax);
@@ -93,8 +95,13 @@ def stage_parameters(spec, tp: int, pp: int) -> tuple[int, int]:
 
 def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_length: int, cp: int,
                     num_micro_batches: int, precision: str, distributed_optimizer: bool,
-                    sequence_parallel: bool, recompute: Optional[str]) -> MemoryEstimate:
-    """The estimate for the busiest rank (first or last pipeline stage)."""
+                    sequence_parallel: bool, recompute: Optional[str],
+                    gathers_kv: bool = False) -> MemoryEstimate:
+    """The estimate for the busiest rank (first or last pipeline stage).
+
+    ``gathers_kv``: context parallelism all-gathers K and V (the sdpa backend) instead of
+    passing them round a ring (Transformer Engine), so each rank holds the full sequence's.
+    """
     weight_bytes = 4 if precision == "fp32" else 2
     optimizer_bytes = 8 if precision == "fp32" else 12
     h, f = spec.hidden_size, spec.ffn_hidden_size
@@ -110,6 +117,13 @@ def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_le
         per_micro = tokens * (layers * kept + per_token)
     else:
         per_micro = tokens * layers * per_token
+    gathered = 0.0
+    if gathers_kv and cp > 1:
+        # K and V of the other CP ranks' tokens (the local share is in per_token already).
+        other_tokens = micro_batch * seq_length - tokens
+        per_layer = other_tokens * 2 * (2 * kv_dim / tp)
+        gathered = per_layer * ((1 if recompute == "full" else layers) + 1)
+        per_micro += gathered
     first, last = stage_parameters(spec, tp, pp)
     estimates = []
     for params, in_flight, has_logits in ((first, min(pp, num_micro_batches), pp == 1),
@@ -121,7 +135,9 @@ def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_le
             optimizer=params * optimizer_bytes / (dp if distributed_optimizer else 1),
             activations=per_micro * in_flight,
             logits=tokens * spec.vocab_size / tp * 10 if has_logits else 0.0,
-            notes=[f"{params:,} parameters on this rank", f"{in_flight} micro-batch(es) in flight"]))
+            notes=[f"{params:,} parameters on this rank", f"{in_flight} micro-batch(es) in flight"]
+            + ([f"context parallel all-gathered K/V: {gathered / GB:.2f} GB per micro-batch"]
+               if gathered else [])))
     return max(estimates, key=lambda e: e.total)
 
 
@@ -134,12 +150,33 @@ def device_memory_bytes(override_gb: Optional[float]) -> tuple[float, str]:
     return 80.0 * GB, "80 GB (assumed: an H100; no GPU here, set --device-memory-gb)"
 
 
+def planned_attention_backend(requested: str, precision: str) -> tuple[str, str]:
+    """The backend the run will use, and a remark when it is a guess.
+
+    An explicit backend is taken as given (TE installed here or not). ``auto`` resolves as
+    training will when this machine has a GPU, or when the run is fp32 (a CPU run, checked where
+    it will run). A bf16/fp8 run checked without a GPU (a login node, a laptop) is meant for the
+    cluster, where ``auto`` means Transformer Engine: te is assumed, and the remark says so.
+    """
+    from megasmol.model.layer_specs import resolve_attention_backend
+
+    if requested != "auto":
+        return requested, ""
+    if torch.cuda.is_available() or precision == "fp32":
+        return resolve_attention_backend("auto"), ""
+    return "te", " (auto, assumed for the GPU cluster; set training.attention_backend to check another)"
+
+
 def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -> list[CheckResult]:
     """Validate ``config`` (a RunConfig) for ``world_size`` ranks and estimate its memory."""
     from megasmol.config.typed import ConfigError
+    from megasmol.train.setup import check_attention_layout
 
     try:
         spec = config.model_spec()
+        backend, assumed = planned_attention_backend(spec.attention_backend,
+                                                     config.training.precision)
+        check_attention_layout(config, backend)
         layout = config.parallel
         layout.check(world_size, spec, config.data.seq_length)
         dp = layout.data_parallel(world_size)
@@ -158,13 +195,15 @@ def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -
         num_micro_batches=micro, precision=config.training.precision,
         distributed_optimizer=config.optim.distributed,
         sequence_parallel=layout.sequence_parallel and layout.tensor_parallel > 1,
-        recompute=config.training.recompute)
+        recompute=config.training.recompute,
+        gathers_kv=backend == "sdpa")
     capacity, described = device_memory_bytes(device_memory_gb)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in estimate.breakdown().items() if k != "total")
     share = estimate.total / capacity
     status = "fail" if share > 1 else "warn" if share > 0.9 else "pass"
     summary = (f"{spec.name}: TP{layout.tensor_parallel} PP{layout.pipeline_parallel} "
-               f"CP{layout.context_parallel} DP{dp}, {micro} micro-batch(es)/step; "
+               f"CP{layout.context_parallel} DP{dp}, {backend} attention{assumed}, "
+               f"{micro} micro-batch(es)/step; "
                f"~{estimate.total / GB:.1f} GB per GPU of {described} ({parts} GB)")
     details = {"breakdown_gb": estimate.breakdown(), "params_meta_built": counted,
                "params_per_rank": estimate.params_per_rank, "world_size": world_size,

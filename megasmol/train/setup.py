@@ -58,35 +58,32 @@ def _check_precision(config: RunConfig, spec: ModelSpec) -> None:
                           f"(this one is sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
 
 
-def _check_context_parallel(config: RunConfig, spec: ModelSpec) -> None:
-    """CP runs only where it gives right answers.
+def check_attention_layout(config: RunConfig, backend: str) -> None:
+    """The parallel layout works with the (resolved) attention ``backend``, or a ConfigError.
+
+    Context parallelism runs only where it gives right answers:
 
     * ``te``: Transformer Engine's ring attention; with document masking, packed THD sequences
       whose documents are padded to 2 x CP (x TP) tokens, which changes the micro-batch length
       from step to step, so not under pipeline parallelism (fixed p2p shapes);
     * ``sdpa``: megasmol's all-gather-KV attention, causal or document-masked, any layout;
     * ``local``: Megatron-Core's reference attention has no context parallelism.
+
+    Sequence parallelism needs te: Megatron-Core's torch norms (the local and sdpa specs without
+    Apex) refuse it, as their weight gradients would not be reduced over the TP group.
     """
-    cp = config.parallel.context_parallel
-    if cp == 1:
-        return
-    backend = resolve_attention_backend(spec.attention_backend)
-    if backend == "local":
+    parallel = config.parallel
+    cp = parallel.context_parallel
+    if cp > 1 and backend == "local":
         raise ConfigError(f"parallel.context_parallel={cp} needs attention_backend te (ring attention) "
                           "or sdpa (all-gather KV); Megatron-Core's local attention has none")
-    if backend == "te" and config.data.document_masking and config.parallel.pipeline_parallel > 1:
+    if cp > 1 and backend == "te" and config.data.document_masking and parallel.pipeline_parallel > 1:
         raise ConfigError(f"parallel.context_parallel={cp} with data.document_masking and "
-                          f"pipeline_parallel={config.parallel.pipeline_parallel} on the te backend: "
+                          f"pipeline_parallel={parallel.pipeline_parallel} on the te backend: "
                           "padded packed sequences vary in length, which pipeline stages cannot "
-                          "exchange; use model.attention_backend=sdpa, pipeline_parallel=1 or "
+                          "exchange; use training.attention_backend=sdpa, pipeline_parallel=1 or "
                           "data.document_masking=false")
-
-
-def _check_sequence_parallel(config: RunConfig, spec: ModelSpec) -> None:
-    # Megatron-Core's torch norms (the local and sdpa specs without Apex) refuse sequence
-    # parallelism: their weight gradients would not be reduced over the TP group.
-    backend = resolve_attention_backend(spec.attention_backend)
-    if config.parallel.sequence_parallel and config.parallel.tensor_parallel > 1 and backend != "te":
+    if parallel.sequence_parallel and parallel.tensor_parallel > 1 and backend != "te":
         raise ConfigError("parallel.sequence_parallel needs the te attention backend (Transformer "
                           f"Engine norms); attention_backend resolves to {backend!r} here, whose "
                           "torch norms Megatron-Core does not shard; set parallel.sequence_parallel=false")
@@ -133,8 +130,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
         raise ConfigError(f"sequence length {longest} exceeds the model's max_position_embeddings "
                           f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
                           "(and usually rope.theta) for a long-context stage")
-    _check_context_parallel(config, spec)
-    _check_sequence_parallel(config, spec)
+    check_attention_layout(config, resolve_attention_backend(spec.attention_backend))
 
     rank = init_distributed()
     config.parallel.check(rank.world_size, spec, longest)
