@@ -49,12 +49,19 @@ def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=
     return chunks[[cp_rank, 2 * cp_size - 1 - cp_rank]].reshape(-1)
 
 
+def positional_mask(q_pos: Tensor, k_pos: Tensor, document_ids: Optional[Tensor], batch: int) -> Tensor:
+    """[b, 1, sq, sk] bool, True where the query at global position q_pos[i] may see the key at
+    k_pos[j]: not in the future and, with ``document_ids`` [b, s], in the same document."""
+    allowed = (q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)).expand(batch, -1, -1)
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, q_pos].unsqueeze(2) == document_ids[:, k_pos].unsqueeze(1))
+    return allowed.unsqueeze(1)
+
+
 def block_causal_mask(document_ids: Tensor) -> Tensor:
     """[b, 1, s, s] bool, True where attention is allowed (same document, not in the future)."""
-    s = document_ids.size(1)
-    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids.unsqueeze(2) == document_ids.unsqueeze(1)
-    return (same_doc & causal).unsqueeze(1)
+    positions = torch.arange(document_ids.size(1), device=document_ids.device)
+    return positional_mask(positions, positions, document_ids, document_ids.size(0))
 
 
 def _flex_positional_attention(q, k, v, q_pos: Tensor, k_pos: Tensor,
@@ -145,15 +152,9 @@ class SDPACoreAttention(MegatronModule):
                                  "optional document masking in the sbhd format only")
             out = self._context_parallel(q, key, value, packed_seq_params, dropout)
         elif packed_seq_params is not None:
+            positions = torch.arange(sq, device=q.device)
             doc_ids = document_ids_from_cu_seqlens(_segment_bounds(packed_seq_params), b, sq)
-            if q.is_cuda and dropout == 0.0:
-                positions = torch.arange(sq, device=q.device)
-                out = _flex_positional_attention(q, k, v, positions, positions, doc_ids, self.softmax_scale)
-            else:
-                out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=block_causal_mask(doc_ids), dropout_p=dropout,
-                    scale=self.softmax_scale, enable_gqa=True,
-                )
+            out = self._masked(q, k, v, positions, positions, doc_ids, dropout)
         elif attention_mask is not None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=~attention_mask, dropout_p=dropout,
@@ -182,13 +183,16 @@ class SDPACoreAttention(MegatronModule):
         k_pos = torch.cat([context_parallel_positions(full, cp_size, r, q.device) for r in range(cp_size)])
         doc_ids = None
         if packed_seq_params is not None:
-            doc_ids = document_ids_from_cu_seqlens(packed_seq_params.cu_seqlens_q, b, full)
+            doc_ids = document_ids_from_cu_seqlens(_segment_bounds(packed_seq_params), b, full)
+        return self._masked(q, k, v, q_pos, k_pos, doc_ids, dropout)
+
+    def _masked(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                doc_ids: Optional[Tensor], dropout: float) -> Tensor:
+        """Causal (and document) attention in global positions: a FlexAttention block mask on
+        GPU (no s x s tensor), the equivalent dense mask on CPU or with dropout."""
         if q.is_cuda and dropout == 0.0:
             return _flex_positional_attention(q, k, v, q_pos, k_pos, doc_ids, self.softmax_scale)
-        allowed = (q_pos.unsqueeze(1) >= k_pos.unsqueeze(0)).expand(b, sq, full)
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, q_pos].unsqueeze(2) == doc_ids[:, k_pos].unsqueeze(1))
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed.unsqueeze(1), dropout_p=dropout, scale=self.softmax_scale,
-            enable_gqa=True,
+            q, k, v, attn_mask=positional_mask(q_pos, k_pos, doc_ids, q.shape[0]), dropout_p=dropout,
+            scale=self.softmax_scale, enable_gqa=True,
         )

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from megasmol.data.masking import ModelInputs
+from megasmol.runtime.distributed import current_device
 
 
 def _loss_func(loss_mask: Tensor, output_tensor: Tensor):
@@ -81,8 +82,6 @@ def global_loss(local: Tensor, flag: float = 0.0) -> tuple[float, int, bool]:
     """
     packed = local.clone()
     packed[2] = flag
-    from megasmol.runtime.distributed import current_device
-
     packed = packed.to(current_device())
     torch.distributed.all_reduce(packed)
     loss_sum, tokens, raised = packed.tolist()
