@@ -12,7 +12,10 @@ from megasmol.longctx.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 
-ERRORS_SHOWN_PLAINLY = ("ConfigError", "CheckpointError", "FileExistsError", "FileNotFoundError")
+ERRORS_SHOWN_PLAINLY = ("ConfigError", "CheckpointError", "FileExistsError", "FileNotFoundError",
+                        "UntrustedCheckpoint")
+# Failures of a run (not of its input): one line and exit 1.
+FAILURES_SHOWN_PLAINLY = ("PeerLost", "TrainingDiverged", "RunLocked")
 
 
 def _dtype(name: str):
@@ -194,8 +197,10 @@ def cmd_train(args) -> int:
     config = load_run_config(args.config, args.set)
     try:
         result = train(config)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(peers_reachable=False)  # no farewell barrier: a peer may be gone
+        raise
+    shutdown()
     if result.losses and int(os.environ.get("RANK", "0")) == 0:
         first, last = result.first_and_last_loss()
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
@@ -342,6 +347,9 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except Exception as exc:  # one clear line for bad input; tracebacks for real bugs
+        if type(exc).__name__ in FAILURES_SHOWN_PLAINLY:
+            print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
+            return 1
         if type(exc).__name__ in ERRORS_SHOWN_PLAINLY or isinstance(exc, ValueError):
             print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
             return 2

@@ -5,62 +5,18 @@ dist_checkpointing) on a 4-layer model with a 512-token vocabulary.
 """
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
-import time
 
 import pytest
 
 from megasmol.ckpt.checkpoint import read_metadata
-from tests.conftest import REPO, run_cli, run_torchrun
-from tests.train_fixtures import step_losses, write_training_run
+from tests.conftest import run_cli
+from tests.train_fixtures import (kill_session, start_train, step_losses, torchrun_train, train,
+                                  wait_for_step, write_training_run)
 
 STEPS = 20
-
-
-def _train(config, *sets, check=True, env_extra=None):
-    args = ["train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
-    if env_extra:
-        env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
-        return subprocess.run([sys.executable, "-m", "megasmol", *args], capture_output=True,
-                              text=True, timeout=600, env=env, cwd=REPO)
-    return run_cli(*args, check=check)
-
-
-def _start_train(config, *sets, env_extra=None):
-    """A training process in its own session, so a kill can take all its children too."""
-    cmd = [sys.executable, "-m", "megasmol", "train", "--config", str(config),
-           *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-
-
-def _kill_session(proc):
-    # Like Slurm killing a job's cgroup: the trainer and any helper process it started.
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-
-
-def _torchrun_train(config, *sets):
-    return run_torchrun(["-m", "megasmol", "train", "--config", str(config),
-                         *[a for s in sets for a in ("--set", s)]])
-
-
-def _wait_for_step(proc, run_dir, step, timeout=300, committed=False):
-    """Until the run logged ``step`` (and, with ``committed``, a checkpoint is complete)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        ready = not committed or (run_dir / "checkpoints" / "latest").exists()
-        if ready and (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +25,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     config = write_training_run(root, steps=STEPS, checkpoint={"keep_last": 0})
     run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
-    proc = _train(config, f"checkpoint.init_from={root / 'init'}")
+    proc = train(config, f"checkpoint.init_from={root / 'init'}")
     return {"root": root, "config": config, "losses": step_losses(root / "run"),
             "grad_norms": step_losses(root / "run", "grad_norm"), "stdout": proc.stdout}
 
@@ -98,14 +54,14 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path, async_save):
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"async_save": async_save})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
     kill_after = random.Random().randint(7, 17)  # any step: before or after a checkpoint
-    proc = _start_train(config, init)
+    proc = start_train(config, init)
     # An async save commits a few steps after it starts: kill once one is complete, at any step.
-    _wait_for_step(proc, tmp_path / "run", kill_after, committed=True)
-    _kill_session(proc)
+    wait_for_step(proc, tmp_path / "run", kill_after, committed=True)
+    kill_session(proc)
     assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
     killed_at = max(step_losses(tmp_path / "run"))
     assert killed_at < STEPS
-    resumed = _train(config, init)
+    resumed = train(config, init)
     assert "resumed from" in resumed.stdout
     assert step_losses(tmp_path / "run") == reference["losses"]  # every step, bit for bit
 
@@ -114,15 +70,15 @@ def test_resume_after_sigkill_is_bitwise_exact(reference, tmp_path, async_save):
 def test_kill_during_save_keeps_previous_latest(reference, tmp_path, async_save):
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"async_save": async_save})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
-    crashed = _start_train(config, init, env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
+    crashed = start_train(config, init, env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
     crashed.wait(timeout=300)
     assert crashed.returncode == -signal.SIGKILL
-    _kill_session(crashed)
+    kill_session(crashed)
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "iter_0000005"
     assert (ckpts / "iter_0000010.partial").is_dir() and not (ckpts / "iter_0000010").exists()
-    resumed = _train(config, init)
-    assert "removed 1 interrupted save" in resumed.stdout and "at step 5" in resumed.stdout
+    resumed = train(config, init)
+    assert "removed the interrupted save iter_0000010.partial" in resumed.stdout and "at step 5" in resumed.stdout
     assert not (ckpts / "iter_0000010.partial").exists()
     assert step_losses(tmp_path / "run") == reference["losses"]
 
@@ -131,30 +87,30 @@ def test_bf16_run_resumes_exactly(reference, tmp_path):
     """bf16 (Float16Module, fp32 master weights in the distributed optimizer) saves and resumes."""
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
     whole = write_training_run(tmp_path / "whole", steps=12, eval={"interval": 0})
-    _train(whole, init, "training.precision=bf16")
+    train(whole, init, "training.precision=bf16")
     expected = step_losses(tmp_path / "whole" / "run")
     assert expected[12] < expected[1] - 0.2
     broken = write_training_run(tmp_path / "broken", steps=12, eval={"interval": 0})
-    crashed = _start_train(broken, init, "training.precision=bf16",
+    crashed = start_train(broken, init, "training.precision=bf16",
                            env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
     crashed.wait(timeout=300)
-    _kill_session(crashed)
-    _train(broken, init, "training.precision=bf16")
+    kill_session(crashed)
+    train(broken, init, "training.precision=bf16")
     assert step_losses(tmp_path / "broken" / "run") == expected
 
 
 def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 0})
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
-    proc = _start_train(config, init)
-    _wait_for_step(proc, tmp_path / "run", 4)
+    proc = start_train(config, init)
+    wait_for_step(proc, tmp_path / "run", 4)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped by SIGTERM" in out
     stopped = read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"]
     assert 4 <= stopped < STEPS
-    _train(config, init)
+    train(config, init)
     assert step_losses(tmp_path / "run") == reference["losses"]
 
 
@@ -162,7 +118,7 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
                                     "optim.distributed=true", "parallel.context_parallel=2"])
 def test_two_process_layouts_match_single_process(reference, tmp_path, layout):
     config = write_training_run(tmp_path, steps=STEPS)
-    _torchrun_train(config, layout, f"checkpoint.init_from={reference['root'] / 'init'}")
+    torchrun_train(config, layout, f"checkpoint.init_from={reference['root'] / 'init'}")
     losses = step_losses(tmp_path / "run")
     assert sorted(losses) == sorted(reference["losses"])
     for step, loss in reference["losses"].items():
@@ -181,7 +137,7 @@ def test_resume_under_a_different_layout(reference, tmp_path):
     src = reference["root"] / "run" / "checkpoints" / "iter_0000010"
     subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
     (ckpts / "latest").write_text("iter_0000010\n")
-    proc = _torchrun_train(config, "parallel.tensor_parallel=2")
+    proc = torchrun_train(config, "parallel.tensor_parallel=2")
     assert "resumed from" in proc.stdout
     losses = step_losses(tmp_path / "run")
     assert sorted(losses) == list(range(11, STEPS + 1))
@@ -193,7 +149,7 @@ def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
     trained = reference["root"] / "run" / "checkpoints"
     config = write_training_run(tmp_path, steps=6, checkpoint={"interval": 0},
                                 eval={"interval": 0})
-    _train(config, f"checkpoint.init_from={trained}")
+    train(config, f"checkpoint.init_from={trained}")
     losses = step_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 7))  # a new schedule and data position
     assert losses[1] < reference["losses"][1] - 0.1  # but the trained weights
@@ -204,7 +160,7 @@ def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
 def test_planted_spike_is_handled_per_policy(reference, tmp_path, policy):
     config = write_training_run(tmp_path, steps=STEPS, spikes={"policy": policy, "window": 8,
                                                                "warmup_steps": 5, "threshold": 3.0})
-    proc = _train(config, f"checkpoint.init_from={reference['root'] / 'init'}",
+    proc = train(config, f"checkpoint.init_from={reference['root'] / 'init'}",
                   env_extra={"MEGASMOL_FAULT": "corrupt_batch:13"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -227,7 +183,7 @@ def test_planted_spike_is_handled_per_policy(reference, tmp_path, policy):
 
 def test_skip_batches_skips_data_deterministically(reference, tmp_path):
     config = write_training_run(tmp_path, steps=STEPS, spikes={"skip_batches": [[6, 8]]})
-    _train(config, f"checkpoint.init_from={reference['root'] / 'init'}")
+    train(config, f"checkpoint.init_from={reference['root'] / 'init'}")
     losses = step_losses(tmp_path / "run")
     assert not {6, 7, 8} & set(losses)
     assert all(losses[s] == reference["losses"][s] for s in range(1, 6))
@@ -236,7 +192,7 @@ def test_skip_batches_skips_data_deterministically(reference, tmp_path):
 
 def test_batch_rampup_trains_with_growing_batches(tmp_path):
     config = write_training_run(tmp_path, steps=8, checkpoint={"interval": 0}, eval={"interval": 0})
-    _train(config, "training.batch_rampup={start: 4, increment: 2, steps: 4}")
+    train(config, "training.batch_rampup={start: 4, increment: 2, steps: 4}")
     tokens = step_losses(tmp_path / "run", "tokens")
     assert [tokens[s] // 64 for s in range(1, 9)] == [4, 4, 6, 6, 8, 8, 8, 8]
 
@@ -246,7 +202,7 @@ def test_post_save_command_and_keep_last(tmp_path):
     config = write_training_run(tmp_path, steps=10, checkpoint={
         "interval": 2, "keep_last": 2, "post_save_command": f"echo {{step}} {{path}} >> {log}"},
         eval={"interval": 0})
-    _train(config)
+    train(config)
     assert [line.split()[0] for line in log.read_text().splitlines()] == ["2", "4", "6", "8", "10"]
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
     assert kept == ["iter_0000008", "iter_0000010"]
@@ -263,7 +219,7 @@ def test_bad_configs_fail_before_training_with_the_field_named(tmp_path):
         "data.recipe=missing.yaml": "missing",
     }
     for override, field in cases.items():
-        proc = _train(config, override, check=False)
+        proc = train(config, override, check=False)
         assert proc.returncode == 2, (override, proc.stdout, proc.stderr)
         assert field in proc.stderr and "Traceback" not in proc.stderr, (override, proc.stderr)
     assert not (tmp_path / "run" / "checkpoints").exists()

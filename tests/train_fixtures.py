@@ -1,9 +1,16 @@
-"""A small training run on disk: a tiny spec (vocabulary 512), two random datasets, a config."""
+"""A small training run on disk (a tiny spec with a 512-token vocabulary, two random datasets, a
+config), and the ways the tests start, signal and kill ``megasmol train`` on it."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from tests.conftest import REPO, run_cli, run_torchrun
 from tests.data_fixtures import EOS, random_documents, write_dataset
 
 SPEC = dict(
@@ -75,3 +82,45 @@ def step_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
         if record["kind"] == "train" and record.get(key) is not None:
             values[record["step"]] = record[key]
     return values
+
+
+def train(config, *sets, check=True, env_extra=None):
+    args = ["train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
+    if env_extra:
+        env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
+        return subprocess.run([sys.executable, "-m", "megasmol", *args], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=REPO)
+    return run_cli(*args, check=check)
+
+
+def start_train(config, *sets, env_extra=None):
+    """A training process in its own session, so a kill can take all its children too."""
+    cmd = [sys.executable, "-m", "megasmol", "train", "--config", str(config),
+           *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def kill_session(proc):
+    # Like Slurm killing a job's cgroup: the trainer and any helper process it started.
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def torchrun_train(config, *sets):
+    return run_torchrun(["-m", "megasmol", "train", "--config", str(config),
+                         *[a for s in sets for a in ("--set", s)]])
+
+
+def wait_for_step(proc, run_dir, step, timeout=300, committed=False):
+    """Until the run logged ``step`` (and, with ``committed``, a checkpoint is complete)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        ready = not committed or (run_dir / "checkpoints" / "latest").exists()
+        if ready and (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.02)

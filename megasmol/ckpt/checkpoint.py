@@ -34,6 +34,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not fit the model."""
 
 
+def _checkpoint_exception():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What a failed load raises: ordinary exceptions, and PyTorch DCP's ``CheckpointException``
+    (a ``BaseException``, which ``except Exception`` would miss)."""
+    return (Exception, _checkpoint_exception())
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a failed load or save: the first rank's underlying error, not DCP's traces."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _) = sorted(failures.items())[0]
+        return f"{describe_error(inner)} (rank {rank})"
+    text = str(exc).strip().splitlines()
+    name = type(exc).__name__
+    return f"{name}: {text[0]}" if text else name
+
+
 def iteration_dirname(step: int) -> str:
     return f"iter_{step:07d}"
 
@@ -53,20 +76,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_directory(path.parent)
 
 
 def resolve(path: str | Path) -> Path:
     """An iteration directory from either a checkpoint root (via ``latest``) or itself."""
+    from megasmol.ckpt import trust
+
+    trust.install()  # every read of a checkpoint goes through here
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a file, not a checkpoint directory")
     if (path / META_FILE).is_file():
         return path
     latest = path / LATEST_FILE
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = latest.read_text().strip()
+        if not name:
+            raise CheckpointError(f"{latest} is empty: it should name an iteration directory "
+                                  "(write the newest complete iter_* name into it)")
+        target = path / name
         if not (target / META_FILE).is_file():
-            raise CheckpointError(f"{latest} points at {target.name}, which is not complete")
+            raise CheckpointError(f"{latest} points at {name}, which is not complete")
         return target
     if path.name.endswith(".partial"):
         raise CheckpointError(f"{path}: an interrupted save (.partial), not a checkpoint")
@@ -84,8 +117,10 @@ def read_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"{meta_path}: corrupt ({exc})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path}: unsupported format {meta.get('format')!r}")
-    if not (iteration / "metadata.json").is_file():
-        raise CheckpointError(f"{iteration}: dist_checkpointing metadata.json is missing")
+    for required in ("metadata.json", ".metadata", "common.pt"):
+        if not (iteration / required).is_file():
+            raise CheckpointError(f"{iteration}: dist_checkpointing file {required} is missing "
+                                  "(an incomplete copy?)")
     return meta
 
 
@@ -147,9 +182,7 @@ def save_checkpoint(
                 copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
             meta = {"format": FORMAT_VERSION, "step": step, **metadata}
             atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
+            replace_directory(partial, final)
             atomic_write_text(root / LATEST_FILE, final.name + "\n")
             if on_commit is not None:
                 on_commit(final)
@@ -163,6 +196,75 @@ def save_checkpoint(
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_directory(new: Path, final: Path) -> None:
+    """Move complete directory ``new`` to ``final``; an existing ``final`` is renamed aside first
+    and deleted only once ``new`` is in place, so some complete copy exists at every moment."""
+    aside = None
+    if final.exists():
+        aside = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        os.replace(final, aside)
+    os.replace(new, final)
+    fsync_directory(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def is_complete(iteration: Path) -> bool:
+    """Every rank's files and megasmol.json (written last, after all ranks finished) exist."""
+    return (iteration / META_FILE).is_file() and (iteration / "metadata.json").is_file()
+
+
+def _step_of(name: str) -> int:
+    return int(name.split(".")[0].removeprefix("iter_"))
+
+
+def recover_interrupted_saves(root: str | Path) -> list[str]:
+    """Tidy what a crash during a save left behind in ``root``; returns what was done.
+
+    * ``iter_N.partial`` without ``megasmol.json``: some rank had not finished; deleted.
+    * ``iter_N.partial`` with it: every rank had finished and only the rename was missed; it is
+      renamed into place (never deleted: it may be the only complete copy of step N).
+    * ``iter_N.replaced-PID``: the previous copy of step N, renamed aside during a replacement;
+      deleted when ``iter_N`` is complete, else renamed back.
+    * ``latest`` then names the newest complete iteration when it named a missing one.
+    """
+    root = Path(root)
+    done = []
+    for partial in sorted(root.glob("iter_*.partial")):
+        final = root / partial.name.removesuffix(".partial")
+        if is_complete(partial) and not is_complete(final):
+            replace_directory(partial, final)
+            done.append(f"completed the interrupted save {final.name}")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            done.append(f"removed the interrupted save {partial.name}")
+    for aside in sorted(root.glob("iter_*.replaced-*")):
+        final = root / aside.name.split(".")[0]
+        if is_complete(final) or not is_complete(aside):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(aside, final)
+            done.append(f"restored {final.name}")
+    latest = root / LATEST_FILE
+    named = latest.read_text().strip() if latest.is_file() else ""
+    if named and not is_complete(root / named):
+        complete = sorted((p for p in root.glob("iter_???????") if is_complete(p)),
+                          key=lambda p: _step_of(p.name))
+        if complete:
+            atomic_write_text(latest, complete[-1].name + "\n")
+            done.append(f"latest named the incomplete {named}; now {complete[-1].name}")
+    return done
 
 
 TOKENIZER_FILES = (
@@ -192,8 +294,8 @@ def load_model_weights(model, path: str | Path, strict: bool = True) -> dict:
     sharded = model.sharded_state_dict()
     try:
         state = dist_checkpointing.load(sharded, str(iteration))
-    except Exception as exc:  # Megatron raises several types for missing/mismatched tensors.
-        raise CheckpointError(f"{iteration}: cannot load model weights: {exc}") from None
+    except load_errors() as exc:  # Megatron and DCP raise several types
+        raise CheckpointError(f"{iteration}: cannot load model weights: {describe_error(exc)}") from None
     # A training checkpoint's common state (optimizer groups, ...) comes back too; keep the model's.
     model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=strict)
     return meta

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import logging
 import random
-import shlex
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megasmol.ckpt.checkpoint import (CheckpointError, latest_iteration, read_metadata, resolve,
-                                      save_checkpoint)
+from megasmol.ckpt.checkpoint import (CheckpointError, describe_error, latest_iteration,
+                                      load_errors, read_metadata, resolve, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +50,20 @@ def _rng_sharded_object(states):
 
 
 def capture_rng() -> dict:
+    """Every RNG stream as tensors and numbers only, so a resume loads it without unpickling
+    code (see ``trust.py``)."""
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt_state, dtype=torch.int64),
+                   "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+        "tracker": dict(get_cuda_rng_tracker().get_states()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -64,8 +72,11 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -165,10 +176,11 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
                                                         metadata=OPTIMIZER_FORMAT)
     if same_layout:
         sharded["rng_state"] = _rng_sharded_object([None])
+    _check_shapes(iteration, sharded)
     try:
         state = dist_checkpointing.load(sharded, str(iteration))
-    except Exception as exc:  # Megatron raises several types for missing/mismatched tensors.
-        raise CheckpointError(f"{iteration}: cannot resume from it: {exc}") from None
+    except load_errors() as exc:  # Megatron and DCP raise several types
+        raise CheckpointError(f"{iteration}: cannot resume from it: {describe_error(exc)}") from None
     optimizer_state = state.pop("optimizer")
     rng_state = state.pop("rng_state", None)
     model.load_state_dict(state, strict=True)
@@ -181,33 +193,44 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
     return meta
 
 
+def _check_shapes(iteration: Path, sharded: dict) -> None:
+    """Name the first model tensor whose global shape differs from the checkpoint's (a changed
+    model spec), before DCP fails on it somewhere deep inside."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megasmol.ckpt.reader import CheckpointReader
+
+    stored = CheckpointReader(iteration)
+    known = set(stored.keys())
+    for value in sharded.values():
+        if isinstance(value, ShardedTensor) and value.key in known:
+            if tuple(stored.shape(value.key)) != tuple(value.global_shape):
+                raise CheckpointError(
+                    f"{iteration}: tensor {value.key} has shape {tuple(stored.shape(value.key))} "
+                    f"in the checkpoint but {tuple(value.global_shape)} in this run's model "
+                    "(the model spec changed since it was written)")
+
+
+def _is_finite_checkpoint(path: Path) -> bool:
+    try:
+        return read_metadata(path).get("train_state", {}).get("weights_finite", True)
+    except CheckpointError:
+        return False
+
+
 def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete iterations (never the latest)."""
+    """Delete all but the newest ``keep_last`` complete iterations; never the latest, and never
+    the newest one whose weights were finite when saved (the one to go back to after NaNs)."""
     if keep_last < 1:
         return []
     latest = latest_iteration(root)
-    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".partial"))
-    doomed = [p for p in complete[:-keep_last] if p != latest]
+    complete = sorted(p for p in root.glob("iter_???????") if p.is_dir())
+    kept = complete[-keep_last:]
+    protected = {latest}
+    if not any(_is_finite_checkpoint(p) for p in kept):
+        finite = [p for p in complete if _is_finite_checkpoint(p)]
+        protected.update(finite[-1:])
+    doomed = [p for p in complete[:-keep_last] if p not in protected]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
-
-
-def run_post_save_command(template: str, path: Path, step: int) -> bool:
-    """Run the user's command for a fresh checkpoint; returns whether it succeeded."""
-    command = template.replace("{path}", shlex.quote(str(path))).replace("{step}", str(step))
-    result = subprocess.run(command, shell=True, capture_output=True, text=True)
-    if result.returncode != 0:
-        log.error("post-save command failed (exit %d): %s\n%s", result.returncode, command,
-                  (result.stderr or result.stdout)[-2000:])
-        return False
-    return True
-
-
-def remove_stale_partials(root: Path) -> list[Path]:
-    """Interrupted saves left by a crash (never loaded; removed on the next start)."""
-    stale = [p for p in Path(root).glob("iter_*.partial") if p.is_dir()]
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True)
-    return stale
-

@@ -93,11 +93,19 @@ class TrainingConfig:
     stop_after_step: Optional[int] = None
     """Save and stop after this step, e.g. at a data-stage boundary; the schedule and data plan
     still span ``train_steps``, and the same command later resumes from here."""
+    collective_timeout_s: float = 600.0
+    """How long any collective waits for the other ranks before the job fails with an error
+    naming the rank that stopped answering (a frozen or dead peer), instead of hanging; keep it
+    above the longest checkpoint save and validation run."""
     attention_backend: Optional[Literal["auto", "te", "sdpa", "local"]] = None
     """Attention implementation for this run, instead of the model spec's (checkpoints are the
     same for all three): e.g. sdpa for all-gather-KV context parallelism without TE."""
 
     def validate(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"training.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError(f"training.seed must be in [0, 2**31), got {self.seed}")
         for name in ("train_steps", "global_batch_size", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")

@@ -69,8 +69,12 @@ class CheckpointConfig:
     """Weights-only start from another run's checkpoint (root or iteration directory): new
     optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
     post_save_command: Optional[str] = None
-    """Shell command run on rank 0 after each save; ``{path}`` and ``{step}`` are substituted
-    (e.g. ``aws s3 sync {path} s3://bucket/run/$(basename {path})``)."""
+    """Shell command run on rank 0 after each save, off the training thread and one at a time.
+    The checkpoint reaches it as ``$MEGASMOL_CHECKPOINT`` and ``$MEGASMOL_STEP``; ``{path}`` and
+    ``{step}`` are shorthands for them, safe bare or quoted (e.g. ``aws s3 sync {path}
+    s3://bucket/run/iter_{step}``): a path is never read as shell syntax."""
+    post_save_timeout_s: float = 3600.0
+    """Stop a ``post_save_command`` still running after this many seconds (counted failed)."""
     delete_after_upload: bool = False
     """After ``post_save_command`` succeeds, delete the local copies of older checkpoints (the
     newest always stays, for resume and rollback)."""
@@ -78,6 +82,8 @@ class CheckpointConfig:
     def validate(self) -> None:
         if self.interval < 0 or self.keep_last < 0:
             raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
+        if not self.post_save_timeout_s > 0:
+            raise ConfigError("checkpoint.post_save_timeout_s must be > 0")
         if self.delete_after_upload and not self.post_save_command:
             raise ConfigError("checkpoint.delete_after_upload needs checkpoint.post_save_command")
 
@@ -138,6 +144,9 @@ class SpikeConfig:
     """No detection before the window has this many losses. NaN/inf losses always count."""
     max_rollbacks: int = 5
     """Give up (stop with an error) after this many rollbacks in one process."""
+    max_nonfinite_steps: int = 5
+    """A step whose loss or gradient is inf/NaN applies no update; this many such steps in a row
+    stop the run with an error (the checkpoints keep the last finite weights)."""
     skip_batches: list[list[int]] = field(default_factory=list)
     """Step ranges ``[first, last]`` (inclusive) whose data is skipped: no forward, no update,
     the step counter and LR schedule still advance (Megatron-LM's iterations-to-skip)."""
@@ -147,6 +156,8 @@ class SpikeConfig:
             raise ConfigError("spikes.window and spikes.warmup_steps must be >= 2")
         if self.threshold <= 0:
             raise ConfigError("spikes.threshold must be > 0")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError("spikes.max_nonfinite_steps must be >= 1")
         for i, pair in enumerate(self.skip_batches):
             if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
                 raise ConfigError(f"spikes.skip_batches[{i}]: expected [first, last] with "

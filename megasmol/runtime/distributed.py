@@ -8,9 +8,11 @@ NCCL on GPUs, gloo on CPU (where the CPU compatibility layer is switched on firs
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -41,8 +43,11 @@ def rank_info_from_env(env=os.environ) -> RankInfo:
     return RankInfo(0, 1, 0)
 
 
-def init_distributed() -> RankInfo:
-    """Initialize torch.distributed once (idempotent)."""
+def init_distributed(timeout_s: float | None = None) -> RankInfo:
+    """Initialize torch.distributed once (idempotent).
+
+    ``timeout_s`` bounds every collective: a peer that froze makes the others fail with an
+    error after that long instead of waiting forever (torch's default is 10 or 30 minutes)."""
     cpu_compat.activate_if_needed()
     info = rank_info_from_env()
     if torch.distributed.is_initialized():
@@ -60,10 +65,58 @@ def init_distributed() -> RankInfo:
         backend = "nccl"
     else:
         backend = "gloo"
+    kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     torch.distributed.init_process_group(
-        backend=backend, rank=info.rank, world_size=info.world_size, init_method=init_method
-    )
+        backend=backend, rank=info.rank, world_size=info.world_size, init_method=init_method,
+        **kwargs)
+    _record_peers()
     return info
+
+
+_peers: list[tuple[str, int]] = []  # (host, pid) of every rank, for naming a lost one
+
+
+def _record_peers() -> None:
+    global _peers
+    me = (socket.gethostname(), os.getpid())
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, me)
+    _peers = [tuple(p) for p in gathered]
+
+
+def _process_state(pid: int) -> str | None:
+    """'stopped', 'gone' or None (running) for a process on this host."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+    except OSError:
+        return None
+    return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(fields[0])
+
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+def describe_collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that failed because of a peer, naming it where this host can
+    see it; None when ``exc`` is not such a failure."""
+    text = str(exc)
+    timed_out = "Timed out" in text or "timed out" in text or "Timeout" in text
+    lost = any(m in text for m in ("Connection closed by peer", "Connection reset by peer",
+                                   "Broken pipe", "Connection refused", "EOF"))
+    if not (timed_out or lost):
+        return None
+    host = socket.gethostname()
+    named = [f"rank {r} ({state})" for r, (h, pid) in enumerate(_peers)
+             if h == host and pid != os.getpid() and (state := _process_state(pid))]
+    who = ", ".join(named) if named else "a rank on another host (see that host's log)"
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if timed_out:
+        return (f"rank {rank}: a collective timed out: {who} stopped answering; the job ends "
+                "instead of hanging (training.collective_timeout_s sets how long to wait)")
+    return f"rank {rank}: lost {who}: the connection to it closed during a collective"
 
 
 def current_device() -> torch.device:
@@ -74,9 +127,9 @@ def current_device() -> torch.device:
 
 
 def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
-                  seq_length: int | None = None) -> RankInfo:
+                  seq_length: int | None = None, timeout_s: float | None = None) -> RankInfo:
     """torch.distributed + Megatron parallel_state + per-rank RNG streams."""
-    info = init_distributed()
+    info = init_distributed(timeout_s)
     layout.check(info.world_size, spec, seq_length)
     from megatron.core import parallel_state
 
@@ -86,6 +139,8 @@ def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
         tensor_model_parallel_size=layout.tensor_parallel,
         pipeline_model_parallel_size=layout.pipeline_parallel,
         context_parallel_size=layout.context_parallel,
+        # Megatron makes timedelta(minutes=...) of it: a fraction of a minute works too.
+        **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
     )
     set_seed(seed)
     return info
@@ -112,12 +167,16 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(stage_seed)
 
 
-def shutdown() -> None:
+def shutdown(peers_reachable: bool = True) -> None:
+    """Tear down Megatron's and torch's process groups; ``peers_reachable=False`` after a
+    failure skips the farewell barrier, which would wait out the timeout for a lost peer."""
     from megatron.core import parallel_state
 
     with contextlib.suppress(Exception):
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
+        if peers_reachable:
+            with contextlib.suppress(Exception):
+                torch.distributed.barrier()
         with contextlib.suppress(Exception):
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+            torch.distributed.destroy_process_group()

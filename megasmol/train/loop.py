@@ -20,18 +20,22 @@ from typing import Optional
 import torch
 
 from megasmol.ckpt import train_state
-from megasmol.ckpt.checkpoint import latest_iteration
+from megasmol.ckpt.checkpoint import (atomic_write_text, iteration_dirname, latest_iteration,
+                                      recover_interrupted_saves)
+from megasmol.ckpt.post_save import PostSaveRunner
 from megasmol.config.run import RunConfig
 from megasmol.data.masking import context_parallel_share, model_inputs
 from megasmol.model.flops import flops_per_token
-from megasmol.runtime.distributed import current_device
+from megasmol.runtime.distributed import (PeerLost, current_device, describe_collective_failure,
+                                          init_distributed)
+from megasmol.runtime.run_lock import RunLock
 from megasmol.train.metrics import IntervalStats, MetricsLog, device_peak_tflops
-from megasmol.train.optimizer import apply_learning_rate
+from megasmol.train.optimizer import apply_learning_rate, local_gradients_finite
 from megasmol.train.schedules import lr_at
 from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
 from megasmol.train.spikes import SpikeDetector
-from megasmol.train.step import forward_backward, global_loss
+from megasmol.train.step import any_rank, forward_backward, global_loss
 from megasmol.utils import faults
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,10 @@ log = logging.getLogger(__name__)
 class RollbackNeeded(Exception):
     def __init__(self, step: int):
         self.step = step
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -80,7 +88,14 @@ class Trainer:
             nvml=self.config.logging.nvml)
         self.total_steps = total
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
+        self.nonfinite_in_a_row = 0
         self.tokenizer = self.config.tokenizer_dir()
+        ckpt = self.config.checkpoint
+        self.post_save = None
+        if ckpt.post_save_command and setup.is_logging_rank:
+            uploaded = self._prune_uploaded if ckpt.delete_after_upload else None
+            self.post_save = PostSaveRunner(ckpt.post_save_command, ckpt.post_save_timeout_s,
+                                            on_success=uploaded)
         self.async_queue = None
         if self.config.checkpoint.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -94,12 +109,25 @@ class Trainer:
             "params_dtype": str(self.s.params_dtype).removeprefix("torch."),
             "run_config": self.config.to_dict(),
             "train_state": {"step": self.step, "spike_window": self.spikes.state(),
-                            "skip_batches": self.skip_ranges},
+                            "skip_batches": self.skip_ranges,
+                            "weights_finite": self._weights_finite()},
         }
 
+    def _weights_finite(self) -> bool:
+        """Collective: every rank's parameters are finite."""
+        local = all(bool(torch.isfinite(p).all()) for p in self.s.model.parameters())
+        return not any_rank(not local)
+
     def save(self) -> Path:
-        """Write a checkpoint of this step; with async saving, return once it is scheduled."""
+        """Write a checkpoint of this step; with async saving, return once it is scheduled.
+
+        A step that already has the latest complete checkpoint (a rerun of a finished run or
+        stage) is not written again: the complete copy is never touched."""
         self.finish_pending_saves()  # one save in flight at a time
+        latest = latest_iteration(self.ckpt_dir)
+        if latest is not None and latest.name == iteration_dirname(self.step):
+            self.result.checkpoint = latest
+            return latest
         started = time.perf_counter()
 
         def committed(path: Path) -> None:  # rank 0, once the checkpoint is complete
@@ -117,12 +145,12 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def _after_save(self, path: Path) -> None:
-        ckpt = self.config.checkpoint
-        train_state.prune_checkpoints(self.ckpt_dir, ckpt.keep_last)
-        if ckpt.post_save_command:
-            ok = train_state.run_post_save_command(ckpt.post_save_command, path, self.step)
-            if ok and ckpt.delete_after_upload:  # uploaded: only the newest stays local
-                train_state.prune_checkpoints(self.ckpt_dir, keep_last=1)
+        train_state.prune_checkpoints(self.ckpt_dir, self.config.checkpoint.keep_last)
+        if self.post_save is not None:
+            self.post_save.submit(path, int(path.name.removeprefix("iter_")))
+
+    def _prune_uploaded(self, path: Path) -> None:  # uploaded: only the newest stays local
+        train_state.prune_checkpoints(self.ckpt_dir, keep_last=1)
 
     def restore(self, path: Path) -> None:
         meta = train_state.load_training_checkpoint(self.s.model, self.s.optimizer, path)
@@ -142,10 +170,9 @@ class Trainer:
 
     # ----- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
-        if self.s.is_logging_rank:
-            stale = train_state.remove_stale_partials(self.ckpt_dir)
-            if stale:
-                self._print(f"removed {len(stale)} interrupted save(s): {', '.join(p.name for p in stale)}")
+        if self.s.is_logging_rank and self.ckpt_dir.is_dir():
+            for action in recover_interrupted_saves(self.ckpt_dir):
+                self._print(f"checkpoints: {action}")
         torch.distributed.barrier()
         latest = latest_iteration(self.ckpt_dir) if self.config.checkpoint.resume else None
         if latest is not None:
@@ -162,11 +189,9 @@ class Trainer:
                 self._rollback(spike.step)
         self.result.last_step = self.step
         self.finish_pending_saves()
-        saved_last = self.result.checkpoint is not None and self.result.checkpoint.name.endswith(
-            f"iter_{self.step:07d}")
         if (self.config.checkpoint.save_at_end and self.result.stopped_by is None
-                and self.step in (self.total_steps, stop_after) and not saved_last):
-            self.save()
+                and self.step in (self.total_steps, stop_after)):
+            self.save()  # not again when this step is already the latest checkpoint
         self.finish_pending_saves()
         return self.result
 
@@ -200,6 +225,8 @@ class Trainer:
             if self.skipped(step):
                 stats.skipped += 1
                 stats.add(None, None, 0)
+                stop_agreed = any_rank(self.stop.requested)
+                faults.signal_if_planned("sigterm_after_reduce", step)
             else:
                 apply_learning_rate(setup.optimizer, lr, config.optim.weight_decay)
                 if faults.planned_at("corrupt_batch", step):
@@ -210,12 +237,18 @@ class Trainer:
                 setup.ddp_model.zero_grad_buffer()
                 setup.optimizer.zero_grad()
                 local = forward_backward(setup.ddp_model, inputs)
-                loss, _, stop = global_loss(local, 1.0 if self.stop.requested else 0.0)
-                grad_norm = self._update(step, loss, stats)
+                if faults.planned_at("inf_grad", step):
+                    setup.ddp_model.buffers[0].grad_data[0] = float("inf")
+                totals = global_loss(local, stop=self.stop.requested,
+                                     nonfinite_grads=not local_gradients_finite(setup.ddp_model))
+                faults.signal_if_planned("sigterm_after_reduce", step)
+                loss = totals.loss
+                grad_norm = self._update(step, loss, totals.nonfinite_grads, stats)
                 stats.add(loss, grad_norm, tokens)
                 self.result.losses[step] = loss
-                if stop and self.stop.signal_name is None:
-                    self.stop.signal_name = "signal on another rank"
+                stop_agreed = totals.stop
+            if stop_agreed and self.stop.signal_name is None:
+                self.stop.signal_name = "signal on another rank"
             self.step = step
             steps_done += 1
             if self.async_queue is not None:
@@ -231,7 +264,7 @@ class Trainer:
             paused = time.perf_counter()  # validation and saving do not count as step time
             if config.eval.interval and config.eval.steps and step % config.eval.interval == 0:
                 self._validate(step, progress)
-            if self.stop.requested:
+            if stop_agreed:  # never a rank's own flag: all ranks stop after the same step
                 self.result.stopped_by = self.stop.signal_name
                 self.save()
                 self._print(f"stopped by {self.stop.signal_name} after step {step}; run the same "
@@ -245,27 +278,49 @@ class Trainer:
         if progress is not None:
             progress.close()
 
-    def _update(self, step: int, loss: float, stats: IntervalStats) -> Optional[float]:
-        """Apply the spike policy, then the optimizer step; returns the grad norm."""
+    def _update(self, step: int, loss: float, nonfinite_grads: bool,
+                stats: IntervalStats) -> Optional[float]:
+        """Apply the spike policy, then the optimizer step; returns the grad norm (None when the
+        update was not applied)."""
         policy = self.config.spikes.policy
-        verdict = self.spikes.check(step, loss)
+        verdict = self.spikes.check(step, loss)  # a non-finite loss is a spike too
         if verdict is not None:
             stats.spikes += 1
-            stats.nan += int(not math.isfinite(loss))
             self._print(f"loss spike: {verdict.describe()}; policy {policy}")
             self.metrics.write({"step": step, "loss": loss, "policy": policy,
                                 "window_mean": verdict.mean}, kind="spike")
             if policy == "rollback":
                 raise RollbackNeeded(step)
-            if policy == "skip" or not math.isfinite(loss):
-                stats.skipped += 1
-                return None
+        if nonfinite_grads or not math.isfinite(loss):
+            self._nonfinite_step(step, loss, stats)
+            return None
+        self.nonfinite_in_a_row = 0
+        if verdict is not None and policy == "skip":
+            stats.skipped += 1
+            return None
         success, grad_norm, _ = self.s.optimizer.step()
-        if not success or grad_norm is None or not math.isfinite(grad_norm):
-            stats.nan += 1
+        if not success or grad_norm is None:
             stats.skipped += 1
             return None
         return float(grad_norm)
+
+    def _nonfinite_step(self, step: int, loss: float, stats: IntervalStats) -> None:
+        """No update from a non-finite loss or gradient; too many in a row stop the run."""
+        stats.nan += 1
+        stats.skipped += 1
+        self.nonfinite_in_a_row += 1
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        limit = self.config.spikes.max_nonfinite_steps
+        self._print(f"step {step}: non-finite {what}; update skipped "
+                    f"({self.nonfinite_in_a_row} in a row, limit {limit})")
+        self.metrics.write({"step": step, "loss": loss, "nonfinite": what,
+                            "in_a_row": self.nonfinite_in_a_row}, kind="skipped_update")
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingDiverged(
+                f"{self.nonfinite_in_a_row} consecutive steps (up to {step}) had a non-finite "
+                f"{what} (spikes.max_nonfinite_steps={limit}); no update was applied, and the "
+                "checkpoints hold the last finite weights: lower the LR, check the data of these "
+                "steps, or skip them with spikes.skip_batches")
 
     def _validate(self, step: int, progress) -> None:
         setup = self.s
@@ -280,7 +335,8 @@ class Trainer:
         with torch.no_grad():
             local = forward_backward(setup.ddp_model, inputs, forward_only=True)
         setup.ddp_model.train()
-        loss, tokens, _ = global_loss(local)
+        totals = global_loss(local)
+        loss, tokens = totals.loss, totals.tokens
         self.result.validation[step] = loss
         self.metrics.write({"step": step, "loss": loss, "tokens": tokens,
                             "perplexity": math.exp(min(loss, 50))}, kind="validation")
@@ -295,11 +351,15 @@ class Trainer:
         else:
             print(text, flush=True)
 
-    def close(self) -> None:
+    def close(self, peers_lost: bool = False) -> None:
+        """Wait for pending saves and post-save commands; with ``peers_lost``, not for saves
+        (their commit is a collective that would only time out again)."""
+        if self.async_queue is not None and not peers_lost:
+            self.async_queue.close()
+        if self.post_save is not None:
+            self.post_save.close()
         self.stop.restore()
         self.metrics.close()
-        if self.async_queue is not None:
-            self.async_queue.close()
 
 
 # Sections whose change alters what the resumed steps do (not where logs or checkpoints go).
@@ -342,14 +402,24 @@ def _corrupted(micro: list[dict], vocab_size: int, step: int) -> list[dict]:
 
 def train(config: RunConfig) -> TrainResult:
     """Run (or resume) the training described by ``config``; collective under torchrun."""
-    setup = build_setup(config)
-    trainer = Trainer(setup)
-    try:
-        result = trainer.run()
-    finally:
+    init_distributed(config.training.collective_timeout_s)
+    with RunLock(run_directory(config), config.checkpoint_dir):
+        setup = build_setup(config)
+        trainer = Trainer(setup)
+        try:
+            result = trainer.run()
+        except RuntimeError as exc:
+            lost = describe_collective_failure(exc)
+            trainer.close(peers_lost=lost is not None)
+            if lost is not None:
+                raise PeerLost(lost) from None
+            raise
+        except BaseException:
+            trainer.close()
+            raise
         trainer.close()
     if setup.is_logging_rank and result.losses:
-        (run_directory(config) / "result.json").write_text(json.dumps(
+        atomic_write_text(run_directory(config) / "result.json", json.dumps(
             {"last_step": result.last_step, "stopped_by": result.stopped_by,
              "resumed_from": result.resumed_from, "rollbacks": result.rollbacks,
              "checkpoint": str(result.checkpoint) if result.checkpoint else None}, indent=2))

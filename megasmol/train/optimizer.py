@@ -23,7 +23,7 @@ def wrap_ddp(model, distributed_optimizer: bool):
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=distributed_optimizer,
-        check_for_nan_in_grad=False,  # NaN steps are counted and skipped by the loop instead
+        check_for_nan_in_grad=False,  # the loop checks (local_gradients_finite) and skips the step
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
@@ -54,3 +54,17 @@ def apply_learning_rate(optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
         group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+
+
+def local_gradients_finite(ddp_model) -> bool:
+    """Whether every value in this rank's gradient buffers is finite (after the reduction).
+
+    Checked before the optimizer step, because neither Megatron-Core's fp32 nor its bf16
+    optimizer (no loss scaler) checks for inf/NaN itself. Each rank sees its own buffers: reduced
+    gradients where it owns them, its local ones elsewhere; a non-finite value anywhere makes the
+    reduced gradient non-finite too, so "any rank saw one" (the flag in the step's all-reduce)
+    is exactly "the global gradient is not finite".
+    """
+    buffers = list(getattr(ddp_model, "buffers", [])) + list(
+        getattr(ddp_model, "expert_parallel_buffers", []))
+    return all(bool(torch.isfinite(buffer.grad_data).all()) for buffer in buffers)

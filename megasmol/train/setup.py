@@ -132,12 +132,13 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                           "(and usually rope.theta) for a long-context stage")
     check_attention_layout(config, resolve_attention_backend(spec.attention_backend))
 
-    rank = init_distributed()
+    rank = init_distributed(config.training.collective_timeout_s)
     config.parallel.check(rank.world_size, spec, longest)
     dp = config.parallel.data_parallel(rank.world_size)
     config.training.micro_batches_per_step(dp)
     _check_precision(config, spec)
-    init_parallel(config.parallel, spec, seed=config.training.seed, seq_length=longest)
+    init_parallel(config.parallel, spec, seed=config.training.seed, seq_length=longest,
+                  timeout_s=config.training.collective_timeout_s)
     _audit_on_rank0(config, spec, rank.rank)
 
     stages = build_stage_data(

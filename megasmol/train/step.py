@@ -73,20 +73,42 @@ def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: b
     return totals
 
 
-def global_loss(local: Tensor, flag: float = 0.0) -> tuple[float, int, bool]:
-    """(mean loss over the global batch, its token count, whether any rank raised ``flag``).
+@dataclass
+class StepTotals:
+    """What every rank learns from a step's one all-reduce."""
 
-    One all-reduce over the world: the last pipeline stage's sums are counted once per
-    tensor-parallel rank, which cancels in the ratio; the third slot carries a stop request
-    (a signal seen by any rank) so every rank agrees on it in the same collective.
+    loss: float
+    """Mean loss over the global batch (NaN when it has no tokens)."""
+    tokens: int
+    """Loss tokens in the global batch."""
+    stop: bool = False
+    """Some rank was asked to stop (a signal): every rank saves and stops after this step."""
+    nonfinite_grads: bool = False
+    """Some rank holds a non-finite gradient: nobody applies this step's update."""
+
+
+def global_loss(local: Tensor, stop: bool = False, nonfinite_grads: bool = False) -> StepTotals:
+    """One all-reduce over the world for the loss and the flags every rank must agree on.
+
+    The last pipeline stage's sums are counted once per tensor-parallel rank, which cancels in
+    the ratio; the flag slots are raised by whichever rank saw a signal or a non-finite
+    gradient, so every rank decides the same thing from the same collective.
     """
-    packed = local.clone()
-    packed[2] = flag
+    packed = torch.zeros(4, dtype=torch.float64)
+    packed[:2] = local[:2]
+    packed[2], packed[3] = float(stop), float(nonfinite_grads)
     packed = packed.to(current_device())
     torch.distributed.all_reduce(packed)
-    loss_sum, tokens, raised = packed.tolist()
+    loss_sum, tokens, raised, nonfinite = packed.tolist()
     mean = loss_sum / tokens if tokens > 0 else float("nan")
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    return mean, int(round(tokens / tp)), raised > 0
+    return StepTotals(mean, int(round(tokens / tp)), raised > 0, nonfinite > 0)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is raised on any rank (a collective; for steps that run no other)."""
+    packed = torch.tensor([float(flag)], dtype=torch.float64, device=current_device())
+    torch.distributed.all_reduce(packed)
+    return packed.item() > 0

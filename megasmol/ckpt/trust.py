@@ -1,0 +1,107 @@
+"""What megasmol trusts in a checkpoint it reads: data, never code.
+
+A ``dist_checkpointing`` directory holds three kinds of files that PyTorch would unpickle:
+
+* ``.metadata`` (PyTorch DCP's index of tensors and chunks), which DCP reads with a plain
+  ``pickle.load``;
+* byte items (Megatron's ``ShardedObject``s, e.g. megasmol's RNG streams), which DCP's load
+  planner reads with ``torch.load(weights_only=False)``;
+* ``common.pt`` (non-sharded state), which Megatron-Core reads with ``torch.load`` (in the
+  pinned torch, ``weights_only=True``).
+
+:func:`install` restricts the first two for this process: ``.metadata`` through an unpickler
+that admits only DCP's metadata classes and torch's size/dtype/layout values, byte items through
+``torch.load(weights_only=True)`` (tensors, numbers, strings and containers). A file that asks
+for anything else fails with :class:`UntrustedCheckpoint` naming it, before any of its code runs.
+Model weights themselves are raw tensor bytes and JSON (``megasmol.json``, ``metadata.json``).
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import pickle
+
+import torch
+
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
+                "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
+_TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+_FUNCTIONS = {("torch.serialization", "_get_layout"), ("torch", "Size"),
+              ("collections", "OrderedDict")}
+
+_installed = False
+
+
+class UntrustedCheckpoint(pickle.UnpicklingError):
+    """A checkpoint file asked to load something other than checkpoint data."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Admits DCP's metadata dataclasses and enums, and torch's size/dtype/layout values."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _FUNCTIONS:
+            return super().find_class(module, name)
+        if module == "torch":
+            value = getattr(torch, name, None)
+            if isinstance(value, _TORCH_VALUES):
+                return value
+        elif module in _DCP_MODULES:
+            value = super().find_class(module, name)
+            if isinstance(value, type) and (getattr(value, "__dataclass_fields__", None) is not None
+                                            or issubclass(value, enum.Enum)):
+                return value
+            if isinstance(value, dict) and name.startswith("_MEM_FORMAT"):
+                return value  # DCP's memory-format encoding table
+        raise UntrustedCheckpoint(f"refuses to load {module}.{name}")
+
+
+def load_metadata(stream) -> object:
+    return MetadataUnpickler(stream).load()
+
+
+def install() -> None:
+    """Route DCP's metadata and byte-item loading through the restricted loaders (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.planner import ReadItem
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as stream:
+            try:
+                metadata = load_metadata(stream)
+            except UntrustedCheckpoint as exc:
+                raise UntrustedCheckpoint(f"{path}: {exc} (not DCP metadata)") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UntrustedCheckpoint(
+                f"object {read_item.dest_index.fqn!r} is not plain data (tensors, numbers, "
+                f"strings, containers): {str(exc).splitlines()[0]}") from None
+        _store_bytes_item(self, read_item, obj)
+
+    FileSystemReader.read_metadata = read_metadata
+    DefaultLoadPlanner.load_bytes = load_bytes
+    _installed = True
+
+
+def _store_bytes_item(planner, read_item, obj) -> None:
+    """Where DCP's own ``DefaultLoadPlanner.load_bytes`` puts a loaded object."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    if planner.flatten_state_dict:
+        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], obj)
+    else:
+        planner.state_dict[read_item.dest_index.fqn] = obj
