@@ -14,6 +14,7 @@ a ``.partial`` directory that nothing loads and the previous ``latest`` untouche
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,6 +197,28 @@ def save_checkpoint(
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
+
+
+def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out") -> Path:
+    """Refuse an output directory that would damage an existing run: one that holds a training
+    run's checkpoints (its ``latest`` would move to a weights-only checkpoint, and the run could
+    no longer resume), or one that is or contains a ``source`` the command reads from."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{what} {out} is a file, not a directory")
+    latest = out / LATEST_FILE
+    if latest.is_file():
+        with contextlib.suppress(CheckpointError, OSError, ValueError):
+            if "train_state" in read_metadata(out):
+                raise FileExistsError(
+                    f"{what} {out} holds a training run's checkpoints; writing there would move "
+                    "its latest to a weights-only checkpoint: choose a new directory")
+    for source in sources:
+        source = Path(source).resolve()
+        if source == out or out in source.parents:
+            raise FileExistsError(f"{what} {out} contains {source}, which this command reads: "
+                                  "choose a directory outside it")
+    return out
 
 
 def fsync_directory(path: Path) -> None:

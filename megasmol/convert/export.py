@@ -8,6 +8,7 @@ Everything is written into ``OUT.partial`` and renamed to ``OUT`` when complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from megasmol.ckpt.checkpoint import copy_tokenizer, read_metadata, tokenizer_dir
+from megasmol.ckpt.checkpoint import (check_output_dir, copy_tokenizer, read_metadata, replace_directory,
+                                      resolve, tokenizer_dir)
 from megasmol.ckpt.reader import CheckpointReader
 from megasmol.config.typed import ConfigError
 from megasmol.convert.hf_config import hf_config
@@ -111,7 +113,9 @@ def export_hf(
     if vocab != spec.vocab_size:
         raise ConfigError(f"checkpoint vocabulary {vocab} != model spec vocab_size {spec.vocab_size}")
 
-    out = Path(out_dir)
+    if max_shard_bytes < 1:
+        raise ConfigError("--max-shard-gb must be > 0")
+    out = check_output_dir(out_dir, sources=(resolve(checkpoint),) + ((tokenizer,) if tokenizer else ()))
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
     partial = out.with_name(out.name + ".partial")
@@ -141,7 +145,14 @@ def export_hf(
     (partial / "generation_config.json").write_text(json.dumps(generation, indent=2))
     source = Path(tokenizer) if tokenizer else tokenizer_dir(checkpoint)
     has_tokenizer = bool(source) and copy_tokenizer(source, partial)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    for file in partial.iterdir():  # readable like the rest (safetensors writes 0600)
+        if file.is_file():
+            file.chmod(0o666 & ~_umask())
+    replace_directory(partial, out)
     return ExportReport(out, total, len(writer.shards), writer.total_bytes, has_tokenizer)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -105,6 +105,15 @@ def spec_from_hf_config(config: dict, name: str) -> ModelSpec:
             "beta_fast": float(scaling.get("beta_fast", 32.0)),
             "beta_slow": float(scaling.get("beta_slow", 1.0)),
         }
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "vocab_size", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = config.get(key)
+        required = key in ("num_hidden_layers", "hidden_size", "intermediate_size",
+                           "num_attention_heads", "vocab_size")
+        if value is None and required:
+            raise ConfigError(f"config.json: {key} is missing")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"config.json: {key} must be a positive integer, got {value!r}")
     heads = config["num_attention_heads"]
     data = {
         "name": name,

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from safetensors import safe_open
 
-from megasmol.ckpt.checkpoint import CheckpointError, save_checkpoint
+from megasmol.ckpt.checkpoint import CheckpointError, check_output_dir, save_checkpoint
 from megasmol.config.typed import ConfigError
 from megasmol.convert.hf_config import spec_from_hf_config
 from megasmol.convert.mappings import expected_hf_shapes, fuse, mappings_for
@@ -31,7 +31,10 @@ class _SafetensorsIndex:
     def __init__(self, hf_dir: Path):
         index = hf_dir / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a safetensors index ({exc!r})") from None
             self.files = {name: hf_dir / file for name, file in weight_map.items()}
         else:
             files = sorted(hf_dir.glob("*.safetensors"))
@@ -41,7 +44,7 @@ class _SafetensorsIndex:
                 raise CheckpointError(f"{hf_dir}: no *.safetensors files{hint}")
             self.files = {}
             for file in files:
-                with safe_open(str(file), "pt") as handle:
+                with _opened(file) as handle:
                     self.files.update({name: file for name in handle.keys()})
         missing_files = sorted({str(p) for p in self.files.values() if not p.is_file()})
         if missing_files:
@@ -52,13 +55,24 @@ class _SafetensorsIndex:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except Exception as exc:  # safetensors' own error type
+            raise CheckpointError(f"{self.files[name]}: cannot read {name}: {exc}") from None
 
     def _handle(self, name: str):
         file = self.files[name]
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), "pt")
+            self._handles[file] = _opened(file)
         return self._handles[file]
+
+
+def _opened(file: Path):
+    """``safe_open`` with a truncated or garbled file reported as one line naming it."""
+    try:
+        return safe_open(str(file), "pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
 def import_hf(
@@ -66,6 +80,7 @@ def import_hf(
     show_progress: bool = True,
 ) -> Path:
     hf_dir = Path(hf_dir)
+    check_output_dir(out_root, sources=(hf_dir,))
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: no such file")

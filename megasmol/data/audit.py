@@ -2,14 +2,17 @@
 
 For each stage and dataset: tokens available, tokens the plan draws, and the epochs that
 implies (also summed over stages, since a dataset shared by stages is read again). Errors stop
-training before it starts: missing files, token ids beyond the model's vocabulary, an EOS id
-the model does not use for document boundaries. Warnings: weights that do not sum to 1 and
+training before it starts: missing files, a ``.bin`` whose size differs from its index, token
+ids beyond the model's vocabulary (the whole dataset is scanned once; the verdict is cached by
+file size and modification time), an EOS id the model does not use for document boundaries. Warnings: weights that do not sum to 1 and
 datasets repeated more than ``data.max_epochs`` times (the playbook: more than 3% math in
 stage 1 would have meant more than 5 epochs of it).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +23,7 @@ import numpy as np
 from megasmol.data.recipe import DataRecipe, StagePlan
 from megasmol.data.tokenize import missing_parts, read_stats
 
-SCAN_TOKENS = 1 << 22  # ids checked directly when a dataset has no stats JSON
+SCAN_CHUNK = 1 << 26  # tokens per numpy pass of the full-dataset id scan
 
 
 @dataclass
@@ -75,21 +78,76 @@ def _human(n: float) -> str:
 
 
 def _scan_max_id(prefix: Path, dtype) -> int:
+    """The largest token id in the whole ``.bin`` (chunked, so memory stays flat)."""
     data = np.memmap(str(prefix) + ".bin", dtype=dtype, mode="r")
-    head = data[:SCAN_TOKENS]
-    tail = data[-SCAN_TOKENS:] if data.size > SCAN_TOKENS else data[:0]
-    return int(max(head.max(initial=0), tail.max(initial=0)))
+    largest = 0
+    for start in range(0, data.size, SCAN_CHUNK):
+        largest = max(largest, int(data[start:start + SCAN_CHUNK].max(initial=0)))
+    return largest
+
+
+class ScanCache:
+    """Verdicts of the full id scan, keyed by each file's path, size and modification time, so a
+    dataset is read once and again only when it changes (a stats JSON is never trusted for it)."""
+
+    def __init__(self, path: Optional[Path]):
+        self.path = path
+        self.entries: dict = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.entries = {}  # rebuilt below
+
+    @staticmethod
+    def _fingerprint(prefix: str) -> list:
+        out = []
+        for suffix in (".bin", ".idx"):
+            st = os.stat(prefix + suffix)
+            out += [st.st_size, st.st_mtime_ns]
+        return out
+
+    def max_id(self, prefix: str, dtype) -> int:
+        key = str(Path(prefix).resolve())
+        fingerprint = self._fingerprint(prefix)
+        entry = self.entries.get(key)
+        if entry is not None and entry.get("fingerprint") == fingerprint:
+            return int(entry["max_token_id"])
+        largest = _scan_max_id(Path(prefix), dtype)
+        self.entries[key] = {"fingerprint": fingerprint, "max_token_id": largest}
+        if self.path is not None:
+            from megasmol.ckpt.checkpoint import atomic_write_text
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
+        return largest
+
+
+def _bin_size_error(prefix: str, indexed) -> Optional[str]:
+    """The ``.bin`` must be exactly as long as its ``.idx`` says (a truncated copy is not)."""
+    index = indexed.index
+    itemsize = np.dtype(index.dtype).itemsize
+    if len(index.sequence_lengths):
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize
+    else:
+        expected = 0
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        return (f"{prefix}.bin has {actual:,} bytes but {prefix}.idx describes {expected:,} "
+                f"({'truncated' if actual < expected else 'longer than its index'}: copy it again "
+                "or run prepare-data again)")
+    return None
 
 
 def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, eos_id: int,
                root: Optional[str] = None, max_epochs: float = 4.0,
-               validation_fraction: float = 0.0) -> AuditReport:
+               validation_fraction: float = 0.0, scan_cache: Optional[Path] = None) -> AuditReport:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     report = AuditReport()
     drawn_total: dict[str, int] = defaultdict(int)
     available: dict[str, int] = {}
-    checked: set[str] = set()
+    scans = ScanCache(scan_cache)
     for plan in plans:
         stage = plan.stage
         report.stage_lines.append(
@@ -119,9 +177,13 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
                 except Exception as exc:  # a truncated or foreign .idx
                     report.errors.append(f"{key}.idx: unreadable indexed dataset ({exc})")
                     continue
+                size_error = _bin_size_error(key, indexed)
+                if size_error:
+                    report.errors.append(size_error)
+                    continue
                 available[key] = int(np.asarray(indexed.sequence_lengths, dtype=np.int64).sum())
                 row.documents = len(indexed.document_indices) - 1
-                _check_tokens(report, key, indexed, vocab_size, eos_id, checked)
+                _check_tokens(report, key, indexed, vocab_size, eos_id, scans)
             row.tokens_available = int(available[key] * (1.0 - validation_fraction))
             drawn_total[key] += row.tokens_drawn
             row.epochs = row.tokens_drawn / max(row.tokens_available, 1)
@@ -139,20 +201,16 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
 
 
 def _check_tokens(report: AuditReport, key: str, indexed, vocab_size: int, eos_id: int,
-                  checked: set) -> None:
-    checked.add(key)
+                  scans: ScanCache) -> None:
     stats = read_stats(key)
-    if stats is not None:
-        max_id, how = stats.get("max_token_id", -1), "per its stats JSON"
-        if stats.get("eos_id") not in (None, eos_id):
-            report.errors.append(f"{key}: documents end with token {stats['eos_id']} but the model's "
-                                 f"eos_token_id is {eos_id}; document masking would not see the "
-                                 "boundaries (tokenizer mismatch?)")
-    else:
-        max_id, how = _scan_max_id(Path(key), indexed.index.dtype), "in its first/last tokens"
+    if stats is not None and stats.get("eos_id") not in (None, eos_id):
+        report.errors.append(f"{key}: documents end with token {stats['eos_id']} but the model's "
+                             f"eos_token_id is {eos_id}; document masking would not see the "
+                             "boundaries (tokenizer mismatch?)")
+    max_id = scans.max_id(key, indexed.index.dtype)
     if max_id >= vocab_size:
-        report.errors.append(f"{key}: token id {max_id} ({how}) is outside the model's vocabulary "
-                             f"of {vocab_size}")
+        report.errors.append(f"{key}: token id {max_id} (in {key}.bin) is outside the model's "
+                             f"vocabulary of {vocab_size}")
 
 
 def audit_run(config, spec=None) -> AuditReport:
@@ -166,4 +224,5 @@ def audit_run(config, spec=None) -> AuditReport:
     return audit_plan(recipe, plans, vocab_size=spec.vocab_size, eos_id=spec.eos_token_id,
                       root=config.data.root and str(config.path(config.data.root)),
                       max_epochs=config.data.max_epochs,
-                      validation_fraction=config.data.validation_fraction)
+                      validation_fraction=config.data.validation_fraction,
+                      scan_cache=config.cache_dir / "token_scan.json")

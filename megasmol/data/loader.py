@@ -15,7 +15,9 @@ data-parallel ranks keeps the global batch the same for any layout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -94,6 +96,10 @@ def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: Toke
     if not torch.distributed.is_initialized():
         init_distributed()  # Megatron's builders coordinate ranks even in a single process
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        _drop_damaged_cache_files(cache_dir)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     stages = []
     for plan in plans:
         prefixes = [str(recipe.dataset_prefix(e, root)) for e in plan.stage.datasets]
@@ -112,14 +118,56 @@ def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: Toke
             create_attention_mask=False,
         )
         wanted_valid = validation_samples if validation_fraction > 0 else 0
-        train, valid, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [plan.samples, wanted_valid, 0], lambda: True, config).build()
+        with _atomic_numpy_saves():
+            train, valid, _ = BlendedMegatronDatasetBuilder(
+                GPTDataset, [plan.samples, wanted_valid, 0], lambda: True, config).build()
         if train is None or len(train) < plan.samples:
             raise ConfigError(f"stage {plan.stage.name}: the datasets yield "
                               f"{0 if train is None else len(train)} training samples, the plan needs "
                               f"{plan.samples}")
         stages.append(StageData(plan, train, valid))
     return stages
+
+
+@contextlib.contextmanager
+def _atomic_numpy_saves():
+    """Megatron-Core's dataset builders write their index caches with ``numpy.save`` under the
+    final names, so a kill mid-write leaves a short file that every later start maps and fails
+    on. While they build, each array is written to a temporary name, synced and renamed."""
+    original = np.save
+
+    def save(file, arr, *args, **kwargs):
+        if not isinstance(file, (str, os.PathLike)):
+            return original(file, arr, *args, **kwargs)
+        path = os.fspath(file)
+        path = path if path.endswith(".npy") else path + ".npy"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            original(fh, arr, *args, **kwargs)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    np.save = save
+    try:
+        yield
+    finally:
+        np.save = original
+
+
+def _drop_damaged_cache_files(cache_dir: Path) -> None:
+    """Delete index-cache arrays that cannot be mapped (written by a run killed mid-write before
+    saves were atomic), with their description, so they are rebuilt instead of failing."""
+    for path in cache_dir.glob("*.npy"):
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            stem = path.name.rsplit("-", 1)[0]
+            log.warning("index cache %s is damaged (%s); rebuilding it", path, exc)
+            for sibling in cache_dir.glob(stem + "-*"):
+                sibling.unlink(missing_ok=True)
+    for tmp in cache_dir.glob("*.tmp-*"):
+        tmp.unlink(missing_ok=True)
 
 
 def _collate(samples: list[dict]) -> dict:

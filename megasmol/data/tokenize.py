@@ -163,6 +163,8 @@ def prepare_data(inputs: list[str], out_prefix: str, tokenizer: Optional[str] = 
                  overwrite: bool = False, skip_bad_files: bool = False,
                  show_progress: bool = True) -> TokenizeSummary:
     """Tokenize ``inputs`` (files, directories or globs) into ``out_prefix``.bin/.idx."""
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
     from megasmol.tokenizer import default_tokenizer_dir
@@ -183,7 +185,7 @@ def prepare_data(inputs: list[str], out_prefix: str, tokenizer: Optional[str] = 
     if eos_id is None:
         raise ConfigError(f"tokenizer {tokenizer_source}: has no EOS token to end documents with")
     token_dtype = choose_dtype(dtype, vocab_size)
-    workers = max(1, workers or 1)
+    workers = workers or 1
 
     partial_bin = bin_path.with_name(bin_path.name + ".partial")
     partial_idx = idx_path.with_name(idx_path.name + ".partial")

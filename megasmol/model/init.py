@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from megasmol.ckpt.checkpoint import save_checkpoint
+from megasmol.ckpt.checkpoint import check_output_dir, save_checkpoint
 from megasmol.model.gpt import build_model
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import init_parallel
@@ -25,6 +25,7 @@ def init_checkpoint(
     tokenizer: Optional[str | Path] = None,
 ) -> Path:
     """Collective under torchrun: each rank builds and saves its shard."""
+    check_output_dir(out)
     init_parallel(layout, spec, seed=seed)
     model = build_model(spec, params_dtype=params_dtype, cpu_initialization=cpu_initialization)
     metadata = {

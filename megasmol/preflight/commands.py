@@ -17,7 +17,8 @@ def cmd_preflight(args) -> int:
         min_write_gbps=args.min_write_gbps, data_paths=args.data_path,
         checkpoint_dir=args.checkpoint_dir, world_size=args.world_size,
         device_memory_gb=args.device_memory_gb,
-        skip=[s for item in args.skip for s in item.split(",") if s])
+        skip=[s for item in args.skip for s in item.split(",") if s],
+        expect_gpus=args.expect_gpus, allow_cpu=args.allow_cpu)
     try:
         report = run_preflight(options)
     finally:
@@ -35,7 +36,8 @@ def add_preflight_parser(sub) -> None:
         description="Run on every node before a job (single process, or under torchrun/srun for "
                     "collectives across the job). Exit 1 exactly when a check failed (or warned, "
                     "with --strict). Without a GPU every check that can run does; GPU-only ones "
-                    "say 'skipped: no GPU'.")
+                    "say 'skipped: no GPU', unless the node lists GPUs that torch cannot see, or the "
+                    "job needs GPUs (--expect-gpus, a bf16/fp8 --config): then it fails.")
     p.add_argument("--config", help="run config YAML: dry-run it and test its data and checkpoint paths")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--level", default="quick", choices=["quick", "standard", "long"],
@@ -58,4 +60,9 @@ def add_preflight_parser(sub) -> None:
     p.add_argument("--world-size", type=int, help="dry-run the config for this many GPUs (default: this job)")
     p.add_argument("--device-memory-gb", type=float, help="GPU memory for the dry-run (default: detected)")
     p.add_argument("--skip", action="append", default=[], help="checks to leave out, comma separated")
+    p.add_argument("--expect-gpus", type=int,
+                   help="fail unless torch sees at least this many GPUs on this node (default: one "
+                        "per local rank for a bf16/fp8 --config, else none)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="a bf16/fp8 config may be checked on a machine without GPUs")
     p.set_defaults(func=cmd_preflight)

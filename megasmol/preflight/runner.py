@@ -16,11 +16,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasmol.preflight import collectives, compute, dcgm, dryrun, nvml_health, storage
+from megasmol.preflight import collectives, compute, dcgm, dryrun, nvml_health, storage, visibility
 from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
 
-CHECKS = ("gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage", "dry_run")
+CHECKS = ("gpu_visibility", "gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage",
+          "dry_run")
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,12 @@ class PreflightOptions:
     world_size: Optional[int] = None
     device_memory_gb: Optional[float] = None
     skip: list[str] = field(default_factory=list)
+    expect_gpus: Optional[int] = None
+    allow_cpu: bool = False
 
     def validate(self) -> None:
+        if self.expect_gpus is not None and self.expect_gpus < 0:
+            raise ValueError(f"--expect-gpus must be >= 0, got {self.expect_gpus}")
         if self.level not in LEVELS:
             raise ValueError(f"--level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         unknown = sorted(set(self.skip) - set(CHECKS))
@@ -121,6 +126,12 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
                              level=options.level)
 
     mine: dict[str, object] = {}
+    if "gpu_visibility" not in options.skip:
+        precision = config.training.precision if config is not None else None
+        needed = visibility.required_gpus(options.expect_gpus, precision, options.allow_cpu)
+        why = ("--expect-gpus" if options.expect_gpus is not None
+               else f"training.precision={precision}")
+        mine["gpu_visibility"] = visibility.check_gpu_visibility(needed, why)
     if "gemm" not in options.skip:
         size = options.gemm_size or (8192 if on_gpu else 1024)
         dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -138,10 +149,15 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
         mine["storage"] = storage.storage_checks(data_files, ckpt, level.storage_mb,
                                                  options.min_read_gbps, options.min_write_gbps)
     if "dcgm" not in options.skip and info.local_rank == 0:
-        mine["dcgm"] = dcgm.run_dcgm(level.dcgm_level, timeout_s=3600) if on_gpu else [
-            skipped("dcgm", "no GPU")]
+        # Whatever torch sees: DCGM may find a failed GPU that torch cannot even open.
+        mine["dcgm"] = dcgm.run_dcgm(level.dcgm_level, timeout_s=3600)
     everyone = dict(zip([f"rank {r}" for r in range(info.world_size)], _gather((me, mine))))
 
+    if "gpu_visibility" not in options.skip:
+        for name, data in everyone.values():
+            row = data["gpu_visibility"]
+            row.target = name
+            report.add(row)
     if "gemm" not in options.skip:
         burns = {name: data["gemm"] for name, data in everyone.values()}
         report.extend(compute.judge_burns(burns, options.gemm_tolerance))

@@ -191,7 +191,8 @@ class MetricsLog:
         if not self.active:
             return
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps({"kind": kind, **record}) + "\n")
+            self.jsonl.write(json.dumps(strict_json_record({"kind": kind, **record}),
+                                        allow_nan=False) + "\n")
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step" and value is not None:
@@ -202,3 +203,18 @@ class MetricsLog:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def strict_json_record(record: dict) -> dict:
+    """NaN and inf become null (strict JSON readers reject them), and ``nonfinite`` lists the
+    keys whose value was not finite."""
+    out, bad = {}, []
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            out[key] = None
+            bad.append(key)
+        else:
+            out[key] = value
+    if bad:
+        out["nonfinite_keys"] = bad
+    return out
