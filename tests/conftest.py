@@ -16,13 +16,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
+                 env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run`` with 2 gloo processes; fail with its output."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"

@@ -53,6 +53,8 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         rank, (inner, _) = sorted(failures.items())[0]
         return f"{describe_error(inner)} (rank {rank})"
+    if isinstance(exc, EOFError):
+        return "a file ends early (truncated?)"
     text = str(exc).strip().splitlines()
     name = type(exc).__name__
     return f"{name}: {text[0]}" if text else name
@@ -206,13 +208,14 @@ def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{what} {out} is a file, not a directory")
-    latest = out / LATEST_FILE
-    if latest.is_file():
+    holds_run = False
+    if (out / LATEST_FILE).is_file():
         with contextlib.suppress(CheckpointError, OSError, ValueError):
-            if "train_state" in read_metadata(out):
-                raise FileExistsError(
-                    f"{what} {out} holds a training run's checkpoints; writing there would move "
-                    "its latest to a weights-only checkpoint: choose a new directory")
+            holds_run = "train_state" in read_metadata(out)
+    if holds_run:
+        raise FileExistsError(
+            f"{what} {out} holds a training run's checkpoints; writing there would move its "
+            "latest to a weights-only checkpoint: choose a new directory")
     for source in sources:
         source = Path(source).resolve()
         if source == out or out in source.parents:

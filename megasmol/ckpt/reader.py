@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megasmol.ckpt.checkpoint import CheckpointError, resolve
+from megasmol.ckpt.checkpoint import CheckpointError, describe_error, load_errors, resolve
 
 
 class _SlicePlanner(DefaultLoadPlanner):
@@ -48,8 +48,9 @@ class CheckpointReader:
         self._reader = FileSystemReader(str(self.path))
         try:
             metadata = self._reader.read_metadata()
-        except Exception as exc:
-            raise CheckpointError(f"{self.path}: unreadable checkpoint metadata: {exc}") from None
+        except load_errors() as exc:
+            raise CheckpointError(f"{self.path}/.metadata: unreadable checkpoint metadata: "
+                                  f"{describe_error(exc)}") from None
         self._tensors = {
             key: md for key, md in metadata.state_dict_metadata.items()
             if isinstance(md, TensorStorageMetadata)
@@ -82,6 +83,6 @@ class CheckpointReader:
         try:
             dcp.load({key: dest}, storage_reader=self._reader,
                      planner=_SlicePlanner({key: offsets}), no_dist=True)
-        except Exception as exc:
-            raise CheckpointError(f"{self.path}: cannot read {key}: {exc}") from None
+        except load_errors() as exc:
+            raise CheckpointError(f"{self.path}: cannot read {key}: {describe_error(exc)}") from None
         return dest if layer is None else dest[0]

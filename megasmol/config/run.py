@@ -158,12 +158,14 @@ class RopeSettings:
 class RunConfig:
     """A training run."""
 
-    model: str
-    """Model spec: a preset name (model_specs/) or a spec YAML path."""
     data: DataConfig
     """Data recipe and sequence options."""
     training: TrainingConfig
     """Steps, batch sizes, seed."""
+    model: Optional[str] = None
+    """Model spec: a preset name (model_specs/), a spec YAML path, or a checkpoint directory
+    (its spec); omitted, the spec of ``checkpoint.init_from``. ``rope`` and
+    ``training.attention_backend`` apply on top."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
     """Tensor / pipeline / context parallel sizes; data parallel takes the remaining ranks."""
     rope: RopeSettings = field(default_factory=RopeSettings)
@@ -186,6 +188,9 @@ class RunConfig:
     """Directory of the config file; relative paths in the config are taken from it."""
 
     def validate(self) -> None:
+        if self.model is None and self.checkpoint.init_from is None:
+            raise ConfigError("model is missing: name a preset, a spec YAML or a checkpoint "
+                              "(or set checkpoint.init_from to start from one)")
         self.schedule.check_against(self.training.train_steps)
         if self.eval.interval and self.eval.steps and not self.data.validation_fraction:
             raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
@@ -236,9 +241,12 @@ class RunConfig:
         return spec.replace(**changes) if changes else spec
 
     def model_reference(self) -> str:
-        """The model spec: a YAML path (relative to this config) when one exists, else a preset."""
+        """The model spec: a YAML file or checkpoint directory (relative to this config) when one
+        exists, else a preset; without ``model``, the ``init_from`` checkpoint."""
+        if self.model is None:
+            return str(self.path(self.checkpoint.init_from))
         candidate = self.path(self.model)
-        return str(candidate) if candidate.is_file() else self.model
+        return str(candidate) if candidate.exists() else self.model
 
     def recipe_reference(self) -> str:
         candidate = self.path(self.data.recipe)

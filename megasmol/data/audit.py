@@ -4,9 +4,9 @@ For each stage and dataset: tokens available, tokens the plan draws, and the epo
 implies (also summed over stages, since a dataset shared by stages is read again). Errors stop
 training before it starts: missing files, a ``.bin`` whose size differs from its index, token
 ids beyond the model's vocabulary (the whole dataset is scanned once; the verdict is cached by
-file size and modification time), an EOS id the model does not use for document boundaries. Warnings: weights that do not sum to 1 and
-datasets repeated more than ``data.max_epochs`` times (the playbook: more than 3% math in
-stage 1 would have meant more than 5 epochs of it).
+file size and modification time), an EOS id the model does not use for document boundaries.
+Warnings: weights that do not sum to 1 and datasets repeated more than ``data.max_epochs``
+times (the playbook: more than 3% math in stage 1 would have meant more than 5 epochs of it).
 """
 
 from __future__ import annotations

@@ -157,8 +157,17 @@ def preset_names() -> list[str]:
 
 
 def load_model_spec(name_or_path: str | Path) -> ModelSpec:
-    """A preset name from ``model_specs/`` or a path to a spec YAML."""
+    """A preset name from ``model_specs/``, a path to a spec YAML, or a checkpoint directory
+    (root or iteration: the spec it was written with)."""
     path = Path(name_or_path)
+    if path.is_dir():
+        from megasmol.ckpt.checkpoint import read_metadata
+
+        meta = read_metadata(path)
+        try:
+            return model_spec_from_dict(meta["model_spec"])
+        except (KeyError, ConfigError) as exc:
+            raise ConfigError(f"{path}: its model spec is unusable ({exc})") from None
     if path.suffix not in (".yaml", ".yml") and not path.exists():
         path = PRESET_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
