@@ -64,3 +64,36 @@ def test_cli_data_audit_exit_codes(tmp_path):
                    check=False)
     assert proc.returncode == 2 and "unknown field(s) training.gbs" in proc.stderr
     assert np.iinfo(np.int32).max > 7000
+
+
+def test_every_id_is_checked_and_the_verdict_cached(tmp_path, monkeypatch):
+    """An out-of-vocabulary id in the middle, behind a stale stats JSON, used to pass the audit
+    and crash training at the first batch that held it."""
+    import megasmol.data.audit as audit
+
+    documents = [[5] * 100] * 50
+    documents[25] = [5, 7000, 6]
+    write_dataset(tmp_path / "d", documents)
+    (tmp_path / "d.stats.json").write_text(json.dumps({"eos_id": EOS, "max_token_id": 6}))
+    recipe = recipe_at(tmp_path, [{"name": "a", "start_step": 1, "datasets": [{"path": "d", "weight": 1}]}])
+    cache = tmp_path / "cache" / "token_scan.json"
+    report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
+    assert report.errors == [f"{tmp_path / 'd'}: token id 7000 (in {tmp_path / 'd'}.bin) is outside "
+                             "the model's vocabulary of 4096"]
+    # Unchanged files are not read again; a rewritten one is.
+    monkeypatch.setattr(audit, "_scan_max_id", lambda *a: pytest.fail("scanned again"))
+    audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
+    monkeypatch.undo()
+    write_dataset(tmp_path / "d", [[5] * 100] * 50)
+    report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
+    assert report.ok, report.errors
+
+
+def test_a_truncated_bin_is_named(tmp_path):
+    write_dataset(tmp_path / "d", [[5] * 100] * 50)
+    data = (tmp_path / "d.bin").read_bytes()
+    (tmp_path / "d.bin").write_bytes(data[:-40])  # a whole number of int32 tokens short
+    recipe = recipe_at(tmp_path, [{"name": "a", "start_step": 1, "datasets": [{"path": "d", "weight": 1}]}])
+    report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS)
+    [error] = report.errors
+    assert f"{tmp_path / 'd'}.bin has {len(data) - 40:,} bytes" in error and "truncated" in error

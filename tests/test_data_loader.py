@@ -146,3 +146,19 @@ def test_missing_dataset_named(megatron_runtime, tmp_path):
     recipe = recipe_at(tmp_path, gone)
     with pytest.raises(ConfigError, match="gone.bin.*stage s"):
         _batches(tmp_path, recipe)
+
+
+def test_a_damaged_index_cache_is_rebuilt_not_fatal(megatron_runtime, tmp_path):
+    """A kill while Megatron wrote its index cache used to leave a short .npy that every restart
+    mapped and failed on; saves are now atomic, and a damaged file is dropped and rebuilt."""
+    write_dataset(tmp_path / "low", random_documents(200, 10, 1000, 5, 60, seed=1))
+    recipe = recipe_at(tmp_path, [{"name": "one", "start_step": 1,
+                                   "datasets": [{"path": "low", "weight": 1.0}]}])
+    first = _batches(tmp_path, recipe).micro_batches(3)
+    cache = sorted((tmp_path / "cache").glob("*.npy"))
+    assert cache and not list((tmp_path / "cache").glob("*.tmp-*"))  # nothing half-written
+    victim = next(p for p in cache if p.name.endswith("shuffle_index.npy"))
+    victim.write_bytes(victim.read_bytes()[:-16])  # as a kill mid-write left it
+    again = _batches(tmp_path, recipe).micro_batches(3)
+    assert all((a["tokens"] == b["tokens"]).all() for a, b in zip(first, again))
+    np.load(victim, mmap_mode="r")  # rebuilt whole

@@ -65,7 +65,7 @@ def _torchrun_preflight(tmp_path, env_extra):
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "megasmol", "preflight", "--json", str(out),
-           "--skip", "gemm,memory_bandwidth,storage,dry_run,dcgm,nvml"]
+           "--skip", "gpu_visibility,gemm,memory_bandwidth,storage,dry_run,dcgm,nvml"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     return proc, json.loads(out.read_text())
@@ -129,7 +129,7 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
                    "--json", str(out))
     report = json.loads(out.read_text())
     status = {r["check"]: r["status"] for r in report["results"]}
-    assert status == {"gemm": "pass", "memory_bandwidth": "pass", "nvml": "skip", "dcgm": "skip",
+    assert status == {"gpu_visibility": "skip", "gemm": "pass", "memory_bandwidth": "pass", "nvml": "skip", "dcgm": "skip",
                       "storage_read": "pass", "storage_write": "pass", "collectives": "skip",
                       "dry_run": "skip"}, proc.stdout
     gemm = next(r for r in report["results"] if r["check"] == "gemm")
@@ -209,3 +209,49 @@ def test_dry_run_checks_the_attention_layout_and_counts_all_gathered_kv():
     by_hand = 32768 * 3 / 4 * 2 * (4 * 128 / 2) * 2 * (36 + 1) / GB
     assert sdpa.status == "pass" and abs(extra - by_hand) < 1e-6, (extra, by_hand)
     assert any("all-gathered K/V" in note for note in sdpa.details["notes"])
+
+
+def _preflight_with(tmp_path, *args, path_prefix=None):
+    out = tmp_path / "report.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}:{env['PATH']}"
+    cmd = [sys.executable, "-m", "megasmol", "preflight", "--json", str(out),
+           "--skip", "gemm,memory_bandwidth,storage,collectives,dry_run", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    rows = {(r["check"], r["target"]): r for r in json.loads(out.read_text())["results"]}
+    return proc, rows
+
+
+def test_gpus_the_driver_lists_but_torch_cannot_see_are_a_no_go(tmp_path):
+    """This machine has no GPU: stand-ins for nvidia-smi and dcgmi play a node whose driver sees
+    GPUs (one failing DCGM's memory test) while torch sees none. That used to be a silent GO."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)'\n"
+                                        "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'\n")
+    (bin_dir / "dcgmi").write_text(f"#!/bin/sh\ncat {FIXTURES / 'gpu1_memory_fail.json'}\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    proc, rows = _preflight_with(tmp_path, path_prefix=bin_dir)
+    assert proc.returncode == 1, proc.stdout
+    visibility = next(r for (check, _), r in rows.items() if check == "gpu_visibility")
+    assert visibility["status"] == "fail"
+    assert "nvidia-smi sees 2 GPU(s) but torch sees none" in visibility["summary"]
+    assert rows["dcgm", "GPU 1"]["status"] == "fail"  # DCGM ran although torch sees no GPU
+    assert "NO-GO" in proc.stdout
+
+
+def test_a_gpu_config_needs_gpus_unless_cpu_is_allowed(tmp_path):
+    from tests.train_fixtures import write_training_run
+
+    config = write_training_run(tmp_path / "run", steps=4)
+    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", "training.precision=bf16")
+    [visibility] = [r for (check, _), r in rows.items() if check == "gpu_visibility"]
+    assert proc.returncode == 1 and visibility["status"] == "fail"
+    assert visibility["summary"] == "torch sees 0 GPU(s), training.precision=bf16 needs 1"
+    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", "training.precision=bf16",
+                                 "--allow-cpu")
+    assert proc.returncode == 0, proc.stdout
+    proc, rows = _preflight_with(tmp_path, "--config", str(config))  # fp32: a CPU run
+    assert proc.returncode == 0 and "GO" in proc.stdout

@@ -57,7 +57,9 @@ def add_preflight_parser(sub) -> None:
     p.add_argument("--data-path", action="append", default=[],
                    help="a .bin file or a directory of them to read (default: the config's datasets)")
     p.add_argument("--checkpoint-dir", help="where to test writing (default: the config's)")
-    p.add_argument("--world-size", type=int, help="dry-run the config for this many GPUs (default: this job)")
+    p.add_argument("--world-size", type=int,
+                   help="dry-run the config for a job of this many GPUs (default: this job); "
+                        "then this machine is not taken for one of that job's GPU nodes")
     p.add_argument("--device-memory-gb", type=float, help="GPU memory for the dry-run (default: detected)")
     p.add_argument("--skip", action="append", default=[], help="checks to leave out, comma separated")
     p.add_argument("--expect-gpus", type=int,

@@ -127,7 +127,9 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
 
     mine: dict[str, object] = {}
     if "gpu_visibility" not in options.skip:
-        precision = config.training.precision if config is not None else None
+        # --world-size dry-runs the config for another job: this machine need not be its node.
+        on_this_node = config is not None and options.world_size is None
+        precision = config.training.precision if on_this_node else None
         needed = visibility.required_gpus(options.expect_gpus, precision, options.allow_cpu)
         why = ("--expect-gpus" if options.expect_gpus is not None
                else f"training.precision={precision}")
