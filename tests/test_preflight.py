@@ -130,8 +130,8 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     report = json.loads(out.read_text())
     status = {r["check"]: r["status"] for r in report["results"]}
     assert status == {"gpu_visibility": "skip", "gemm": "pass", "memory_bandwidth": "pass",
-                      "nvml": "skip", "dcgm": "skip", "storage_read": "pass", "storage_write": "pass", "collectives": "skip",
-                      "dry_run": "skip"}, proc.stdout
+                      "nvml": "skip", "dcgm": "skip", "storage_read": "pass",
+                      "storage_write": "pass", "collectives": "skip", "dry_run": "skip"}, proc.stdout
     gemm = next(r for r in report["results"] if r["check"] == "gemm")
     assert gemm["details"]["mean_tflops"] > 0 and gemm["details"]["plain_matmul_tflops"] > 0
     assert "skipped: no GPU" in proc.stdout and not list((tmp_path / "ckpt").iterdir())
