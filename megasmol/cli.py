@@ -15,7 +15,7 @@ from megasmol.preflight.commands import add_preflight_parser
 ERRORS_SHOWN_PLAINLY = ("ConfigError", "CheckpointError", "FileExistsError", "FileNotFoundError",
                         "UntrustedCheckpoint")
 # Failures of a run (not of its input): one line and exit 1.
-FAILURES_SHOWN_PLAINLY = ("PeerLost", "TrainingDiverged", "RunLocked")
+FAILURES_SHOWN_PLAINLY = ("PeerLost", "TrainingDiverged", "RunLocked", "SaveFailed")
 
 
 def _dtype(name: str):

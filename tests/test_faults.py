@@ -220,3 +220,28 @@ def test_a_run_takes_its_model_from_a_checkpoint(reference, tmp_path):
     proc = run_cli("train", "--config", str(config), "--set", "model=null", "--set",
                    f"checkpoint.init_from={source}")
     assert "trained to step 4" in proc.stdout
+
+
+def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 3})
+    proc = train(config, env_extra={"MEGASMOL_FAULT": "enospc_in_save:6"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "saving step 6 to" in proc.stderr and "No space left on device" in proc.stderr
+    assert _latest_step(tmp_path / "run") == 3
+    resumed = train(config)
+    assert "at step 3" in resumed.stdout and max(step_losses(tmp_path / "run")) == STEPS
+
+
+def test_resuming_under_a_changed_spec_names_the_tensor(reference, tmp_path):
+    import shutil
+
+    import yaml
+
+    config = write_training_run(tmp_path, steps=STEPS)
+    shutil.copytree(reference["root"] / "run" / "checkpoints", tmp_path / "run" / "checkpoints")
+    spec = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({**spec, "ffn_hidden_size": 96}))
+    proc = train(config, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "has shape (4, 32, 64) in the checkpoint but (4, 32, 96) in this run's model" in proc.stderr
+    assert "tensor decoder.layers." in proc.stderr

@@ -99,6 +99,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, small_tokenizer_dir
         prepare_data([str(good)], str(prefix), tokenizer=str(small_tokenizer_dir), show_progress=False)
     with pytest.raises(ConfigError, match="no such file"):
         prepare_data([str(tmp_path / "missing.jsonl")], str(tmp_path / "x"), show_progress=False)
+    with pytest.raises(ConfigError, match="--workers must be >= 1, got 0"):
+        prepare_data([str(good)], str(tmp_path / "x"), workers=0, show_progress=False)
     with pytest.raises(ConfigError, match="does not fit uint16"):
         prepare_data([str(good)], str(tmp_path / "x"), dtype="uint16", show_progress=False)
     import pyarrow as pa

@@ -191,6 +191,10 @@ def save_checkpoint(
                 on_commit(final)
         _barrier()
 
+    if faults.planned_at("enospc_in_save", step):  # what DCP raises when the disk is full
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        raise CheckpointException("save", {_rank(): (OSError(28, "No space left on device"), None)})
     if async_queue is None:
         dist_checkpointing.save(sharded, str(partial))
         commit()

@@ -9,6 +9,7 @@ step counter and the schedule, so the data of every other step never moves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,8 +21,8 @@ from typing import Optional
 import torch
 
 from megasmol.ckpt import train_state
-from megasmol.ckpt.checkpoint import (atomic_write_text, iteration_dirname, latest_iteration,
-                                      recover_interrupted_saves)
+from megasmol.ckpt.checkpoint import (atomic_write_text, describe_error, iteration_dirname,
+                                      latest_iteration, load_errors, recover_interrupted_saves)
 from megasmol.ckpt.post_save import PostSaveRunner
 from megasmol.config.run import RunConfig
 from megasmol.data.masking import context_parallel_share, model_inputs
@@ -48,6 +49,24 @@ class RollbackNeeded(Exception):
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (the previous ``latest`` stays as it was)."""
+
+
+@contextlib.contextmanager
+def _save_errors(root: Path, step: Optional[int]):
+    """DCP reports a failed write as a ``CheckpointException`` (a BaseException) holding every
+    rank's traceback: one line instead, naming the directory and the first cause."""
+    try:
+        yield
+    except load_errors() as exc:
+        if isinstance(exc, (SaveFailed, RuntimeError)) and describe_collective_failure(exc):
+            raise
+        where = f"step {step} to {root}" if step is not None else f"a checkpoint to {root}"
+        raise SaveFailed(f"saving {where} failed: {describe_error(exc)}; the previous "
+                         "checkpoint stays the latest") from None
 
 
 @dataclass
@@ -134,15 +153,17 @@ class Trainer:
             self._after_save(path)
             self._print(f"saved checkpoint {path} ({time.perf_counter() - started:.1f}s)")
 
-        path = train_state.save_training_checkpoint(
-            self.s.model, self.s.optimizer, self.ckpt_dir, self.step, self._metadata(),
-            tokenizer_source=self.tokenizer, async_queue=self.async_queue, on_commit=committed)
+        with _save_errors(self.ckpt_dir, self.step):
+            path = train_state.save_training_checkpoint(
+                self.s.model, self.s.optimizer, self.ckpt_dir, self.step, self._metadata(),
+                tokenizer_source=self.tokenizer, async_queue=self.async_queue, on_commit=committed)
         self.result.checkpoint = path
         return path
 
     def finish_pending_saves(self) -> None:
         if self.async_queue is not None:
-            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            with _save_errors(self.ckpt_dir, None):
+                self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     def _after_save(self, path: Path) -> None:
         train_state.prune_checkpoints(self.ckpt_dir, self.config.checkpoint.keep_last)
@@ -408,6 +429,9 @@ def train(config: RunConfig) -> TrainResult:
         trainer = Trainer(setup)
         try:
             result = trainer.run()
+        except (TrainingDiverged, SaveFailed):
+            trainer.close()
+            raise
         except RuntimeError as exc:
             lost = describe_collective_failure(exc)
             trainer.close(peers_lost=lost is not None)
