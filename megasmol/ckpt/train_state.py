@@ -72,11 +72,14 @@ def capture_rng() -> dict:
 def restore_rng(state: dict) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached"]))
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, tuple):  # written by megasmol before RNG states were tensors
+        random.setstate(py)
+        np.random.set_state(npy)
+    else:
+        random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+        np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                             npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -170,15 +173,30 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
         raise CheckpointError(f"{iteration}: a weights-only checkpoint has no optimizer state to "
                               "resume from (use checkpoint.init_from for it)")
     same_layout = meta.get("written_with") == _layout_now()
-    sharded = model.sharded_state_dict()
-    _materialize_adam_state(optimizer)
-    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
-                                                        metadata=OPTIMIZER_FORMAT)
-    if same_layout:
-        sharded["rng_state"] = _rng_sharded_object([None])
+
+    def request(with_rng: bool) -> dict:
+        sharded = model.sharded_state_dict()
+        _materialize_adam_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                            metadata=OPTIMIZER_FORMAT)
+        if with_rng:
+            sharded["rng_state"] = _rng_sharded_object([None])
+        return sharded
+
+    sharded = request(same_layout)
     _check_shapes(iteration, sharded)
     try:
-        state = dist_checkpointing.load(sharded, str(iteration))
+        try:
+            state = dist_checkpointing.load(sharded, str(iteration))
+        except load_errors() as exc:
+            reason = describe_error(exc)
+            if not (same_layout and "rng_state" in reason and "not plain data" in reason):
+                raise
+            # Written before RNG states were plain tensors: resume with fresh streams rather
+            # than unpickle them (see trust.py).
+            log.warning("%s: its RNG state is not plain data (an older megasmol?); RNG streams "
+                        "start fresh", iteration)
+            state = dist_checkpointing.load(request(False), str(iteration))
     except load_errors() as exc:  # Megatron and DCP raise several types
         raise CheckpointError(f"{iteration}: cannot resume from it: {describe_error(exc)}") from None
     optimizer_state = state.pop("optimizer")
@@ -187,7 +205,7 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
     _load_optimizer_state(optimizer, optimizer_state)
     if rng_state is not None:
         restore_rng(rng_state[0])
-    else:
+    elif not same_layout:
         log.warning("%s was written under layout %s; RNG streams start fresh under %s",
                     iteration, meta.get("written_with"), _layout_now())
     return meta
