@@ -348,7 +348,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except Exception as exc:  # one clear line for bad input; tracebacks for real bugs
         if type(exc).__name__ in FAILURES_SHOWN_PLAINLY:
-            print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
+            if not getattr(exc, "reported", False):
+                print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
             return 1
         if type(exc).__name__ in ERRORS_SHOWN_PLAINLY or isinstance(exc, ValueError):
             print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)

@@ -98,6 +98,11 @@ def _process_state(pid: int) -> str | None:
 class PeerLost(RuntimeError):
     """A collective failed because another rank died or stopped answering."""
 
+    def __init__(self, message: str, reported: bool = False):
+        super().__init__(message)
+        self.reported = reported
+        """Already printed (``megasmol train`` says it before shutting down)."""
+
 
 def describe_collective_failure(exc: BaseException) -> str | None:
     """One line for a collective that failed because of a peer, naming it where this host can

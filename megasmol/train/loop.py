@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,9 +435,13 @@ def train(config: RunConfig) -> TrainResult:
             raise
         except RuntimeError as exc:
             lost = describe_collective_failure(exc)
+            if lost is not None:
+                # Said now, while the stop signals are still held: a launcher that saw the peer
+                # die sends this rank SIGTERM next, which would end it before the CLI prints.
+                print(f"megasmol train: error: {lost}", file=sys.stderr, flush=True)
             trainer.close(peers_lost=lost is not None)
             if lost is not None:
-                raise PeerLost(lost) from None
+                raise PeerLost(lost, reported=True) from None
             raise
         except BaseException:
             trainer.close()
