@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from megasmol.longctx.commands import add_eval_parser
+from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 

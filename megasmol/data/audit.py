@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from megasmol.data.recipe import DataRecipe, StagePlan
+from megasmol.utils.table import format_table
 from megasmol.data.tokenize import missing_parts, read_stats
 
 SCAN_CHUNK = 1 << 26  # tokens per numpy pass of the full-dataset id scan
@@ -57,12 +58,7 @@ class AuditReport:
             table = [header] + [
                 (r.stage, r.name, f"{r.weight:.4f}", _human(r.tokens_available), _human(r.tokens_drawn),
                  f"{r.epochs:.2f}", f"{r.epochs_all_stages:.2f}") for r in self.rows]
-            widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-            for i, row in enumerate(table):
-                cells = [c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
-                out.append("  ".join(cells).rstrip())
-                if i == 0:
-                    out.append("  ".join("-" * w for w in widths))
+            out.append(format_table(table))
         out += [f"warning: {w}" for w in self.warnings]
         out += [f"error: {e}" for e in self.errors]
         out.append("audit: " + ("OK" if self.ok else f"{len(self.errors)} error(s)")

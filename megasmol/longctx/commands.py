@@ -43,9 +43,8 @@ def _token_count(text: str) -> int:
         raise ValueError(f"--lengths: {text!r} is not a token count like 4096 or 4k") from None
 
 
-def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluations: passkey retrieval")
-    evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+def add_passkey_parser(evals) -> None:
+    """``megasmol eval passkey`` (the ``eval`` command itself lives in megasmol/eval/)."""
     p = evals.add_parser(
         "passkey", help="needle-in-a-haystack retrieval accuracy by length and depth",
         description="Builds prompts of each length with a 5-digit pass key hidden at each depth in "

@@ -1,0 +1,1 @@
+"""Downstream evaluation: benchmark tasks scored the way lm-evaluation-harness scores them."""

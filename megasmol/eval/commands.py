@@ -1,0 +1,76 @@
+"""``megasmol eval``: the command-line side of the evaluations (tasks here, passkey in longctx/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cmd_eval_tasks(args) -> int:
+    from tqdm import tqdm
+
+    from megasmol.ckpt.checkpoint import tokenizer_dir
+    from megasmol.config.typed import ConfigError
+    from megasmol.eval.runner import evaluate, table, write_outputs
+    from megasmol.eval.scorers import hf_scorer, megatron_scorer
+    from megasmol.eval.tasks import load_task
+    from megasmol.runtime.distributed import shutdown
+    from megasmol.tokenizer import load_tokenizer
+
+    if bool(args.checkpoint) == bool(args.hf):
+        raise ConfigError("give exactly one of --checkpoint or --hf")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be >= 1")
+    if args.num_fewshot < 0:
+        raise ConfigError("--num-fewshot must be >= 0")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--tasks names no task")
+    tasks = [load_task(name) for name in names]  # bad task names/files fail before any model
+    source = args.tokenizer or (tokenizer_dir(args.checkpoint) if args.checkpoint else args.hf)
+    if source is None:
+        raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
+    tokenizer = load_tokenizer(source)
+    try:
+        scorer = (megatron_scorer(args.checkpoint, tokenizer, args.batch_tokens) if args.checkpoint
+                  else hf_scorer(args.hf, tokenizer, args.batch_tokens))
+        results = evaluate(tasks, scorer, limit=args.limit, num_fewshot=args.num_fewshot,
+                           seed=args.seed, progress_factory=lambda n: tqdm(
+                               total=n, unit="req", desc="eval", disable=args.quiet))
+    finally:
+        shutdown()
+    print(table(results))
+    settings = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                "seed": args.seed}
+    report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings)
+    print(f"results: {report}\nsamples: {samples}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    from megasmol.eval.embedded import EMBEDDED
+    from megasmol.eval.tasks import task_names
+    from megasmol.longctx.commands import add_passkey_parser
+
+    p = sub.add_parser("eval", help="evaluations: downstream tasks, passkey retrieval")
+    evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
+    p = evals.add_parser(
+        "tasks", help="score a model on benchmark tasks (cloze, multiple choice, bits per byte)",
+        description="Log-likelihood scoring with lm-evaluation-harness's definitions (acc: argmax "
+                    "of the summed log-likelihood; acc_norm: divided by the choice's length in "
+                    "characters). Tasks: built-in names ("
+                    + ", ".join(task_names() + sorted(EMBEDDED))
+                    + "), a task YAML, or a JSONL file of {context, choices, gold} items. Writes "
+                    "a table, OUT/results.json and OUT/samples.jsonl.")
+    p.add_argument("--checkpoint", help="megasmol checkpoint (Megatron-Core model)")
+    p.add_argument("--hf", help="Hugging Face model directory (transformers)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names or files")
+    p.add_argument("--limit", type=int, help="a fixed, seeded subset of this many examples per task")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
+    p.add_argument("--seed", type=int, default=1234, help="seed for --limit and few-shot draws")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
+    p.add_argument("--batch-tokens", type=int, default=8192,
+                   help="padded tokens per forward pass (default 8192)")
+    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval_tasks)
+    add_passkey_parser(evals)

@@ -1,0 +1,99 @@
+"""Offline tasks generated from what Python ships, for the demo and the tests (no download).
+
+* ``demo_arithmetic``: held-out word problems from the demo corpus's generator (problems that
+  also occur in the demo's training set are left out); the context is the problem and its worked
+  solution up to "The answer is", the choices are the right number and three near misses
+  (chance 0.25).
+* ``demo_code``: next-line cloze over standard-library files the demo corpus did not sample: eight
+  lines of code, then the real next line or one of three lines from other files (chance 0.25).
+
+Both are deterministic for a Python version: the same examples everywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from megasmol.eval.tasks import Example, Task, TaskSpec
+
+SEED = 20251129
+COUNT = 500
+DEMO_SEED, DEMO_PROBLEMS, DEMO_CODE_BYTES = 1234, 20000, int(3.0 * 1e6)  # the demo corpus's
+
+
+def arithmetic_examples(count: int, seed: int) -> list[Example]:
+    from megasmol.data.demo_corpus import _problem, math_documents
+
+    seen = set(math_documents(DEMO_PROBLEMS, DEMO_SEED))
+    rng, pick = random.Random(seed), random.Random(seed + 1)
+    examples = []
+    while len(examples) < count:
+        text = _problem(rng)
+        if text in seen or "The answer is " not in text:
+            continue
+        head, _, tail = text.rpartition("The answer is ")
+        answer = int(tail.rstrip("."))
+        wrong = sorted({answer + d for d in (-10, -2, -1, 1, 2, 10) if answer + d >= 0} - {answer})
+        choices = [answer] + pick.sample(wrong, 3)
+        pick.shuffle(choices)
+        examples.append(Example(head + "The answer is", [f"{c}." for c in choices],
+                                choices.index(answer), {"problem": text}))
+    return examples
+
+
+def code_examples(count: int, seed: int) -> list[Example]:
+    from megasmol.data.demo_corpus import _stdlib_sources, code_documents
+
+    used = set(code_documents(DEMO_CODE_BYTES, DEMO_SEED))
+    files = []
+    for path in _stdlib_sources():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        lines = [line.rstrip() for line in text.splitlines()]
+        if text not in used and sum(bool(x.strip()) for x in lines) > 40:
+            files.append((path, lines))
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    examples = []
+    for path, lines in files:
+        if len(examples) == count:
+            break
+        candidates = [i for i in range(8, len(lines)) if len(lines[i].strip()) > 12]
+        if not candidates:
+            continue
+        at = rng.choice(candidates)
+        others = []
+        while len(others) < 3:
+            _, other_lines = rng.choice(files)
+            line = rng.choice(other_lines)
+            if len(line.strip()) > 12 and line != lines[at] and line not in others:
+                others.append(line)
+        choices = [lines[at]] + others
+        rng.shuffle(choices)
+        examples.append(Example("\n".join(lines[at - 8:at]) + "\n", choices,
+                                choices.index(lines[at]), {"file": path.name, "line": at + 1}))
+    return examples
+
+
+EMBEDDED = {
+    "demo_arithmetic": (arithmetic_examples, " ", "held-out demo-corpus word problems"),
+    "demo_code": (code_examples, "", "next-line cloze over unsampled standard-library files"),
+}
+
+
+class GeneratedTask(Task):
+    def __init__(self, name: str):
+        generate, delimiter, source = EMBEDDED[name]
+        super().__init__(TaskSpec(name=name, data_files="(generated)", target_delimiter=delimiter,
+                                  source=source, chance=0.25), Path("."))
+        self._generate = generate
+
+    def examples(self) -> list[Example]:
+        return self._generate(COUNT, SEED)
+
+    def fewshot_pool(self) -> list[Example]:
+        return self._generate(50, SEED + 7)
+
+
+def embedded_task(name: str) -> Task:
+    return GeneratedTask(name)

@@ -1,0 +1,96 @@
+"""How an example becomes log-likelihood requests, and how their results become metrics.
+
+* ``cf`` (cloze): the choices are not shown; each choice is scored after the context. ``acc`` is
+  the argmax of the summed log-likelihood, ``acc_norm`` the argmax of the log-likelihood divided
+  by the choice's length in characters: lm-evaluation-harness's definitions (the playbook's
+  character normalization is the same thing under lm-eval's name).
+* ``mcf`` (multiple choice): the choices are listed with letters after the question and the
+  answer letter (`` A``, `` B``, ...) is scored; ``acc``.
+* ``bpb``: bits per byte of the gold continuation (corpus level: total nats over total UTF-8
+  bytes, divided by ln 2), lower is better; for generative tasks at small scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from megasmol.eval.tasks import Example
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+@dataclass
+class Scored:
+    """One example after scoring: what the model saw and what it preferred."""
+
+    index: int
+    prompt: str
+    continuations: list[str]
+    loglikelihoods: list[float]
+    gold: int
+    prediction: int
+    prediction_norm: int
+    metrics: dict = field(default_factory=dict)
+
+
+def _mcf_context(example: Example) -> str:
+    listed = "\n".join(f"{LETTERS[i]}. {choice}" for i, choice in enumerate(example.choices))
+    return f"{example.context}\n{listed}\nAnswer:"
+
+
+def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
+                             shots: list[Example]) -> tuple[str, list[str]]:
+    """The full prompt (few-shot examples first) and the continuations to score."""
+    if formulation == "mcf":
+        prefix = "".join(f"{_mcf_context(s)} {LETTERS[s.gold]}\n\n" for s in shots)
+        return prefix + _mcf_context(example), [f" {LETTERS[i]}" for i in range(len(example.choices))]
+    prefix = "".join(f"{s.context}{delimiter}{s.choices[s.gold]}\n\n" for s in shots)
+    if formulation == "bpb":
+        return prefix + example.context, [delimiter + example.choices[example.gold]]
+    return prefix + example.context, [delimiter + c for c in example.choices]
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # first index on ties, as numpy
+
+
+def judge(index: int, example: Example, formulation: str, prompt: str, continuations: list[str],
+          lls: list[float]) -> Scored:
+    if formulation == "bpb":
+        nbytes = len(continuations[0].encode("utf-8"))
+        return Scored(index, prompt, continuations, lls, example.gold, example.gold, example.gold,
+                      {"nats": -lls[0], "bytes": nbytes})
+    prediction = _argmax(lls)
+    if formulation == "cf":
+        normed = [ll / max(len(choice), 1) for ll, choice in zip(lls, example.choices)]
+        prediction_norm = _argmax(normed)
+    else:
+        prediction_norm = prediction
+    metrics = {"acc": float(prediction == example.gold)}
+    if formulation == "cf":
+        metrics["acc_norm"] = float(prediction_norm == example.gold)
+    return Scored(index, prompt, continuations, lls, example.gold, prediction, prediction_norm, metrics)
+
+
+def aggregate(scored: list[Scored], formulation: str) -> dict[str, tuple[float, float]]:
+    """metric -> (value, standard error); the standard error of a mean is the sample standard
+    deviation over sqrt(n), as lm-eval reports it."""
+    if formulation == "bpb":
+        nats = sum(s.metrics["nats"] for s in scored)
+        nbytes = sum(s.metrics["bytes"] for s in scored)
+        per_example = [s.metrics["nats"] / max(s.metrics["bytes"], 1) / math.log(2) for s in scored]
+        return {"bpb": (nats / max(nbytes, 1) / math.log(2), _stderr(per_example))}
+    out = {}
+    for name in scored[0].metrics:
+        values = [s.metrics[name] for s in scored]
+        out[name] = (sum(values) / len(values), _stderr(values))
+    return out
+
+
+def _stderr(values: list[float]) -> float:
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

@@ -1,0 +1,46 @@
+"""Turning (context, continuation) text pairs into token ids, exactly as lm-evaluation-harness.
+
+lm-eval's causal-LM convention (``TemplateLM._encode_pair``): trailing whitespace of the context
+moves to the continuation; the whole string is encoded once and the continuation is what follows
+the context's tokens, so a word boundary tokenizes as it would in running text. Encoding uses the
+tokenizer's default special tokens (the Llama-3.2 tokenizer adds BOS). An empty context is the
+prefix token (BOS, or EOS without one). Sequences longer than the model's window keep their
+right end (the continuation) and lose tokens on the left.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One log-likelihood to compute: ``continuation`` given ``context`` (token ids)."""
+
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+    def window(self, max_length: int) -> tuple[list[int], list[int]]:
+        """Model input (the last ``max_length + 1`` tokens, final one dropped) and the
+        continuation, which the input's last ``len(continuation)`` positions predict."""
+        whole = list(self.context + self.continuation)[-(max_length + 1):]
+        return whole[:-1], list(self.continuation)
+
+
+def prefix_token_id(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> TokenRequest:
+    if context == "":
+        cont = tokenizer.encode(continuation, add_special_tokens=False)
+        prefix = prefix_token_id(tokenizer)
+        if cont and cont[0] == prefix:
+            return TokenRequest(tuple(cont[:1]), tuple(cont[1:]))
+        return TokenRequest((prefix,), tuple(cont))
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context)
+    return TokenRequest(tuple(ctx), tuple(whole[len(ctx):]))

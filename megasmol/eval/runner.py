@@ -1,0 +1,120 @@
+"""Score a model on tasks: build every request, run them in one batched pass, judge, write.
+
+Outputs (in ``--out``): ``results.json`` (per task: each metric, its standard error, the example
+count, the chance level) and ``samples.jsonl`` (per example: prompt, continuations,
+log-likelihoods, prediction, gold), both written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megasmol.eval.formulations import Scored, aggregate, judge, prompt_and_continuations
+from megasmol.eval.requests import encode_pair
+from megasmol.eval.tasks import Task, sample
+from megasmol.utils.table import format_table
+
+
+@dataclass
+class TaskResult:
+    name: str
+    formulation: str
+    metrics: dict[str, tuple[float, float]]
+    examples: int
+    chance: Optional[float]
+    num_fewshot: int
+    samples: list[Scored] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"formulation": self.formulation, "examples": self.examples, "chance": self.chance,
+                "num_fewshot": self.num_fewshot,
+                **{name: _finite(value) for name, (value, _) in self.metrics.items()},
+                **{f"{name}_stderr": _finite(err) for name, (_, err) in self.metrics.items()}}
+
+
+def _finite(value: float):
+    return value if math.isfinite(value) else None
+
+
+def _shots(task: Task, pool, index: int, k: int, seed: int, exclude: Optional[dict]):
+    if k == 0:
+        return []
+    candidates = [e for e in pool if e.record is not exclude]
+    if len(candidates) < k:
+        from megasmol.config.typed import ConfigError
+
+        raise ConfigError(f"task {task.name}: {k} few-shot examples asked, the few-shot split has "
+                          f"{len(candidates)}")
+    return random.Random(f"{seed}/{task.name}/{index}").sample(candidates, k)
+
+
+def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fewshot: int = 0,
+             seed: int = 1234, progress_factory=None) -> list[TaskResult]:
+    """Score ``tasks`` with ``scorer`` (see scorers.py); every request of every task goes
+    through one batched pass so that lengths sort well."""
+    plans = []
+    for task in tasks:
+        examples = sample(task.examples(), limit, seed)
+        pool = task.fewshot_pool() if num_fewshot else []
+        built = []
+        for index, example in enumerate(examples):
+            shots = _shots(task, pool, index, num_fewshot, seed, example.record)
+            prompt, continuations = prompt_and_continuations(
+                example, task.spec.formulation, task.spec.target_delimiter, shots)
+            built.append((example, prompt, continuations))
+        plans.append((task, built))
+    requests = [encode_pair(scorer.tokenizer, prompt, c)
+                for _, built in plans for _, prompt, conts in built for c in conts]
+    progress = progress_factory(len(requests)) if progress_factory else None
+    try:
+        lls = scorer.loglikelihoods(requests, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    results, cursor = [], 0
+    for task, built in plans:
+        scored = []
+        for index, (example, prompt, conts) in enumerate(built):
+            scored.append(judge(index, example, task.spec.formulation, prompt, conts,
+                                lls[cursor:cursor + len(conts)]))
+            cursor += len(conts)
+        chance = task.spec.chance
+        if chance is None and task.spec.formulation != "bpb" and built:
+            chance = sum(1 / len(e.choices) for e, _, _ in built) / len(built)
+        results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
+                                  if scored else {}, len(scored), chance, num_fewshot, scored))
+    return results
+
+
+def table(results: list[TaskResult]) -> str:
+    rows = [("task", "metric", "value", "stderr", "n", "chance")]
+    for r in results:
+        for name, (value, err) in r.metrics.items():
+            rows.append((r.name, name, f"{value:.4f}", "-" if not math.isfinite(err) else f"{err:.4f}",
+                         str(r.examples), "-" if r.chance is None else f"{r.chance:.4f}"))
+    return format_table(rows)
+
+
+def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
+                  settings: dict) -> tuple[Path, Path]:
+    from megasmol.ckpt.checkpoint import atomic_write_text
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"model": model, "settings": settings, "results": {r.name: r.to_json() for r in results}}
+    results_path, samples_path = out_dir / "results.json", out_dir / "samples.jsonl"
+    lines = []
+    for r in results:
+        for s in r.samples:
+            lines.append(json.dumps({"task": r.name, "index": s.index, "prompt": s.prompt,
+                                     "continuations": s.continuations,
+                                     "loglikelihoods": s.loglikelihoods, "gold": s.gold,
+                                     "prediction": s.prediction, "prediction_norm": s.prediction_norm,
+                                     **s.metrics}))
+    atomic_write_text(samples_path, "\n".join(lines) + ("\n" if lines else ""))
+    atomic_write_text(results_path, json.dumps(doc, indent=2))
+    return results_path, samples_path

@@ -1,0 +1,145 @@
+"""Downstream evaluation: the numbers are lm-evaluation-harness's numbers.
+
+A tiny random SmolLM3 (the Llama-3.2 tokenizer) is exported to Hugging Face format; the task
+file in tests/fixtures/eval is scored by megasmol (through the Megatron-Core model and through
+transformers) and by EleutherAI's lm-eval (``HFLM`` with the same file as a custom task), in
+cloze and multiple-choice formulations. Per-example log-likelihoods must agree within 1e-4 and
+acc / acc_norm must be identical.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megasmol.config.typed import ConfigError
+from megasmol.convert.export import export_hf
+from megasmol.eval.runner import evaluate
+from megasmol.eval.scorers import hf_scorer, megatron_scorer
+from megasmol.eval.tasks import TaskSpec, Task, file_task, load_task
+from megasmol.model.init import init_checkpoint
+from megasmol.tokenizer import load_tokenizer
+from tests.conftest import run_cli
+from tests.specs import tiny_smollm3
+
+ITEMS = Path(__file__).parent / "fixtures" / "eval" / "items.jsonl"
+LETTERS = "ABCD"
+
+LM_EVAL_TASKS = {
+    "cf": {"doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "target_delimiter": "",
+           "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+    "mcf": {"doc_to_text": "{{context}}\n{% for c in choices %}{{'ABCD'[loop.index0]}}. {{c}}\n"
+                           "{% endfor %}Answer:",
+            "doc_to_choice": "{{['A', 'B', 'C', 'D'][:choices|length]}}", "target_delimiter": " ",
+            "metric_list": [{"metric": "acc"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, llama_tokenizer_dir):
+    root = tmp_path_factory.mktemp("evalmodel")
+    init_checkpoint(tiny_smollm3(), root / "ckpt", seed=11, tokenizer=llama_tokenizer_dir)
+    export_hf(root / "ckpt", root / "hf", show_progress=False)
+    return root
+
+
+def _lm_eval(hf_dir, formulation, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    name = f"megasmol_parity_{formulation}"
+    (tmp_path / "tasks").mkdir(exist_ok=True)
+    (tmp_path / "tasks" / f"{name}.yaml").write_text(yaml.safe_dump({
+        "task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(ITEMS)}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_target": "{{gold}}",
+        **LM_EVAL_TASKS[formulation]}))
+    lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1)
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    lls = [[resp[0][0] for resp in s["resps"]] for s in samples]
+    metrics = {m: [s[m] for s in samples] for m in ("acc", "acc_norm") if m in samples[0]}
+    return lls, metrics
+
+
+def _mcf_task():
+    return Task(TaskSpec(name="items_mcf", formulation="mcf", data_files=str(ITEMS)), ITEMS.parent)
+
+
+@pytest.mark.parametrize("formulation", ["cf", "mcf"])
+def test_loglikelihoods_and_accuracies_equal_lm_eval(model, tmp_path, monkeypatch, formulation,
+                                                     llama_tokenizer_dir):
+    expected_lls, expected = _lm_eval(model / "hf", formulation, tmp_path, monkeypatch)
+    task = file_task(ITEMS) if formulation == "cf" else _mcf_task()
+    tokenizer = load_tokenizer(llama_tokenizer_dir)
+    for scorer in (hf_scorer(model / "hf", tokenizer), megatron_scorer(model / "ckpt", tokenizer)):
+        [result] = evaluate([task], scorer)
+        got = [s.loglikelihoods for s in result.samples]
+        assert len(got) == len(expected_lls) == 12
+        for mine, theirs in zip(got, expected_lls):
+            assert mine == pytest.approx(theirs, abs=1e-4), scorer.name
+        for metric, values in expected.items():
+            assert [s.metrics[metric] for s in result.samples] == values, (scorer.name, metric)
+            assert result.metrics[metric][0] == pytest.approx(sum(values) / len(values))
+    # The test can fail: the distinct choices do get distinct scores.
+    assert len({round(v, 3) for row in expected_lls for v in row}) > 20
+
+
+def test_cli_writes_results_and_samples(model, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
+                   f"{ITEMS},demo_arithmetic", "--limit", "20", "--out", str(out), "--quiet")
+    assert "acc_norm" in proc.stdout and "demo_arithmetic" in proc.stdout
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["items"]["examples"] == 12 and results["demo_arithmetic"]["examples"] == 20
+    assert results["demo_arithmetic"]["chance"] == 0.25
+    for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
+        assert key in results["items"]
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 32 and {"prompt", "continuations", "loglikelihoods", "gold"} <= set(samples[0])
+    # The same seeded subset every time.
+    again = run_cli("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "demo_arithmetic",
+                    "--limit", "20", "--out", str(tmp_path / "again"), "--quiet")
+    assert again.returncode == 0
+    prompts = [s["prompt"] for s in samples if s["task"] == "demo_arithmetic"]
+    assert prompts == [json.loads(x)["prompt"] for x in
+                       (tmp_path / "again" / "samples.jsonl").read_text().splitlines()]
+
+
+def test_bad_task_input_gives_one_clear_error(tmp_path, model):
+    cases = {
+        '{"context": "a", "choices": [" b"]}': "missing field 'gold'",
+        '{"context": "a", "choices": [" b", " c"], "gold": 2}': "gold 2 is out of range",
+        '{"context": "a", "choices": [], "gold": 0}': "non-empty list of strings",
+        "{broken": "not valid JSON",
+    }
+    for line, message in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(line + "\n")
+        with pytest.raises(ConfigError, match=message):
+            load_task(str(path)).examples()
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        load_task("nope")
+    proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt" / "iter_0000000" / "tokenizer"),
+                   "--tasks", str(ITEMS), "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_task_definitions_render_records_like_lm_eval(tmp_path):
+    """The built-in YAMLs map dataset records with Jinja; offline they read a local copy
+    (rows here in ARC's schema, as ``datasets`` gives them)."""
+    spec = yaml.safe_load((Path("megasmol/eval/task_defs/arc_easy.yaml")).read_text())
+    spec.update(data_files=str(ITEMS.parent / "arc_rows.jsonl"), hf_dataset=None)
+    (tmp_path / "arc_local.yaml").write_text(yaml.safe_dump(spec))
+    examples = load_task(str(tmp_path / "arc_local.yaml")).examples()
+    assert [e.context for e in examples][0] == "Question: Which gas do plants absorb?\nAnswer:"
+    assert [e.choices for e in examples][1] == ["Ice", "Steam", "Fog", "Dew"]
+    assert [e.gold for e in examples] == [1, 0, 1]
+    for name in ("arc_easy", "arc_challenge", "piqa", "commonsense_qa", "openbookqa", "mmlu_cf",
+                 "mmlu_mcf"):
+        assert load_task(name).spec.hf_dataset  # every built-in definition parses
