@@ -115,16 +115,30 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation loss on the held-out split."""
+    """Validation loss on the held-out split, and downstream tasks scored in the loop."""
 
     interval: int = 1000
     """Steps between validation runs (0: never)."""
     steps: int = 4
     """Global batches per validation run (always the same held-out samples)."""
+    tasks: list[str] = field(default_factory=list)
+    """Downstream tasks scored on the training model itself (names as for ``megasmol eval
+    tasks``: built-in, a task YAML or a JSONL file, relative to this config); zero-shot."""
+    tasks_interval: int = 0
+    """Steps between downstream evaluations (0: only with ``tasks_at_checkpoint``)."""
+    tasks_at_checkpoint: bool = False
+    """Also score the tasks at every checkpoint step (``checkpoint.interval``) and the last step."""
+    tasks_limit: Optional[int] = 1000
+    """A fixed, seeded subset of this many examples per task (the playbook used 1,000; null: all)."""
 
     def validate(self) -> None:
-        if self.interval < 0 or self.steps < 0:
-            raise ConfigError("eval.interval and eval.steps must be >= 0")
+        if self.interval < 0 or self.steps < 0 or self.tasks_interval < 0:
+            raise ConfigError("eval.interval, eval.steps and eval.tasks_interval must be >= 0")
+        if self.tasks and not (self.tasks_interval or self.tasks_at_checkpoint):
+            raise ConfigError("eval.tasks is set but never scored: set eval.tasks_interval or "
+                              "eval.tasks_at_checkpoint")
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise ConfigError("eval.tasks_limit must be >= 1 (or null for every example)")
 
 
 @dataclass

@@ -6,6 +6,8 @@
   character normalization is the same thing under lm-eval's name).
 * ``mcf`` (multiple choice): the choices are listed with letters after the question and the
   answer letter (`` A``, `` B``, ...) is scored; ``acc``.
+* every choice-scoring formulation also reports ``gold_loglik``, the mean log-likelihood of the
+  right answer (not an lm-eval metric: smoother than accuracy, it moves before accuracy does).
 * ``bpb``: bits per byte of the gold continuation (corpus level: total nats over total UTF-8
   bytes, divided by ln 2), lower is better; for generative tasks at small scale.
 """
@@ -70,6 +72,8 @@ def judge(index: int, example: Example, formulation: str, prompt: str, continuat
     metrics = {"acc": float(prediction == example.gold)}
     if formulation == "cf":
         metrics["acc_norm"] = float(prediction_norm == example.gold)
+    # The right answer's log-likelihood: smoother than accuracy, so it moves early in training.
+    metrics["gold_loglik"] = lls[example.gold]
     return Scored(index, prompt, continuations, lls, example.gold, prediction, prediction_norm, metrics)
 
 

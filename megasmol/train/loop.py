@@ -110,6 +110,9 @@ class Trainer:
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
         self.nonfinite_in_a_row = 0
         self.tokenizer = self.config.tokenizer_dir()
+        from megasmol.eval.in_loop import maybe_evaluation
+
+        self.downstream = maybe_evaluation(self.config, setup.spec, self.tokenizer)
         ckpt = self.config.checkpoint
         self.post_save = None
         if ckpt.post_save_command and setup.is_logging_rank:
@@ -286,6 +289,8 @@ class Trainer:
             paused = time.perf_counter()  # validation and saving do not count as step time
             if config.eval.interval and config.eval.steps and step % config.eval.interval == 0:
                 self._validate(step, progress)
+            if self.downstream is not None and self.downstream.due(step, self.total_steps):
+                self._downstream(step, progress)
             if stop_agreed:  # never a rank's own flag: all ranks stop after the same step
                 self.result.stopped_by = self.stop.signal_name
                 self.save()
@@ -364,6 +369,11 @@ class Trainer:
                             "perplexity": math.exp(min(loss, 50))}, kind="validation")
         self._print(f"validation at step {step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f}, "
                     f"{tokens:,} tokens)", progress)
+
+    def _downstream(self, step: int, progress) -> None:
+        results = self.downstream.run(self.s)
+        self.metrics.write(self.downstream.record(step, results), kind="downstream")
+        self._print(self.downstream.line(step, results), progress)
 
     def _print(self, text: str, progress=None) -> None:
         if not self.s.is_logging_rank:

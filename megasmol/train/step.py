@@ -26,11 +26,31 @@ def _loss_func(loss_mask: Tensor, output_tensor: Tensor):
     return loss_sum, tokens, {"loss": torch.stack([loss_sum.detach(), tokens.detach().float()])}
 
 
-def _forward_step(data_iterator, model):
+def _per_sequence_loss_func(loss_mask: Tensor, output_tensor: Tensor):
+    """Each sequence's summed per-token loss under its mask (downstream evaluation)."""
+    sums = (output_tensor.float() * loss_mask.float()).sum(dim=-1)
+    return sums.sum(), loss_mask.sum().to(torch.int), {"per_sequence": sums.detach()}
+
+
+def _forward_step(data_iterator, model, loss_func=_loss_func):
     inputs: ModelInputs = next(data_iterator)
     output = model(inputs.tokens, inputs.position_ids, inputs.attention_mask,
                    labels=inputs.labels, packed_seq_params=inputs.packed_seq_params)
-    return output, partial(_loss_func, inputs.loss_mask)
+    return output, partial(loss_func, inputs.loss_mask)
+
+
+def per_sequence_losses(model, micro_batches: list[ModelInputs]) -> list[Tensor]:
+    """Forward only; on the last pipeline stage, each micro-batch's [b] summed losses (an empty
+    list on other stages)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    geometry = StepGeometry.of(micro_batches[0])
+    outputs = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_func=_per_sequence_loss_func),
+        data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
+        seq_length=geometry.seq_length, micro_batch_size=geometry.micro_batch_size,
+        forward_only=True)
+    return [item["per_sequence"].to(torch.float64).cpu() for item in outputs]
 
 
 @dataclass
