@@ -3,12 +3,15 @@ or a Hugging Face model through transformers. Both run the same batching loop.
 
 Requests are sorted longest first and packed into batches of at most ``batch_tokens`` padded
 tokens (choices of one question have similar lengths, so they share batches); sequences are
-right-padded, which a causal model never attends to, and only the continuation positions get a
-log-softmax. Results come back in request order.
+right-padded, which a causal model never attends to. The transformer runs over every position,
+but the output layer (hidden x vocabulary, the largest matmul of a small model with a 128k
+vocabulary) and the log-softmax only over the continuation positions. Results come back in
+request order.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,15 +19,16 @@ import torch
 
 from megasmol.eval.requests import TokenRequest
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, vocab] logits
+Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, hidden]
+Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logits
 
 
 class Scorer:
     """Computes ``sum log p(continuation | context)`` for token requests."""
 
-    def __init__(self, logits: Logits, max_length: int, vocab_size: int, tokenizer, name: str,
-                 batch_tokens: int = 8192):
-        self.logits, self.max_length, self.tokenizer = logits, max_length, tokenizer
+    def __init__(self, hidden: Hidden, head: Head, max_length: int, vocab_size: int, tokenizer,
+                 name: str, batch_tokens: int = 8192):
+        self.hidden, self.head, self.max_length, self.tokenizer = hidden, head, max_length, tokenizer
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
@@ -52,16 +56,32 @@ class Scorer:
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
         ids = torch.zeros(len(windows), length, dtype=torch.long)
-        for row, (tokens, _) in enumerate(windows):
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-        logits = self.logits(ids)
-        out = []
+        rows, cols, targets, owner = [], [], [], []
         for row, (tokens, continuation) in enumerate(windows):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
             n = len(continuation)
-            predicted = logits[row, len(tokens) - n:len(tokens)].float().log_softmax(-1)
-            targets = torch.tensor(continuation).unsqueeze(-1)
-            out.append(float(predicted.gather(-1, targets).sum()))
-        return out
+            rows += [row] * n
+            cols += range(len(tokens) - n, len(tokens))
+            targets += continuation
+            owner += [row] * n
+        hidden = self.hidden(ids)[torch.tensor(rows), torch.tensor(cols)]
+        logprobs = self.head(hidden).float().log_softmax(-1)
+        picked = logprobs.gather(-1, torch.tensor(targets).unsqueeze(-1)).squeeze(-1).double()
+        sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
+        return sums.tolist()
+
+
+@contextlib.contextmanager
+def _hidden_states_out(model):
+    """GPTModel returns its last hidden states instead of logits while this is active (its output
+    layer passes them through); the real output layer is yielded, to apply where needed."""
+    layer = model.output_layer
+    original = layer.forward
+    layer.forward = lambda hidden, weight=None, runtime_gather_output=None: (hidden, None)
+    try:
+        yield original
+    finally:
+        del layer.forward
 
 
 def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192) -> Scorer:
@@ -69,13 +89,22 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
     from megasmol.model.load import load_checkpoint_model
 
     model, spec, _ = load_checkpoint_model(checkpoint)
+    weight = (model.shared_embedding_or_output_weight()
+              if model.share_embeddings_and_output_weights else None)
+    output_layer = {}
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
+    def hidden(ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        return model(ids, positions, None)
+        with _hidden_states_out(model) as original:
+            output_layer["forward"] = original
+            return model(ids, positions, None)
 
-    return Scorer(logits, spec.max_position_embeddings, spec.vocab_size, tokenizer, str(checkpoint),
-                  batch_tokens)
+    def head(states: torch.Tensor) -> torch.Tensor:  # [n, h] -> [n, vocab] through [s=n, b=1, h]
+        logits, _ = output_layer["forward"](states.unsqueeze(1), weight=weight)
+        return logits.squeeze(1)
+
+    return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
+                  str(checkpoint), batch_tokens)
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
@@ -84,9 +113,10 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    trunk, head = model.base_model, model.get_output_embeddings()
 
-    def logits(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids).logits
+    def hidden(ids: torch.Tensor) -> torch.Tensor:
+        return trunk(input_ids=ids).last_hidden_state
 
-    return Scorer(logits, model.config.max_position_embeddings, model.config.vocab_size, tokenizer,
-                  str(hf_dir), batch_tokens)
+    return Scorer(hidden, head, model.config.max_position_embeddings, model.config.vocab_size,
+                  tokenizer, str(hf_dir), batch_tokens)
