@@ -41,14 +41,14 @@ def _corpus(workdir: Path) -> Path:
     tokens = workdir / "corpus" / "tokens"
     prefixes = [tokens / f"{d}_text_document" for d in ("prose", "code", "math")]
     if all(not missing_parts(p) for p in prefixes):
-        print(f"[1/4] demo corpus already tokenized in {tokens}")
+        print(f"[1/5] demo corpus already tokenized in {tokens}")
         return tokens
     started = time.time()
     manifest = build_demo_corpus(workdir / "corpus")
     summaries = tokenize_demo_corpus(workdir / "corpus", overwrite=True, show_progress=False)
     sizes = ", ".join(f"{d} {manifest['domains'][d]['documents']:,} docs / {s.tokens:,} tokens"
                       for d, s in summaries.items())
-    print(f"[1/4] demo corpus built and tokenized in {time.time() - started:.0f}s: {sizes}")
+    print(f"[1/5] demo corpus built and tokenized in {time.time() - started:.0f}s: {sizes}")
     return tokens
 
 
@@ -72,7 +72,7 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
     from megasmol.tokenizer import load_tokenizer
 
     report = export_hf(checkpoint, workdir / "hf", show_progress=False, overwrite=True)
-    print(f"[4/4] exported {checkpoint.name} to {report.out_dir} ({report.total_bytes / 1e6:.1f} MB)")
+    print(f"[4/5] exported {checkpoint.name} to {report.out_dir} ({report.total_bytes / 1e6:.1f} MB)")
     hf = AutoModelForCausalLM.from_pretrained(report.out_dir, dtype=torch.float32).eval()
     tokenizer = load_tokenizer(report.out_dir)
     megatron = None
@@ -97,6 +97,39 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
     return agree
 
 
+def _downstream(checkpoint: Path, workdir: Path, config) -> None:
+    """The demo's tasks on the random initialization and on the trained model, offline."""
+    from megasmol.eval.runner import evaluate
+    from megasmol.eval.scorers import megatron_scorer
+    from megasmol.eval.tasks import load_task
+    from megasmol.model.init import init_checkpoint
+    from megasmol.runtime.distributed import shutdown
+    from megasmol.tokenizer import load_tokenizer
+    from megasmol.utils.table import format_table
+
+    tokenizer = load_tokenizer(config.tokenizer_dir())
+    tasks = [load_task(name) for name in config.eval.tasks]
+    init = workdir / "init"
+    shutil.rmtree(init, ignore_errors=True)
+    try:
+        init_checkpoint(config.model_spec(), init, seed=config.training.seed)
+        scores = {}
+        for label, path in (("random init", init), ("trained", checkpoint)):
+            scores[label] = evaluate(tasks, megatron_scorer(path, tokenizer),
+                                     limit=config.eval.tasks_limit, seed=config.training.seed)
+    finally:
+        shutdown()
+    rows = [("task", "metric", "chance", "random init", "trained")]
+    for before, after in zip(scores["random init"], scores["trained"]):
+        for metric in ("acc", "acc_norm"):
+            rows.append((before.name, metric, f"{before.chance:.2f}",
+                         f"{before.metrics[metric][0]:.3f} ± {before.metrics[metric][1]:.3f}",
+                         f"{after.metrics[metric][0]:.3f} ± {after.metrics[metric][1]:.3f}"))
+    print(f"[5/5] downstream tasks, {config.eval.tasks_limit} examples each "
+          "(megasmol eval tasks; the same scores are logged in the loop at every checkpoint):")
+    print("      " + format_table(rows).replace("\n", "\n      "))
+
+
 def run_demo(workdir: Path, steps: int = 300, overrides: list[str] | None = None) -> int:
     from megasmol.config.run import load_run_config
     from megasmol.runtime.distributed import init_distributed, shutdown
@@ -116,7 +149,7 @@ def run_demo(workdir: Path, steps: int = 300, overrides: list[str] | None = None
             f"run_dir={workdir / 'run'}", f"data.root={tokens}", f"training.train_steps={steps}",
             *(overrides or [])])
         if _rank() == 0:
-            print(f"[2/4] training {config.model} for {steps} steps on {_world()} process(es) "
+            print(f"[2/5] training {config.model} for {steps} steps on {_world()} process(es) "
                   f"({config.training.global_batch_size} x {config.data.seq_length} tokens per step)")
         result = train(config)
     finally:
@@ -127,9 +160,10 @@ def run_demo(workdir: Path, steps: int = 300, overrides: list[str] | None = None
     first, last = result.first_and_last_loss()
     plot = line_chart(workdir / "loss.png", {"train loss": train_losses, "validation loss": valid_losses},
                       title=f"{config.model} on the demo mixture", x_label="step", y_label="loss")
-    print(f"[3/4] loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10 steps); "
+    print(f"[3/5] loss {first:.3f} (first 10 steps) -> {last:.3f} (last 10 steps); "
           f"validation {', '.join(f'{s}: {v:.3f}' for s, v in valid_losses)}; plot {plot}")
     agree = _sample(result.checkpoint, workdir, compare_megatron=_world() == 1)
+    _downstream(result.checkpoint, workdir, config)
     learned = last < first - 2.0
     print(f"demo finished in {time.time() - started:.0f}s: "
           + ("the loss fell clearly" if learned else "the loss did NOT fall as expected"))

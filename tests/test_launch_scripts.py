@@ -87,6 +87,12 @@ def test_export_and_slurm_scripts(tmp_path):
     assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR1@300" in sbatch
     [check] = _dry("examples/slurm/preflight.sbatch", LEVEL="long")
     assert check[check.index("--level") + 1] == "long"
+    # The post-save job: the checkpoint arrives as the variable post_save_command sets.
+    [score] = _dry("examples/slurm/eval_checkpoint.sbatch",
+                   MEGASMOL_CHECKPOINT=f"{tmp_path}/run/checkpoints/iter_0000100", MEGASMOL_STEP="100")
+    assert score[3:6] == ["eval", "tasks", "--checkpoint"]
+    assert score[6] == f"{tmp_path}/run/checkpoints/iter_0000100"
+    assert score[score.index("--out") + 1] == f"{tmp_path}/run/checkpoints/../eval/100"
 
 
 def test_tiny_flow_runs_end_to_end(tmp_path):
