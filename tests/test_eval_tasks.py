@@ -143,3 +143,24 @@ def test_task_definitions_render_records_like_lm_eval(tmp_path):
     for name in ("arc_easy", "arc_challenge", "piqa", "commonsense_qa", "openbookqa", "mmlu_cf",
                  "mmlu_mcf"):
         assert load_task(name).spec.hf_dataset  # every built-in definition parses
+
+
+@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--pipeline-parallel", "2"], []],
+                         ids=["tp2", "pp2", "dp2"])
+def test_under_torchrun_the_loglikelihoods_equal_one_process(model, tmp_path, layout):
+    from tests.conftest import run_torchrun
+
+    single = tmp_path / "single"
+    run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
+            "--out", str(single), "--quiet")
+    split = tmp_path / "split"
+    run_torchrun(["-m", "megasmol", "eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
+                  str(ITEMS), "--out", str(split), "--quiet", *layout], timeout=300)
+
+    def lls(out):
+        return [json.loads(x)["loglikelihoods"] for x in (out / "samples.jsonl").read_text().splitlines()]
+
+    for mine, reference in zip(lls(split), lls(single), strict=True):
+        assert mine == pytest.approx(reference, abs=1e-4)
+    assert (json.loads((split / "results.json").read_text())["results"]["items"]["acc"]
+            == json.loads((single / "results.json").read_text())["results"]["items"]["acc"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -30,20 +31,52 @@ def cmd_eval_tasks(args) -> int:
     if source is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
     tokenizer = load_tokenizer(source)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not args.checkpoint:
+        raise ConfigError("under torchrun, score a --checkpoint (the Megatron-Core model)")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        scorer = (megatron_scorer(args.checkpoint, tokenizer, args.batch_tokens) if args.checkpoint
-                  else hf_scorer(args.hf, tokenizer, args.batch_tokens))
+        if distributed:
+            scorer = _parallel_scorer(args, tokenizer)
+        elif args.checkpoint:
+            scorer = megatron_scorer(args.checkpoint, tokenizer, args.batch_tokens)
+        else:
+            scorer = hf_scorer(args.hf, tokenizer, args.batch_tokens)
         results = evaluate(tasks, scorer, limit=args.limit, num_fewshot=args.num_fewshot,
                            seed=args.seed, progress_factory=lambda n: tqdm(
-                               total=n, unit="req", desc="eval", disable=args.quiet))
+                               total=n, unit="req", desc="eval", disable=args.quiet or not rank0))
     finally:
         shutdown()
+    if not rank0:
+        return 0
     print(table(results))
     settings = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
                 "seed": args.seed}
     report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings)
     print(f"results: {report}\nsamples: {samples}")
     return 0
+
+
+def _parallel_scorer(args, tokenizer):
+    """The checkpoint's model split over the torchrun job (TP x PP, DP for the rest)."""
+    from megasmol.ckpt.checkpoint import load_model_weights, read_metadata
+    from megasmol.ckpt.reader import CheckpointReader
+    from megasmol.eval.parallel_scorer import PipelineScorer
+    from megasmol.model.gpt import build_model
+    from megasmol.model.spec import model_spec_from_dict
+    from megasmol.runtime.distributed import init_parallel
+    from megasmol.runtime.parallel import ParallelLayout
+
+    spec = model_spec_from_dict(read_metadata(args.checkpoint)["model_spec"])
+    layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
+                            pipeline_parallel=args.pipeline_parallel)
+    init_parallel(layout, spec)
+    dtype = CheckpointReader(args.checkpoint).dtype("embedding.word_embeddings.weight")
+    model = build_model(spec, params_dtype=dtype, initialize=False)
+    load_model_weights(model, args.checkpoint)
+    return PipelineScorer(model, model, micro_batch_size=args.micro_batch_size,
+                          max_length=spec.max_position_embeddings, vocab_size=spec.vocab_size,
+                          tokenizer=tokenizer, name=str(args.checkpoint))
 
 
 def add_eval_parser(sub) -> None:
@@ -55,7 +88,9 @@ def add_eval_parser(sub) -> None:
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     p = evals.add_parser(
         "tasks", help="score a model on benchmark tasks (cloze, multiple choice, bits per byte)",
-        description="Log-likelihood scoring with lm-evaluation-harness's definitions (acc: argmax "
+        description="Under torchrun (--checkpoint, --tensor-parallel, --pipeline-parallel) a model "
+                    "too large for one device is scored in that layout. "
+                    "Log-likelihood scoring with lm-evaluation-harness's definitions (acc: argmax "
                     "of the summed log-likelihood; acc_norm: divided by the choice's length in "
                     "characters). Tasks: built-in names ("
                     + ", ".join(task_names() + sorted(EMBEDDED))
@@ -72,5 +107,11 @@ def add_eval_parser(sub) -> None:
                    help="padded tokens per forward pass (default 8192)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tensor-parallel", type=int, default=1,
+                   help="under torchrun: TP size for the model (default 1; DP takes the rest)")
+    p.add_argument("--pipeline-parallel", type=int, default=1,
+                   help="under torchrun: PP size for the model (default 1)")
+    p.add_argument("--micro-batch-size", type=int, default=4,
+                   help="under torchrun: sequences per micro-batch (default 4)")
     p.set_defaults(func=cmd_eval_tasks)
     add_passkey_parser(evals)

@@ -89,7 +89,9 @@ class GeneratedTask(Task):
         self._generate = generate
 
     def examples(self) -> list[Example]:
-        return self._generate(COUNT, SEED)
+        if getattr(self, "_examples", None) is None:
+            self._examples = self._generate(COUNT, SEED)
+        return self._examples
 
     def fewshot_pool(self) -> list[Example]:
         return self._generate(50, SEED + 7)

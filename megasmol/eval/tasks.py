@@ -153,8 +153,11 @@ class Task:
         return list(data)
 
     def examples(self) -> list[Example]:
-        return [self._example(r, i, self.spec.data_files) for i, r in
-                enumerate(self._records(self.spec.split, self.spec.data_files))]
+        """Every example of the scored split (read once, then kept)."""
+        if getattr(self, "_examples", None) is None:
+            self._examples = [self._example(r, i, self.spec.data_files) for i, r in
+                              enumerate(self._records(self.spec.split, self.spec.data_files))]
+        return self._examples
 
     def fewshot_pool(self) -> list[Example]:
         source = self.spec.fewshot_split

@@ -1,0 +1,99 @@
+"""Log-likelihoods from a Megatron-Core model in any TP / PP / DP layout (a collective).
+
+Requests are shared out over data-parallel ranks, sorted longest first, padded into groups of
+equal-shaped micro-batches (the pipeline exchanges fixed shapes, so every rank of a pipeline runs
+the same number with the same length), and run through Megatron-Core's pipeline schedule in
+forward-only mode: the model returns per-token cross-entropy (vocabulary-parallel under TP) and
+the last stage sums it over each continuation. One all-reduce gives every rank every result; TP
+ranks hold the same sums and only TP rank 0 contributes. The z-loss term is off while scoring,
+the model is in eval mode and back in train mode afterwards, and nothing is drawn from an RNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from megasmol.data.masking import ModelInputs
+from megasmol.eval.requests import TokenRequest
+from megasmol.runtime.distributed import current_device
+
+
+@contextlib.contextmanager
+def _scoring(model_chunk, forward_model):
+    z_loss = getattr(model_chunk, "z_loss_coeff", 0.0)
+    model_chunk.z_loss_coeff = 0.0
+    was_training = forward_model.training
+    forward_model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        forward_model.train(was_training)
+        model_chunk.z_loss_coeff = z_loss
+
+
+class PipelineScorer:
+    """``model_chunk``: this rank's SmolGPTModel; ``forward_model``: what the schedule runs (the
+    DDP wrapper during training, the chunk itself offline)."""
+
+    def __init__(self, model_chunk, forward_model, *, micro_batch_size: int, max_length: int,
+                 vocab_size: int, tokenizer, name: str):
+        self.model_chunk, self.forward_model = model_chunk, forward_model
+        self.micro, self.max_length, self.vocab_size = micro_batch_size, max_length, vocab_size
+        self.tokenizer, self.name = tokenizer, name
+
+    def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
+        from megatron.core import parallel_state as ps
+
+        from megasmol.config.typed import ConfigError
+        from megasmol.train.step import per_sequence_losses
+
+        largest = max((max(r.context + r.continuation) for r in requests), default=0)
+        if largest >= self.vocab_size:
+            raise ConfigError(f"{self.name}: the tokenizer produced id {largest}, beyond the model's "
+                              f"vocabulary of {self.vocab_size}: wrong tokenizer?")
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        mine = [i for i in range(len(requests)) if i % dp == dp_rank]
+        windows = {i: requests[i].window(self.max_length) for i in mine}
+        mine.sort(key=lambda i: -len(windows[i][0]))
+        rounds = _all_max(len(mine))
+        per_group = self.micro * 4
+        totals = torch.zeros(len(requests), dtype=torch.float64)
+        with _scoring(self.model_chunk, self.forward_model):
+            for start in range(0, rounds, per_group):
+                group = mine[start:start + per_group]
+                length = _all_max(max((len(windows[i][0]) for i in group), default=1))
+                micro = [_inputs([windows[i] for i in group[k:k + self.micro]], self.micro, length)
+                         for k in range(0, per_group, self.micro)]
+                sums = per_sequence_losses(self.forward_model, micro)
+                if sums and ps.get_tensor_model_parallel_rank() == 0:
+                    flat = torch.cat(sums)
+                    for row, index in enumerate(group):
+                        totals[index] = -flat[row]
+                if progress is not None:
+                    progress.update(len(group) * dp)
+        totals = totals.to(current_device())
+        torch.distributed.all_reduce(totals)
+        return totals.cpu().tolist()
+
+
+def _all_max(value: int) -> int:
+    local = torch.tensor([value], dtype=torch.long, device=current_device())
+    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
+    return int(local.item())
+
+
+def _inputs(windows: list, micro: int, length: int) -> ModelInputs:
+    tokens = torch.zeros(micro, length, dtype=torch.long)
+    labels = torch.zeros(micro, length, dtype=torch.long)
+    mask = torch.zeros(micro, length, dtype=torch.float32)
+    for row, (ids, continuation) in enumerate(windows):
+        n = len(ids)
+        whole = ids + continuation[-1:]
+        tokens[row, :n] = torch.tensor(ids)
+        labels[row, :n] = torch.tensor(whole[1:])
+        mask[row, n - len(continuation):n] = 1.0
+    positions = torch.arange(length).unsqueeze(0).expand(micro, length).contiguous()
+    return ModelInputs(tokens, positions, labels, mask).to(current_device())
