@@ -164,3 +164,24 @@ def test_under_torchrun_the_loglikelihoods_equal_one_process(model, tmp_path, la
         assert mine == pytest.approx(reference, abs=1e-4)
     assert (json.loads((split / "results.json").read_text())["results"]["items"]["acc"]
             == json.loads((single / "results.json").read_text())["results"]["items"]["acc"])
+
+
+def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path):
+    from megasmol.eval.formulations import extract_answer, normalize_answer
+
+    pattern = TaskSpec(name="x", data_files="-").answer_pattern
+    assert extract_answer("so 3 + 4 = 7, then $1,250.", pattern) == "$1,250."
+    assert normalize_answer("$1,250.") == "1250" and extract_answer("no number", pattern) == ""
+    outputs = {}
+    for flag, source in (("--checkpoint", model / "ckpt"), ("--hf", model / "hf")):
+        out = tmp_path / flag.strip("-")
+        run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "3",
+                "--out", str(out), "--quiet")
+        outputs[flag] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    # Megatron-Core with its KV cache and transformers' generate write the same text.
+    assert [s["continuations"] for s in outputs["--checkpoint"]] == [
+        s["continuations"] for s in outputs["--hf"]]
+    assert all(len(s["continuations"][0]) > 0 for s in outputs["--hf"])
+    results = json.loads((tmp_path / "hf" / "results.json").read_text())["results"]
+    assert results["demo_arithmetic_gen"]["examples"] == 3 and "exact_match" in results["demo_arithmetic_gen"]
+    assert load_task("gsm8k").spec.formulation == "fg"

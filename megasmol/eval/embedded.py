@@ -7,7 +7,10 @@
 * ``demo_code``: next-line cloze over standard-library files the demo corpus did not sample: eight
   lines of code, then the real next line or one of three lines from other files (chance 0.25).
 
-Both are deterministic for a Python version: the same examples everywhere.
+* ``demo_arithmetic_gen``: the same problems as free generation: the model writes the solution
+  and the number after "The answer is" must equal the answer (exact match).
+
+All are deterministic for a Python version: the same examples everywhere.
 """
 
 from __future__ import annotations
@@ -75,17 +78,37 @@ def code_examples(count: int, seed: int) -> list[Example]:
     return examples
 
 
+def arithmetic_generation_examples(count: int, seed: int) -> list[Example]:
+    """The same held-out problems, for free generation: the question alone, and the number."""
+    out = []
+    for example in arithmetic_examples(count, seed):
+        problem = example.record["problem"]
+        question, _, _ = problem.partition("\nAnswer:")
+        answer = problem.rpartition("The answer is ")[2].rstrip(".")
+        out.append(Example(question + "\nAnswer:", [answer], 0, example.record))
+    return out
+
+
 EMBEDDED = {
     "demo_arithmetic": (arithmetic_examples, " ", "held-out demo-corpus word problems"),
     "demo_code": (code_examples, "", "next-line cloze over unsampled standard-library files"),
+    "demo_arithmetic_gen": (arithmetic_generation_examples, " ",
+                            "held-out demo-corpus word problems, solved by free generation"),
 }
+GENERATIVE = {"demo_arithmetic_gen": r"The answer is (-?[0-9]+)"}
 
 
 class GeneratedTask(Task):
     def __init__(self, name: str):
         generate, delimiter, source = EMBEDDED[name]
-        super().__init__(TaskSpec(name=name, data_files="(generated)", target_delimiter=delimiter,
-                                  source=source, chance=0.25), Path("."))
+        if name in GENERATIVE:
+            spec = TaskSpec(name=name, formulation="fg", data_files="(generated)", source=source,
+                            answer="(generated)", max_gen_tokens=64,
+                            answer_pattern=GENERATIVE[name])
+        else:
+            spec = TaskSpec(name=name, data_files="(generated)", target_delimiter=delimiter,
+                            source=source, chance=0.25)
+        super().__init__(spec, Path("."))
         self._generate = generate
 
     def examples(self) -> list[Example]:

@@ -8,6 +8,10 @@
   answer letter (`` A``, `` B``, ...) is scored; ``acc``.
 * every choice-scoring formulation also reports ``gold_loglik``, the mean log-likelihood of the
   right answer (not an lm-eval metric: smoother than accuracy, it moves before accuracy does).
+* ``fg`` (free generation): greedy decoding with the KV cache until a stop string, the answer
+  extracted with the task's regular expression (the last match, as lm-eval's GSM8K
+  "flexible-extract") and compared after dropping ``$``, thousands commas and a final period;
+  ``exact_match``.
 * ``bpb``: bits per byte of the gold continuation (corpus level: total nats over total UTF-8
   bytes, divided by ln 2), lower is better; for generative tasks at small scale.
 """
@@ -15,7 +19,9 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
+from typing import Optional
 
 from megasmol.eval.tasks import Example
 
@@ -34,6 +40,8 @@ class Scored:
     prediction: int
     prediction_norm: int
     metrics: dict = field(default_factory=dict)
+    extracted: Optional[str] = None
+    """fg: the answer found in the generation (``continuations[0]``)."""
 
 
 def _mcf_context(example: Example) -> str:
@@ -44,6 +52,9 @@ def _mcf_context(example: Example) -> str:
 def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
                              shots: list[Example]) -> tuple[str, list[str]]:
     """The full prompt (few-shot examples first) and the continuations to score."""
+    if formulation == "fg":
+        prefix = "".join(f"{s.context}{delimiter}{s.choices[0]}\n\n" for s in shots)
+        return prefix + example.context, []
     if formulation == "mcf":
         prefix = "".join(f"{_mcf_context(s)} {LETTERS[s.gold]}\n\n" for s in shots)
         return prefix + _mcf_context(example), [f" {LETTERS[i]}" for i in range(len(example.choices))]
@@ -51,6 +62,34 @@ def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
     if formulation == "bpb":
         return prefix + example.context, [delimiter + example.choices[example.gold]]
     return prefix + example.context, [delimiter + c for c in example.choices]
+
+
+def extract_answer(generation: str, pattern: str) -> str:
+    """The last match of ``pattern`` in ``generation`` (its first non-empty group), or ""."""
+    found = ""
+    for match in re.finditer(pattern, generation):
+        groups = [g for g in match.groups() if g] if match.groups() else [match.group(0)]
+        found = groups[0] if groups else match.group(0)
+    return found
+
+
+def normalize_answer(text: str) -> str:
+    """Exact match compares numbers as written, without $, thousands commas or a final period."""
+    text = text.strip().replace(",", "").replace("$", "")
+    return text[:-1] if text.endswith(".") else text
+
+
+def cut_at_stop(generation: str, until: list[str]) -> str:
+    cut = min((generation.find(stop) for stop in until if stop in generation), default=-1)
+    return generation if cut < 0 else generation[:cut]
+
+
+def judge_generation(index: int, example: Example, prompt: str, generation: str,
+                     pattern: str) -> Scored:
+    extracted = extract_answer(generation, pattern)
+    hit = normalize_answer(extracted) == normalize_answer(example.choices[0])
+    return Scored(index, prompt, [generation], [], 0, 0 if hit else -1, 0 if hit else -1,
+                  {"exact_match": float(hit)}, extracted)
 
 
 def _argmax(values: list[float]) -> int:

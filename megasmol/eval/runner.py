@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megasmol.eval.formulations import Scored, aggregate, judge, prompt_and_continuations
+from megasmol.eval.formulations import (Scored, aggregate, cut_at_stop, judge, judge_generation,
+                                        prompt_and_continuations)
 from megasmol.eval.requests import encode_pair
 from megasmol.eval.tasks import Task, sample
 from megasmol.utils.table import format_table
@@ -70,25 +71,46 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         plans.append((task, built))
     requests = [encode_pair(scorer.tokenizer, prompt, c)
                 for _, built in plans for _, prompt, conts in built for c in conts]
-    progress = progress_factory(len(requests)) if progress_factory else None
+    generations = [(task, prompt) for task, built in plans if task.spec.formulation == "fg"
+                   for _, prompt, _ in built]
+    progress = progress_factory(len(requests) + len(generations)) if progress_factory else None
     try:
-        lls = scorer.loglikelihoods(requests, progress)
+        lls = scorer.loglikelihoods(requests, progress) if requests else []
+        texts = [_generate(scorer, task, prompt, progress) for task, prompt in generations]
     finally:
         if progress is not None:
             progress.close()
     results, cursor = [], 0
+    texts.reverse()
     for task, built in plans:
         scored = []
         for index, (example, prompt, conts) in enumerate(built):
+            if task.spec.formulation == "fg":
+                scored.append(judge_generation(index, example, prompt, texts.pop(),
+                                               task.spec.answer_pattern))
+                continue
             scored.append(judge(index, example, task.spec.formulation, prompt, conts,
                                 lls[cursor:cursor + len(conts)]))
             cursor += len(conts)
         chance = task.spec.chance
-        if chance is None and task.spec.formulation != "bpb" and built:
+        if chance is None and task.spec.formulation not in ("bpb", "fg") and built:
             chance = sum(1 / len(e.choices) for e, _, _ in built) / len(built)
         results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
                                   if scored else {}, len(scored), chance, num_fewshot, scored))
     return results
+
+
+def _generate(scorer, task: Task, prompt: str, progress) -> str:
+    generate = getattr(scorer, "generate", None)
+    if generate is None:
+        from megasmol.config.typed import ConfigError
+
+        raise ConfigError(f"task {task.name}: free generation runs in one process (megasmol eval "
+                          "tasks without torchrun), not in the training loop yet")
+    text = cut_at_stop(generate(prompt, task.spec.until, task.spec.max_gen_tokens), task.spec.until)
+    if progress is not None:
+        progress.update(1)
+    return text
 
 
 def table(results: list[TaskResult]) -> str:
@@ -114,6 +136,7 @@ def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
                                      "continuations": s.continuations,
                                      "loglikelihoods": s.loglikelihoods, "gold": s.gold,
                                      "prediction": s.prediction, "prediction_norm": s.prediction_norm,
+                                     **({"extracted": s.extracted} if s.extracted is not None else {}),
                                      **s.metrics}))
     atomic_write_text(samples_path, "\n".join(lines) + ("\n" if lines else ""))
     atomic_write_text(results_path, json.dumps(doc, indent=2))

@@ -24,10 +24,12 @@ Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logit
 
 
 class Scorer:
-    """Computes ``sum log p(continuation | context)`` for token requests."""
+    """Computes ``sum log p(continuation | context)`` for token requests, and greedy generations
+    (``generate``: a callable ``(prompt ids [1, s], max new tokens, stop ids) -> new ids``)."""
 
     def __init__(self, hidden: Hidden, head: Head, max_length: int, vocab_size: int, tokenizer,
-                 name: str, batch_tokens: int = 8192):
+                 name: str, batch_tokens: int = 8192, generator=None):
+        self.generator = generator
         self.hidden, self.head, self.max_length, self.tokenizer = hidden, head, max_length, tokenizer
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
 
@@ -52,6 +54,12 @@ class Scorer:
                 progress.update(len(batch))
             start += len(batch)
         return results  # type: ignore[return-value]
+
+    def generate(self, prompt: str, until: list[str], max_new_tokens: int) -> str:
+        """Greedy text after ``prompt``, stopped at the first of ``until`` or EOS (batch 1)."""
+        ids = torch.tensor([self.tokenizer.encode(prompt)])[:, -(self.max_length - max_new_tokens):]
+        new = self.generator(ids, max_new_tokens, self.tokenizer.eos_token_id, until)
+        return self.tokenizer.decode(new, skip_special_tokens=True)
 
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
@@ -103,8 +111,23 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         logits, _ = output_layer["forward"](states.unsqueeze(1), weight=weight)
         return logits.squeeze(1)
 
+    def generator(ids, max_new_tokens, eos, until):
+        from megasmol.generate import Decoder
+
+        decoder = Decoder(model, ids.shape[1] + max_new_tokens)
+        logits, new = decoder.start(ids), []
+        for _ in range(max_new_tokens):
+            token = int(logits.float().argmax())
+            if token == eos:
+                break
+            new.append(token)
+            if any(stop in tokenizer.decode(new[-16:]) for stop in until):
+                break
+            logits = decoder.step(torch.tensor([[token]]))
+        return new
+
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
-                  str(checkpoint), batch_tokens)
+                  str(checkpoint), batch_tokens, generator)
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
@@ -118,5 +141,13 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         return trunk(input_ids=ids).last_hidden_state
 
+    def generator(ids, max_new_tokens, eos, until):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 attention_mask=torch.ones_like(ids), eos_token_id=eos,
+                                 pad_token_id=eos, stop_strings=until, tokenizer=tokenizer)
+        new = out[0, ids.shape[1]:].tolist()
+        return new[:new.index(eos)] if eos in new else new
+
     return Scorer(hidden, head, model.config.max_position_embeddings, model.config.vocab_size,
-                  tokenizer, str(hf_dir), batch_tokens)
+                  tokenizer, str(hf_dir), batch_tokens, generator)

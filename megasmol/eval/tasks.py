@@ -38,9 +38,19 @@ class TaskSpec:
 
     name: str
     """Task name in results.json and the table."""
-    formulation: Literal["cf", "mcf", "bpb"] = "cf"
+    formulation: Literal["cf", "mcf", "bpb", "fg"] = "cf"
     """cf: each choice's log-likelihood after the context (acc, acc_norm); mcf: choices listed
-    with letters, the answer letter scored (acc); bpb: bits per byte of the gold choice."""
+    with letters, the answer letter scored (acc); bpb: bits per byte of the gold choice; fg: free
+    generation (greedy, KV cache) scored by exact match of the extracted answer."""
+    answer: Optional[str] = None
+    """fg: Jinja template that renders the reference answer (instead of choices and gold)."""
+    until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
+    """fg: generation stops at the first of these strings (and at the tokenizer's EOS)."""
+    max_gen_tokens: int = 256
+    """fg: at most this many generated tokens."""
+    answer_pattern: str = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+    """fg: regular expression for the answer in the generation; the last match counts (lm-eval's
+    GSM8K "flexible-extract")."""
     source: str = ""
     """Where the examples come from, for the reader: a URL or a citation."""
     data_files: Optional[str] = None
@@ -69,6 +79,14 @@ class TaskSpec:
             raise ConfigError("task name is empty")
         if self.data_files is None and self.hf_dataset is None:
             raise ConfigError(f"task {self.name}: give data_files (local) or hf_dataset")
+        if (self.formulation == "fg") != (self.answer is not None):
+            raise ConfigError(f"task {self.name}: answer is for (and required by) formulation fg")
+        if self.max_gen_tokens < 1:
+            raise ConfigError(f"task {self.name}: max_gen_tokens must be >= 1")
+        try:
+            re.compile(self.answer_pattern)
+        except re.error as exc:
+            raise ConfigError(f"task {self.name}: answer_pattern: {exc}") from None
 
 
 _FIELD = re.compile(r"^\{\{\s*([A-Za-z_][\w.]*)\s*\}\}$")
@@ -173,6 +191,9 @@ class Task:
                 if key not in record:
                     raise ConfigError(f"task {self.name}: {where}: missing field {key!r}")
         context = _render(s.context, record, "context", self.name)
+        if s.formulation == "fg":  # the reference answer is the one "choice"
+            return Example(context, [str(_render(s.answer, record, "answer", self.name)).strip()],
+                           0, record)
         choices = _as_list(_render(s.choices, record, "choices", self.name), self.name)
         raw_gold = _render(s.gold, record, "gold", self.name)
         try:
