@@ -185,3 +185,17 @@ def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(
     results = json.loads((tmp_path / "hf" / "results.json").read_text())["results"]
     assert results["demo_arithmetic_gen"]["examples"] == 3 and "exact_match" in results["demo_arithmetic_gen"]
     assert load_task("gsm8k").spec.formulation == "fg"
+
+
+def test_hellaswag_preprocessing_matches_lm_eval(tmp_path):
+    """The same record through lm-eval's own hellaswag preprocessing and through the YAML."""
+    from lm_eval.tasks.hellaswag.utils import preprocess
+
+    record = json.loads((ITEMS.parent / "hellaswag_rows.jsonl").read_text())
+    spec = yaml.safe_load(Path("megasmol/eval/task_defs/hellaswag.yaml").read_text())
+    spec.update(data_files=str(ITEMS.parent / "hellaswag_rows.jsonl"), hf_dataset=None)
+    (tmp_path / "hs.yaml").write_text(yaml.safe_dump(spec))
+    [example] = load_task(str(tmp_path / "hs.yaml")).examples()
+    ctx = record["ctx_a"] + " " + record["ctx_b"].capitalize()
+    assert example.context == preprocess(record["activity_label"] + ": " + ctx)
+    assert example.choices == [preprocess(e) for e in record["endings"]] and example.gold == 3

@@ -73,6 +73,10 @@ class TaskSpec:
     """Between few-shot examples."""
     chance: Optional[float] = None
     """Accuracy of guessing (default 1 / number of choices, averaged over examples)."""
+    replacements: list[list[str]] = field(default_factory=list)
+    """``[pattern, replacement]`` regular-expression substitutions applied, in order, to the
+    rendered context and choices after stripping them (lm-eval's HellaSwag preprocessing is
+    three of these)."""
 
     def validate(self) -> None:
         if not self.name:
@@ -83,10 +87,23 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: answer is for (and required by) formulation fg")
         if self.max_gen_tokens < 1:
             raise ConfigError(f"task {self.name}: max_gen_tokens must be >= 1")
-        try:
-            re.compile(self.answer_pattern)
-        except re.error as exc:
-            raise ConfigError(f"task {self.name}: answer_pattern: {exc}") from None
+        for i, pair in enumerate(self.replacements):
+            if len(pair) != 2:
+                raise ConfigError(f"task {self.name}: replacements[{i}] must be [pattern, replacement]")
+        for what, pattern in [("answer_pattern", self.answer_pattern)] + [
+                (f"replacements[{i}]", pair[0]) for i, pair in enumerate(self.replacements)]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"task {self.name}: {what}: {exc}") from None
+
+    def clean(self, text: str) -> str:
+        if not self.replacements:
+            return text
+        text = text.strip()
+        for pattern, replacement in self.replacements:
+            text = re.sub(pattern, replacement, text)
+        return text
 
 
 _FIELD = re.compile(r"^\{\{\s*([A-Za-z_][\w.]*)\s*\}\}$")
@@ -194,7 +211,9 @@ class Task:
         if s.formulation == "fg":  # the reference answer is the one "choice"
             return Example(context, [str(_render(s.answer, record, "answer", self.name)).strip()],
                            0, record)
-        choices = _as_list(_render(s.choices, record, "choices", self.name), self.name)
+        context = s.clean(context)
+        choices = [s.clean(c) for c in _as_list(_render(s.choices, record, "choices", self.name),
+                                                self.name)]
         raw_gold = _render(s.gold, record, "gold", self.name)
         try:
             gold = int(raw_gold)
