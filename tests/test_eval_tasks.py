@@ -199,3 +199,18 @@ def test_hellaswag_preprocessing_matches_lm_eval(tmp_path):
     ctx = record["ctx_a"] + " " + record["ctx_b"].capitalize()
     assert example.context == preprocess(record["activity_label"] + ": " + ctx)
     assert example.choices == [preprocess(e) for e in record["endings"]] and example.gold == 3
+
+
+def test_few_shot_prompts_are_seeded_and_a_missing_tokenizer_is_named(model, tmp_path,
+                                                                     llama_tokenizer_dir):
+    scorer = megatron_scorer(model / "ckpt", load_tokenizer(llama_tokenizer_dir))
+    runs = [evaluate([load_task("demo_arithmetic")], scorer, limit=3, num_fewshot=2, seed=s)[0]
+            for s in (5, 5, 6)]
+    prompts = [[s.prompt for s in r.samples] for r in runs]
+    assert prompts[0] == prompts[1] != prompts[2]
+    assert all(p.count("Question:") == 3 for p in prompts[0])  # two shots, then the question
+    init_checkpoint(tiny_smollm3(), tmp_path / "bare")  # no tokenizer stored with it
+    proc = run_cli("eval", "tasks", "--checkpoint", str(tmp_path / "bare"), "--tasks", str(ITEMS),
+                   "--out", str(tmp_path / "o"), check=False)
+    assert proc.returncode == 2 and "no tokenizer stored with it" in proc.stderr
+    assert not (tmp_path / "o").exists()
