@@ -91,3 +91,13 @@ def test_in_loop_scores_are_the_same_under_tp_and_pp(single, tmp_path, vocab_tok
     for key in ("items/acc", "items/acc_norm"):
         assert scores[key] == reference[key], key
     assert scores["items/gold_loglik"] == pytest.approx(reference["items/gold_loglik"], abs=1e-4)
+
+
+def test_a_run_with_in_loop_evaluation_resumes_exactly(single, tmp_path, vocab_tokenizer):
+    config = _config(tmp_path, vocab_tokenizer)
+    train(config, "training.stop_after_step=3")
+    train(config)  # resumes at step 3
+    assert step_losses(tmp_path / "run") == step_losses(single["root"] / "run")
+    resumed, whole = _downstream(tmp_path / "run"), _downstream(single["root"] / "run")
+    assert resumed[6]["items/acc"] == whole[6]["items/acc"]
+    assert resumed[6]["items/gold_loglik"] == pytest.approx(whole[6]["items/gold_loglik"], abs=1e-6)
