@@ -61,11 +61,11 @@ def test_dcgmi_is_run_with_the_level_and_json_flags(tmp_path, monkeypatch):
     assert row.status == "skip" and "not installed" in row.summary
 
 
-def _torchrun_preflight(tmp_path, env_extra):
+def _torchrun_preflight(tmp_path, env_extra, *args):
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "megasmol", "preflight", "--json", str(out),
-           "--skip", "gpu_visibility,gemm,memory_bandwidth,storage,dry_run,dcgm,nvml"]
+           "--skip", "gpu_visibility,gemm,memory_bandwidth,storage,dry_run,dcgm,nvml", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     return proc, json.loads(out.read_text())
@@ -83,7 +83,9 @@ def test_a_slow_rank_is_named_and_fails(tmp_path):
 
 
 def test_without_the_slow_rank_both_pass(tmp_path):
-    proc, report = _torchrun_preflight(tmp_path, {})
+    # Two ranks share this machine's two cores with whatever else runs on it, so a 30% jitter
+    # between them happens; the injected straggler above is 10x slower, far beyond 100%.
+    proc, report = _torchrun_preflight(tmp_path, {}, "--straggler-tolerance", "1.0")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert all(r["status"] == "pass" for r in report["results"]), report
     assert "GO" in proc.stdout

@@ -59,7 +59,7 @@ class PipelineScorer:
         windows = {i: requests[i].window(self.max_length) for i in mine}
         mine.sort(key=lambda i: -len(windows[i][0]))
         rounds = _all_max(len(mine))
-        per_group = self.micro * 4
+        per_group = self.micro * 16  # micro-batches per schedule call (pipelines fill better)
         totals = torch.zeros(len(requests), dtype=torch.float64)
         with _scoring(self.model_chunk, self.forward_model):
             for start in range(0, rounds, per_group):
