@@ -10,6 +10,8 @@ the uncached path, which recomputes the whole prefix each step and stays availab
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 
@@ -55,14 +57,19 @@ class Decoder:
 
 @torch.no_grad()
 def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
-                    eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Append up to ``max_new_tokens`` argmax tokens to ``input_ids`` ([1, s])."""
+                    eos_token_id: int | None = None, use_cache: bool = True,
+                    stop: Optional[Callable[[list[int]], bool]] = None) -> torch.Tensor:
+    """Append up to ``max_new_tokens`` argmax tokens to ``input_ids`` ([1, s]); stop after EOS,
+    or once ``stop`` (given the new ids so far) says so."""
     decoder = Decoder(model, input_ids.shape[1] + max_new_tokens, use_cache)
     logits = decoder.start(input_ids)
     for index in range(max_new_tokens):
         next_token = logits.float().argmax(dim=-1, keepdim=True)
-        if index == max_new_tokens - 1 or (eos_token_id is not None
-                                           and next_token.item() == eos_token_id):
+        done = index == max_new_tokens - 1 or (eos_token_id is not None
+                                               and next_token.item() == eos_token_id)
+        if not done and stop is not None:
+            done = stop(decoder.ids[0, input_ids.shape[1]:].tolist() + [next_token.item()])
+        if done:
             decoder.ids = torch.cat([decoder.ids, next_token], dim=1)
             break
         logits = decoder.step(next_token)

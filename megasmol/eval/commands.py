@@ -59,21 +59,13 @@ def cmd_eval_tasks(args) -> int:
 
 def _parallel_scorer(args, tokenizer):
     """The checkpoint's model split over the torchrun job (TP x PP, DP for the rest)."""
-    from megasmol.ckpt.checkpoint import load_model_weights, read_metadata
-    from megasmol.ckpt.reader import CheckpointReader
     from megasmol.eval.parallel_scorer import PipelineScorer
-    from megasmol.model.gpt import build_model
-    from megasmol.model.spec import model_spec_from_dict
-    from megasmol.runtime.distributed import init_parallel
+    from megasmol.model.load import load_checkpoint_model
     from megasmol.runtime.parallel import ParallelLayout
 
-    spec = model_spec_from_dict(read_metadata(args.checkpoint)["model_spec"])
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
                             pipeline_parallel=args.pipeline_parallel)
-    init_parallel(layout, spec)
-    dtype = CheckpointReader(args.checkpoint).dtype("embedding.word_embeddings.weight")
-    model = build_model(spec, params_dtype=dtype, initialize=False)
-    load_model_weights(model, args.checkpoint)
+    model, spec, _ = load_checkpoint_model(args.checkpoint, layout=layout)
     return PipelineScorer(model, model, micro_batch_size=args.micro_batch_size,
                           max_length=spec.max_position_embeddings, vocab_size=spec.vocab_size,
                           tokenizer=tokenizer, name=str(args.checkpoint))

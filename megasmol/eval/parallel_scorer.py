@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from megasmol.data.masking import ModelInputs
-from megasmol.eval.requests import TokenRequest
+from megasmol.eval.requests import TokenRequest, check_vocabulary
 from megasmol.runtime.distributed import current_device
 
 
@@ -47,13 +47,9 @@ class PipelineScorer:
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         from megatron.core import parallel_state as ps
 
-        from megasmol.config.typed import ConfigError
         from megasmol.train.step import per_sequence_losses
 
-        largest = max((max(r.context + r.continuation) for r in requests), default=0)
-        if largest >= self.vocab_size:
-            raise ConfigError(f"{self.name}: the tokenizer produced id {largest}, beyond the model's "
-                              f"vocabulary of {self.vocab_size}: wrong tokenizer?")
+        check_vocabulary(requests, self.vocab_size, self.name)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         mine = [i for i in range(len(requests)) if i % dp == dp_rank]
         windows = {i: requests[i].window(self.max_length) for i in mine}

@@ -44,3 +44,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> TokenRequest:
     whole = tokenizer.encode(context + continuation)
     ctx = tokenizer.encode(context)
     return TokenRequest(tuple(ctx), tuple(whole[len(ctx):]))
+
+
+def check_vocabulary(requests: list[TokenRequest], vocab_size: int, name: str) -> None:
+    """Every id the tokenizer produced exists in the model's vocabulary (else: wrong tokenizer)."""
+    from megasmol.config.typed import ConfigError
+
+    largest = max((max(r.context + r.continuation) for r in requests), default=0)
+    if largest >= vocab_size:
+        raise ConfigError(f"{name}: the tokenizer produced id {largest}, beyond the model's "
+                          f"vocabulary of {vocab_size}: wrong tokenizer?")

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megasmol.eval.requests import TokenRequest
+from megasmol.eval.requests import TokenRequest, check_vocabulary
 
 Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, hidden]
 Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logits
@@ -34,12 +34,7 @@ class Scorer:
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
-        from megasmol.config.typed import ConfigError
-
-        largest = max((max(r.context + r.continuation) for r in requests), default=0)
-        if largest >= self.vocab_size:
-            raise ConfigError(f"{self.name}: the tokenizer produced id {largest}, beyond the model's "
-                              f"vocabulary of {self.vocab_size}: wrong tokenizer?")
+        check_vocabulary(requests, self.vocab_size, self.name)
         windows = [r.window(self.max_length) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(windows[i][0]))
         results: list[Optional[float]] = [None] * len(requests)
@@ -112,19 +107,13 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         return logits.squeeze(1)
 
     def generator(ids, max_new_tokens, eos, until):
-        from megasmol.generate import Decoder
+        from megasmol.generate import greedy_generate
 
-        decoder = Decoder(model, ids.shape[1] + max_new_tokens)
-        logits, new = decoder.start(ids), []
-        for _ in range(max_new_tokens):
-            token = int(logits.float().argmax())
-            if token == eos:
-                break
-            new.append(token)
-            if any(stop in tokenizer.decode(new[-16:]) for stop in until):
-                break
-            logits = decoder.step(torch.tensor([[token]]))
-        return new
+        def stopped(new: list[int]) -> bool:
+            return any(stop in tokenizer.decode(new[-16:]) for stop in until)
+
+        new = greedy_generate(model, ids, max_new_tokens, eos, stop=stopped)[0, ids.shape[1]:].tolist()
+        return new[:-1] if new and new[-1] == eos else new
 
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
                   str(checkpoint), batch_tokens, generator)

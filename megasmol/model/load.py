@@ -36,16 +36,22 @@ def yarn_overrides(path: str | Path, factor: Optional[float]) -> Optional[dict]:
 
 
 def load_checkpoint_model(
-    path: str | Path, *, overrides: Optional[dict] = None, params_dtype=None
+    path: str | Path, *, overrides: Optional[dict] = None, params_dtype=None,
+    layout: Optional[ParallelLayout] = None,
 ) -> tuple[SmolGPTModel, ModelSpec, dict]:
-    """The checkpoint's model (TP=1, PP=1) in eval mode, whatever layout wrote it."""
+    """The checkpoint's model in eval mode, whatever layout wrote it: whole (TP=1, PP=1), or
+    under torchrun this rank's chunk of ``layout``."""
     meta = read_metadata(path)
     spec = model_spec_from_dict(meta["model_spec"])
     if overrides:
         spec = spec.replace(**overrides)
     if params_dtype is None:
         params_dtype = CheckpointReader(path).dtype("embedding.word_embeddings.weight")
-    model = single_process_model(spec, params_dtype, initialize=False)
+    if layout is None:
+        model = single_process_model(spec, params_dtype, initialize=False)
+    else:
+        init_parallel(layout, spec)
+        model = build_model(spec, params_dtype=params_dtype, initialize=False)
     load_model_weights(model, path)
     model.eval()
     return model, spec, meta
