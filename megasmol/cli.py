@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
     add_preflight_parser(sub)
+    add_ablate_parsers(sub)
 
     p = sub.add_parser(
         "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",

@@ -54,3 +54,12 @@ def test_invalid_schedules_are_named():
         _config(kind="wsd", warmup_steps=10, decay_steps=95).check_against(100)
     with pytest.raises(ConfigError, match="unknown field"):
         _config(kind="wsd", decay_steps=5, peak=1)
+
+
+def test_decay_runs_from_lr_at_the_first_step_to_min_lr_at_the_last():
+    config = ScheduleConfig(kind="decay", lr=4e-3, min_lr=1e-4, warmup_steps=0, decay_shape="1-sqrt")
+    config.validate()
+    lrs = [lr_at(config, s, 5) for s in range(1, 6)]
+    assert lrs[0] == 4e-3 and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[2] == pytest.approx(1e-4 + (4e-3 - 1e-4) * (1 - 0.5 ** 0.5))
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))

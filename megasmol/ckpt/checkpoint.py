@@ -73,13 +73,19 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` under a temporary name and rename it into place once complete."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    with open(tmp, "rb+") as fh:
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def resolve(path: str | Path) -> Path:

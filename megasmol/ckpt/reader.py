@@ -74,15 +74,17 @@ class CheckpointReader:
         """The whole tensor, or layer ``layer`` of a layer-stacked one."""
         shape = self.shape(key)
         if layer is None:
-            dest, offsets = torch.empty(shape, dtype=self.dtype(key)), (0,) * len(shape)
-        else:
-            if not 0 <= layer < shape[0]:
-                raise CheckpointError(f"{key}: layer {layer} outside 0..{shape[0] - 1}")
-            dest = torch.empty((1, *shape[1:]), dtype=self.dtype(key))
-            offsets = (layer,) + (0,) * (len(shape) - 1)
+            return self.read_slice(key, (0,) * len(shape), tuple(shape))
+        if not 0 <= layer < shape[0]:
+            raise CheckpointError(f"{key}: layer {layer} outside 0..{shape[0] - 1}")
+        return self.read_slice(key, (layer,) + (0,) * (len(shape) - 1), (1, *shape[1:]))[0]
+
+    def read_slice(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The block of ``key`` that starts at ``offsets`` and has shape ``sizes``."""
+        dest = torch.empty(sizes, dtype=self.dtype(key))
         try:
             dcp.load({key: dest}, storage_reader=self._reader,
-                     planner=_SlicePlanner({key: offsets}), no_dist=True)
+                     planner=_SlicePlanner({key: tuple(offsets)}), no_dist=True)
         except load_errors() as exc:
             raise CheckpointError(f"{self.path}: cannot read {key}: {describe_error(exc)}") from None
-        return dest if layer is None else dest[0]
+        return dest

@@ -184,13 +184,20 @@ class RunConfig:
     """Loss-spike detection, policy and data ranges to skip."""
     run_dir: str = "runs/default"
     """Where checkpoints, logs and caches go (relative to the config file)."""
+    paths_from: Optional[str] = None
+    """Directory that relative paths in this config are taken from (default: the config file's
+    own); ``megasmol ablate`` writes it so generated configs keep using the base config's files."""
     config_dir: str = field(default=".", init=False, repr=False)
     """Directory of the config file; relative paths in the config are taken from it."""
 
     def validate(self) -> None:
-        if self.model is None and self.checkpoint.init_from is None:
+        start = self.checkpoint.init_from or self.checkpoint.branch_from
+        if self.model is None and start is None:
             raise ConfigError("model is missing: name a preset, a spec YAML or a checkpoint "
-                              "(or set checkpoint.init_from to start from one)")
+                              "(or set checkpoint.init_from or branch_from to start from one)")
+        if self.schedule.kind == "decay" and self.checkpoint.branch_from is None:
+            raise ConfigError("schedule.kind=decay decays from the LR of the run this one branches "
+                              "from: set checkpoint.branch_from (RUN_DIR@STEP)")
         self.schedule.check_against(self.training.train_steps)
         if self.eval.interval and self.eval.steps and not self.data.validation_fraction:
             raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
@@ -242,7 +249,11 @@ class RunConfig:
 
     def model_reference(self) -> str:
         """The model spec: a YAML file or checkpoint directory (relative to this config) when one
-        exists, else a preset; without ``model``, the ``init_from`` checkpoint."""
+        exists, else a preset; without ``model``, the ``init_from`` or ``branch_from`` checkpoint."""
+        if self.model is None and self.checkpoint.branch_from is not None:
+            from megasmol.ckpt.branch import locate_source
+
+            return str(locate_source(self))
         if self.model is None:
             return str(self.path(self.checkpoint.init_from))
         candidate = self.path(self.model)
@@ -276,5 +287,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), raw)
     config = from_dict(RunConfig, data, where="")
-    config.config_dir = str(Path(path).resolve().parent)
+    here = Path(path).resolve().parent
+    config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
+                            if config.paths_from else here)
     return config

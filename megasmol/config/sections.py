@@ -68,6 +68,13 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Weights-only start from another run's checkpoint (root or iteration directory): new
     optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
+    branch_from: Optional[str] = None
+    """Start as a branch of another run: ``RUN_DIR@STEP`` (that run's checkpoint at STEP; without
+    ``@STEP``, its latest) or a checkpoint directory. Model AND optimizer state come from it; the
+    data, the run directory and the step counter are this run's own, and ``schedule.kind:
+    decay`` starts from the LR the source had at that step (annealing experiments, SmolLM3's
+    stage 2/3 data choice, decaying a WSD run to compare it with a cosine one). The source is only
+    read. Ignored once this run has its own checkpoint (it resumes from that)."""
     post_save_command: Optional[str] = None
     """Shell command run on rank 0 after each save, off the training thread and one at a time.
     The checkpoint reaches it as ``$MEGASMOL_CHECKPOINT`` and ``$MEGASMOL_STEP``; ``{path}`` and
@@ -84,6 +91,9 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
         if not self.post_save_timeout_s > 0:
             raise ConfigError("checkpoint.post_save_timeout_s must be > 0")
+        if self.branch_from is not None and self.init_from is not None:
+            raise ConfigError("checkpoint.branch_from and checkpoint.init_from exclude each other "
+                              "(a branch takes weights and optimizer state; init_from weights only)")
         if self.delete_after_upload and not self.post_save_command:
             raise ConfigError("checkpoint.delete_after_upload needs checkpoint.post_save_command")
 

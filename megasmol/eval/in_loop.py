@@ -59,6 +59,8 @@ class InLoopEvaluation:
             for name, (value, err) in r.metrics.items():
                 record[f"{r.name}/{name}"] = value
                 record[f"{r.name}/{name}_stderr"] = err if math.isfinite(err) else None
+            if r.chance is not None:
+                record[f"{r.name}/chance"] = r.chance
         return record
 
     @staticmethod

@@ -96,6 +96,7 @@ class Trainer:
         self.skip_ranges = [list(r) for r in self.config.spikes.skip_batches]
         self.spikes = SpikeDetector(self.config.spikes)
         self.step = 0
+        self.consumed_tokens = 0
         self.result = TrainResult(last_step=0)
         total = setup.batches.last_step
         seq = max(p.seq_length for p in setup.batches.plans)
@@ -133,7 +134,11 @@ class Trainer:
             "run_config": self.config.to_dict(),
             "train_state": {"step": self.step, "spike_window": self.spikes.state(),
                             "skip_batches": self.skip_ranges,
-                            "weights_finite": self._weights_finite()},
+                            "weights_finite": self._weights_finite(),
+                            "lr": lr_at(self.config.schedule, self.step, self.total_steps)
+                            if self.step else None,
+                            "consumed_tokens": self.consumed_tokens,
+                            "branch": self.s.branch.to_json() if self.s.branch else None},
         }
 
     def _weights_finite(self) -> bool:
@@ -185,10 +190,25 @@ class Trainer:
                         + ", ".join(changed))
         state = meta["train_state"]
         self.step = state["step"]
+        self.consumed_tokens = state.get("consumed_tokens") or self._tokens_through(self.step)
         self.spikes = SpikeDetector(self.config.spikes, state.get("spike_window"))
         for pair in state.get("skip_batches", []):
             if pair not in self.skip_ranges:
                 self.skip_ranges.append(list(pair))
+
+    def _tokens_through(self, step: int) -> int:
+        """Training tokens of steps 1..``step`` (for checkpoints that did not record them)."""
+        return sum((plan.batch.samples_through(min(plan.last_step, step))
+                    - plan.batch.samples_through(plan.first_step - 1)) * plan.seq_length
+                   for plan in self.s.batches.plans if plan.first_step <= step)
+
+    def branch(self, point) -> None:
+        """Start from the source's model and optimizer state; step, data and schedule are ours."""
+        train_state.load_training_checkpoint(self.s.model, self.s.optimizer, point.source)
+        self._print(f"branched from {point.source} (its step {point.step}, lr {point.lr:.3g}): model "
+                    f"and optimizer state; schedule {self.config.schedule.kind} from lr "
+                    f"{self.config.schedule.lr:.3g} to {self.config.schedule.min_lr:.3g} over "
+                    f"{self.total_steps} steps")
 
     def skipped(self, step: int) -> bool:
         return any(first <= step <= last for first, last in self.skip_ranges)
@@ -204,6 +224,11 @@ class Trainer:
             self.restore(latest)
             self.result.resumed_from = self.step
             self._print(f"resumed from {latest} at step {self.step}")
+        elif self.s.branch is not None:
+            self.branch(self.s.branch)
+        if self.s.is_logging_rank:  # what compare and ablate read to group runs
+            atomic_write_text(self.run_dir / "run_config.json",
+                              json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         stop_after = self.config.training.stop_after_step
         while True:
             try:
@@ -247,6 +272,7 @@ class Trainer:
         for step, plan, micro in setup.batches.iterate(first, prefetch=config.data.prefetch):
             lr = lr_at(config.schedule, step, self.total_steps)
             tokens = plan.batch.at(step) * plan.seq_length
+            self.consumed_tokens += tokens
             if self.skipped(step):
                 stats.skipped += 1
                 stats.add(None, None, 0)
@@ -283,6 +309,7 @@ class Trainer:
             if step % config.logging.interval == 0 or step == self.total_steps:
                 record = self.metrics.interval_record(step, self.total_steps, plan.stage.name, lr, stats,
                                                       run_started, steps_done)
+                record["consumed_tokens"] = self.consumed_tokens
                 self.metrics.write(record)
                 self._print(self.metrics.console_line(record, self.total_steps), progress)
                 stats = IntervalStats()
@@ -366,13 +393,15 @@ class Trainer:
         loss, tokens = totals.loss, totals.tokens
         self.result.validation[step] = loss
         self.metrics.write({"step": step, "loss": loss, "tokens": tokens,
+                            "consumed_tokens": self.consumed_tokens,
                             "perplexity": math.exp(min(loss, 50))}, kind="validation")
         self._print(f"validation at step {step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f}, "
                     f"{tokens:,} tokens)", progress)
 
     def _downstream(self, step: int, progress) -> None:
         results = self.downstream.run(self.s)
-        self.metrics.write(self.downstream.record(step, results), kind="downstream")
+        self.metrics.write({**self.downstream.record(step, results),
+                            "consumed_tokens": self.consumed_tokens}, kind="downstream")
         self._print(self.downstream.line(step, results), progress)
 
     def _print(self, text: str, progress=None) -> None:

@@ -9,7 +9,10 @@ and resuming at any step gives exactly the LR an uninterrupted run had.
 * ``cosine``: warmup, then cosine from ``lr`` to ``min_lr`` at the last step;
 * ``multistep``: warmup, then ``lr`` multiplied by each factor in ``decay_factors`` once the run
   passes the matching fraction in ``milestones`` (DeepSeek's 80/10/10: factors 0.316 and 0.1);
-* ``constant``: warmup, then ``lr``.
+* ``constant``: warmup, then ``lr``;
+* ``decay``: for a branch (``checkpoint.branch_from``): ``lr`` is set to the LR the source run
+  had at the branch step (read from its checkpoint), then decays to ``min_lr`` at this run's last
+  step with ``decay_shape`` (after ``warmup_steps``, usually 0): an annealing run.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ DEFAULT_DECAY_FRACTION = 0.1
 class ScheduleConfig:
     """Learning-rate schedule."""
 
-    kind: Literal["wsd", "cosine", "multistep", "constant"] = "wsd"
+    kind: Literal["wsd", "cosine", "multistep", "constant", "decay"] = "wsd"
     """Schedule family (see the module docstring)."""
     lr: float = 2e-4
     """Peak learning rate, reached at the end of warmup."""
@@ -48,7 +51,7 @@ class ScheduleConfig:
     """wsd: length of the decay phase as a fraction of the run's steps (0.1 when neither this
     nor decay_steps is given)."""
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
-    """wsd: shape of the decay phase."""
+    """wsd and decay: shape of the decay phase."""
     milestones: list[float] = field(default_factory=lambda: [0.8, 0.9])
     """multistep: fractions of the run after which the LR drops."""
     decay_factors: list[float] = field(default_factory=lambda: [0.316, 0.1])
@@ -57,7 +60,8 @@ class ScheduleConfig:
     def validate(self) -> None:
         if not self.lr > 0:
             raise ConfigError(f"schedule.lr must be > 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
+        # decay: lr comes from the branch source, checked against min_lr once it is known
+        if self.min_lr < 0 or (self.kind != "decay" and self.min_lr > self.lr):
             raise ConfigError(f"schedule.min_lr must be in [0, lr], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError("schedule.warmup_steps must be >= 0")
@@ -107,6 +111,10 @@ def lr_at(config: ScheduleConfig, step: int, total_steps: int) -> float:
         span = max(1, total_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
         return config.min_lr + (config.lr - config.min_lr) * SHAPES["cosine"](progress)
+    if config.kind == "decay":  # step warmup+1 runs at lr, the last step at min_lr
+        span = max(1, total_steps - config.warmup_steps - 1)
+        progress = min(1.0, (step - config.warmup_steps - 1) / span)
+        return config.min_lr + (config.lr - config.min_lr) * SHAPES[config.decay_shape](progress)
     decay = config.decay_length(total_steps)
     decay_start = total_steps - decay  # last stable step
     if step <= decay_start:

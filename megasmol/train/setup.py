@@ -4,7 +4,8 @@
 2. Megatron-Core's parallel state;
 3. the data audit on rank 0 (missing files, vocabulary, EOS) before anything heavy;
 4. the stage datasets (Megatron's index builders, cached);
-5. the model (fresh, or ``init_from`` weights), wrapped in Megatron DDP, and its optimizer.
+5. the model (fresh, or ``init_from`` weights), wrapped in Megatron DDP, and its optimizer
+   (a ``branch_from`` source's model and optimizer state are loaded by the trainer, as a resume).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
+from megasmol.ckpt.branch import BranchPoint, apply_to_schedule, branch_point
 from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
@@ -41,6 +44,7 @@ class TrainingSetup:
     optimizer: object
     mask_format: str
     params_dtype: torch.dtype
+    branch: Optional[BranchPoint] = None
 
     @property
     def is_logging_rank(self) -> bool:
@@ -122,6 +126,8 @@ def build_setup(config: RunConfig) -> TrainingSetup:
     from megasmol.model.gpt import build_model
 
     spec = config.model_spec()
+    branch = branch_point(config)
+    apply_to_schedule(config, branch)
     recipe = load_recipe(config.recipe_reference())
     plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
                         config.data.seq_length)
@@ -172,7 +178,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
     return TrainingSetup(config=config, spec=spec, rank=rank, batches=batches, model=model,
                          ddp_model=ddp_model, optimizer=optimizer,
                          mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
-                         params_dtype=params_dtype)
+                         params_dtype=params_dtype, branch=branch)
 
 
 def run_directory(config: RunConfig) -> Path:

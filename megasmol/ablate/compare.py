@@ -1,0 +1,148 @@
+"""``megasmol compare``: runs side by side, with seeds folded into mean ± standard deviation.
+
+The summary has one row per experiment (a group of runs that differ only by seed): final and
+best training loss, validation loss, every downstream metric at its last evaluation, training
+tokens and throughput. With a baseline, each experiment's difference from it is given in units
+of the seed noise, so a difference can be judged against noise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from megasmol.ablate.runlog import RunLog, group_by_seed, read_run
+from megasmol.config.typed import ConfigError
+
+LOWER_IS_BETTER = ("loss", "bpb")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.split("/")[-1] in LOWER_IS_BETTER or metric.endswith("loss")
+
+
+@dataclass
+class Spread:
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else float("nan")
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    def text(self, digits: int = 4) -> str:
+        if not self.values:
+            return "-"
+        if self.std is None:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass
+class Experiment:
+    name: str
+    runs: list[RunLog]
+    columns: dict[str, Spread] = field(default_factory=dict)
+
+
+def _final_values(run: RunLog, metrics: list[str]) -> dict[str, float]:
+    values = {}
+    losses = [r["loss"] for r in run.train if r.get("loss") is not None]
+    if losses:
+        values["final loss"] = losses[-1]
+        values["best loss"] = min(losses)
+    if run.validation:
+        values["val loss"] = run.validation[-1]["loss"]
+    for metric in metrics:
+        last = [r[metric] for r in run.downstream if r.get(metric) is not None]
+        if last:
+            values[metric] = last[-1]
+    tokens = [r["consumed_tokens"] for r in run.train if "consumed_tokens" in r]
+    if tokens:
+        values["tokens"] = tokens[-1]
+    speed = [r["tokens_per_s"] for r in run.train if r.get("tokens_per_s")]
+    if speed:
+        values["tokens/s"] = statistics.median(speed)
+    return values
+
+
+@dataclass
+class Comparison:
+    experiments: list[Experiment]
+    metrics: list[str]
+    baseline: Optional[str] = None
+
+    def column_names(self) -> list[str]:
+        names = ["final loss", "best loss", "val loss", *self.metrics, "tokens", "tokens/s"]
+        return [n for n in names if any(n in e.columns for e in self.experiments)]
+
+    def noise_units(self, experiment: Experiment, column: str) -> Optional[float]:
+        """(experiment - baseline) / pooled seed std, signed so that positive is better."""
+        base = next(e for e in self.experiments if e.name == self.baseline)
+        if column not in experiment.columns or column not in base.columns:
+            return None
+        stds = [s for s in (experiment.columns[column].std, base.columns[column].std) if s]
+        if not stds:
+            return None
+        noise = math.sqrt(sum(s * s for s in stds) / len(stds))
+        diff = experiment.columns[column].mean - base.columns[column].mean
+        return (-diff if lower_is_better(column) else diff) / noise if noise > 0 else None
+
+    def table_rows(self) -> list[list[str]]:
+        columns = self.column_names()
+        header = ["experiment", "seeds", *columns]
+        if self.baseline:
+            header.append("vs baseline (final loss, noise units)")
+        rows = [header]
+        for experiment in self.experiments:
+            row = [experiment.name + (" (baseline)" if experiment.name == self.baseline else ""),
+                   str(len(experiment.runs))]
+            for column in columns:
+                spread = experiment.columns.get(column)
+                if spread is None:
+                    row.append("-")
+                elif column in ("tokens", "tokens/s"):
+                    row.append(f"{spread.mean:,.0f}")
+                else:
+                    row.append(spread.text())
+            if self.baseline:
+                units = (None if experiment.name == self.baseline
+                         else self.noise_units(experiment, "final loss"))
+                row.append("-" if units is None else f"{units:+.1f}σ" + (" *" if abs(units) >= 2 else ""))
+            rows.append(row)
+        return rows
+
+
+def load_comparison(run_dirs: list[str | Path], baseline: Optional[str] = None) -> Comparison:
+    if not run_dirs:
+        raise ConfigError("compare: name at least one run directory")
+    runs = [read_run(p) for p in run_dirs]
+    groups = group_by_seed(runs)
+    metrics = sorted({m for run in runs for m in run.metric_names()})
+    experiments = []
+    for name, members in groups.items():
+        experiment = Experiment(name, members)
+        per_run = [_final_values(run, metrics) for run in members]
+        for column in {c for values in per_run for c in values}:
+            experiment.columns[column] = Spread([v[column] for v in per_run if column in v])
+        experiments.append(experiment)
+    if baseline is not None:
+        wanted = Path(baseline).name
+        match = [e for e in experiments if e.name == baseline or e.name == wanted
+                 or any(r.name == wanted or r.path.resolve() == Path(baseline).resolve() for r in e.runs)]
+        if not match:
+            raise ConfigError(f"--baseline {baseline}: not one of the compared runs "
+                              f"({', '.join(e.name for e in experiments)})")
+        baseline = match[0].name
+    return Comparison(experiments, metrics, baseline)
+
+
+def default_out(run_dirs: list[str | Path]) -> Path:
+    parents = {Path(p).resolve().parent for p in run_dirs}
+    return (parents.pop() if len(parents) == 1 else Path.cwd()) / "compare"

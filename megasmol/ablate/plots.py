@@ -1,0 +1,103 @@
+"""PNG plots of compared runs (matplotlib): one line per experiment against tokens or steps;
+an experiment with several seeds is drawn as its mean with a band from the lowest to the
+highest seed."""
+
+from __future__ import annotations
+
+import re
+import statistics
+from pathlib import Path
+from typing import Callable, Optional
+
+from megasmol.ablate.compare import Comparison
+from megasmol.ablate.runlog import RunLog
+from megasmol.ckpt.checkpoint import atomic_write_bytes
+
+Series = Callable[[RunLog], list[tuple[int, float]]]  # (step, value) pairs of one run
+
+
+def _train_loss(run: RunLog) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in run.train if r.get("loss") is not None]
+
+
+def _validation_loss(run: RunLog) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in run.validation if r.get("loss") is not None]
+
+
+def _downstream(metric: str) -> Series:
+    return lambda run: [(r["step"], r[metric]) for r in run.downstream if r.get(metric) is not None]
+
+
+def _figure(comparison: Comparison, series: Series, *, x: str, title: str, y_label: str,
+            path: Path, chance: Optional[float] = None, log_y: bool = False) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    drawn = False
+    for experiment in comparison.experiments:
+        per_run = [dict(series(run)) for run in experiment.runs]
+        steps = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+        if not steps:
+            continue
+        runs = experiment.runs
+
+        def xs(run=runs[0]):
+            return [run.tokens_at(s) if x == "tokens" else s for s in steps]
+
+        means = [statistics.fmean(p[s] for p in per_run) for s in steps]
+        label = experiment.name + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+        line, = ax.plot(xs(), means, label=label, linewidth=1.6)
+        if len(runs) > 1:
+            low = [min(p[s] for p in per_run) for s in steps]
+            high = [max(p[s] for p in per_run) for s in steps]
+            ax.fill_between(xs(), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
+    from matplotlib.ticker import EngFormatter, FormatStrFormatter
+
+    values = [v for line in ax.get_lines() for v in line.get_ydata()]
+    if log_y and min(values) > 0 and max(values) / min(values) > 3:
+        ax.set_yscale("log")  # only where the values span enough for it to help
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+    if x == "tokens":
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+    ax.set_title(title)
+    ax.set_xlabel("training tokens" if x == "tokens" else "step")
+    ax.set_ylabel(y_label)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def write_plots(comparison: Comparison, out: Path, x: str = "tokens") -> list[Path]:
+    """loss.png, validation_loss.png and one eval_<task>_<metric>.png per downstream metric."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_figure(comparison, _train_loss, x=x, title="training loss", y_label="loss",
+                       path=out / "loss.png", log_y=True),
+               _figure(comparison, _validation_loss, x=x, title="validation loss",
+                       y_label="loss", path=out / "validation_loss.png", log_y=True)]
+    for metric in comparison.metrics:
+        chance = next((c for e in comparison.experiments for r in e.runs
+                       if (c := r.chance(metric)) is not None), None)
+        if metric.split("/")[-1] not in ("acc", "acc_norm", "exact_match"):
+            chance = None
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
+        written.append(_figure(comparison, _downstream(metric), x=x, title=metric,
+                               y_label=metric.split("/")[-1], path=out / f"eval_{name}.png",
+                               chance=chance))
+    return [p for p in written if p is not None]

@@ -1,0 +1,110 @@
+"""``megasmol average``: weighted averages of checkpoints, exact, from any layout, streamed."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from megasmol.ckpt.reader import CheckpointReader
+from tests.conftest import run_cli, run_torchrun
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("average")
+    for name, seed in (("a", 1), ("b", 2)):
+        run_cli("init", "--spec", "smollm3-tiny", "--out", str(root / name), "--seed", str(seed))
+    return root
+
+
+def _expected(readers, weights, key):
+    total = torch.zeros(readers[0].shape(key), dtype=torch.float64)
+    for reader, weight in zip(readers, weights):
+        total.add_(reader.read(key).to(torch.float64), alpha=weight)
+    return total.to(readers[0].dtype(key))
+
+
+def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs):
+    run_cli("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"), "--quiet")
+    a, b = CheckpointReader(inputs / "a"), CheckpointReader(inputs / "b")
+    same = CheckpointReader(inputs / "same")
+    assert same.keys() == a.keys()
+    for key in a.keys():
+        assert same.read(key).equal(a.read(key)), key
+
+    out = run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
+                  "--weights", "0.9", "0.1", "--out", str(inputs / "merge"), "--quiet")
+    assert "0.9000" in out.stdout and "wrote" in out.stdout
+    merge = CheckpointReader(inputs / "merge")
+    for key in a.keys():
+        got, expected = merge.read(key), _expected([a, b], [0.9, 0.1], key)
+        assert got.equal(expected), key
+        if not a.read(key).equal(b.read(key)):  # norms start at 1 in both
+            assert not got.equal(a.read(key))
+    meta = json.loads((merge.path / "megasmol.json").read_text())
+    assert [s["weight"] for s in meta["averaged_from"]] == [0.9, 0.1]
+    assert "train_state" not in meta  # weights only
+
+
+def test_blocks_smaller_than_a_tensor_give_the_same_average(inputs, megatron_runtime, monkeypatch):
+    from megasmol.ablate import average
+
+    monkeypatch.setattr(average, "BLOCK_ELEMENTS", 1 << 14)  # the embedding in ~500 blocks
+    average.average_checkpoints([inputs / "a", inputs / "b"], inputs / "blocked", weights=[0.25, 0.75])
+    a, b = CheckpointReader(inputs / "a"), CheckpointReader(inputs / "b")
+    blocked = CheckpointReader(inputs / "blocked")
+    for key in a.keys():
+        assert blocked.read(key).equal(_expected([a, b], [0.25, 0.75], key)), key
+
+
+def test_inputs_from_tp2_and_pp2_layouts_average_like_their_tp1_originals(inputs):
+    worker = "tests/workers/resave_layout.py"
+    run_torchrun([worker, str(inputs / "a"), str(inputs / "a_tp2"), "2", "1"])
+    run_torchrun([worker, str(inputs / "b"), str(inputs / "b_pp2"), "1", "2"])
+    assert json.loads((inputs / "b_pp2/iter_0000003/megasmol.json").read_text())[
+        "written_with"]["pipeline_parallel"] == 2
+    run_cli("average", "--checkpoints", str(inputs / "a_tp2"), str(inputs / "b_pp2"),
+            "--out", str(inputs / "mixed"), "--quiet")
+    run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
+            "--out", str(inputs / "plain"), "--quiet")
+    mixed, plain = CheckpointReader(inputs / "mixed"), CheckpointReader(inputs / "plain")
+    for key in plain.keys():
+        assert mixed.read(key).equal(plain.read(key)), key
+
+
+def test_the_export_of_an_average_loads_in_transformers(inputs):
+    from transformers import AutoModelForCausalLM
+
+    run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
+            "--out", str(inputs / "for_hf"), "--quiet")
+    run_cli("export-hf", "--checkpoint", str(inputs / "for_hf"), "--out", str(inputs / "hf"), "--quiet")
+    model = AutoModelForCausalLM.from_pretrained(inputs / "hf")
+    embedding = CheckpointReader(inputs / "for_hf").read("embedding.word_embeddings.weight")
+    assert model.get_input_embeddings().weight.detach().equal(embedding)
+
+
+def test_bad_inputs_are_named(inputs, tmp_path):
+    from megasmol.ablate.average import check_weights
+    from megasmol.config.typed import ConfigError
+
+    with pytest.raises(ConfigError, match="sum to 0.9"):
+        check_weights([0.5, 0.4], 2, normalize=True)
+    assert check_weights([1.0, 1.0], 2, normalize=False) == [1.0, 1.0]  # --no-normalize
+    with pytest.raises(ConfigError, match="2 weights for 1"):
+        check_weights([0.5, 0.5], 1, normalize=True)
+    with pytest.raises(ConfigError, match="finite"):
+        check_weights([float("nan"), 1.0], 2, normalize=False)
+    assert check_weights(None, 4, normalize=True) == [0.25] * 4
+
+    spec = yaml.safe_load(open("model_specs/smollm3-tiny.yaml"))
+    spec["num_layers"] = 8
+    (tmp_path / "deeper.yaml").write_text(yaml.safe_dump(spec))
+    run_cli("init", "--spec", str(tmp_path / "deeper.yaml"), "--out", str(tmp_path / "deep"))
+    out = run_cli("average", "--checkpoints", str(inputs / "a"), str(tmp_path / "deep"), str(tmp_path),
+                  "--out", str(tmp_path / "z"), check=False)
+    assert out.returncode == 2 and "not a megasmol checkpoint" in out.stderr
+    out = run_cli("average", "--checkpoints", str(inputs / "a"), str(tmp_path / "deep"),
+                  "--out", str(tmp_path / "z"), check=False)
+    assert out.returncode == 2 and "model_spec.num_layers is 8" in out.stderr
+    assert not (tmp_path / "z").exists()
