@@ -159,7 +159,11 @@ def cmd_demo(args) -> int:
     from megasmol.demo import run_demo
 
     _training_process()
-    return run_demo(Path(args.workdir), steps=args.steps, overrides=args.set)
+    if args.ablation:
+        from megasmol.ablate.demo import run_ablation_demo
+
+        return run_ablation_demo(Path(args.workdir), steps=args.steps or 60, overrides=args.set)
+    return run_demo(Path(args.workdir), steps=args.steps or 300, overrides=args.set)
 
 
 def cmd_prepare_data(args) -> int:
@@ -325,7 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "plots the loss, exports to Hugging Face format and samples with transformers. "
                     "Also under torchrun --nproc_per_node 2 with --set parallel.tensor_parallel=2.")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.add_argument("--steps", type=int, help="training steps (default 300; 60 per run with --ablation)")
+    p.add_argument("--ablation", action="store_true",
+                   help="instead: a small ablation (two LRs x two seeds, scored in the loop), then "
+                        "compare: table, task quality, plots")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of examples/tiny/demo.yaml (repeatable)")
     p.set_defaults(func=cmd_demo)

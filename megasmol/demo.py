@@ -34,21 +34,22 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _corpus(workdir: Path) -> Path:
+def corpus(workdir: Path, parts: int = 5) -> Path:
+    """The demo corpus, built and tokenized once under ``workdir/corpus``."""
     from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
     from megasmol.data.tokenize import missing_parts
 
     tokens = workdir / "corpus" / "tokens"
     prefixes = [tokens / f"{d}_text_document" for d in ("prose", "code", "math")]
     if all(not missing_parts(p) for p in prefixes):
-        print(f"[1/5] demo corpus already tokenized in {tokens}")
+        print(f"[1/{parts}] demo corpus already tokenized in {tokens}")
         return tokens
     started = time.time()
     manifest = build_demo_corpus(workdir / "corpus")
     summaries = tokenize_demo_corpus(workdir / "corpus", overwrite=True, show_progress=False)
     sizes = ", ".join(f"{d} {manifest['domains'][d]['documents']:,} docs / {s.tokens:,} tokens"
                       for d, s in summaries.items())
-    print(f"[1/5] demo corpus built and tokenized in {time.time() - started:.0f}s: {sizes}")
+    print(f"[1/{parts}] demo corpus built and tokenized in {time.time() - started:.0f}s: {sizes}")
     return tokens
 
 
@@ -141,7 +142,7 @@ def run_demo(workdir: Path, steps: int = 300, overrides: list[str] | None = None
     init_distributed()
     try:
         if _rank() == 0:
-            tokens = _corpus(workdir)
+            tokens = corpus(workdir)
             shutil.rmtree(workdir / "run", ignore_errors=True)  # the demo always trains afresh
         torch.distributed.barrier()
         tokens = workdir / "corpus" / "tokens"

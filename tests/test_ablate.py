@@ -112,8 +112,9 @@ def test_task_quality_applies_the_playbooks_four_criteria(tmp_path):
     assert noisy.monotonicity < 0.5 and "not monotonic" in noisy.verdict(3)
 
     out = run_cli("compare", *map(str, dirs), "--out", str(tmp_path / "cmp"), "--x", "steps")
-    assert "evaluation-task quality" in out.stdout
-    row = next(line for line in out.stdout.splitlines() if line.startswith("steady/acc"))
+    assert "downstream metrics" in out.stdout and "evaluation-task quality" in out.stdout
+    quality_table = out.stdout.split("evaluation-task quality")[1]
+    row = next(line for line in quality_table.splitlines() if line.startswith("steady/acc"))
     assert row.rstrip().endswith("good")
     assert (tmp_path / "cmp" / "eval_steady_acc.png").is_file()
 
@@ -168,3 +169,19 @@ def test_slurm_array_runs_one_config_per_task(tmp_path):
     second = (tmp_path / "grid" / "configs.txt").read_text().splitlines()[1]
     assert cmd[0] == "srun" and cmd[cmd.index("--config") + 1] == second
     assert yaml.safe_load(open(second))["schedule"]["lr"] == 0.002
+
+
+def test_compare_names_what_it_cannot_read(tmp_path):
+    _synthetic_run(tmp_path / "ok", 0.001, 1, {10: {"t": 0.3}})
+    with (tmp_path / "ok" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "train", "step": 50, "lo')  # killed mid-write: ignored
+    assert load_comparison([tmp_path / "ok"]).experiments[0].columns["final loss"].values == [5.0 - 0.04]
+    _synthetic_run(tmp_path / "bad", 0.001, 2, {10: {"t": 0.3}})
+    lines = (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "bad" / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
+    with pytest.raises(ConfigError, match=r"bad/metrics.jsonl:1: not JSON"):
+        load_comparison([tmp_path / "bad"])
+    with pytest.raises(ConfigError, match="not a run directory"):
+        load_comparison([tmp_path])
+    with pytest.raises(ConfigError, match="--baseline nope"):
+        load_comparison([tmp_path / "ok"], baseline="nope")

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from megasmol.ckpt.reader import CheckpointReader
+from tests.conftest import run_cli
 from tests.train_fixtures import step_losses, train, write_training_run
 
 
@@ -71,6 +72,9 @@ def test_branch_starts_from_the_source_state_and_lr_and_never_writes_to_it(sourc
     assert lrs[1] == pytest.approx(5e-3, rel=1e-12)
     assert lrs[6] == 0.0
     assert [round(lrs[s] / 5e-3, 6) for s in range(1, 7)] == [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]
+    # Tokens go on from the source's (15 steps x 8 x 64), so compare lines the runs up.
+    tokens = step_losses(source / "anneal", key="consumed_tokens")
+    assert tokens[1] == 16 * 8 * 64 and tokens[6] == 21 * 8 * 64
     meta = json.loads((source / "anneal/checkpoints/iter_0000006/megasmol.json").read_text())
     assert meta["train_state"]["branch"]["step"] == 15
     assert meta["run_config"]["schedule"]["lr"] == pytest.approx(5e-3)
@@ -94,12 +98,31 @@ def test_a_branch_resumes_exactly(source):
 
 
 def test_bad_branch_sources_are_named(source):
-    missing = _branch_config(source, "bad1", "run@7", steps=2)
-    out = train(missing, check=False)
-    assert out.returncode == 2 and "no checkpoint at step 7" in out.stderr and "5, 10, 15, 20" in out.stderr
-    no_branch = _branch_config(source, "bad2", "run@10", steps=2)
-    out = train(no_branch, "checkpoint.branch_from=null", "model=spec.yaml", check=False)
-    assert out.returncode == 2 and "schedule.kind=decay" in out.stderr
-    own = _branch_config(source, "run", "run@10", steps=2)
-    out = train(own, "checkpoint.resume=false", check=False)
-    assert out.returncode == 2 and "own checkpoint directory" in out.stderr
+    from megasmol.ckpt.branch import branch_point
+    from megasmol.config.run import load_run_config
+    from megasmol.config.typed import ConfigError
+
+    with pytest.raises(ConfigError, match=r"no checkpoint at step 7 \(it has steps \[5, 10, 15, 20\]\)"):
+        branch_point(load_run_config(_branch_config(source, "bad1", "run@7", steps=2)))
+    with pytest.raises(ConfigError, match="must be a step"):
+        branch_point(load_run_config(_branch_config(source, "bad2", "run@last", steps=2)))
+    with pytest.raises(ConfigError, match="schedule.kind=decay"):
+        load_run_config(_branch_config(source, "bad3", "run@10", steps=2),
+                        ["checkpoint.branch_from=null", "model=spec.yaml"])
+    with pytest.raises(ConfigError, match="own checkpoint directory"):
+        branch_point(load_run_config(_branch_config(source, "run", "run@10", steps=2),
+                                     ["checkpoint.resume=false"]))
+    with pytest.raises(ConfigError, match="exclude each other"):
+        load_run_config(_branch_config(source, "bad4", "run@10", steps=2),
+                        ["checkpoint.init_from=run/checkpoints"])
+
+
+def test_an_average_of_training_checkpoints_starts_a_run(source):
+    """Averaging the stable phase's checkpoints (weights only) gives a checkpoint init_from takes."""
+    run_cli("average", "--checkpoints", str(source / "run/checkpoints/iter_0000005"),
+            str(source / "run/checkpoints/iter_0000010"), "--out", str(source / "avg"), "--quiet")
+    config = write_training_run(source / "from_avg", steps=4, checkpoint={"init_from": str(source / "avg")},
+                                eval={"interval": 0}, schedule={"warmup_steps": 1})
+    out = train(config)
+    assert "weights from" in out.stderr + out.stdout
+    assert len(step_losses(source / "from_avg" / "run")) == 4

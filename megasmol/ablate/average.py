@@ -77,6 +77,43 @@ def shared_spec(paths: Sequence[Path]) -> tuple[dict, list[dict]]:
     return first, metas
 
 
+class _OwnedShards:
+    """The model's sharded state dict with every shard in storage of its own, the model's
+    parameters released as their shards are copied out.
+
+    Megatron-Core saves a shard that is a view (the gate and up halves of a SwiGLU ``fc1``) by
+    cloning it first, for every such shard at once: on SmolLM3-3B that is half the model again.
+    Splitting each parameter here, one at a time, and freeing it keeps the save at one model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def sharded_state_dict(self) -> dict:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        sharded = self.model.sharded_state_dict()
+        apply_factories(sharded)
+        owners = {p.untyped_storage().data_ptr(): p for p in self.model.parameters()}
+        views: dict[int, list] = {}
+        whole = set()
+        for shard in nested_values(sharded):
+            if isinstance(shard, ShardedTensor) and shard.data is not None:
+                data, pointer = shard.data, shard.data.untyped_storage().data_ptr()
+                if data.untyped_storage().nbytes() != data.numel() * data.element_size():
+                    views.setdefault(pointer, []).append(shard)
+                else:
+                    whole.add(pointer)
+        for pointer, shards in views.items():
+            for shard in shards:
+                shard.data = shard.data.clone()
+            owner = owners.get(pointer)
+            if owner is not None and pointer not in whole:  # only views of it: release it
+                owner.data = torch.empty(0, dtype=owner.dtype)
+        return sharded
+
+
 def _row_blocks(target: torch.Tensor) -> list[slice]:
     """Slices of ``target``'s first dimension of at most BLOCK_ELEMENTS elements each."""
     if target.dim() == 0 or target.numel() == 0:
@@ -152,5 +189,5 @@ def average_checkpoints(checkpoints: Sequence[str | Path], out: str | Path, *,
                 "written_with": {"tensor_parallel": 1, "pipeline_parallel": 1}}
     step = max(int(m.get("step", 0)) for m in metas)
     tokenizer = next((t for t in (tokenizer_dir(p) for p in paths) if t is not None), None)
-    path = save_checkpoint(model, out, step, metadata, tokenizer_source=tokenizer)
+    path = save_checkpoint(_OwnedShards(model), out, step, metadata, tokenizer_source=tokenizer)
     return AverageReport(path=path, inputs=paths, weights=weights, tensors=len(targets))

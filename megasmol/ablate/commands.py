@@ -61,6 +61,9 @@ def cmd_compare(args) -> int:
     comparison = load_comparison(args.runs, baseline=args.baseline)
     out = args.out or default_out(args.runs)
     print(format_table(comparison.table_rows(), left=1))
+    if comparison.metrics:
+        print("\ndownstream metrics at the last in-loop evaluation")
+        print(format_table(comparison.metric_rows(), left=1))
     quality = task_quality(comparison) if comparison.metrics else []
     if quality:
         print("\nevaluation-task quality (the playbook's criteria, from the runs' in-loop evaluations)")
@@ -120,7 +123,6 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument("--out", type=Path,
                    help="where the plots and comparison.json go (default: <runs' parent>/compare)")
     p.set_defaults(func=cmd_compare)
-
 
     p = sub.add_parser(
         "average", help="average or linearly merge checkpoints (any TP/PP layout) into one",

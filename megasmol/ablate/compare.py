@@ -79,8 +79,21 @@ class Comparison:
     baseline: Optional[str] = None
 
     def column_names(self) -> list[str]:
-        names = ["final loss", "best loss", "val loss", *self.metrics, "tokens", "tokens/s"]
+        names = ["final loss", "best loss", "val loss", "tokens", "tokens/s"]
         return [n for n in names if any(n in e.columns for e in self.experiments)]
+
+    def metric_rows(self) -> list[list[str]]:
+        """Downstream metrics at each run's last evaluation: one row per metric, one column per
+        experiment (mean ± std over seeds)."""
+        rows = [["metric", "chance", *(e.name for e in self.experiments)]]
+        for metric in self.metrics:
+            chance = next((c for e in self.experiments for r in e.runs
+                           if (c := r.chance(metric)) is not None), None)
+            shown = chance is not None and metric.split("/")[-1] in ("acc", "acc_norm", "exact_match")
+            rows.append([metric, f"{chance:.2f}" if shown else "-",
+                         *(e.columns[metric].text() if metric in e.columns else "-"
+                           for e in self.experiments)])
+        return rows
 
     def noise_units(self, experiment: Experiment, column: str) -> Optional[float]:
         """(experiment - baseline) / pooled seed std, signed so that positive is better."""

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from megasmol.ablate.compare import Comparison
 from megasmol.ablate.runlog import RunLog
-from megasmol.ckpt.checkpoint import atomic_write_bytes
+from megasmol.utils.plot import figure, readable_axes, save_figure
 
 Series = Callable[[RunLog], list[tuple[int, float]]]  # (step, value) pairs of one run
 
@@ -30,14 +30,7 @@ def _downstream(metric: str) -> Series:
 
 def _figure(comparison: Comparison, series: Series, *, x: str, title: str, y_label: str,
             path: Path, chance: Optional[float] = None, log_y: bool = False) -> Optional[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    fig, ax = figure()
     drawn = False
     for experiment in comparison.experiments:
         per_run = [dict(series(run)) for run in experiment.runs]
@@ -45,43 +38,28 @@ def _figure(comparison: Comparison, series: Series, *, x: str, title: str, y_lab
         if not steps:
             continue
         runs = experiment.runs
-
-        def xs(run=runs[0]):
-            return [run.tokens_at(s) if x == "tokens" else s for s in steps]
-
+        xs = [runs[0].tokens_at(s) if x == "tokens" else s for s in steps]
         means = [statistics.fmean(p[s] for p in per_run) for s in steps]
         label = experiment.name + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
-        line, = ax.plot(xs(), means, label=label, linewidth=1.6)
+        line, = ax.plot(xs, means, label=label, linewidth=1.6)
         if len(runs) > 1:
             low = [min(p[s] for p in per_run) for s in steps]
             high = [max(p[s] for p in per_run) for s in steps]
-            ax.fill_between(xs(), low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn = True
     if not drawn:
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
         return None
+    readable_axes(ax, log_y=log_y, engineering_x=x == "tokens")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.2f})")
-    from matplotlib.ticker import EngFormatter, FormatStrFormatter
-
-    values = [v for line in ax.get_lines() for v in line.get_ydata()]
-    if log_y and min(values) > 0 and max(values) / min(values) > 3:
-        ax.set_yscale("log")  # only where the values span enough for it to help
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-    if x == "tokens":
-        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     ax.set_title(title)
     ax.set_xlabel("training tokens" if x == "tokens" else "step")
     ax.set_ylabel(y_label)
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
+    return save_figure(fig, path)
 
 
 def write_plots(comparison: Comparison, out: Path, x: str = "tokens") -> list[Path]:

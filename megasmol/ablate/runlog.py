@@ -91,18 +91,18 @@ def read_run(path: str | Path) -> RunLog:
     if not metrics.is_file():
         raise ConfigError(f"{path}: not a run directory (no metrics.jsonl)")
     kinds: dict[str, list[dict]] = {"train": [], "validation": [], "downstream": []}
-    with open(metrics) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if handle.read(1) == "":  # a torn last line: the run was killed mid-write
-                    break
-                raise ConfigError(f"{metrics}:{number}: not JSON ({exc})") from None
-            if record.get("kind") in kinds and isinstance(record.get("step"), int):
-                kinds[record["kind"]].append(record)
+    lines = metrics.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # a torn last line: the run was killed mid-write
+                break
+            raise ConfigError(f"{metrics}:{number}: not JSON ({exc})") from None
+        if record.get("kind") in kinds and isinstance(record.get("step"), int):
+            kinds[record["kind"]].append(record)
     config = None
     config_file = path / "run_config.json"
     if config_file.is_file():

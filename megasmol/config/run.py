@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import yaml
 
 from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfig,
-                                      OptimizerSettings, SpikeConfig)
+                                      OptimizerSettings, SpikeConfig, WatchdogConfig)
 from megasmol.config.typed import ConfigError, from_dict, load_yaml, to_dict
 from megasmol.runtime.parallel import ParallelLayout
 from megasmol.train.schedules import ScheduleConfig
@@ -182,6 +182,8 @@ class RunConfig:
     """Held-out validation loss."""
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     """Loss-spike detection, policy and data ranges to skip."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """The hang watchdog: stack dumps and a requeue-able exit when a step hangs."""
     run_dir: str = "runs/default"
     """Where checkpoints, logs and caches go (relative to the config file)."""
     paths_from: Optional[str] = None

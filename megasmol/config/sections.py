@@ -115,8 +115,23 @@ class LoggingConfig:
     """Add per-GPU temperature, utilization, SM clock and throttle reasons when NVML works."""
     progress: bool = True
     """Show a progress bar with ETA for the run on rank 0."""
+    expected_tokens_per_s_per_gpu: Optional[float] = None
+    """Throughput this run should reach per device (SmolLM3-3B: ~13.8k on H100); a sustained drop
+    below ``throughput_fraction`` of it is logged as a warning with the slowest GPU's throttle
+    reasons (and pre-flight compares against it)."""
+    throughput_fraction: float = 0.9
+    """Share of the expected throughput below which steps count as slow."""
+    throughput_window: int = 100
+    """Slow steps in a row before the warning."""
 
     def validate(self) -> None:
+        if self.expected_tokens_per_s_per_gpu is not None and not self.expected_tokens_per_s_per_gpu > 0:
+            raise ConfigError("logging.expected_tokens_per_s_per_gpu must be > 0")
+        if not 0 < self.throughput_fraction <= 1:
+            raise ConfigError("logging.throughput_fraction must be in (0, 1], got "
+                              f"{self.throughput_fraction}")
+        if self.throughput_window < 1:
+            raise ConfigError("logging.throughput_window must be >= 1")
         if self.interval < 1:
             raise ConfigError(f"logging.interval must be >= 1, got {self.interval}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
@@ -149,6 +164,33 @@ class EvalConfig:
                               "eval.tasks_at_checkpoint")
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise ConfigError("eval.tasks_limit must be >= 1 (or null for every example)")
+
+
+@dataclass
+class WatchdogConfig:
+    """The hang watchdog (``train/watchdog.py``): a step that runs far past its peers dumps every
+    thread's stack to ``<run_dir>/hang-step<N>-rank<R>.txt`` and exits with code 75, which the
+    launch scripts requeue (the job resumes from the last checkpoint)."""
+
+    enabled: bool = True
+    """Watch every training step on every rank."""
+    factor: float = 10.0
+    """A step is hung after this multiple of the median of the last 50 step times."""
+    min_s: float = 300.0
+    """... and never before this many seconds (a slow step is not a hang)."""
+    first_step_s: float = 1800.0
+    """Deadline while no step has finished yet (kernel compilation, communicator setup)."""
+    limit_s: Optional[float] = None
+    """An absolute deadline per step instead of the median rule."""
+
+    def validate(self) -> None:
+        for name in ("factor", "min_s", "first_step_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"watchdog.{name} must be > 0, got {getattr(self, name)}")
+        if self.factor < 2:
+            raise ConfigError(f"watchdog.factor must be >= 2 (ordinary step-time jitter), got {self.factor}")
+        if self.limit_s is not None and not self.limit_s > 0:
+            raise ConfigError(f"watchdog.limit_s must be > 0, got {self.limit_s}")
 
 
 @dataclass

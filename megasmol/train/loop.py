@@ -31,13 +31,15 @@ from megasmol.model.flops import flops_per_token
 from megasmol.runtime.distributed import (PeerLost, current_device, describe_collective_failure,
                                           init_distributed)
 from megasmol.runtime.run_lock import RunLock
-from megasmol.train.metrics import IntervalStats, MetricsLog, device_peak_tflops
+from megasmol.train.metrics import IntervalStats, MetricsLog, NvmlSampler, device_peak_tflops
 from megasmol.train.optimizer import apply_learning_rate, local_gradients_finite
 from megasmol.train.schedules import lr_at
 from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
 from megasmol.train.spikes import SpikeDetector
 from megasmol.train.step import any_rank, forward_backward, global_loss
+from megasmol.train.throughput_watch import ThroughputWatch
+from megasmol.train.watchdog import HangWatchdog
 from megasmol.utils import faults
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,13 @@ class Trainer:
             nvml=self.config.logging.nvml)
         self.total_steps = total
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
+        self.watchdog = HangWatchdog(self.config.watchdog, self.run_dir, setup.rank.rank)
+        logging_config = self.config.logging
+        self.throughput = ThroughputWatch(logging_config.expected_tokens_per_s_per_gpu,
+                                          logging_config.throughput_fraction,
+                                          logging_config.throughput_window)
+        watched = logging_config.nvml and logging_config.expected_tokens_per_s_per_gpu
+        self.nvml = NvmlSampler() if watched else None  # every rank: its own GPU
         self.nonfinite_in_a_row = 0
         self.tokenizer = self.config.tokenizer_dir()
         from megasmol.eval.in_loop import maybe_evaluation
@@ -204,11 +213,16 @@ class Trainer:
 
     def branch(self, point) -> None:
         """Start from the source's model and optimizer state; step, data and schedule are ours."""
-        train_state.load_training_checkpoint(self.s.model, self.s.optimizer, point.source)
+        meta = train_state.load_training_checkpoint(self.s.model, self.s.optimizer, point.source)
+        # The model's training tokens go on from the source's, so compare lines the two runs up.
+        self.consumed_tokens = meta["train_state"].get("consumed_tokens") or 0
         self._print(f"branched from {point.source} (its step {point.step}, lr {point.lr:.3g}): model "
                     f"and optimizer state; schedule {self.config.schedule.kind} from lr "
                     f"{self.config.schedule.lr:.3g} to {self.config.schedule.min_lr:.3g} over "
                     f"{self.total_steps} steps")
+
+    def _nvml_sample(self) -> dict:
+        return self.nvml.sample() if self.nvml is not None else {}
 
     def skipped(self, step: int) -> bool:
         return any(first <= step <= last for first, last in self.skip_ranges)
@@ -246,6 +260,7 @@ class Trainer:
         return self.result
 
     def _rollback(self, spike_step: int) -> None:
+        self.watchdog.idle()
         self.finish_pending_saves()
         latest = latest_iteration(self.ckpt_dir)
         if self.result.rollbacks >= self.config.spikes.max_rollbacks:
@@ -269,7 +284,9 @@ class Trainer:
         run_started, steps_done = time.perf_counter(), 0
         progress = _progress(setup.is_logging_rank and config.logging.progress, first, self.total_steps)
         eod = setup.spec.eos_token_id
+        self.watchdog.start()
         for step, plan, micro in setup.batches.iterate(first, prefetch=config.data.prefetch):
+            self.watchdog.step_started(step)
             lr = lr_at(config.schedule, step, self.total_steps)
             tokens = plan.batch.at(step) * plan.seq_length
             self.consumed_tokens += tokens
@@ -287,6 +304,7 @@ class Trainer:
                                  config.data.reset_position_ids)).to(current_device()) for mb in micro]
                 setup.ddp_model.zero_grad_buffer()
                 setup.optimizer.zero_grad()
+                faults.hang_if_planned("hang", step)
                 local = forward_backward(setup.ddp_model, inputs)
                 if faults.planned_at("inf_grad", step):
                     setup.ddp_model.buffers[0].grad_data[0] = float("inf")
@@ -298,6 +316,7 @@ class Trainer:
                 stats.add(loss, grad_norm, tokens)
                 self.result.losses[step] = loss
                 stop_agreed = totals.stop
+            self.watchdog.step_finished()
             if stop_agreed and self.stop.signal_name is None:
                 self.stop.signal_name = "signal on another rank"
             self.step = step
@@ -312,6 +331,10 @@ class Trainer:
                 record["consumed_tokens"] = self.consumed_tokens
                 self.metrics.write(record)
                 self._print(self.metrics.console_line(record, self.total_steps), progress)
+                warning = self.throughput.check(step, record, stats.steps, self._nvml_sample)
+                if warning is not None:
+                    self.metrics.write(warning, kind="throughput_warning")
+                    self._print(self.throughput.line(warning), progress)
                 stats = IntervalStats()
             paused = time.perf_counter()  # validation and saving do not count as step time
             if config.eval.interval and config.eval.steps and step % config.eval.interval == 0:
@@ -419,6 +442,7 @@ class Trainer:
             self.async_queue.close()
         if self.post_save is not None:
             self.post_save.close()
+        self.watchdog.close()
         self.stop.restore()
         self.metrics.close()
 

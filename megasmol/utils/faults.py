@@ -11,13 +11,15 @@ each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
 * ``inf_grad:N``: after step N's backward pass, put an inf into this rank's gradients while the
   loss stays finite;
 * ``sigterm_after_reduce:N``: send SIGTERM to this process right after step N's all-reduce (a
-  signal that reaches one rank later than the others).
+  signal that reaches one rank later than the others);
+* ``hang:N``: block forever in step N before its forward pass (a stuck kernel or file system).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 
 ENV_VAR = "MEGASMOL_FAULT"
 RANK_VAR = "MEGASMOL_FAULT_RANK"
@@ -48,3 +50,8 @@ def kill_if_planned(kind: str, step: int) -> None:
 def signal_if_planned(kind: str, step: int, sig: int = signal.SIGTERM) -> None:
     if planned_at(kind, step):
         os.kill(os.getpid(), sig)
+
+
+def hang_if_planned(kind: str, step: int) -> None:
+    if planned_at(kind, step):
+        threading.Event().wait()  # never set: blocks like a stuck kernel, GIL released

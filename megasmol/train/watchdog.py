@@ -1,0 +1,133 @@
+"""The hang watchdog: a thread on every rank that notices a training step taking far longer than
+the steps before it, dumps every thread's Python stack to the run directory (faulthandler), and
+ends the process with ``HANG_EXIT_CODE``, leaving ``<run_dir>/hang.json`` so the launch scripts
+(``examples/slurm/*.sbatch``) requeue the job, which resumes from the last checkpoint.
+
+A step is overdue after ``max(watchdog.min_s, watchdog.factor x median of the recent step
+times)`` (before any step finished: ``watchdog.first_step_s``), or after ``watchdog.limit_s``
+when that is set. A step is its forward/backward passes, the all-reduce and the optimizer update;
+validation, downstream evaluation and checkpoint saves are not watched (they have the collective
+timeout of ``training.collective_timeout_s``). Every rank watches itself, so a rank stuck in a
+kernel and the ranks waiting for it in a collective all leave a dump.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Optional
+
+HANG_EXIT_CODE = 75  # EX_TEMPFAIL: try again
+HANG_MARKER = "hang.json"  # the launch scripts requeue a job that left one
+HISTORY = 50
+
+
+class HangWatchdog:
+    def __init__(self, config, run_dir: Path, rank: int, clock=time.monotonic):
+        self.config, self.run_dir, self.rank, self.clock = config, Path(run_dir), rank, clock
+        self.times: deque[float] = deque(maxlen=HISTORY)
+        self.started: Optional[float] = None
+        self.step: Optional[int] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # ----- called by the loop ----------------------------------------------------------------
+    def start(self) -> None:
+        if self.config.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="megasmol-watchdog", daemon=True)
+            self._thread.start()
+
+    def step_started(self, step: int) -> None:
+        with self._lock:
+            self.step, self.started = step, self.clock()
+
+    def step_finished(self) -> None:
+        with self._lock:
+            if self.started is not None:
+                self.times.append(self.clock() - self.started)
+            self.started = None
+
+    def idle(self) -> None:
+        """The current step was abandoned (a rollback): nothing is watched until the next."""
+        with self._lock:
+            self.started = None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ----- the decision ----------------------------------------------------------------------
+    def deadline_s(self) -> float:
+        """How long the current step may take."""
+        if self.config.limit_s is not None:
+            return self.config.limit_s
+        if not self.times:
+            return max(self.config.min_s, self.config.first_step_s)
+        return max(self.config.min_s, self.config.factor * statistics.median(self.times))
+
+    def overdue(self) -> Optional[float]:
+        """Seconds the current step has run, when that is past its deadline."""
+        with self._lock:
+            if self.started is None:
+                return None
+            elapsed = self.clock() - self.started
+        return elapsed if elapsed > self.deadline_s() else None
+
+    def _watch(self) -> None:
+        poll = max(0.05, min(5.0, self.config.min_s / 10))
+        while not self._stop.wait(poll):
+            elapsed = self.overdue()
+            if elapsed is not None:
+                self._fire(elapsed)
+
+    def _fire(self, elapsed: float) -> None:
+        path = self.run_dir / f"hang-step{self.step}-rank{self.rank}.txt"
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as handle:
+                handle.write(f"megasmol watchdog: step {self.step} on rank {self.rank} ran "
+                             f"{elapsed:.0f}s (deadline {self.deadline_s():.0f}s); every thread's "
+                             "stack:\n")
+                handle.flush()
+                faulthandler.dump_traceback(file=handle, all_threads=True)
+        except OSError:
+            path = None
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        try:  # what the launch scripts look for: this job hung, requeue it
+            from megasmol.ckpt.checkpoint import atomic_write_text
+
+            atomic_write_text(self.run_dir / HANG_MARKER, json.dumps(
+                {"step": self.step, "rank": self.rank, "elapsed_s": elapsed,
+                 "deadline_s": self.deadline_s(), "stacks": str(path) if path else None}))
+        except OSError:
+            pass
+        print(f"megasmol train: error: step {self.step} hung on rank {self.rank} ({elapsed:.0f}s, "
+              f"deadline {self.deadline_s():.0f}s); stacks in {path or 'stderr'}; exiting with "
+              f"{HANG_EXIT_CODE} so the job is requeued and resumes from the last checkpoint",
+              file=sys.stderr, flush=True)
+        _end_children()  # checkpoint writers etc.: orphans would hold the GPU and the job's pipes
+        os._exit(HANG_EXIT_CODE)  # a hung collective never returns: no clean shutdown is possible
+
+
+def _end_children() -> None:
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(children, timeout=10)
