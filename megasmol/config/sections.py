@@ -106,6 +106,16 @@ class LoggingConfig:
     """Steps between log lines (metrics are averaged over the interval)."""
     tensorboard: bool = True
     """Write TensorBoard event files to ``<run_dir>/tensorboard``."""
+    trackers: list[Literal["wandb", "mlflow", "trackio"]] = field(default_factory=list)
+    """More experiment trackers, each an optional extra (``pip install 'megasmol[wandb]'``): W&B
+    (``WANDB_MODE=offline`` honoured), MLflow (a local file store unless
+    ``mlflow_tracking_uri``), trackio (local). A restarted run continues the same tracker run."""
+    project: Optional[str] = None
+    """Tracker project / experiment name (default: the run directory's parent's name)."""
+    run_name: Optional[str] = None
+    """Tracker run name (default: the run directory's name)."""
+    mlflow_tracking_uri: Optional[str] = None
+    """MLflow server or store (default: ``MLFLOW_TRACKING_URI``, else ``<run_dir>/mlruns``)."""
     jsonl: bool = True
     """Append one JSON object per log line to ``<run_dir>/metrics.jsonl``."""
     peak_tflops: Optional[float] = None
@@ -125,6 +135,8 @@ class LoggingConfig:
     """Slow steps in a row before the warning."""
 
     def validate(self) -> None:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"logging.trackers lists a backend twice: {self.trackers}")
         if self.expected_tokens_per_s_per_gpu is not None and not self.expected_tokens_per_s_per_gpu > 0:
             raise ConfigError("logging.expected_tokens_per_s_per_gpu must be > 0")
         if not 0 < self.throughput_fraction <= 1:

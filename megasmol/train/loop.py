@@ -39,6 +39,7 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.spikes import SpikeDetector
 from megasmol.train.step import any_rank, forward_backward, global_loss
 from megasmol.train.throughput_watch import ThroughputWatch
+from megasmol.train.trackers import build_trackers
 from megasmol.train.watchdog import HangWatchdog
 from megasmol.utils import faults
 
@@ -103,8 +104,9 @@ class Trainer:
         total = setup.batches.last_step
         seq = max(p.seq_length for p in setup.batches.plans)
         self.metrics = MetricsLog(
-            self.run_dir, active=setup.is_logging_rank, tensorboard=self.config.logging.tensorboard,
-            jsonl=self.config.logging.jsonl, flops_per_token=flops_per_token(setup.spec, seq),
+            self.run_dir, active=setup.is_logging_rank, jsonl=self.config.logging.jsonl,
+            trackers=lambda: build_trackers(self.config.logging, self.run_dir, self.config.to_dict()),
+            flops_per_token=flops_per_token(setup.spec, seq),
             world_size=setup.rank.world_size,
             peak_tflops=device_peak_tflops(self.config.training.precision,
                                            self.config.logging.peak_tflops),

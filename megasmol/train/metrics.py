@@ -120,24 +120,22 @@ def _duration(seconds: float) -> str:
 class MetricsLog:
     """Rank 0's metric sinks; other ranks hold an inactive instance."""
 
-    def __init__(self, run_dir: Path, *, active: bool, tensorboard: bool, jsonl: bool,
-                 flops_per_token: float, world_size: int, peak_tflops: Optional[float],
-                 nvml: bool):
+    def __init__(self, run_dir: Path, *, active: bool, jsonl: bool, flops_per_token: float,
+                 world_size: int, peak_tflops: Optional[float], nvml: bool, trackers=None):
+        """``trackers``: a callable giving rank 0's trackers (``trackers.build_trackers``)."""
         self.active = active
         self.flops_per_token = flops_per_token
         self.world_size = world_size
         self.peak_tflops = peak_tflops
         self.nvml = NvmlSampler() if nvml and active else None
         self.jsonl = None
-        self.tb = None
+        self.trackers = []
         if active:
             run_dir.mkdir(parents=True, exist_ok=True)
             if jsonl:
                 self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            if trackers is not None:
+                self.trackers = trackers()
 
     def interval_record(self, step: int, last_step: int, stage: str, lr: float,
                         stats: IntervalStats, run_started: float, steps_done: int) -> dict:
@@ -193,16 +191,14 @@ class MetricsLog:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps(strict_json_record({"kind": kind, **record}),
                                         allow_nan=False) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step" and value is not None:
-                    self.tb.add_scalar(f"{kind}/{key}", value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(kind, record)
 
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def strict_json_record(record: dict) -> dict:
