@@ -257,3 +257,68 @@ def test_a_gpu_config_needs_gpus_unless_cpu_is_allowed(tmp_path):
     assert proc.returncode == 0, proc.stdout
     proc, rows = _preflight_with(tmp_path, "--config", str(config))  # fp32: a CPU run
     assert proc.returncode == 0 and "GO" in proc.stdout
+
+
+STAND_IN_DIAG = '''
+"""A stand-in for DCGM's DcgmDiag module (DCGM cannot run on this machine): Execute returns a
+response with the bindings' v12 structure (tests with result indices, per-entity results,
+errors with messages), built from the dcgmi JSON report named by $STANDIN_REPORT."""
+import json, os
+from types import SimpleNamespace as NS
+
+RESULT = {"Pass": 0, "Skip": 1, "Warn": 2, "Fail": 3, "Not Run": 4}
+LEVELS = []
+
+
+class DcgmDiag:
+    def __init__(self, gpuIds=None, testNamesStr="", **kwargs):
+        LEVELS.append(testNamesStr)
+
+    def Execute(self, handle):
+        report = json.load(open(os.environ["STANDIN_REPORT"]))["DCGM Diagnostic"]
+        tests, results, errors = [], [], []
+        for category in report["test_categories"]:
+            for test in category["tests"]:
+                indices = []
+                for r in test["results"]:
+                    indices.append(len(results))
+                    entity = NS(entityGroupId=r["entity_group_id"], entityId=r["entity_id"])
+                    results.append(NS(entity=entity, result=RESULT[r["status"]], testId=len(tests)))
+                    for w in r["warnings"]:
+                        errors.append(NS(entity=entity, testId=len(tests), code=1, msg=w["warning"].encode()))
+                tests.append(NS(name=test["name"].encode(), numResults=len(indices), resultIndices=indices))
+        return NS(numTests=len(tests), tests=tests, numResults=len(results), results=results,
+                  numErrors=len(errors), errors=errors)
+'''
+
+
+@pytest.mark.parametrize("fixture", ["all_pass.json", "gpu1_memory_fail.json", "warnings_only.json"])
+def test_dcgm_bindings_give_the_rows_dcgmi_gives(fixture, tmp_path, monkeypatch):
+    """DCGM cannot run here: stand-in bindings (pydcgm, dcgm_structs, DcgmDiag) with the
+    bindings' response structure, found in a DCGM-style bindings/python3 directory."""
+    import sys
+
+    from megasmol.preflight import dcgm_bindings
+
+    bindings = tmp_path / "bindings" / "python3"
+    bindings.mkdir(parents=True)
+    (bindings / "pydcgm.py").write_text(
+        "CALLS = []\nclass DcgmHandle:\n    def __init__(self, ipAddress=None, opMode=None):\n"
+        "        self.handle = 7\n        CALLS.append(('connect', ipAddress, opMode))\n"
+        "    def Shutdown(self):\n        CALLS.append(('shutdown',))\n")
+    (bindings / "dcgm_structs.py").write_text("DCGM_OPERATION_MODE_AUTO = 1\n")
+    (bindings / "DcgmDiag.py").write_text(STAND_IN_DIAG)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in ("pydcgm", "dcgm_structs", "DcgmDiag"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(dcgm_bindings, "BINDING_DIRS", (str(bindings),))
+    monkeypatch.setenv("STANDIN_REPORT", str(FIXTURES / fixture))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no dcgmi: only the bindings can answer
+    rows = run_dcgm(2, timeout_s=30)
+    expected = parse_dcgm_json((FIXTURES / fixture).read_text())
+    assert [(r.target, r.status, r.summary) for r in rows] == [
+        (r.target, r.status, r.summary) for r in expected]
+    assert sys.modules["DcgmDiag"].LEVELS == ["2"]
+    assert sys.modules["pydcgm"].CALLS == [("connect", "127.0.0.1", 1), ("shutdown",)]
+    for name in ("pydcgm", "dcgm_structs", "DcgmDiag"):
+        sys.modules.pop(name, None)

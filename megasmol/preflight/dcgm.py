@@ -1,4 +1,5 @@
-"""NVIDIA DCGM diagnostics: run ``dcgmi diag -r LEVEL -j`` and turn its JSON into rows.
+"""NVIDIA DCGM diagnostics: through DCGM's Python bindings when they are importable, else
+``dcgmi diag -r LEVEL -j``; either way the report becomes the same rows.
 
 Levels: 1 software checks; 2 adds memory and PCIe tests; 3 adds targeted stress / power, memory
 bandwidth and NCCL tests (15-30 min); 4 adds memtest and pulse tests (1-2 h). The JSON has
@@ -32,6 +33,12 @@ def parse_dcgm_json(text: str) -> list[CheckResult]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return [CheckResult("dcgm", "fail", f"dcgmi output is not JSON ({exc}): {text[:200]!r}")]
+    return report_rows(data)
+
+
+def report_rows(data) -> list[CheckResult]:
+    """Rows from a diagnostic report in ``dcgmi diag -j``'s structure (also what the bindings'
+    response is turned into, so both paths give the same rows)."""
     diag = data.get("DCGM Diagnostic") if isinstance(data, dict) else None
     if not isinstance(diag, dict):
         return [CheckResult("dcgm", "fail", "dcgmi output has no 'DCGM Diagnostic' section")]
@@ -61,6 +68,12 @@ def parse_dcgm_json(text: str) -> list[CheckResult]:
 
 
 def run_dcgm(level: int, timeout_s: float) -> list[CheckResult]:
+    """Through DCGM's Python bindings when they import (``dcgm_bindings.py``), else ``dcgmi``."""
+    from megasmol.preflight.dcgm_bindings import load_bindings, run_with_bindings
+
+    bindings = load_bindings()
+    if bindings is not None:
+        return run_with_bindings(bindings, level)
     exe = shutil.which("dcgmi")
     if exe is None:
         return [skipped("dcgm", "DCGM is not installed (no dcgmi on PATH); the other checks still ran")]
