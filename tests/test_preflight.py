@@ -322,3 +322,45 @@ def test_dcgm_bindings_give_the_rows_dcgmi_gives(fixture, tmp_path, monkeypatch)
     assert sys.modules["pydcgm"].CALLS == [("connect", "127.0.0.1", 1), ("shutdown",)]
     for name in ("pydcgm", "dcgm_structs", "DcgmDiag"):
         sys.modules.pop(name, None)
+
+
+def test_model_checks_run_the_configs_model_and_steps(tmp_path):
+    """--level standard builds the run's model with its backend and a second implementation
+    (here sdpa vs Megatron-Core's local attention, fp32) and trains a few real steps."""
+    from tests.train_fixtures import write_training_run
+
+    config = write_training_run(tmp_path, steps=20, eval={"interval": 0},
+                                logging={"expected_tokens_per_s_per_gpu": 1e12})
+    out = run_cli("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
+                  "--json", str(tmp_path / "r.json"), "--skip",
+                  "gemm,memory_bandwidth,storage,dcgm,nvml,collectives", check=False)
+    rows = {r["check"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    parity = rows["model_parity"]
+    assert parity["status"] == "pass" and parity["details"]["reference"] == "local"
+    assert parity["details"]["loss_max_diff"] < 1e-4 and parity["details"]["grad_max_rel_diff"] < 1e-3
+    speed = rows["training_throughput"]
+    assert speed["details"]["steps_timed"] == 3 and speed["details"]["tokens_per_s_per_device"] > 0
+    assert speed["status"] == "fail" and "below 80% of it" in speed["summary"]  # 1e12 is not reached
+    assert out.returncode == 1 and "audit" not in out.stdout.split("check ")[0]
+    quick = run_cli("preflight", "--config", str(config), "--allow-cpu", "--skip",
+                    "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,dry_run")
+    assert "runs at --level standard or long" in quick.stdout
+
+
+def test_model_parity_fails_when_the_implementations_disagree(tmp_path, monkeypatch):
+    import torch
+
+    from megasmol.config.run import load_run_config
+    from megasmol.preflight import model_check
+    from tests.train_fixtures import write_training_run
+
+    copy = model_check.copy_weights
+
+    def slightly_wrong(source, target):  # one tensor off by 1%: what a broken kernel looks like
+        copy(source, target)
+        with torch.no_grad():
+            target.decoder.final_layernorm.weight.mul_(1.01)
+
+    monkeypatch.setattr(model_check, "copy_weights", slightly_wrong)
+    row = model_check.model_parity(load_run_config(write_training_run(tmp_path, steps=4)))
+    assert row.status == "fail" and row.details["loss_max_diff"] > 1e-4

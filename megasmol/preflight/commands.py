@@ -18,7 +18,8 @@ def cmd_preflight(args) -> int:
         checkpoint_dir=args.checkpoint_dir, world_size=args.world_size,
         device_memory_gb=args.device_memory_gb,
         skip=[s for item in args.skip for s in item.split(",") if s],
-        expect_gpus=args.expect_gpus, allow_cpu=args.allow_cpu)
+        expect_gpus=args.expect_gpus, allow_cpu=args.allow_cpu,
+        throughput_tolerance=args.throughput_tolerance)
     try:
         report = run_preflight(options)
     finally:
@@ -62,6 +63,9 @@ def add_preflight_parser(sub) -> None:
                         "then this machine is not taken for one of that job's GPU nodes")
     p.add_argument("--device-memory-gb", type=float, help="GPU memory for the dry-run (default: detected)")
     p.add_argument("--skip", action="append", default=[], help="checks to leave out, comma separated")
+    p.add_argument("--throughput-tolerance", type=float, default=0.8,
+                   help="training_throughput fails below this share of the config's "
+                        "logging.expected_tokens_per_s_per_gpu (default 0.8)")
     p.add_argument("--expect-gpus", type=int,
                    help="fail unless torch sees at least this many GPUs on this node (default: one "
                         "per local rank for a bf16/fp8 --config, else none)")

@@ -21,7 +21,8 @@ from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
 
 CHECKS = ("gpu_visibility", "gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage",
-          "dry_run")
+          "dry_run", "model_parity", "training_throughput")
+MODEL_CHECKS = ("model_parity", "training_throughput")
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,15 @@ class Level:
     collective_iterations: int
     storage_mb: int
     membw_mb: int
+    model_checks: bool
+    """Build the run's model and train a few steps (needs --config)."""
 
 
 # Quick stays under two minutes per node (DCGM r1 takes about a minute).
 LEVELS = {
-    "quick": Level(10, 1, (1, 16, 64), 10, 512, 1024),
-    "standard": Level(60, 2, (1, 16, 64, 256), 20, 2048, 2048),
-    "long": Level(300, 3, (1, 16, 64, 256, 1024), 50, 8192, 4096),
+    "quick": Level(10, 1, (1, 16, 64), 10, 512, 1024, False),
+    "standard": Level(60, 2, (1, 16, 64, 256), 20, 2048, 2048, True),
+    "long": Level(300, 3, (1, 16, 64, 256, 1024), 50, 8192, 4096, True),
 }
 # Without a GPU the same checks run at CPU scale.
 CPU_COLLECTIVE_SIZES_MB = (0.0625, 1, 4)
@@ -63,6 +66,8 @@ class PreflightOptions:
     world_size: Optional[int] = None
     device_memory_gb: Optional[float] = None
     skip: list[str] = field(default_factory=list)
+    throughput_tolerance: float = 0.8
+    """training_throughput fails below this share of logging.expected_tokens_per_s_per_gpu."""
     expect_gpus: Optional[int] = None
     allow_cpu: bool = False
 
@@ -188,5 +193,39 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
         else:
             report.extend(dryrun.dry_run(config, options.world_size or info.world_size,
                                          options.device_memory_gb))
+    report.extend(_model_checks(options, config, level, info, me, mine.get("gemm")))
     return report
+
+
+def _model_checks(options: PreflightOptions, config, level: Level, info, me: str, burn) -> list:
+    """The run's model on this node (every rank takes part); see model_check.py."""
+    from megasmol.preflight import model_check
+
+    wanted = [c for c in MODEL_CHECKS if c not in options.skip]
+    if not wanted:
+        return []
+    if config is None or not level.model_checks or options.world_size is not None:
+        why = ("no --config given" if config is None else
+               "--world-size dry-runs another job's config" if options.world_size is not None
+               else f"runs at --level standard or long (this is {options.level})")
+        return [skipped(c, why, "model") for c in wanted]
+    rows = []
+    if "model_parity" in wanted:
+        try:
+            mine = model_check.model_parity(config)
+        except Exception as exc:  # a kernel that fails to build or run is the finding
+            mine = model_check.CheckResult("model_parity", "fail", f"could not run: {exc}", "model")
+        for name, row in _gather((me, mine)):
+            row.target = name
+            rows.append(row)
+    if "training_throughput" in wanted:
+        burn_tflops = burn["mean_tflops"] if burn else None
+        try:
+            row = model_check.training_throughput(config, tolerance=options.throughput_tolerance,
+                                                  burn_tflops=burn_tflops)
+        except Exception as exc:
+            row = model_check.CheckResult("training_throughput", "fail",
+                                          f"the run's first steps failed: {exc}", "model")
+        rows.append(_gather(row)[0])  # rank 0's timing; every rank ran the same steps
+    return rows
 
