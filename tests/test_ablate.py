@@ -16,6 +16,7 @@ from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.model.flops import parameter_count
 from megasmol.model.spec import load_model_spec
+from megasmol.cli import main
 from tests.conftest import REPO, run_cli
 from tests.train_fixtures import step_losses, write_training_run
 
@@ -31,7 +32,14 @@ def grid(tmp_path_factory):
     return root, out
 
 
-def test_a_grid_writes_named_configs_runs_them_and_skips_finished_ones(grid):
+def _cli(capsys, *args) -> str:
+    """The command in this process (no interpreter start-up); its stdout."""
+    capsys.readouterr()
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_a_grid_writes_named_configs_runs_them_and_skips_finished_ones(grid, capsys):
     root, out = grid
     manifest = json.loads((root / "grid" / "manifest.json").read_text())
     names = [r["name"] for r in manifest["runs"]]
@@ -47,18 +55,18 @@ def test_a_grid_writes_named_configs_runs_them_and_skips_finished_ones(grid):
     assert losses[names[0]] != losses[names[1]]  # the seeds differ
     assert (root / "grid" / "configs.txt").read_text().splitlines() == [r["config"] for r in manifest["runs"]]
 
-    again = run_cli("ablate", "--config", str(root / "base" / "run.yaml"), "--vary",
-                    "schedule.lr=0.01,0.002", "--seeds", "2", "--set", "schedule.warmup_steps=1",
-                    "--out", str(root / "grid"), "--run", "--quiet")
-    assert "trained 0, skipped 4" in again.stdout
+    again = _cli(capsys, "ablate", "--config", str(root / "base" / "run.yaml"), "--vary",
+                 "schedule.lr=0.01,0.002", "--seeds", "2", "--set", "schedule.warmup_steps=1",
+                 "--out", str(root / "grid"), "--run", "--quiet")
+    assert "trained 0, skipped 4" in again
     assert step_losses(root / "grid" / names[0]) == losses[names[0]]
 
 
-def test_compare_folds_seeds_into_mean_and_spread_and_plots(grid):
+def test_compare_folds_seeds_into_mean_and_spread_and_plots(grid, capsys):
     root, _ = grid
     dirs = sorted(str(p) for p in (root / "grid").glob("lr=*"))
-    out = run_cli("compare", *dirs, "--baseline", "lr=0.002", "--out", str(root / "cmp"))
-    lines = out.stdout.splitlines()
+    out = _cli(capsys, "compare", *dirs, "--baseline", "lr=0.002", "--out", str(root / "cmp"))
+    lines = out.splitlines()
     assert any(line.startswith("lr=0.002 (baseline)") for line in lines)
     row = next(line for line in lines if line.startswith("lr=0.01 "))
     final = [step_losses(root / "grid" / f"lr=0.01_seed={s}")[6] for s in (7, 8)]
@@ -86,7 +94,7 @@ def _synthetic_run(path, lr, seed, scores):
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_task_quality_applies_the_playbooks_four_criteria(tmp_path):
+def test_task_quality_applies_the_playbooks_four_criteria(tmp_path, capsys):
     import random
 
     rng = random.Random(0)
@@ -111,9 +119,9 @@ def test_task_quality_applies_the_playbooks_four_criteria(tmp_path):
     assert "at chance" in noisy.verdict(3) or "weak signal" in noisy.verdict(3)
     assert noisy.monotonicity < 0.5 and "not monotonic" in noisy.verdict(3)
 
-    out = run_cli("compare", *map(str, dirs), "--out", str(tmp_path / "cmp"), "--x", "steps")
-    assert "downstream metrics" in out.stdout and "evaluation-task quality" in out.stdout
-    quality_table = out.stdout.split("evaluation-task quality")[1]
+    out = _cli(capsys, "compare", *map(str, dirs), "--out", str(tmp_path / "cmp"), "--x", "steps")
+    assert "downstream metrics" in out and "evaluation-task quality" in out
+    quality_table = out.split("evaluation-task quality")[1]
     row = next(line for line in quality_table.splitlines() if line.startswith("steady/acc"))
     assert row.rstrip().endswith("good")
     assert (tmp_path / "cmp" / "eval_steady_acc.png").is_file()
@@ -156,10 +164,11 @@ def test_bad_grids_are_named(tmp_path):
         parse_vary("training.seed=1,2")
 
 
-def test_slurm_array_runs_one_config_per_task(tmp_path):
+def test_slurm_array_runs_one_config_per_task(tmp_path, capsys):
     base = write_training_run(tmp_path / "base", steps=4)
-    run_cli("ablate", "--config", str(base), "--vary", "schedule.lr=0.01,0.002,0.001",
-            "--out", str(tmp_path / "grid"), "--slurm")
+    out = _cli(capsys, "ablate", "--config", str(base), "--vary", "schedule.lr=0.01,0.002,0.001",
+               "--out", str(tmp_path / "grid"), "--slurm")
+    assert "submit the Slurm array with" in out
     submit = (tmp_path / "grid" / "submit.sh").read_text()
     assert "--array=0-2" in submit and "examples/slurm/ablate.sbatch" in submit
     env = {**os.environ, "DRY_RUN": "1", "GRID": str(tmp_path / "grid"), "SLURM_ARRAY_TASK_ID": "1"}

@@ -12,10 +12,19 @@ from tests.conftest import run_cli, run_torchrun
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
+    from megasmol.model.init import init_checkpoint
+    from megasmol.model.spec import load_model_spec
+
     root = tmp_path_factory.mktemp("average")
     for name, seed in (("a", 1), ("b", 2)):
-        run_cli("init", "--spec", "smollm3-tiny", "--out", str(root / name), "--seed", str(seed))
+        init_checkpoint(load_model_spec("smollm3-tiny"), root / name, seed=seed)
     return root
+
+
+def _average(paths, out, weights=None):
+    from megasmol.ablate.average import average_checkpoints
+
+    return average_checkpoints(paths, out, weights=weights)
 
 
 def _expected(readers, weights, key):
@@ -25,17 +34,17 @@ def _expected(readers, weights, key):
     return total.to(readers[0].dtype(key))
 
 
-def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs):
-    run_cli("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"), "--quiet")
+def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs, megatron_runtime):
+    out = run_cli("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"),
+                  "--quiet")
+    assert "0.3333" in out.stdout and "wrote" in out.stdout
     a, b = CheckpointReader(inputs / "a"), CheckpointReader(inputs / "b")
     same = CheckpointReader(inputs / "same")
     assert same.keys() == a.keys()
     for key in a.keys():
         assert same.read(key).equal(a.read(key)), key
 
-    out = run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
-                  "--weights", "0.9", "0.1", "--out", str(inputs / "merge"), "--quiet")
-    assert "0.9000" in out.stdout and "wrote" in out.stdout
+    _average([inputs / "a", inputs / "b"], inputs / "merge", weights=[0.9, 0.1])
     merge = CheckpointReader(inputs / "merge")
     for key in a.keys():
         got, expected = merge.read(key), _expected([a, b], [0.9, 0.1], key)
@@ -58,27 +67,26 @@ def test_blocks_smaller_than_a_tensor_give_the_same_average(inputs, megatron_run
         assert blocked.read(key).equal(_expected([a, b], [0.25, 0.75], key)), key
 
 
-def test_inputs_from_tp2_and_pp2_layouts_average_like_their_tp1_originals(inputs):
+def test_inputs_from_tp2_and_pp2_layouts_average_like_their_tp1_originals(inputs, megatron_runtime):
     worker = "tests/workers/resave_layout.py"
     run_torchrun([worker, str(inputs / "a"), str(inputs / "a_tp2"), "2", "1"])
     run_torchrun([worker, str(inputs / "b"), str(inputs / "b_pp2"), "1", "2"])
     assert json.loads((inputs / "b_pp2/iter_0000003/megasmol.json").read_text())[
         "written_with"]["pipeline_parallel"] == 2
-    run_cli("average", "--checkpoints", str(inputs / "a_tp2"), str(inputs / "b_pp2"),
-            "--out", str(inputs / "mixed"), "--quiet")
-    run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
-            "--out", str(inputs / "plain"), "--quiet")
+    _average([inputs / "a_tp2", inputs / "b_pp2"], inputs / "mixed")
+    _average([inputs / "a", inputs / "b"], inputs / "plain")
     mixed, plain = CheckpointReader(inputs / "mixed"), CheckpointReader(inputs / "plain")
     for key in plain.keys():
         assert mixed.read(key).equal(plain.read(key)), key
 
 
-def test_the_export_of_an_average_loads_in_transformers(inputs):
+def test_the_export_of_an_average_loads_in_transformers(inputs, megatron_runtime):
     from transformers import AutoModelForCausalLM
 
-    run_cli("average", "--checkpoints", str(inputs / "a"), str(inputs / "b"),
-            "--out", str(inputs / "for_hf"), "--quiet")
-    run_cli("export-hf", "--checkpoint", str(inputs / "for_hf"), "--out", str(inputs / "hf"), "--quiet")
+    from megasmol.convert.export import export_hf
+
+    _average([inputs / "a", inputs / "b"], inputs / "for_hf")
+    export_hf(inputs / "for_hf", inputs / "hf", show_progress=False)
     model = AutoModelForCausalLM.from_pretrained(inputs / "hf")
     embedding = CheckpointReader(inputs / "for_hf").read("embedding.word_embeddings.weight")
     assert model.get_input_embeddings().weight.detach().equal(embedding)

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from megasmol.ckpt.reader import CheckpointReader
-from tests.conftest import run_cli
 from tests.train_fixtures import step_losses, train, write_training_run
 
 
@@ -48,8 +47,16 @@ def source(tmp_path_factory):
     return root
 
 
-def test_branch_starts_from_the_source_state_and_lr_and_never_writes_to_it(source):
+@pytest.fixture(scope="module")
+def anneal(source):
+    """A branch of the source at step 15 (6 steps), and the source's files before it ran."""
     before = _tree_digest(source / "run")
+    out = train(_branch_config(source, "anneal", "run@15", steps=6))
+    return out, before
+
+
+def test_branch_starts_from_the_source_state_and_lr_and_never_writes_to_it(source, anneal):
+    out, before = anneal
 
     # One step whose data is skipped: no update, so its checkpoint holds the branch's start.
     start = _branch_config(source, "start", "run@15", steps=1, spikes={"skip_batches": [[1, 1]]})
@@ -65,8 +72,6 @@ def test_branch_starts_from_the_source_state_and_lr_and_never_writes_to_it(sourc
 
     # A real branch: first LR = the source's LR at step 15 (read from its checkpoint), decayed
     # linearly to min_lr at the branch's last step.
-    branch = _branch_config(source, "anneal", "run@15", steps=6)
-    out = train(branch)
     assert "branched from" in out.stdout and "its step 15" in out.stdout
     lrs = _train_lrs(source / "anneal")
     assert lrs[1] == pytest.approx(5e-3, rel=1e-12)
@@ -87,14 +92,12 @@ def test_branch_starts_from_the_source_state_and_lr_and_never_writes_to_it(sourc
     assert _tree_digest(source / "run") == before, "the source run was written to"
 
 
-def test_a_branch_resumes_exactly(source):
-    whole = _branch_config(source, "whole", "run@10", steps=6)
-    train(whole)
-    split = _branch_config(source, "split", "run@10", steps=6)
+def test_a_branch_resumes_exactly(source, anneal):
+    split = _branch_config(source, "split", "run@15", steps=6)
     train(split, "training.stop_after_step=3")
     train(split)  # resumes its own step-3 checkpoint, not the source
-    assert step_losses(source / "split") == step_losses(source / "whole")
-    assert _train_lrs(source / "split") == _train_lrs(source / "whole")
+    assert step_losses(source / "split") == step_losses(source / "anneal")
+    assert _train_lrs(source / "split") == _train_lrs(source / "anneal")
 
 
 def test_bad_branch_sources_are_named(source):
@@ -117,10 +120,12 @@ def test_bad_branch_sources_are_named(source):
                         ["checkpoint.init_from=run/checkpoints"])
 
 
-def test_an_average_of_training_checkpoints_starts_a_run(source):
+def test_an_average_of_training_checkpoints_starts_a_run(source, megatron_runtime):
     """Averaging the stable phase's checkpoints (weights only) gives a checkpoint init_from takes."""
-    run_cli("average", "--checkpoints", str(source / "run/checkpoints/iter_0000005"),
-            str(source / "run/checkpoints/iter_0000010"), "--out", str(source / "avg"), "--quiet")
+    from megasmol.ablate.average import average_checkpoints
+
+    average_checkpoints([source / "run/checkpoints/iter_0000005", source / "run/checkpoints/iter_0000010"],
+                        source / "avg")
     config = write_training_run(source / "from_avg", steps=4, checkpoint={"init_from": str(source / "avg")},
                                 eval={"interval": 0}, schedule={"warmup_steps": 1})
     out = train(config)
