@@ -105,3 +105,40 @@ def test_the_slurm_scripts_requeue_a_job_that_left_a_hang_marker(tmp_path):
     assert not (run_dir / "hang.json").exists() and (run_dir / "hang-dry-run.json").is_file()
     script = (REPO / "examples/slurm/smollm3.sbatch").read_text()
     assert '[[ "${hung}" -eq 1 ]]' in script and 'scontrol requeue "${SLURM_JOB_ID}"' in script
+
+
+def test_nvrx_heartbeats_let_ft_launcher_end_a_hung_rank(tmp_path):
+    """Under NVRx's ft_launcher with heartbeats on (megasmol's watchdog off), a hung step stops
+    the heartbeats and the rank monitor kills the rank after --ft-rank-heartbeat-timeout; had no
+    heartbeat been sent, only the 120 s initial timeout would apply."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from tests.train_fixtures import kill_session
+
+    pytest.importorskip("nvidia_resiliency_ext.fault_tolerance")
+    launcher = shutil.which("ft_launcher", path=os.path.dirname(sys.executable))
+    assert launcher is not None
+    config = write_training_run(tmp_path, steps=10, eval={"interval": 0},
+                                watchdog={"enabled": False, "nvrx_heartbeats": True})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGASMOL_FAULT": "hang:7"}
+    log = tmp_path / "ft_launcher.log"
+    started = time.monotonic()
+    with open(log, "w") as handle:  # a file, not a pipe: NVRx's helper processes may outlive it
+        proc = subprocess.Popen([launcher, "--nproc-per-node", "1", "--ft-initial-rank-heartbeat-timeout",
+                                 "120", "--ft-rank-heartbeat-timeout", "4", "--max-restarts", "0",
+                                 "-m", "megasmol", "train", "--config", str(config)],
+                                stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=240)
+        finally:
+            kill_session(proc)  # the launcher's rank monitors and anything they left
+    output = log.read_text()
+    assert returncode != 0 and time.monotonic() - started < 90, output[-2000:]
+    assert "SIGKILL" in output  # the rank monitor ended the hung rank
+    assert max(step_losses(tmp_path / "run")) == 6  # ft_launcher --max-restarts N resumes it

@@ -194,6 +194,9 @@ class WatchdogConfig:
     """Deadline while no step has finished yet (kernel compilation, communicator setup)."""
     limit_s: Optional[float] = None
     """An absolute deadline per step instead of the median rule."""
+    nvrx_heartbeats: bool = False
+    """Also send a heartbeat per step to NVRx's rank monitor (jobs started by ``ft_launcher`` of
+    ``nvidia-resiliency-ext``, ``pip install 'megasmol[nvrx]'``), which restarts a hung rank."""
 
     def validate(self) -> None:
         for name in ("factor", "min_s", "first_step_s"):

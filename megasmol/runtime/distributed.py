@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,8 +115,14 @@ def describe_collective_failure(exc: BaseException) -> str | None:
     if not (timed_out or lost):
         return None
     host = socket.gethostname()
-    named = [f"rank {r} ({state})" for r, (h, pid) in enumerate(_peers)
-             if h == host and pid != os.getpid() and (state := _process_state(pid))]
+    local = [(r, pid) for r, (h, pid) in enumerate(_peers) if h == host and pid != os.getpid()]
+    named = []
+    # A killed peer closes its sockets before it leaves /proc: give it a moment to show as gone.
+    for attempt in range(20 if lost and local else 1):
+        named = [f"rank {r} ({state})" for r, pid in local if (state := _process_state(pid))]
+        if named:
+            break
+        time.sleep(0.1)
     who = ", ".join(named) if named else "a rank on another host (see that host's log)"
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if timed_out:

@@ -31,6 +31,7 @@ from megasmol.model.flops import flops_per_token
 from megasmol.runtime.distributed import (PeerLost, current_device, describe_collective_failure,
                                           init_distributed)
 from megasmol.runtime.run_lock import RunLock
+from megasmol.train.nvrx import NvrxHeartbeats
 from megasmol.train.metrics import IntervalStats, MetricsLog, NvmlSampler, device_peak_tflops
 from megasmol.train.optimizer import apply_learning_rate, local_gradients_finite
 from megasmol.train.schedules import lr_at
@@ -114,6 +115,7 @@ class Trainer:
         self.total_steps = total
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
         self.watchdog = HangWatchdog(self.config.watchdog, self.run_dir, setup.rank.rank)
+        self.heartbeats = NvrxHeartbeats(self.config.watchdog.nvrx_heartbeats)
         logging_config = self.config.logging
         self.throughput = ThroughputWatch(logging_config.expected_tokens_per_s_per_gpu,
                                           logging_config.throughput_fraction,
@@ -319,6 +321,7 @@ class Trainer:
                 self.result.losses[step] = loss
                 stop_agreed = totals.stop
             self.watchdog.step_finished()
+            self.heartbeats.beat()
             if stop_agreed and self.stop.signal_name is None:
                 self.stop.signal_name = "signal on another rank"
             self.step = step
@@ -445,6 +448,7 @@ class Trainer:
         if self.post_save is not None:
             self.post_save.close()
         self.watchdog.close()
+        self.heartbeats.close()
         self.stop.restore()
         self.metrics.close()
 

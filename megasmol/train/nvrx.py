@@ -1,0 +1,42 @@
+"""NVIDIA Resiliency Extension (NVRx) heartbeats, for jobs started by its ``ft_launcher``.
+
+``ft_launcher`` (a torchrun-compatible launcher from ``nvidia-resiliency-ext``, the optional extra
+``megasmol[nvrx]``) starts a rank monitor beside every rank; a rank that stops sending heartbeats
+for ``--ft-rank-heartbeat-timeout`` seconds is terminated and the workload restarted, which resumes
+from the last checkpoint. With ``watchdog.nvrx_heartbeats: true`` the loop sends one heartbeat per
+training step. megasmol's own watchdog (``watchdog.py``) works without any of this.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megasmol.config.typed import ConfigError
+
+MONITOR_SOCKET_ENV = "FT_RANK_MONITOR_IPC_SOCKET"  # set by ft_launcher for each rank
+
+
+class NvrxHeartbeats:
+    def __init__(self, enabled: bool):
+        self.client = None
+        if not enabled:
+            return
+        if not os.environ.get(MONITOR_SOCKET_ENV):
+            raise ConfigError("watchdog.nvrx_heartbeats is set but this rank has no NVRx rank monitor "
+                              f"({MONITOR_SOCKET_ENV} is unset): start the job with ft_launcher")
+        try:
+            from nvidia_resiliency_ext.fault_tolerance import RankMonitorClient
+        except ImportError:
+            raise ConfigError("watchdog.nvrx_heartbeats needs nvidia-resiliency-ext "
+                              "(pip install 'megasmol[nvrx]')") from None
+        self.client = RankMonitorClient()
+        self.client.init_workload_monitoring()
+
+    def beat(self) -> None:
+        if self.client is not None:
+            self.client.send_heartbeat()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.shutdown_workload_monitoring()
+            self.client = None
