@@ -332,7 +332,7 @@ def test_model_checks_run_the_configs_model_and_steps(tmp_path):
     from tests.train_fixtures import write_training_run
 
     config = write_training_run(tmp_path, steps=20, eval={"interval": 0},
-                                logging={"expected_tokens_per_s_per_gpu": 1e12})
+                                logging={"expected_tokens_per_s_per_gpu": 1e12, "peak_tflops": 2.0})
     out = run_cli("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
                   "--json", str(tmp_path / "r.json"), "--skip",
                   "gemm,memory_bandwidth,storage,dcgm,nvml,collectives", check=False)
@@ -342,6 +342,7 @@ def test_model_checks_run_the_configs_model_and_steps(tmp_path):
     assert parity["details"]["loss_max_diff"] < 1e-4 and parity["details"]["grad_max_rel_diff"] < 1e-3
     speed = rows["training_throughput"]
     assert speed["details"]["steps_timed"] == 3 and speed["details"]["tokens_per_s_per_device"] > 0
+    assert speed["details"]["mfu"] == pytest.approx(speed["details"]["model_tflops_per_device"] / 2.0)
     assert speed["status"] == "fail" and "below 80% of it" in speed["summary"]  # 1e12 is not reached
     assert out.returncode == 1 and "audit" not in out.stdout.split("check ")[0]
     quick = run_cli("preflight", "--config", str(config), "--allow-cpu", "--skip",

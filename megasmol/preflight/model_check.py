@@ -218,6 +218,12 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
                "steps_timed": len(times), "world_size": world, "last_loss": totals.loss}
     summary = (f"{len(times)} training step(s) after {WARMUP_STEPS} warm-up: "
                f"{per_device:,.0f} tokens/s per device, {achieved_tflops:.3g} model TFLOP/s per device")
+    from megasmol.train.metrics import device_peak_tflops
+
+    peak = device_peak_tflops(config.training.precision, config.logging.peak_tflops)
+    if peak:
+        details["mfu"] = achieved_tflops / peak
+        summary += f", MFU {achieved_tflops / peak:.1%}"
     if burn_tflops:
         details["share_of_gemm_burn"] = achieved_tflops / burn_tflops
         summary += f" ({achieved_tflops / burn_tflops:.0%} of this node's GEMM burn)"
