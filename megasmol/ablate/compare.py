@@ -18,6 +18,7 @@ from megasmol.ablate.runlog import RunLog, group_by_seed, read_run
 from megasmol.config.typed import ConfigError
 
 LOWER_IS_BETTER = ("loss", "bpb")
+CHANCE_METRICS = ("acc", "acc_norm", "exact_match")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -82,15 +83,21 @@ class Comparison:
         names = ["final loss", "best loss", "val loss", "tokens", "tokens/s"]
         return [n for n in names if any(n in e.columns for e in self.experiments)]
 
+    def chance(self, metric: str) -> Optional[float]:
+        """The chance level the runs logged for ``metric``'s task, for metrics that are a share
+        of correct answers (accuracy, exact match); None for the others."""
+        if metric.split("/")[-1] not in CHANCE_METRICS:
+            return None
+        return next((c for e in self.experiments for r in e.runs
+                     if (c := r.chance(metric)) is not None), None)
+
     def metric_rows(self) -> list[list[str]]:
         """Downstream metrics at each run's last evaluation: one row per metric, one column per
         experiment (mean ± std over seeds)."""
         rows = [["metric", "chance", *(e.name for e in self.experiments)]]
         for metric in self.metrics:
-            chance = next((c for e in self.experiments for r in e.runs
-                           if (c := r.chance(metric)) is not None), None)
-            shown = chance is not None and metric.split("/")[-1] in ("acc", "acc_norm", "exact_match")
-            rows.append([metric, f"{chance:.2f}" if shown else "-",
+            chance = self.chance(metric)
+            rows.append([metric, f"{chance:.2f}" if chance is not None else "-",
                          *(e.columns[metric].text() if metric in e.columns else "-"
                            for e in self.experiments)])
         return rows

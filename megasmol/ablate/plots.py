@@ -70,10 +70,7 @@ def write_plots(comparison: Comparison, out: Path, x: str = "tokens") -> list[Pa
                _figure(comparison, _validation_loss, x=x, title="validation loss",
                        y_label="loss", path=out / "validation_loss.png", log_y=True)]
     for metric in comparison.metrics:
-        chance = next((c for e in comparison.experiments for r in e.runs
-                       if (c := r.chance(metric)) is not None), None)
-        if metric.split("/")[-1] not in ("acc", "acc_norm", "exact_match"):
-            chance = None
+        chance = comparison.chance(metric)
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", metric)
         written.append(_figure(comparison, _downstream(metric), x=x, title=metric,
                                y_label=metric.split("/")[-1], path=out / f"eval_{name}.png",

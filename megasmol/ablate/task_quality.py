@@ -111,10 +111,7 @@ def task_quality(comparison: Comparison) -> list[TaskQuality]:
     rows = []
     for metric in comparison.metrics:
         noise = _seed_noise(comparison, metric)
-        chance = next((c for e in comparison.experiments for r in e.runs
-                       if (c := r.chance(metric)) is not None), None)
-        if metric.split("/")[-1] not in ("acc", "acc_norm", "exact_match"):
-            chance = None  # a chance level is a probability of a correct answer
+        chance = comparison.chance(metric)
         signal = None
         finals = [e.columns[metric].mean for e in comparison.experiments if metric in e.columns]
         if chance is not None and noise and finals:
