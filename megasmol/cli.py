@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from megasmol.ablate.commands import add_ablate_parsers
+from megasmol.chat.commands import add_chat_parsers
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
@@ -94,7 +95,8 @@ def cmd_export_hf(args) -> int:
         yarn.validate()
     report = export_hf(
         args.checkpoint, args.out, dtype=args.dtype, yarn=yarn, tokenizer=args.tokenizer,
-        max_shard_bytes=int(args.max_shard_gb * 1024**3), overwrite=args.overwrite,
+        chat_template=args.chat_template, max_shard_bytes=int(args.max_shard_gb * 1024**3),
+        overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
     print(f"wrote {report.out_dir}: {report.tensors} tensors in {report.shards} shard(s), "
@@ -163,6 +165,10 @@ def cmd_demo(args) -> int:
         from megasmol.ablate.demo import run_ablation_demo
 
         return run_ablation_demo(Path(args.workdir), steps=args.steps or 60, overrides=args.set)
+    if args.sft:
+        from megasmol.chat.demo import run_sft_demo
+
+        return run_sft_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
     return run_demo(Path(args.workdir), steps=args.steps or 300, overrides=args.set)
 
 
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: as stored)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="give the exported tokenizer this chat template (smollm3, chatml or a .jinja "
+                        "file); a checkpoint trained on chat data already carries its own")
     p.add_argument("--yarn-factor", type=float, help="write a YaRN rope_scaling block with this factor")
     p.add_argument("--yarn-original-max-positions", type=int, default=65536,
                    help="YaRN original_max_position_embeddings (default 65536)")
@@ -322,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_preflight_parser(sub)
     add_ablate_parsers(sub)
+    add_chat_parsers(sub)
 
     p = sub.add_parser(
         "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",
@@ -329,12 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "plots the loss, exports to Hugging Face format and samples with transformers. "
                     "Also under torchrun --nproc_per_node 2 with --set parallel.tensor_parallel=2.")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
-    p.add_argument("--steps", type=int, help="training steps (default 300; 60 per run with --ablation)")
-    p.add_argument("--ablation", action="store_true",
-                   help="instead: a small ablation (two LRs x two seeds, scored in the loop), then "
-                        "compare: table, task quality, plots")
+    p.add_argument("--steps", type=int, help="training steps (default 300; 60 per run with --ablation; "
+                                             "150 with --sft)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ablation", action="store_true",
+                      help="instead: a small ablation (two LRs x two seeds, scored in the loop), then "
+                           "compare: table, task quality, plots")
+    mode.add_argument("--sft", action="store_true",
+                      help="after the pretraining demo (run first if missing): SFT on generated "
+                           "arithmetic conversations in SmolLM3's template, held-out accuracy before "
+                           "and after, a chat reply")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of examples/tiny/demo.yaml (repeatable)")
+                   help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft; "
+                        "repeatable)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -60,8 +60,10 @@ def test_pretraining_stage_scripts(stage, stop, tmp_path):
     assert train[train.index("-m", 3) + 1:][:2] == ["megasmol", "train"]
 
 
-@pytest.mark.parametrize("stage,source", [("lc_32k", "smollm3-3b-pretrain"), ("lc_64k", "smollm3-3b-lc32k")])
-def test_long_context_scripts_start_from_the_previous_stage(stage, source, tmp_path):
+@pytest.mark.parametrize("stage,source", [("lc_32k", "smollm3-3b-pretrain"), ("lc_64k", "smollm3-3b-lc32k"),
+                                          ("mid_training", "smollm3-3b-lc64k"),
+                                          ("sft", "smollm3-3b-mid-training")])
+def test_later_stage_scripts_start_from_the_previous_stage(stage, source, tmp_path):
     _, train = _dry(f"examples/smollm3/{stage}.sh", CKPT_DIR=tmp_path)
     assert cmd_config(train).endswith(f"examples/smollm3/{stage}.yaml")
     assert f"checkpoint.init_from={tmp_path}/{source}/checkpoints" in _sets(train)

@@ -6,7 +6,8 @@
 #   cluster   NNODES=1  GPUS_PER_NODE=8  NODE_RANK=0  MASTER_ADDR=localhost  MASTER_PORT=29500
 #   paths     DATA_ROOT=$SMOLLM3_DATA (tokenized datasets the recipes name)
 #             CKPT_DIR=runs (one run directory per stage below it)
-#             TOKENIZER=bundled (copied into checkpoints; a directory works too)
+#             TOKENIZER=auto (copied into checkpoints: chat data's own, else the bundled one;
+#               bundled or a directory work too)
 #   run       OVERRIDES="key=value ..." (extra `--set`s for the run config)
 #             PREFLIGHT_LEVEL=quick; SKIP_PREFLIGHT=1 skips it (not recommended)
 #             DRY_RUN=1 prints every command instead of running it
@@ -25,7 +26,7 @@ MASTER_ADDR="${MASTER_ADDR:-localhost}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 DATA_ROOT="${DATA_ROOT:-${SMOLLM3_DATA:-}}"
 CKPT_DIR="${CKPT_DIR:-${REPO}/runs}"
-TOKENIZER="${TOKENIZER:-bundled}"
+TOKENIZER="${TOKENIZER:-auto}"
 OVERRIDES="${OVERRIDES:-}"
 PREFLIGHT_LEVEL="${PREFLIGHT_LEVEL:-quick}"
 SKIP_PREFLIGHT="${SKIP_PREFLIGHT:-0}"

@@ -38,9 +38,14 @@ class DataConfig:
     """The audit warns when the plan repeats a dataset more than this many times."""
     prefetch: int = 2
     """Batches prepared ahead by a background thread (0: none)."""
-    tokenizer: Optional[str] = "bundled"
-    """Tokenizer the data was made with, copied into every checkpoint so export and generate
-    find it: a directory, ``bundled`` (the Llama-3.2 tokenizer SmolLM3 uses), or null."""
+    tokenizer: Optional[str] = "auto"
+    """Tokenizer the data was made with, copied into every checkpoint so export, generate and
+    chat find it: a directory, ``bundled`` (the Llama-3.2 tokenizer SmolLM3 uses), ``auto`` (the
+    tokenizer stored with the recipe's chat data by ``prepare-chat``, else ``bundled``), or null."""
+    packing: Literal["ffd", "none"] = "ffd"
+    """How chat datasets (``prepare-chat`` output) fill sequences: ``ffd`` packs whole
+    conversations first-fit-decreasing (needs ``document_masking``), ``none`` pads each one to
+    its own sequence. Plain token data is unaffected."""
 
     def validate(self) -> None:
         if self.seq_length < 2:
@@ -212,7 +217,17 @@ class RunConfig:
     def tokenizer_dir(self) -> Optional[Path]:
         if self.data.tokenizer is None:
             return None
-        if self.data.tokenizer == "bundled":
+        if self.data.tokenizer == "auto":
+            from megasmol.data.chat.dataset import chat_tokenizer_dir
+            from megasmol.data.recipe import load_recipe
+
+            recipe = load_recipe(self.recipe_reference())
+            root = self.data.root and str(self.path(self.data.root))
+            found = chat_tokenizer_dir([str(recipe.dataset_prefix(e, root))
+                                        for stage in recipe.stages for e in stage.datasets])
+            if found is not None:
+                return found
+        if self.data.tokenizer in ("bundled", "auto"):
             from megasmol.tokenizer import default_tokenizer_dir
 
             return default_tokenizer_dir()

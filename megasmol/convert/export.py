@@ -90,6 +90,7 @@ def export_hf(
     dtype: Optional[str] = None,
     yarn: Optional[YarnSpec] = None,
     tokenizer: Optional[str | Path] = None,
+    chat_template: Optional[str] = None,
     max_shard_bytes: int = 2 * 1024**3,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -140,16 +141,44 @@ def export_hf(
                     bar.update(1)
     writer.finish()
     (partial / "config.json").write_text(json.dumps(config, indent=2))
-    generation = {"bos_token_id": spec.bos_token_id, "eos_token_id": spec.eos_token_id,
-                  "pad_token_id": spec.pad_token_id}
-    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2))
     source = Path(tokenizer) if tokenizer else tokenizer_dir(checkpoint)
     has_tokenizer = bool(source) and copy_tokenizer(source, partial)
+    end_of_turn = None
+    if has_tokenizer:
+        end_of_turn = apply_chat_template_choice(partial, chat_template)
+    elif chat_template is not None:
+        raise ConfigError("--chat-template needs a tokenizer to attach it to (the checkpoint has "
+                          "none stored: pass --tokenizer)")
+    eos = spec.eos_token_id if end_of_turn is None else [end_of_turn, spec.eos_token_id]
+    generation = {"bos_token_id": spec.bos_token_id, "eos_token_id": eos,
+                  "pad_token_id": spec.pad_token_id}
+    (partial / "generation_config.json").write_text(json.dumps(generation, indent=2))
     for file in partial.iterdir():  # readable like the rest (safetensors writes 0600)
         if file.is_file():
             file.chmod(0o666 & ~_umask())
     replace_directory(partial, out)
     return ExportReport(out, total, len(writer.shards), writer.total_bytes, has_tokenizer)
+
+
+def apply_chat_template_choice(tokenizer_dir: Path, choice: Optional[str]) -> Optional[int]:
+    """Give the exported tokenizer ``choice`` as its chat template (a name or a file; None keeps
+    the one it has) with the chat markers as single tokens; returns the end-of-turn id when the
+    tokenizer has a chat template, for generation_config's EOS."""
+    from megasmol.data.chat.special_tokens import single_token_id, write_chat_tokenizer
+    from megasmol.data.chat.template import load_template
+    from megasmol.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if choice is not None:
+        template = load_template(choice, tokenizer)
+        staged = tokenizer_dir / ".chat-tokenizer"
+        tokenizer = write_chat_tokenizer(tokenizer_dir, staged, template.source)
+        for file in staged.iterdir():
+            os.replace(file, tokenizer_dir / file.name)
+        staged.rmdir()
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return single_token_id(tokenizer, "<|im_end|>")
 
 
 def _umask() -> int:

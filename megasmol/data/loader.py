@@ -82,17 +82,24 @@ def check_dataset_files(recipe: DataRecipe, plans: list[StagePlan], root: Option
 def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: TokenIds, *,
                      seed: int, cache_dir: Path, root: Optional[str] = None,
                      document_masking: bool = True, validation_fraction: float = 0.0,
-                     validation_samples: int = 0) -> list[StageData]:
+                     validation_samples: int = 0, packing: str = "ffd") -> list[StageData]:
     """Build (or load from ``cache_dir``) the train/validation datasets of every planned stage.
 
     Collective when torch.distributed is initialized: every rank must call it.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    from megasmol.data.chat.dataset import SequenceDataset, SequenceDatasetConfig, packing_summary
+    from megasmol.data.chat.prepare import read_description
     from megasmol.runtime.distributed import init_distributed
 
     check_dataset_files(recipe, plans, root)
+    chat = sorted({str(recipe.dataset_prefix(e, root)) for p in plans for e in p.stage.datasets
+                   if read_description(recipe.dataset_prefix(e, root)) is not None})
+    if chat and packing == "ffd" and not document_masking:
+        raise ConfigError(f"data.packing=ffd packs several conversations into a sequence ({chat[0]} is "
+                          "chat data): it needs data.document_masking=true so attention stays inside "
+                          "each conversation (or use data.packing=none)")
     if not torch.distributed.is_initialized():
         init_distributed()  # Megatron's builders coordinate ranks even in a single process
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +111,7 @@ def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: Toke
     for plan in plans:
         prefixes = [str(recipe.dataset_prefix(e, root)) for e in plan.stage.datasets]
         weights = [e.weight for e in plan.stage.datasets]
-        config = GPTDatasetConfig(
+        config = SequenceDatasetConfig(
             # A seed per stage: a dataset shared by two stages is reshuffled, not replayed.
             random_seed=seed + 1009 * plan.index,
             sequence_length=plan.seq_length,
@@ -116,15 +123,18 @@ def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: Toke
             reset_attention_mask=False,
             eod_mask_loss=document_masking,
             create_attention_mask=False,
+            packing=packing,
         )
         wanted_valid = validation_samples if validation_fraction > 0 else 0
         with _atomic_numpy_saves():
             train, valid, _ = BlendedMegatronDatasetBuilder(
-                GPTDataset, [plan.samples, wanted_valid, 0], lambda: True, config).build()
+                SequenceDataset, [plan.samples, wanted_valid, 0], lambda: True, config).build()
         if train is None or len(train) < plan.samples:
             raise ConfigError(f"stage {plan.stage.name}: the datasets yield "
                               f"{0 if train is None else len(train)} training samples, the plan needs "
                               f"{plan.samples}")
+        for line in packing_summary(train):
+            log.info("stage %s packing: %s", plan.stage.name, line)
         stages.append(StageData(plan, train, valid))
     return stages
 

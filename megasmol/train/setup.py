@@ -151,7 +151,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
         recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
         cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
         document_masking=config.data.document_masking,
-        validation_fraction=config.data.validation_fraction,
+        validation_fraction=config.data.validation_fraction, packing=config.data.packing,
         validation_samples=config.eval.steps * config.training.global_batch_size)
     batches = TrainingBatches(stages, config.training.micro_batch_size,
                               parallel_state.get_data_parallel_rank(), dp)

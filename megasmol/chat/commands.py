@@ -1,0 +1,94 @@
+"""``megasmol prepare-chat`` and ``megasmol chat``: parse, call one function, print."""
+
+from __future__ import annotations
+
+
+def cmd_prepare_chat(args) -> int:
+    from megasmol.data.chat.prepare import prepare_chat
+
+    summary = prepare_chat(args.input, args.out, template=args.template, tokenizer=args.tokenizer,
+                           max_length=args.max_length, on_overflow=args.on_overflow,
+                           loss_on=args.loss_on, messages_key=args.messages_key, split=args.split,
+                           overwrite=args.overwrite, show_progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    if summary.rejected.get("too_long"):
+        print(f"  {summary.rejected['too_long']:,} conversation(s) exceed --max-length {args.max_length} "
+              "(--on-overflow error): left out; use --on-overflow truncate to keep them cut")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from megasmol.chat.sampling import Sampling
+    from megasmol.chat.session import ChatSession
+    from megasmol.runtime.distributed import shutdown
+
+    think = True if args.think else (False if args.no_think else None)
+    try:
+        session = ChatSession.from_checkpoint(
+            args.checkpoint, tokenizer=args.tokenizer, template=args.template, system=args.system,
+            think=think, max_new_tokens=args.max_new_tokens,
+            sampling=Sampling(args.temperature, args.top_p, args.seed))
+        if args.message is not None:
+            for message in args.message:
+                print(f"user> {message}")
+                print(f"assistant> {session.reply(message)}")
+            return 0
+        print("chat with the model (/reset clears the history, /exit or Ctrl-D leaves)")
+        while True:
+            try:
+                line = input("user> ")
+            except EOFError:
+                print()
+                return 0
+            if line.strip() == "/exit":
+                return 0
+            if line.strip() == "/reset":
+                session.reset()
+                continue
+            if line.strip():
+                print(f"assistant> {session.reply(line)}")
+    finally:
+        shutdown()
+
+
+def add_chat_parsers(sub) -> None:
+    p = sub.add_parser("prepare-chat", help="render conversations with a chat template into tokens + a "
+                                            "loss mask (Megatron indexed datasets) for SFT / mid-training")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="JSONL / Parquet files, directories or globs of {messages: [{role, content}]} "
+                        "records; a datasets save_to_disk directory; or hf:DATASET_ID where a hub is "
+                        "reachable")
+    p.add_argument("--out", required=True,
+                   help="output prefix: PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, "
+                        "PREFIX.chat.json")
+    p.add_argument("--template", default="smollm3",
+                   help="smollm3 (default), chatml, a .jinja file, or tokenizer (its own chat_template)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2, SmolLM3's)")
+    p.add_argument("--max-length", type=int, help="longest conversation in tokens (EOS included)")
+    p.add_argument("--on-overflow", default="error", choices=["error", "truncate", "drop"],
+                   help="a conversation over --max-length: error (default: left out, reported as an "
+                        "error count), truncate (cut to the limit), drop (left out, counted)")
+    p.add_argument("--loss-on", default="assistant", choices=["assistant", "all"],
+                   help="assistant (default, SFT): replies and their end-of-turn token; "
+                        "all (mid-training): every token")
+    p.add_argument("--messages-key", default="messages", help="record field with the messages")
+    p.add_argument("--split", default="train", help="split of a datasets input (default train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_chat)
+
+    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (or one --message)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint root or iteration directory")
+    p.add_argument("--message", action="append",
+                   help="send this user message and print the reply, no prompt (repeat for turns)")
+    p.add_argument("--system", help="system message (SmolLM3: /think or /no_think inside it switch mode)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--think", action="store_true", help="reasoning mode (SmolLM3 template)")
+    mode.add_argument("--no-think", action="store_true", help="no reasoning (empty think block prefilled)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--template", help="chat template instead of the checkpoint's (smollm3, chatml, FILE)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.set_defaults(func=cmd_chat)

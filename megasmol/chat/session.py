@@ -1,0 +1,90 @@
+"""A chat session with a Megatron checkpoint: the conversation is rendered with the model's chat
+template (the one stored with its tokenizer by ``prepare-chat``, or ``--template``), the reply is
+decoded with the KV cache until the end-of-turn token, and the turn joins the history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megasmol.chat.sampling import Sampling
+from megasmol.config.typed import ConfigError
+
+
+class ChatSession:
+    def __init__(self, model, spec, tokenizer, template, *, system: Optional[str] = None,
+                 think: Optional[bool] = None, max_new_tokens: int = 256,
+                 sampling: Optional[Sampling] = None):
+        from megasmol.data.chat.special_tokens import single_token_id
+
+        self.model, self.spec, self.tokenizer, self.template = model, spec, tokenizer, template
+        self.think, self.max_new_tokens = think, max_new_tokens
+        self.sampling = sampling or Sampling()
+        self.sampling.validate()
+        self.generator = self.sampling.generator()
+        end_of_turn = single_token_id(tokenizer, "<|im_end|>")
+        self.stop_ids = {i for i in (end_of_turn, spec.eos_token_id) if i is not None}
+        self.system = system
+        self.reset()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, *, tokenizer: Optional[str] = None,
+                        template: Optional[str] = None, **kwargs) -> "ChatSession":
+        from megasmol.ckpt.checkpoint import tokenizer_dir
+        from megasmol.data.chat.template import ChatTemplate, load_template
+        from megasmol.model.load import load_checkpoint_model
+        from megasmol.tokenizer import load_tokenizer
+
+        source = tokenizer or tokenizer_dir(checkpoint)
+        if source is None:
+            raise ConfigError(f"{checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
+        hf_tokenizer = load_tokenizer(source)
+        if template is not None:
+            chosen = load_template(template, hf_tokenizer)
+        elif getattr(hf_tokenizer, "chat_template", None):
+            chosen = ChatTemplate(hf_tokenizer.chat_template, "checkpoint")
+        else:
+            raise ConfigError(f"{checkpoint}: its tokenizer has no chat template (it was not trained on "
+                              "prepare-chat data); pass --template smollm3|chatml|FILE")
+        model, spec, _ = load_checkpoint_model(checkpoint)
+        return cls(model, spec, hf_tokenizer, chosen, **kwargs)
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self) -> torch.Tensor:
+        kwargs = {} if self.think is None else {"enable_thinking": self.think}
+        text = self.template.render(self.messages, add_generation_prompt=True, **kwargs).text
+        ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        if ids.shape[1] + self.max_new_tokens > self.spec.max_position_embeddings:
+            raise ConfigError(f"the conversation ({ids.shape[1]} tokens) plus --max-new-tokens "
+                              f"exceeds the model's {self.spec.max_position_embeddings} positions; "
+                              "/reset or shorten it")
+        return ids
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor) -> list[int]:
+        """New token ids after ``ids`` up to and excluding the end-of-turn token."""
+        from megasmol.generate import Decoder
+
+        decoder = Decoder(self.model, ids.shape[1] + self.max_new_tokens)
+        logits = decoder.start(ids)
+        new: list[int] = []
+        for index in range(self.max_new_tokens):
+            token = self.sampling.choose(logits, self.generator)
+            if token.item() in self.stop_ids:
+                break
+            new.append(token.item())
+            if index < self.max_new_tokens - 1:
+                logits = decoder.step(token)
+        return new
+
+    def reply(self, message: str) -> str:
+        """Add the user's ``message``, generate the assistant's answer, keep both in the history."""
+        self.messages.append({"role": "user", "content": message})
+        new = self.generate(self.prompt_ids())
+        text = self.tokenizer.decode(new, skip_special_tokens=False)
+        self.messages.append({"role": "assistant", "content": text})
+        return text

@@ -1,0 +1,243 @@
+"""``prepare-chat``: render conversations with a chat template into tokens plus a loss mask.
+
+Output, beside each other (``PREFIX`` is ``--out``):
+
+* ``PREFIX.bin/.idx`` -- one document per conversation (its tokens, then EOS), a Megatron-Core
+  indexed dataset like ``prepare-data`` writes;
+* ``PREFIX_lossmask.bin/.idx`` -- an aligned uint8 indexed dataset: 1 where the token is a
+  target the loss covers (assistant text and the ``<|im_end|>`` closing each reply, or every
+  token with ``--loss-on all``), so both are O(1) lookups through Megatron-Core's
+  ``IndexedDataset``;
+* ``PREFIX.tokenizer/`` -- the tokenizer the tokens were made with (chat markers as single
+  tokens, the template as its ``chat_template``); runs on this data use it;
+* ``PREFIX.chat.json`` -- what the files are (template, loss policy, counts); its presence is
+  what makes the loader treat ``PREFIX`` as chat data.
+
+Files are written under ``.partial`` names and renamed when complete, the token ``.idx`` last:
+a prefix with an ``.idx`` is whole, and a whole prefix always has its mask and description.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+
+from megasmol.config.typed import ConfigError
+from megasmol.data.chat.records import Conversation, read_conversations
+from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, load_template, token_mask
+from megasmol.data.readers import ReadIssues
+from megasmol.utils.progress import progress_bar
+
+FORMAT = "megasmol-chat/1"
+MASK_SUFFIX = "_lossmask"
+OVERFLOW_POLICIES = ("error", "truncate", "drop")
+
+
+def mask_prefix(prefix: str | Path) -> str:
+    return f"{prefix}{MASK_SUFFIX}"
+
+
+def description_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.chat.json")
+
+
+def tokenizer_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.tokenizer")
+
+
+def read_description(prefix: str | Path) -> Optional[dict]:
+    """The ``.chat.json`` of a chat dataset, or None for plain token data."""
+    path = description_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable chat dataset description ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a {FORMAT} description")
+    return data
+
+
+@dataclass
+class ChatSummary:
+    """What ``prepare-chat`` wrote, and what it left out and why."""
+
+    output_prefix: str
+    template: str
+    loss_on: str
+    tokenizer: str
+    eos_id: int
+    conversations: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    longest: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    rejected: dict = field(default_factory=dict)
+    rejected_examples: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def supervised_share(self) -> float:
+        return self.supervised_tokens / self.tokens if self.tokens else 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"wrote {self.output_prefix}.bin/.idx, {mask_prefix(self.output_prefix)}.bin/.idx, "
+               f"{tokenizer_path(self.output_prefix)}/",
+               f"  template       {self.template} (loss on {self.loss_on})",
+               f"  conversations  {self.conversations:,} (longest {self.longest:,} tokens)",
+               f"  tokens         {self.tokens:,} (EOS included)",
+               f"  supervised     {self.supervised_tokens:,} ({100 * self.supervised_share:.1f}% of tokens)",
+               f"  time           {self.seconds:.1f} s"]
+        if self.truncated:
+            out.append(f"  truncated      {self.truncated:,} (to --max-length)")
+        for reason, count in sorted(self.rejected.items()):
+            out.append(f"  left out: {reason}: {count:,} (first at {self.rejected_examples[reason]})")
+        return out
+
+
+def _encoded(conversations: Iterator[Conversation], template: ChatTemplate, tokenizer, issues: ReadIssues,
+             batch: int = 256):
+    """(conversation, token ids, offsets, spans) for every conversation the template renders."""
+    pending: list[tuple[Conversation, object]] = []
+
+    def flush():
+        if not pending:
+            return []
+        enc = tokenizer([r.text for _, r in pending], add_special_tokens=False,
+                        return_offsets_mapping=True)
+        out = [(c, ids, offs, r.spans) for (c, r), ids, offs
+               in zip(pending, enc["input_ids"], enc["offset_mapping"])]
+        pending.clear()
+        return out
+
+    for conversation in conversations:
+        try:
+            rendered = template.render(conversation.messages, tools=conversation.tools, **conversation.kwargs)
+        except TemplateRenderError:
+            issues.add("template_error", conversation.where)
+            continue
+        pending.append((conversation, rendered))
+        if len(pending) >= batch:
+            yield from flush()
+    yield from flush()
+
+
+def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3",
+                 tokenizer: Optional[str] = None, max_length: Optional[int] = None,
+                 on_overflow: Literal["error", "truncate", "drop"] = "error",
+                 loss_on: Literal["assistant", "all"] = "assistant", messages_key: str = "messages",
+                 split: str = "train", overwrite: bool = False, show_progress: bool = True,
+                 now=None) -> ChatSummary:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megasmol.data.chat.special_tokens import set_chat_template, write_chat_tokenizer
+    from megasmol.data.tokenize import choose_dtype
+    from megasmol.tokenizer import default_tokenizer_dir
+
+    if loss_on not in ("assistant", "all"):
+        raise ConfigError(f"--loss-on must be assistant or all, got {loss_on!r}")
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ConfigError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {on_overflow!r}")
+    if max_length is not None and max_length < 2:
+        raise ConfigError(f"--max-length must be >= 2, got {max_length}")
+    prefix = Path(out_prefix)
+    if not prefix.parent.is_dir():
+        raise ConfigError(f"--out {out_prefix}: directory {prefix.parent} does not exist")
+    finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
+              Path(f"{mask_prefix(prefix)}.idx"), description_path(prefix), tokenizer_path(prefix)]
+    if any(p.exists() for p in finals) and not overwrite:
+        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
+
+    source = tokenizer or default_tokenizer_dir()
+    if template not in ("tokenizer",):
+        chosen = load_template(template, None, now=now)  # fails fast, before any tokenizer work
+    partial = {p: p.with_name(p.name + ".partial") for p in finals}
+    for path in partial.values():
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    chat_tokenizer = write_chat_tokenizer(source, partial[tokenizer_path(prefix)])
+    try:
+        chosen = load_template(template, chat_tokenizer, now=now)
+        if loss_on == "assistant" and not chosen.marks_generation:
+            raise ConfigError(f"chat template {chosen.name} marks no assistant text ({{% generation %}} "
+                              "... {% endgeneration %}), so an assistant-only loss mask cannot come from "
+                              "it; mark the replies in the template or use --loss-on all")
+        eos_id = chat_tokenizer.eos_token_id
+        if eos_id is None:
+            raise ConfigError(f"tokenizer {source}: has no EOS token to end conversations with")
+        set_chat_template(partial[tokenizer_path(prefix)], chosen.source)
+    except BaseException:
+        shutil.rmtree(partial[tokenizer_path(prefix)], ignore_errors=True)
+        raise
+    token_dtype = choose_dtype("auto", len(chat_tokenizer))
+    tokens_out = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
+    masks_out = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
+    summary = ChatSummary(str(prefix), chosen.name, loss_on, str(source), int(eos_id))
+    issues = ReadIssues()
+    start = time.perf_counter()
+    try:
+        with progress_bar(None, "prepare-chat", enabled=show_progress, unit="conv") as bar:
+            stream = _encoded(read_conversations(inputs, issues, messages_key=messages_key, split=split),
+                              chosen, chat_tokenizer, issues)
+            for conversation, ids, offsets, spans in stream:
+                bar.update(1)
+                mask = (np.ones(len(ids), np.uint8) if loss_on == "all" else token_mask(offsets, spans))
+                ids = np.append(np.asarray(ids, dtype=np.int64), eos_id)
+                mask = np.append(mask, np.uint8(1 if loss_on == "all" else 0))
+                if max_length is not None and len(ids) > max_length:
+                    if on_overflow == "truncate":
+                        ids, mask = ids[:max_length], mask[:max_length]
+                        summary.truncated += 1
+                    else:
+                        issues.add("too_long" if on_overflow == "error" else "dropped_too_long",
+                                   conversation.where)
+                        continue
+                if not mask.any():
+                    issues.add("no_assistant_tokens", conversation.where)
+                    continue
+                tokens_out.add_document(ids.astype(token_dtype), [len(ids)])
+                masks_out.add_document(mask, [len(mask)])
+                summary.conversations += 1
+                summary.tokens += len(ids)
+                summary.supervised_tokens += int(mask.sum())
+                summary.longest = max(summary.longest, len(ids))
+        summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
+        if summary.conversations == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
+            raise ConfigError(f"prepare-chat: no usable conversation in the inputs ({reasons}); "
+                              "nothing was written")
+        masks_out.finalize(str(partial[Path(f"{mask_prefix(prefix)}.idx")]))
+        tokens_out.finalize(str(partial[Path(f"{prefix}.idx")]))
+    except BaseException:
+        tokens_out.data_file.close()
+        masks_out.data_file.close()
+        for path in partial.values():
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+    summary.seconds = round(time.perf_counter() - start, 3)
+    description = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
+                   "mask_prefix": Path(mask_prefix(prefix)).name}
+    partial[description_path(prefix)].write_text(json.dumps(description, indent=2) + "\n")
+    stats = Path(f"{prefix}.stats.json.partial")
+    stats.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(stats, f"{prefix}.stats.json")
+    Path(f"{prefix}.idx").unlink(missing_ok=True)  # an old .idx must never pair with new files
+    for final, tmp in partial.items():
+        if final.suffix == ".idx" and final.name == f"{prefix.name}.idx":
+            continue
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    os.replace(partial[Path(f"{prefix}.idx")], Path(f"{prefix}.idx"))
+    return summary
