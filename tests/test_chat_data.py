@@ -207,3 +207,34 @@ def test_packed_samples_keep_conversations_whole(tmp_path):
     assert np.array_equal(again.plan.order, packed.plan.order)
     with pytest.raises(ConfigError, match="longer than a sequence"):
         open_chat_dataset(tmp_path / "d", 8, ids, cache_dir=tmp_path / "cache")
+
+
+def test_a_recipe_blends_chat_and_plain_token_data(megatron_runtime, tmp_path):
+    """A mid-training mixture: chat prefixes and prepare-data prefixes in one stage."""
+    from megasmol.data.loader import TrainingBatches, build_stage_data
+    from megasmol.data.recipe import plan_stages
+    from tests.data_fixtures import random_documents, recipe_at, write_dataset
+
+    src = _write(tmp_path / "c.jsonl", GOOD * 4)
+    prepare_chat([src], str(tmp_path / "chat"), template="chatml", show_progress=False)
+    write_dataset(tmp_path / "plain", random_documents(60, 3, 1000, 5, 40, seed=1))
+    recipe = recipe_at(tmp_path, [{"name": "mid", "start_step": 1, "datasets": [
+        {"path": "chat", "weight": 0.5}, {"path": "plain", "weight": 0.5}]}])
+    plans = plan_stages(recipe, 6, 4, 48)
+    ids = TokenIds(128256, 128001, 128004)
+    stages = build_stage_data(recipe, plans, ids, seed=5, cache_dir=tmp_path / "cache")
+    batches = TrainingBatches(stages, 4)
+    seen = {0: 0, 1: 0}
+    for step in range(1, 7):
+        [batch] = batches.micro_batches(step)
+        for row in range(4):
+            source = int(batch["dataset_id"][row])
+            seen[source] += 1
+            tokens, mask = batch["tokens"][row], batch["loss_mask"][row]
+            if source == 0:  # chat: only the replies' targets, positions restarting
+                assert 0 < mask.sum() < 48 and (batch["position_ids"][row] == 0).sum() > 1
+            else:  # token data: every target
+                assert mask.sum() == 48 and (tokens < 1000).all()
+    assert seen[0] > 0 and seen[1] > 0
+    with pytest.raises(ConfigError, match="document_masking"):
+        build_stage_data(recipe, plans, ids, seed=5, cache_dir=tmp_path / "cache2", document_masking=False)

@@ -17,7 +17,7 @@ from tests.specs import tiny_smollm3
 @pytest.fixture(scope="module")
 def noise_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("noise")
-    write_jsonl(noise_conversations(48, seed=1), root / "train.jsonl")
+    write_jsonl(noise_conversations(48, seed=1, turns=1), root / "train.jsonl")
     prepare_chat([str(root / "train.jsonl")], str(root / "noise"), template="chatml", show_progress=False)
     return root
 
@@ -49,7 +49,7 @@ def sft_run(noise_data):
         "      - {path: noise, weight: 1.0}\n")
     (noise_data / "sft.yaml").write_text(
         "model: smollm3-tiny\nrun_dir: run\n"
-        "data: {recipe: recipe.yaml, seq_length: 128, validation_fraction: 0.0, packing: ffd}\n"
+        "data: {recipe: recipe.yaml, seq_length: 64, validation_fraction: 0.0, packing: ffd}\n"
         "training: {train_steps: 70, global_batch_size: 4, micro_batch_size: 4, precision: fp32}\n"
         "schedule: {kind: wsd, lr: 3.0e-3, warmup_steps: 5}\n"
         "checkpoint: {interval: 70}\nlogging: {interval: 10}\neval: {interval: 0}\n")
@@ -72,7 +72,7 @@ def test_assistant_only_loss_trains_replies_not_prompts(sft_run):
     tokenizer = AutoTokenizer.from_pretrained(root / "hf")
     model = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
     reply, prompt = [], []
-    for record in noise_conversations(8, seed=99):
+    for record in noise_conversations(8, seed=99, turns=1):
         enc = tokenizer.apply_chat_template(record["messages"], return_dict=True, return_tensors="pt",
                                             return_assistant_tokens_mask=True)
         ids = enc["input_ids"]
@@ -92,6 +92,22 @@ def test_assistant_only_loss_trains_replies_not_prompts(sft_run):
     out = model.generate(**question, max_new_tokens=20, do_sample=False)
     new = out[0, question["input_ids"].shape[1]:].tolist()
     assert new[-1] == 128012 and tokenizer.decode(new[:-1]) == REPLY
+
+
+def test_export_can_attach_a_chat_template_to_any_tokenizer(sft_run, llama_tokenizer_dir, tmp_path):
+    from megasmol.convert.export import export_hf
+    from megasmol.tokenizer import load_tokenizer
+
+    root, _ = sft_run
+    export_hf(root / "run" / "checkpoints", tmp_path / "hf", tokenizer=llama_tokenizer_dir,
+              chat_template="smollm3", show_progress=False)
+    tokenizer = load_tokenizer(tmp_path / "hf")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n")
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 128012
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [128012, 128001]
 
 
 def test_chat_command_answers_with_the_template_and_stops(sft_run):

@@ -163,22 +163,24 @@ def export_hf(
 def apply_chat_template_choice(tokenizer_dir: Path, choice: Optional[str]) -> Optional[int]:
     """Give the exported tokenizer ``choice`` as its chat template (a name or a file; None keeps
     the one it has) with the chat markers as single tokens; returns the end-of-turn id when the
-    tokenizer has a chat template, for generation_config's EOS."""
-    from megasmol.data.chat.special_tokens import single_token_id, write_chat_tokenizer
+    tokenizer has a chat template, for generation_config's EOS. Without ``choice`` the files are
+    only read, never loaded, so any tokenizer the checkpoint carries is copied as it is."""
+    from megasmol.data.chat.special_tokens import added_token_id, write_chat_tokenizer
     from megasmol.data.chat.template import load_template
     from megasmol.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
     if choice is not None:
-        template = load_template(choice, tokenizer)
+        template = load_template(choice, load_tokenizer(tokenizer_dir))
         staged = tokenizer_dir / ".chat-tokenizer"
-        tokenizer = write_chat_tokenizer(tokenizer_dir, staged, template.source)
+        write_chat_tokenizer(tokenizer_dir, staged, template.source)
         for file in staged.iterdir():
             os.replace(file, tokenizer_dir / file.name)
         staged.rmdir()
-    if not getattr(tokenizer, "chat_template", None):
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if not config.get("chat_template") and not (tokenizer_dir / "chat_template.jinja").is_file():
         return None
-    return single_token_id(tokenizer, "<|im_end|>")
+    return added_token_id(tokenizer_dir, "<|im_end|>")
 
 
 def _umask() -> int:

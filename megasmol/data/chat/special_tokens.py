@@ -58,6 +58,22 @@ def _rename_reserved(directory: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
+def added_token_id(directory: Path, content: str):
+    """The id of the added (special) token ``content`` in a saved tokenizer, read from its files."""
+    tok_json = Path(directory) / "tokenizer.json"
+    if tok_json.is_file():
+        for token in json.loads(tok_json.read_text()).get("added_tokens", []):
+            if token.get("content") == content:
+                return token["id"]
+    config_path = Path(directory) / "tokenizer_config.json"
+    if config_path.is_file():
+        decoder = json.loads(config_path.read_text()).get("added_tokens_decoder", {})
+        for token_id, token in decoder.items():
+            if token.get("content") == content:
+                return int(token_id)
+    return None
+
+
 def _named_in_file(directory: Path) -> bool:
     data = json.loads((directory / "tokenizer.json").read_text())
     names = {t["content"] for t in data.get("added_tokens", [])}
