@@ -24,6 +24,7 @@ from tests.conftest import run_cli
 from tests.specs import tiny_smollm3
 
 ITEMS = Path(__file__).parent / "fixtures" / "eval" / "items.jsonl"
+WINOGRANDE = Path(__file__).parent / "fixtures" / "eval" / "winogrande.jsonl"
 LETTERS = "ABCD"
 
 LM_EVAL_TASKS = {
@@ -87,6 +88,53 @@ def test_loglikelihoods_and_accuracies_equal_lm_eval(model, tmp_path, monkeypatc
             assert result.metrics[metric][0] == pytest.approx(sum(values) / len(values))
     # The test can fail: the distinct choices do get distinct scores.
     assert len({round(v, 3) for row in expected_lls for v in row}) > 20
+
+
+def test_winogrande_partial_scoring_equals_lm_eval(model, tmp_path, monkeypatch, llama_tokenizer_dir):
+    """lm-eval's own winogrande definition (its YAML and preprocess functions, only the data
+    pointed at the fixture) against megasmol's winogrande task on the same rows."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from megasmol.config.typed import from_dict, load_yaml
+    from megasmol.eval.tasks import TASK_DIR
+
+    (tmp_path / "tasks").mkdir()
+    reference = Path(lm_eval.__file__).parent / "tasks" / "winogrande" / "default.yaml"
+    (tmp_path / "tasks" / "wg.yaml").write_text(yaml.safe_dump({
+        "include": str(reference), "task": "megasmol_winogrande", "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"train": str(WINOGRANDE), "validation": str(WINOGRANDE)}}}))
+    lm = HFLM(pretrained=str(model / "hf"), device="cpu", dtype="float32", batch_size=1)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["megasmol_winogrande"], log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    samples = sorted(out["samples"]["megasmol_winogrande"], key=lambda s: s["doc_id"])
+    expected = [[resp[0][0] for resp in s["resps"]] for s in samples]
+    spec = from_dict(TaskSpec, {**load_yaml(TASK_DIR / "winogrande.yaml"), "hf_dataset": None,
+                                "data_files": str(WINOGRANDE)})
+    tokenizer = load_tokenizer(llama_tokenizer_dir)
+    task = Task(spec, WINOGRANDE.parent)
+    for scorer in (hf_scorer(model / "hf", tokenizer), megatron_scorer(model / "ckpt", tokenizer)):
+        [result] = evaluate([task], scorer)
+        assert len(result.samples) == len(expected) == 10
+        for mine, theirs in zip(result.samples, expected):
+            assert mine.loglikelihoods == pytest.approx(theirs, abs=1e-4), scorer.name
+        assert [s.metrics["acc"] for s in result.samples] == [s["acc"] for s in samples]
+    assert result.samples[0].continuations == [
+        "The suitcase would not fit in the car trunk because the suitcase was too large.",
+        "The suitcase would not fit in the car trunk because the trunk was too large."]
+    assert result.chance == 0.5 and set(result.metrics) == {"acc", "gold_loglik"}
+    # Few-shot: a shot is written with its right option filled in, as lm-eval writes one.
+    from megasmol.eval.formulations import scoring_pairs
+
+    first, second = task.examples()[:2]
+    prompt, pairs, _ = scoring_pairs(second, "partial", " ", [first])
+    assert prompt == "The suitcase would not fit in the car trunk because the suitcase was too large.\n\n"
+    assert pairs[1] == (prompt + "The suitcase would not fit in the car trunk because the trunk",
+                        " was too small.")
 
 
 def test_cli_writes_results_and_samples(model, tmp_path):

@@ -8,6 +8,10 @@
   answer letter (`` A``, `` B``, ...) is scored; ``acc``.
 * every choice-scoring formulation also reports ``gold_loglik``, the mean log-likelihood of the
   right answer (not an lm-eval metric: smoother than accuracy, it moves before accuracy does).
+* ``partial`` (WinoGrande's partial evaluation, lm-eval's multiple-input tasks): each choice is
+  a different context (the sentence up to the blank, with that option filled in) and the same
+  continuation (the rest of the sentence) is scored after each; ``acc``. Few-shot examples are
+  written with their right option filled in.
 * ``fg`` (free generation): greedy decoding with the KV cache until a stop string, the answer
   extracted with the task's regular expression (the last match, as lm-eval's GSM8K
   "flexible-extract") and compared after dropping ``$``, thousands commas and a final period;
@@ -64,6 +68,18 @@ def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
     return prefix + example.context, [delimiter + c for c in example.choices]
 
 
+def scoring_pairs(example: Example, formulation: str, delimiter: str,
+                  shots: list[Example]) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """(the prompt shown in samples.jsonl, the (context, continuation) pairs to score, what each
+    pair adds to the prompt, for samples.jsonl)."""
+    if formulation == "partial":
+        prefix = "".join(f"{s.choices[s.gold]}{delimiter}{s.context}\n\n" for s in shots)
+        pairs = [(prefix + choice, delimiter + example.context) for choice in example.choices]
+        return prefix, pairs, [choice + delimiter + example.context for choice in example.choices]
+    prompt, continuations = prompt_and_continuations(example, formulation, delimiter, shots)
+    return prompt, [(prompt, c) for c in continuations], continuations
+
+
 def extract_answer(generation: str, pattern: str) -> str:
     """The last match of ``pattern`` in ``generation`` (its first non-empty group), or ""."""
     found = ""
@@ -103,7 +119,7 @@ def judge(index: int, example: Example, formulation: str, prompt: str, continuat
         return Scored(index, prompt, continuations, lls, example.gold, example.gold, example.gold,
                       {"nats": -lls[0], "bytes": nbytes})
     prediction = _argmax(lls)
-    if formulation == "cf":
+    if formulation == "cf":  # (partial: the continuation is the same for every choice)
         normed = [ll / max(len(choice), 1) for ll, choice in zip(lls, example.choices)]
         prediction_norm = _argmax(normed)
     else:

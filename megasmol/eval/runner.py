@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from megasmol.eval.formulations import (Scored, aggregate, cut_at_stop, judge, judge_generation,
-                                        prompt_and_continuations)
+                                        scoring_pairs)
 from megasmol.eval.requests import encode_pair
 from megasmol.eval.tasks import Task, sample
 from megasmol.utils.table import format_table
@@ -65,14 +65,13 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         built = []
         for index, example in enumerate(examples):
             shots = _shots(task, pool, index, num_fewshot, seed, example.record)
-            prompt, continuations = prompt_and_continuations(
-                example, task.spec.formulation, task.spec.target_delimiter, shots)
-            built.append((example, prompt, continuations))
+            built.append((example, *scoring_pairs(example, task.spec.formulation,
+                                                  task.spec.target_delimiter, shots)))
         plans.append((task, built))
-    requests = [encode_pair(scorer.tokenizer, prompt, c)
-                for _, built in plans for _, prompt, conts in built for c in conts]
+    requests = [encode_pair(scorer.tokenizer, context, continuation)
+                for _, built in plans for _, _, pairs, _ in built for context, continuation in pairs]
     generations = [(task, prompt) for task, built in plans if task.spec.formulation == "fg"
-                   for _, prompt, _ in built]
+                   for _, prompt, _, _ in built]
     progress = progress_factory(len(requests) + len(generations)) if progress_factory else None
     try:
         lls = scorer.loglikelihoods(requests, progress) if requests else []
@@ -84,17 +83,17 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
     texts.reverse()
     for task, built in plans:
         scored = []
-        for index, (example, prompt, conts) in enumerate(built):
+        for index, (example, prompt, pairs, shown) in enumerate(built):
             if task.spec.formulation == "fg":
                 scored.append(judge_generation(index, example, prompt, texts.pop(),
                                                task.spec.answer_pattern))
                 continue
-            scored.append(judge(index, example, task.spec.formulation, prompt, conts,
-                                lls[cursor:cursor + len(conts)]))
-            cursor += len(conts)
+            scored.append(judge(index, example, task.spec.formulation, prompt, shown,
+                                lls[cursor:cursor + len(pairs)]))
+            cursor += len(pairs)
         chance = task.spec.chance
         if chance is None and task.spec.formulation not in ("bpb", "fg") and built:
-            chance = sum(1 / len(e.choices) for e, _, _ in built) / len(built)
+            chance = sum(1 / len(e.choices) for e, _, _, _ in built) / len(built)
         results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
                                   if scored else {}, len(scored), chance, num_fewshot, scored))
     return results

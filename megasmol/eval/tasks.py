@@ -38,10 +38,12 @@ class TaskSpec:
 
     name: str
     """Task name in results.json and the table."""
-    formulation: Literal["cf", "mcf", "bpb", "fg"] = "cf"
+    formulation: Literal["cf", "mcf", "bpb", "fg", "partial"] = "cf"
     """cf: each choice's log-likelihood after the context (acc, acc_norm); mcf: choices listed
     with letters, the answer letter scored (acc); bpb: bits per byte of the gold choice; fg: free
-    generation (greedy, KV cache) scored by exact match of the extracted answer."""
+    generation (greedy, KV cache) scored by exact match of the extracted answer; partial: each
+    choice is a context and ``context`` renders the continuation scored after every one of them
+    (WinoGrande; acc)."""
     answer: Optional[str] = None
     """fg: Jinja template that renders the reference answer (instead of choices and gold)."""
     until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
