@@ -202,9 +202,15 @@ def test_packed_samples_keep_conversations_whole(tmp_path):
     # Same tokens supervised whether packed or not.
     total = sum(packed.packed_sample(i)["loss_mask"].sum() for i in range(packed.plan.num_sequences))
     assert total == sum(single.packed_sample(i)["loss_mask"].sum() for i in range(6)) == 12
-    # The plan is cached: a second open reads it back unchanged.
+    # The plan is cached: a second open reads it back unchanged; built afresh (another cache,
+    # as on a resumed job's new node) it is the same plan and the same sample order.
     again = open_chat_dataset(tmp_path / "d", 48, ids, cache_dir=tmp_path / "cache")
     assert np.array_equal(again.plan.order, packed.plan.order)
+    fresh = open_chat_dataset(tmp_path / "d", 48, ids, cache_dir=tmp_path / "other")
+    assert np.array_equal(fresh.plan.order, packed.plan.order)
+    assert np.array_equal(fresh.sample_order, packed.sample_order)
+    reseeded = open_chat_dataset(tmp_path / "d", 48, ids, cache_dir=tmp_path / "third", seed=99)
+    assert np.array_equal(reseeded.plan.order, packed.plan.order)  # packing does not depend on it
     with pytest.raises(ConfigError, match="longer than a sequence"):
         open_chat_dataset(tmp_path / "d", 8, ids, cache_dir=tmp_path / "cache")
 
