@@ -2,13 +2,8 @@
 
 import json
 
-import pytest
-
 from megasmol.train.throughput_watch import ThroughputWatch, throttle_names
 from tests.train_fixtures import train, write_training_run
-
-pytestmark = pytest.mark.serial  # timing-sensitive: run alone (see Makefile)
-
 
 def test_a_sustained_drop_warns_once_per_episode():
     watch = ThroughputWatch(expected=1000.0, fraction=0.9, window=30)
