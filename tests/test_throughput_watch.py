@@ -5,6 +5,7 @@ import json
 from megasmol.train.throughput_watch import ThroughputWatch, throttle_names
 from tests.train_fixtures import train, write_training_run
 
+
 def test_a_sustained_drop_warns_once_per_episode():
     watch = ThroughputWatch(expected=1000.0, fraction=0.9, window=30)
     verdicts = {}
