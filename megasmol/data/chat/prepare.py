@@ -158,8 +158,8 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
         raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
 
     source = tokenizer or default_tokenizer_dir()
-    if template not in ("tokenizer",):
-        chosen = load_template(template, None, now=now)  # fails fast, before any tokenizer work
+    if template != "tokenizer":
+        load_template(template)  # a bad name or file fails here, before any tokenizer work
     partial = {p: p.with_name(p.name + ".partial") for p in finals}
     for path in partial.values():
         if path.is_dir():

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.readers import ReadIssues, _decode, _open_binary, expand_inputs
+from megasmol.data.readers import (JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadIssues, _decode, _open_binary,
+                                   expand_inputs)
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -142,9 +143,9 @@ def read_conversations(inputs: list[str], issues: ReadIssues, *, messages_key: s
 def _file_records(files: list[Path], issues: ReadIssues) -> Iterator[tuple[object, str]]:
     for path in files:
         name = path.name.lower()
-        if name.endswith(".parquet"):
+        if name.endswith(PARQUET_SUFFIXES):
             yield from _parquet_records(path)
-        elif name.endswith((".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz")):
+        elif name.endswith(JSONL_SUFFIXES):
             try:
                 yield from _jsonl_records(path, issues)
             except (OSError, EOFError) as exc:
