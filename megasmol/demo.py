@@ -120,15 +120,22 @@ def _downstream(checkpoint: Path, workdir: Path, config) -> None:
                                      limit=config.eval.tasks_limit, seed=config.training.seed)
     finally:
         shutdown()
-    rows = [("task", "metric", "chance", "random init", "trained")]
+    rows = [("task", "metric", "chance", "random init", "trained", "trained vs chance")]
     for before, after in zip(scores["random init"], scores["trained"]):
         for metric in ("acc", "acc_norm"):
+            value, err = after.metrics[metric]
             rows.append((before.name, metric, f"{before.chance:.2f}",
                          f"{before.metrics[metric][0]:.3f} ± {before.metrics[metric][1]:.3f}",
-                         f"{after.metrics[metric][0]:.3f} ± {after.metrics[metric][1]:.3f}"))
+                         f"{value:.3f} ± {err:.3f}", _versus_chance(value, err, after.chance)))
     print(f"[5/5] downstream tasks, {config.eval.tasks_limit} examples each "
           "(megasmol eval tasks; the same scores are logged in the loop at every checkpoint):")
     print("      " + format_table(rows).replace("\n", "\n      "))
+
+
+def _versus_chance(value: float, err: float, chance: float) -> str:
+    """How many standard errors above chance, and whether that is a signal (3 or more)."""
+    sigmas = (value - chance) / err if err > 0 else 0.0
+    return f"{sigmas:+.1f} SE" + (": above chance" if sigmas >= 3 else "")
 
 
 def run_demo(workdir: Path, steps: int = 300, overrides: list[str] | None = None) -> int:

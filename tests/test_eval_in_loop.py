@@ -4,12 +4,14 @@ on the checkpoint of that step, under any layout, without changing a single trai
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
 WORDS = ["<unk>", "</s>"] + ("the a cat dog sat ran on under mat rug red blue one two three four "
                              "big small is was it").split()
+WORDS += [f"w{i}" for i in range(len(WORDS), 512)]  # every id of the 512-token model decodes
 
 
 @pytest.fixture(scope="module")
@@ -26,30 +28,63 @@ def vocab_tokenizer(tmp_path_factory):
     return out
 
 
-def _task_file(root):
-    items = [
-        {"context": "the cat sat on the", "choices": [" mat", " rug", " dog"], "gold": 0},
-        {"context": "one two three", "choices": [" four", " one", " big red dog"], "gold": 0},
-        {"context": "the big dog", "choices": [" ran", " sat", " is"], "gold": 1},
-        {"context": "a small red", "choices": [" cat", " mat"], "gold": 0},
-        {"context": "it was", "choices": [" blue", " the red cat", " two"], "gold": 2},
-        {"context": "the dog ran under the", "choices": [" rug", " mat", " cat", " dog"], "gold": 3},
-    ]
-    path = root / "items.jsonl"
-    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+ITEMS = [
+    {"context": "the cat sat on the", "choices": [" mat", " rug", " dog"], "gold": 0},
+    {"context": "one two three", "choices": [" four", " one", " big red dog"], "gold": 0},
+    {"context": "the big dog", "choices": [" ran", " sat", " is"], "gold": 1},
+    {"context": "a small red", "choices": [" cat", " mat"], "gold": 0},
+    {"context": "it was", "choices": [" blue", " the red cat", " two"], "gold": 2},
+    {"context": "the dog ran under the", "choices": [" rug", " mat", " cat", " dog"], "gold": 3},
+]
+QUESTIONS = [{"question": q, "answer": a} for q, a in [
+    ("one two", "three"), ("the cat", "sat"), ("a big red", "dog"), ("it was the", "mat"),
+    ("two three", "four"), ("the dog ran", "under")]]
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
 
+def _tasks(root):
+    """A cloze task and a free-generation task, both with a few-shot split."""
+    _jsonl(root / "items.jsonl", ITEMS)
+    _jsonl(root / "shots.jsonl", ITEMS[::-1])
+    _jsonl(root / "questions.jsonl", QUESTIONS)
+    (root / "cloze.yaml").write_text(yaml.safe_dump({
+        "name": "cloze", "data_files": "items.jsonl", "fewshot_split": "shots.jsonl",
+        "target_delimiter": ""}))
+    (root / "gen.yaml").write_text(yaml.safe_dump({
+        "name": "gen", "formulation": "fg", "data_files": "questions.jsonl",
+        "fewshot_split": "questions.jsonl", "context": "{{question}}", "answer": "{{answer}}",
+        "until": ["mat"], "max_gen_tokens": 5, "answer_pattern": "(\\w+)"}))
+    return [root / "cloze.yaml", root / "gen.yaml"]
+
+
 def _config(root, tokenizer):
-    task = _task_file(root)
+    tasks = _tasks(root)
     return write_training_run(
         root, steps=6, checkpoint={"interval": 3}, data={"tokenizer": str(tokenizer)},
-        eval={"interval": 0, "tasks": [str(task)], "tasks_at_checkpoint": True})
+        eval={"interval": 0, "tasks": [str(t) for t in tasks], "tasks_at_checkpoint": True,
+              "tasks_num_fewshot": 1})
 
 
 def _downstream(run_dir):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in records if r["kind"] == "downstream"}
+
+
+def _samples(out_dir):
+    return [json.loads(x) for x in (out_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def _assert_same_samples(got, expected):
+    """The same prompts, generations and predictions; log-likelihoods within 1e-4."""
+    assert len(got) == len(expected) > 0
+    for a, b in zip(got, expected):
+        assert (a["task"], a["prompt"], a["continuations"]) == (b["task"], b["prompt"], b["continuations"])
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
+        assert a["prediction"] == b["prediction"]
 
 
 @pytest.fixture(scope="module")
@@ -63,34 +98,44 @@ def single(tmp_path_factory, vocab_tokenizer):
 def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp_path):
     run = single["root"] / "run"
     scores = _downstream(run)
-    assert sorted(scores) == [3, 6] and "downstream at step 6: items acc" in single["stdout"]
+    assert sorted(scores) == [3, 6] and "downstream at step 6: cloze acc" in single["stdout"]
+    assert "gen exact_match" in single["stdout"]
     plain = write_training_run(tmp_path, steps=6, checkpoint={"interval": 3}, eval={"interval": 0})
     train(plain)
     assert step_losses(run) == step_losses(tmp_path / "run")  # bit for bit
+    tasks = ",".join(str(single["root"] / f"{t}.yaml") for t in ("cloze", "gen"))
     for step in (3, 6):
         out = tmp_path / f"offline{step}"
         run_cli("eval", "tasks", "--checkpoint", str(run / "checkpoints" / f"iter_{step:07d}"),
-                "--tasks", str(single["root"] / "items.jsonl"), "--out", str(out), "--quiet")
-        offline = json.loads((out / "results.json").read_text())["results"]["items"]
-        samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-        gold = sum(s["loglikelihoods"][s["gold"]] for s in samples) / len(samples)
-        assert scores[step]["items/acc"] == offline["acc"]
-        assert scores[step]["items/acc_norm"] == offline["acc_norm"]
-        assert scores[step]["items/gold_loglik"] == pytest.approx(gold, abs=1e-4)
-    assert scores[3]["items/gold_loglik"] != scores[6]["items/gold_loglik"]  # training moved it
+                "--tasks", tasks, "--num-fewshot", "1", "--seed", "7", "--out", str(out), "--quiet")
+        offline = json.loads((out / "results.json").read_text())["results"]
+        in_loop = run / "downstream" / f"iter_{step:07d}"
+        _assert_same_samples(_samples(in_loop), _samples(out))
+        assert json.loads((in_loop / "results.json").read_text())["results"] == offline
+        assert scores[step]["cloze/acc"] == offline["cloze"]["acc"]
+        assert scores[step]["cloze/gold_loglik"] == pytest.approx(offline["cloze"]["gold_loglik"], abs=1e-4)
+        assert scores[step]["gen/exact_match"] == offline["gen"]["exact_match"]
+    prompts = [s["prompt"] for s in _samples(out)]
+    assert all(p.count("\n\n") == 1 for p in prompts)  # one few-shot example before each question
+    generations = [s["continuations"][0] for s in _samples(out) if s["task"] == "gen"]
+    assert len(set(generations)) > 2  # the step-6 model's greedy text depends on the prompt
+    assert scores[3]["cloze/gold_loglik"] != scores[6]["cloze/gold_loglik"]  # training moved it
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
-def test_in_loop_scores_are_the_same_under_tp_and_pp(single, tmp_path, vocab_tokenizer, layout):
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
+                                    "parallel.context_parallel=2"])
+def test_in_loop_scores_are_the_same_under_tp_pp_and_cp(single, tmp_path, vocab_tokenizer, layout):
     config = _config(tmp_path, vocab_tokenizer)
-    init = f"checkpoint.init_from={single['root'] / 'run' / 'checkpoints' / 'iter_0000003'}"
+    init = f"checkpoint.init_from={single['root'] / 'run' / 'checkpoints' / 'iter_0000006'}"
     torchrun_train(config, layout, init, "training.train_steps=1", "schedule.warmup_steps=0",
                    "schedule.kind=constant", "schedule.lr=1e-30", "checkpoint.interval=0")
-    reference = _downstream(single["root"] / "run")[3]
-    [scores] = _downstream(tmp_path / "run").values()  # lr 1e-30: still the step-3 weights
-    for key in ("items/acc", "items/acc_norm"):
+    reference = _downstream(single["root"] / "run")[6]
+    [scores] = _downstream(tmp_path / "run").values()  # lr 1e-30: still the step-6 weights
+    for key in ("cloze/acc", "cloze/acc_norm", "gen/exact_match"):
         assert scores[key] == reference[key], key
-    assert scores["items/gold_loglik"] == pytest.approx(reference["items/gold_loglik"], abs=1e-4)
+    assert scores["cloze/gold_loglik"] == pytest.approx(reference["cloze/gold_loglik"], abs=1e-4)
+    _assert_same_samples(_samples(tmp_path / "run" / "downstream" / "iter_0000001"),
+                         _samples(single["root"] / "run" / "downstream" / "iter_0000006"))
 
 
 def test_a_run_with_in_loop_evaluation_resumes_exactly(single, tmp_path, vocab_tokenizer):
@@ -99,5 +144,6 @@ def test_a_run_with_in_loop_evaluation_resumes_exactly(single, tmp_path, vocab_t
     train(config)  # resumes at step 3
     assert step_losses(tmp_path / "run") == step_losses(single["root"] / "run")
     resumed, whole = _downstream(tmp_path / "run"), _downstream(single["root"] / "run")
-    assert resumed[6]["items/acc"] == whole[6]["items/acc"]
-    assert resumed[6]["items/gold_loglik"] == pytest.approx(whole[6]["items/gold_loglik"], abs=1e-6)
+    assert resumed[6]["cloze/acc"] == whole[6]["cloze/acc"]
+    assert resumed[6]["gen/exact_match"] == whole[6]["gen/exact_match"]
+    assert resumed[6]["cloze/gold_loglik"] == pytest.approx(whole[6]["cloze/gold_loglik"], abs=1e-6)

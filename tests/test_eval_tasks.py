@@ -17,7 +17,7 @@ from megasmol.config.typed import ConfigError
 from megasmol.convert.export import export_hf
 from megasmol.eval.runner import evaluate
 from megasmol.eval.scorers import hf_scorer, megatron_scorer
-from megasmol.eval.tasks import TaskSpec, Task, file_task, load_task
+from megasmol.eval.tasks import TaskSpec, Task, load_task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import run_cli
@@ -29,7 +29,7 @@ LETTERS = "ABCD"
 
 LM_EVAL_TASKS = {
     "cf": {"doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "target_delimiter": "",
-           "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+           "metric_list": [{"metric": m} for m in ("acc", "acc_norm", "acc_bytes", "acc_mutual_info")]},
     "mcf": {"doc_to_text": "{{context}}\n{% for c in choices %}{{'ABCD'[loop.index0]}}. {{c}}\n"
                            "{% endfor %}Answer:",
             "doc_to_choice": "{{['A', 'B', 'C', 'D'][:choices|length]}}", "target_delimiter": " ",
@@ -63,7 +63,8 @@ def _lm_eval(hf_dir, formulation, tmp_path, monkeypatch):
                                   task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
     samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
     lls = [[resp[0][0] for resp in s["resps"]] for s in samples]
-    metrics = {m: [s[m] for s in samples] for m in ("acc", "acc_norm") if m in samples[0]}
+    metrics = {m: [s[m] for s in samples] for m in ("acc", "acc_norm", "acc_bytes", "acc_mutual_info")
+               if m in samples[0]}
     return lls, metrics
 
 
@@ -71,23 +72,40 @@ def _mcf_task():
     return Task(TaskSpec(name="items_mcf", formulation="mcf", data_files=str(ITEMS)), ITEMS.parent)
 
 
+def _cf_task():
+    """The file task, with every accuracy lm-eval also computes."""
+    metrics = ["acc", "acc_norm", "acc_bytes", "acc_mutual_info"]
+    return Task(TaskSpec(name="items", data_files=str(ITEMS), target_delimiter="", metrics=metrics),
+                ITEMS.parent)
+
+
 @pytest.mark.parametrize("formulation", ["cf", "mcf"])
 def test_loglikelihoods_and_accuracies_equal_lm_eval(model, tmp_path, monkeypatch, formulation,
                                                      llama_tokenizer_dir):
     expected_lls, expected = _lm_eval(model / "hf", formulation, tmp_path, monkeypatch)
-    task = file_task(ITEMS) if formulation == "cf" else _mcf_task()
+    task = _cf_task() if formulation == "cf" else _mcf_task()
     tokenizer = load_tokenizer(llama_tokenizer_dir)
     for scorer in (hf_scorer(model / "hf", tokenizer), megatron_scorer(model / "ckpt", tokenizer)):
         [result] = evaluate([task], scorer)
         got = [s.loglikelihoods for s in result.samples]
         assert len(got) == len(expected_lls) == 12
-        for mine, theirs in zip(got, expected_lls):
-            assert mine == pytest.approx(theirs, abs=1e-4), scorer.name
+        for mine, theirs in zip(got, expected_lls):  # lm-eval's unconditional ones come after
+            assert mine == pytest.approx(theirs[:len(mine)], abs=1e-4), scorer.name
         for metric, values in expected.items():
             assert [s.metrics[metric] for s in result.samples] == values, (scorer.name, metric)
             assert result.metrics[metric][0] == pytest.approx(sum(values) / len(values))
-    # The test can fail: the distinct choices do get distinct scores.
+    # The test can fail: the distinct choices do get distinct scores, and the normalizations
+    # do not all pick the same choice.
     assert len({round(v, 3) for row in expected_lls for v in row}) > 20
+    if formulation == "cf":
+        assert expected["acc_mutual_info"] != expected["acc"] != expected["acc_norm"]
+        per_token = evaluate([Task(TaskSpec(name="t", data_files=str(ITEMS), target_delimiter="",
+                                            metrics=["acc_per_token"]), ITEMS.parent)], scorer)[0]
+        for sample in per_token.samples:  # OLMES's per-token normalization (no lm-eval metric)
+            counts = [len(tokenizer.encode(sample.prompt + c)) - len(tokenizer.encode(sample.prompt))
+                      for c in sample.continuations]
+            normed = [ll / n for ll, n in zip(sample.loglikelihoods, counts)]
+            assert sample.metrics["acc_per_token"] == float(normed.index(max(normed)) == sample.gold)
 
 
 def test_winogrande_partial_scoring_equals_lm_eval(model, tmp_path, monkeypatch, llama_tokenizer_dir):

@@ -47,7 +47,7 @@ if [[ "${LC_STEPS}" -lt 20 ]]; then
 fi
 if [[ "${STEPS}" -lt 100 ]]; then
     BASE+=(--set "schedule.warmup_steps=5" --set "eval.interval=0" --set "checkpoint.interval=0"
-           --set "eval.tasks_limit=20")
+           --set "eval.tasks=[demo_word_order]" --set "eval.tasks_limit=20")
 fi
 
 # 1. Data: the embedded demo corpus, tokenized with the Llama-3.2 tokenizer.

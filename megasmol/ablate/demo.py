@@ -30,6 +30,7 @@ def run_ablation_demo(workdir: Path, steps: int = 60, overrides: list[str] | Non
             "schedule.decay_fraction=0.25", "checkpoint.interval=0", "checkpoint.keep_last=1",
             f"eval.interval={every}", "eval.steps=2", f"eval.tasks_interval={every}",
             "eval.tasks_at_checkpoint=false", "eval.tasks_limit=50", "logging.tensorboard=false",
+            "eval.tasks=[demo_arithmetic, demo_code]",  # word order needs more than 60 steps
             "logging.progress=false", *(overrides or [])]
     grid = plan_grid(DEMO_CONFIG, [Variation("schedule.lr", list(LEARNING_RATES))],
                      workdir / "ablation", seeds=SEEDS, sets=sets)

@@ -160,17 +160,21 @@ class EvalConfig:
     """Global batches per validation run (always the same held-out samples)."""
     tasks: list[str] = field(default_factory=list)
     """Downstream tasks scored on the training model itself (names as for ``megasmol eval
-    tasks``: built-in, a task YAML or a JSONL file, relative to this config); zero-shot."""
+    tasks``: built-in, a task YAML or a JSONL file, relative to this config)."""
     tasks_interval: int = 0
     """Steps between downstream evaluations (0: only with ``tasks_at_checkpoint``)."""
     tasks_at_checkpoint: bool = False
     """Also score the tasks at every checkpoint step (``checkpoint.interval``) and the last step."""
     tasks_limit: Optional[int] = 1000
     """A fixed, seeded subset of this many examples per task (the playbook used 1,000; null: all)."""
+    tasks_num_fewshot: int = 0
+    """Few-shot examples in each prompt, drawn with the run's seed from each task's few-shot split
+    (as ``megasmol eval tasks --num-fewshot``)."""
 
     def validate(self) -> None:
-        if self.interval < 0 or self.steps < 0 or self.tasks_interval < 0:
-            raise ConfigError("eval.interval, eval.steps and eval.tasks_interval must be >= 0")
+        if min(self.interval, self.steps, self.tasks_interval, self.tasks_num_fewshot) < 0:
+            raise ConfigError("eval.interval, eval.steps, eval.tasks_interval and "
+                              "eval.tasks_num_fewshot must be >= 0")
         if self.tasks and not (self.tasks_interval or self.tasks_at_checkpoint):
             raise ConfigError("eval.tasks is set but never scored: set eval.tasks_interval or "
                               "eval.tasks_at_checkpoint")

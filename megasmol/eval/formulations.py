@@ -3,7 +3,11 @@
 * ``cf`` (cloze): the choices are not shown; each choice is scored after the context. ``acc`` is
   the argmax of the summed log-likelihood, ``acc_norm`` the argmax of the log-likelihood divided
   by the choice's length in characters: lm-evaluation-harness's definitions (the playbook's
-  character normalization is the same thing under lm-eval's name).
+  character normalization is the same thing under lm-eval's name). A task may ask for more
+  (``metrics`` in its YAML): ``acc_bytes`` (divided by UTF-8 bytes, lm-eval's), ``acc_per_token``
+  (divided by the continuation's tokens, OLMES's per-token normalization) and ``acc_mutual_info``
+  (PMI: minus the choice's unconditional log-likelihood, scored after the prefix token alone,
+  as lm-eval's ``acc_mutual_info``; one more request per choice).
 * ``mcf`` (multiple choice): the choices are listed with letters after the question and the
   answer letter (`` A``, `` B``, ...) is scored; ``acc``.
 * every choice-scoring formulation also reports ``gold_loglik``, the mean log-likelihood of the
@@ -68,16 +72,20 @@ def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
     return prefix + example.context, [delimiter + c for c in example.choices]
 
 
-def scoring_pairs(example: Example, formulation: str, delimiter: str,
-                  shots: list[Example]) -> tuple[str, list[tuple[str, str]], list[str]]:
+def scoring_pairs(example: Example, formulation: str, delimiter: str, shots: list[Example],
+                  unconditional: bool = False) -> tuple[str, list[tuple[str, str]], list[str]]:
     """(the prompt shown in samples.jsonl, the (context, continuation) pairs to score, what each
-    pair adds to the prompt, for samples.jsonl)."""
+    pair adds to the prompt, for samples.jsonl). ``unconditional`` (cf's ``acc_mutual_info``):
+    each continuation is also scored after an empty context, after the conditional pairs."""
     if formulation == "partial":
         prefix = "".join(f"{s.choices[s.gold]}{delimiter}{s.context}\n\n" for s in shots)
         pairs = [(prefix + choice, delimiter + example.context) for choice in example.choices]
         return prefix, pairs, [choice + delimiter + example.context for choice in example.choices]
     prompt, continuations = prompt_and_continuations(example, formulation, delimiter, shots)
-    return prompt, [(prompt, c) for c in continuations], continuations
+    pairs = [(prompt, c) for c in continuations]
+    if unconditional:
+        pairs += [("", c) for c in continuations]
+    return prompt, pairs, continuations
 
 
 def extract_answer(generation: str, pattern: str) -> str:
@@ -112,21 +120,41 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first index on ties, as numpy
 
 
+CF_METRICS = ("acc", "acc_norm", "acc_bytes", "acc_per_token", "acc_mutual_info")
+
+
+def _cf_scores(metric: str, example: Example, lls: list[float], tokens: list[int],
+               unconditional: list[float]) -> list[float]:
+    if metric == "acc_norm":
+        return [ll / max(len(c), 1) for ll, c in zip(lls, example.choices)]
+    if metric == "acc_bytes":
+        return [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, example.choices)]
+    if metric == "acc_per_token":
+        return [ll / max(n, 1) for ll, n in zip(lls, tokens)]
+    if metric == "acc_mutual_info":
+        return [ll - u for ll, u in zip(lls, unconditional)]
+    return lls
+
+
 def judge(index: int, example: Example, formulation: str, prompt: str, continuations: list[str],
-          lls: list[float]) -> Scored:
+          lls: list[float], tokens: list[int] | None = None,
+          cf_metrics: tuple[str, ...] = ("acc", "acc_norm")) -> Scored:
+    """``lls`` (and ``tokens``, each continuation's token count) in ``scoring_pairs``' order."""
     if formulation == "bpb":
         nbytes = len(continuations[0].encode("utf-8"))
         return Scored(index, prompt, continuations, lls, example.gold, example.gold, example.gold,
                       {"nats": -lls[0], "bytes": nbytes})
+    unconditional = lls[len(continuations):]
+    lls = lls[:len(continuations)]
     prediction = _argmax(lls)
-    if formulation == "cf":  # (partial: the continuation is the same for every choice)
-        normed = [ll / max(len(choice), 1) for ll, choice in zip(lls, example.choices)]
-        prediction_norm = _argmax(normed)
-    else:
-        prediction_norm = prediction
+    prediction_norm = prediction
     metrics = {"acc": float(prediction == example.gold)}
-    if formulation == "cf":
-        metrics["acc_norm"] = float(prediction_norm == example.gold)
+    if formulation == "cf":  # (partial: the continuation is the same for every choice)
+        for metric in cf_metrics:
+            choice = _argmax(_cf_scores(metric, example, lls, tokens or [], unconditional))
+            metrics[metric] = float(choice == example.gold)
+            if metric == "acc_norm":
+                prediction_norm = choice
     # The right answer's log-likelihood: smoother than accuracy, so it moves early in training.
     metrics["gold_loglik"] = lls[example.gold]
     return Scored(index, prompt, continuations, lls, example.gold, prediction, prediction_norm, metrics)

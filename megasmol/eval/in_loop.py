@@ -2,10 +2,11 @@
 
 The loop calls :meth:`InLoopEvaluation.run` when :meth:`due` (every ``eval.tasks_interval``
 steps, or at every checkpoint with ``eval.tasks_at_checkpoint``). It is ``megasmol eval tasks``
-(the same task loading, requests and judging, ``runner.evaluate``) with the training model as
-the scorer (``parallel_scorer.PipelineScorer``: forward-only through the pipeline schedule, any
-TP / PP / DP layout), so the numbers equal the offline command on the checkpoint of that step.
-It never changes the training: no gradients, no optimizer state, no RNG draws.
+(the same task loading, requests, few-shot draws and judging, ``runner.evaluate``) with the
+training model as the scorer (``parallel_scorer.PipelineScorer``: forward-only through the
+pipeline schedule in any TP / PP / CP / DP layout, greedy generation for free-generation tasks),
+so the numbers equal the offline command on the checkpoint of that step. It never changes the
+training: no gradients, no optimizer state, no RNG draws.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Optional
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.parallel_scorer import PipelineScorer
-from megasmol.eval.runner import TaskResult, evaluate
+from megasmol.eval.runner import TaskResult, evaluate, write_outputs
 from megasmol.eval.tasks import load_task
 
 
@@ -25,18 +26,19 @@ class InLoopEvaluation:
         self.interval, self.at_checkpoint = settings.tasks_interval, settings.tasks_at_checkpoint
         self.checkpoint_interval = config.checkpoint.interval
         self.limit, self.seed = settings.tasks_limit, config.training.seed
+        self.num_fewshot = settings.tasks_num_fewshot
         self.micro, self.spec = config.training.micro_batch_size, spec
-        if config.parallel.context_parallel > 1:
-            raise ConfigError("eval.tasks under parallel.context_parallel > 1 is not supported yet; "
-                              "score the checkpoints with megasmol eval tasks (post_save_command)")
         if tokenizer_dir is None:
             raise ConfigError("eval.tasks needs a tokenizer: set data.tokenizer")
         from megasmol.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.tasks = [load_task(_resolved(config, name)) for name in settings.tasks]
-        for task in self.tasks:
-            task.examples()  # read (and check) every task file now, not at the first evaluation
+        for task in self.tasks:  # read (and check) every task file now, not at the first evaluation
+            task.examples()
+            if self.num_fewshot and len(task.fewshot_pool()) < self.num_fewshot:
+                raise ConfigError(f"eval.tasks_num_fewshot={self.num_fewshot}: task {task.name}'s "
+                                  f"few-shot split has {len(task.fewshot_pool())} examples")
 
     def due(self, step: int, last_step: int) -> bool:
         if self.interval and step % self.interval == 0:
@@ -50,7 +52,18 @@ class InLoopEvaluation:
                                 max_length=self.spec.max_position_embeddings,
                                 vocab_size=self.spec.vocab_size, tokenizer=self.tokenizer,
                                 name="eval.tasks")
-        return evaluate(self.tasks, scorer, limit=self.limit, seed=self.seed)
+        return evaluate(self.tasks, scorer, limit=self.limit, num_fewshot=self.num_fewshot,
+                        seed=self.seed)
+
+    def write(self, step: int, results: list[TaskResult], run_dir) -> None:
+        """``RUN_DIR/downstream/iter_STEP/``: results.json and samples.jsonl, as the offline
+        command writes them (what the model saw and answered at that step)."""
+        from pathlib import Path
+
+        settings = {"tasks": [t.name for t in self.tasks], "limit": self.limit,
+                    "num_fewshot": self.num_fewshot, "seed": self.seed, "step": step}
+        write_outputs(results, Path(run_dir) / "downstream" / f"iter_{step:07d}",
+                      f"training model at step {step}", settings)
 
     @staticmethod
     def record(step: int, results: list[TaskResult]) -> dict:

@@ -1,11 +1,13 @@
-"""Log-likelihoods from a Megatron-Core model in any TP / PP / DP layout (a collective).
+"""Log-likelihoods from a Megatron-Core model in any TP / PP / CP / DP layout (a collective).
 
 Requests are shared out over data-parallel ranks, sorted longest first, padded into groups of
 equal-shaped micro-batches (the pipeline exchanges fixed shapes, so every rank of a pipeline runs
 the same number with the same length), and run through Megatron-Core's pipeline schedule in
 forward-only mode: the model returns per-token cross-entropy (vocabulary-parallel under TP) and
-the last stage sums it over each continuation. One all-reduce gives every rank every result; TP
-ranks hold the same sums and only TP rank 0 contributes. The z-loss term is off while scoring,
+the last stage sums it over each continuation. Under CP each rank holds its share of every
+sequence (Megatron-Core's load-balanced split, lengths padded to a multiple of 2 x CP) and sums
+its part. One all-reduce gives every rank every result; TP ranks hold the same sums and only TP
+rank 0 contributes. Greedy generations: ``parallel_generate``. The z-loss term is off while scoring,
 the model is in eval mode and back in train mode afterwards, and nothing is drawn from an RNG.
 """
 
@@ -15,8 +17,8 @@ import contextlib
 
 import torch
 
-from megasmol.data.masking import ModelInputs
-from megasmol.eval.requests import TokenRequest, check_vocabulary
+from megasmol.data.masking import ModelInputs, context_parallel_share
+from megasmol.eval.requests import GenerationRequest, TokenRequest, check_vocabulary
 from megasmol.runtime.distributed import current_device
 
 
@@ -60,7 +62,8 @@ class PipelineScorer:
         with _scoring(self.model_chunk, self.forward_model):
             for start in range(0, rounds, per_group):
                 group = mine[start:start + per_group]
-                length = _all_max(max((len(windows[i][0]) for i in group), default=1))
+                length = _padded(_all_max(max((len(windows[i][0]) for i in group), default=1)),
+                                 self.model_chunk)
                 micro = [_inputs([windows[i] for i in group[k:k + self.micro]], self.micro, length)
                          for k in range(0, per_group, self.micro)]
                 sums = per_sequence_losses(self.forward_model, micro)
@@ -73,6 +76,11 @@ class PipelineScorer:
         totals = totals.to(current_device())
         torch.distributed.all_reduce(totals)
         return totals.cpu().tolist()
+
+    def generations(self, requests: list[GenerationRequest], progress=None) -> list[str]:
+        from megasmol.eval.parallel_generate import parallel_generations
+
+        return parallel_generations(self, requests, progress)
 
 
 def _all_max(value: int) -> int:
@@ -92,4 +100,17 @@ def _inputs(windows: list, micro: int, length: int) -> ModelInputs:
         labels[row, :n] = torch.tensor(whole[1:])
         mask[row, n - len(continuation):n] = 1.0
     positions = torch.arange(length).unsqueeze(0).expand(micro, length).contiguous()
-    return ModelInputs(tokens, positions, labels, mask).to(current_device())
+    return context_parallel_share(ModelInputs(tokens, positions, labels, mask)).to(current_device())
+
+
+def _padded(length: int, model_chunk) -> int:
+    """Sequence length a forward pass accepts: a multiple of 2 x CP (Megatron-Core's load-balanced
+    split) and of TP under sequence parallelism."""
+    from megatron.core import parallel_state as ps
+
+    multiple = 1
+    if ps.get_context_parallel_world_size() > 1:
+        multiple *= 2 * ps.get_context_parallel_world_size()
+    if getattr(model_chunk.config, "sequence_parallel", False):
+        multiple *= ps.get_tensor_model_parallel_world_size()
+    return -(-length // multiple) * multiple

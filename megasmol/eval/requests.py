@@ -54,3 +54,29 @@ def check_vocabulary(requests: list[TokenRequest], vocab_size: int, name: str) -
     if largest >= vocab_size:
         raise ConfigError(f"{name}: the tokenizer produced id {largest}, beyond the model's "
                           f"vocabulary of {vocab_size}: wrong tokenizer?")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One greedy generation: ``prompt`` continued until the first of ``until`` (or EOS), at most
+    ``max_new_tokens`` tokens."""
+
+    prompt: str
+    until: tuple[str, ...]
+    max_new_tokens: int
+
+    def prompt_ids(self, tokenizer, max_length: int) -> list[int]:
+        """The prompt's ids, cut on the left so that the generation fits in ``max_length``."""
+        return tokenizer.encode(self.prompt)[-max(max_length - self.max_new_tokens, 1):]
+
+    def stopped(self, tokenizer, new: list[int]) -> bool:
+        """After ``new`` (the ids generated so far): EOS, a stop string, or the length limit."""
+        if len(new) >= self.max_new_tokens or (new and new[-1] == tokenizer.eos_token_id):
+            return True
+        text = tokenizer.decode(new[-16:])
+        return any(stop in text for stop in self.until)
+
+    def text(self, tokenizer, new: list[int]) -> str:
+        if new and new[-1] == tokenizer.eos_token_id:
+            new = new[:-1]
+        return tokenizer.decode(new, skip_special_tokens=True)

@@ -16,7 +16,7 @@ from typing import Optional
 
 from megasmol.eval.formulations import (Scored, aggregate, cut_at_stop, judge, judge_generation,
                                         scoring_pairs)
-from megasmol.eval.requests import encode_pair
+from megasmol.eval.requests import GenerationRequest, encode_pair
 from megasmol.eval.tasks import Task, sample
 from megasmol.utils.table import format_table
 
@@ -45,7 +45,7 @@ def _finite(value: float):
 def _shots(task: Task, pool, index: int, k: int, seed: int, exclude: Optional[dict]):
     if k == 0:
         return []
-    candidates = [e for e in pool if e.record is not exclude]
+    candidates = [e for e in pool if e.record != exclude]  # never the question itself
     if len(candidates) < k:
         from megasmol.config.typed import ConfigError
 
@@ -65,17 +65,18 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         built = []
         for index, example in enumerate(examples):
             shots = _shots(task, pool, index, num_fewshot, seed, example.record)
-            built.append((example, *scoring_pairs(example, task.spec.formulation,
-                                                  task.spec.target_delimiter, shots)))
+            built.append((example, *scoring_pairs(
+                example, task.spec.formulation, task.spec.target_delimiter, shots,
+                unconditional="acc_mutual_info" in task.spec.metrics)))
         plans.append((task, built))
     requests = [encode_pair(scorer.tokenizer, context, continuation)
                 for _, built in plans for _, _, pairs, _ in built for context, continuation in pairs]
-    generations = [(task, prompt) for task, built in plans if task.spec.formulation == "fg"
-                   for _, prompt, _, _ in built]
+    generations = [GenerationRequest(prompt, tuple(task.spec.until), task.spec.max_gen_tokens)
+                   for task, built in plans if task.spec.formulation == "fg" for _, prompt, _, _ in built]
     progress = progress_factory(len(requests) + len(generations)) if progress_factory else None
     try:
         lls = scorer.loglikelihoods(requests, progress) if requests else []
-        texts = [_generate(scorer, task, prompt, progress) for task, prompt in generations]
+        texts = scorer.generations(generations, progress) if generations else []
     finally:
         if progress is not None:
             progress.close()
@@ -85,11 +86,14 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         scored = []
         for index, (example, prompt, pairs, shown) in enumerate(built):
             if task.spec.formulation == "fg":
-                scored.append(judge_generation(index, example, prompt, texts.pop(),
+                scored.append(judge_generation(index, example, prompt,
+                                               cut_at_stop(texts.pop(), task.spec.until),
                                                task.spec.answer_pattern))
                 continue
             scored.append(judge(index, example, task.spec.formulation, prompt, shown,
-                                lls[cursor:cursor + len(pairs)]))
+                                lls[cursor:cursor + len(pairs)],
+                                [len(r.continuation) for r in requests[cursor:cursor + len(pairs)]],
+                                tuple(task.spec.metrics)))
             cursor += len(pairs)
         chance = task.spec.chance
         if chance is None and task.spec.formulation not in ("bpb", "fg") and built:
@@ -97,19 +101,6 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
                                   if scored else {}, len(scored), chance, num_fewshot, scored))
     return results
-
-
-def _generate(scorer, task: Task, prompt: str, progress) -> str:
-    generate = getattr(scorer, "generate", None)
-    if generate is None:
-        from megasmol.config.typed import ConfigError
-
-        raise ConfigError(f"task {task.name}: free generation runs in one process (megasmol eval "
-                          "tasks without torchrun), not in the training loop yet")
-    text = cut_at_stop(generate(prompt, task.spec.until, task.spec.max_gen_tokens), task.spec.until)
-    if progress is not None:
-        progress.update(1)
-    return text
 
 
 def table(results: list[TaskResult]) -> str:

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megasmol.eval.requests import TokenRequest, check_vocabulary
+from megasmol.eval.requests import GenerationRequest, TokenRequest, check_vocabulary
 
 Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, hidden]
 Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logits
@@ -25,7 +25,7 @@ Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logit
 
 class Scorer:
     """Computes ``sum log p(continuation | context)`` for token requests, and greedy generations
-    (``generate``: a callable ``(prompt ids [1, s], max new tokens, stop ids) -> new ids``)."""
+    (``generator``: a callable ``(prompt ids [1, s], GenerationRequest) -> new ids``)."""
 
     def __init__(self, hidden: Hidden, head: Head, max_length: int, vocab_size: int, tokenizer,
                  name: str, batch_tokens: int = 8192, generator=None):
@@ -50,11 +50,15 @@ class Scorer:
             start += len(batch)
         return results  # type: ignore[return-value]
 
-    def generate(self, prompt: str, until: list[str], max_new_tokens: int) -> str:
-        """Greedy text after ``prompt``, stopped at the first of ``until`` or EOS (batch 1)."""
-        ids = torch.tensor([self.tokenizer.encode(prompt)])[:, -(self.max_length - max_new_tokens):]
-        new = self.generator(ids, max_new_tokens, self.tokenizer.eos_token_id, until)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+    def generations(self, requests: list[GenerationRequest], progress=None) -> list[str]:
+        """Greedy text after each prompt, one prompt at a time with the KV cache."""
+        texts = []
+        for request in requests:
+            ids = torch.tensor([request.prompt_ids(self.tokenizer, self.max_length)])
+            texts.append(request.text(self.tokenizer, self.generator(ids, request)))
+            if progress is not None:
+                progress.update(1)
+        return texts
 
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
@@ -106,14 +110,11 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         logits, _ = output_layer["forward"](states.unsqueeze(1), weight=weight)
         return logits.squeeze(1)
 
-    def generator(ids, max_new_tokens, eos, until):
+    def generator(ids, request: GenerationRequest):
         from megasmol.generate import greedy_generate
 
-        def stopped(new: list[int]) -> bool:
-            return any(stop in tokenizer.decode(new[-16:]) for stop in until)
-
-        new = greedy_generate(model, ids, max_new_tokens, eos, stop=stopped)[0, ids.shape[1]:].tolist()
-        return new[:-1] if new and new[-1] == eos else new
+        return greedy_generate(model, ids, request.max_new_tokens, tokenizer.eos_token_id,
+                               stop=lambda new: request.stopped(tokenizer, new))[0, ids.shape[1]:].tolist()
 
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
                   str(checkpoint), batch_tokens, generator)
@@ -130,11 +131,12 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         return trunk(input_ids=ids).last_hidden_state
 
-    def generator(ids, max_new_tokens, eos, until):
+    def generator(ids, request: GenerationRequest):
+        eos = tokenizer.eos_token_id
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(ids, max_new_tokens=request.max_new_tokens, do_sample=False,
                                  attention_mask=torch.ones_like(ids), eos_token_id=eos,
-                                 pad_token_id=eos, stop_strings=until, tokenizer=tokenizer)
+                                 pad_token_id=eos, stop_strings=list(request.until), tokenizer=tokenizer)
         new = out[0, ids.shape[1]:].tolist()
         return new[:new.index(eos)] if eos in new else new
 

@@ -73,6 +73,10 @@ class TaskSpec:
     """Put between the context and each choice (lm-eval's ``target_delimiter``; file tasks: "")."""
     fewshot_delimiter: str = "\n\n"
     """Between few-shot examples."""
+    metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
+    """cf: the accuracies to report: ``acc``, ``acc_norm`` (per character), ``acc_bytes`` (per
+    UTF-8 byte), ``acc_per_token`` (per continuation token, OLMES) and ``acc_mutual_info`` (PMI:
+    minus the choice's unconditional log-likelihood; one more request per choice)."""
     chance: Optional[float] = None
     """Accuracy of guessing (default 1 / number of choices, averaged over examples)."""
     replacements: list[list[str]] = field(default_factory=list)
@@ -87,6 +91,15 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: give data_files (local) or hf_dataset")
         if (self.formulation == "fg") != (self.answer is not None):
             raise ConfigError(f"task {self.name}: answer is for (and required by) formulation fg")
+        from megasmol.eval.formulations import CF_METRICS
+
+        unknown = sorted(set(self.metrics) - set(CF_METRICS))
+        if unknown or not self.metrics:
+            raise ConfigError(f"task {self.name}: metrics {unknown or '[]'}: choose from "
+                              f"{', '.join(CF_METRICS)}")
+        if self.formulation != "cf" and self.metrics != ["acc", "acc_norm"]:
+            raise ConfigError(f"task {self.name}: metrics is for formulation cf; "
+                              f"{self.formulation} reports its own")
         if self.max_gen_tokens < 1:
             raise ConfigError(f"task {self.name}: max_gen_tokens must be >= 1")
         for i, pair in enumerate(self.replacements):
@@ -197,11 +210,17 @@ class Task:
         return self._examples
 
     def fewshot_pool(self) -> list[Example]:
-        source = self.spec.fewshot_split
-        if source is None:
-            raise ConfigError(f"task {self.name}: --num-fewshot needs fewshot_split in its definition")
-        local = source if self.spec.hf_dataset is None or source.endswith((".jsonl", ".parquet")) else None
-        return [self._example(r, i, local or source) for i, r in enumerate(self._records(source, local))]
+        """The examples few-shot prompts draw from (read once, then kept)."""
+        if getattr(self, "_pool", None) is None:
+            source = self.spec.fewshot_split
+            if source is None:
+                raise ConfigError(f"task {self.name}: few-shot prompts need fewshot_split in its "
+                                  "definition")
+            local = (source if self.spec.hf_dataset is None or source.endswith((".jsonl", ".parquet"))
+                     else None)
+            self._pool = [self._example(r, i, local or source)
+                          for i, r in enumerate(self._records(source, local))]
+        return self._pool
 
     def _example(self, record: dict, index: int, where) -> Example:
         s, where = self.spec, f"{where or self.spec.hf_dataset} example {index}"

@@ -428,6 +428,8 @@ class Trainer:
 
     def _downstream(self, step: int, progress) -> None:
         results = self.downstream.run(self.s)
+        if self.s.is_logging_rank:
+            self.downstream.write(step, results, self.run_dir)
         self.metrics.write({**self.downstream.record(step, results),
                             "consumed_tokens": self.consumed_tokens}, kind="downstream")
         self._print(self.downstream.line(step, results), progress)
