@@ -13,10 +13,15 @@ from megasmol.eval.tasks import load_task
 from megasmol.tokenizer import load_tokenizer
 
 
-def test_word_order_examples_are_held_out_shuffles_of_the_last_sentence():
+@pytest.fixture(scope="module")
+def prose():
+    return prose_documents()
+
+
+def test_word_order_examples_are_held_out_shuffles_of_the_last_sentence(prose):
     examples = word_order_examples(COUNT, SEED)
     assert len(examples) == COUNT and examples == word_order_examples(COUNT, SEED)
-    trained = {" ".join(doc.split()) for doc in prose_documents()}
+    trained = {" ".join(doc.split()) for doc in prose}
     for example in examples:
         doc = example.record["docstring"]
         assert doc not in trained  # never in the demo corpus
@@ -52,9 +57,9 @@ class _NgramScorer:
 
 
 @pytest.fixture(scope="module")
-def prose_ids(llama_tokenizer_dir):
+def prose_ids(llama_tokenizer_dir, prose):
     tokenizer = load_tokenizer(llama_tokenizer_dir)
-    return tokenizer, [tokenizer.encode(doc) for doc in prose_documents()[:600]]
+    return tokenizer, [tokenizer.encode(doc) for doc in prose[:600]]
 
 
 @pytest.mark.parametrize("order, low, high", [(1, 0.15, 0.35), (2, 0.6, 1.0)])

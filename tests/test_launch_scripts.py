@@ -99,14 +99,14 @@ def test_export_and_slurm_scripts(tmp_path):
 
 def test_tiny_flow_runs_end_to_end(tmp_path):
     """Two ranks: data parallel for stages 1-2, context parallel 2 for the long-context stage."""
-    env = {**os.environ, "WORKDIR": str(tmp_path), "STEPS": "30", "STAGE1_STEPS": "15", "LC_STEPS": "3",
+    env = {**os.environ, "WORKDIR": str(tmp_path), "STEPS": "12", "STAGE1_STEPS": "6", "LC_STEPS": "2",
            "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", str(REPO / "examples/tiny/run_all.sh")], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resumed from" in proc.stdout  # stage 2 continued stage 1's run
     assert json.loads((tmp_path / "preflight.json").read_text())["go"] is True
-    assert read_metadata(tmp_path / "pretrain" / "checkpoints")["train_state"]["step"] == 30
+    assert read_metadata(tmp_path / "pretrain" / "checkpoints")["train_state"]["step"] == 12
     long_context = read_metadata(tmp_path / "long_context" / "checkpoints")
     assert long_context["model_spec"]["rope_theta"] == 500000.0
     assert long_context["run_config"]["parallel"]["context_parallel"] == 2

@@ -21,6 +21,7 @@ All are deterministic for a Python version: the same examples everywhere.
 from __future__ import annotations
 
 import ast
+import functools
 import random
 import re
 from pathlib import Path
@@ -96,7 +97,8 @@ def arithmetic_generation_examples(count: int, seed: int) -> list[Example]:
     return out
 
 
-def _short_docstrings() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _short_docstrings() -> tuple[str, ...]:
     """Docstrings of 80 characters up to the demo corpus's minimum, whitespace collapsed."""
     from megasmol.data.demo_corpus import MIN_DOCSTRING_CHARS, _stdlib_sources
 
@@ -111,12 +113,12 @@ def _short_docstrings() -> list[str]:
             doc = ast.get_docstring(node)
             if doc and 80 <= len(doc) < MIN_DOCSTRING_CHARS:
                 found.add(" ".join(doc.split()))
-    return sorted(found)
+    return tuple(sorted(found))
 
 
 def word_order_examples(count: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
-    docs = _short_docstrings()
+    docs = list(_short_docstrings())
     rng.shuffle(docs)
     examples = []
     for doc in docs:
