@@ -280,3 +280,17 @@ def test_few_shot_prompts_are_seeded_and_a_missing_tokenizer_is_named(model, tmp
                    "--out", str(tmp_path / "o"), check=False)
     assert proc.returncode == 2 and "no tokenizer stored with it" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_parity_tool_reports_agreement_with_lm_eval(model, capsys):
+    """tools/lm_eval_parity.py on the tiny export: every metric agrees, and it says so."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("parity", Path(__file__).parents[1] / "tools" /
+                                                  "lm_eval_parity.py")
+    parity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(parity)
+    assert parity.main(["--hf", str(model / "hf"), "--checkpoint", str(model / "ckpt"),
+                        "--task", str(ITEMS)]) == 0
+    out = capsys.readouterr().out
+    assert "agree with lm-eval" in out and out.count("(0)") == 8  # 2 scorers x 4 metrics
