@@ -16,4 +16,4 @@ def test_short_demo_trains_exports_and_agrees_with_transformers(tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "iter_0000040"
     assert "downstream at step 20: demo_word_order acc" in out  # in the loop, at each checkpoint
-    assert "[5/5] downstream tasks" in out and "random init" in out
+    assert "[5/5] downstream tasks" in out and "random init" in out and "trained vs chance" in out

@@ -147,3 +147,12 @@ def test_a_run_with_in_loop_evaluation_resumes_exactly(single, tmp_path, vocab_t
     assert resumed[6]["cloze/acc"] == whole[6]["cloze/acc"]
     assert resumed[6]["gen/exact_match"] == whole[6]["gen/exact_match"]
     assert resumed[6]["cloze/gold_loglik"] == pytest.approx(whole[6]["cloze/gold_loglik"], abs=1e-6)
+
+
+def test_few_shot_without_a_few_shot_split_fails_before_training(tmp_path, vocab_tokenizer):
+    items = _jsonl(tmp_path / "items.jsonl", ITEMS)  # a plain task file: no few-shot split
+    config = write_training_run(tmp_path, steps=6, data={"tokenizer": str(vocab_tokenizer)},
+                                eval={"tasks": [str(items)], "tasks_interval": 1, "tasks_num_fewshot": 2})
+    proc = train(config, check=False)
+    assert proc.returncode == 2 and "task items: few-shot prompts need fewshot_split" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
