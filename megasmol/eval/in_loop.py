@@ -36,9 +36,11 @@ class InLoopEvaluation:
         self.tasks = [load_task(_resolved(config, name)) for name in settings.tasks]
         for task in self.tasks:  # read (and check) every task file now, not at the first evaluation
             task.examples()
-            if self.num_fewshot and len(task.fewshot_pool()) < self.num_fewshot:
+            # More than k: a question never shows itself, and a split may hold the question.
+            if self.num_fewshot and len(task.fewshot_pool()) <= self.num_fewshot:
                 raise ConfigError(f"eval.tasks_num_fewshot={self.num_fewshot}: task {task.name}'s "
-                                  f"few-shot split has {len(task.fewshot_pool())} examples")
+                                  f"few-shot split has {len(task.fewshot_pool())} examples; it "
+                                  "needs more")
 
     def due(self, step: int, last_step: int) -> bool:
         if self.interval and step % self.interval == 0:
