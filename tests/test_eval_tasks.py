@@ -211,25 +211,30 @@ def test_task_definitions_render_records_like_lm_eval(tmp_path):
         assert load_task(name).spec.hf_dataset  # every built-in definition parses
 
 
-@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--pipeline-parallel", "2"], []],
-                         ids=["tp2", "pp2", "dp2"])
-def test_under_torchrun_the_loglikelihoods_equal_one_process(model, tmp_path, layout):
+@pytest.fixture(scope="module")
+def single_process_lls(model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
+            "--out", str(out), "--quiet")
+    return out
+
+
+def _lls(out):
+    return [json.loads(x)["loglikelihoods"] for x in (out / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--pipeline-parallel", "2"],
+                                    ["--context-parallel", "2"], []], ids=["tp2", "pp2", "cp2", "dp2"])
+def test_under_torchrun_the_loglikelihoods_equal_one_process(model, single_process_lls, tmp_path, layout):
     from tests.conftest import run_torchrun
 
-    single = tmp_path / "single"
-    run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
-            "--out", str(single), "--quiet")
     split = tmp_path / "split"
     run_torchrun(["-m", "megasmol", "eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
                   str(ITEMS), "--out", str(split), "--quiet", *layout], timeout=300)
-
-    def lls(out):
-        return [json.loads(x)["loglikelihoods"] for x in (out / "samples.jsonl").read_text().splitlines()]
-
-    for mine, reference in zip(lls(split), lls(single), strict=True):
+    for mine, reference in zip(_lls(split), _lls(single_process_lls), strict=True):
         assert mine == pytest.approx(reference, abs=1e-4)
     assert (json.loads((split / "results.json").read_text())["results"]["items"]["acc"]
-            == json.loads((single / "results.json").read_text())["results"]["items"]["acc"])
+            == json.loads((single_process_lls / "results.json").read_text())["results"]["items"]["acc"])
 
 
 def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path):

@@ -58,13 +58,14 @@ def cmd_eval_tasks(args) -> int:
 
 
 def _parallel_scorer(args, tokenizer):
-    """The checkpoint's model split over the torchrun job (TP x PP, DP for the rest)."""
+    """The checkpoint's model split over the torchrun job (TP x PP x CP, DP for the rest)."""
     from megasmol.eval.parallel_scorer import PipelineScorer
     from megasmol.model.load import load_checkpoint_model
     from megasmol.runtime.parallel import ParallelLayout
 
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
-                            pipeline_parallel=args.pipeline_parallel)
+                            pipeline_parallel=args.pipeline_parallel,
+                            context_parallel=args.context_parallel)
     model, spec, _ = load_checkpoint_model(args.checkpoint, layout=layout)
     return PipelineScorer(model, model, micro_batch_size=args.micro_batch_size,
                           max_length=spec.max_position_embeddings, vocab_size=spec.vocab_size,
@@ -80,8 +81,9 @@ def add_eval_parser(sub) -> None:
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     p = evals.add_parser(
         "tasks", help="score a model on benchmark tasks (cloze, multiple choice, bits per byte)",
-        description="Under torchrun (--checkpoint, --tensor-parallel, --pipeline-parallel) a model "
-                    "too large for one device is scored in that layout. "
+        description="Under torchrun (--checkpoint, --tensor-parallel, --pipeline-parallel, "
+                    "--context-parallel) a model too large for one device, or a context too long "
+                    "for one, is scored in that layout. "
                     "Log-likelihood scoring with lm-evaluation-harness's definitions (acc: argmax "
                     "of the summed log-likelihood; acc_norm: divided by the choice's length in "
                     "characters). Tasks: built-in names ("
@@ -103,6 +105,9 @@ def add_eval_parser(sub) -> None:
                    help="under torchrun: TP size for the model (default 1; DP takes the rest)")
     p.add_argument("--pipeline-parallel", type=int, default=1,
                    help="under torchrun: PP size for the model (default 1)")
+    p.add_argument("--context-parallel", type=int, default=1,
+                   help="under torchrun: CP size, each sequence split over this many ranks "
+                        "(default 1; needs the te or sdpa attention backend)")
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="under torchrun: sequences per micro-batch (default 4)")
     p.set_defaults(func=cmd_eval_tasks)
