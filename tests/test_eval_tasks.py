@@ -89,8 +89,10 @@ def test_loglikelihoods_and_accuracies_equal_lm_eval(model, tmp_path, monkeypatc
         [result] = evaluate([task], scorer)
         got = [s.loglikelihoods for s in result.samples]
         assert len(got) == len(expected_lls) == 12
-        for mine, theirs in zip(got, expected_lls):  # lm-eval's unconditional ones come after
-            assert mine == pytest.approx(theirs[:len(mine)], abs=1e-4), scorer.name
+        for sample, theirs in zip(result.samples, expected_lls):  # lm-eval's unconditional ones after
+            assert sample.loglikelihoods == pytest.approx(theirs[:len(sample.loglikelihoods)], abs=1e-4)
+            if formulation == "cf":
+                assert sample.unconditional == pytest.approx(theirs[len(sample.loglikelihoods):], abs=1e-4)
         for metric, values in expected.items():
             assert [s.metrics[metric] for s in result.samples] == values, (scorer.name, metric)
             assert result.metrics[metric][0] == pytest.approx(sum(values) / len(values))

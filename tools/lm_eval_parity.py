@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     rows.append(("lm-eval HFLM", "-", *[f"{sum(v) / len(v):.4f}" for v in expected.values()]))
     agree = True
     for name, result in mine.items():
-        delta = max(abs(a - b) for s, theirs in zip(result.samples, expected_lls)
-                    for a, b in zip(s.loglikelihoods, theirs))
+        delta = max(abs(a - b) for s, theirs in zip(result.samples, expected_lls)  # unconditional too
+                    for a, b in zip(s.loglikelihoods + (s.unconditional or []), theirs, strict=True))
         cells = []
         for metric in METRICS:
             differs = sum(s.metrics[metric] != v for s, v in zip(result.samples, expected[metric]))

@@ -50,6 +50,8 @@ class Scored:
     metrics: dict = field(default_factory=dict)
     extracted: Optional[str] = None
     """fg: the answer found in the generation (``continuations[0]``)."""
+    unconditional: Optional[list[float]] = None
+    """cf with ``acc_mutual_info``: each continuation's log-likelihood after the prefix token alone."""
 
 
 def _mcf_context(example: Example) -> str:
@@ -157,7 +159,8 @@ def judge(index: int, example: Example, formulation: str, prompt: str, continuat
                 prediction_norm = choice
     # The right answer's log-likelihood: smoother than accuracy, so it moves early in training.
     metrics["gold_loglik"] = lls[example.gold]
-    return Scored(index, prompt, continuations, lls, example.gold, prediction, prediction_norm, metrics)
+    return Scored(index, prompt, continuations, lls, example.gold, prediction, prediction_norm, metrics,
+                  unconditional=unconditional or None)
 
 
 def aggregate(scored: list[Scored], formulation: str) -> dict[str, tuple[float, float]]:

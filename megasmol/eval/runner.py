@@ -127,6 +127,8 @@ def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
                                      "loglikelihoods": s.loglikelihoods, "gold": s.gold,
                                      "prediction": s.prediction, "prediction_norm": s.prediction_norm,
                                      **({"extracted": s.extracted} if s.extracted is not None else {}),
+                                     **({"unconditional_loglikelihoods": s.unconditional}
+                                        if s.unconditional is not None else {}),
                                      **s.metrics}))
     atomic_write_text(samples_path, "\n".join(lines) + ("\n" if lines else ""))
     atomic_write_text(results_path, json.dumps(doc, indent=2))
