@@ -12,6 +12,7 @@ and the tests train on the same bytes everywhere.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import random
@@ -41,10 +42,11 @@ def _stdlib_sources() -> list[Path]:
     return sorted(p for p in stdlib.rglob("*.py") if not skipped & set(p.relative_to(stdlib).parts))
 
 
-def prose_documents() -> list[str]:
-    from pydoc_data.topics import topics
-
-    documents = [topics[name] for name in sorted(topics)]
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Every module, class and function docstring of the standard library, in source order
+    (parsed once per process: the corpus and the held-out evaluation tasks both read them)."""
+    found = []
     for path in _stdlib_sources():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -52,11 +54,15 @@ def prose_documents() -> list[str]:
             continue
         nodes = [tree] + [n for n in ast.walk(tree)
                           if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-        for node in nodes:
-            doc = ast.get_docstring(node)
-            if doc and len(doc) >= MIN_DOCSTRING_CHARS:
-                documents.append(doc)
-    return documents
+        found += [doc for doc in map(ast.get_docstring, nodes) if doc]
+    return tuple(found)
+
+
+def prose_documents() -> list[str]:
+    from pydoc_data.topics import topics
+
+    documents = [topics[name] for name in sorted(topics)]
+    return documents + [doc for doc in stdlib_docstrings() if len(doc) >= MIN_DOCSTRING_CHARS]
 
 
 def code_documents(budget_bytes: int, seed: int) -> list[str]:

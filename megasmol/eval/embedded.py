@@ -20,8 +20,6 @@ All are deterministic for a Python version: the same examples everywhere.
 
 from __future__ import annotations
 
-import ast
-import functools
 import random
 import re
 from pathlib import Path
@@ -97,28 +95,17 @@ def arithmetic_generation_examples(count: int, seed: int) -> list[Example]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _short_docstrings() -> tuple[str, ...]:
+def _short_docstrings() -> list[str]:
     """Docstrings of 80 characters up to the demo corpus's minimum, whitespace collapsed."""
-    from megasmol.data.demo_corpus import MIN_DOCSTRING_CHARS, _stdlib_sources
+    from megasmol.data.demo_corpus import MIN_DOCSTRING_CHARS, stdlib_docstrings
 
-    found = set()
-    for path in _stdlib_sources():
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in [tree] + [n for n in ast.walk(tree)
-                              if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]:
-            doc = ast.get_docstring(node)
-            if doc and 80 <= len(doc) < MIN_DOCSTRING_CHARS:
-                found.add(" ".join(doc.split()))
-    return tuple(sorted(found))
+    return sorted({" ".join(doc.split()) for doc in stdlib_docstrings()
+                   if 80 <= len(doc) < MIN_DOCSTRING_CHARS})
 
 
 def word_order_examples(count: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
-    docs = list(_short_docstrings())
+    docs = _short_docstrings()
     rng.shuffle(docs)
     examples = []
     for doc in docs:
@@ -169,15 +156,11 @@ class GeneratedTask(Task):
         super().__init__(spec, Path("."))
         self._generate = generate
 
-    def examples(self) -> list[Example]:
-        if getattr(self, "_examples", None) is None:
-            self._examples = self._generate(COUNT, SEED)
-        return self._examples
+    def _read_examples(self) -> list[Example]:
+        return self._generate(COUNT, SEED)
 
-    def fewshot_pool(self) -> list[Example]:
-        if getattr(self, "_pool", None) is None:
-            self._pool = self._generate(50, SEED + 7)
-        return self._pool
+    def _read_pool(self) -> list[Example]:
+        return self._generate(50, SEED + 7)
 
 
 def embedded_task(name: str) -> Task:

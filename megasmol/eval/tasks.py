@@ -205,22 +205,25 @@ class Task:
     def examples(self) -> list[Example]:
         """Every example of the scored split (read once, then kept)."""
         if getattr(self, "_examples", None) is None:
-            self._examples = [self._example(r, i, self.spec.data_files) for i, r in
-                              enumerate(self._records(self.spec.split, self.spec.data_files))]
+            self._examples = self._read_examples()
         return self._examples
 
     def fewshot_pool(self) -> list[Example]:
         """The examples few-shot prompts draw from (read once, then kept)."""
         if getattr(self, "_pool", None) is None:
-            source = self.spec.fewshot_split
-            if source is None:
-                raise ConfigError(f"task {self.name}: few-shot prompts need fewshot_split in its "
-                                  "definition")
-            local = (source if self.spec.hf_dataset is None or source.endswith((".jsonl", ".parquet"))
-                     else None)
-            self._pool = [self._example(r, i, local or source)
-                          for i, r in enumerate(self._records(source, local))]
+            self._pool = self._read_pool()
         return self._pool
+
+    def _read_examples(self) -> list[Example]:
+        return [self._example(r, i, self.spec.data_files) for i, r in
+                enumerate(self._records(self.spec.split, self.spec.data_files))]
+
+    def _read_pool(self) -> list[Example]:
+        source = self.spec.fewshot_split
+        if source is None:
+            raise ConfigError(f"task {self.name}: few-shot prompts need fewshot_split in its definition")
+        local = source if self.spec.hf_dataset is None or source.endswith((".jsonl", ".parquet")) else None
+        return [self._example(r, i, local or source) for i, r in enumerate(self._records(source, local))]
 
     def _example(self, record: dict, index: int, where) -> Example:
         s, where = self.spec, f"{where or self.spec.hf_dataset} example {index}"
