@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two phases: most test files run on PYTEST_WORKERS processes (pytest-xdist, one file per
-# worker at a time); the files marked `serial` (hang and kill timing) run alone after.
+# worker at a time); the tests marked `serial` (hang, kill and straggler timing) run alone after.
 PYTEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)

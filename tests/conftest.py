@@ -40,6 +40,19 @@ def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _subprocess_tmpdir(tmp_path_factory):
+    """Child processes write their temporary files (torchrun's ``torchelastic_*`` log folders) under
+    pytest's own temporary folder, which pytest prunes, instead of leaving them in /tmp."""
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if previous is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def megatron_runtime():
     """Single-process gloo runtime with Megatron parallel_state (TP=PP=1) for in-process tests."""

@@ -95,8 +95,8 @@ def collective_checks(sizes_mb: list[float], iterations: int, tolerance: float,
                                 f"{op} busbw {top:.2f} GB/s at {largest:g} MB{note}; sweep {sweep}",
                                 f"job ({world} ranks, {dist.get_backend()})",
                                 {"op": op, "busbw_gbps": {str(k): v for k, v in by_size.items()}}))
-    # The best of three runs: a rank that is always slow stays slow; one-off noise does not count.
-    mine = min(local_workload_seconds() for _ in range(3))
+    # The best of five runs: a rank that is always slow stays slow; one-off noise does not count.
+    mine = min(local_workload_seconds() for _ in range(5))
     times = [None] * world
     dist.all_gather_object(times, mine)
     per_rank = {f"rank {r}": t for r, t in enumerate(times)}
