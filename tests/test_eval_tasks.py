@@ -246,17 +246,20 @@ def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(
     assert extract_answer("so 3 + 4 = 7, then $1,250.", pattern) == "$1,250."
     assert normalize_answer("$1,250.") == "1250" and extract_answer("no number", pattern) == ""
     outputs = {}
-    for flag, source in (("--checkpoint", model / "ckpt"), ("--hf", model / "hf")):
-        out = tmp_path / flag.strip("-")
-        run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "3",
-                "--out", str(out), "--quiet")
-        outputs[flag] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    # Megatron-Core with its KV cache and transformers' generate write the same text.
-    assert [s["continuations"] for s in outputs["--checkpoint"]] == [
-        s["continuations"] for s in outputs["--hf"]]
-    assert all(len(s["continuations"][0]) > 0 for s in outputs["--hf"])
-    results = json.loads((tmp_path / "hf" / "results.json").read_text())["results"]
-    assert results["demo_arithmetic_gen"]["examples"] == 3 and "exact_match" in results["demo_arithmetic_gen"]
+    for flag, source, batch in (("--checkpoint", model / "ckpt", "8192"), ("--hf", model / "hf", "8192"),
+                                ("--checkpoint", model / "ckpt", "1")):
+        out = tmp_path / (flag.strip("-") + batch)
+        run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "4",
+                "--batch-tokens", batch, "--out", str(out), "--quiet")
+        outputs[flag, batch] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    texts = {key: [s["continuations"] for s in samples] for key, samples in outputs.items()}
+    # Megatron-Core with its KV cache and transformers' generate write the same text, decoding the
+    # four prompts (of different lengths) as one batch; one prompt at a time writes it too.
+    assert len({len(s["prompt"]) for s in outputs["--hf", "8192"]}) > 1
+    assert texts["--checkpoint", "8192"] == texts["--hf", "8192"] == texts["--checkpoint", "1"]
+    assert all(len(s["continuations"][0]) > 0 for s in outputs["--hf", "8192"])
+    results = json.loads((tmp_path / "hf8192" / "results.json").read_text())["results"]
+    assert results["demo_arithmetic_gen"]["examples"] == 4 and "exact_match" in results["demo_arithmetic_gen"]
     assert load_task("gsm8k").spec.formulation == "fg"
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megasmol.generate import Decoder, greedy_generate
+from megasmol.generate import Decoder, greedy_generate, greedy_generate_batch
 from megasmol.model.load import single_process_model
 from tests.specs import tiny_smollm3
 
@@ -16,11 +16,14 @@ def _teacher_forced(model, prompt, tokens, use_cache):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("changes", [
+SPECS = pytest.mark.parametrize("changes", [
     {},  # NoPE on every 4th layer (layer 3 of 4)
     {"yarn": {"factor": 2.0, "original_max_position_embeddings": 64}, "max_position_embeddings": 128},
     {"attention_backend": "local"},
 ], ids=["nope", "yarn", "local-attention"])
+
+
+@SPECS
 def test_cached_decoding_matches_recomputing_the_prefix(megatron_runtime, changes):
     torch.manual_seed(0)
     spec = tiny_smollm3(init_std=0.5, **changes)  # large weights: sharp, varied predictions
@@ -34,3 +37,28 @@ def test_cached_decoding_matches_recomputing_the_prefix(megatron_runtime, change
     greedy = greedy_generate(model, prompt, 12)
     assert greedy.tolist() == greedy_generate(model, prompt, 12, use_cache=False).tolist()
     assert len(set(greedy[0, 40:].tolist())) > 1  # the check can fail: the tokens vary
+
+
+@SPECS
+def test_a_batch_of_prompts_decodes_as_each_prompt_alone(megatron_runtime, changes):
+    """Prompts of different lengths (the rows inside their prompts are fed the prompt), different
+    limits and a stop rule (rows leave the batch and the cache is reordered): every row gets the
+    tokens it gets alone, with the cache and without."""
+    torch.manual_seed(1)
+    model = single_process_model(tiny_smollm3(init_std=0.5, **changes)).eval()
+    prompts = [torch.randint(0, 5000, (n,)).tolist() for n in (9, 40, 3, 23, 17)]
+    limits = [12, 5, 30, 20, 1]
+
+    def stop(row, new):  # row 3 stops at its 4th token, wherever that is
+        return row == 3 and len(new) == 4
+
+    alone = [greedy_generate(model, torch.tensor([p]), n, stop=lambda new, r=row: stop(r, new))[0, len(p):]
+             .tolist() for row, (p, n) in enumerate(zip(prompts, limits))]
+    assert [len(a) for a in alone] == [12, 5, 30, 4, 1] and len({tuple(a) for a in alone}) == 5
+    for use_cache in (True, False):
+        assert greedy_generate_batch(model, prompts, limits, use_cache=use_cache, stop=stop) == alone
+    # An end-of-sequence id ends a row: the first token row 2 generates, used as EOS.
+    eos = alone[2][0]
+    cut = greedy_generate_batch(model, prompts, limits, eos_token_id=eos, stop=stop)
+    assert cut[2] == [eos]
+    assert cut == [a[:a.index(eos) + 1] if eos in a else a for a in alone]

@@ -23,12 +23,17 @@ Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, s
 Head = Callable[[torch.Tensor], torch.Tensor]  # [n, hidden] -> [n, vocab] logits
 
 
+Generator = Callable[[list[list[int]], list[GenerationRequest]], list[list[int]]]
+"""Greedy new ids for a batch of prompts (as ids) whose requests share their stop strings and
+length limit."""
+
+
 class Scorer:
     """Computes ``sum log p(continuation | context)`` for token requests, and greedy generations
-    (``generator``: a callable ``(prompt ids [1, s], GenerationRequest) -> new ids``)."""
+    with a batched ``generator``."""
 
     def __init__(self, hidden: Hidden, head: Head, max_length: int, vocab_size: int, tokenizer,
-                 name: str, batch_tokens: int = 8192, generator=None):
+                 name: str, batch_tokens: int = 8192, generator: Optional[Generator] = None):
         self.generator = generator
         self.hidden, self.head, self.max_length, self.tokenizer = hidden, head, max_length, tokenizer
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
@@ -51,14 +56,27 @@ class Scorer:
         return results  # type: ignore[return-value]
 
     def generations(self, requests: list[GenerationRequest], progress=None) -> list[str]:
-        """Greedy text after each prompt, one prompt at a time with the KV cache."""
-        texts = []
-        for request in requests:
-            ids = torch.tensor([request.prompt_ids(self.tokenizer, self.max_length)])
-            texts.append(request.text(self.tokenizer, self.generator(ids, request)))
-            if progress is not None:
-                progress.update(1)
-        return texts
+        """Greedy text after each prompt. Requests with the same stopping rules are decoded
+        together, longest prompt first, at most ``batch_tokens`` prompt-and-new tokens a batch
+        (similar lengths share a batch, so little of it is spent feeding the longer prompts)."""
+        prompts = [r.prompt_ids(self.tokenizer, self.max_length) for r in requests]
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault((request.until, request.max_new_tokens), []).append(index)
+        texts: list[Optional[str]] = [None] * len(requests)
+        for (_, max_new), group in groups.items():
+            group.sort(key=lambda i: -len(prompts[i]))
+            start = 0
+            while start < len(group):
+                size = max(1, self.batch_tokens // (len(prompts[group[start]]) + max_new))
+                batch = group[start:start + size]
+                new = self.generator([prompts[i] for i in batch], [requests[i] for i in batch])
+                for index, ids in zip(batch, new, strict=True):
+                    texts[index] = requests[index].text(self.tokenizer, ids)
+                if progress is not None:
+                    progress.update(len(batch))
+                start += len(batch)
+        return texts  # type: ignore[return-value]
 
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
@@ -110,11 +128,12 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         logits, _ = output_layer["forward"](states.unsqueeze(1), weight=weight)
         return logits.squeeze(1)
 
-    def generator(ids, request: GenerationRequest):
-        from megasmol.generate import greedy_generate
+    def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
+        from megasmol.generate import greedy_generate_batch
 
-        return greedy_generate(model, ids, request.max_new_tokens, tokenizer.eos_token_id,
-                               stop=lambda new: request.stopped(tokenizer, new))[0, ids.shape[1]:].tolist()
+        return greedy_generate_batch(model, prompts, [r.max_new_tokens for r in requests],
+                                     tokenizer.eos_token_id,
+                                     stop=lambda row, new: requests[row].stopped(tokenizer, new))
 
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
                   str(checkpoint), batch_tokens, generator)
@@ -131,14 +150,20 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         return trunk(input_ids=ids).last_hidden_state
 
-    def generator(ids, request: GenerationRequest):
-        eos = tokenizer.eos_token_id
+    def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
+        # Left-padded, as transformers batches generation; the mask keeps the padding unseen and
+        # sets the position ids. Finished rows are filled with EOS, cut off here.
+        eos, width = tokenizer.eos_token_id, max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), eos, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=request.max_new_tokens, do_sample=False,
-                                 attention_mask=torch.ones_like(ids), eos_token_id=eos,
-                                 pad_token_id=eos, stop_strings=list(request.until), tokenizer=tokenizer)
-        new = out[0, ids.shape[1]:].tolist()
-        return new[:new.index(eos)] if eos in new else new
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=requests[0].max_new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos,
+                                 stop_strings=list(requests[0].until), tokenizer=tokenizer)
+        return [new[:new.index(eos)] if eos in new else new for new in out[:, width:].tolist()]
 
     return Scorer(hidden, head, model.config.max_position_embeddings, model.config.vocab_size,
                   tokenizer, str(hf_dir), batch_tokens, generator)
