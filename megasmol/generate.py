@@ -131,4 +131,4 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
         raise ValueError("greedy_generate takes one sequence; greedy_generate_batch takes several")
     [new] = greedy_generate_batch(model, [input_ids[0].tolist()], [max_new_tokens], eos_token_id,
                                   use_cache, None if stop is None else (lambda _, ids: stop(ids)))
-    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype)], dim=1)
+    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)

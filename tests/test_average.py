@@ -69,8 +69,8 @@ def test_blocks_smaller_than_a_tensor_give_the_same_average(inputs, megatron_run
 
 def test_inputs_from_tp2_and_pp2_layouts_average_like_their_tp1_originals(inputs, megatron_runtime):
     worker = "tests/workers/resave_layout.py"
-    run_torchrun([worker, str(inputs / "a"), str(inputs / "a_tp2"), "2", "1"])
-    run_torchrun([worker, str(inputs / "b"), str(inputs / "b_pp2"), "1", "2"])
+    run_torchrun([worker, str(inputs / "a"), str(inputs / "a_tp2"), "2", "1",
+                  str(inputs / "b"), str(inputs / "b_pp2"), "1", "2"])
     assert json.loads((inputs / "b_pp2/iter_0000003/megasmol.json").read_text())[
         "written_with"]["pipeline_parallel"] == 2
     _average([inputs / "a_tp2", inputs / "b_pp2"], inputs / "mixed")

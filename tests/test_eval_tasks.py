@@ -239,26 +239,28 @@ def test_under_torchrun_the_loglikelihoods_equal_one_process(model, single_proce
             == json.loads((single_process_lls / "results.json").read_text())["results"]["items"]["acc"])
 
 
-def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path):
+def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path,
+                                                                                llama_tokenizer_dir):
     from megasmol.eval.formulations import extract_answer, normalize_answer
 
     pattern = TaskSpec(name="x", data_files="-").answer_pattern
     assert extract_answer("so 3 + 4 = 7, then $1,250.", pattern) == "$1,250."
     assert normalize_answer("$1,250.") == "1250" and extract_answer("no number", pattern) == ""
     outputs = {}
-    for flag, source, batch in (("--checkpoint", model / "ckpt", "8192"), ("--hf", model / "hf", "8192"),
-                                ("--checkpoint", model / "ckpt", "1")):
-        out = tmp_path / (flag.strip("-") + batch)
+    for flag, source in (("--checkpoint", model / "ckpt"), ("--hf", model / "hf")):
+        out = tmp_path / flag.strip("-")
         run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "4",
-                "--batch-tokens", batch, "--out", str(out), "--quiet")
-        outputs[flag, batch] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
-    texts = {key: [s["continuations"] for s in samples] for key, samples in outputs.items()}
+                "--out", str(out), "--quiet")
+        outputs[flag] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     # Megatron-Core with its KV cache and transformers' generate write the same text, decoding the
     # four prompts (of different lengths) as one batch; one prompt at a time writes it too.
-    assert len({len(s["prompt"]) for s in outputs["--hf", "8192"]}) > 1
-    assert texts["--checkpoint", "8192"] == texts["--hf", "8192"] == texts["--checkpoint", "1"]
-    assert all(len(s["continuations"][0]) > 0 for s in outputs["--hf", "8192"])
-    results = json.loads((tmp_path / "hf8192" / "results.json").read_text())["results"]
+    assert len({len(s["prompt"]) for s in outputs["--hf"]}) > 1
+    alone = megatron_scorer(model / "ckpt", load_tokenizer(llama_tokenizer_dir), batch_tokens=1)
+    [result] = evaluate([load_task("demo_arithmetic_gen")], alone, limit=4)
+    texts = {flag: [s["continuations"] for s in samples] for flag, samples in outputs.items()}
+    assert texts["--checkpoint"] == texts["--hf"] == [s.continuations for s in result.samples]
+    assert all(len(s["continuations"][0]) > 0 for s in outputs["--hf"])
+    results = json.loads((tmp_path / "hf" / "results.json").read_text())["results"]
     assert results["demo_arithmetic_gen"]["examples"] == 4 and "exact_match" in results["demo_arithmetic_gen"]
     assert load_task("gsm8k").spec.formulation == "fg"
 

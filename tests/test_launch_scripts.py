@@ -100,7 +100,8 @@ def test_export_and_slurm_scripts(tmp_path):
 def test_tiny_flow_runs_end_to_end(tmp_path):
     """Two ranks: data parallel for stages 1-2, context parallel 2 for the long-context stage."""
     env = {**os.environ, "WORKDIR": str(tmp_path), "STEPS": "12", "STAGE1_STEPS": "6", "LC_STEPS": "2",
-           "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+           "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "CORPUS_ARGS": "--code-mb 0.5 --math-problems 2000"}
     proc = subprocess.run(["bash", str(REPO / "examples/tiny/run_all.sh")], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -7,7 +7,8 @@
 # Settings (environment): WORKDIR=runs/tiny-flow, STEPS=300 (stage 2 ends there), STAGE1_STEPS=200,
 # LC_STEPS=60, NPROC=1 (2 runs the training under torchrun: data parallelism for stages 1-2 and
 # context parallelism for the long-context stage, as SmolLM3 did), DRY_RUN=1 prints the commands,
-# PYTHON=python.
+# PYTHON=python, CORPUS_ARGS="--code-mb 0.5 --math-problems 2000" (extra demo-corpus arguments: a
+# smaller corpus for a quick pass).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,6 +19,7 @@ STAGE1_STEPS="${STAGE1_STEPS:-200}"
 LC_STEPS="${LC_STEPS:-60}"
 NPROC="${NPROC:-1}"
 PYTHON="${PYTHON:-python}"
+read -r -a CORPUS_EXTRA <<< "${CORPUS_ARGS:-}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 # shellcheck source=../lib/run.sh
@@ -51,7 +53,7 @@ if [[ "${STEPS}" -lt 100 ]]; then
 fi
 
 # 1. Data: the embedded demo corpus, tokenized with the Llama-3.2 tokenizer.
-run "${PYTHON}" -m megasmol demo-corpus --out "${WORKDIR}/corpus" --tokenize --quiet
+run "${PYTHON}" -m megasmol demo-corpus --out "${WORKDIR}/corpus" --tokenize --quiet "${CORPUS_EXTRA[@]}"
 # 2. Pre-flight (CPU scale: a short burn, storage floors for a laptop disk).
 run "${PYTHON}" -m megasmol preflight "${BASE[@]}" --burn-seconds 1 --min-read-gbps 0.01 \
     --min-write-gbps 0.01 --json "${WORKDIR}/preflight.json"
