@@ -93,7 +93,8 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: list[
                     or (stop is not None and stop(row, new[row]))):
                 finished.append(row)
         if finished:
-            kept = [row for row in active if row not in finished]
+            done = set(finished)
+            kept = [row for row in active if row not in done]
             if context is not None and kept:
                 slots = {row: slot for slot, row in enumerate(active)}
                 order = [slots[row] for row in kept] + [slots[row] for row in finished]

@@ -22,7 +22,10 @@ from tests.conftest import REPO, free_port, run_cli, run_torchrun
 from tests.train_fixtures import (kill_session, start_train, step_losses, train, wait_for_step,
                                   write_training_run)
 
-pytestmark = pytest.mark.serial  # timing-sensitive: run alone (see Makefile)
+# The tests marked ``serial`` wait on signals, timeouts or a running peer, or share the module's
+# reference run with those: they run alone (see Makefile). The injected non-finite gradients, the
+# failed save and the config checks are deterministic and run with the rest of the suite.
+serial = pytest.mark.serial
 
 
 STEPS = 12
@@ -63,6 +66,7 @@ def _worker_pid(config, rank):
     return None
 
 
+@serial
 def test_sigterm_to_the_process_group_saves_then_resumes_exactly(reference, tmp_path):
     """``kill -TERM -PGID`` (how torchrun and Slurm signal): Megatron's checkpoint-writer helper
     process is in that group and used to die first, so the preemption save failed."""
@@ -80,6 +84,7 @@ def test_sigterm_to_the_process_group_saves_then_resumes_exactly(reference, tmp_
     assert step_losses(tmp_path / "run") == reference["losses"]
 
 
+@serial
 def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     config = write_training_run(tmp_path, steps=200, checkpoint={"interval": 3})
     proc = _start_torchrun(config)
@@ -93,6 +98,7 @@ def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     assert 5 <= _latest_step(tmp_path / "run") == last < 200
 
 
+@serial
 @pytest.mark.parametrize("skip", [None, [[8, 9]]], ids=["trained-step", "skipped-step"])
 def test_a_signal_on_one_rank_after_the_all_reduce_stops_all_ranks_together(tmp_path, skip):
     """Rank 1 is signalled right after step 7's all-reduce: it must not stop alone (the others
@@ -148,6 +154,7 @@ def test_non_finite_config_values_are_rejected(tmp_path):
             load_run_config(config, [override])
 
 
+@serial
 def test_rerunning_a_finished_run_leaves_its_checkpoint_alone(reference):
     final = reference["root"] / "run" / "checkpoints" / "iter_0000012"
     before = (final.stat().st_ino, sorted(p.name for p in final.iterdir()))
@@ -156,6 +163,7 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_alone(reference):
     assert (final.stat().st_ino, sorted(p.name for p in final.iterdir())) == before
 
 
+@serial
 @pytest.mark.parametrize("fault", ["SIGSTOP", "SIGKILL"])
 def test_a_frozen_or_killed_rank_ends_the_job_with_one_line(tmp_path, fault):
     config = write_training_run(tmp_path, steps=400, checkpoint={"interval": 0},
@@ -191,12 +199,14 @@ def test_post_save_paths_are_never_shell_syntax(tmp_path, template):
     assert "$MEGASMOL" not in shell_line("{path}") and "${MEGASMOL_CHECKPOINT}" in shell_line("{path}")
 
 
+@serial
 def test_a_post_save_command_that_hangs_is_stopped(tmp_path):
     started = time.time()
     assert not run_command("sleep 60", tmp_path, 1, timeout_s=1)
     assert time.time() - started < 15
 
 
+@serial
 def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
     config = write_training_run(tmp_path, steps=400, checkpoint={"interval": 0})
     first = start_train(config)
@@ -211,6 +221,7 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
     assert proc.returncode == 2 and "checkpoint.dir" in proc.stderr and "is a file" in proc.stderr
 
 
+@serial
 def test_a_run_takes_its_model_from_a_checkpoint(reference, tmp_path):
     source = reference["root"] / "run" / "checkpoints"
     config = write_training_run(tmp_path, steps=4)
@@ -235,6 +246,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     assert "at step 3" in resumed.stdout and max(step_losses(tmp_path / "run")) == STEPS
 
 
+@serial
 def test_resuming_under_a_changed_spec_names_the_tensor(reference, tmp_path):
     import shutil
 
