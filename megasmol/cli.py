@@ -10,6 +10,7 @@ from pathlib import Path
 
 from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
+from megasmol.data.preference.commands import add_preference_parsers
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
@@ -332,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preflight_parser(sub)
     add_ablate_parsers(sub)
     add_chat_parsers(sub)
+    add_preference_parsers(sub)
 
     p = sub.add_parser(
         "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",

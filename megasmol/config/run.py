@@ -10,6 +10,7 @@ import yaml
 
 from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfig,
                                       OptimizerSettings, SpikeConfig, WatchdogConfig)
+from megasmol.config.preference import PreferenceConfig
 from megasmol.config.typed import ConfigError, from_dict, load_yaml, to_dict
 from megasmol.runtime.parallel import ParallelLayout
 from megasmol.train.schedules import ScheduleConfig
@@ -189,6 +190,9 @@ class RunConfig:
     """Loss-spike detection, policy and data ranges to skip."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """The hang watchdog: stack dumps and a requeue-able exit when a step hangs."""
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """The loss on preference pairs (DPO / IPO / APO) when the recipe's data are
+    ``prepare-preferences`` output; unused otherwise."""
     run_dir: str = "runs/default"
     """Where checkpoints, logs and caches go (relative to the config file)."""
     paths_from: Optional[str] = None

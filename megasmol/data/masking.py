@@ -30,6 +30,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megasmol.model.attention import block_causal_mask
 
 BACKEND_MASK_FORMAT = {"te": "thd", "sdpa": "sbhd", "local": "dense"}
+TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask", "segments", "ref_logps")
 
 
 @dataclass
@@ -42,6 +43,16 @@ class ModelInputs:
     loss_mask: Tensor
     attention_mask: Optional[Tensor] = None
     packed_seq_params: Optional[PackedSeqParams] = None
+    segments: Optional[Tensor] = None
+    """Preference pairs: which document each label belongs to (2k: pair k's chosen half, 2k+1: its
+    rejected half, -1: none), unique within the micro-batch; None for other data."""
+    ref_logps: Optional[Tensor] = None
+    """Preference pairs: each document's reference log-probability (float64), held at one of its
+    label positions (zeros elsewhere), so a sum per segment gives it on any split."""
+
+    def token_fields(self) -> dict[str, Tensor]:
+        """The per-token tensors ([b, s] or [1, t]) that every split of the sequence must carry."""
+        return {k: getattr(self, k) for k in TOKEN_FIELDS if getattr(self, k) is not None}
 
     def to(self, device) -> "ModelInputs":
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
@@ -86,7 +97,7 @@ def _thd(batch: dict, eod_id: int) -> ModelInputs:
     longest = int((bounds[1:] - bounds[:-1]).max())
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
                              max_seqlen_q=longest, max_seqlen_kv=longest)
-    flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+    flat = {k: batch[k].reshape(1, -1) for k in TOKEN_FIELDS if k in batch}
     return ModelInputs(**flat, packed_seq_params=params)
 
 
@@ -97,14 +108,16 @@ def _sbhd(batch: dict, eod_id: int) -> ModelInputs:
     length = batch["tokens"].size(1)
     params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
                              max_seqlen_q=length, max_seqlen_kv=length)
-    return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"],
-                       packed_seq_params=params)
+    return ModelInputs(**_fields(batch), packed_seq_params=params)
+
+
+def _fields(batch: dict) -> dict:
+    return {k: batch[k] for k in TOKEN_FIELDS if k in batch}
 
 
 def _dense(batch: dict, eod_id: int) -> ModelInputs:
     allowed = block_causal_mask(document_ids(batch["tokens"], eod_id))
-    return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"],
-                       attention_mask=~allowed)
+    return ModelInputs(**_fields(batch), attention_mask=~allowed)
 
 
 MASK_FORMATS = {"thd": _thd, "sbhd": _sbhd, "dense": _dense}
@@ -115,8 +128,12 @@ def model_inputs(batch: dict, eod_id: int, document_masking: bool, mask_format: 
     """Turn a collated dataset batch ([b, s] tensors) into what the model's forward takes."""
     if reset_position_ids:
         batch = {**batch, "position_ids": restarted_positions(batch["tokens"], eod_id)}
+    if "segments" in batch:  # unique within the micro-batch, however it is flattened or split
+        segments = batch["segments"]
+        rows = torch.arange(segments.size(0), device=segments.device).unsqueeze(1) * segments.size(1)
+        batch = {**batch, "segments": torch.where(segments >= 0, segments + rows, segments)}
     if not document_masking:
-        return ModelInputs(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
+        return ModelInputs(**_fields(batch))
     if mask_format not in MASK_FORMATS:
         raise ValueError(f"unknown document mask format {mask_format!r}; known: {', '.join(MASK_FORMATS)}")
     return MASK_FORMATS[mask_format](batch, eod_id)
@@ -148,8 +165,11 @@ def pad_documents(inputs: ModelInputs, multiple: int) -> ModelInputs:
 
     longest = int(padded_lengths.max())
     padded = padded_bounds.to(torch.int32)
+    fields = {k: spread(v) for k, v in inputs.token_fields().items()}
+    if "segments" in fields:  # padding belongs to no document
+        fields["segments"][0, torch.ones(total, dtype=torch.bool).index_fill_(0, target, False)] = -1
     return ModelInputs(
-        **{k: spread(getattr(inputs, k)) for k in ("tokens", "position_ids", "labels", "loss_mask")},
+        **fields,
         packed_seq_params=PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=params.cu_seqlens_q, cu_seqlens_kv=params.cu_seqlens_kv,
             cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
@@ -181,11 +201,10 @@ def context_parallel_share(inputs: ModelInputs) -> ModelInputs:
     params = inputs.packed_seq_params
     if params is not None and params.qkv_format == "thd":
         padded = pad_documents(inputs, 2 * cp_size * parallel_state.get_tensor_model_parallel_world_size())
-        fields = {k: getattr(padded, k) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+        fields = padded.token_fields()
         longest = torch.tensor([padded.packed_seq_params.max_seqlen_q])
         fields, params = get_thd_batch_on_this_cp_rank(
             fields, padded.packed_seq_params.cu_seqlens_q, padded.packed_seq_params.cu_seqlens_q_padded,
             longest)
         return ModelInputs(**fields, packed_seq_params=params)
-    fields = {k: getattr(inputs, k) for k in ("tokens", "position_ids", "labels", "loss_mask")}
-    return ModelInputs(**get_batch_on_this_cp_rank(fields), packed_seq_params=params)
+    return ModelInputs(**get_batch_on_this_cp_rank(inputs.token_fields()), packed_seq_params=params)

@@ -309,15 +309,16 @@ class Trainer:
                 setup.ddp_model.zero_grad_buffer()
                 setup.optimizer.zero_grad()
                 faults.hang_if_planned("hang", step)
-                local = forward_backward(setup.ddp_model, inputs)
+                local = forward_backward(setup.ddp_model, inputs, objective=setup.objective)
                 if faults.planned_at("inf_grad", step):
                     setup.ddp_model.buffers[0].grad_data[0] = float("inf")
                 totals = global_loss(local, stop=self.stop.requested,
-                                     nonfinite_grads=not local_gradients_finite(setup.ddp_model))
+                                     nonfinite_grads=not local_gradients_finite(setup.ddp_model),
+                                     objective=setup.objective)
                 faults.signal_if_planned("sigterm_after_reduce", step)
                 loss = totals.loss
                 grad_norm = self._update(step, loss, totals.nonfinite_grads, stats)
-                stats.add(loss, grad_norm, tokens)
+                stats.add(loss, grad_norm, tokens, totals.metrics)
                 self.result.losses[step] = loss
                 stop_agreed = totals.stop
             self.watchdog.step_finished()
@@ -415,16 +416,20 @@ class Trainer:
             for mb in micro]
         setup.ddp_model.eval()
         with torch.no_grad():
-            local = forward_backward(setup.ddp_model, inputs, forward_only=True)
+            local = forward_backward(setup.ddp_model, inputs, forward_only=True, objective=setup.objective)
         setup.ddp_model.train()
-        totals = global_loss(local)
-        loss, tokens = totals.loss, totals.tokens
+        totals = global_loss(local, objective=setup.objective)
+        loss, tokens, unit = totals.loss, totals.tokens, setup.objective.unit
         self.result.validation[step] = loss
-        self.metrics.write({"step": step, "loss": loss, "tokens": tokens,
-                            "consumed_tokens": self.consumed_tokens,
-                            "perplexity": math.exp(min(loss, 50))}, kind="validation")
-        self._print(f"validation at step {step}: loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.1f}, "
-                    f"{tokens:,} tokens)", progress)
+        record = {"step": step, "loss": loss, unit: tokens, "consumed_tokens": self.consumed_tokens,
+                  **totals.metrics}
+        if unit == "tokens":
+            record["perplexity"] = math.exp(min(loss, 50))
+        self.metrics.write(record, kind="validation")
+        detail = (f"ppl {math.exp(min(loss, 50)):.1f}, {tokens:,} tokens" if unit == "tokens" else
+                  f"reward acc {totals.metrics.get('rewards/accuracies', float('nan')):.3f}, "
+                  f"margin {totals.metrics.get('rewards/margins', float('nan')):.3f}, {tokens:,} {unit}")
+        self._print(f"validation at step {step}: loss {loss:.4f} ({detail})", progress)
 
     def _downstream(self, step: int, progress) -> None:
         results = self.downstream.run(self.s)
@@ -456,7 +461,7 @@ class Trainer:
 
 
 # Sections whose change alters what the resumed steps do (not where logs or checkpoints go).
-RESUME_SENSITIVE = ("model", "data", "training", "optim", "schedule", "spikes")
+RESUME_SENSITIVE = ("model", "data", "training", "optim", "schedule", "spikes", "preference")
 
 
 # Where a run stops is not what its steps do.

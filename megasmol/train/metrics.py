@@ -94,10 +94,18 @@ class IntervalStats:
     nan: int = 0
     spikes: int = 0
     started: float = field(default_factory=time.perf_counter)
+    metric_sums: dict = field(default_factory=dict)
+    """The objective's metrics (e.g. ``rewards/margins``) summed over the steps that had them."""
+    metric_steps: int = 0
 
-    def add(self, loss: Optional[float], grad_norm: Optional[float], tokens: int) -> None:
+    def add(self, loss: Optional[float], grad_norm: Optional[float], tokens: int,
+            metrics: Optional[dict] = None) -> None:
         self.steps += 1
         self.tokens += tokens
+        if metrics:
+            self.metric_steps += 1
+            for key, value in metrics.items():
+                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
         if loss is not None and math.isfinite(loss):
             self.loss_sum += loss
             self.loss_steps += 1
@@ -152,6 +160,7 @@ class MetricsLog:
             "memory_gb": memory_gb(),
             "skipped_steps": stats.skipped, "nan_steps": stats.nan, "spikes": stats.spikes,
         }
+        record.update({k: v / stats.metric_steps for k, v in stats.metric_sums.items()})
         if self.peak_tflops:
             achieved = tokens_per_s / self.world_size * self.flops_per_token
             record["mfu"] = achieved / (self.peak_tflops * 1e12)
@@ -167,6 +176,9 @@ class MetricsLog:
             parts.append(f"loss {record['loss']:.4f}")
         if record.get("grad_norm") is not None:
             parts.append(f"grad {record['grad_norm']:.3f}")
+        if record.get("rewards/accuracies") is not None:
+            parts.append(f"reward acc {record['rewards/accuracies']:.2f} "
+                         f"margin {record['rewards/margins']:.3f}")
         parts.append(f"lr {record['lr']:.2e}")
         tps = record["tokens_per_s"]
         parts.append(f"{tps / 1e3:.1f}k tok/s ({record['tokens_per_s_per_device'] / 1e3:.1f}k/dev)")

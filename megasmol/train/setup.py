@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +26,7 @@ from megasmol.data.recipe import load_recipe, plan_stages
 from megasmol.model.layer_specs import resolve_attention_backend
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
+from megasmol.train.objectives import PreferenceLoss, TokenLoss
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class TrainingSetup:
     mask_format: str
     params_dtype: torch.dtype
     branch: Optional[BranchPoint] = None
+    objective: object = field(default_factory=TokenLoss)
+    """What a micro-batch's output becomes: next-token loss, or a preference loss on pairs."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -137,6 +140,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                           f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
                           "(and usually rope.theta) for a long-context stage")
     check_attention_layout(config, resolve_attention_backend(spec.attention_backend))
+    reference = preference_reference(config, recipe, plans)
 
     rank = init_distributed(config.training.collective_timeout_s)
     config.parallel.check(rank.world_size, spec, longest)
@@ -175,10 +179,53 @@ def build_setup(config: RunConfig) -> TrainingSetup:
     model.config.no_sync_func = ddp_model.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(ddp_model, config.optim, params_dtype)
-    return TrainingSetup(config=config, spec=spec, rank=rank, batches=batches, model=model,
-                         ddp_model=ddp_model, optimizer=optimizer,
-                         mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
-                         params_dtype=params_dtype, branch=branch)
+    setup = TrainingSetup(config=config, spec=spec, rank=rank, batches=batches, model=model,
+                          ddp_model=ddp_model, optimizer=optimizer,
+                          mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
+                          params_dtype=params_dtype, branch=branch)
+    if reference is not None:
+        _prepare_preference(setup, reference, resuming)
+    return setup
+
+
+def preference_reference(config: RunConfig, recipe, plans) -> Optional[Path]:
+    """The reference checkpoint when the recipe's data are preference pairs (None otherwise);
+    a recipe that mixes pairs with other data, or pairs without a reference, is refused here,
+    before anything heavy."""
+    from megasmol.data.preference.prepare import read_pref_description
+
+    root = config.data.root and str(config.path(config.data.root))
+    kinds = {}
+    for plan in plans:
+        for entry in plan.stage.datasets:
+            prefix = recipe.dataset_prefix(entry, root)
+            kinds[str(prefix)] = read_pref_description(prefix) is not None
+    if not any(kinds.values()):
+        return None
+    if not all(kinds.values()):
+        other = next(p for p, pairs in kinds.items() if not pairs)
+        raise ConfigError(f"data recipe {recipe.name} mixes preference pairs with other data ({other}): a "
+                          "run trains one objective; put the preference data in a recipe of its own")
+    source = config.preference.reference or config.checkpoint.init_from
+    if source is None:
+        raise ConfigError("preference data need a reference model: set checkpoint.init_from (the SFT "
+                          "checkpoint, also the default reference) or preference.reference")
+    return config.path(source)
+
+
+def _prepare_preference(setup: TrainingSetup, reference: Path, resuming: bool) -> None:
+    """Preference pairs: the pair objective, the model's per-token output as plain CE (no z-loss:
+    log-probs must be exact), and every pair's reference log-probs attached to the data."""
+    from megasmol.train.reference import attach_reference_logps
+
+    config = setup.config
+    setup.objective = PreferenceLoss(config.preference)
+    setup.model.z_loss_coeff = 0.0
+    init_from = config.checkpoint.init_from and config.path(config.checkpoint.init_from)
+    restore = init_from if (not resuming and init_from and init_from != reference) else None
+    attach_reference_logps(setup, reference, weights_after=restore,
+                           show_progress=config.logging.progress,
+                           say=lambda line: print(line, flush=True))
 
 
 def run_directory(config: RunConfig) -> Path:

@@ -34,6 +34,8 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megasmol.config.typed import ConfigError
 from megasmol.data.chat.packing import PackingPlan, plan_packing
 from megasmol.data.chat.prepare import mask_prefix, read_description
+from megasmol.data.preference.dataset import PairTokens, mark_pair
+from megasmol.data.preference.prepare import read_pref_description
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +66,19 @@ class ChatTokens:
     def sequence_lengths(self) -> np.ndarray:
         return self.tokens.sequence_lengths
 
+    def documents(self, conversation: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.tokens[conversation], self.mask[conversation])]
+
+
+PACKED_UNITS = (ChatTokens, PairTokens)
+
 
 class SequenceDataset(GPTDataset):
     """``GPTDataset`` for plain prefixes; packed conversations for chat prefixes."""
 
     def __init__(self, low_level, dataset_path: Optional[str], indices: np.ndarray,
                  num_samples: Optional[int], index_split, config: SequenceDatasetConfig) -> None:
-        if not isinstance(low_level, ChatTokens):
+        if not isinstance(low_level, PACKED_UNITS):
             super().__init__(low_level, dataset_path, indices, num_samples, index_split, config)
             self.plan = None
             return
@@ -79,6 +87,8 @@ class SequenceDataset(GPTDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
+        if read_pref_description(dataset_path) is not None:
+            return PairTokens(dataset_path)
         if read_description(dataset_path) is not None:
             return ChatTokens(dataset_path)
         return GPTDataset.build_low_level_dataset(dataset_path, config)
@@ -108,9 +118,10 @@ class SequenceDataset(GPTDataset):
             return plan, arrays["samples"]
         too_long = np.flatnonzero(lengths > capacity)
         if too_long.size:
+            unit = "pair(s) (both halves)" if isinstance(self.dataset, PairTokens) else "conversation(s)"
             raise ConfigError(
-                f"chat dataset {self.dataset_path}: {too_long.size} conversation(s) are longer than "
-                f"a sequence (longest {int(lengths.max())} tokens > data.seq_length + 1 = {capacity}); "
+                f"dataset {self.dataset_path}: {too_long.size} {unit} are longer than a sequence "
+                f"(longest {int(lengths.max())} tokens > data.seq_length + 1 = {capacity}); "
                 "prepare it with --max-length (truncate or drop) or raise data.seq_length")
         plan = plan_packing(lengths, capacity, self.config.packing)
         wanted = self.num_samples if self.num_samples is not None else plan.num_sequences
@@ -121,9 +132,9 @@ class SequenceDataset(GPTDataset):
         Path(self.config.path_to_cache).mkdir(parents=True, exist_ok=True)
         for key, array in (("order", plan.order), ("bounds", plan.bounds), ("samples", samples)):
             np.save(paths[key], array.astype(np.int64))  # atomic: see loader._atomic_numpy_saves
-        log.info("packed %s (%s): %d conversations into %d sequences of %d tokens, %.1f%% filled "
+        log.info("packed %s (%s): %d %s into %d sequences of %d tokens, %.1f%% filled "
                  "(packing %s), %d samples = %.2f epochs", self.dataset_path, self.index_split.name,
-                 len(lengths), plan.num_sequences, capacity - 1, 100 * plan.efficiency,
+                 len(lengths), "pairs" if isinstance(self.dataset, PairTokens) else "conversations", plan.num_sequences, capacity - 1, 100 * plan.efficiency,
                  self.config.packing, len(samples), len(samples) / max(1, plan.num_sequences))
         return plan, samples
 
@@ -138,7 +149,8 @@ class SequenceDataset(GPTDataset):
         return self.packed_sample(int(self.sample_order[idx]))
 
     def packed_sample(self, sequence: int) -> dict:
-        """Tokens, labels, loss mask and restarted positions of one packed sequence."""
+        """Tokens, labels, loss mask and restarted positions of one packed sequence; for
+        preference pairs also each label's ``segments`` and the halves' ``ref_logps``."""
         plan, low = self.plan, self.dataset
         members = plan.order[plan.bounds[sequence]:plan.bounds[sequence + 1]]
         eod = self.config.tokenizer.eod
@@ -146,21 +158,31 @@ class SequenceDataset(GPTDataset):
         tokens = np.full(plan.capacity, pad, dtype=np.int64)
         mask = np.zeros(plan.capacity, dtype=np.float32)
         positions = np.zeros(plan.capacity, dtype=np.int64)
+        pairs = isinstance(low, PairTokens)
+        if pairs:
+            segments = np.full(plan.capacity, -1, dtype=np.int64)
+            ref = np.zeros(plan.capacity, dtype=np.float64)
         at = 0
-        for member in members:
-            conversation = int(self.indices[member])
-            ids = low.tokens[conversation]
-            n = len(ids)
-            tokens[at:at + n] = ids
-            mask[at:at + n] = low.mask[conversation]
-            positions[at:at + n] = np.arange(n)
-            at += n
+        for slot, member in enumerate(members):
+            unit = int(self.indices[member])
+            for half, (ids, doc_mask) in enumerate(low.documents(unit)):
+                n = len(ids)
+                tokens[at:at + n] = ids
+                mask[at:at + n] = doc_mask
+                positions[at:at + n] = np.arange(n)
+                if pairs:
+                    mark_pair(segments, ref, at, half, slot, doc_mask, low.reference, unit)
+                at += n
         positions[at:] = np.arange(plan.capacity - at)
         inputs = torch.from_numpy(tokens[:-1].copy())
         loss_mask = torch.from_numpy(mask[1:].copy())
         loss_mask[inputs == eod] = 0.0  # the token after an EOS belongs to another conversation
-        return {"tokens": inputs, "labels": torch.from_numpy(tokens[1:].copy()),
-                "loss_mask": loss_mask, "position_ids": torch.from_numpy(positions[:-1].copy())}
+        sample = {"tokens": inputs, "labels": torch.from_numpy(tokens[1:].copy()),
+                  "loss_mask": loss_mask, "position_ids": torch.from_numpy(positions[:-1].copy())}
+        if pairs:
+            sample["segments"] = torch.from_numpy(segments[1:].copy())
+            sample["ref_logps"] = torch.from_numpy(ref[1:].copy())
+        return sample
 
 
 def open_chat_dataset(prefix: str | Path, seq_length: int, token_ids, *, packing: str = "ffd",
@@ -174,16 +196,18 @@ def open_chat_dataset(prefix: str | Path, seq_length: int, token_ids, *, packing
         path_to_cache=str(cache_dir), tokenizer=token_ids, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=True, create_attention_mask=False, packing=packing)
     low = SequenceDataset.build_low_level_dataset(str(prefix), config)
-    if not isinstance(low, ChatTokens):
-        raise ConfigError(f"{prefix}: not a chat dataset (no {prefix}.chat.json)")
+    if not isinstance(low, PACKED_UNITS):
+        raise ConfigError(f"{prefix}: not a chat or preference dataset (no {prefix}.chat.json or "
+                          f"{prefix}.pref.json)")
     count = len(low.sequence_lengths)
     return SequenceDataset(low, str(prefix), np.arange(count, dtype=np.int64), None, Split.train, config)
 
 
 def chat_tokenizer_dir(prefixes: list[str]) -> Optional[Path]:
-    """The tokenizer stored with the first chat dataset among ``prefixes`` (None: no chat data)."""
+    """The tokenizer stored with the first chat or preference dataset among ``prefixes`` (None:
+    none)."""
     for prefix in prefixes:
-        description = read_description(prefix)
+        description = read_description(prefix) or read_pref_description(prefix)
         if description is not None:
             path = Path(prefix).parent / description["tokenizer_dir"]
             if not path.is_dir():
@@ -199,7 +223,8 @@ def packing_summary(dataset) -> list[str]:
     for part in parts:
         plan = getattr(part, "plan", None)
         if plan is not None:
-            lines.append(f"{os.path.basename(part.dataset_path)}: {len(part.indices)} conversations in "
+            unit = "pairs" if isinstance(part.dataset, PairTokens) else "conversations"
+            lines.append(f"{os.path.basename(part.dataset_path)}: {len(part.indices)} {unit} in "
                          f"{plan.num_sequences} sequences, {100 * plan.efficiency:.1f}% non-padding "
                          f"({part.config.packing})")
     return lines

@@ -131,6 +131,46 @@ def _encoded(conversations: Iterator[Conversation], template: ChatTemplate, toke
     yield from flush()
 
 
+def open_chat_tokenizer(source, dest: Path, template: str, now, *, need_marks: bool, why: str,
+                        otherwise: str):
+    """Write the chat tokenizer to ``dest`` (a ``.partial`` name) with ``template`` as its
+    ``chat_template``; returns (tokenizer, template, EOS id). ``dest`` is removed on failure."""
+    from megasmol.data.chat.special_tokens import set_chat_template, write_chat_tokenizer
+
+    chat_tokenizer = write_chat_tokenizer(source, dest)
+    try:
+        chosen = load_template(template, chat_tokenizer, now=now)
+        if need_marks and not chosen.marks_generation:
+            raise ConfigError(f"chat template {chosen.name} marks no assistant text ({{% generation %}} "
+                              f"... {{% endgeneration %}}), so {why} cannot come from it; {otherwise}")
+        eos_id = chat_tokenizer.eos_token_id
+        if eos_id is None:
+            raise ConfigError(f"tokenizer {source}: has no EOS token to end documents with")
+        set_chat_template(dest, chosen.source)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return chat_tokenizer, chosen, int(eos_id)
+
+
+def commit_outputs(partial: dict[Path, Path], idx: Path) -> None:
+    """Rename every ``.partial`` output into place, the token ``idx`` last: a prefix with an
+    ``.idx`` is whole, and an old ``.idx`` never pairs with new files."""
+    idx.unlink(missing_ok=True)
+    for final, tmp in partial.items():
+        if final == idx:
+            continue
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    os.replace(partial[idx], idx)
+
+
+def remove_partial(partial: dict[Path, Path]) -> None:
+    for path in partial.values():
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3",
                  tokenizer: Optional[str] = None, max_length: Optional[int] = None,
                  on_overflow: Literal["error", "truncate", "drop"] = "error",
@@ -139,7 +179,6 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
                  now=None) -> ChatSummary:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megasmol.data.chat.special_tokens import set_chat_template, write_chat_tokenizer
     from megasmol.data.tokenize import choose_dtype
     from megasmol.tokenizer import default_tokenizer_dir
 
@@ -161,25 +200,11 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
     if template != "tokenizer":
         load_template(template)  # a bad name or file fails here, before any tokenizer work
     partial = {p: p.with_name(p.name + ".partial") for p in finals}
-    for path in partial.values():
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    chat_tokenizer = write_chat_tokenizer(source, partial[tokenizer_path(prefix)])
-    try:
-        chosen = load_template(template, chat_tokenizer, now=now)
-        if loss_on == "assistant" and not chosen.marks_generation:
-            raise ConfigError(f"chat template {chosen.name} marks no assistant text ({{% generation %}} "
-                              "... {% endgeneration %}), so an assistant-only loss mask cannot come from "
-                              "it; mark the replies in the template or use --loss-on all")
-        eos_id = chat_tokenizer.eos_token_id
-        if eos_id is None:
-            raise ConfigError(f"tokenizer {source}: has no EOS token to end conversations with")
-        set_chat_template(partial[tokenizer_path(prefix)], chosen.source)
-    except BaseException:
-        shutil.rmtree(partial[tokenizer_path(prefix)], ignore_errors=True)
-        raise
+    remove_partial(partial)
+    chat_tokenizer, chosen, eos_id = open_chat_tokenizer(
+        source, partial[tokenizer_path(prefix)], template, now,
+        need_marks=loss_on == "assistant", why="an assistant-only loss mask",
+        otherwise="mark the replies in the template or use --loss-on all")
     token_dtype = choose_dtype("auto", len(chat_tokenizer))
     tokens_out = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
     masks_out = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
@@ -222,8 +247,7 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
     except BaseException:
         tokens_out.data_file.close()
         masks_out.data_file.close()
-        for path in partial.values():
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        remove_partial(partial)
         raise
     summary.seconds = round(time.perf_counter() - start, 3)
     description = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
@@ -232,12 +256,5 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
     stats = Path(f"{prefix}.stats.json.partial")
     stats.write_text(json.dumps(description, indent=2) + "\n")
     os.replace(stats, f"{prefix}.stats.json")
-    Path(f"{prefix}.idx").unlink(missing_ok=True)  # an old .idx must never pair with new files
-    for final, tmp in partial.items():
-        if final.suffix == ".idx" and final.name == f"{prefix.name}.idx":
-            continue
-        if final.is_dir():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    os.replace(partial[Path(f"{prefix}.idx")], Path(f"{prefix}.idx"))
+    commit_outputs(partial, Path(f"{prefix}.idx"))
     return summary

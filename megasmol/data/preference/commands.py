@@ -1,0 +1,44 @@
+"""``megasmol prepare-preferences``: parse, call one function, print."""
+
+from __future__ import annotations
+
+
+def cmd_prepare_preferences(args) -> int:
+    from megasmol.data.preference.prepare import prepare_preferences
+
+    summary = prepare_preferences(args.input, args.out, template=args.template, tokenizer=args.tokenizer,
+                                  max_length=args.max_length, on_overflow=args.on_overflow,
+                                  split=args.split, overwrite=args.overwrite, show_progress=not args.quiet)
+    print("\n".join(summary.lines()))
+    if summary.rejected.get("too_long"):
+        print(f"  {summary.rejected['too_long']:,} pair(s) have a half over --max-length {args.max_length} "
+              "(--on-overflow error): left out; use --on-overflow truncate to keep them with cut completions")
+    return 0
+
+
+def add_preference_parsers(sub) -> None:
+    p = sub.add_parser("prepare-preferences",
+                       help="render preference pairs (prompt, chosen, rejected) into packed-pair training "
+                            "data for DPO / APO (Megatron indexed datasets + completion loss masks)")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="JSONL / Parquet files, directories or globs in TRL's preference formats "
+                        "({prompt, chosen, rejected} as messages or strings; or implicit {chosen, "
+                        "rejected} conversations); a datasets save_to_disk directory; or hf:DATASET_ID "
+                        "where a hub is reachable")
+    p.add_argument("--out", required=True,
+                   help="output prefix: PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, "
+                        "PREFIX.pref.json (its folder is created)")
+    p.add_argument("--template", default="smollm3",
+                   help="smollm3 (default), chatml, a .jinja file, or tokenizer (its own chat_template); "
+                        "plain-string records use no template")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2, SmolLM3's)")
+    p.add_argument("--max-length", type=int,
+                   help="longest half (prompt + completion + EOS) in tokens")
+    p.add_argument("--on-overflow", default="error", choices=["error", "truncate", "drop"],
+                   help="a half over --max-length: error (default: the pair is left out, reported as an "
+                        "error count), truncate (keep the prompt, cut the completion), drop (left out, "
+                        "counted)")
+    p.add_argument("--split", default="train", help="split of a datasets input (default train)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare_preferences)

@@ -1,0 +1,248 @@
+"""``prepare-preferences``: render preference pairs into tokens plus completion loss masks.
+
+Output, beside each other (``PREFIX`` is ``--out``):
+
+* ``PREFIX.bin/.idx`` -- a Megatron-Core indexed dataset with one document per pair holding two
+  sequences, prompt+chosen then prompt+rejected, each ending in EOS (so document masking keeps
+  the halves apart when they are packed together);
+* ``PREFIX_lossmask.bin/.idx`` -- the aligned uint8 mask: 1 on each completion's tokens (for a
+  chat template, the assistant text and the ``<|im_end|>`` closing it; for plain strings, the
+  completion and its EOS, as TRL trains them), 0 on the prompt;
+* ``PREFIX.tokenizer/`` and ``PREFIX.pref.json`` (what the files are, counts, what was left out).
+
+The prompt tokens of the two halves are the same (checked). Files are written under
+``.partial`` names and renamed when complete, the token ``.idx`` last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from megasmol.config.typed import ConfigError
+from megasmol.data.chat.prepare import (OVERFLOW_POLICIES, commit_outputs, mask_prefix, open_chat_tokenizer,
+                                        remove_partial, tokenizer_path)
+from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, load_template, token_mask
+from megasmol.data.preference.records import PreferencePair, read_pairs
+from megasmol.data.readers import ReadIssues
+from megasmol.utils.progress import progress_bar
+
+FORMAT = "megasmol-pref/1"
+
+
+def description_path(prefix: str | Path) -> Path:
+    return Path(f"{prefix}.pref.json")
+
+
+def read_pref_description(prefix: str | Path) -> Optional[dict]:
+    """The ``.pref.json`` of a preference dataset, or None when ``prefix`` is not one."""
+    path = description_path(prefix)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable preference dataset description ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not a {FORMAT} description")
+    return data
+
+
+@dataclass
+class PreferenceSummary:
+    """What ``prepare-preferences`` wrote, and what it left out and why."""
+
+    output_prefix: str
+    template: str
+    tokenizer: str
+    eos_id: int
+    pairs: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    longest_pair: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+    rejected: dict = field(default_factory=dict)
+    rejected_examples: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    def lines(self) -> list[str]:
+        share = self.supervised_tokens / self.tokens if self.tokens else 0.0
+        out = [f"wrote {self.output_prefix}.bin/.idx, {mask_prefix(self.output_prefix)}.bin/.idx, "
+               f"{tokenizer_path(self.output_prefix)}/, {description_path(self.output_prefix)}",
+               f"  template       {self.template}",
+               f"  pairs          {self.pairs:,} (longest pair {self.longest_pair:,} tokens, both halves)",
+               f"  tokens         {self.tokens:,} (EOS included)",
+               f"  completions    {self.supervised_tokens:,} tokens ({100 * share:.1f}% of tokens)",
+               f"  time           {self.seconds:.1f} s"]
+        if self.truncated:
+            out.append(f"  truncated      {self.truncated:,} completion(s) (to --max-length)")
+        for reason, count in sorted(self.rejected.items()):
+            out.append(f"  left out: {reason}: {count:,} (first at {self.rejected_examples[reason]})")
+        return out
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class PairRenderer:
+    """Turns a pair into two (token ids, completion mask) halves, or a reason it cannot."""
+
+    def __init__(self, tokenizer, template: ChatTemplate, eos_id: int):
+        self.tokenizer, self.template, self.eos_id = tokenizer, template, eos_id
+        self.eos_text = tokenizer.convert_ids_to_tokens(eos_id)
+
+    def render(self, pair: PreferencePair):
+        """((chosen ids, mask), (rejected ids, mask)) or a reason string."""
+        return self._conversation(pair) if pair.conversational else self._standard(pair)
+
+    def _standard(self, pair: PreferencePair):
+        """TRL's standard format: prompt + completion + EOS tokenized as one string; the
+        completion starts where the prompt's own tokens stop matching (TRL's rule)."""
+        def encode(text):
+            return list(self.tokenizer(text)["input_ids"])
+
+        prompt = encode(pair.prompt)
+        halves = []
+        for completion in (pair.chosen, pair.rejected):
+            text = completion if completion.endswith(self.eos_text) else completion + self.eos_text
+            halves.append(encode(pair.prompt + text))
+        start = min(_common_prefix(prompt, ids) for ids in halves)
+        out = []
+        for ids in halves:
+            if ids[-1] != self.eos_id:
+                ids.append(self.eos_id)
+            mask = np.zeros(len(ids), np.uint8)
+            mask[start:] = 1
+            out.append((np.asarray(ids, np.int64), mask))
+        return tuple(out)
+
+    def _conversation(self, pair: PreferencePair):
+        try:
+            prompt_text = self.template.render(pair.prompt, tools=pair.tools, add_generation_prompt=True,
+                                               **pair.kwargs).text
+            rendered = [self.template.render(pair.prompt + completion, tools=pair.tools, **pair.kwargs)
+                        for completion in (pair.chosen, pair.rejected)]
+        except TemplateRenderError:
+            return "template_error"
+        out, prompts = [], []
+        for full in rendered:
+            start = _common_prefix(prompt_text, full.text)
+            spans = [(max(a, start), b) for a, b in full.spans if b > start]
+            enc = self.tokenizer(full.text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+            mask = token_mask(offsets, spans)
+            first = int(np.argmax(mask)) if mask.any() else len(ids)
+            prompts.append(ids[:first])
+            out.append((np.append(np.asarray(ids, np.int64), self.eos_id), np.append(mask, np.uint8(0))))
+        if prompts[0] != prompts[1]:
+            return "prompt_tokens_differ"
+        return tuple(out)
+
+
+def _fit(ids: np.ndarray, mask: np.ndarray, max_length: int, eos_id: int):
+    """Cut the completion so the half fits ``max_length`` (EOS kept, not trained); None when the
+    prompt alone leaves no completion token."""
+    keep = max_length - 1
+    if not mask[:keep].any():
+        return None
+    return np.append(ids[:keep], eos_id), np.append(mask[:keep], np.uint8(0))
+
+
+def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "smollm3",
+                        tokenizer: Optional[str] = None, max_length: Optional[int] = None,
+                        on_overflow: str = "error", split: str = "train", overwrite: bool = False,
+                        show_progress: bool = True, now=None) -> PreferenceSummary:
+    """Render every pair of ``inputs``; ``max_length`` limits each half (prompt + completion + EOS)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megasmol.data.tokenize import choose_dtype
+    from megasmol.tokenizer import default_tokenizer_dir
+
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ConfigError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {on_overflow!r}")
+    if max_length is not None and max_length < 3:
+        raise ConfigError(f"--max-length must be >= 3, got {max_length}")
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
+              Path(f"{mask_prefix(prefix)}.idx"), description_path(prefix), tokenizer_path(prefix)]
+    if any(p.exists() for p in finals) and not overwrite:
+        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
+    source = tokenizer or default_tokenizer_dir()
+    if template != "tokenizer":
+        load_template(template)  # a bad name or file fails here, before any tokenizer work
+    partial = {p: p.with_name(p.name + ".partial") for p in finals}
+    remove_partial(partial)
+    chat_tokenizer, chosen_template, eos_id = open_chat_tokenizer(
+        source, partial[tokenizer_path(prefix)], template, now, need_marks=True,
+        why="the completion loss mask", otherwise="mark the replies in the template")
+    renderer = PairRenderer(chat_tokenizer, chosen_template, eos_id)
+    token_dtype = choose_dtype("auto", len(chat_tokenizer))
+    tokens_out = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
+    masks_out = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
+    summary = PreferenceSummary(str(prefix), chosen_template.name, str(source), eos_id)
+    issues = ReadIssues()
+    start = time.perf_counter()
+    try:
+        with progress_bar(None, "prepare-preferences", enabled=show_progress, unit="pair") as bar:
+            for pair in read_pairs(inputs, issues, split=split):
+                bar.update(1)
+                halves = renderer.render(pair)
+                if isinstance(halves, str):
+                    issues.add(halves, pair.where)
+                    continue
+                if max_length is not None and any(len(ids) > max_length for ids, _ in halves):
+                    if on_overflow != "truncate":
+                        issues.add("too_long" if on_overflow == "error" else "dropped_too_long", pair.where)
+                        continue
+                    fitted = [h if len(h[0]) <= max_length else _fit(*h, max_length, eos_id) for h in halves]
+                    if any(h is None for h in fitted):
+                        issues.add("prompt_too_long", pair.where)
+                        continue
+                    summary.truncated += sum(len(a[0]) != len(b[0]) for a, b in zip(halves, fitted))
+                    halves = fitted
+                if not all(mask.any() for _, mask in halves):
+                    issues.add("empty_completion", pair.where)
+                    continue
+                ids = np.concatenate([h[0] for h in halves])
+                lengths = [len(h[0]) for h in halves]
+                tokens_out.add_document(ids.astype(token_dtype), lengths)
+                masks_out.add_document(np.concatenate([h[1] for h in halves]), lengths)
+                summary.pairs += 1
+                summary.tokens += len(ids)
+                summary.supervised_tokens += int(sum(h[1].sum() for h in halves))
+                summary.longest_pair = max(summary.longest_pair, len(ids))
+        summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
+        if summary.pairs == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
+            raise ConfigError(f"prepare-preferences: no usable pair in the inputs ({reasons}); "
+                              "nothing was written")
+        masks_out.finalize(str(partial[Path(f"{mask_prefix(prefix)}.idx")]))
+        tokens_out.finalize(str(partial[Path(f"{prefix}.idx")]))
+    except BaseException:
+        tokens_out.data_file.close()
+        masks_out.data_file.close()
+        remove_partial(partial)
+        raise
+    summary.seconds = round(time.perf_counter() - start, 3)
+    description = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
+                   "mask_prefix": Path(mask_prefix(prefix)).name}
+    partial[description_path(prefix)].write_text(json.dumps(description, indent=2) + "\n")
+    stats = Path(f"{prefix}.stats.json.partial")
+    stats.write_text(json.dumps(description, indent=2) + "\n")
+    os.replace(stats, f"{prefix}.stats.json")
+    commit_outputs(partial, Path(f"{prefix}.idx"))
+    return summary

@@ -1,0 +1,153 @@
+"""Preference records: read them in TRL's preference formats and check their shape.
+
+Accepted layouts (TRL's ``DPOTrainer`` dataset formats):
+
+* explicit prompt, conversational: ``{"prompt": [messages], "chosen": [messages], "rejected":
+  [messages]}`` -- the completions are the assistant turn(s) that follow the prompt;
+* explicit prompt, standard: ``prompt``, ``chosen`` and ``rejected`` are plain strings (no chat
+  template: the completion is the text after the prompt, closed by EOS, as TRL trains it);
+* implicit prompt: ``{"chosen": [messages], "rejected": [messages]}``, two whole conversations
+  whose shared leading messages are the prompt.
+
+Optional ``tools`` and ``chat_template_kwargs`` (SmolLM3's ``enable_thinking``, as in
+``smoltalk2``'s Preference config) go to the template. Whatever cannot become a pair is counted
+under a named reason with its first location, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+from megasmol.data.chat.records import ROLES, _datasets_records, _file_records, is_saved_dataset
+from megasmol.data.readers import ReadIssues, expand_inputs
+
+Messages = list[dict]
+
+
+@dataclass
+class PreferencePair:
+    """One prompt with a preferred and a dispreferred completion."""
+
+    prompt: Union[Messages, str]
+    chosen: Union[Messages, str]
+    rejected: Union[Messages, str]
+    where: str
+    tools: Optional[list] = None
+    kwargs: dict = field(default_factory=dict)
+
+    @property
+    def conversational(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+
+def _messages(value) -> tuple[Optional[Messages], Optional[str]]:
+    if not isinstance(value, list):
+        return None, "malformed_messages"
+    clean = []
+    for message in value:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            return None, "malformed_messages"
+        if message["role"] not in ROLES:
+            return None, "unknown_role"
+        content = "" if message["content"] is None else message["content"]
+        if not isinstance(content, str):
+            return None, "malformed_messages"
+        clean.append({"role": message["role"], "content": content})
+    return clean, None
+
+
+def _completion_reason(messages: Messages) -> Optional[str]:
+    """Why a list of completion messages cannot be trained on (None: it can)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        return "completion_not_assistant"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        return "empty_completion"
+    return None
+
+
+def _shared_prefix(a: Messages, b: Messages) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[str]]:
+    """(pair, None) for a usable record, else (None, reason)."""
+    if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+        return None, "missing_field"
+    tools = record.get("tools")
+    if isinstance(tools, str):  # Parquet / datasets often store tools as a JSON string
+        import json
+
+        try:
+            tools = json.loads(tools) if tools.strip() else None
+        except json.JSONDecodeError:
+            return None, "malformed_tools"
+    if tools is not None and not isinstance(tools, list):
+        return None, "malformed_tools"
+    kwargs = record.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return None, "malformed_chat_template_kwargs"
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if isinstance(chosen, str) or isinstance(rejected, str):
+        if not (isinstance(chosen, str) and isinstance(rejected, str)):
+            return None, "mixed_formats"
+        if prompt is None:
+            return None, "missing_field"  # implicit prompts are read from conversations only
+        if not isinstance(prompt, str):
+            return None, "mixed_formats"
+        if not chosen.strip() or not rejected.strip():
+            return None, "empty_completion"
+        if chosen == rejected:
+            return None, "chosen_equals_rejected"
+        return PreferencePair(prompt, chosen, rejected, where, tools or None, dict(kwargs)), None
+    chosen, reason = _messages(chosen)
+    if reason is None:
+        rejected, reason = _messages(rejected)
+    if reason:
+        return None, reason
+    if prompt is None:  # implicit: the shared leading messages are the prompt
+        if chosen == rejected:
+            return None, "chosen_equals_rejected"
+        shared = _shared_prefix(chosen, rejected)
+        if shared == 0:
+            return None, "prompt_not_a_prefix"
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    else:
+        if isinstance(prompt, str):
+            return None, "mixed_formats"
+        prompt, reason = _messages(prompt)
+        if reason:
+            return None, reason
+    if not prompt:
+        return None, "missing_field"
+    for completion in (chosen, rejected):
+        reason = _completion_reason(completion)
+        if reason:
+            return None, reason
+    if chosen == rejected:
+        return None, "chosen_equals_rejected"
+    return PreferencePair(prompt, chosen, rejected, where, tools or None, dict(kwargs)), None
+
+
+def read_pairs(inputs: list[str], issues: ReadIssues, *, split: str = "train") -> Iterator[PreferencePair]:
+    """Every usable pair of ``inputs``: JSONL / Parquet files, directories or globs, ``datasets``
+    directories (``save_to_disk``), ``hf:ID`` for a hub dataset."""
+    from pathlib import Path
+
+    for source in inputs:
+        if source.startswith("hf:"):
+            records = _datasets_records(source[3:], split)
+        elif is_saved_dataset(Path(source)):
+            records = _datasets_records(source, split)
+        else:
+            records = _file_records(expand_inputs([source]), issues)
+        for record, where in records:
+            pair, reason = check_pair(record, where)
+            if reason:
+                issues.add(reason, where)
+            else:
+                yield pair

@@ -1,0 +1,200 @@
+"""Preference data and training on megasmol's engine: pairs read in TRL's formats with completion-only
+masks and counted bad records; packed-pair training equal on every parallel layout; reference
+log-probs computed once, reused on rerun and resume, recomputed for another reference."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from megasmol.config.typed import ConfigError
+from megasmol.data.preference.prepare import prepare_preferences, read_pref_description
+from megasmol.model.init import init_checkpoint
+from tests.conftest import run_cli, run_torchrun
+from tests.specs import tiny_smollm3
+from tests.train_fixtures import step_losses
+
+
+def _write(path, records):
+    with open(path, "w") as handle:
+        for record in records:
+            handle.write(record if isinstance(record, str) else json.dumps(record))
+            handle.write("\n")
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+def _halves(prefix):
+    tokens, masks = IndexedDataset(str(prefix)), IndexedDataset(f"{prefix}_lossmask")
+    return [(tokens[i].astype(np.int64), masks[i].astype(bool)) for i in range(len(tokens))]
+
+
+def test_prepare_reads_trl_formats_and_masks_only_completions(tmp_path, llama_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    _write(tmp_path / "in.jsonl", [
+        {"prompt": [_msg("user", "What is 2 + 3?")], "chosen": [_msg("assistant", "2 + 3 = 5.")],
+         "rejected": [_msg("assistant", "2 + 3 = 6.")]},
+        {"chosen": [_msg("system", "Be kind."), _msg("user", "Hi"), _msg("assistant", "Hello!")],
+         "rejected": [_msg("system", "Be kind."), _msg("user", "Hi"), _msg("assistant", "Go away.")]},
+        {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."},
+    ])
+    summary = prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "out" / "p"),
+                                  template="chatml", show_progress=False)
+    assert summary.pairs == 3 and not summary.rejected
+    assert read_pref_description(tmp_path / "out" / "p")["pairs"] == 3
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "p.tokenizer")
+    halves = _halves(tmp_path / "out" / "p")
+    completions = [tok.decode(ids[mask]) for ids, mask in halves]
+    assert completions == ["2 + 3 = 5.<|im_end|>", "2 + 3 = 6.<|im_end|>", "Hello!<|im_end|>",
+                           "Go away.<|im_end|>", " blue.<|end_of_text|>", " green.<|end_of_text|>"]
+    for (c_ids, c_mask), (r_ids, r_mask) in zip(halves[0::2], halves[1::2]):
+        assert c_ids[-1] == r_ids[-1] == tok.eos_token_id  # each half is its own document
+        first_c, first_r = np.argmax(c_mask), np.argmax(r_mask)
+        assert first_c == first_r and np.array_equal(c_ids[:first_c], r_ids[:first_r])  # same prompt
+    assert "Be kind." in tok.decode(halves[2][0])  # the implicit prompt keeps the system turn
+
+
+def test_bad_pairs_are_counted_by_reason_and_all_bad_writes_nothing(tmp_path):
+    good = {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", "a")],
+            "rejected": [_msg("assistant", "b")]}
+    _write(tmp_path / "in.jsonl", [
+        good,
+        {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", "same")],
+         "rejected": [_msg("assistant", "same")]},
+        {"chosen": [_msg("user", "x"), _msg("assistant", "a")], "rejected": [_msg("user", "y"), _msg("assistant", "b")]},
+        {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", " ")], "rejected": [_msg("assistant", "b")]},
+        {"prompt": [_msg("user", "q")], "chosen": [_msg("wizard", "a")], "rejected": [_msg("assistant", "b")]},
+        {"prompt": [_msg("user", "q")], "rejected": [_msg("assistant", "b")]},
+        {"prompt": "q", "chosen": [_msg("assistant", "a")], "rejected": "b"},
+        "{not json",
+    ])
+    summary = prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "p"), template="chatml",
+                                  show_progress=False)
+    assert summary.pairs == 1
+    assert summary.rejected == {"chosen_equals_rejected": 1, "prompt_not_a_prefix": 1, "empty_completion": 1,
+                                "unknown_role": 1, "missing_field": 1, "mixed_formats": 1, "malformed_json": 1}
+    assert summary.rejected_examples["unknown_role"].endswith("in.jsonl:5")
+    _write(tmp_path / "bad.jsonl", ['{"prompt": "q"}', "{broken"])
+    with pytest.raises(ConfigError, match="no usable pair.*missing_field=1.*nothing was written"):
+        prepare_preferences([str(tmp_path / "bad.jsonl")], str(tmp_path / "q"), show_progress=False)
+    assert not list(tmp_path.glob("q*"))
+
+
+def test_overflow_policies_keep_the_prompt_and_cut_completions(tmp_path):
+    long_answer = " ".join(["word"] * 60)
+    _write(tmp_path / "in.jsonl", [
+        {"prompt": [_msg("user", "Say words.")], "chosen": [_msg("assistant", long_answer)],
+         "rejected": [_msg("assistant", "No.")]},
+        {"prompt": [_msg("user", " ".join(["prompt"] * 80))], "chosen": [_msg("assistant", "a")],
+         "rejected": [_msg("assistant", "b")]},
+    ])
+    common = dict(template="chatml", max_length=32, show_progress=False)
+    with pytest.raises(ConfigError, match="too_long=2"):
+        prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "e"), **common)
+    summary = prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "t"), on_overflow="truncate",
+                                  **common)
+    assert summary.pairs == 1 and summary.truncated == 1 and summary.rejected == {"prompt_too_long": 1}
+    (c_ids, c_mask), (r_ids, r_mask) = _halves(tmp_path / "t")
+    assert len(c_ids) == 32 and c_mask.sum() > 10 and not c_mask[-1]  # cut completion, EOS untrained
+    assert np.array_equal(c_ids[:np.argmax(c_mask)], r_ids[:np.argmax(r_mask)])
+
+
+# ---- training -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pref_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pref")
+    init_checkpoint(tiny_smollm3(), root / "sft", seed=5)
+    rng = random.Random(0)
+    records = []
+    for _ in range(24):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        records.append({"prompt": [_msg("user", f"What is {a} + {b}?")],
+                        "chosen": [_msg("assistant", f"{a} + {b} = {a + b}.")],
+                        "rejected": [_msg("assistant", f"I think {a} + {b} is {a + b + rng.randint(1, 5)}.")]})
+    _write(root / "pairs.jsonl", records)
+    prepare_preferences([str(root / "pairs.jsonl")], str(root / "data" / "pref"), template="chatml",
+                        show_progress=False)
+    (root / "recipe.yaml").write_text("name: pref\nroot: data\nstages:\n  - name: apo\n    start_step: 1\n"
+                                      "    datasets:\n      - {path: pref, weight: 1.0}\n")
+    (root / "apo.yaml").write_text(
+        "run_dir: run\ncheckpoint: {init_from: sft, interval: 0}\n"
+        "data: {recipe: recipe.yaml, seq_length: 128, validation_fraction: 0.0}\n"
+        "training: {train_steps: 3, global_batch_size: 2, micro_batch_size: 1, precision: fp32, "
+        "attention_backend: sdpa}\n"
+        "schedule: {kind: cosine, lr: 1.0e-3, warmup_steps: 0}\n"
+        "preference: {loss_type: apo_zero, beta: 0.1}\nlogging: {interval: 1, progress: false}\n"
+        "eval: {interval: 0}\n")
+    out = run_cli("train", "--config", str(root / "apo.yaml")).stdout
+    return root, out
+
+
+def _metrics(run_dir):
+    keys = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen")
+    return {k: step_losses(run_dir, k) for k in keys}
+
+
+def test_first_step_loss_and_metrics_of_a_packed_run(pref_run):
+    root, out = pref_run
+    assert "scored by" in out and "24 pairs" in out  # the reference pass ran once, over every pair
+    metrics = _metrics(root / "run")
+    assert metrics["loss"][1] == pytest.approx(1.0, abs=1e-9)  # APO-zero at policy = reference
+    assert metrics["rewards/margins"][1] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["rewards/margins"][3] > 0  # the policy moves toward the chosen answers
+    assert metrics["logps/chosen"][1] < 0
+
+
+def test_every_parallel_layout_trains_as_one_process(pref_run):
+    """TP=2, PP=2, CP=2 and DP=2 (distributed optimizer) each recompute the reference log-probs in
+    their own layout and train the same steps as one process."""
+    root, _ = pref_run
+    (single,) = list((root / "data").glob("pref.ref-*.npy"))
+    expected_ref = np.load(single)
+    expected = _metrics(root / "run")
+    for layout in ("tensor_parallel=2", "pipeline_parallel=2", "context_parallel=2", "context_parallel=1"):
+        single.unlink()
+        run_dir = f"run-{layout.replace('=', '')}"
+        run_torchrun(["-m", "megasmol", "train", "--config", str(root / "apo.yaml"),
+                      "--set", f"run_dir={run_dir}", "--set", f"parallel.{layout}"])
+        np.testing.assert_allclose(np.load(single), expected_ref, rtol=1e-6, err_msg=layout)
+        got = _metrics(root / run_dir)
+        for key, values in expected.items():
+            for step, value in values.items():
+                assert got[key][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (layout, key, step)
+
+
+def test_reference_logps_are_reused_on_resume_and_keyed_by_the_reference(pref_run):
+    root, _ = pref_run
+    before = sorted((root / "data").glob("pref.ref-*.npy"))
+    stopped = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-resume",
+                      "--set", "training.stop_after_step=1").stdout
+    resumed = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-resume").stdout
+    assert "reusing pref.ref-" in stopped and "resumed from" in resumed and "reusing pref.ref-" in resumed
+    assert "scored by" not in stopped + resumed
+    assert sorted((root / "data").glob("pref.ref-*.npy")) == before
+    assert step_losses(root / "run-resume") == pytest.approx(step_losses(root / "run"), abs=1e-9)
+    # Another reference (the trained run's checkpoint) gets its own file.
+    other = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-other-ref",
+                    "--set", f"preference.reference={root / 'run' / 'checkpoints'}",
+                    "--set", "training.train_steps=1").stdout
+    assert "scored by" in other
+    assert len(list((root / "data").glob("pref.ref-*.npy"))) == len(before) + 1
+
+
+def test_preference_config_mistakes_are_one_line(pref_run, tmp_path):
+    root, _ = pref_run
+    no_reference = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-bad",
+                           "--set", "checkpoint.init_from=null", "--set", "model=smollm3-tiny", check=False)
+    assert no_reference.returncode == 2
+    assert "preference data need a reference model" in no_reference.stderr
+    assert "Traceback" not in no_reference.stderr
+    bad_beta = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "preference.beta=0", check=False)
+    assert bad_beta.returncode == 2 and "preference.beta must be > 0" in bad_beta.stderr
+    bad_loss = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "preference.loss_type=kto",
+                       check=False)
+    assert bad_loss.returncode == 2 and "preference.loss_type" in bad_loss.stderr
