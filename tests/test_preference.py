@@ -12,7 +12,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megasmol.config.typed import ConfigError
 from megasmol.data.preference.prepare import prepare_preferences, read_pref_description
 from megasmol.model.init import init_checkpoint
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import REPO, run_cli, run_torchrun
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses
 
@@ -198,3 +198,44 @@ def test_preference_config_mistakes_are_one_line(pref_run, tmp_path):
     bad_loss = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "preference.loss_type=kto",
                        check=False)
     assert bad_loss.returncode == 2 and "preference.loss_type" in bad_loss.stderr
+
+
+def test_sft_to_apo_to_merge_to_export_to_transformers_generate(pref_run):
+    """The whole post-training path with megasmol alone: the APO run's checkpoint, a 0.9 / 0.1
+    linear merge with the SFT checkpoint, export with the chat template, transformers generates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, _ = pref_run
+    run_cli("average", "--checkpoints", str(root / "run" / "checkpoints"), str(root / "sft"),
+            "--weights", "0.9", "0.1", "--out", str(root / "merged"), "--quiet")
+    run_cli("export-hf", "--checkpoint", str(root / "merged"), "--out", str(root / "merged-hf"),
+            "--tokenizer", str(root / "data" / "pref.tokenizer"), "--chat-template", "chatml", "--quiet")
+    tokenizer = AutoTokenizer.from_pretrained(root / "merged-hf")
+    model = AutoModelForCausalLM.from_pretrained(root / "merged-hf").eval()
+    ids = tokenizer.apply_chat_template([_msg("user", "What is 2 + 3?")], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    assert tokenizer.decode(ids[0]).endswith("<|im_start|>assistant\n")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_smollm3_apo_scripts_and_configs(tmp_path):
+    from megasmol.config.run import load_run_config
+    from tests.test_launch_scripts import _dry, _sets
+
+    config = load_run_config(REPO / "examples" / "smollm3" / "apo.yaml")
+    assert (config.preference.loss_type, config.preference.beta) == ("apo_zero", 0.1)
+    assert (config.schedule.lr, config.optim.clip_grad, config.schedule.min_lr) == (1e-6, 0.2, 1e-7)
+    _, train = _dry("examples/smollm3/apo.sh", CKPT_DIR=tmp_path)
+    assert f"checkpoint.init_from={tmp_path}/smollm3-3b-sft/checkpoints" in _sets(train)
+    [grid] = _dry("examples/smollm3/apo_grid.sh", CKPT_DIR=tmp_path, STEPS=100)
+    assert grid[3] == "ablate" and "preference.beta=0.01,0.05,0.1,0.5" in grid
+    commands = _dry("examples/smollm3/merge.sh", CKPT_DIR=tmp_path,
+                    APO_CHECKPOINTS=f"{tmp_path}/a/iter_0000010 {tmp_path}/a/iter_0000020")
+    soup, merge = commands[0], commands[1]
+    assert soup[soup.index("--checkpoints") + 1:soup.index("--out")] == [f"{tmp_path}/a/iter_0000010",
+                                                                         f"{tmp_path}/a/iter_0000020"]
+    assert merge[merge.index("--weights") + 1:merge.index("--weights") + 3] == ["0.9", "0.1"]
+    assert commands[-1][1].endswith("tools/score_table.py") and len(commands[-1]) == 5
