@@ -66,9 +66,12 @@ def test_bad_pairs_are_counted_by_reason_and_all_bad_writes_nothing(tmp_path):
         good,
         {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", "same")],
          "rejected": [_msg("assistant", "same")]},
-        {"chosen": [_msg("user", "x"), _msg("assistant", "a")], "rejected": [_msg("user", "y"), _msg("assistant", "b")]},
-        {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", " ")], "rejected": [_msg("assistant", "b")]},
-        {"prompt": [_msg("user", "q")], "chosen": [_msg("wizard", "a")], "rejected": [_msg("assistant", "b")]},
+        {"chosen": [_msg("user", "x"), _msg("assistant", "a")],
+         "rejected": [_msg("user", "y"), _msg("assistant", "b")]},
+        {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", " ")],
+         "rejected": [_msg("assistant", "b")]},
+        {"prompt": [_msg("user", "q")], "chosen": [_msg("wizard", "a")],
+         "rejected": [_msg("assistant", "b")]},
         {"prompt": [_msg("user", "q")], "rejected": [_msg("assistant", "b")]},
         {"prompt": "q", "chosen": [_msg("assistant", "a")], "rejected": "b"},
         "{not json",
@@ -76,8 +79,9 @@ def test_bad_pairs_are_counted_by_reason_and_all_bad_writes_nothing(tmp_path):
     summary = prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "p"), template="chatml",
                                   show_progress=False)
     assert summary.pairs == 1
-    assert summary.rejected == {"chosen_equals_rejected": 1, "prompt_not_a_prefix": 1, "empty_completion": 1,
-                                "unknown_role": 1, "missing_field": 1, "mixed_formats": 1, "malformed_json": 1}
+    assert summary.rejected == {"chosen_equals_rejected": 1, "prompt_not_a_prefix": 1,
+                                "empty_completion": 1, "unknown_role": 1, "missing_field": 1,
+                                "mixed_formats": 1, "malformed_json": 1}
     assert summary.rejected_examples["unknown_role"].endswith("in.jsonl:5")
     _write(tmp_path / "bad.jsonl", ['{"prompt": "q"}', "{broken"])
     with pytest.raises(ConfigError, match="no usable pair.*missing_field=1.*nothing was written"):
@@ -116,7 +120,8 @@ def pref_run(tmp_path_factory):
         a, b = rng.randint(0, 20), rng.randint(0, 20)
         records.append({"prompt": [_msg("user", f"What is {a} + {b}?")],
                         "chosen": [_msg("assistant", f"{a} + {b} = {a + b}.")],
-                        "rejected": [_msg("assistant", f"I think {a} + {b} is {a + b + rng.randint(1, 5)}.")]})
+                        "rejected": [_msg("assistant",
+                                          f"I think {a} + {b} is {a + b + rng.randint(1, 5)}.")]})
     _write(root / "pairs.jsonl", records)
     prepare_preferences([str(root / "pairs.jsonl")], str(root / "data" / "pref"), template="chatml",
                         show_progress=False)

@@ -133,7 +133,8 @@ def test_reference_logps_equal_transformers(parity_setup):
     (path,) = list((root / "data").glob("pref.ref-*.npy"))
     stored = np.load(path)
     model = AutoModelForCausalLM.from_pretrained(root / "sft-hf", dtype=torch.float32).eval()
-    tokens, masks = IndexedDataset(str(root / "data" / "pref")), IndexedDataset(str(root / "data" / "pref_lossmask"))
+    tokens = IndexedDataset(str(root / "data" / "pref"))
+    masks = IndexedDataset(str(root / "data" / "pref_lossmask"))
     assert stored.shape == (len(tokens) // 2, 2)
     for pair in range(stored.shape[0]):
         for half in (0, 1):

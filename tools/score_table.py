@@ -38,7 +38,8 @@ def scores(directory: Path) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dirs", nargs="+", type=Path, help="evaluation output directories, in order")
     args = parser.parse_args(argv)
     table = {d.name: scores(d) for d in args.dirs}

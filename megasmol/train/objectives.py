@@ -80,7 +80,8 @@ def pair_losses(loss_type: str, beta: float, chosen: Tensor, rejected: Tensor, r
     if loss_type == "apo_zero":
         return (1 - torch.sigmoid(beta * chosen_ratio)) + torch.sigmoid(beta * rejected_ratio)
     if loss_type == "apo_down":
-        return torch.sigmoid(beta * chosen_ratio) + (1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio)))
+        margin = chosen_ratio - rejected_ratio
+        return torch.sigmoid(beta * chosen_ratio) + (1 - torch.sigmoid(beta * margin))
     raise ValueError(f"unknown preference loss {loss_type!r}")
 
 

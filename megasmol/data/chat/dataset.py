@@ -134,7 +134,8 @@ class SequenceDataset(GPTDataset):
             np.save(paths[key], array.astype(np.int64))  # atomic: see loader._atomic_numpy_saves
         log.info("packed %s (%s): %d %s into %d sequences of %d tokens, %.1f%% filled "
                  "(packing %s), %d samples = %.2f epochs", self.dataset_path, self.index_split.name,
-                 len(lengths), "pairs" if isinstance(self.dataset, PairTokens) else "conversations", plan.num_sequences, capacity - 1, 100 * plan.efficiency,
+                 len(lengths), "pairs" if isinstance(self.dataset, PairTokens) else "conversations",
+                 plan.num_sequences, capacity - 1, 100 * plan.efficiency,
                  self.config.packing, len(samples), len(samples) / max(1, plan.num_sequences))
         return plan, samples
 
