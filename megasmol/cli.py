@@ -170,6 +170,10 @@ def cmd_demo(args) -> int:
         from megasmol.chat.demo import run_sft_demo
 
         return run_sft_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
+    if args.preference:
+        from megasmol.chat.preference_demo import run_preference_demo
+
+        return run_preference_demo(Path(args.workdir), steps=args.steps or 60, overrides=args.set)
     return run_demo(Path(args.workdir), steps=args.steps or 300, overrides=args.set)
 
 
@@ -342,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "Also under torchrun --nproc_per_node 2 with --set parallel.tensor_parallel=2.")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
     p.add_argument("--steps", type=int, help="training steps (default 300; 60 per run with --ablation; "
-                                             "150 with --sft)")
+                                             "150 with --sft; 60 with --preference)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablation", action="store_true",
                       help="instead: a small ablation (two LRs x two seeds, scored in the loop), then "
@@ -351,9 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the pretraining demo (run first if missing): SFT on generated "
                            "arithmetic conversations in SmolLM3's template, held-out accuracy before "
                            "and after, a chat reply")
+    mode.add_argument("--preference", action="store_true",
+                      help="after the SFT demo (run first if missing): APO-zero on generated pairs "
+                           "(correct sum chosen over a wrong one), held-out reward accuracy and "
+                           "arithmetic accuracy before and after")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft; "
-                        "repeatable)")
+                   help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft, "
+                        "tiny/apo.yaml with --preference; repeatable)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -129,12 +129,12 @@ def pref_run(tmp_path_factory):
                                       "    datasets:\n      - {path: pref, weight: 1.0}\n")
     (root / "apo.yaml").write_text(
         "run_dir: run\ncheckpoint: {init_from: sft, interval: 0}\n"
-        "data: {recipe: recipe.yaml, seq_length: 128, validation_fraction: 0.0}\n"
+        "data: {recipe: recipe.yaml, seq_length: 128, validation_fraction: 0.15}\n"
         "training: {train_steps: 3, global_batch_size: 2, micro_batch_size: 1, precision: fp32, "
         "attention_backend: sdpa}\n"
         "schedule: {kind: cosine, lr: 1.0e-3, warmup_steps: 0}\n"
         "preference: {loss_type: apo_zero, beta: 0.1}\nlogging: {interval: 1, progress: false}\n"
-        "eval: {interval: 0}\n")
+        "eval: {interval: 3, steps: 1}\n")
     out = run_cli("train", "--config", str(root / "apo.yaml")).stdout
     return root, out
 
@@ -152,20 +152,29 @@ def test_first_step_loss_and_metrics_of_a_packed_run(pref_run):
     assert metrics["rewards/margins"][1] == pytest.approx(0.0, abs=1e-9)
     assert metrics["rewards/margins"][3] > 0  # the policy moves toward the chosen answers
     assert metrics["logps/chosen"][1] < 0
+    # The held-out pairs report TRL's metrics too, and compare shows them.
+    (validation,) = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()
+                     if json.loads(line)["kind"] == "validation"]
+    assert validation["pairs"] > 0 and 0 <= validation["rewards/accuracies"] <= 1
+    table = run_cli("compare", str(root / "run"), "--out", str(root / "cmp")).stdout
+    assert "val reward acc" in table and f"{validation['rewards/accuracies']:.4f}" in table
 
 
 def test_every_parallel_layout_trains_as_one_process(pref_run):
     """TP=2, PP=2, CP=2 and DP=2 (distributed optimizer) each recompute the reference log-probs in
-    their own layout and train the same steps as one process."""
+    their own layout and train the same steps as one process (the validation too)."""
     root, _ = pref_run
     (single,) = list((root / "data").glob("pref.ref-*.npy"))
     expected_ref = np.load(single)
     expected = _metrics(root / "run")
-    for layout in ("tensor_parallel=2", "pipeline_parallel=2", "context_parallel=2", "context_parallel=1"):
+    # CP=2 also with 2-row micro-batches: the reference pass groups rows, the loss does not care.
+    for layout, micro in (("tensor_parallel=2", 1), ("pipeline_parallel=2", 1), ("context_parallel=2", 2),
+                          ("context_parallel=1", 1)):
         single.unlink()
         run_dir = f"run-{layout.replace('=', '')}"
         run_torchrun(["-m", "megasmol", "train", "--config", str(root / "apo.yaml"),
-                      "--set", f"run_dir={run_dir}", "--set", f"parallel.{layout}"])
+                      "--set", f"run_dir={run_dir}", "--set", f"parallel.{layout}",
+                      "--set", f"training.micro_batch_size={micro}"])
         np.testing.assert_allclose(np.load(single), expected_ref, rtol=1e-6, err_msg=layout)
         got = _metrics(root / run_dir)
         for key, values in expected.items():
@@ -244,3 +253,66 @@ def test_smollm3_apo_scripts_and_configs(tmp_path):
                                                                          f"{tmp_path}/a/iter_0000020"]
     assert merge[merge.index("--weights") + 1:merge.index("--weights") + 3] == ["0.9", "0.1"]
     assert commands[-1][1].endswith("tools/score_table.py") and len(commands[-1]) == 5
+
+
+def test_saved_datasets_and_per_record_template_kwargs(tmp_path):
+    """A ``datasets`` save_to_disk copy is read like JSONL, and each record's
+    ``chat_template_kwargs`` (SmolLM3's enable_thinking) reach the template."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    def record(thinking):
+        return {"prompt": [_msg("user", "What is 2 + 3?")], "chosen": [_msg("assistant", "5")],
+                "rejected": [_msg("assistant", "6")], "chat_template_kwargs": {"enable_thinking": thinking}}
+
+    Dataset.from_list([record(True), record(False)]).save_to_disk(str(tmp_path / "saved"))
+    summary = prepare_preferences([str(tmp_path / "saved")], str(tmp_path / "p"), template="smollm3",
+                                  show_progress=False)
+    assert summary.pairs == 2 and not summary.rejected
+    tok = AutoTokenizer.from_pretrained(tmp_path / "p.tokenizer")
+    think, no_think = (tok.decode(ids) for ids, _ in _halves(tmp_path / "p")[0::2])
+    assert "/think" in think and "/no_think" in no_think
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero", "apo_down"])
+def test_pair_objective_from_per_token_losses(megatron_runtime, loss_type):
+    """The objective on a packed micro-batch of two pairs: per-document sums, TRL's pair losses,
+    the RPO-style NLL term and TRL's metrics, by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from megasmol.config.preference import PreferenceConfig
+    from megasmol.data.masking import ModelInputs
+    from megasmol.train.objectives import PreferenceLoss
+
+    torch.manual_seed(0)
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, -1]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 0]], dtype=torch.float32)
+    ref = torch.zeros(1, 13, dtype=torch.float64)
+    ref[0, 2], ref[0, 5], ref[0, 9], ref[0, 11] = -3.0, -2.5, -4.0, -1.0
+    ce = (torch.rand(1, 13, dtype=torch.float64) * 3).requires_grad_()
+    inputs = ModelInputs(tokens=torch.zeros(1, 13, dtype=torch.long), position_ids=None, labels=None,
+                         loss_mask=mask, segments=segments, ref_logps=ref)
+    beta, weight = 0.3, 0.5
+    objective = PreferenceLoss(PreferenceConfig(loss_type=loss_type, beta=beta, sft_weight=weight))
+    loss, pairs, report = objective(inputs, ce)
+    logp = [-(ce[0] * mask[0])[segments[0] == k].sum() for k in range(4)]
+    counts = [mask[0][segments[0] == k].sum() for k in range(4)]
+    refs = [-3.0, -2.5, -4.0, -1.0]
+    expected, margins = 0.0, []
+    for c, r in ((0, 1), (2, 3)):
+        rc, rr = logp[c] - refs[c], logp[r] - refs[r]
+        pair = {"sigmoid": -F.logsigmoid(beta * (rc - rr)),
+                "ipo": (rc / counts[c] - rr / counts[r] - 1 / (2 * beta)) ** 2,
+                "apo_zero": 1 - torch.sigmoid(beta * rc) + torch.sigmoid(beta * rr),
+                "apo_down": torch.sigmoid(beta * rc) + 1 - torch.sigmoid(beta * (rc - rr))}[loss_type]
+        expected = expected + pair + weight * (-logp[c] / counts[c])
+        margins.append(beta * (rc - rr))
+    assert int(pairs) == 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    means = objective.means(report["metrics"].tolist(), 2)
+    assert means["rewards/margins"] == pytest.approx(sum(m.item() for m in margins) / 2, rel=1e-12)
+    assert means["rewards/accuracies"] == sum(float(m > 0) for m in margins) / 2
+    assert means["logps/chosen"] == pytest.approx((logp[0] + logp[2]).item() / 2, rel=1e-12)
+    loss.backward()
+    assert ce.grad[0, 12] == 0 and ce.grad[0, 0] == 0  # no document, no completion: no gradient

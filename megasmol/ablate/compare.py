@@ -52,6 +52,10 @@ class Experiment:
     columns: dict[str, Spread] = field(default_factory=dict)
 
 
+# Preference runs (DPO / APO): the held-out reward metrics, TRL's names, at the last validation.
+PREFERENCE_COLUMNS = {"val reward acc": "rewards/accuracies", "val reward margin": "rewards/margins"}
+
+
 def _final_values(run: RunLog, metrics: list[str]) -> dict[str, float]:
     values = {}
     losses = [r["loss"] for r in run.train if r.get("loss") is not None]
@@ -60,6 +64,9 @@ def _final_values(run: RunLog, metrics: list[str]) -> dict[str, float]:
         values["best loss"] = min(losses)
     if run.validation:
         values["val loss"] = run.validation[-1]["loss"]
+        for column, key in PREFERENCE_COLUMNS.items():
+            if run.validation[-1].get(key) is not None:
+                values[column] = run.validation[-1][key]
     for metric in metrics:
         last = [r[metric] for r in run.downstream if r.get(metric) is not None]
         if last:
@@ -80,7 +87,7 @@ class Comparison:
     baseline: Optional[str] = None
 
     def column_names(self) -> list[str]:
-        names = ["final loss", "best loss", "val loss", "tokens", "tokens/s"]
+        names = ["final loss", "best loss", "val loss", *PREFERENCE_COLUMNS, "tokens", "tokens/s"]
         return [n for n in names if any(n in e.columns for e in self.experiments)]
 
     def chance(self, metric: str) -> Optional[float]:

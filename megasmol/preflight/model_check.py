@@ -189,7 +189,7 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
     config.checkpoint.branch_from = None
     config.eval.tasks = []
     with contextlib.redirect_stdout(io.StringIO()):  # the data audit's table: the dry run's job
-        setup = build_setup(config)
+        setup = build_setup(config, reference_logps=False)
     spec = setup.spec
     world = setup.rank.world_size
     times, tokens = [], 0
@@ -203,7 +203,7 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
             config.data.reset_position_ids)).to(current_device()) for mb in micro]
         setup.ddp_model.zero_grad_buffer()
         setup.optimizer.zero_grad()
-        totals = global_loss(forward_backward(setup.ddp_model, inputs))
+        totals = global_loss(forward_backward(setup.ddp_model, inputs, objective=setup.objective))
         setup.optimizer.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()

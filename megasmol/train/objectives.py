@@ -54,6 +54,7 @@ def segment_sums(inputs: ModelInputs, output_tensor: Tensor, with_grad: bool = T
     mask = inputs.loss_mask.reshape(-1).to(torch.float64) * (segments >= 0)
     index = segments.clamp(min=0)
     slots = segments.numel() * cp  # ids are below the micro-batch's whole [b * s] length
+    slots += slots % 2  # chosen and rejected slots side by side
     logp = -output_tensor.reshape(-1).to(torch.float64) * mask
     policy = torch.zeros(slots, dtype=torch.float64, device=logp.device).index_add(0, index, logp)
     with torch.no_grad():

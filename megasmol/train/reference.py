@@ -75,7 +75,8 @@ def pair_datasets(stages) -> dict[str, list]:
 
 
 def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, packing: str,
-                            cache_dir: Path, mask_format: str, show_progress: bool) -> np.ndarray:
+                            cache_dir: Path, mask_format: str, show_progress: bool,
+                            micro_batch_size: int = 1) -> np.ndarray:
     """[pairs, 2] summed completion log-probs of ``model`` (collective: every rank calls it).
 
     Packed sequences are spread over data-parallel ranks; each is scored forward-only through the
@@ -99,20 +100,28 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     values = np.zeros((low.num_pairs, 2), dtype=np.float64)
     holder = (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
               and parallel_state.get_context_parallel_rank() == 0)
+    rows = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    # A few micro-batches per pipeline schedule call, all of one size (a short last one alone).
+    full = [g for g in rows if len(g) == micro_batch_size]
+    calls = [full[i:i + 8] for i in range(0, len(full), 8)] + [[g] for g in rows if len(g) < micro_batch_size]
     model.eval()
     with torch.no_grad(), progress_bar(len(mine), "reference log-probs", enabled=show_progress,
                                        unit="seq") as bar:
-        for sequence in mine:
-            batch = _collate([data.packed_sample(sequence)])
-            inputs = context_parallel_share(model_inputs(batch, token_ids.eod, True, mask_format))
-            outputs = forward_only_outputs(model, [inputs.to(current_device())], document_logps)
+        for chunk in calls:
+            micro = [context_parallel_share(model_inputs(_collate([data.packed_sample(q) for q in group]),
+                                                         token_ids.eod, True, mask_format)).to(current_device())
+                     for group in chunk]
+            outputs = forward_only_outputs(model, micro, document_logps)
             if holder and outputs:
-                logps = outputs[0]["logps"].to(torch.float64).cpu().numpy()
-                members = plan.order[plan.bounds[sequence]:plan.bounds[sequence + 1]]
-                for slot, member in enumerate(members):
-                    pair = int(data.indices[member])
-                    values[pair] = logps[2 * slot], logps[2 * slot + 1]
-            bar.update(1)
+                for group, output in zip(chunk, outputs):
+                    logps = output["logps"].to(torch.float64).cpu().numpy()
+                    for row, sequence in enumerate(group):
+                        members = plan.order[plan.bounds[sequence]:plan.bounds[sequence + 1]]
+                        base = row * seq_length
+                        for slot, member in enumerate(members):
+                            pair = int(data.indices[member])
+                            values[pair] = logps[base + 2 * slot], logps[base + 2 * slot + 1]
+            bar.update(sum(len(group) for group in chunk))
     model.train()
     reduced = torch.from_numpy(values).to(current_device())
     torch.distributed.all_reduce(reduced)
@@ -162,6 +171,7 @@ def attach_reference_logps(setup, reference: Path, *, weights_after=None, show_p
             values = compute_reference_logps(
                 setup.ddp_model, prefix, seq, TokenIds.from_spec(setup.spec), packing=config.data.packing,
                 cache_dir=config.cache_dir / "reference", mask_format=setup.mask_format,
+                micro_batch_size=config.training.micro_batch_size,
                 show_progress=show_progress and setup.is_logging_rank and sys.stderr.isatty())
             if setup.is_logging_rank:
                 _save(path, values)

@@ -121,7 +121,9 @@ def _half_precision(model, params_dtype: torch.dtype):
     return Float16Module(model.config, model)
 
 
-def build_setup(config: RunConfig) -> TrainingSetup:
+def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetup:
+    """``reference_logps=False`` (pre-flight's timed steps): preference data train against zero
+    reference log-probs, so no reference model is needed or scored."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
@@ -140,7 +142,7 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                           f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
                           "(and usually rope.theta) for a long-context stage")
     check_attention_layout(config, resolve_attention_backend(spec.attention_backend))
-    reference = preference_reference(config, recipe, plans)
+    reference = preference_reference(config, recipe, plans, needed=reference_logps)
 
     rank = init_distributed(config.training.collective_timeout_s)
     config.parallel.check(rank.world_size, spec, longest)
@@ -183,15 +185,18 @@ def build_setup(config: RunConfig) -> TrainingSetup:
                           ddp_model=ddp_model, optimizer=optimizer,
                           mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
                           params_dtype=params_dtype, branch=branch)
-    if reference is not None:
+    if reference is False:
+        setup.objective = PreferenceLoss(config.preference)
+        setup.model.z_loss_coeff = 0.0
+    elif reference is not None:
         _prepare_preference(setup, reference, resuming)
     return setup
 
 
-def preference_reference(config: RunConfig, recipe, plans) -> Optional[Path]:
-    """The reference checkpoint when the recipe's data are preference pairs (None otherwise);
-    a recipe that mixes pairs with other data, or pairs without a reference, is refused here,
-    before anything heavy."""
+def preference_reference(config: RunConfig, recipe, plans, needed: bool = True):
+    """The reference checkpoint when the recipe's data are preference pairs (None otherwise; False
+    for pairs when no reference is ``needed``); a recipe that mixes pairs with other data, or
+    pairs without a reference, is refused here, before anything heavy."""
     from megasmol.data.preference.prepare import read_pref_description
 
     root = config.data.root and str(config.path(config.data.root))
@@ -207,6 +212,8 @@ def preference_reference(config: RunConfig, recipe, plans) -> Optional[Path]:
         raise ConfigError(f"data recipe {recipe.name} mixes preference pairs with other data ({other}): a "
                           "run trains one objective; put the preference data in a recipe of its own")
     source = config.preference.reference or config.checkpoint.init_from
+    if not needed:
+        return False
     if source is None:
         raise ConfigError("preference data need a reference model: set checkpoint.init_from (the SFT "
                           "checkpoint, also the default reference) or preference.reference")
