@@ -90,7 +90,8 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
     held = _last_validation(pref / "run")
     after = _held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
     rows = [("model", "held-out reward acc", "reward margin", "sum right", "answer format"),
-            ("SFT (reference)", "0.00 (all rewards 0)", "0.000", f"{100 * before[2]:.0f}%", f"{100 * before[0]:.0f}%"),
+            ("SFT (reference)", "0.00 (all rewards 0)", "0.000", f"{100 * before[2]:.0f}%",
+             f"{100 * before[0]:.0f}%"),
             ("after APO-zero", f"{held['rewards/accuracies']:.2f}", f"{held['rewards/margins']:.3f}",
              f"{100 * after[2]:.0f}%", f"{100 * after[0]:.0f}%")]
     print(f"[5/5] held-out pairs ({held['pairs']}) and questions ({held_out}):")

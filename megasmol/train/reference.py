@@ -108,9 +108,9 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     with torch.no_grad(), progress_bar(len(mine), "reference log-probs", enabled=show_progress,
                                        unit="seq") as bar:
         for chunk in calls:
-            micro = [context_parallel_share(model_inputs(_collate([data.packed_sample(q) for q in group]),
-                                                         token_ids.eod, True, mask_format)).to(current_device())
-                     for group in chunk]
+            batches = [_collate([data.packed_sample(q) for q in group]) for group in chunk]
+            micro = [context_parallel_share(model_inputs(b, token_ids.eod, True, mask_format)).to(current_device())
+                     for b in batches]
             outputs = forward_only_outputs(model, micro, document_logps)
             if holder and outputs:
                 for group, output in zip(chunk, outputs):
