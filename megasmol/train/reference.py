@@ -109,8 +109,8 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
                                        unit="seq") as bar:
         for chunk in calls:
             batches = [_collate([data.packed_sample(q) for q in group]) for group in chunk]
-            micro = [context_parallel_share(model_inputs(b, token_ids.eod, True, mask_format)).to(current_device())
-                     for b in batches]
+            micro = [context_parallel_share(model_inputs(b, token_ids.eod, True, mask_format))
+                     .to(current_device()) for b in batches]
             outputs = forward_only_outputs(model, micro, document_logps)
             if holder and outputs:
                 for group, output in zip(chunk, outputs):
