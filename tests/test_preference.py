@@ -316,3 +316,26 @@ def test_pair_objective_from_per_token_losses(megatron_runtime, loss_type):
     assert means["logps/chosen"] == pytest.approx((logp[0] + logp[2]).item() / 2, rel=1e-12)
     loss.backward()
     assert ce.grad[0, 12] == 0 and ce.grad[0, 0] == 0  # no document, no completion: no gradient
+
+
+def test_score_table_puts_models_side_by_side(tmp_path):
+    """merge.sh's last step: each model's task metrics and passkey accuracy in one row, and the
+    change from the first to the last."""
+    import subprocess
+    import sys
+
+    for name, acc, passkey in (("sft", 0.5, 0.8), ("merged", 0.6, 0.7)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"results": {"arc_easy": {"formulation": "cf", "examples": 10, "chance": 0.25, "acc": acc,
+                                      "acc_stderr": 0.1}}}))
+        (tmp_path / name / "passkey.json").write_text(json.dumps({"overall": passkey}))
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "score_table.py"), str(tmp_path / "sft"),
+                          str(tmp_path / "merged")], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert "arc_easy acc" in lines[0] and "passkey accuracy" in lines[0]
+    assert lines[2].split() == ["sft", "0.5000", "0.8000"]
+    assert lines[-1].split() == ["last", "-", "first", "+0.1000", "-0.1000"]
+    missing = subprocess.run([sys.executable, str(REPO / "tools" / "score_table.py"), str(tmp_path / "none")],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "neither results.json nor passkey.json" in missing.stderr
