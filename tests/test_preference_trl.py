@@ -94,7 +94,8 @@ def _weights(path):
 STEP_ONE = {"sigmoid": np.log(2), "apo_zero": 1.0, "apo_down": 1.0, "ipo": (1 / (2 * 0.1)) ** 2}
 
 
-@pytest.mark.parametrize("loss_type", sorted(STEP_ONE))
+# apo_down's formula is checked by hand in test_preference_data.py; these run TRL for real.
+@pytest.mark.parametrize("loss_type", ["apo_zero", "ipo", "sigmoid"])
 def test_one_step_equals_trl_dpo_trainer(parity_setup, loss_type, tmp_path):
     root, records = parity_setup
     ours = _megasmol_step(root, loss_type)
