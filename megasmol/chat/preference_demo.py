@@ -1,8 +1,8 @@
 """``megasmol demo --preference``: APO-zero on the SFT demo model on a CPU, nothing downloaded.
 
 1. the SFT demo checkpoint (``megasmol demo --sft``; run first when missing);
-2. generated preference pairs -- "What is A + B?" with the correct "A + B = C." chosen over a wrong
-   sum -- rendered with SmolLM3's template by ``prepare-preferences``;
+2. generated preference pairs -- "What is A + B?" with the correct "A + B = C." chosen over a sum
+   10-30 too large -- rendered with SmolLM3's template by ``prepare-preferences``;
 3. held-out arithmetic accuracy of the SFT model (the downstream score before);
 4. APO-zero with ``examples/tiny/apo.yaml`` (packed pairs; the SFT checkpoint is the reference,
    its log-probs computed once before step 1);
@@ -22,13 +22,14 @@ APO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "apo.ya
 
 
 def arithmetic_preference_pairs(questions, seed: int) -> list[dict]:
-    """One pair per question: the correct sum chosen, a sum off by 1-3 rejected."""
+    """One pair per question: the correct sum chosen, a sum 10-30 too large rejected (wrong by a
+    margin a 4-layer model can learn to see; off-by-one sums need arithmetic it does not have)."""
     from megasmol.data.chat.synthetic import ANSWER, QUESTION, SYSTEM
 
     rng = random.Random(seed)
     records = []
     for a, b in questions:
-        wrong = a + b + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if a + b + d >= 0])
+        wrong = a + b + rng.randint(10, 30)
         records.append({"prompt": [{"role": "system", "content": SYSTEM},
                                    {"role": "user", "content": QUESTION.format(a=a, b=b)}],
                         "chosen": [{"role": "assistant", "content": ANSWER.format(a=a, b=b, c=a + b)}],
@@ -69,7 +70,7 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
     write_jsonl(arithmetic_preference_pairs(train_pairs, seed=3), pref / "pairs.jsonl")
     summary = prepare_preferences([str(pref / "pairs.jsonl")], str(pref / "tokens" / "arithmetic-pairs"),
                                   template="smollm3", show_progress=False)
-    print(f"[2/5] {summary.pairs} preference pairs (correct sum chosen, a wrong one rejected), "
+    print(f"[2/5] {summary.pairs} preference pairs (correct sum chosen, one 10-30 too large rejected), "
           f"{summary.tokens:,} tokens; {held_out} held-out questions never trained on")
     chat_tokenizer = tokenizer_path(pref / "tokens" / "arithmetic-pairs")
     before = _held_out_scores(sft, chat_tokenizer, test_pairs)
