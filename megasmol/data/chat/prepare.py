@@ -54,15 +54,20 @@ def tokenizer_path(prefix: str | Path) -> Path:
 
 def read_description(prefix: str | Path) -> Optional[dict]:
     """The ``.chat.json`` of a chat dataset, or None for plain token data."""
-    path = description_path(prefix)
+    return read_json_description(description_path(prefix), FORMAT, "chat")
+
+
+def read_json_description(path: Path, fmt: str, kind: str) -> Optional[dict]:
+    """A dataset description written beside its prefix (None when absent); one error naming the
+    file when it is unreadable or of another format."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable chat dataset description ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a {FORMAT} description")
+        raise ConfigError(f"{path}: unreadable {kind} dataset description ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ConfigError(f"{path}: not a {fmt} description")
     return data
 
 
@@ -166,6 +171,77 @@ def commit_outputs(partial: dict[Path, Path], idx: Path) -> None:
     os.replace(partial[idx], idx)
 
 
+class MaskedDocuments:
+    """The token and loss-mask indexed datasets of a prefix, written side by side under their
+    ``.partial`` names."""
+
+    def __init__(self, prefix: Path, partial: dict[Path, Path], token_dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix, self.partial = prefix, partial
+        self.tokens = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
+        self.masks = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
+        self.token_dtype = token_dtype
+
+    def add(self, ids: np.ndarray, mask: np.ndarray, lengths: list[int]) -> None:
+        """One document (of one or more sequences of ``lengths``)."""
+        self.tokens.add_document(ids.astype(self.token_dtype), lengths)
+        self.masks.add_document(mask.astype(np.uint8), lengths)
+
+    def __enter__(self) -> "MaskedDocuments":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> bool:
+        if kind is not None:  # nothing half-written stays behind
+            self.tokens.data_file.close()
+            self.masks.data_file.close()
+            remove_partial(self.partial)
+        return False
+
+    def publish(self, summary, issues, count: int, what: str, description: Path, started: float) -> None:
+        """Finish the files and rename them into place; one error, and nothing written, when no
+        record became a document (``what``: e.g. "prepare-chat: no usable conversation")."""
+        summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
+        if count == 0:
+            reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
+            raise ConfigError(f"{what} in the inputs ({reasons}); nothing was written")
+        self.masks.finalize(str(self.partial[Path(f"{mask_prefix(self.prefix)}.idx")]))
+        self.tokens.finalize(str(self.partial[Path(f"{self.prefix}.idx")]))
+        summary.seconds = round(time.perf_counter() - started, 3)
+        publish(summary, self.prefix, self.partial, description)
+
+
+def output_files(out_prefix: str, description: Path, template: str, overwrite: bool,
+                 ) -> tuple[Path, dict[Path, Path]]:
+    """(prefix, {final: partial name}) of a prefix about to be written: the folder is created, an
+    existing prefix is refused without ``overwrite``, a bad template name fails before any work,
+    and leftovers of an interrupted run are removed."""
+    prefix = Path(out_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
+              Path(f"{mask_prefix(prefix)}.idx"), description, tokenizer_path(prefix)]
+    if any(p.exists() for p in finals) and not overwrite:
+        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
+    if template != "tokenizer":
+        load_template(template)  # a bad name or file fails here, before any tokenizer work
+    partial = {p: p.with_name(p.name + ".partial") for p in finals}
+    remove_partial(partial)
+    return prefix, partial
+
+
+def publish(summary, prefix: Path, partial: dict[Path, Path], description: Path) -> None:
+    """Write the description (and ``PREFIX.stats.json``) of a finished prefix, then rename every
+    output into place, the token ``.idx`` last."""
+    data = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
+            "mask_prefix": Path(mask_prefix(prefix)).name}
+    text = json.dumps(data, indent=2) + "\n"
+    partial[description].write_text(text)
+    stats = Path(f"{prefix}.stats.json.partial")
+    stats.write_text(text)
+    os.replace(stats, f"{prefix}.stats.json")
+    commit_outputs(partial, Path(f"{prefix}.idx"))
+
+
 def remove_partial(partial: dict[Path, Path]) -> None:
     for path in partial.values():
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -177,8 +253,6 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
                  loss_on: Literal["assistant", "all"] = "assistant", messages_key: str = "messages",
                  split: str = "train", overwrite: bool = False, show_progress: bool = True,
                  now=None) -> ChatSummary:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     from megasmol.data.tokenize import choose_dtype
     from megasmol.tokenizer import default_tokenizer_dir
 
@@ -188,30 +262,16 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
         raise ConfigError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {on_overflow!r}")
     if max_length is not None and max_length < 2:
         raise ConfigError(f"--max-length must be >= 2, got {max_length}")
-    prefix = Path(out_prefix)
-    if not prefix.parent.is_dir():
-        raise ConfigError(f"--out {out_prefix}: directory {prefix.parent} does not exist")
-    finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
-              Path(f"{mask_prefix(prefix)}.idx"), description_path(prefix), tokenizer_path(prefix)]
-    if any(p.exists() for p in finals) and not overwrite:
-        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
-
     source = tokenizer or default_tokenizer_dir()
-    if template != "tokenizer":
-        load_template(template)  # a bad name or file fails here, before any tokenizer work
-    partial = {p: p.with_name(p.name + ".partial") for p in finals}
-    remove_partial(partial)
+    prefix, partial = output_files(out_prefix, description_path(out_prefix), template, overwrite)
     chat_tokenizer, chosen, eos_id = open_chat_tokenizer(
         source, partial[tokenizer_path(prefix)], template, now,
         need_marks=loss_on == "assistant", why="an assistant-only loss mask",
         otherwise="mark the replies in the template or use --loss-on all")
-    token_dtype = choose_dtype("auto", len(chat_tokenizer))
-    tokens_out = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
-    masks_out = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
     summary = ChatSummary(str(prefix), chosen.name, loss_on, str(source), int(eos_id))
     issues = ReadIssues()
     start = time.perf_counter()
-    try:
+    with MaskedDocuments(prefix, partial, choose_dtype("auto", len(chat_tokenizer))) as out:
         with progress_bar(None, "prepare-chat", enabled=show_progress, unit="conv") as bar:
             stream = _encoded(read_conversations(inputs, issues, messages_key=messages_key, split=split),
                               chosen, chat_tokenizer, issues)
@@ -231,30 +291,11 @@ def prepare_chat(inputs: list[str], out_prefix: str, *, template: str = "smollm3
                 if not mask.any():
                     issues.add("no_assistant_tokens", conversation.where)
                     continue
-                tokens_out.add_document(ids.astype(token_dtype), [len(ids)])
-                masks_out.add_document(mask, [len(mask)])
+                out.add(ids, mask, [len(ids)])
                 summary.conversations += 1
                 summary.tokens += len(ids)
                 summary.supervised_tokens += int(mask.sum())
                 summary.longest = max(summary.longest, len(ids))
-        summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
-        if summary.conversations == 0:
-            reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
-            raise ConfigError(f"prepare-chat: no usable conversation in the inputs ({reasons}); "
-                              "nothing was written")
-        masks_out.finalize(str(partial[Path(f"{mask_prefix(prefix)}.idx")]))
-        tokens_out.finalize(str(partial[Path(f"{prefix}.idx")]))
-    except BaseException:
-        tokens_out.data_file.close()
-        masks_out.data_file.close()
-        remove_partial(partial)
-        raise
-    summary.seconds = round(time.perf_counter() - start, 3)
-    description = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
-                   "mask_prefix": Path(mask_prefix(prefix)).name}
-    partial[description_path(prefix)].write_text(json.dumps(description, indent=2) + "\n")
-    stats = Path(f"{prefix}.stats.json.partial")
-    stats.write_text(json.dumps(description, indent=2) + "\n")
-    os.replace(stats, f"{prefix}.stats.json")
-    commit_outputs(partial, Path(f"{prefix}.idx"))
+        out.publish(summary, issues, summary.conversations, "prepare-chat: no usable conversation",
+                    description_path(prefix), start)
     return summary

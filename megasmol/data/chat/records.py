@@ -53,18 +53,27 @@ def check_record(record, where: str, messages_key: str) -> tuple[Optional[Conver
         return None, "no_assistant_turn"
     if all(not m["content"].strip() for m in clean):
         return None, "empty_conversation"
+    tools, kwargs, reason = template_extras(record)
+    if reason:
+        return None, reason
+    return Conversation(clean, where, tools, kwargs), None
+
+
+def template_extras(record: dict) -> tuple[Optional[list], dict, Optional[str]]:
+    """A record's ``tools`` and ``chat_template_kwargs`` for the template, or the reason they are
+    unusable."""
     tools = record.get("tools")
     if isinstance(tools, str):  # Parquet / datasets often store tools as a JSON string
         try:
             tools = json.loads(tools) if tools.strip() else None
         except json.JSONDecodeError:
-            return None, "malformed_tools"
+            return None, {}, "malformed_tools"
     if tools is not None and not isinstance(tools, list):
-        return None, "malformed_tools"
+        return None, {}, "malformed_tools"
     kwargs = record.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
-        return None, "malformed_chat_template_kwargs"
-    return Conversation(clean, where, tools or None, dict(kwargs)), None
+        return None, {}, "malformed_chat_template_kwargs"
+    return tools or None, dict(kwargs), None
 
 
 def _jsonl_records(path: Path, issues: ReadIssues) -> Iterator[tuple[object, str]]:
@@ -121,23 +130,27 @@ def is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / name).is_file() for name in markers)
 
 
-def read_conversations(inputs: list[str], issues: ReadIssues, *, messages_key: str = "messages",
-                       split: str = "train") -> Iterator[Conversation]:
-    """Every usable conversation of ``inputs``: JSONL / Parquet files, directories or globs;
-    ``datasets`` directories (``save_to_disk``); ``hf:ID`` for a hub dataset."""
+def read_records(inputs: list[str], issues: ReadIssues, split: str = "train") -> Iterator[tuple[object, str]]:
+    """(record, location) of ``inputs``: JSONL / Parquet files, directories or globs; ``datasets``
+    directories (``save_to_disk``); ``hf:ID`` for a hub dataset."""
     for source in inputs:
         if source.startswith("hf:"):
-            records = _datasets_records(source[3:], split)
+            yield from _datasets_records(source[3:], split)
         elif is_saved_dataset(Path(source)):
-            records = _datasets_records(source, split)
+            yield from _datasets_records(source, split)
         else:
-            records = _file_records(expand_inputs([source]), issues)
-        for record, where in records:
-            conversation, reason = check_record(record, where, messages_key)
-            if reason:
-                issues.add(reason, where)
-            else:
-                yield conversation
+            yield from _file_records(expand_inputs([source]), issues)
+
+
+def read_conversations(inputs: list[str], issues: ReadIssues, *, messages_key: str = "messages",
+                       split: str = "train") -> Iterator[Conversation]:
+    """Every usable conversation of ``inputs`` (see :func:`read_records`)."""
+    for record, where in read_records(inputs, issues, split):
+        conversation, reason = check_record(record, where, messages_key)
+        if reason:
+            issues.add(reason, where)
+        else:
+            yield conversation
 
 
 def _file_records(files: list[Path], issues: ReadIssues) -> Iterator[tuple[object, str]]:

@@ -16,19 +16,17 @@ The prompt tokens of the two halves are the same (checked). Files are written un
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.prepare import (OVERFLOW_POLICIES, commit_outputs, mask_prefix, open_chat_tokenizer,
-                                        remove_partial, tokenizer_path)
-from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, load_template, token_mask
+from megasmol.data.chat.prepare import (OVERFLOW_POLICIES, MaskedDocuments, mask_prefix, open_chat_tokenizer,
+                                        output_files, read_json_description, tokenizer_path)
+from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, token_mask
 from megasmol.data.preference.records import PreferencePair, read_pairs
 from megasmol.data.readers import ReadIssues
 from megasmol.utils.progress import progress_bar
@@ -42,16 +40,7 @@ def description_path(prefix: str | Path) -> Path:
 
 def read_pref_description(prefix: str | Path) -> Optional[dict]:
     """The ``.pref.json`` of a preference dataset, or None when ``prefix`` is not one."""
-    path = description_path(prefix)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable preference dataset description ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ConfigError(f"{path}: not a {FORMAT} description")
-    return data
+    return read_json_description(description_path(prefix), FORMAT, "preference")
 
 
 @dataclass
@@ -166,8 +155,6 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                         on_overflow: str = "error", split: str = "train", overwrite: bool = False,
                         show_progress: bool = True, now=None) -> PreferenceSummary:
     """Render every pair of ``inputs``; ``max_length`` limits each half (prompt + completion + EOS)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     from megasmol.data.tokenize import choose_dtype
     from megasmol.tokenizer import default_tokenizer_dir
 
@@ -175,28 +162,16 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
         raise ConfigError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {on_overflow!r}")
     if max_length is not None and max_length < 3:
         raise ConfigError(f"--max-length must be >= 3, got {max_length}")
-    prefix = Path(out_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
-              Path(f"{mask_prefix(prefix)}.idx"), description_path(prefix), tokenizer_path(prefix)]
-    if any(p.exists() for p in finals) and not overwrite:
-        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
     source = tokenizer or default_tokenizer_dir()
-    if template != "tokenizer":
-        load_template(template)  # a bad name or file fails here, before any tokenizer work
-    partial = {p: p.with_name(p.name + ".partial") for p in finals}
-    remove_partial(partial)
+    prefix, partial = output_files(out_prefix, description_path(out_prefix), template, overwrite)
     chat_tokenizer, chosen_template, eos_id = open_chat_tokenizer(
         source, partial[tokenizer_path(prefix)], template, now, need_marks=True,
         why="the completion loss mask", otherwise="mark the replies in the template")
     renderer = PairRenderer(chat_tokenizer, chosen_template, eos_id)
-    token_dtype = choose_dtype("auto", len(chat_tokenizer))
-    tokens_out = IndexedDatasetBuilder(str(partial[Path(f"{prefix}.bin")]), dtype=token_dtype.type)
-    masks_out = IndexedDatasetBuilder(str(partial[Path(f"{mask_prefix(prefix)}.bin")]), dtype=np.uint8)
     summary = PreferenceSummary(str(prefix), chosen_template.name, str(source), eos_id)
     issues = ReadIssues()
     start = time.perf_counter()
-    try:
+    with MaskedDocuments(prefix, partial, choose_dtype("auto", len(chat_tokenizer))) as out:
         with progress_bar(None, "prepare-preferences", enabled=show_progress, unit="pair") as bar:
             for pair in read_pairs(inputs, issues, split=split):
                 bar.update(1)
@@ -219,30 +194,11 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                     continue
                 ids = np.concatenate([h[0] for h in halves])
                 lengths = [len(h[0]) for h in halves]
-                tokens_out.add_document(ids.astype(token_dtype), lengths)
-                masks_out.add_document(np.concatenate([h[1] for h in halves]), lengths)
+                out.add(ids, np.concatenate([h[1] for h in halves]), lengths)
                 summary.pairs += 1
                 summary.tokens += len(ids)
                 summary.supervised_tokens += int(sum(h[1].sum() for h in halves))
                 summary.longest_pair = max(summary.longest_pair, len(ids))
-        summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
-        if summary.pairs == 0:
-            reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
-            raise ConfigError(f"prepare-preferences: no usable pair in the inputs ({reasons}); "
-                              "nothing was written")
-        masks_out.finalize(str(partial[Path(f"{mask_prefix(prefix)}.idx")]))
-        tokens_out.finalize(str(partial[Path(f"{prefix}.idx")]))
-    except BaseException:
-        tokens_out.data_file.close()
-        masks_out.data_file.close()
-        remove_partial(partial)
-        raise
-    summary.seconds = round(time.perf_counter() - start, 3)
-    description = {**asdict(summary), "tokenizer_dir": tokenizer_path(prefix).name,
-                   "mask_prefix": Path(mask_prefix(prefix)).name}
-    partial[description_path(prefix)].write_text(json.dumps(description, indent=2) + "\n")
-    stats = Path(f"{prefix}.stats.json.partial")
-    stats.write_text(json.dumps(description, indent=2) + "\n")
-    os.replace(stats, f"{prefix}.stats.json")
-    commit_outputs(partial, Path(f"{prefix}.idx"))
+        out.publish(summary, issues, summary.pairs, "prepare-preferences: no usable pair",
+                    description_path(prefix), start)
     return summary

@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from megasmol.data.chat.records import ROLES, _datasets_records, _file_records, is_saved_dataset
-from megasmol.data.readers import ReadIssues, expand_inputs
+from megasmol.data.chat.records import ROLES, read_records, template_extras
+from megasmol.data.readers import ReadIssues
 
 Messages = list[dict]
 
@@ -77,19 +77,9 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
     """(pair, None) for a usable record, else (None, reason)."""
     if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
         return None, "missing_field"
-    tools = record.get("tools")
-    if isinstance(tools, str):  # Parquet / datasets often store tools as a JSON string
-        import json
-
-        try:
-            tools = json.loads(tools) if tools.strip() else None
-        except json.JSONDecodeError:
-            return None, "malformed_tools"
-    if tools is not None and not isinstance(tools, list):
-        return None, "malformed_tools"
-    kwargs = record.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict):
-        return None, "malformed_chat_template_kwargs"
+    tools, kwargs, reason = template_extras(record)
+    if reason:
+        return None, reason
     chosen, rejected = record["chosen"], record["rejected"]
     prompt = record.get("prompt")
     if isinstance(chosen, str) or isinstance(rejected, str):
@@ -103,7 +93,7 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
             return None, "empty_completion"
         if chosen == rejected:
             return None, "chosen_equals_rejected"
-        return PreferencePair(prompt, chosen, rejected, where, tools or None, dict(kwargs)), None
+        return PreferencePair(prompt, chosen, rejected, where, tools, kwargs), None
     chosen, reason = _messages(chosen)
     if reason is None:
         rejected, reason = _messages(rejected)
@@ -130,24 +120,15 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
             return None, reason
     if chosen == rejected:
         return None, "chosen_equals_rejected"
-    return PreferencePair(prompt, chosen, rejected, where, tools or None, dict(kwargs)), None
+    return PreferencePair(prompt, chosen, rejected, where, tools, kwargs), None
 
 
 def read_pairs(inputs: list[str], issues: ReadIssues, *, split: str = "train") -> Iterator[PreferencePair]:
-    """Every usable pair of ``inputs``: JSONL / Parquet files, directories or globs, ``datasets``
-    directories (``save_to_disk``), ``hf:ID`` for a hub dataset."""
-    from pathlib import Path
-
-    for source in inputs:
-        if source.startswith("hf:"):
-            records = _datasets_records(source[3:], split)
-        elif is_saved_dataset(Path(source)):
-            records = _datasets_records(source, split)
+    """Every usable pair of ``inputs`` (files, ``datasets`` directories, ``hf:ID``: see
+    :func:`~megasmol.data.chat.records.read_records`)."""
+    for record, where in read_records(inputs, issues, split):
+        pair, reason = check_pair(record, where)
+        if reason:
+            issues.add(reason, where)
         else:
-            records = _file_records(expand_inputs([source]), issues)
-        for record, where in records:
-            pair, reason = check_pair(record, where)
-            if reason:
-                issues.add(reason, where)
-            else:
-                yield pair
+            yield pair
