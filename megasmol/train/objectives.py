@@ -17,7 +17,6 @@ totals do not depend on how the global batch is split over micro-batches or rank
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +146,3 @@ def document_logps(inputs: ModelInputs, output_tensor: Tensor):
         sums = torch.zeros_like(sums)
     zero = sums.new_zeros(())
     return zero, torch.tensor(0, dtype=torch.int), {"logps": sums[0], "count": sums[2]}
-
-
-def objective_for(preference: Optional[PreferenceConfig]):
-    """The objective of a run: preference pairs when ``preference`` is given, else next-token."""
-    return TokenLoss() if preference is None else PreferenceLoss(preference)

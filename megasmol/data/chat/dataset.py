@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.chat.packing import PackingPlan, plan_packing
-from megasmol.data.chat.prepare import mask_prefix, read_description
+from megasmol.data.chat.prepare import open_masked_documents, read_description
 from megasmol.data.preference.dataset import PairTokens, mark_pair
 from megasmol.data.preference.prepare import read_pref_description
 
@@ -52,15 +51,7 @@ class ChatTokens:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.description = read_description(prefix)
-        self.tokens = IndexedDataset(prefix)
-        mask = mask_prefix(prefix)
-        if not (Path(mask + ".bin").is_file() and Path(mask + ".idx").is_file()):
-            raise ConfigError(f"chat dataset {prefix}: its loss mask {mask}.bin/.idx is missing; "
-                              "prepare it again with prepare-chat")
-        self.mask = IndexedDataset(mask)
-        if not np.array_equal(self.tokens.sequence_lengths, self.mask.sequence_lengths):
-            raise ConfigError(f"chat dataset {prefix}: {mask}.idx does not match {prefix}.idx "
-                              "(conversation lengths differ); prepare it again")
+        self.tokens, self.mask = open_masked_documents(prefix, "chat", "prepare-chat")
 
     @property
     def sequence_lengths(self) -> np.ndarray:

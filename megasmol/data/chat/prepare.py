@@ -211,6 +211,24 @@ class MaskedDocuments:
         publish(summary, self.prefix, self.partial, description)
 
 
+def open_masked_documents(prefix: str, kind: str, command: str):
+    """(tokens, mask): a prefix's token and aligned loss-mask ``IndexedDataset``s, or one error
+    naming the file that is missing or does not match (``kind`` and ``command`` say what to
+    prepare again)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = IndexedDataset(str(prefix))
+    mask = mask_prefix(prefix)
+    if not (Path(mask + ".bin").is_file() and Path(mask + ".idx").is_file()):
+        raise ConfigError(f"{kind} dataset {prefix}: its loss mask {mask}.bin/.idx is missing; "
+                          f"prepare it again with {command}")
+    masks = IndexedDataset(mask)
+    if not np.array_equal(tokens.sequence_lengths, masks.sequence_lengths):
+        raise ConfigError(f"{kind} dataset {prefix}: {mask}.idx does not match {prefix}.idx "
+                          f"(lengths differ); prepare it again with {command}")
+    return tokens, masks
+
+
 def output_files(out_prefix: str, description: Path, template: str, overwrite: bool,
                  ) -> tuple[Path, dict[Path, Path]]:
     """(prefix, {final: partial name}) of a prefix about to be written: the folder is created, an

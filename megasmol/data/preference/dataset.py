@@ -9,14 +9,12 @@ label's pair slot and half (``segments``) and each half's reference log-probabil
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.prepare import mask_prefix
+from megasmol.data.chat.prepare import open_masked_documents
 from megasmol.data.preference.prepare import read_pref_description
 
 
@@ -26,16 +24,8 @@ class PairTokens:
     def __init__(self, prefix: str):
         self.prefix = prefix
         self.description = read_pref_description(prefix)
-        self.tokens = IndexedDataset(prefix)
-        mask = mask_prefix(prefix)
-        if not (Path(mask + ".bin").is_file() and Path(mask + ".idx").is_file()):
-            raise ConfigError(f"preference dataset {prefix}: its loss mask {mask}.bin/.idx is missing; "
-                              "prepare it again with prepare-preferences")
-        self.mask = IndexedDataset(mask)
+        self.tokens, self.mask = open_masked_documents(prefix, "preference", "prepare-preferences")
         halves = self.tokens.sequence_lengths
-        if not np.array_equal(halves, self.mask.sequence_lengths):
-            raise ConfigError(f"preference dataset {prefix}: {mask}.idx does not match {prefix}.idx "
-                              "(lengths differ); prepare it again")
         if len(halves) % 2 or len(self.tokens.document_indices) != len(halves) // 2 + 1:
             raise ConfigError(f"preference dataset {prefix}: not two sequences per pair; prepare it "
                               "again with prepare-preferences")
