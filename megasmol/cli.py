@@ -10,10 +10,12 @@ from pathlib import Path
 
 from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
+from megasmol.config.run import cli_override
 from megasmol.data.preference.commands import add_preference_parsers
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
+from megasmol.utils.argtypes import at_least, positive_int
 
 ERRORS_SHOWN_PLAINLY = ("ConfigError", "CheckpointError", "FileExistsError", "FileNotFoundError",
                         "UntrustedCheckpoint")
@@ -174,7 +176,7 @@ def cmd_demo(args) -> int:
         from megasmol.chat.preference_demo import run_preference_demo
 
         return run_preference_demo(Path(args.workdir), steps=args.steps or 60, overrides=args.set)
-    return run_demo(Path(args.workdir), steps=args.steps or 300, overrides=args.set)
+    return run_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
 
 
 def cmd_prepare_data(args) -> int:
@@ -206,11 +208,13 @@ def cmd_demo_corpus(args) -> int:
 
 def cmd_train(args) -> int:
     from megasmol.config.run import load_run_config
+
+    config = load_run_config(args.config, args.set)  # a config mistake is reported before torch loads
+
     from megasmol.runtime.distributed import shutdown
     from megasmol.train.loop import train
 
     _training_process()
-    config = load_run_config(args.config, args.set)
     try:
         result = train(config)
     except BaseException:
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="greedy decoding with a checkpoint's Megatron model")
     p.add_argument("--checkpoint", required=True, help="checkpoint root or iteration directory")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     p.add_argument("--show-ids", action="store_true", help="also print the token ids")
     p.add_argument("--yarn-factor", type=float,
@@ -318,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data-audit", help="tokens available / drawn / epochs per stage and dataset")
     p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field, e.g. training.train_steps=1000 (repeatable)")
     p.set_defaults(func=cmd_data_audit)
 
@@ -327,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the stage(s) in the config on Megatron-Core. Rerunning the same command "
                     "resumes from the latest complete checkpoint in the run's checkpoint directory.")
     p.add_argument("--config", required=True, help="run config YAML (see examples/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field, e.g. schedule.lr=3e-4 (repeatable)")
     p.set_defaults(func=cmd_train)
 
@@ -345,8 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "plots the loss, exports to Hugging Face format and samples with transformers. "
                     "Also under torchrun --nproc_per_node 2 with --set parallel.tensor_parallel=2.")
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
-    p.add_argument("--steps", type=int, help="training steps (default 300; 60 per run with --ablation; "
-                                             "150 with --sft; 60 with --preference)")
+    p.add_argument("--steps", type=at_least(10),
+                   help="training steps, 10 or more (default 150; 60 per run with --ablation; 150 "
+                        "with --sft; 60 with --preference); the schedule, the checkpoints and "
+                        "the pass criterion scale with it")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablation", action="store_true",
                       help="instead: a small ablation (two LRs x two seeds, scored in the loop), then "
@@ -359,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the SFT demo (run first if missing): APO-zero on generated pairs "
                            "(correct sum chosen over a wrong one), held-out reward accuracy and "
                            "arithmetic accuracy before and after")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft, "
                         "tiny/apo.yaml with --preference; repeatable)")
     p.set_defaults(func=cmd_demo)

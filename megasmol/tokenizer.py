@@ -24,11 +24,27 @@ def default_tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
 
 
+BUNDLED_NAMES = ("llama3.2", "default")
+"""Short names for the bundled Llama-3.2 tokenizer (SmolLM3's), wherever a tokenizer is asked for."""
+
+
 def load_tokenizer(name_or_path: Optional[str | Path] = None):
+    source = name_or_path or default_tokenizer_dir()
+    if str(source) in BUNDLED_NAMES:
+        source = default_tokenizer_dir()
+    text = str(source)
+    if isinstance(source, Path) or Path(text).exists() or text.startswith((".", "/", "~")):
+        if not Path(text).expanduser().is_dir():
+            raise ConfigError(f"tokenizer {source}: no such directory (a tokenizer directory, or "
+                              f"{' / '.join(BUNDLED_NAMES)} for the bundled Llama-3.2 tokenizer)")
+    else:  # a hub id: only where the hub answers
+        from megasmol.utils.hub import require_hub
+
+        require_hub(f"tokenizer {source!r} (not a local directory)",
+                    f"give a tokenizer directory, or {BUNDLED_NAMES[0]} for the bundled Llama-3.2 one")
     from transformers import AutoTokenizer
 
-    source = name_or_path or default_tokenizer_dir()
-    if isinstance(source, Path) or Path(str(source)).exists():
-        if not Path(source).is_dir():
-            raise ConfigError(f"tokenizer {source}: not a directory")
-    return AutoTokenizer.from_pretrained(str(source))
+    try:
+        return AutoTokenizer.from_pretrained(text)
+    except OSError as exc:
+        raise ConfigError(f"tokenizer {source}: cannot load it ({str(exc).splitlines()[0]})") from None

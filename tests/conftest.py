@@ -1,4 +1,5 @@
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -11,20 +12,31 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port that binds now, below Linux's ephemeral range (32768-60999): the ports the kernel
+    hands out for other connections (gloo's, a parallel pytest worker's) never land on it between
+    this check and torchrun's bind."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
                  env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m torch.distributed.run`` with 2 gloo processes; fail with its output."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    for _ in range(3):  # another process may still take the port first: then pick another
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        if proc.returncode == 0 or "EADDRINUSE" not in proc.stderr:
+            break
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")

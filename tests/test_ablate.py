@@ -116,6 +116,7 @@ def test_task_quality_applies_the_playbooks_four_criteria(tmp_path, capsys):
     assert steady.signal == pytest.approx((sum(finals) / 3 - 0.25) / steady.noise)
     assert steady.rank_tau == pytest.approx(1.0) and steady.rank_steps == (10, 40)
     assert steady.verdict(3) == "good"
+    assert steady.verdict(2) == "good so far (not judged: ranking needs 3+ experiments)"
     assert "at chance" in noisy.verdict(3) or "weak signal" in noisy.verdict(3)
     assert noisy.monotonicity < 0.5 and "not monotonic" in noisy.verdict(3)
 
@@ -162,6 +163,9 @@ def test_bad_grids_are_named(tmp_path):
         parse_vary("schedule.lr")
     with pytest.raises(ConfigError, match="--seeds"):
         parse_vary("training.seed=1,2")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        plan_grid(base, [Variation("schedule.lr", [1e-3])], tmp_path / "afile")
 
 
 def test_slurm_array_runs_one_config_per_task(tmp_path, capsys):
@@ -194,3 +198,7 @@ def test_compare_names_what_it_cannot_read(tmp_path):
         load_comparison([tmp_path])
     with pytest.raises(ConfigError, match="--baseline nope"):
         load_comparison([tmp_path / "ok"], baseline="nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="no run has logged a step yet"):
+        load_comparison([tmp_path / "empty"])

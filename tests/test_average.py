@@ -104,6 +104,8 @@ def test_bad_inputs_are_named(inputs, tmp_path):
     with pytest.raises(ConfigError, match="finite"):
         check_weights([float("nan"), 1.0], 2, normalize=False)
     assert check_weights(None, 4, normalize=True) == [0.25] * 4
+    with pytest.raises(ConfigError, match="all zero"):  # would write an all-zero model
+        check_weights([0.0, 0.0], 2, normalize=False)
 
     deep = tmp_path / "deep"
     shutil.copytree(inputs / "a", deep)  # the same files, a spec that says 8 layers

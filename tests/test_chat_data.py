@@ -244,3 +244,15 @@ def test_a_recipe_blends_chat_and_plain_token_data(megatron_runtime, tmp_path):
     assert seen[0] > 0 and seen[1] > 0
     with pytest.raises(ConfigError, match="document_masking"):
         build_stage_data(recipe, plans, ids, seed=5, cache_dir=tmp_path / "cache2", document_masking=False)
+
+
+def test_chat_with_a_tokenizer_larger_than_the_model_is_one_line(chat_tokenizer):
+    """``generate`` refused this already; ``chat`` used to crash in the embedding lookup."""
+    from megasmol.chat.session import ChatSession
+    from tests.specs import tiny_llama
+
+    session = ChatSession(None, tiny_llama(), chat_tokenizer, load_template("chatml", chat_tokenizer),
+                          max_new_tokens=4)
+    session.messages.append({"role": "user", "content": "hello there"})
+    with pytest.raises(ConfigError, match="beyond the model's vocabulary of 512: wrong tokenizer"):
+        session.prompt_ids()

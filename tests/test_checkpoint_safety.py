@@ -65,6 +65,35 @@ def test_crafted_dcp_metadata_is_refused_before_it_runs(checkpoint, tmp_path, ll
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_crafted_common_pt_is_refused_by_name(checkpoint, tmp_path):
+    """Megatron-Core reads common.pt with torch's safe loader, whose refusal suggests
+    ``weights_only=False``; megasmol names the file and says it never does that."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    trust.install()
+    ckpt = _copy(checkpoint, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, ckpt / "iter_0000000" / "common.pt")
+    with pytest.raises(trust.UntrustedCheckpoint, match=r"iter_0000000/common.pt: refused") as info:
+        TorchCommonLoadStrategy().load_common(ckpt / "iter_0000000")
+    assert "never loads checkpoint files with weights_only=False" in str(info.value)
+    assert not marker.exists()
+    assert TorchCommonLoadStrategy().load_common(checkpoint / "iter_0000000") == {}  # a genuine one loads
+
+
+def test_metadata_that_names_files_outside_the_checkpoint_is_refused(checkpoint, tmp_path):
+    ckpt = _copy(checkpoint, tmp_path)
+    index = ckpt / "iter_0000000" / ".metadata"
+    with open(index, "rb") as handle:
+        metadata = trust.load_metadata(handle)
+    (tmp_path / "outside.distcp").write_bytes(b"\0" * 64)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../outside.distcp"
+    index.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match=r"names the file '../../outside.distcp'.*not a file of"):
+        CheckpointReader(ckpt)
+
+
 def test_genuine_metadata_still_loads(checkpoint):
     reader = CheckpointReader(checkpoint)  # through the restricted unpickler
     assert reader.shape("embedding.word_embeddings.weight")[0] == tiny_smollm3().vocab_size

@@ -1,6 +1,7 @@
 """data-audit: epochs per dataset and stage, and the errors that must stop a run."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -81,12 +82,22 @@ def test_every_id_is_checked_and_the_verdict_cached(tmp_path, monkeypatch):
     assert report.errors == [f"{tmp_path / 'd'}: token id 7000 (in {tmp_path / 'd'}.bin) is outside "
                              "the model's vocabulary of 4096"]
     # Unchanged files are not read again; a rewritten one is.
-    monkeypatch.setattr(audit, "_scan_max_id", lambda *a: pytest.fail("scanned again"))
+    monkeypatch.setattr(audit, "_scan_id_range", lambda *a: pytest.fail("scanned again"))
     audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
     monkeypatch.undo()
     write_dataset(tmp_path / "d", [[5] * 100] * 50)
     report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
     assert report.ok, report.errors
+    # A negative id rewritten in place, same size, with the modification time put back: the scan
+    # cache is not fooled (its key has the status-change time), and a negative id is an error.
+    stat = os.stat(tmp_path / "d.bin")
+    with open(tmp_path / "d.bin", "r+b") as handle:
+        handle.seek(4 * 1000)
+        handle.write(np.array([-3], dtype=np.int32).tobytes())
+    os.utime(tmp_path / "d.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(tmp_path / "d.bin").st_mtime_ns == stat.st_mtime_ns
+    report = audit_plan(recipe, plan_stages(recipe, 5, 2, 8), vocab_size=4096, eos_id=EOS, scan_cache=cache)
+    assert [e for e in report.errors if "token id -3" in e and "negative" in e], report.errors
 
 
 def test_a_truncated_bin_is_named(tmp_path):

@@ -182,6 +182,7 @@ def test_bad_task_input_gives_one_clear_error(tmp_path, model):
     cases = {
         '{"context": "a", "choices": [" b"]}': "missing field 'gold'",
         '{"context": "a", "choices": [" b", " c"], "gold": 2}': "gold 2 is out of range",
+        '{"context": "a", "choices": [" b", " c"], "gold": true}': "gold True is not an index",
         '{"context": "a", "choices": [], "gold": 0}': "non-empty list of strings",
         "{broken": "not valid JSON",
     }

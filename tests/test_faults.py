@@ -199,6 +199,24 @@ def test_post_save_paths_are_never_shell_syntax(tmp_path, template):
     assert "$MEGASMOL" not in shell_line("{path}") and "${MEGASMOL_CHECKPOINT}" in shell_line("{path}")
 
 
+@pytest.mark.parametrize("template", ["bash -c 'echo {path}'", 'sh -c "echo {path}"', "eval echo {path}",
+                                      'sbatch --wrap "upload {path}"', "ssh host 'upload {path}'"])
+def test_a_nested_shell_never_sees_a_hostile_checkpoint_path(tmp_path, template):
+    """Templates that hand the path to a second shell would run a hostile directory name as code:
+    such a directory is refused when the config loads, and a plain one passes."""
+    from megasmol.config.run import load_run_config
+    from megasmol.config.typed import ConfigError
+
+    config = write_training_run(tmp_path, steps=4, checkpoint={"post_save_command": template})
+    for hostile in ("run;touch PWNED", "run$(touch PWNED)", "run`touch PWNED`", "run\ntouch PWNED",
+                    "my run"):
+        with pytest.raises(ConfigError, match="checkpoint.dir .* holds"):
+            load_run_config(config, [f"checkpoint.dir={tmp_path / hostile}"])
+    assert load_run_config(config, [f"checkpoint.dir={tmp_path}/ok_run-1.5"]).checkpoint.post_save_command
+    with pytest.raises(ConfigError, match="post_save_command: No closing quotation"):
+        load_run_config(config, ["checkpoint.post_save_command=\"echo 'unbalanced {path}\""])
+
+
 @serial
 def test_a_post_save_command_that_hangs_is_stopped(tmp_path):
     started = time.time()

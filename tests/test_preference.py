@@ -77,12 +77,12 @@ def test_every_parallel_layout_trains_as_one_process(pref_run):
     for layout, micro in (("tensor_parallel=2", 1), ("pipeline_parallel=2", 1), ("context_parallel=2", 2),
                           ("context_parallel=1", 1)):
         single.unlink()
-        run_dir = f"run-{layout.replace('=', '')}"
+        run_dir = root / f"run-{layout.replace('=', '')}"
         run_torchrun(["-m", "megasmol", "train", "--config", str(root / "apo.yaml"),
                       "--set", f"run_dir={run_dir}", "--set", f"parallel.{layout}",
                       "--set", f"training.micro_batch_size={micro}", "--set", "checkpoint.save_at_end=false"])
         np.testing.assert_allclose(np.load(single), expected_ref, rtol=1e-6, err_msg=layout)
-        got = _metrics(root / run_dir)
+        got = _metrics(run_dir)
         for key, values in expected.items():
             for step, value in values.items():
                 assert got[key][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (layout, key, step)
@@ -95,9 +95,10 @@ def test_reference_logps_are_reused_on_resume_and_keyed_by_the_reference(pref_ru
 
     root, _ = pref_run
     before = sorted((root / "data").glob("pref.ref-*.npy"))
-    stopped = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-resume",
+    stopped = run_cli("train", "--config", str(root / "apo.yaml"), "--set", f"run_dir={root}/run-resume",
                       "--set", "training.stop_after_step=1").stdout
-    resumed = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-resume").stdout
+    resumed = run_cli("train", "--config", str(root / "apo.yaml"),
+                      "--set", f"run_dir={root}/run-resume").stdout
     assert "reusing pref.ref-" in stopped and "resumed from" in resumed and "reusing pref.ref-" in resumed
     assert "scored by" not in stopped + resumed
     assert sorted((root / "data").glob("pref.ref-*.npy")) == before
@@ -116,7 +117,7 @@ def test_preference_config_mistakes_are_one_line(pref_run):
     from megasmol.config.typed import ConfigError
 
     root, _ = pref_run
-    no_reference = run_cli("train", "--config", str(root / "apo.yaml"), "--set", "run_dir=run-bad",
+    no_reference = run_cli("train", "--config", str(root / "apo.yaml"), "--set", f"run_dir={root}/run-bad",
                            "--set", "checkpoint.init_from=null", "--set", "model=smollm3-tiny", check=False)
     assert no_reference.returncode == 2
     assert "preference data need a reference model" in no_reference.stderr

@@ -65,7 +65,7 @@ def _torchrun_preflight(tmp_path, env_extra, *args):
     out = tmp_path / "report.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "megasmol", "preflight", "--json", str(out),
-           "--skip", "gpu_visibility,gemm,memory_bandwidth,storage,dry_run,dcgm,nvml,"
+           "--skip", "gpu_visibility,gemm,memory_bandwidth,storage,data_audit,dry_run,dcgm,nvml,"
            "model_parity,training_throughput", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
@@ -127,7 +127,7 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     out = tmp_path / "report.json"
     data = tmp_path / "data"
     data.mkdir()
-    (data / "shard.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    (data / "shard.bin").write_bytes(os.urandom(80 * 1024 * 1024))
     proc = run_cli("preflight", "--burn-seconds", "1", "--data-path", str(data), "--checkpoint-dir",
                    str(tmp_path / "ckpt"), "--min-read-gbps", "0.001", "--min-write-gbps", "0.001",
                    "--json", str(out))
@@ -135,8 +135,8 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     status = {r["check"]: r["status"] for r in report["results"]}
     assert status == {"gpu_visibility": "skip", "gemm": "pass", "memory_bandwidth": "pass",
                       "nvml": "skip", "dcgm": "skip", "storage_read": "pass",
-                      "storage_write": "pass", "collectives": "skip", "dry_run": "skip",
-                      "model_parity": "skip", "training_throughput": "skip"}, proc.stdout
+                      "storage_write": "pass", "data_audit": "skip", "collectives": "skip",
+                      "dry_run": "skip", "model_parity": "skip", "training_throughput": "skip"}, proc.stdout
     gemm = next(r for r in report["results"] if r["check"] == "gemm")
     assert gemm["details"]["mean_tflops"] > 0 and gemm["details"]["plain_matmul_tflops"] > 0
     assert "skipped: no GPU" in proc.stdout and not list((tmp_path / "ckpt").iterdir())
@@ -144,6 +144,11 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     slow = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
                    str(data), "--min-read-gbps", "1e6", check=False)
     assert slow.returncode == 1 and "NO-GO: storage_read" in slow.stdout
+    # A few MB read from caches in milliseconds: reported, not judged (the CPU example's corpus).
+    (data / "shard.bin").write_bytes(os.urandom(4 * 1024 * 1024))
+    tiny = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
+                   str(data), "--min-read-gbps", "1e6", check=False)
+    assert tiny.returncode == 0 and "too little to time" in tiny.stdout
 
 
 def test_report_verdicts():
@@ -260,6 +265,22 @@ def test_a_gpu_config_needs_gpus_unless_cpu_is_allowed(tmp_path):
     assert proc.returncode == 0, proc.stdout
     proc, rows = _preflight_with(tmp_path, "--config", str(config))  # fp32: a CPU run
     assert proc.returncode == 0 and "GO" in proc.stdout
+    assert rows["data_audit", "data"]["status"] == "pass"
+
+
+def test_a_config_whose_data_is_missing_or_wrong_is_a_no_go(tmp_path):
+    """The pre-flight runs the data audit on the config: missing datasets, and token ids the
+    model's vocabulary cannot hold, fail it (they used to be a GO with storage_read skipped)."""
+    from tests.train_fixtures import write_training_run
+
+    config = write_training_run(tmp_path / "run", steps=4)
+    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", f"data.root={tmp_path}/gone")
+    audit = [r for (check, _), r in rows.items() if check == "data_audit"]
+    assert proc.returncode == 1 and audit and all(r["status"] == "fail" for r in audit)
+    assert "missing" in audit[0]["summary"] and "NO-GO: data_audit" in proc.stdout
+    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", "model.vocab_size=16")
+    audit = [r for (check, _), r in rows.items() if check == "data_audit"]
+    assert proc.returncode == 1 and "outside the model's vocabulary of 16" in audit[0]["summary"]
 
 
 STAND_IN_DIAG = '''

@@ -108,6 +108,9 @@ def test_export_can_attach_a_chat_template_to_any_tokenizer(sft_run, llama_token
     assert tokenizer.convert_tokens_to_ids("<|im_end|>") == 128012
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [128012, 128001]
+    # The end of a turn is the chat model's EOS for every tool that reads it (as SmolLM3-3B's).
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 128012
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 128012
 
 
 def test_chat_command_answers_with_the_template_and_stops(sft_run):

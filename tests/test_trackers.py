@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,6 +62,7 @@ def test_wandb_mlflow_and_trackio_receive_the_logged_metrics_and_resume(tmp_path
     first_ids = json.loads((tmp_path / "run" / "trackers.json").read_text())
     out = train(config, env_extra=env)  # a restart: the same tracker runs continue
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "Trackio" not in out.stdout and "wandb:" not in out.stdout  # banners stay off the console
     assert json.loads((tmp_path / "run" / "trackers.json").read_text()) == first_ids
     losses = step_losses(tmp_path / "run")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -93,6 +95,25 @@ def test_wandb_mlflow_and_trackio_receive_the_logged_metrics_and_resume(tmp_path
     logs = json.loads(proc.stdout.strip().splitlines()[-1])
     tracked = {row["step"]: row["train/loss"] for row in logs if "train/loss" in row}
     assert tracked == pytest.approx(losses, rel=1e-12)
+
+
+def test_tracker_credentials_and_servers_are_checked_before_step_1(tmp_path, monkeypatch):
+    from megasmol.train.tracker_checks import mlflow_problem, wandb_problem
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    assert "wandb has no API key" in wandb_problem({})
+    assert wandb_problem({"WANDB_MODE": "offline"}) is None
+    assert "cannot reach 127.0.0.1:9" in wandb_problem({"WANDB_API_KEY": "k",
+                                                        "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert mlflow_problem(None, {}) is None and mlflow_problem("sqlite:///x.db", {}) is None
+    # End to end: an unreachable MLflow server is one line before the model is built.
+    config = write_training_run(tmp_path, steps=4, logging={"trackers": ["mlflow"],
+                                                            "mlflow_tracking_uri": "http://127.0.0.1:9"})
+    started = time.time()
+    proc = train(config, check=False)
+    assert proc.returncode == 2 and "cannot reach 127.0.0.1:9" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and time.time() - started < 120
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_selected_tracker_that_is_not_installed_is_named(tmp_path, monkeypatch):

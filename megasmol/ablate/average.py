@@ -55,6 +55,8 @@ def check_weights(weights: Optional[Sequence[float]], count: int, normalize: boo
     if not all(math.isfinite(w) for w in weights):
         raise ConfigError(f"--weights must be finite numbers, got {weights}")
     total = sum(weights)
+    if not any(weights):
+        raise ConfigError("--weights are all zero: the result would be an all-zero model")
     if normalize and abs(total - 1.0) > WEIGHT_TOLERANCE:
         raise ConfigError(f"--weights sum to {total:g}, not 1 (pass --no-normalize to use them "
                           "as given, e.g. for task arithmetic)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megasmol.config.run import cli_override
+
 
 def cmd_average(args) -> int:
     from megasmol.ablate.average import average_checkpoints
@@ -94,7 +96,7 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="a field and its values, e.g. model.num_kv_heads=1,2,4 (repeatable: the grid "
                         "is every combination)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="change a base config field for every run, e.g. training.train_steps=500")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per combination with seeds training.seed, +1, ... (default 1)")

@@ -125,7 +125,7 @@ class Comparison:
         columns = self.column_names()
         header = ["experiment", "seeds", *columns]
         if self.baseline:
-            header.append("vs baseline (final loss, noise units)")
+            header.append("vs baseline: final loss in seed-noise σ (+ better, * 2σ+)")
         rows = [header]
         for experiment in self.experiments:
             row = [experiment.name + (" (baseline)" if experiment.name == self.baseline else ""),
@@ -150,6 +150,9 @@ def load_comparison(run_dirs: list[str | Path], baseline: Optional[str] = None) 
     if not run_dirs:
         raise ConfigError("compare: name at least one run directory")
     runs = [read_run(p) for p in run_dirs]
+    if not any(run.train or run.validation or run.downstream for run in runs):
+        raise ConfigError("compare: no run has logged a step yet (every metrics.jsonl is empty): "
+                          + ", ".join(str(p) for p in run_dirs))
     groups = group_by_seed(runs)
     metrics = sorted({m for run in runs for m in run.metric_names()})
     experiments = []

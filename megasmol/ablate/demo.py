@@ -26,7 +26,8 @@ def run_ablation_demo(workdir: Path, steps: int = 60, overrides: list[str] | Non
     workdir = Path(workdir).resolve()
     tokens = corpus(workdir, parts=4)
     every = max(1, steps // 4)
-    sets = [f"data.root={tokens}", f"training.train_steps={steps}", "schedule.warmup_steps=10",
+    sets = [f"data.root={tokens}", f"training.train_steps={steps}",
+            f"schedule.warmup_steps={min(10, max(1, steps // 6))}",
             "schedule.decay_fraction=0.25", "checkpoint.interval=0", "checkpoint.keep_last=1",
             f"eval.interval={every}", "eval.steps=2", f"eval.tasks_interval={every}",
             "eval.tasks_at_checkpoint=false", "eval.tasks_limit=50", "logging.tensorboard=false",

@@ -147,6 +147,8 @@ def plan_grid(base_config: str | Path, varies: list[Variation], out: str | Path,
     from megasmol.model.spec import load_model_spec
 
     base_config = Path(base_config).resolve()
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out}: is a file; the grid's run configs go to a directory")
     fixed = {}
     for item in sets or []:
         key, sep, raw = item.partition("=")

@@ -53,13 +53,15 @@ class TaskQuality:
             problems.append("at chance" if self.signal < 1 else "weak signal")
         elif self.signal is None:
             unknown.append("signal")
-        if self.rank_tau is None or experiments < 3:
+        if experiments < 3:
+            unknown.append("ranking needs 3+ experiments")
+        elif self.rank_tau is None:
             unknown.append("ranking")
         elif self.rank_tau < MIN_RANK_TAU:
             problems.append("unstable ranking")
         if problems:
             return ", ".join(problems)
-        return "good" if not unknown else "good so far (n/a: " + ", ".join(unknown) + ")"
+        return "good" if not unknown else "good so far (not judged: " + ", ".join(unknown) + ")"
 
 
 def _mean_spearman(comparison: Comparison, metric: str) -> Optional[float]:

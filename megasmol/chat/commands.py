@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megasmol.utils.argtypes import positive_int
+
 
 def cmd_prepare_chat(args) -> int:
     from megasmol.data.chat.prepare import prepare_chat
@@ -85,7 +87,8 @@ def add_chat_parsers(sub) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--think", action="store_true", help="reasoning mode (SmolLM3 template)")
     mode.add_argument("--no-think", action="store_true", help="no reasoning (empty think block prefilled)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256,
+                   help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
     p.add_argument("--seed", type=int, help="sampling seed")

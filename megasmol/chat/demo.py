@@ -79,7 +79,8 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
     try:
         config = load_run_config(SFT_CONFIG, [
             f"run_dir={sft / 'run'}", f"data.root={sft / 'tokens'}", f"checkpoint.init_from={pretrained}",
-            f"training.train_steps={steps}", *(overrides or [])])
+            f"training.train_steps={steps}", f"schedule.warmup_steps={min(10, max(1, steps // 15))}",
+            f"eval.interval={max(1, steps // 3)}", f"checkpoint.interval={steps}", *(overrides or [])])
         print(f"[4/5] SFT of the demo model for {steps} steps ({config.training.global_batch_size} x "
               f"{config.data.seq_length} tokens per step, packing {config.data.packing})")
         result = train(config)

@@ -62,6 +62,9 @@ class ChatSession:
             raise ConfigError(f"the conversation ({ids.shape[1]} tokens) plus --max-new-tokens "
                               f"exceeds the model's {self.spec.max_position_embeddings} positions; "
                               "/reset or shorten it")
+        if int(ids.max()) >= self.spec.vocab_size:
+            raise ConfigError(f"the tokenizer gave id {int(ids.max())}, beyond the model's vocabulary of "
+                              f"{self.spec.vocab_size}: wrong tokenizer? (--tokenizer)")
         return ids
 
     @torch.no_grad()

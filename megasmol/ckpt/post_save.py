@@ -4,7 +4,12 @@ evaluation job), run off the training thread, one at a time, with a time limit.
 The checkpoint's path and step reach the command as the environment variables
 ``MEGASMOL_CHECKPOINT`` and ``MEGASMOL_STEP``. The ``{path}`` and ``{step}`` placeholders are
 rewritten into references to those variables, quoted for where they stand (bare, inside
-``"..."`` or inside ``'...'``), so no character of a path is ever read as shell syntax.
+``"..."`` or inside ``'...'``). A command can still hand the expanded path to a second shell
+that parses it again (``bash -c '...'``, ``sh -c "..."``, ``eval``, ``sbatch --wrap``, ``ssh
+host '...'``), so the checkpoint directory of a run with a post-save command may only hold
+characters that no shell treats specially (letters, digits and ``._/+=@%:,~-``): then no
+template, however nested, can turn the path into code. Both rules are checked when the config is
+loaded, before anything runs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -21,6 +28,25 @@ from typing import Callable, Optional
 log = logging.getLogger(__name__)
 
 PLACEHOLDERS = {"{path}": "MEGASMOL_CHECKPOINT", "{step}": "MEGASMOL_STEP"}
+SHELL_INERT = re.compile(r"[A-Za-z0-9._/+=@%:,~-]*")
+
+
+def check_command(template: str, checkpoint_dir: Path) -> None:
+    """Refuse, once and before training, a template the shell cannot parse and a checkpoint
+    directory whose path a nested shell could read as code."""
+    from megasmol.config.typed import ConfigError
+
+    try:
+        shlex.split(shell_line(template))
+    except ValueError as exc:
+        raise ConfigError(f"checkpoint.post_save_command: {exc} in {template!r}") from None
+    path = str(checkpoint_dir)
+    if not SHELL_INERT.fullmatch(path):
+        odd = sorted({c for c in path if not SHELL_INERT.fullmatch(c)})
+        raise ConfigError(
+            f"checkpoint.dir {path!r} holds {' '.join(repr(c) for c in odd)}: with a "
+            "post_save_command, the checkpoint path may only hold letters, digits and ._/+=@%:,~- "
+            "(a command that passes it to another shell would run the rest as code)")
 
 
 def shell_line(template: str) -> str:

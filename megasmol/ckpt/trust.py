@@ -9,7 +9,8 @@ A ``dist_checkpointing`` directory holds three kinds of files that PyTorch would
 * ``common.pt`` (non-sharded state), which Megatron-Core reads with ``torch.load`` (in the
   pinned torch, ``weights_only=True``).
 
-:func:`install` restricts the first two for this process: ``.metadata`` through an unpickler
+:func:`install` restricts the first two for this process, and names the third when PyTorch's
+safe loader refuses it: ``.metadata`` through an unpickler
 that admits only DCP's metadata classes and torch's size/dtype/layout values, byte items through
 ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers). A file that asks
 for anything else fails with :class:`UntrustedCheckpoint` naming it, before any of its code runs.
@@ -78,6 +79,7 @@ def install() -> None:
                 metadata = load_metadata(stream)
             except UntrustedCheckpoint as exc:
                 raise UntrustedCheckpoint(f"{path}: {exc} (not DCP metadata)") from None
+        _confine_storage_paths(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -92,9 +94,33 @@ def install() -> None:
                 f"strings, containers): {str(exc).splitlines()[0]}") from None
         _store_bytes_item(self, read_item, obj)
 
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    load_common = TorchCommonLoadStrategy.load_common
+
+    def checked_load_common(self, checkpoint_dir):
+        try:
+            return load_common(self, checkpoint_dir)
+        except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False: never
+            raise UntrustedCheckpoint(
+                f"{checkpoint_dir}/common.pt: refused, it holds something other than checkpoint "
+                f"data ({str(exc).splitlines()[0][:200]}); megasmol never loads checkpoint files "
+                "with weights_only=False, so this file cannot be read") from None
+
     FileSystemReader.read_metadata = read_metadata
     DefaultLoadPlanner.load_bytes = load_bytes
+    TorchCommonLoadStrategy.load_common = checked_load_common
     _installed = True
+
+
+def _confine_storage_paths(metadata, path) -> None:
+    """Every file the index names must be a file of the checkpoint directory itself: a name, not
+    a path that leaves it (``../``, absolute, or into a subdirectory)."""
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        relative = str(getattr(info, "relative_path", ""))
+        if not relative or "/" in relative or "\\" in relative or relative in (".", ".."):
+            raise UntrustedCheckpoint(f"{path}: names the file {relative!r}, which is not a file of "
+                                      "this checkpoint directory (refused)")
 
 
 def _store_bytes_item(planner, read_item, obj) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -299,6 +300,30 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {exc}") from None
 
 
+# Fields that name a file or folder. Those that are always paths (outputs, data roots, checkpoints)
+# are taken from the current directory when given on the command line; those that may also be a
+# built-in name (a model preset, a recipe, a tokenizer) only when that path exists here.
+CLI_PATH_FIELDS = ("run_dir", "data.root", "data.cache_dir", "checkpoint.dir", "checkpoint.init_from",
+                   "checkpoint.branch_from", "preference.reference")
+CLI_NAME_OR_PATH_FIELDS = ("model", "data.recipe", "data.tokenizer")
+
+
+def cli_override(item: str) -> str:
+    """One ``--set KEY=VALUE`` from a command line: a relative path in a path field is made
+    absolute from the current directory, as every command-line tool does (paths written inside
+    a config file stay relative to that file)."""
+    if "=" not in item:
+        return item  # load_run_config names the mistake
+    key, raw = item.split("=", 1)
+    value = raw.strip()
+    if not value or value in ("null", "~") or value.startswith(("/", "~", "[", "{", "$")):
+        return item
+    key = key.strip()
+    if key in CLI_PATH_FIELDS or (key in CLI_NAME_OR_PATH_FIELDS and Path(value).exists()):
+        return f"{key}={os.path.abspath(value)}"
+    return item
+
+
 def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load and validate a run config; ``overrides`` are ``section.field=value`` strings."""
     data = load_yaml(path)
@@ -311,4 +336,8 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
     here = Path(path).resolve().parent
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)
+    if config.checkpoint.post_save_command:
+        from megasmol.ckpt.post_save import check_command
+
+        check_command(config.checkpoint.post_save_command, config.checkpoint_dir)
     return config

@@ -140,7 +140,6 @@ def export_hf(
                     writer.add(name.format(i=layer), tensor.to(out_dtype))
                     bar.update(1)
     writer.finish()
-    (partial / "config.json").write_text(json.dumps(config, indent=2))
     source = Path(tokenizer) if tokenizer else tokenizer_dir(checkpoint)
     has_tokenizer = bool(source) and copy_tokenizer(source, partial)
     end_of_turn = None
@@ -149,6 +148,12 @@ def export_hf(
     elif chat_template is not None:
         raise ConfigError("--chat-template needs a tokenizer to attach it to (the checkpoint has "
                           "none stored: pass --tokenizer)")
+    if end_of_turn is not None:
+        # A chat model ends its turn with <|im_end|>: that is its EOS for every tool that reads
+        # the tokenizer's or the config's (SmolLM3-3B ships the same); generation stops at both.
+        config["eos_token_id"] = end_of_turn
+        _set_tokenizer_eos(partial, "<|im_end|>")
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
     eos = spec.eos_token_id if end_of_turn is None else [end_of_turn, spec.eos_token_id]
     generation = {"bos_token_id": spec.bos_token_id, "eos_token_id": eos,
                   "pad_token_id": spec.pad_token_id}
@@ -181,6 +186,13 @@ def apply_chat_template_choice(tokenizer_dir: Path, choice: Optional[str]) -> Op
     if not config.get("chat_template") and not (tokenizer_dir / "chat_template.jinja").is_file():
         return None
     return added_token_id(tokenizer_dir, "<|im_end|>")
+
+
+def _set_tokenizer_eos(tokenizer_dir: Path, token: str) -> None:
+    path = tokenizer_dir / "tokenizer_config.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    settings["eos_token"] = token
+    path.write_text(json.dumps(settings, indent=2, ensure_ascii=False))
 
 
 def _umask() -> int:

@@ -73,18 +73,23 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def _scan_max_id(prefix: Path, dtype) -> int:
-    """The largest token id in the whole ``.bin`` (chunked, so memory stays flat)."""
+def _scan_id_range(prefix: Path, dtype) -> tuple[int, int]:
+    """The smallest and largest token id in the whole ``.bin`` (chunked, so memory stays flat);
+    a signed dtype can hold negative ids, which no vocabulary has."""
     data = np.memmap(str(prefix) + ".bin", dtype=dtype, mode="r")
-    largest = 0
+    smallest, largest = 0, 0
     for start in range(0, data.size, SCAN_CHUNK):
-        largest = max(largest, int(data[start:start + SCAN_CHUNK].max(initial=0)))
-    return largest
+        chunk = data[start:start + SCAN_CHUNK]
+        largest = max(largest, int(chunk.max(initial=0)))
+        smallest = min(smallest, int(chunk.min(initial=0)))
+    return smallest, largest
 
 
 class ScanCache:
-    """Verdicts of the full id scan, keyed by each file's path, size and modification time, so a
-    dataset is read once and again only when it changes (a stats JSON is never trusted for it)."""
+    """Verdicts of the full id scan, keyed by each file's path, inode, size, modification time
+    and status-change time, so a dataset is read once and again only when it changes (a stats
+    JSON is never trusted for it). The ctime moves on every write and cannot be set back, so an
+    in-place rewrite that restores the mtime is still seen; a copy or rename gets a new inode."""
 
     def __init__(self, path: Optional[Path]):
         self.path = path
@@ -100,23 +105,23 @@ class ScanCache:
         out = []
         for suffix in (".bin", ".idx"):
             st = os.stat(prefix + suffix)
-            out += [st.st_size, st.st_mtime_ns]
+            out += [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         return out
 
-    def max_id(self, prefix: str, dtype) -> int:
+    def id_range(self, prefix: str, dtype) -> tuple[int, int]:
         key = str(Path(prefix).resolve())
         fingerprint = self._fingerprint(prefix)
         entry = self.entries.get(key)
-        if entry is not None and entry.get("fingerprint") == fingerprint:
-            return int(entry["max_token_id"])
-        largest = _scan_max_id(Path(prefix), dtype)
-        self.entries[key] = {"fingerprint": fingerprint, "max_token_id": largest}
+        if entry is not None and entry.get("fingerprint") == fingerprint and "min_token_id" in entry:
+            return int(entry["min_token_id"]), int(entry["max_token_id"])
+        smallest, largest = _scan_id_range(Path(prefix), dtype)
+        self.entries[key] = {"fingerprint": fingerprint, "min_token_id": smallest, "max_token_id": largest}
         if self.path is not None:
             from megasmol.ckpt.checkpoint import atomic_write_text
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True))
-        return largest
+        return smallest, largest
 
 
 def _bin_size_error(prefix: str, indexed) -> Optional[str]:
@@ -203,7 +208,10 @@ def _check_tokens(report: AuditReport, key: str, indexed, vocab_size: int, eos_i
         report.errors.append(f"{key}: documents end with token {stats['eos_id']} but the model's "
                              f"eos_token_id is {eos_id}; document masking would not see the "
                              "boundaries (tokenizer mismatch?)")
-    max_id = scans.max_id(key, indexed.index.dtype)
+    min_id, max_id = scans.id_range(key, indexed.index.dtype)
+    if min_id < 0:
+        report.errors.append(f"{key}: token id {min_id} (in {key}.bin) is negative: the file was not "
+                             "written by a tokenizer (wrong dtype, or corrupt)")
     if max_id >= vocab_size:
         report.errors.append(f"{key}: token id {max_id} (in {key}.bin) is outside the model's "
                              f"vocabulary of {vocab_size}")

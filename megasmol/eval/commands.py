@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megasmol.utils.argtypes import positive_int
+
 
 def cmd_eval_tasks(args) -> int:
     from tqdm import tqdm
@@ -23,10 +25,18 @@ def cmd_eval_tasks(args) -> int:
         raise ConfigError("--limit must be >= 1")
     if args.num_fewshot < 0:
         raise ConfigError("--num-fewshot must be >= 0")
+    if args.batch_tokens < 1:
+        raise ConfigError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out}: is a file; results go to a directory")
+    if args.hf:
+        _check_hf_dir(Path(args.hf))
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
     tasks = [load_task(name) for name in names]  # bad task names/files fail before any model
+    for task in tasks:
+        task.examples()  # so does data that cannot be read (a bad row, an offline hub dataset)
     source = args.tokenizer or (tokenizer_dir(args.checkpoint) if args.checkpoint else args.hf)
     if source is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
@@ -55,6 +65,21 @@ def cmd_eval_tasks(args) -> int:
     report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings)
     print(f"results: {report}\nsamples: {samples}")
     return 0
+
+
+def _check_hf_dir(path: Path) -> None:
+    """--hf takes a Hugging Face model directory; say what was given instead."""
+    from megasmol.config.typed import ConfigError
+
+    if not path.is_dir():
+        raise ConfigError(f"--hf {path}: no such directory (a Hugging Face model directory, e.g. "
+                          "from megasmol export-hf)")
+    if (path / "latest").is_file() or (path / "megasmol.json").is_file() or any(path.glob("iter_*")):
+        raise ConfigError(f"--hf {path}: this is a megasmol checkpoint, not a Hugging Face model "
+                          f"directory: score it with --checkpoint {path}, or export it first with "
+                          "megasmol export-hf")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--hf {path}: not a Hugging Face model directory (no config.json)")
 
 
 def _parallel_scorer(args, tokenizer):
@@ -97,7 +122,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed for --limit and few-shot draws")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
-    p.add_argument("--batch-tokens", type=int, default=8192,
+    p.add_argument("--batch-tokens", type=positive_int, default=8192,
                    help="padded tokens per forward pass (default 8192)")
     p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -108,8 +108,15 @@ def table(results: list[TaskResult]) -> str:
     for r in results:
         for name, (value, err) in r.metrics.items():
             rows.append((r.name, name, f"{value:.4f}", "-" if not math.isfinite(err) else f"{err:.4f}",
-                         str(r.examples), "-" if r.chance is None else f"{r.chance:.4f}"))
+                         str(r.examples), _chance(r, name)))
     return format_table(rows)
+
+
+def _chance(result: TaskResult, metric: str) -> str:
+    """Chance is an accuracy: a log-likelihood or exact-match-free metric has none to show."""
+    if result.chance is None or not metric.startswith("acc"):
+        return "-"
+    return f"{result.chance:.4f}"
 
 
 def write_outputs(results: list[TaskResult], out_dir: Path, model: str,

@@ -90,10 +90,22 @@ class Scorer:
             targets += continuation
             owner += [row] * n
         hidden = self.hidden(ids)[torch.tensor(rows), torch.tensor(cols)]
-        logprobs = self.head(hidden).float().log_softmax(-1)
-        picked = logprobs.gather(-1, torch.tensor(targets).unsqueeze(-1)).squeeze(-1).double()
+        targets = torch.tensor(targets)
+        # The output layer in slices of positions: [slice, vocab] logits stay small enough to reuse
+        # one allocation (a whole batch's would be gigabytes). log p = logit - logsumexp(logits).
+        picked = torch.empty(len(targets), dtype=torch.float64)
+        for start in range(0, len(targets), HEAD_POSITIONS):
+            end = start + HEAD_POSITIONS
+            logits = self.head(hidden[start:end]).float()
+            picked[start:end] = (logits.gather(-1, targets[start:end, None]).squeeze(-1)
+                                 - torch.logsumexp(logits, -1)).double()
         sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
         return sums.tolist()
+
+
+HEAD_POSITIONS = 256
+"""Positions per output-layer call while scoring (x the vocabulary: 128 MB of fp32 logits for
+SmolLM3's 128k)."""
 
 
 @contextlib.contextmanager
@@ -143,7 +155,9 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
               dtype: torch.dtype = torch.float32) -> Scorer:
     """A Hugging Face causal LM directory through transformers."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the eval's own bar follows; a loading bar is noise
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
     trunk, head = model.base_model, model.get_output_embeddings()
 

@@ -181,8 +181,10 @@ def _read_records(path: Path, task: str) -> list[dict]:
 
 
 class Task:
-    def __init__(self, spec: TaskSpec, base_dir: Path):
+    def __init__(self, spec: TaskSpec, base_dir: Path, definition: Optional[Path] = None):
         self.spec, self.base_dir = spec, base_dir
+        self.definition = definition
+        """The task's YAML file, when it has one (named in errors: it is what a user edits)."""
 
     @property
     def name(self) -> str:
@@ -192,6 +194,11 @@ class Task:
         if local is not None:
             path = Path(local)
             return _read_records(path if path.is_absolute() else self.base_dir / path, self.name)
+        from megasmol.utils.hub import require_hub
+
+        require_hub(f"task {self.name} ({'/'.join(self.spec.hf_dataset)}, split {split})",
+                    f"download it once where there is a network and set data_files in a copy of "
+                    f"the task YAML ({self.definition or self.base_dir})")
         import datasets
 
         try:
@@ -239,6 +246,8 @@ class Task:
         choices = [s.clean(c) for c in _as_list(_render(s.choices, record, "choices", self.name),
                                                 self.name)]
         raw_gold = _render(s.gold, record, "gold", self.name)
+        if isinstance(raw_gold, bool):  # int(True) is 1: a flag is not a choice index
+            raise ConfigError(f"task {self.name}: {where}: gold {raw_gold!r} is not an index")
         try:
             gold = int(raw_gold)
         except (TypeError, ValueError):
@@ -281,7 +290,7 @@ def load_task(name_or_path: str) -> Task:
         spec = from_dict(TaskSpec, load_yaml(path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return Task(spec, path.parent)
+    return Task(spec, path.parent, path)
 
 
 def sample(examples: list, limit: Optional[int], seed: int) -> list:

@@ -39,8 +39,39 @@ class SmolGPTModel(GPTModel):
     def __init__(self, *args, z_loss_coeff: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.z_loss_coeff = z_loss_coeff
+        self._logit_positions = None  # [s, b] bool while a forward scores only those positions
+        if self.post_process:
+            self.output_layer.register_forward_pre_hook(self._only_scored_positions, with_kwargs=True)
+
+    def forward(self, *args, loss_positions: Optional[torch.Tensor] = None, **kwargs):
+        """``loss_positions`` ([b, s] bool, forward-only scoring): the output layer and the loss
+        run at those positions only (zeros elsewhere), instead of the whole vocabulary at every
+        position. Ignored under sequence parallelism, whose output layer gathers the sequence."""
+        use = (loss_positions is not None and self.post_process and bool(loss_positions.any())
+               and not self.output_layer.sequence_parallel)
+        self._logit_positions = loss_positions.t() if use else None
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._logit_positions = None
+
+    def _only_scored_positions(self, module, args, kwargs):
+        if self._logit_positions is None:
+            return None
+        hidden = args[0][self._logit_positions]  # [s, b, h] -> [n, h]
+        return (hidden.unsqueeze(1), *args[1:]), kwargs
 
     def compute_language_model_loss(self, labels, logits):
+        positions = self._logit_positions
+        if positions is not None:  # logits are [n, 1, v/tp] for the n selected positions
+            picked = labels.t()[positions].unsqueeze(0)  # [1, n]
+            loss = self._token_loss(picked, logits)[0]
+            full = loss.new_zeros(positions.shape)
+            full[positions] = loss
+            return full.t()
+        return self._token_loss(labels, logits)
+
+    def _token_loss(self, labels, logits):
         if not self.z_loss_coeff:
             return super().compute_language_model_loss(labels, logits)
         # Before the cross-entropy: Megatron's vocab-parallel CE shifts the logits in place.

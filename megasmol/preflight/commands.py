@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from megasmol.config.run import cli_override
+
 
 def cmd_preflight(args) -> int:
     from megasmol.preflight.runner import PreflightOptions, run_preflight
@@ -40,7 +42,8 @@ def add_preflight_parser(sub) -> None:
                     "say 'skipped: no GPU', unless the node lists GPUs that torch cannot see, or the "
                     "job needs GPUs (--expect-gpus, a bf16/fp8 --config): then it fails.")
     p.add_argument("--config", help="run config YAML: dry-run it and test its data and checkpoint paths")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
+                   help="override a config field")
     p.add_argument("--level", default="quick", choices=["quick", "standard", "long"],
                    help="quick (< 2 min, DCGM r1), standard (60 s burn, DCGM r2), long (5 min, DCGM r3)")
     p.add_argument("--json", help="write the full report here")

@@ -16,12 +16,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasmol.preflight import collectives, compute, dcgm, dryrun, nvml_health, storage, visibility
+from megasmol.preflight import (collectives, compute, data_check, dcgm, dryrun, nvml_health, storage,
+                                visibility)
 from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
 
 CHECKS = ("gpu_visibility", "gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage",
-          "dry_run", "model_parity", "training_throughput")
+          "data_audit", "dry_run", "model_parity", "training_throughput")
 MODEL_CHECKS = ("model_parity", "training_throughput")
 
 
@@ -94,16 +95,23 @@ def _data_files(options: PreflightOptions, config) -> list[Path]:
     for raw in options.data_paths:
         path = Path(raw)
         files += sorted(path.glob("*.bin")) if path.is_dir() else [path]
-    if config is not None and not options.data_paths:
+    # The config's datasets, when this node is the job's (--world-size plans another job). Those
+    # that are missing, or a root that cannot be resolved, are data_audit's failures to report.
+    if config is not None and not options.data_paths and options.world_size is None:
+        from megasmol.config.typed import ConfigError
         from megasmol.data.recipe import load_recipe
 
-        recipe = load_recipe(config.recipe_reference())
-        root = config.data.root and str(config.path(config.data.root))
-        for stage in recipe.stages:
-            for entry in stage.datasets:
-                candidate = Path(f"{recipe.dataset_prefix(entry, root)}.bin")
-                if candidate.is_file() and candidate not in files:
-                    files.append(candidate)
+        try:
+            recipe = load_recipe(config.recipe_reference())
+            root = config.data.root and str(config.path(config.data.root))
+            prefixes = [recipe.dataset_prefix(entry, root) for stage in recipe.stages
+                        for entry in stage.datasets]
+        except ConfigError:
+            prefixes = []
+        for prefix in prefixes:
+            candidate = Path(f"{prefix}.bin")
+            if candidate.is_file() and candidate not in files:
+                files.append(candidate)
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
         raise ValueError(f"--data-path: no such file(s): {', '.join(missing[:3])}")
@@ -183,6 +191,9 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
                 if row.target == "node":
                     row.target = name.split(":")[0].split(" ", 2)[-1]  # the host
                 report.add(row)
+    if "data_audit" not in options.skip:  # once, on rank 0: it reads every dataset's tokens
+        audit = data_check.data_audit(config, options.world_size is not None) if info.rank == 0 else None
+        report.extend(_gather(audit)[0])
     if "collectives" not in options.skip:
         sizes = list(level.collective_sizes_mb if on_gpu else CPU_COLLECTIVE_SIZES_MB)
         report.extend(collectives.collective_checks(sizes, level.collective_iterations,

@@ -28,12 +28,6 @@ class RankInfo:
     local_rank: int
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def rank_info_from_env(env=os.environ) -> RankInfo:
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
@@ -55,12 +49,12 @@ def init_distributed(timeout_s: float | None = None) -> RankInfo:
         return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                         info.local_rank)
     if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
-        # A lone process: a private port, without touching the environment that child
-        # processes (e.g. a torchrun launched from here) inherit.
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        # A lone process: an in-memory store, no port to race for, and nothing set in the
+        # environment that child processes (e.g. a torchrun launched from here) inherit.
+        rendezvous = {"store": torch.distributed.HashStore()}
     else:
         addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        init_method = f"tcp://{addr}:{os.environ.get('MASTER_PORT', '29500')}"
+        rendezvous = {"init_method": f"tcp://{addr}:{os.environ.get('MASTER_PORT', '29500')}"}
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
         backend = "nccl"
@@ -68,8 +62,7 @@ def init_distributed(timeout_s: float | None = None) -> RankInfo:
         backend = "gloo"
     kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     torch.distributed.init_process_group(
-        backend=backend, rank=info.rank, world_size=info.world_size, init_method=init_method,
-        **kwargs)
+        backend=backend, rank=info.rank, world_size=info.world_size, **rendezvous, **kwargs)
     _record_peers()
     return info
 

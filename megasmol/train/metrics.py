@@ -6,6 +6,7 @@ token from ``model/flops.py`` (the same function planning and pre-flight use).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -171,7 +172,8 @@ class MetricsLog:
         return record
 
     def console_line(self, record: dict, last_step: int) -> str:
-        parts = [f"step {record['step']:>{len(str(last_step))}}/{last_step}", record["stage"]]
+        clock = time.strftime("%H:%M:%S")
+        parts = [f"{clock} step {record['step']:>{len(str(last_step))}}/{last_step}", record["stage"]]
         if record.get("loss") is not None:
             parts.append(f"loss {record['loss']:.4f}")
         if record.get("grad_norm") is not None:
@@ -201,8 +203,8 @@ class MetricsLog:
         if not self.active:
             return
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(strict_json_record({"kind": kind, **record}),
-                                        allow_nan=False) + "\n")
+            stamped = {"kind": kind, "time": _utc_now(), **record}
+            self.jsonl.write(json.dumps(strict_json_record(stamped), allow_nan=False) + "\n")
         for tracker in self.trackers:
             tracker.log(kind, record)
 
@@ -211,6 +213,11 @@ class MetricsLog:
             self.jsonl.close()
         for tracker in self.trackers:
             tracker.close()
+
+
+def _utc_now() -> str:
+    """When a record was written: ISO 8601, UTC, to the second (``2026-12-03T13:12:00+00:00``)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def strict_json_record(record: dict) -> dict:

@@ -97,18 +97,24 @@ def check_attention_layout(config: RunConfig, backend: str) -> None:
 
 
 def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
-    """Rank 0 audits the data; every rank learns the verdict, so all fail together."""
+    """Rank 0 checks what it alone uses (the trackers) and audits the data; every rank learns
+    the verdict, so all fail together."""
     from megasmol.data.audit import audit_run
+    from megasmol.train.tracker_checks import tracker_problems
 
     verdict = [None]
     if rank == 0:
-        report = audit_run(config, spec)
-        print(report.render(), flush=True)
-        verdict[0] = None if report.ok else "; ".join(report.errors)
+        problems = tracker_problems(config.logging)
+        if problems:
+            verdict[0] = "; ".join(problems)
+        else:
+            report = audit_run(config, spec)
+            print(report.render(), flush=True)
+            verdict[0] = None if report.ok else "data audit failed: " + "; ".join(report.errors)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(verdict, src=0)
     if verdict[0]:
-        raise ConfigError(f"data audit failed: {verdict[0]}")
+        raise ConfigError(verdict[0])
 
 
 def _half_precision(model, params_dtype: torch.dtype):

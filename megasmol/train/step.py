@@ -28,10 +28,14 @@ def _per_sequence_loss_func(inputs: ModelInputs, output_tensor: Tensor):
     return sums.sum(), loss_mask.sum().to(torch.int), {"per_sequence": sums.detach()}
 
 
-def _forward_step(data_iterator, model, loss_func=None):
+def _forward_step(data_iterator, model, loss_func=None, scored_only: bool = False):
+    """One micro-batch's forward. ``scored_only`` (forward-only passes: validation, scoring,
+    reference log-probs): the output layer runs only where the loss mask counts, which gives the
+    same masked losses without the whole vocabulary at every position."""
     inputs: ModelInputs = next(data_iterator)
+    extra = {"loss_positions": inputs.loss_mask > 0} if scored_only else {}
     output = model(inputs.tokens, inputs.position_ids, inputs.attention_mask,
-                   labels=inputs.labels, packed_seq_params=inputs.packed_seq_params)
+                   labels=inputs.labels, packed_seq_params=inputs.packed_seq_params, **extra)
     return output, partial(loss_func or TokenLoss(), inputs)
 
 
@@ -42,7 +46,7 @@ def forward_only_outputs(model, micro_batches: list[ModelInputs], loss_func) -> 
 
     geometry = StepGeometry.of(micro_batches[0])
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func=loss_func),
+        forward_step_func=partial(_forward_step, loss_func=loss_func, scored_only=True),
         data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
         seq_length=geometry.seq_length, micro_batch_size=geometry.micro_batch_size,
         forward_only=True)
@@ -83,7 +87,7 @@ def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: b
     objective = objective or TokenLoss()
     geometry = StepGeometry.of(micro_batches[0])
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func=objective),
+        forward_step_func=partial(_forward_step, loss_func=objective, scored_only=forward_only),
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=len(micro_batches),

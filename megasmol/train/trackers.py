@@ -9,14 +9,19 @@ selecting one that is not installed is one error naming the package.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import math
+import os
 import uuid
 from pathlib import Path
 from typing import Optional
 
 from megasmol.config.typed import ConfigError
 
+log = logging.getLogger(__name__)
 IDS_FILE = "trackers.json"
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
@@ -77,6 +82,7 @@ class WandbTracker:
     """Honours ``WANDB_MODE`` (``offline`` writes under ``<run_dir>/wandb`` for ``wandb sync``)."""
 
     def __init__(self, run_dir: Path, project: str, name: str, config: dict, ids: _Ids):
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banners would fill the console
         wandb = _require("wandb")
         run_id = ids.get("wandb", lambda: uuid.uuid4().hex[:12])
         self.run = wandb.init(project=project, name=name, id=run_id, resume="allow",
@@ -93,12 +99,13 @@ class WandbTracker:
 
 class MlflowTracker:
     """A local file store (``<run_dir>/mlruns``) unless ``logging.mlflow_tracking_uri`` or
-    ``MLFLOW_TRACKING_URI`` names another store (``sqlite:///...``) or a server."""
+    ``MLFLOW_TRACKING_URI`` names another store (``sqlite:///...``) or a server. MLflow 3 reads a
+    file store only with ``MLFLOW_ALLOW_FILE_STORE=true`` (the trainer sets it for itself; a user
+    reading the store sets it too: ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri
+    RUN/mlruns``), or use ``sqlite:///RUN/mlflow.db`` (needs the full ``mlflow`` package)."""
 
     def __init__(self, run_dir: Path, project: str, name: str, config: dict, ids: _Ids,
                  tracking_uri: Optional[str] = None):
-        import os
-
         mlflow = _require("mlflow")
         from mlflow.tracking import MlflowClient
 
@@ -106,6 +113,8 @@ class MlflowTracker:
         if uri is None:  # MLflow's file backend: in maintenance upstream, but needs no database
             uri = (run_dir / "mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            log.info("mlflow: file store %s (read it with MLFLOW_ALLOW_FILE_STORE=true mlflow ui "
+                     "--backend-store-uri %s)", uri, uri)
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(project)
         experiment_id = (experiment.experiment_id if experiment is not None
@@ -145,7 +154,8 @@ class TrackioTracker:
     def __init__(self, run_dir: Path, project: str, name: str, config: dict, ids: _Ids):
         self.trackio = _require("trackio")
         ids.get("trackio", lambda: name)
-        self.trackio.init(project=project, name=name, config=config, resume="allow")
+        with _quiet("trackio init"):
+            self.trackio.init(project=project, name=name, config=config, resume="allow")
 
     def log(self, kind: str, record: dict) -> None:
         values = scalars(kind, record)
@@ -153,7 +163,18 @@ class TrackioTracker:
             self.trackio.log(values, step=record["step"])
 
     def close(self) -> None:
-        self.trackio.finish()
+        with _quiet("trackio finish"):
+            self.trackio.finish()
+
+
+@contextlib.contextmanager
+def _quiet(what: str):
+    """A library's banners go to megasmol's debug log, not the console."""
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        yield
+    if captured.getvalue().strip():
+        log.debug("%s: %s", what, captured.getvalue().strip())
 
 
 BACKENDS = {"wandb": WandbTracker, "mlflow": MlflowTracker, "trackio": TrackioTracker}

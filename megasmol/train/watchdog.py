@@ -84,7 +84,10 @@ class HangWatchdog:
         return elapsed if elapsed > self.deadline_s() else None
 
     def _watch(self) -> None:
-        poll = max(0.05, min(5.0, self.config.min_s / 10))
+        # A tenth of the shortest deadline there can be (a fixed limit_s may sit below min_s), so
+        # a hang is seen within 10% of its deadline; never busier than 20 checks a second.
+        shortest = min(self.config.min_s, self.config.limit_s or self.config.min_s)
+        poll = max(0.05, min(5.0, shortest / 10))
         while not self._stop.wait(poll):
             elapsed = self.overdue()
             if elapsed is not None:

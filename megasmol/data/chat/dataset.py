@@ -124,7 +124,8 @@ class SequenceDataset(GPTDataset):
         for key, array in (("order", plan.order), ("bounds", plan.bounds), ("samples", samples)):
             np.save(paths[key], array.astype(np.int64))  # atomic: see loader._atomic_numpy_saves
         log.info("packed %s (%s): %d %s into %d sequences of %d tokens, %.1f%% filled "
-                 "(packing %s), %d samples = %.2f epochs", self.dataset_path, self.index_split.name,
+                 "(packing %s), %d samples = %.2f passes over those sequences (the audit's epochs "
+                 "count tokens, padding included)", self.dataset_path, self.index_split.name,
                  len(lengths), "pairs" if isinstance(self.dataset, PairTokens) else "conversations",
                  plan.num_sequences, capacity - 1, 100 * plan.efficiency,
                  self.config.packing, len(samples), len(samples) / max(1, plan.num_sequences))

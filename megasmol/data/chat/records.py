@@ -116,6 +116,10 @@ def _datasets_records(source: str, split: str) -> Iterator[tuple[object, str]]:
                     raise ConfigError(f"input {source}: no split {split!r} (has {', '.join(loaded)})")
                 loaded = loaded[split]
         else:
+            from megasmol.utils.hub import require_hub
+
+            require_hub(f"input {source} (not a local file or directory)",
+                        "give a JSONL or Parquet file, or a datasets save_to_disk directory")
             loaded = datasets.load_dataset(source, split=split)
     except ConfigError:
         raise

@@ -1,0 +1,34 @@
+"""Paths on the command line are taken from the current directory; paths inside a config file
+from that file's folder (the rule every tool our users know)."""
+
+from pathlib import Path
+
+from megasmol.config.run import cli_override, load_run_config
+
+
+def test_command_line_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "run.yaml").write_text("model: smollm3-tiny\nrun_dir: runs/in-file\n"
+                                      "data: {recipe: demo, root: tokens}\n"
+                                      "training: {train_steps: 10, global_batch_size: 1, "
+                                      "micro_batch_size: 1}\n"
+                                      "schedule: {warmup_steps: 1}\n")
+    work = tmp_path / "work"
+    (work / "recipes").mkdir(parents=True)
+    (work / "recipes" / "mine.yaml").write_text("name: mine\nstages: []\n")
+    monkeypatch.chdir(work)
+    sets = [cli_override(item) for item in (
+        "run_dir=runs/x", "data.root=../tok", "checkpoint.init_from=null", "model=smollm3-tiny",
+        "data.recipe=recipes/mine.yaml", "training.train_steps=5", "checkpoint.branch_from=runs/a@20",
+        "run_dir=/abs/run")]
+    assert sets == [f"run_dir={work}/runs/x", f"data.root={tmp_path}/tok", "checkpoint.init_from=null",
+                    "model=smollm3-tiny", f"data.recipe={work}/recipes/mine.yaml", "training.train_steps=5",
+                    f"checkpoint.branch_from={work}/runs/a@20", "run_dir=/abs/run"]
+    config = load_run_config(configs / "run.yaml", sets[:2])
+    assert config.path(config.run_dir) == work / "runs" / "x"
+    assert config.path(config.data.root) == tmp_path / "tok"
+    # Written in the file: relative to the file.
+    plain = load_run_config(configs / "run.yaml")
+    assert config.path(plain.run_dir) == configs / "runs" / "in-file"
+    assert plain.path(plain.data.root) == Path(configs / "tokens")
