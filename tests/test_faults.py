@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -215,6 +216,43 @@ def test_a_nested_shell_never_sees_a_hostile_checkpoint_path(tmp_path, template)
     assert load_run_config(config, [f"checkpoint.dir={tmp_path}/ok_run-1.5"]).checkpoint.post_save_command
     with pytest.raises(ConfigError, match="post_save_command: No closing quotation"):
         load_run_config(config, ["checkpoint.post_save_command=\"echo 'unbalanced {path}\""])
+
+
+def test_a_stop_signal_gives_a_hanging_post_save_command_a_short_grace(tmp_path):
+    """Preempted while an upload hangs: the trainer stops the command's whole process group after
+    the grace and skips the queued ones, instead of waiting out post_save_timeout_s."""
+    from megasmol.ckpt.post_save import PostSaveRunner
+
+    pids = tmp_path / "pids"
+    runner = PostSaveRunner(f"echo $$ >> {pids}; sleep 300 & wait", timeout_s=3600)
+    runner.submit(tmp_path / "iter_0000002", 2)
+    runner.submit(tmp_path / "iter_0000004", 4)
+    deadline = time.time() + 30
+    while not pids.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    started = time.time()
+    runner.close(grace_s=1.0)
+    assert time.time() - started < 20 and not runner._thread.is_alive()
+    (pid,) = [int(line) for line in pids.read_text().split()]  # the second one never started
+    assert _live_group_members(pid) == []  # the shell and its sleep are gone
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of group ``pgid`` that still run (zombies awaiting their reaper do not)."""
+    deadline, live = time.time() + 10, []
+    while time.time() < deadline:
+        live = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(int(stat.parent.name))
+        if not live:
+            break
+        time.sleep(0.2)
+    return live
 
 
 @serial

@@ -71,12 +71,16 @@ def shell_line(template: str) -> str:
     return "".join(out)
 
 
-def run_command(template: str, path: Path, step: int, timeout_s: float) -> bool:
-    """Run once and wait (at most ``timeout_s``); returns whether it exited 0."""
+def run_command(template: str, path: Path, step: int, timeout_s: float,
+                started: Optional[Callable[[subprocess.Popen], None]] = None) -> bool:
+    """Run once and wait (at most ``timeout_s``); returns whether it exited 0. ``started`` is
+    told the process, so its owner can stop it early."""
     env = {**os.environ, "MEGASMOL_CHECKPOINT": str(path), "MEGASMOL_STEP": str(step)}
     proc = subprocess.Popen(["/bin/sh", "-c", shell_line(template)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own group: a timeout ends all of it
+    if started is not None:
+        started(proc)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -85,6 +89,10 @@ def run_command(template: str, path: Path, step: int, timeout_s: float) -> bool:
                   "(checkpoint.post_save_timeout_s); stopped it", step, timeout_s)
         return False
     if proc.returncode != 0:
+        if proc.returncode < 0:  # stopped by the trainer on its way out (see PostSaveRunner.close)
+            log.error("post-save command for step %d stopped (%s)", step,
+                      signal.Signals(-proc.returncode).name)
+            return False
         log.error("post-save command for step %d failed (exit %d): %s", step, proc.returncode,
                   (output or "")[-2000:])
         return False
@@ -111,6 +119,8 @@ class PostSaveRunner:
                  on_success: Optional[Callable[[Path], None]] = None):
         self.template, self.timeout_s, self.on_success = template, timeout_s, on_success
         self._queue: queue.Queue = queue.Queue()
+        self._running: Optional[subprocess.Popen] = None
+        self._abandon = threading.Event()
         self._thread = threading.Thread(target=self._work, name="megasmol-post-save", daemon=True)
         self._thread.start()
 
@@ -126,14 +136,30 @@ class PostSaveRunner:
             try:
                 if item is None:
                     return
-                if run_command(self.template, *item, self.timeout_s) and self.on_success:
+                if self._abandon.is_set():
+                    log.error("post-save command for step %d not run: the trainer is stopping", item[1])
+                    continue
+                ok = run_command(self.template, *item, self.timeout_s, started=self._started)
+                if ok and self.on_success:
                     self.on_success(item[0])
             except Exception:  # never take the training process down
                 log.exception("post-save command for %s", item[0])
             finally:
                 self._queue.task_done()
 
-    def close(self) -> None:
-        """Wait for the queued commands (each bounded by the timeout), then stop the thread."""
+    def _started(self, proc: subprocess.Popen) -> None:
+        self._running = proc
+
+    def close(self, grace_s: Optional[float] = None) -> None:
+        """Wait for the queued commands (each bounded by the timeout), then stop the thread.
+        With ``grace_s`` (a stop signal: the job is being preempted), wait at most that long,
+        then stop the running command's process group and skip the rest."""
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout=grace_s)
+        if self._thread.is_alive():
+            self._abandon.set()
+            if self._running is not None and self._running.poll() is None:
+                log.error("post-save command still running %.0f s after the stop signal; stopping it",
+                          grace_s)
+                _kill_group(self._running)
+            self._thread.join(timeout=15)

@@ -452,13 +452,17 @@ class Trainer:
         (their commit is a collective that would only time out again)."""
         if self.async_queue is not None and not peers_lost:
             self.async_queue.close()
-        if self.post_save is not None:
-            self.post_save.close()
+        if self.post_save is not None:  # after a stop signal, the preemption grace is short
+            self.post_save.close(POST_SAVE_GRACE_S if self.stop.signal_name else None)
         self.watchdog.close()
         self.heartbeats.close()
         self.stop.restore()
         self.metrics.close()
 
+
+POST_SAVE_GRACE_S = 30.0
+"""After a stop signal, how long a running post-save command may still take before it is stopped
+(the checkpoint itself is already saved; Slurm's --signal=USR1@300 leaves minutes in all)."""
 
 # Sections whose change alters what the resumed steps do (not where logs or checkpoints go).
 RESUME_SENSITIVE = ("model", "data", "training", "optim", "schedule", "spikes", "preference")
