@@ -24,7 +24,7 @@ def default_tokenizer_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
 
 
-BUNDLED_NAMES = ("llama3.2", "default")
+BUNDLED_NAMES = ("bundled", "llama3.2")
 """Short names for the bundled Llama-3.2 tokenizer (SmolLM3's), wherever a tokenizer is asked for."""
 
 

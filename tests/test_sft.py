@@ -113,9 +113,18 @@ def test_export_can_attach_a_chat_template_to_any_tokenizer(sft_run, llama_token
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 128012
 
 
-def test_chat_command_answers_with_the_template_and_stops(sft_run):
+def test_chat_command_answers_with_the_template_and_stops(sft_run, tmp_path):
+    """The checkpoint through Megatron-Core, and its export through transformers (``--hf``): the
+    same replies, each stopped at <|im_end|>."""
     root, _ = sft_run
     proc = run_cli("chat", "--checkpoint", str(root / "run" / "checkpoints"), "--message", "apple stone",
                    "--message", "river", "--max-new-tokens", "24")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
     assert lines == [f"assistant> {REPLY}"] * 2, proc.stdout
+    run_cli("export-hf", "--checkpoint", str(root / "run" / "checkpoints"), "--out", str(tmp_path / "hf"),
+            "--quiet")
+    proc = run_cli("chat", "--hf", str(tmp_path / "hf"), "--message", "apple stone", "--message", "river",
+                   "--max-new-tokens", "24")
+    assert [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")] == lines
+    wrong = run_cli("chat", "--hf", str(root / "run" / "checkpoints"), "--message", "hi", check=False)
+    assert wrong.returncode == 2 and "use --checkpoint" in wrong.stderr

@@ -26,10 +26,10 @@ def cmd_chat(args) -> int:
 
     think = True if args.think else (False if args.no_think else None)
     try:
-        session = ChatSession.from_checkpoint(
-            args.checkpoint, tokenizer=args.tokenizer, template=args.template, system=args.system,
-            think=think, max_new_tokens=args.max_new_tokens,
-            sampling=Sampling(args.temperature, args.top_p, args.seed))
+        build = ChatSession.from_hf if args.hf else ChatSession.from_checkpoint
+        session = build(args.hf or args.checkpoint, tokenizer=args.tokenizer, template=args.template,
+                        system=args.system, think=think, max_new_tokens=args.max_new_tokens,
+                        sampling=Sampling(args.temperature, args.top_p, args.seed))
         if args.message is not None:
             for message in args.message:
                 print(f"user> {message}")
@@ -79,8 +79,12 @@ def add_chat_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_chat)
 
-    p = sub.add_parser("chat", help="chat with a checkpoint in the terminal (or one --message)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint root or iteration directory")
+    p = sub.add_parser("chat", help="chat with a checkpoint or a Hugging Face model in the terminal "
+                                    "(or one --message)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="checkpoint root or iteration directory (Megatron-Core)")
+    model.add_argument("--hf", help="a Hugging Face model directory, e.g. from export-hf --chat-template "
+                                    "(transformers, with its KV cache)")
     p.add_argument("--message", action="append",
                    help="send this user message and print the reply, no prompt (repeat for turns)")
     p.add_argument("--system", help="system message (SmolLM3: /think or /no_think inside it switch mode)")
@@ -93,5 +97,5 @@ def add_chat_parsers(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--template", help="chat template instead of the checkpoint's (smollm3, chatml, FILE)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's or the model's)")
     p.set_defaults(func=cmd_chat)

@@ -16,10 +16,14 @@ from megasmol.config.typed import ConfigError
 class ChatSession:
     def __init__(self, model, spec, tokenizer, template, *, system: Optional[str] = None,
                  think: Optional[bool] = None, max_new_tokens: int = 256,
-                 sampling: Optional[Sampling] = None):
+                 sampling: Optional[Sampling] = None, decoder=None):
+        """``decoder(model, max_length)``: incremental decoding (Megatron-Core's by default;
+        :class:`megasmol.chat.hf_decoder.HFDecoder` for a transformers model)."""
         from megasmol.data.chat.special_tokens import single_token_id
+        from megasmol.generate import Decoder
 
         self.model, self.spec, self.tokenizer, self.template = model, spec, tokenizer, template
+        self.decoder = decoder or Decoder
         self.think, self.max_new_tokens = think, max_new_tokens
         self.sampling = sampling or Sampling()
         self.sampling.validate()
@@ -51,6 +55,25 @@ class ChatSession:
         model, spec, _ = load_checkpoint_model(checkpoint)
         return cls(model, spec, hf_tokenizer, chosen, **kwargs)
 
+    @classmethod
+    def from_hf(cls, hf_dir: str | Path, *, tokenizer: Optional[str] = None,
+                template: Optional[str] = None, **kwargs) -> "ChatSession":
+        """A Hugging Face model directory (``megasmol export-hf --chat-template ...``, or any)."""
+        from megasmol.chat.hf_decoder import HFDecoder, load_hf_chat_model
+        from megasmol.data.chat.template import ChatTemplate, load_template
+        from megasmol.tokenizer import load_tokenizer
+
+        model, spec = load_hf_chat_model(hf_dir)
+        hf_tokenizer = load_tokenizer(tokenizer or hf_dir)
+        if template is not None:
+            chosen = load_template(template, hf_tokenizer)
+        elif getattr(hf_tokenizer, "chat_template", None):
+            chosen = ChatTemplate(hf_tokenizer.chat_template, "model")
+        else:
+            raise ConfigError(f"{hf_dir}: its tokenizer has no chat template (export with "
+                              "--chat-template, or pass --template smollm3|chatml|FILE)")
+        return cls(model, spec, hf_tokenizer, chosen, decoder=HFDecoder, **kwargs)
+
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
@@ -70,9 +93,7 @@ class ChatSession:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor) -> list[int]:
         """New token ids after ``ids`` up to and excluding the end-of-turn token."""
-        from megasmol.generate import Decoder
-
-        decoder = Decoder(self.model, ids.shape[1] + self.max_new_tokens)
+        decoder = self.decoder(self.model, ids.shape[1] + self.max_new_tokens)
         logits = decoder.start(ids)
         new: list[int] = []
         for index in range(self.max_new_tokens):

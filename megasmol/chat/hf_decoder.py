@@ -1,0 +1,49 @@
+"""``megasmol chat --hf DIR``: a Hugging Face model (an export, or any causal LM directory) behind
+the same incremental-decoding interface as :class:`megasmol.generate.Decoder`, so a chat session
+talks to it exactly as to a checkpoint: transformers' KV cache, [1, vocab] logits out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+class HFDecoder:
+    def __init__(self, model, max_length: int):
+        self.model, self.max_length, self.past = model, max_length, None
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(ids, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        """[1, n] prompt ids -> the [1, vocab] logits of the next token."""
+        return self._forward(prompt)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Append ``token`` ([1, 1]) and return the logits that follow it."""
+        return self._forward(token.view(1, 1))
+
+
+def load_hf_chat_model(hf_dir: str | Path):
+    """(model, the spec fields a chat session reads, tokenizer directory) for ``hf_dir``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from megasmol.config.typed import ConfigError
+
+    path = Path(hf_dir)
+    if not (path / "config.json").is_file():
+        hint = (" (a megasmol checkpoint: use --checkpoint)" if (path / "latest").is_file()
+                or any(path.glob("iter_*")) else "")
+        raise ConfigError(f"--hf {hf_dir}: not a Hugging Face model directory (no config.json){hint}")
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    config = model.config
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    spec = SimpleNamespace(vocab_size=config.vocab_size, eos_token_id=eos,
+                           max_position_embeddings=config.max_position_embeddings)
+    return model, spec

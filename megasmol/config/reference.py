@@ -1,0 +1,87 @@
+"""The configuration reference, generated from the config dataclasses themselves: every section
+and field of a run config with its type, default and docstring, so the documentation cannot
+drift from the code. ``python -m megasmol.config.reference > docs/configuration.md``; a test
+checks the committed file is current."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import sys
+import textwrap
+import typing
+from functools import lru_cache
+
+HEADER = """# Run configuration reference
+
+Generated from the config dataclasses' docstrings by `python -m megasmol.config.reference`
+(a test keeps this file current). A run config is a YAML file with these sections; unknown keys,
+wrong types and impossible combinations are refused before anything runs, naming the field.
+`--set section.field=value` overrides a field from the command line. Paths written in the file
+are relative to it; paths given with `--set` are relative to the current directory.
+"""
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """``{field: docstring}`` from the string literal under each field of ``cls``."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[node.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
+    return docs
+
+
+def _type_name(annotation) -> str:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    return text.replace("typing.", "").replace("|", "\\|")
+
+
+def _default(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        return f"`{field.default!r}`"
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = field.default_factory()  # type: ignore[misc]
+        return "(section)" if dataclasses.is_dataclass(value) else f"`{value!r}`"
+    return "required"
+
+
+def _section(cls, hints) -> list:
+    rows = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        hint = hints.get(field.name, field.type)
+        rows.append((field.name, hint, field))
+    return rows
+
+
+def reference() -> str:
+    from megasmol.config.run import RunConfig
+
+    out = [HEADER]
+    top_hints = typing.get_type_hints(RunConfig)
+    top_docs = field_docs(RunConfig)
+    sections, plain = [], []
+    for name, hint, field in _section(RunConfig, top_hints):
+        (sections if dataclasses.is_dataclass(hint) else plain).append((name, hint, field))
+    out.append("## Top level\n\n| field | type | default | meaning |\n|---|---|---|---|")
+    for name, hint, field in plain:
+        out.append(f"| `{name}` | {_type_name(field.type)} | {_default(field)} | {top_docs.get(name, '')} |")
+    for name, hint, field in sections:
+        out.append(f"\n## `{name}`\n\n{top_docs.get(name, '')}\n")
+        out.append("| field | type | default | meaning |\n|---|---|---|---|")
+        docs = field_docs(hint)
+        for sub_name, _, sub_field in _section(hint, typing.get_type_hints(hint)):
+            out.append(f"| `{name}.{sub_name}` | {_type_name(sub_field.type)} | {_default(sub_field)} | "
+                       f"{docs.get(sub_name, '')} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference())

@@ -1,0 +1,46 @@
+"""The documentation cannot drift: the configuration reference is generated from the config
+dataclasses, and every ``megasmol COMMAND`` the README and docs/ name is a real command."""
+
+import re
+from pathlib import Path
+
+from megasmol.cli import build_parser
+from megasmol.config.reference import field_docs, reference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_configuration_reference_is_current():
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == reference(), "run: python -m megasmol.config.reference > docs/configuration.md"
+
+
+def test_every_config_field_has_a_docstring():
+    import dataclasses
+    import typing
+
+    from megasmol.config.run import RunConfig
+
+    missing = [name for name, _ in field_docs(RunConfig).items() if not _]
+    hints = typing.get_type_hints(RunConfig)
+    for field in dataclasses.fields(RunConfig):
+        section = hints[field.name]
+        if field.init and dataclasses.is_dataclass(section):
+            documented = field_docs(section)
+            missing += [f"{field.name}.{f.name}" for f in dataclasses.fields(section)
+                        if f.init and not documented.get(f.name)]
+        elif field.init and not field_docs(RunConfig).get(field.name):
+            missing.append(field.name)
+    assert not missing, missing
+
+
+def test_every_command_the_docs_name_exists():
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 (argparse has no API)
+    named = set()
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples" / "README.md"]:
+        text = doc.read_text()
+        blocks = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S))
+        named |= set(re.findall(r"(?:^|[\s$])megasmol ([a-z][a-z-]+)", blocks, flags=re.M))
+        named |= set(re.findall(r"`(?:[^`\n]*[\s(])?megasmol ([a-z][a-z-]+)[^`\n]*`", text))
+    assert named and not named - commands, sorted(named - commands)
