@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint clean
+.PHONY: setup test test-fast demo lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,22 @@ PYTEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
+
+# Unit-level files for iterating (no training runs in subprocesses): under 5 minutes on 2 cores.
+# `make test` (what CI runs) is the whole suite.
+FAST_TESTS ?= tests/test_spec.py tests/test_schedules.py tests/test_param_groups.py \
+	tests/test_config_cli.py tests/test_docs.py tests/test_data_audit.py tests/test_data_loader.py \
+	tests/test_document_masking.py tests/test_prepare_data.py tests/test_chat_data.py \
+	tests/test_preference_data.py tests/test_plan.py tests/test_cpu_compat.py \
+	tests/test_demo_corpus.py tests/test_throughput_watch.py tests/test_checkpoint_safety.py \
+	tests/test_eval_embedded.py tests/test_generate_cache.py
+test-fast: setup
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(FAST_TESTS) $(PYTEST_ARGS)
+
+# ruff (settings in pyproject.toml) and shellcheck on the launch scripts.
+lint: setup
+	$(VENV)/bin/ruff check megasmol tests bench tools
+	$(VENV)/bin/shellcheck -x examples/*/*.sh examples/*/*.sbatch
 
 demo: setup
 	$(VENV)/bin/megasmol demo

@@ -45,6 +45,12 @@ def load_tokenizer(name_or_path: Optional[str | Path] = None):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(text)
+        tokenizer = AutoTokenizer.from_pretrained(text)
     except OSError as exc:
         raise ConfigError(f"tokenizer {source}: cannot load it ({str(exc).splitlines()[0]})") from None
+    # transformers ignores this clean-up for BPE tokenizers (it would corrupt their output) and
+    # warns at every decode; the Llama-3.2 tokenizer's config sets it. Off: the same text, no noise.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.model).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
+    return tokenizer

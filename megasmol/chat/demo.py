@@ -45,7 +45,7 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
                  train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.prepare import prepare_chat, tokenizer_path
-    from megasmol.data.chat.synthetic import arithmetic_record, split_arithmetic, write_jsonl
+    from megasmol.data.chat.synthetic import SYSTEM, arithmetic_record, split_arithmetic, write_jsonl
     from megasmol.demo import run_demo
     from megasmol.runtime.distributed import init_distributed, shutdown
     from megasmol.train.loop import train
@@ -92,7 +92,8 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
         rows.append((label, *(f"{100 * share:.0f}%" for share in scores[:3])))
     print(f"[5/5] held-out questions ({held_out}, none seen in training):")
     print("      " + format_table(rows).replace("\n", "\n      "))
-    print(f"      megasmol chat --checkpoint {result.checkpoint} --message {after[3][0]!r}")
+    print(f"      megasmol chat --checkpoint {result.checkpoint} --system {SYSTEM!r} "
+          f"--message {after[3][0]!r}")
     print(f"      assistant> {after[3][1]}")
     learned = after[0] > before[0] and after[0] >= 0.5
     print(f"SFT demo finished in {time.time() - started:.0f}s: "
