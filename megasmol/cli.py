@@ -383,10 +383,27 @@ def _quiet_import_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
 
 
+# Arguments that name an existing input: checked before any command imports torch, Megatron-Core
+# or transformers, so a mistyped path is one line at once instead of after seconds of imports.
+INPUT_PATHS = (("config", "--config"), ("checkpoint", "--checkpoint"), ("hf", "--hf"),
+               ("checkpoints", "--checkpoints"), ("runs", "RUN_DIR"))
+
+
+def _check_inputs(args) -> None:
+    from megasmol.config.typed import ConfigError
+
+    for attr, flag in INPUT_PATHS:
+        value = getattr(args, attr, None)
+        for item in value if isinstance(value, list) else [value] if value else []:
+            if not Path(item).expanduser().exists():
+                raise ConfigError(f"{flag} {item}: no such file or directory")
+
+
 def main(argv=None) -> int:
     _quiet_import_warnings()
     args = build_parser().parse_args(argv)
     try:
+        _check_inputs(args)
         return args.func(args)
     except Exception as exc:  # one clear line for bad input; tracebacks for real bugs
         if type(exc).__name__ in FAILURES_SHOWN_PLAINLY:

@@ -32,3 +32,24 @@ def test_command_line_paths_are_relative_to_the_current_directory(tmp_path, monk
     plain = load_run_config(configs / "run.yaml")
     assert config.path(plain.run_dir) == configs / "runs" / "in-file"
     assert plain.path(plain.data.root) == Path(configs / "tokens")
+
+
+def test_a_missing_input_is_one_line_before_any_heavy_import(tmp_path):
+    """A mistyped --config / --checkpoint / --hf / run directory is reported before torch,
+    Megatron-Core or transformers load (it used to take 5-25 s and sometimes a traceback)."""
+    import subprocess
+    import sys
+    import time
+
+    for argv in (["export-hf", "--checkpoint", "/missing/ckpt", "--out", str(tmp_path / "hf")],
+                 ["chat", "--hf", "/missing/ckpt", "--message", "hi"],
+                 ["compare", str(tmp_path / "run-a"), "/missing/ckpt"]):
+        started = time.time()
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "megasmol", *argv],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and time.time() - started < 30, proc.stderr[-500:]
+        errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+        assert len(errors) == 1 and "no such file or directory" in errors[0], errors
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert not imported & {"torch", "transformers", "megatron.core"}, argv
