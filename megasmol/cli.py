@@ -158,6 +158,10 @@ def _training_process() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A failed checkpoint write is reported once, as megasmol's one line naming the directory and
+    # the cause (train/loop.py); Megatron's writer would log the same failure a second time.
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(
+        logging.CRITICAL)
 
 
 def cmd_demo(args) -> int:

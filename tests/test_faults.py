@@ -297,9 +297,22 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     proc = train(config, env_extra={"MEGASMOL_FAULT": "enospc_in_save:6"})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "saving step 6 to" in proc.stderr and "No space left on device" in proc.stderr
+    assert "no space left on device (ENOSPC) in " in proc.stderr
     assert _latest_step(tmp_path / "run") == 3
     resumed = train(config)
     assert "at step 3" in resumed.stdout and max(step_losses(tmp_path / "run")) == STEPS
+
+
+def test_a_full_disk_under_async_saves_is_one_line_naming_enospc(tmp_path):
+    """A background save that fails is collected steps later; torch's zip writer says only
+    "unexpected pos". Still one line, naming ENOSPC and the directory, no traceback."""
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 3, "async_save": True})
+    proc = train(config, env_extra={"MEGASMOL_FAULT": "full_disk_in_async_save:6"}, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "no space left on device (ENOSPC) in " in errors[0], errors
+    assert str(tmp_path / "run" / "checkpoints") in errors[0] and "unexpected pos" in errors[0]
+    assert _latest_step(tmp_path / "run") == 3
 
 
 @serial

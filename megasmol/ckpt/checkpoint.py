@@ -206,9 +206,19 @@ def save_checkpoint(
         commit()
         return final
     request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
+    if faults.planned_at("full_disk_in_async_save", step):
+        request.add_finalize_fn(_fail_like_a_full_disk)
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _fail_like_a_full_disk() -> None:
+    """What Megatron's async writer reports when torch's zip writer runs out of space."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    raise CheckpointException("write", {_rank(): (RuntimeError(
+        "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), None)})
 
 
 def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out") -> Path:

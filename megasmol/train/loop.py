@@ -70,8 +70,31 @@ def _save_errors(root: Path, step: Optional[int]):
         if isinstance(exc, (SaveFailed, RuntimeError)) and describe_collective_failure(exc):
             raise
         where = f"step {step} to {root}" if step is not None else f"a checkpoint to {root}"
-        raise SaveFailed(f"saving {where} failed: {describe_error(exc)}; the previous "
-                         "checkpoint stays the latest") from None
+        cause = describe_error(exc)
+        full = disk_full(root, cause)
+        if full:
+            cause = f"{full} ({cause})"
+        raise SaveFailed(f"saving {where} failed: {cause}; the previous checkpoint stays the "
+                         "latest") from None
+
+
+# What a full disk looks like from inside torch's writers: errno 28 only sometimes; the zip
+# writer's own check ("unexpected pos") or a short write otherwise.
+_FULL_DISK_SIGNS = ("No space left on device", "[Errno 28]", "unexpected pos", "file write failed")
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_full(root: Path, cause: str) -> Optional[str]:
+    """``No space left on device (ENOSPC) in ROOT: N MB free`` when the save failed for want of
+    space (the error's text says so, or the directory's filesystem has under 64 MB left)."""
+    import shutil
+
+    probe = next((p for p in (root, *root.parents) if p.exists()), None)
+    free = shutil.disk_usage(probe).free if probe is not None else None
+    if any(sign in cause for sign in _FULL_DISK_SIGNS) or (free is not None and free < _NEARLY_FULL_BYTES):
+        left = "" if free is None else f": {free / 2**20:.1f} MB free"
+        return f"no space left on device (ENOSPC) in {root}{left}"
+    return None
 
 
 @dataclass
@@ -328,7 +351,8 @@ class Trainer:
             self.step = step
             steps_done += 1
             if self.async_queue is not None:
-                self.async_queue.maybe_finalize_async_calls(blocking=False)
+                with _save_errors(self.ckpt_dir, None):  # a background save that failed
+                    self.async_queue.maybe_finalize_async_calls(blocking=False)
             if progress is not None:
                 progress.update(1)
             if step % config.logging.interval == 0 or step == self.total_steps:

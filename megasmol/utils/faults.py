@@ -6,6 +6,9 @@ each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
 * ``kill_in_save:N``: SIGKILL this process after checkpoint N's files are written and before it
   is renamed into place (the worst moment for a crash during a save);
 * ``enospc_in_save:N``: fail checkpoint N's write as DCP does when the disk is full;
+* ``full_disk_in_async_save:N``: with ``checkpoint.async_save``, fail checkpoint N's background
+  write the way torch's zip writer does on a full disk (``unexpected pos``, no errno), reported
+  when the trainer collects the finished save;
 * ``corrupt_batch:N``: replace the tokens of step N with uniformly random ids (a planted
   loss spike);
 * ``inf_grad:N``: after step N's backward pass, put an inf into this rank's gradients while the
