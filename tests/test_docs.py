@@ -1,13 +1,32 @@
 """The documentation cannot drift: the configuration reference is generated from the config
-dataclasses, and every ``megasmol COMMAND`` the README and docs/ name is a real command."""
+dataclasses, every ``megasmol COMMAND`` the README and docs/ name is a real command, and every
+``megasmol`` command line in their code blocks parses with the real CLI (its flags exist and its
+values are accepted)."""
 
 import re
+import shlex
 from pathlib import Path
+
+import pytest
 
 from megasmol.cli import build_parser
 from megasmol.config.reference import field_docs, reference
 
 REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples" / "README.md"]
+
+
+def _code_block_commands(text: str) -> list[str]:
+    """``megasmol ...`` command lines of the fenced code blocks (continuations joined, prompts,
+    comments, pipes and redirections stripped)."""
+    out = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.split(r"(?:^|\s)#", line.strip().removeprefix("$ "))[0]
+            found = re.search(r"(?:^|[\s;&(])(?:-m )?megasmol ([a-z].*)$", line)
+            if found:
+                out.append(re.split(r"\s+(?:\|\||&&|\||;|>)\s*", found.group(1))[0])
+    return out
 
 
 def test_the_configuration_reference_is_current():
@@ -38,9 +57,20 @@ def test_every_command_the_docs_name_exists():
     parser = build_parser()
     commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 (argparse has no API)
     named = set()
-    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples" / "README.md"]:
+    for doc in DOCS:
         text = doc.read_text()
         blocks = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.M | re.S))
         named |= set(re.findall(r"(?:^|[\s$])megasmol ([a-z][a-z-]+)", blocks, flags=re.M))
         named |= set(re.findall(r"`(?:[^`\n]*[\s(])?megasmol ([a-z][a-z-]+)[^`\n]*`", text))
     assert named and not named - commands, sorted(named - commands)
+
+
+def test_every_command_line_in_the_docs_parses():
+    parser = build_parser()
+    lines = [(doc.name, line) for doc in DOCS for line in _code_block_commands(doc.read_text())]
+    assert len(lines) >= 15
+    for where, line in lines:
+        try:
+            parser.parse_args(shlex.split(line))
+        except SystemExit:
+            pytest.fail(f"{where}: `megasmol {line}` does not parse (see the error above)")
