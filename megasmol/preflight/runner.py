@@ -161,8 +161,10 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
     if "storage" not in options.skip and info.local_rank == 0:
         ckpt = Path(options.checkpoint_dir) if options.checkpoint_dir else (
             config.checkpoint_dir if config is not None else None)
+        why = ({"no_data_why": "--world-size plans another job: its data are read on its nodes"}
+               if config is not None and options.world_size is not None and not options.data_paths else {})
         mine["storage"] = storage.storage_checks(data_files, ckpt, level.storage_mb,
-                                                 options.min_read_gbps, options.min_write_gbps)
+                                                 options.min_read_gbps, options.min_write_gbps, **why)
     if "dcgm" not in options.skip and info.local_rank == 0:
         # Whatever torch sees: DCGM may find a failed GPU that torch cannot even open.
         mine["dcgm"] = dcgm.run_dcgm(level.dcgm_level, timeout_s=3600)

@@ -72,15 +72,16 @@ def _judge(check: str, target: str, result: dict, minimum: float, verb: str) -> 
 
 
 def storage_checks(data_files: list[Path], checkpoint_dir: Optional[Path], budget_mb: int,
-                   min_read_gbps: float, min_write_gbps: float) -> list[CheckResult]:
+                   min_read_gbps: float, min_write_gbps: float,
+                   no_data_why: str = "give --config or --data-path; a config's missing files fail "
+                                      "data_audit") -> list[CheckResult]:
     rows = []
     if data_files:
         result = read_throughput(data_files, budget_mb)
         target = str(Path(data_files[0]).parent)
         rows.append(_judge("storage_read", target, result, min_read_gbps, "read"))
     else:
-        rows.append(skipped("storage_read", "no data files to read (give --config or --data-path; "
-                                            "a config's missing files fail data_audit)"))
+        rows.append(skipped("storage_read", f"no data files to read ({no_data_why})"))
     if checkpoint_dir is not None:
         result = write_throughput(checkpoint_dir, budget_mb)
         rows.append(_judge("storage_write", str(checkpoint_dir), result, min_write_gbps, "wrote"))
