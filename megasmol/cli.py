@@ -154,7 +154,7 @@ def _training_process() -> None:
 
     # Megatron's checkpoint writer starts helper processes that re-import it without this
     # process's warning filters; keep its import-time notices about optional kernels quiet there.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    _child_warning_filter("ignore::UserWarning")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -376,7 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _child_warning_filter(spec: str) -> None:
+    """Add a ``PYTHONWARNINGS`` entry for the processes this one starts (multiprocessing's spawned
+    workers import torch before anything of megasmol, so its filters do not reach them)."""
+    current = [s for s in os.environ.get("PYTHONWARNINGS", "").split(",") if s]
+    if spec not in current:
+        os.environ["PYTHONWARNINGS"] = ",".join([*current, spec])
+
+
 def _quiet_import_warnings() -> None:
+    _child_warning_filter("ignore:The pynvml package is deprecated:FutureWarning")
     # Megatron-Core warns at import time about optional kernels (Apex, TE) that megasmol's
     # spec selection already accounts for; keep the console for what the user asked.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")

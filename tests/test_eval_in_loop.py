@@ -111,7 +111,13 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
         offline = json.loads((out / "results.json").read_text())["results"]
         in_loop = run / "downstream" / f"iter_{step:07d}"
         _assert_same_samples(_samples(in_loop), _samples(out))
-        assert json.loads((in_loop / "results.json").read_text())["results"] == offline
+        in_loop_results = json.loads((in_loop / "results.json").read_text())["results"]
+        assert in_loop_results.keys() == offline.keys()
+        for task, metrics in offline.items():  # the same numbers (float sums in another order)
+            assert in_loop_results[task].keys() == metrics.keys()
+            for key, value in metrics.items():
+                got = in_loop_results[task][key]
+                assert got == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
         assert scores[step]["cloze/acc"] == offline["cloze"]["acc"]
         assert scores[step]["cloze/gold_loglik"] == pytest.approx(offline["cloze"]["gold_loglik"], abs=1e-4)
         assert scores[step]["gen/exact_match"] == offline["gen"]["exact_match"]
@@ -122,9 +128,10 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
     assert scores[3]["cloze/gold_loglik"] != scores[6]["cloze/gold_loglik"]  # training moved it
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                                    "parallel.context_parallel=2"])
-def test_in_loop_scores_are_the_same_under_tp_pp_and_cp(single, tmp_path, vocab_tokenizer, layout):
+# CP (and DP) scoring is checked on the offline command (test_eval_tasks.py), which is the same
+# PipelineScorer the loop calls.
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+def test_in_loop_scores_are_the_same_under_tp_and_pp(single, tmp_path, vocab_tokenizer, layout):
     config = _config(tmp_path, vocab_tokenizer)
     init = f"checkpoint.init_from={single['root'] / 'run' / 'checkpoints' / 'iter_0000006'}"
     torchrun_train(config, layout, init, "training.train_steps=1", "schedule.warmup_steps=0",

@@ -67,15 +67,16 @@ def test_first_step_loss_and_metrics_of_a_packed_run(pref_run):
 
 
 def test_every_parallel_layout_trains_as_one_process(pref_run):
-    """TP=2, PP=2, CP=2 and DP=2 (distributed optimizer) each recompute the reference log-probs in
-    their own layout and train the same steps as one process (the validation too)."""
+    """PP=2, CP=2 and DP=2 (distributed optimizer) each recompute the reference log-probs in their
+    own layout and train the same steps as one process (the validation too). TP=2 is left out to
+    keep the suite short: its per-token losses are vocabulary-parallel CE, checked under TP by the
+    training, SFT and scoring layout tests, and a pair's sums are the same on every TP rank."""
     root, _ = pref_run
     (single,) = list((root / "data").glob("pref.ref-*.npy"))
     expected_ref = np.load(single)
     expected = _metrics(root / "run")
     # CP=2 also with 2-row micro-batches: the reference pass groups rows, the loss does not care.
-    for layout, micro in (("tensor_parallel=2", 1), ("pipeline_parallel=2", 1), ("context_parallel=2", 2),
-                          ("context_parallel=1", 1)):
+    for layout, micro in (("pipeline_parallel=2", 1), ("context_parallel=2", 2), ("context_parallel=1", 1)):
         single.unlink()
         run_dir = root / f"run-{layout.replace('=', '')}"
         run_torchrun(["-m", "megasmol", "train", "--config", str(root / "apo.yaml"),

@@ -278,9 +278,13 @@ def test_a_config_whose_data_is_missing_or_wrong_is_a_no_go(tmp_path):
     audit = [r for (check, _), r in rows.items() if check == "data_audit"]
     assert proc.returncode == 1 and audit and all(r["status"] == "fail" for r in audit)
     assert "missing" in audit[0]["summary"] and "NO-GO: data_audit" in proc.stdout
-    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", "model.vocab_size=16")
+    import yaml
+
+    spec = yaml.safe_load((tmp_path / "run" / "spec.yaml").read_text())
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump({**spec, "vocab_size": 16}))
+    proc, rows = _preflight_with(tmp_path, "--config", str(config), "--set", f"model={tmp_path}/small.yaml")
     audit = [r for (check, _), r in rows.items() if check == "data_audit"]
-    assert proc.returncode == 1 and "outside the model's vocabulary of 16" in audit[0]["summary"]
+    assert proc.returncode == 1 and "outside the model's vocabulary of 16" in audit[0]["summary"], audit
 
 
 STAND_IN_DIAG = '''
