@@ -24,7 +24,10 @@ def mistakes(tmp: Path) -> list[tuple[str, list[str]]]:
     fake_ckpt = tmp / "ckpt"
     fake_ckpt.mkdir()
     (fake_ckpt / "latest").write_text("iter_0000010\n")
-    score = ["eval", "tasks", "--hf", "/missing", "--tasks", "demo_code"]
+    fake_hf = tmp / "hf-model"
+    fake_hf.mkdir()
+    (fake_hf / "config.json").write_text("{}")
+    score = ["eval", "tasks", "--hf", str(fake_hf), "--tasks", "demo_code"]
     return [
         ("config file missing", ["train", "--config", "nope.yaml"]),
         ("unknown config key", ["train", "--config", DEMO, "--set", "training.trian_steps=5"]),
@@ -33,7 +36,7 @@ def mistakes(tmp: Path) -> list[tuple[str, list[str]]]:
         ("data root missing (audit)", ["data-audit", "--config", DEMO, "--set", "data.root=/missing"]),
         ("preflight, config missing", ["preflight", "--config", "nope.yaml"]),
         ("eval --hf given a megasmol checkpoint", score[:3] + [str(fake_ckpt)] + score[4:]),
-        ("eval --hf missing", score),
+        ("eval --hf missing", score[:3] + ["/missing"] + score[4:]),
         ("eval unknown task", score[:-1] + ["nosuch_task"]),
         ("eval --batch-tokens 0", score + ["--batch-tokens", "0"]),
         ("eval --out is a file", score + ["--out", "README.md"]),

@@ -410,6 +410,10 @@ def _check_inputs(args) -> None:
         for item in value if isinstance(value, list) else [value] if value else []:
             if not Path(item).expanduser().exists():
                 raise ConfigError(f"{flag} {item}: no such file or directory")
+    for item in getattr(args, "input", None) or []:  # data inputs: files, folders, globs, hf:ID
+        if isinstance(item, str) and not item.startswith("hf:") and not any(c in item for c in "*?["):
+            if not Path(item).expanduser().exists():
+                raise ConfigError(f"input {item}: no such file or directory")
 
 
 def main(argv=None) -> int:

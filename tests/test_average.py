@@ -93,7 +93,8 @@ def test_the_export_of_an_average_loads_in_transformers(inputs, megatron_runtime
 
 
 def test_bad_inputs_are_named(inputs, tmp_path):
-    from megasmol.ablate.average import average_checkpoints, check_weights
+    from megasmol.ablate.average import average_checkpoints
+    from megasmol.ablate.weights import check_weights
     from megasmol.config.typed import ConfigError
 
     with pytest.raises(ConfigError, match="sum to 0.9"):

@@ -15,7 +15,6 @@ release: a soup of preference-tuned checkpoints at 0.9 with the mid-training che
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -25,11 +24,11 @@ import torch
 from megasmol.ckpt.checkpoint import (CheckpointError, check_output_dir, read_metadata, resolve,
                                       save_checkpoint, tokenizer_dir)
 from megasmol.ckpt.reader import CheckpointReader
+from megasmol.ablate.weights import check_weights
 from megasmol.config.typed import ConfigError
 
 # Spec fields that do not change what the weights mean.
 SPEC_FIELDS_IGNORED = ("name", "source", "attention_backend")
-WEIGHT_TOLERANCE = 1e-6
 # Elements per block read and accumulated at once (float64: 128 MiB).
 BLOCK_ELEMENTS = 1 << 24
 
@@ -40,27 +39,6 @@ class AverageReport:
     inputs: list[Path]
     weights: list[float]
     tensors: int
-
-
-def check_weights(weights: Optional[Sequence[float]], count: int, normalize: bool) -> list[float]:
-    """The weights to use: equal by default; given ones must be finite, one per checkpoint, and
-    sum to 1 unless ``normalize`` is False."""
-    if count < 1:
-        raise ConfigError("--checkpoints: give at least one checkpoint")
-    if weights is None:
-        return [1.0 / count] * count
-    weights = [float(w) for w in weights]
-    if len(weights) != count:
-        raise ConfigError(f"--weights: {len(weights)} weights for {count} checkpoints")
-    if not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"--weights must be finite numbers, got {weights}")
-    total = sum(weights)
-    if not any(weights):
-        raise ConfigError("--weights are all zero: the result would be an all-zero model")
-    if normalize and abs(total - 1.0) > WEIGHT_TOLERANCE:
-        raise ConfigError(f"--weights sum to {total:g}, not 1 (pass --no-normalize to use them "
-                          "as given, e.g. for task arithmetic)")
-    return weights
 
 
 def shared_spec(paths: Sequence[Path]) -> tuple[dict, list[dict]]:

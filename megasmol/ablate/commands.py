@@ -9,6 +9,9 @@ from megasmol.config.run import cli_override
 
 
 def cmd_average(args) -> int:
+    from megasmol.ablate.weights import check_weights
+
+    check_weights(args.weights, len(args.checkpoints), normalize=not args.no_normalize)  # before torch
     from megasmol.ablate.average import average_checkpoints
     from megasmol.runtime.distributed import shutdown
 

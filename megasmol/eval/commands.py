@@ -9,16 +9,9 @@ from megasmol.utils.argtypes import positive_int
 
 
 def cmd_eval_tasks(args) -> int:
-    from tqdm import tqdm
-
-    from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.config.typed import ConfigError
-    from megasmol.eval.runner import evaluate, table, write_outputs
-    from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.tasks import load_task
-    from megasmol.runtime.distributed import shutdown
-    from megasmol.tokenizer import load_tokenizer
 
+    # Argument mistakes first, before torch and transformers load.
     if bool(args.checkpoint) == bool(args.hf):
         raise ConfigError("give exactly one of --checkpoint or --hf")
     if args.limit is not None and args.limit < 1:
@@ -34,6 +27,16 @@ def cmd_eval_tasks(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
+
+    from tqdm import tqdm
+
+    from megasmol.ckpt.checkpoint import tokenizer_dir
+    from megasmol.eval.runner import evaluate, table, write_outputs
+    from megasmol.eval.scorers import hf_scorer, megatron_scorer
+    from megasmol.eval.tasks import load_task
+    from megasmol.runtime.distributed import shutdown
+    from megasmol.tokenizer import load_tokenizer
+
     tasks = [load_task(name) for name in names]  # bad task names/files fail before any model
     for task in tasks:
         task.examples()  # so does data that cannot be read (a bad row, an offline hub dataset)
