@@ -41,7 +41,7 @@ def load_tokenizer(name_or_path: Optional[str | Path] = None):
         from megasmol.utils.hub import require_hub
 
         require_hub(f"tokenizer {source!r} (not a local directory)",
-                    f"give a tokenizer directory, or {BUNDLED_NAMES[0]} for the bundled Llama-3.2 one")
+                    "give a tokenizer directory, or llama3.2 (or bundled) for the bundled Llama-3.2 one")
     from transformers import AutoTokenizer
 
     try:

@@ -37,7 +37,6 @@ class ChatSession:
     def from_checkpoint(cls, checkpoint: str | Path, *, tokenizer: Optional[str] = None,
                         template: Optional[str] = None, **kwargs) -> "ChatSession":
         from megasmol.ckpt.checkpoint import tokenizer_dir
-        from megasmol.data.chat.template import ChatTemplate, load_template
         from megasmol.model.load import load_checkpoint_model
         from megasmol.tokenizer import load_tokenizer
 
@@ -45,13 +44,9 @@ class ChatSession:
         if source is None:
             raise ConfigError(f"{checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
         hf_tokenizer = load_tokenizer(source)
-        if template is not None:
-            chosen = load_template(template, hf_tokenizer)
-        elif getattr(hf_tokenizer, "chat_template", None):
-            chosen = ChatTemplate(hf_tokenizer.chat_template, "checkpoint")
-        else:
-            raise ConfigError(f"{checkpoint}: its tokenizer has no chat template (it was not trained on "
-                              "prepare-chat data); pass --template smollm3|chatml|FILE")
+        chosen = _template(hf_tokenizer, template, "checkpoint",
+                           f"{checkpoint}: its tokenizer has no chat template (it was not trained on "
+                           "prepare-chat data); pass --template smollm3|chatml|FILE")
         model, spec, _ = load_checkpoint_model(checkpoint)
         return cls(model, spec, hf_tokenizer, chosen, **kwargs)
 
@@ -60,18 +55,13 @@ class ChatSession:
                 template: Optional[str] = None, **kwargs) -> "ChatSession":
         """A Hugging Face model directory (``megasmol export-hf --chat-template ...``, or any)."""
         from megasmol.chat.hf_decoder import HFDecoder, load_hf_chat_model
-        from megasmol.data.chat.template import ChatTemplate, load_template
         from megasmol.tokenizer import load_tokenizer
 
         model, spec = load_hf_chat_model(hf_dir)
         hf_tokenizer = load_tokenizer(tokenizer or hf_dir)
-        if template is not None:
-            chosen = load_template(template, hf_tokenizer)
-        elif getattr(hf_tokenizer, "chat_template", None):
-            chosen = ChatTemplate(hf_tokenizer.chat_template, "model")
-        else:
-            raise ConfigError(f"{hf_dir}: its tokenizer has no chat template (export with "
-                              "--chat-template, or pass --template smollm3|chatml|FILE)")
+        chosen = _template(hf_tokenizer, template, "model",
+                           f"{hf_dir}: its tokenizer has no chat template (export with "
+                           "--chat-template, or pass --template smollm3|chatml|FILE)")
         return cls(model, spec, hf_tokenizer, chosen, decoder=HFDecoder, **kwargs)
 
     def reset(self) -> None:
@@ -112,3 +102,15 @@ class ChatSession:
         text = self.tokenizer.decode(new, skip_special_tokens=False)
         self.messages.append({"role": "assistant", "content": text})
         return text
+
+
+def _template(tokenizer, choice: Optional[str], owner: str, missing: str):
+    """``choice`` (a name or file) when given, else the tokenizer's own template; ``missing`` is
+    the error when it has none."""
+    from megasmol.data.chat.template import ChatTemplate, load_template
+
+    if choice is not None:
+        return load_template(choice, tokenizer)
+    if getattr(tokenizer, "chat_template", None):
+        return ChatTemplate(tokenizer.chat_template, owner)
+    raise ConfigError(missing)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import socket
 from typing import Optional
 from urllib.parse import urlparse
 
@@ -15,16 +14,9 @@ TIMEOUT_S = 5.0
 
 
 def _unreachable(url: str) -> Optional[str]:
-    parsed = urlparse(url)
-    host = parsed.hostname
-    if not host:
-        return None
-    port = parsed.port or (80 if parsed.scheme == "http" else 443)
-    try:
-        with socket.create_connection((host, port), timeout=TIMEOUT_S):
-            return None
-    except OSError as exc:
-        return f"cannot reach {host}:{port} ({exc.__class__.__name__}: {exc})"
+    from megasmol.utils.hub import unreachable
+
+    return unreachable(url, TIMEOUT_S)
 
 
 def wandb_problem(env=os.environ) -> Optional[str]:
