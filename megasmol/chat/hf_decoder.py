@@ -33,13 +33,9 @@ def load_hf_chat_model(hf_dir: str | Path):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from megasmol.config.typed import ConfigError
+    from megasmol.convert.hf_dir import check_hf_model_dir
 
-    path = Path(hf_dir)
-    if not (path / "config.json").is_file():
-        hint = (" (a megasmol checkpoint: use --checkpoint)" if (path / "latest").is_file()
-                or any(path.glob("iter_*")) else "")
-        raise ConfigError(f"--hf {hf_dir}: not a Hugging Face model directory (no config.json){hint}")
+    path = check_hf_model_dir(hf_dir)
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     config = model.config

@@ -60,6 +60,23 @@ def describe_error(exc: BaseException) -> str:
     return f"{name}: {text[0]}" if text else name
 
 
+# What a full disk looks like from inside torch's writers: errno 28 only sometimes; the zip
+# writer's own check ("unexpected pos") or a short write otherwise.
+_FULL_DISK_SIGNS = ("No space left on device", "[Errno 28]", "unexpected pos", "file write failed")
+_NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_full(root: Path, cause: str) -> Optional[str]:
+    """``No space left on device (ENOSPC) in ROOT: N MB free`` when the save failed for want of
+    space (the error's text says so, or the directory's filesystem has under 64 MB left)."""
+    probe = next((p for p in (root, *root.parents) if p.exists()), None)
+    free = shutil.disk_usage(probe).free if probe is not None else None
+    if any(sign in cause for sign in _FULL_DISK_SIGNS) or (free is not None and free < _NEARLY_FULL_BYTES):
+        left = "" if free is None else f": {free / 2**20:.1f} MB free"
+        return f"no space left on device (ENOSPC) in {root}{left}"
+    return None
+
+
 def iteration_dirname(step: int) -> str:
     return f"iter_{step:07d}"
 

@@ -23,7 +23,9 @@ def cmd_eval_tasks(args) -> int:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a file; results go to a directory")
     if args.hf:
-        _check_hf_dir(Path(args.hf))
+        from megasmol.convert.hf_dir import check_hf_model_dir
+
+        check_hf_model_dir(args.hf)
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
@@ -68,21 +70,6 @@ def cmd_eval_tasks(args) -> int:
     report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings)
     print(f"results: {report}\nsamples: {samples}")
     return 0
-
-
-def _check_hf_dir(path: Path) -> None:
-    """--hf takes a Hugging Face model directory; say what was given instead."""
-    from megasmol.config.typed import ConfigError
-
-    if not path.is_dir():
-        raise ConfigError(f"--hf {path}: no such directory (a Hugging Face model directory, e.g. "
-                          "from megasmol export-hf)")
-    if (path / "latest").is_file() or (path / "megasmol.json").is_file() or any(path.glob("iter_*")):
-        raise ConfigError(f"--hf {path}: this is a megasmol checkpoint, not a Hugging Face model "
-                          f"directory: score it with --checkpoint {path}, or export it first with "
-                          "megasmol export-hf")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"--hf {path}: not a Hugging Face model directory (no config.json)")
 
 
 def _parallel_scorer(args, tokenizer):

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from megasmol.ckpt import train_state
-from megasmol.ckpt.checkpoint import (atomic_write_text, describe_error, iteration_dirname,
+from megasmol.ckpt.checkpoint import (atomic_write_text, describe_error, disk_full, iteration_dirname,
                                       latest_iteration, load_errors, recover_interrupted_saves)
 from megasmol.ckpt.post_save import PostSaveRunner
 from megasmol.config.run import RunConfig
@@ -76,25 +76,6 @@ def _save_errors(root: Path, step: Optional[int]):
             cause = f"{full} ({cause})"
         raise SaveFailed(f"saving {where} failed: {cause}; the previous checkpoint stays the "
                          "latest") from None
-
-
-# What a full disk looks like from inside torch's writers: errno 28 only sometimes; the zip
-# writer's own check ("unexpected pos") or a short write otherwise.
-_FULL_DISK_SIGNS = ("No space left on device", "[Errno 28]", "unexpected pos", "file write failed")
-_NEARLY_FULL_BYTES = 64 * 2**20
-
-
-def disk_full(root: Path, cause: str) -> Optional[str]:
-    """``No space left on device (ENOSPC) in ROOT: N MB free`` when the save failed for want of
-    space (the error's text says so, or the directory's filesystem has under 64 MB left)."""
-    import shutil
-
-    probe = next((p for p in (root, *root.parents) if p.exists()), None)
-    free = shutil.disk_usage(probe).free if probe is not None else None
-    if any(sign in cause for sign in _FULL_DISK_SIGNS) or (free is not None and free < _NEARLY_FULL_BYTES):
-        left = "" if free is None else f": {free / 2**20:.1f} MB free"
-        return f"no space left on device (ENOSPC) in {root}{left}"
-    return None
 
 
 @dataclass

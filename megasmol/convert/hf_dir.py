@@ -1,0 +1,22 @@
+"""What ``--hf DIR`` must be: a Hugging Face model directory. Checked before anything heavy
+loads, with one line saying what was given instead (a megasmol checkpoint, a folder without
+``config.json``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from megasmol.config.typed import ConfigError
+
+
+def check_hf_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"--hf {path}: no such directory (a Hugging Face model directory, e.g. "
+                          "from megasmol export-hf)")
+    if (path / "latest").is_file() or (path / "megasmol.json").is_file() or any(path.glob("iter_*")):
+        raise ConfigError(f"--hf {path}: this is a megasmol checkpoint, not a Hugging Face model "
+                          f"directory: use --checkpoint {path}, or export it first with megasmol export-hf")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--hf {path}: not a Hugging Face model directory (no config.json)")
+    return path
