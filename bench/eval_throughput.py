@@ -1,12 +1,21 @@
 """Examples per second of ``megasmol eval tasks`` against lm-evaluation-harness, same model,
 same task, same cores, in one process (the ratio is what to read on a shared machine).
 
-The model is a random ``smollm3-tiny`` (Llama-3.2 vocabulary) exported to Hugging Face format;
-the task is the embedded ``demo_arithmetic`` written out as a task file (4 choices each). lm-eval
-runs ``HFLM`` with the same file as a custom task; megasmol runs its transformers scorer and its
-Megatron-Core scorer. Both score identical requests (checked: the same accuracy).
+The model is a random ``smollm3-tiny`` (Llama-3.2 vocabulary), or with ``--model wide`` a random
+SmolLM3-architecture model shaped like SmolLM2-135M (28 layers: NoPE every 4th; 576 wide, 9 / 3 heads,
+FFN 1536; ~180M parameters with the 128k vocabulary, so the transformer, not the output layer,
+is most of the cost), exported to Hugging Face format. The task is the embedded
+``demo_arithmetic`` or, with ``--task hellaswag``, the first rows of HellaSwag's shipped
+validation split (megasmol[evaldata]), written out as a task file with lm-eval's preprocessing
+already applied (4 choices each). lm-eval runs ``HFLM`` with the same file as a custom task;
+megasmol runs its transformers scorer and its Megatron-Core scorer, each with the shared-context
+path (a question's choices against one pass over their context) and without it. All score
+identical requests (checked: the same accuracy).
 
     python bench/eval_throughput.py --examples 200 --workdir /tmp/eval-bench
+    python bench/eval_throughput.py --model wide --task hellaswag --examples 40 --workdir /tmp/eval-wide
+    python bench/eval_throughput.py --model wide --task hellaswag --shots 5 --examples 20 \
+        --workdir /tmp/eval-wide
 """
 
 from __future__ import annotations
@@ -25,7 +34,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200)
     parser.add_argument("--lm-eval-batch-size", default="8", help="lm-eval's --batch_size (default 8)")
     parser.add_argument("--workdir", default="/tmp/eval-bench")
+    parser.add_argument("--model", choices=["tiny", "wide"], default="tiny")
+    parser.add_argument("--task", choices=["demo_arithmetic", "hellaswag"], default="demo_arithmetic")
+    parser.add_argument("--shots", type=int, default=0,
+                        help="put the K preceding questions with their right answers before each "
+                             "question (a fixed few-shot prompt both tools score as it is)")
     args = parser.parse_args()
+    if args.shots and args.task != "hellaswag":
+        parser.error("--shots takes its examples from HellaSwag's split: use --task hellaswag")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir)
@@ -35,24 +51,47 @@ def main() -> None:
     from megasmol.eval.embedded import arithmetic_examples
     from megasmol.eval.runner import evaluate
     from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.tasks import file_task
+    from megasmol.eval.tasks import file_task, load_task
     from megasmol.model.init import init_checkpoint
     from megasmol.model.spec import load_model_spec
     from megasmol.tokenizer import default_tokenizer_dir, load_tokenizer
 
     if not (work / "hf" / "config.json").is_file():
-        init_checkpoint(load_model_spec("smollm3-tiny"), work / "ckpt", seed=3,
-                        tokenizer=default_tokenizer_dir())
+        spec = load_model_spec("smollm3-tiny")
+        if args.model == "wide":
+            spec = spec.replace(name="smollm3-wide-bench", num_layers=28, hidden_size=576,
+                                ffn_hidden_size=1536, num_attention_heads=9, num_kv_heads=3,
+                                head_dim=64)
+        init_checkpoint(spec, work / "ckpt", seed=3, tokenizer=default_tokenizer_dir())
         export_hf(work / "ckpt", work / "hf", show_progress=False)
-    items = work / "arith.jsonl"
-    examples = arithmetic_examples(args.examples, 99)
-    items.write_text("".join(json.dumps({"context": e.context, "choices": [" " + c for c in e.choices],
+    items = work / f"{args.task}.jsonl"
+    if args.task == "hellaswag":
+        examples = load_task("hellaswag").examples()[:args.examples]
+        delimiter = " "
+    else:
+        examples, delimiter = arithmetic_examples(args.examples, 99), " "
+    pool = load_task("hellaswag").examples() if args.shots else []
+    start = len(pool) - args.shots  # the shots come from the end of the split, never the questions
+
+    def prompt(example) -> str:
+        shots = "".join(f"{s.context}{delimiter}{s.choices[s.gold]}\n\n" for s in pool[start:])
+        return (shots if args.shots else "") + example.context
+
+    items.write_text("".join(json.dumps({"context": prompt(e),
+                                         "choices": [delimiter + c for c in e.choices],
                                          "gold": e.gold}) + "\n" for e in examples))
     tokenizer = load_tokenizer(default_tokenizer_dir())
 
     timings, accuracy = {}, {}
+    def plain(scorer):
+        scorer.prefix = None  # every (context, continuation) pair scored whole, as lm-eval does
+        return scorer
+
     for name, make in (("megasmol --hf", lambda: hf_scorer(work / "hf", tokenizer)),
-                       ("megasmol --checkpoint", lambda: megatron_scorer(work / "ckpt", tokenizer))):
+                       ("megasmol --hf, each pair whole", lambda: plain(hf_scorer(work / "hf", tokenizer))),
+                       ("megasmol --checkpoint", lambda: megatron_scorer(work / "ckpt", tokenizer)),
+                       ("megasmol --checkpoint, each pair whole",
+                        lambda: plain(megatron_scorer(work / "ckpt", tokenizer)))):
         scorer = make()
         started = time.perf_counter()
         [result] = evaluate([file_task(items)], scorer)
@@ -79,7 +118,8 @@ def main() -> None:
     accuracy["lm-eval HFLM"] = out["results"]["bench_arith"]["acc,none"]
 
     base = timings["lm-eval HFLM"]
-    print(f"{args.examples} examples x 4 choices, torch threads {__import__('torch').get_num_threads()}")
+    print(f"model {args.model}, task {args.task}, {args.shots}-shot: {args.examples} examples x 4 "
+          f"choices, torch threads {__import__('torch').get_num_threads()}")
     print("| scorer | seconds | examples/s | speed vs lm-eval | acc |")
     print("|---|---|---|---|---|")
     for name, seconds in timings.items():

@@ -1,7 +1,7 @@
 """The documentation cannot drift: the configuration reference is generated from the config
-dataclasses, every ``megasmol COMMAND`` the README and docs/ name is a real command, and every
-``megasmol`` command line in their code blocks parses with the real CLI (its flags exist and its
-values are accepted)."""
+dataclasses, the task catalog from the task definitions, every ``megasmol COMMAND`` the README
+and docs/ name is a real command, and every ``megasmol`` command line in their code blocks parses
+with the real CLI (its flags exist and its values are accepted)."""
 
 import re
 import shlex
@@ -32,6 +32,17 @@ def _code_block_commands(text: str) -> list[str]:
 def test_the_configuration_reference_is_current():
     committed = (REPO / "docs" / "configuration.md").read_text()
     assert committed == reference(), "run: python -m megasmol.config.reference > docs/configuration.md"
+
+
+def test_the_task_catalog_in_the_evaluation_guide_is_current():
+    """docs/evaluation.md lists every built-in task and suite as `megasmol eval list` prints them
+    (data source and version, split, size, chance), so a new task or split cannot go unlisted."""
+    from megasmol.eval.catalog import catalog
+
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    listed = text.split("<!-- megasmol eval list: start -->\n")[1]
+    listed = listed.split("<!-- megasmol eval list: end -->")[0]
+    assert listed == catalog(), "paste the output of `megasmol eval list` into docs/evaluation.md"
 
 
 def test_every_config_field_has_a_docstring():

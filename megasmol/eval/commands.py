@@ -35,11 +35,11 @@ def cmd_eval_tasks(args) -> int:
     from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.eval.runner import evaluate, table, write_outputs
     from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.tasks import load_task
+    from megasmol.eval.suites import expand, suite_table, summarize
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer
 
-    tasks = [load_task(name) for name in names]  # bad task names/files fail before any model
+    tasks, suites = expand(names)  # bad task names/files fail before any model
     for task in tasks:
         task.examples()  # so does data that cannot be read (a bad row, an offline hub dataset)
     source = args.tokenizer or (tokenizer_dir(args.checkpoint) if args.checkpoint else args.hf)
@@ -65,10 +65,24 @@ def cmd_eval_tasks(args) -> int:
     if not rank0:
         return 0
     print(table(results))
+    for result in results:  # a split other than the reference's is said, not hidden
+        if result.source.get("note"):
+            print(f"note: {result.name}: {result.source['note']}")
+    summaries = summarize(suites, results)
+    if summaries:
+        print(suite_table(summaries))
     settings = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
                 "seed": args.seed}
-    report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings)
+    report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings,
+                                    summaries)
     print(f"results: {report}\nsamples: {samples}")
+    return 0
+
+
+def cmd_eval_list(args) -> int:
+    from megasmol.eval.catalog import catalog
+
+    print(catalog(), end="")
     return 0
 
 
@@ -89,6 +103,7 @@ def _parallel_scorer(args, tokenizer):
 
 def add_eval_parser(sub) -> None:
     from megasmol.eval.embedded import EMBEDDED
+    from megasmol.eval.suites import suite_names
     from megasmol.eval.tasks import task_names
     from megasmol.longctx.commands import add_passkey_parser
 
@@ -103,11 +118,15 @@ def add_eval_parser(sub) -> None:
                     "of the summed log-likelihood; acc_norm: divided by the choice's length in "
                     "characters). Tasks: built-in names ("
                     + ", ".join(task_names() + sorted(EMBEDDED))
-                    + "), a task YAML, or a JSONL file of {context, choices, gold} items. Writes "
-                    "a table, OUT/results.json and OUT/samples.jsonl.")
+                    + "; NAME:SUBSET for one MMLU subject), suites ("
+                    + ", ".join(suite_names())
+                    + ": each task and their macro average), a task YAML, or a JSONL file of "
+                    "{context, choices, gold} items. Built-in tasks read the copies that "
+                    "megasmol[evaldata] installs (no network). Writes a table, OUT/results.json "
+                    "(with each task's data source and split) and OUT/samples.jsonl.")
     p.add_argument("--checkpoint", help="megasmol checkpoint (Megatron-Core model)")
     p.add_argument("--hf", help="Hugging Face model directory (transformers)")
-    p.add_argument("--tasks", required=True, help="comma-separated task names or files")
+    p.add_argument("--tasks", required=True, help="comma-separated task or suite names, or files")
     p.add_argument("--limit", type=int, help="a fixed, seeded subset of this many examples per task")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed for --limit and few-shot draws")
@@ -126,4 +145,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--micro-batch-size", type=int, default=4,
                    help="under torchrun: sequences per micro-batch (default 4)")
     p.set_defaults(func=cmd_eval_tasks)
+    p = evals.add_parser("list", help="every built-in task and suite: data source, split, size",
+                         description="Prints a Markdown table of the built-in tasks (formulation, "
+                                     "the metric suites average, where the data comes from, the "
+                                     "split, its size, chance) and of the suites. Reads the "
+                                     "shipped copies; never downloads.")
+    p.set_defaults(func=cmd_eval_list)
     add_passkey_parser(evals)

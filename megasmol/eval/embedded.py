@@ -156,11 +156,20 @@ class GeneratedTask(Task):
         super().__init__(spec, Path("."))
         self._generate = generate
 
-    def _read_examples(self) -> list[Example]:
-        return self._generate(COUNT, SEED)
+    def examples(self) -> list[Example]:
+        if getattr(self, "_examples", None) is None:
+            self._examples = self._generate(COUNT, SEED)
+        return self._examples
 
-    def _read_pool(self) -> list[Example]:
-        return self._generate(50, SEED + 7)
+    def fewshot_pool(self) -> list[Example]:
+        if getattr(self, "_pool", None) is None:
+            self._pool = self._generate(50, SEED + 7)
+        return self._pool
+
+    def source(self) -> dict:
+        return {"origin": "generated", "data": f"megasmol (generated: {self.spec.source})",
+                "split": "generated", "fewshot_split": "generated", "formulation": self.spec.formulation,
+                "available": COUNT}
 
 
 def embedded_task(name: str) -> Task:

@@ -20,6 +20,10 @@
   extracted with the task's regular expression (the last match, as lm-eval's GSM8K
   "flexible-extract") and compared after dropping ``$``, thousands commas and a final period;
   ``exact_match``.
+* ``requests``: ready (context, continuation) pairs from an OLMES request file (its 5-shot
+  prompts built by OLMES); cf's metrics over them. ``acc_per_char`` divides by the continuation's
+  characters, its leading space included, which is olmo_eval's ``len_norm`` (OLMES's
+  ``acc_per_char``); ``acc`` is OLMES's ``acc_raw``.
 * ``bpb``: bits per byte of the gold continuation (corpus level: total nats over total UTF-8
   bytes, divided by ln 2), lower is better; for generative tasks at small scale.
 """
@@ -34,6 +38,8 @@ from typing import Optional
 from megasmol.eval.tasks import Example
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+GENERATIVE = ("fg", "code")
+"""Formulations whose answer is a greedy generation."""
 
 
 @dataclass
@@ -49,7 +55,8 @@ class Scored:
     prediction_norm: int
     metrics: dict = field(default_factory=dict)
     extracted: Optional[str] = None
-    """fg: the answer found in the generation (``continuations[0]``)."""
+    """fg: the answer found in the generation (``continuations[0]``); code: the execution's result
+    (``passed``, ``timed out``, ``failed: ...``)."""
     unconditional: Optional[list[float]] = None
     """cf with ``acc_mutual_info``: each continuation's log-likelihood after the prefix token alone."""
 
@@ -62,6 +69,8 @@ def _mcf_context(example: Example) -> str:
 def prompt_and_continuations(example: Example, formulation: str, delimiter: str,
                              shots: list[Example]) -> tuple[str, list[str]]:
     """The full prompt (few-shot examples first) and the continuations to score."""
+    if formulation == "code":  # the prompt is the function's head; no shots
+        return example.context, []
     if formulation == "fg":
         prefix = "".join(f"{s.context}{delimiter}{s.choices[0]}\n\n" for s in shots)
         return prefix + example.context, []
@@ -79,6 +88,9 @@ def scoring_pairs(example: Example, formulation: str, delimiter: str, shots: lis
     """(the prompt shown in samples.jsonl, the (context, continuation) pairs to score, what each
     pair adds to the prompt, for samples.jsonl). ``unconditional`` (cf's ``acc_mutual_info``):
     each continuation is also scored after an empty context, after the conditional pairs."""
+    if formulation == "requests":  # OLMES: the pairs as its request file has them, shots included
+        pairs = list(zip(example.record["contexts"], example.choices))
+        return pairs[0][0], pairs, list(example.choices)
     if formulation == "partial":
         prefix = "".join(f"{s.choices[s.gold]}{delimiter}{s.context}\n\n" for s in shots)
         pairs = [(prefix + choice, delimiter + example.context) for choice in example.choices]
@@ -122,12 +134,12 @@ def _argmax(values: list[float]) -> int:
     return max(range(len(values)), key=lambda i: (values[i], -i))  # first index on ties, as numpy
 
 
-CF_METRICS = ("acc", "acc_norm", "acc_bytes", "acc_per_token", "acc_mutual_info")
+CF_METRICS = ("acc", "acc_norm", "acc_bytes", "acc_per_token", "acc_mutual_info", "acc_per_char")
 
 
 def _cf_scores(metric: str, example: Example, lls: list[float], tokens: list[int],
                unconditional: list[float]) -> list[float]:
-    if metric == "acc_norm":
+    if metric in ("acc_norm", "acc_per_char"):  # the same division: OLMES's name for its choices
         return [ll / max(len(c), 1) for ll, c in zip(lls, example.choices)]
     if metric == "acc_bytes":
         return [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, example.choices)]
@@ -151,7 +163,7 @@ def judge(index: int, example: Example, formulation: str, prompt: str, continuat
     prediction = _argmax(lls)
     prediction_norm = prediction
     metrics = {"acc": float(prediction == example.gold)}
-    if formulation == "cf":  # (partial: the continuation is the same for every choice)
+    if formulation in ("cf", "requests"):  # (partial: the continuation is the same for every choice)
         for metric in cf_metrics:
             choice = _argmax(_cf_scores(metric, example, lls, tokens or [], unconditional))
             metrics[metric] = float(choice == example.gold)

@@ -17,7 +17,7 @@ from typing import Optional
 from megasmol.config.typed import ConfigError
 from megasmol.eval.parallel_scorer import PipelineScorer
 from megasmol.eval.runner import TaskResult, evaluate, write_outputs
-from megasmol.eval.tasks import load_task
+from megasmol.eval.suites import expand, summarize
 
 
 class InLoopEvaluation:
@@ -33,12 +33,13 @@ class InLoopEvaluation:
         from megasmol.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_dir)
-        self.tasks = [load_task(_resolved(config, name)) for name in settings.tasks]
+        self.tasks, self.suites = expand([_resolved(config, name) for name in settings.tasks])
         for task in self.tasks:  # read (and check) every task file now, not at the first evaluation
             task.examples()
             # More than k: a question never shows itself, and a split may hold the question.
-            if self.num_fewshot and len(task.fewshot_pool()) <= self.num_fewshot:
-                raise ConfigError(f"eval.tasks_num_fewshot={self.num_fewshot}: task {task.name}'s "
+            k = self.num_fewshot if task.num_fewshot is None else task.num_fewshot
+            if k and task.spec.formulation != "code" and len(task.fewshot_pool()) <= k:
+                raise ConfigError(f"eval.tasks_num_fewshot={k}: task {task.name}'s "
                                   f"few-shot split has {len(task.fewshot_pool())} examples; it "
                                   "needs more")
 
@@ -65,10 +66,10 @@ class InLoopEvaluation:
         settings = {"tasks": [t.name for t in self.tasks], "limit": self.limit,
                     "num_fewshot": self.num_fewshot, "seed": self.seed, "step": step}
         write_outputs(results, Path(run_dir) / "downstream" / f"iter_{step:07d}",
-                      f"training model at step {step}", settings)
+                      f"training model at step {step}", settings, summarize(self.suites, results))
 
-    @staticmethod
-    def record(step: int, results: list[TaskResult]) -> dict:
+    def record(self, step: int, results: list[TaskResult]) -> dict:
+        """``TASK/METRIC`` (and ``_stderr``, ``TASK/chance``) per task, ``SUITE/average`` per suite."""
         record = {"step": step}
         for r in results:
             for name, (value, err) in r.metrics.items():
@@ -76,12 +77,15 @@ class InLoopEvaluation:
                 record[f"{r.name}/{name}_stderr"] = err if math.isfinite(err) else None
             if r.chance is not None:
                 record[f"{r.name}/chance"] = r.chance
+        for suite in summarize(self.suites, results):
+            record[f"{suite.name}/average"] = suite.average
+            record[f"{suite.name}/average_stderr"] = suite.stderr if math.isfinite(suite.stderr) else None
         return record
 
-    @staticmethod
-    def line(step: int, results: list[TaskResult]) -> str:
+    def line(self, step: int, results: list[TaskResult]) -> str:
         parts = [f"{r.name} " + " ".join(f"{k} {v:.4f}" for k, (v, _) in r.metrics.items())
                  for r in results]
+        parts += [f"{s.name} average {s.average:.4f}" for s in summarize(self.suites, results)]
         return f"downstream at step {step}: " + " | ".join(parts)
 
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from megasmol.eval.formulations import (Scored, aggregate, cut_at_stop, judge, judge_generation,
-                                        scoring_pairs)
+from megasmol.eval.code_exec import execute, judge_program
+from megasmol.eval.formulations import (GENERATIVE, Scored, aggregate, cut_at_stop, judge,
+                                        judge_generation, scoring_pairs)
 from megasmol.eval.requests import GenerationRequest, encode_pair
 from megasmol.eval.tasks import Task, sample
 from megasmol.utils.table import format_table
@@ -30,10 +31,14 @@ class TaskResult:
     chance: Optional[float]
     num_fewshot: int
     samples: list[Scored] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
+    """Where the examples came from (Task.source): data and version, split, few-shot split."""
+    primary: str = "acc"
+    """The metric suites average."""
 
     def to_json(self) -> dict:
         return {"formulation": self.formulation, "examples": self.examples, "chance": self.chance,
-                "num_fewshot": self.num_fewshot,
+                "num_fewshot": self.num_fewshot, "primary_metric": self.primary, "source": self.source,
                 **{name: _finite(value) for name, (value, _) in self.metrics.items()},
                 **{f"{name}_stderr": _finite(err) for name, (_, err) in self.metrics.items()}}
 
@@ -42,16 +47,26 @@ def _finite(value: float):
     return value if math.isfinite(value) else None
 
 
-def _shots(task: Task, pool, index: int, k: int, seed: int, exclude: Optional[dict]):
+def _shots(task: Task, pool, index: int, k: int, seed: int, example):
     if k == 0:
         return []
-    candidates = [e for e in pool if e.record != exclude]  # never the question itself
+    # Never the question itself; only its own subset's (MMLU: the subject's dev questions).
+    candidates = [e for e in pool if e.record != example.record and e.subset == example.subset]
     if len(candidates) < k:
         from megasmol.config.typed import ConfigError
 
         raise ConfigError(f"task {task.name}: {k} few-shot examples asked, the few-shot split has "
-                          f"{len(candidates)}")
+                          f"{len(candidates)}" + (f" for {example.subset}" if example.subset else ""))
+    if task.spec.fewshot_sampler == "first_n":
+        return candidates[:k]
     return random.Random(f"{seed}/{task.name}/{index}").sample(candidates, k)
+
+
+def _with_description(description: str, prompt: str, pairs: list) -> tuple[str, list]:
+    """lm-eval's description goes first; an unconditional request (empty context) stays empty."""
+    if not description:
+        return prompt, pairs
+    return description + prompt, [(description + c if c else c, k) for c, k in pairs]
 
 
 def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fewshot: int = 0,
@@ -60,35 +75,49 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
     through one batched pass so that lengths sort well."""
     plans = []
     for task in tasks:
-        examples = sample(task.examples(), limit, seed)
-        pool = task.fewshot_pool() if num_fewshot else []
+        k = num_fewshot if task.num_fewshot is None else task.num_fewshot
+        # HumanEval is scored from its prompt alone; OLMES requests hold their shots already.
+        k = 0 if task.spec.formulation in ("code", "requests") else k
+        caps = [c for c in (limit, task.limit) if c is not None]
+        examples = sample(task.examples(), min(caps) if caps else None, seed)
+        pool = task.fewshot_pool() if k else []
         built = []
         for index, example in enumerate(examples):
-            shots = _shots(task, pool, index, num_fewshot, seed, example.record)
-            built.append((example, *scoring_pairs(
+            shots = _shots(task, pool, index, k, seed, example)
+            prompt, pairs, shown = scoring_pairs(
                 example, task.spec.formulation, task.spec.target_delimiter, shots,
-                unconditional="acc_mutual_info" in task.spec.metrics)))
-        plans.append((task, built))
+                unconditional="acc_mutual_info" in task.spec.metrics)
+            built.append((example, *_with_description(example.description, prompt, pairs), shown))
+        plans.append((task, built, k))
     requests = [encode_pair(scorer.tokenizer, context, continuation)
-                for _, built in plans for _, _, pairs, _ in built for context, continuation in pairs]
+                for _, built, _ in plans for _, _, pairs, _ in built for context, continuation in pairs]
     generations = [GenerationRequest(prompt, tuple(task.spec.until), task.spec.max_gen_tokens)
-                   for task, built in plans if task.spec.formulation == "fg" for _, prompt, _, _ in built]
-    progress = progress_factory(len(requests) + len(generations)) if progress_factory else None
+                   for task, built, _ in plans if task.spec.formulation in GENERATIVE
+                   for _, prompt, _, _ in built]
+    programs = sum(len(built) for task, built, _ in plans if task.spec.formulation == "code")
+    progress = (progress_factory(len(requests) + len(generations) + programs)
+                if progress_factory else None)
     try:
         lls = scorer.loglikelihoods(requests, progress) if requests else []
         texts = scorer.generations(generations, progress) if generations else []
+        texts.reverse()
+        completions = [[cut_at_stop(texts.pop(), task.spec.until) for _ in built]
+                       if task.spec.formulation in GENERATIVE else None for task, built, _ in plans]
+        outcomes = [execute(task, built, done, progress) if task.spec.formulation == "code" else None
+                    for (task, built, _), done in zip(plans, completions)]
     finally:
         if progress is not None:
             progress.close()
     results, cursor = [], 0
-    texts.reverse()
-    for task, built in plans:
+    for (task, built, k), done, ran in zip(plans, completions, outcomes):
         scored = []
         for index, (example, prompt, pairs, shown) in enumerate(built):
             if task.spec.formulation == "fg":
-                scored.append(judge_generation(index, example, prompt,
-                                               cut_at_stop(texts.pop(), task.spec.until),
+                scored.append(judge_generation(index, example, prompt, done[index],
                                                task.spec.answer_pattern))
+                continue
+            if task.spec.formulation == "code":
+                scored.append(judge_program(index, example, prompt, done[index], ran[index]))
                 continue
             scored.append(judge(index, example, task.spec.formulation, prompt, shown,
                                 lls[cursor:cursor + len(pairs)],
@@ -96,10 +125,11 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
                                 tuple(task.spec.metrics)))
             cursor += len(pairs)
         chance = task.spec.chance
-        if chance is None and task.spec.formulation not in ("bpb", "fg") and built:
+        if chance is None and task.spec.formulation not in ("bpb", "fg", "code") and built:
             chance = sum(1 / len(e.choices) for e, _, _, _ in built) / len(built)
         results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
-                                  if scored else {}, len(scored), chance, num_fewshot, scored))
+                                  if scored else {}, len(scored), chance, k, scored, task.source(),
+                                  task.metric or task.spec.primary))
     return results
 
 
@@ -120,11 +150,14 @@ def _chance(result: TaskResult, metric: str) -> str:
 
 
 def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
-                  settings: dict) -> tuple[Path, Path]:
+                  settings: dict, suites: list = ()) -> tuple[Path, Path]:
+    """``suites``: ``suites.SuiteResult`` of the suites asked for (their averages)."""
     from megasmol.ckpt.checkpoint import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"model": model, "settings": settings, "results": {r.name: r.to_json() for r in results}}
+    if suites:
+        doc["suites"] = {s.name: s.to_json() for s in suites}
     results_path, samples_path = out_dir / "results.json", out_dir / "samples.jsonl"
     lines = []
     for r in results:
@@ -133,7 +166,8 @@ def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
                                      "continuations": s.continuations,
                                      "loglikelihoods": s.loglikelihoods, "gold": s.gold,
                                      "prediction": s.prediction, "prediction_norm": s.prediction_norm,
-                                     **({"extracted": s.extracted} if s.extracted is not None else {}),
+                                     **({"result" if r.formulation == "code" else "extracted": s.extracted}
+                                        if s.extracted is not None else {}),
                                      **({"unconditional_loglikelihoods": s.unconditional}
                                         if s.unconditional is not None else {}),
                                      **s.metrics}))

@@ -33,16 +33,29 @@ class Scorer:
     with a batched ``generator``."""
 
     def __init__(self, hidden: Hidden, head: Head, max_length: int, vocab_size: int, tokenizer,
-                 name: str, batch_tokens: int = 8192, generator: Optional[Generator] = None):
+                 name: str, batch_tokens: int = 8192, generator: Optional[Generator] = None,
+                 prefix=None):
         self.generator = generator
+        self.prefix = prefix
+        """A ``shared_context.PrefixModel``: requests that share their context score it once."""
         self.hidden, self.head, self.max_length, self.tokenizer = hidden, head, max_length, tokenizer
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         check_vocabulary(requests, self.vocab_size, self.name)
-        windows = [r.window(self.max_length) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: -len(windows[i][0]))
         results: list[Optional[float]] = [None] * len(requests)
+        plain = list(range(len(requests)))
+        if self.prefix is not None:
+            from megasmol.eval.shared_context import score_groups, shared_groups
+
+            groups, plain = shared_groups(requests, self.max_length)
+            with torch.no_grad():
+                found = score_groups(self.prefix, groups, requests, self._pick, self.batch_tokens,
+                                     progress)
+            for index, value in found.items():
+                results[index] = value
+        windows = {i: requests[i].window(self.max_length) for i in plain}
+        order = sorted(plain, key=lambda i: -len(windows[i][0]))
         start = 0
         while start < len(order):
             longest = len(windows[order[start]][0])
@@ -90,17 +103,21 @@ class Scorer:
             targets += continuation
             owner += [row] * n
         hidden = self.hidden(ids)[torch.tensor(rows), torch.tensor(cols)]
-        targets = torch.tensor(targets)
-        # The output layer in slices of positions: [slice, vocab] logits stay small enough to reuse
-        # one allocation (a whole batch's would be gigabytes). log p = logit - logsumexp(logits).
+        picked = self._pick(hidden, torch.tensor(targets))
+        sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
+        return sums.tolist()
+
+    def _pick(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) at each of ``hidden``'s rows. The output layer in slices of positions:
+        [slice, vocab] logits stay small enough to reuse one allocation (a whole batch's would be
+        gigabytes). log p = logit - logsumexp(logits)."""
         picked = torch.empty(len(targets), dtype=torch.float64)
         for start in range(0, len(targets), HEAD_POSITIONS):
             end = start + HEAD_POSITIONS
             logits = self.head(hidden[start:end]).float()
             picked[start:end] = (logits.gather(-1, targets[start:end, None]).squeeze(-1)
                                  - torch.logsumexp(logits, -1)).double()
-        sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
-        return sums.tolist()
+        return picked
 
 
 HEAD_POSITIONS = 256
@@ -128,17 +145,22 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
     model, spec, _ = load_checkpoint_model(checkpoint)
     weight = (model.shared_embedding_or_output_weight()
               if model.share_embeddings_and_output_weights else None)
-    output_layer = {}
 
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
-        with _hidden_states_out(model) as original:
-            output_layer["forward"] = original
+        with _hidden_states_out(model):
             return model(ids, positions, None)
 
-    def head(states: torch.Tensor) -> torch.Tensor:  # [n, h] -> [n, vocab] through [s=n, b=1, h]
-        logits, _ = output_layer["forward"](states.unsqueeze(1), weight=weight)
-        return logits.squeeze(1)
+    # One process holds the whole output layer (TP 1, no bias): the head is one matmul, without
+    # the tensor-parallel layer's autograd function around it.
+    head_weight = weight if weight is not None else model.output_layer.weight
+
+    def head(states: torch.Tensor) -> torch.Tensor:  # [n, h] -> [n, vocab]
+        return torch.nn.functional.linear(states, head_weight)
+
+    def hidden_of(ids, positions, mask, context):
+        with _hidden_states_out(model):
+            return model(ids, positions, mask, inference_context=context, runtime_gather_output=True)
 
     def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
         from megasmol.generate import greedy_generate_batch
@@ -147,8 +169,10 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
                                      tokenizer.eos_token_id,
                                      stop=lambda row, new: requests[row].stopped(tokenizer, new))
 
+    from megasmol.eval.shared_context import MegatronPrefix
+
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
-                  str(checkpoint), batch_tokens, generator)
+                  str(checkpoint), batch_tokens, generator, MegatronPrefix(model, hidden_of))
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
@@ -179,5 +203,7 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
                                  stop_strings=list(requests[0].until), tokenizer=tokenizer)
         return [new[:new.index(eos)] if eos in new else new for new in out[:, width:].tolist()]
 
+    from megasmol.eval.shared_context import HFPrefix
+
     return Scorer(hidden, head, model.config.max_position_embeddings, model.config.vocab_size,
-                  tokenizer, str(hf_dir), batch_tokens, generator)
+                  tokenizer, str(hf_dir), batch_tokens, generator, HFPrefix(trunk))

