@@ -2,6 +2,7 @@
 atomic output, first-fit-decreasing packing and the packed samples the loader hands out."""
 
 import json
+import os
 from datetime import datetime
 
 import numpy as np
@@ -213,6 +214,31 @@ def test_packed_samples_keep_conversations_whole(tmp_path):
     assert np.array_equal(reseeded.plan.order, packed.plan.order)  # packing does not depend on it
     with pytest.raises(ConfigError, match="longer than a sequence"):
         open_chat_dataset(tmp_path / "d", 8, ids, cache_dir=tmp_path / "cache")
+
+
+def test_a_packing_plan_is_never_seen_half_written(tmp_path, monkeypatch):
+    """Every rank builds the plan at once (the reference pass opens the dataset on each): a write
+    cut short must leave no file under the final name, or another rank maps a short array."""
+    from megasmol.data.chat.dataset import open_chat_dataset
+
+    src = _write(tmp_path / "c.jsonl", GOOD)
+    prepare_chat([src], str(tmp_path / "d"), template="chatml", show_progress=False)
+    ids = TokenIds(128256, 128001, 128004)
+    original = np.save
+
+    def cut_short(file, arr, *args, **kwargs):
+        handle = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
+        handle.write(b"\x93NUMPY")
+        handle.flush()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "save", cut_short)
+    with pytest.raises(OSError, match="No space"):
+        open_chat_dataset(tmp_path / "d", 48, ids, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())  # neither a short .npy nor a temporary
+    monkeypatch.setattr(np, "save", original)
+    plan = open_chat_dataset(tmp_path / "d", 48, ids, cache_dir=tmp_path / "cache").plan
+    assert plan.num_sequences > 0 and len(list((tmp_path / "cache").glob("*.npy"))) == 3
 
 
 def test_a_recipe_blends_chat_and_plain_token_data(megatron_runtime, tmp_path):

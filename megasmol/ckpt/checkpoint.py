@@ -105,6 +105,25 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_save_npy(path: str | os.PathLike, array, save=None) -> None:
+    """``numpy.save`` under a temporary name, synced and renamed: a reader (another rank, a later
+    start) sees no file or the whole array, never a short one. ``save`` is the writer to call."""
+    import numpy as np
+
+    path = os.fspath(path)
+    path = path if path.endswith(".npy") else path + ".npy"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            (save or np.save)(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
 def resolve(path: str | Path) -> Path:
     """An iteration directory from either a checkpoint root (via ``latest``) or itself."""
     from megasmol.ckpt import trust

@@ -150,19 +150,14 @@ def _atomic_numpy_saves():
     """Megatron-Core's dataset builders write their index caches with ``numpy.save`` under the
     final names, so a kill mid-write leaves a short file that every later start maps and fails
     on. While they build, each array is written to a temporary name, synced and renamed."""
+    from megasmol.ckpt.checkpoint import atomic_save_npy
+
     original = np.save
 
     def save(file, arr, *args, **kwargs):
         if not isinstance(file, (str, os.PathLike)):
             return original(file, arr, *args, **kwargs)
-        path = os.fspath(file)
-        path = path if path.endswith(".npy") else path + ".npy"
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            original(fh, arr, *args, **kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_save_npy(file, arr, save=lambda fh, a: original(fh, a, *args, **kwargs))
 
     np.save = save
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megasmol.ckpt.checkpoint import atomic_save_npy
 from megasmol.config.typed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -128,15 +128,6 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     return reduced.cpu().numpy()
 
 
-def _save(path: Path, values: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, values)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _load(path: Path, pairs: int) -> np.ndarray:
     try:
         values = np.load(path, allow_pickle=False)
@@ -174,7 +165,7 @@ def attach_reference_logps(setup, reference: Path, *, weights_after=None, show_p
                 micro_batch_size=config.training.micro_batch_size,
                 show_progress=show_progress and setup.is_logging_rank and sys.stderr.isatty())
             if setup.is_logging_rank:
-                _save(path, values)
+                atomic_save_npy(path, values)
                 say(f"reference log-probs: {len(values):,} pairs of {Path(prefix).name} scored by "
                     f"{reference} in {time.perf_counter() - started:.1f}s -> {path.name}")
             torch.distributed.barrier()

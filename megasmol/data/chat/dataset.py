@@ -30,6 +30,7 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
+from megasmol.ckpt.checkpoint import atomic_save_npy
 from megasmol.config.typed import ConfigError
 from megasmol.data.chat.packing import PackingPlan, plan_packing
 from megasmol.data.chat.prepare import open_masked_documents, read_description
@@ -122,7 +123,7 @@ class SequenceDataset(GPTDataset):
                    if epochs else np.zeros(0, dtype=np.int64))
         Path(self.config.path_to_cache).mkdir(parents=True, exist_ok=True)
         for key, array in (("order", plan.order), ("bounds", plan.bounds), ("samples", samples)):
-            np.save(paths[key], array.astype(np.int64))  # atomic: see loader._atomic_numpy_saves
+            atomic_save_npy(paths[key], array.astype(np.int64))  # every rank may build it at once
         log.info("packed %s (%s): %d %s into %d sequences of %d tokens, %.1f%% filled "
                  "(packing %s), %d samples = %.2f passes over those sequences (the audit's epochs "
                  "count tokens, padding included)", self.dataset_path, self.index_split.name,
