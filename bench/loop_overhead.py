@@ -17,6 +17,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 import warnings
 from pathlib import Path
 
@@ -41,9 +42,10 @@ def main() -> None:
     from megasmol.config.run import load_run_config
     from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
     from megasmol.data.masking import model_inputs
+    from megasmol.runtime.pipeline import forward_step
     from megasmol.train.loop import Trainer
+    from megasmol.train.objectives import TokenLoss
     from megasmol.train.setup import build_setup
-    from megasmol.train.step import _forward_step
 
     work = Path(tempfile.mkdtemp(prefix="loopbench-"))
     build_demo_corpus(work / "corpus")
@@ -75,7 +77,8 @@ def main() -> None:
         for inputs in batches:
             setup.ddp_model.zero_grad_buffer()
             setup.optimizer.zero_grad()
-            forward_backward_func(forward_step_func=_forward_step, data_iterator=iter(inputs),
+            forward_backward_func(forward_step_func=partial(forward_step, loss_func=TokenLoss()),
+                                  data_iterator=iter(inputs),
                                   model=[setup.ddp_model], num_microbatches=len(inputs),
                                   seq_length=args.seq_length, micro_batch_size=args.micro_batch,
                                   forward_only=False)
@@ -83,7 +86,7 @@ def main() -> None:
         return (time.perf_counter() - started) / args.steps
 
     def ours(first_step: int) -> float:
-        trainer.step = first_step - 1
+        trainer.state.step = first_step - 1
         started = time.perf_counter()
         trainer.run_steps(until=first_step + args.steps - 1)
         return (time.perf_counter() - started) / args.steps

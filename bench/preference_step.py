@@ -60,7 +60,8 @@ def step_times(args) -> dict:
     from megasmol.runtime.distributed import init_parallel
     from megasmol.runtime.parallel import ParallelLayout
     from megasmol.train.objectives import PreferenceLoss, document_logps
-    from megasmol.train.step import forward_backward, forward_only_outputs
+    from megasmol.runtime.pipeline import forward_only_outputs
+    from megasmol.train.step import forward_backward
     from tests.specs import tiny_smollm3
 
     spec = tiny_smollm3(attention_backend="sdpa", hidden_size=args.hidden, ffn_hidden_size=3 * args.hidden,

@@ -12,15 +12,15 @@ from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
 from megasmol.config.run import cli_override
 from megasmol.data.preference.commands import add_preference_parsers
+from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 from megasmol.utils.argtypes import at_least, positive_int
 
-ERRORS_SHOWN_PLAINLY = ("ConfigError", "CheckpointError", "FileExistsError", "FileNotFoundError",
-                        "UntrustedCheckpoint")
-# Failures of a run (not of its input): one line and exit 1.
-FAILURES_SHOWN_PLAINLY = ("PeerLost", "TrainingDiverged", "RunLocked", "SaveFailed")
+# One line instead of a traceback (megasmol/errors.py): a run that could not go on (exit 1), bad
+# input (exit 2); Python's own errors for a missing or existing file, and ValueError, are input too.
+INPUT_ERRORS = (UserError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def _dtype(name: str):
@@ -225,7 +225,7 @@ def cmd_train(args) -> int:
         shutdown(peers_reachable=False)  # no farewell barrier: a peer may be gone
         raise
     shutdown()
-    if result.losses and int(os.environ.get("RANK", "0")) == 0:
+    if result.trained and int(os.environ.get("RANK", "0")) == 0:
         first, last = result.first_and_last_loss()
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
               f"(last steps); checkpoint {result.checkpoint}")
@@ -423,13 +423,13 @@ def main(argv=None) -> int:
         _check_inputs(args)
         return args.func(args)
     except Exception as exc:  # one clear line for bad input; tracebacks for real bugs
-        if type(exc).__name__ in FAILURES_SHOWN_PLAINLY:
-            if not getattr(exc, "reported", False):
+        if isinstance(exc, RunFailure):
+            if not exc.reported:
                 print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        if type(exc).__name__ in ERRORS_SHOWN_PLAINLY or isinstance(exc, ValueError):
+            return RunFailure.exit_code
+        if isinstance(exc, INPUT_ERRORS):
             print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
-            return 2
+            return UserError.exit_code
         raise
 
 

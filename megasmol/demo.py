@@ -13,7 +13,6 @@ parallel.tensor_parallel=2`` (or ``pipeline_parallel=2``); rank 0 does the corpu
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -54,14 +53,15 @@ def corpus(workdir: Path, parts: int = 5) -> Path:
 
 
 def _losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    from megasmol.runtime.run_dir import Kind, RunDir
+
     train, valid = {}, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
+    for record in RunDir(run_dir).records():
         if record.get("loss") is None:
             continue
-        if record["kind"] == "train":
+        if record["kind"] == Kind.TRAIN:
             train[record["step"]] = record["loss"]
-        elif record["kind"] == "validation":
+        elif record["kind"] == Kind.VALIDATION:
             valid[record["step"]] = record["loss"]
     return sorted(train.items()), sorted(valid.items())
 
@@ -155,7 +155,7 @@ def scaled_plan(steps: int, workdir: Path, write: bool = True) -> list[str]:
     if write:
         import yaml
 
-        from megasmol.ckpt.checkpoint import atomic_write_text
+        from megasmol.utils.fs import atomic_write_text
         from megasmol.config.typed import load_yaml
         from megasmol.data.recipe import REPO_RECIPES
 

@@ -22,7 +22,7 @@ def inputs(tmp_path_factory):
 
 
 def _average(paths, out, weights=None):
-    from megasmol.ablate.average import average_checkpoints
+    from megasmol.ckpt.average import average_checkpoints
 
     return average_checkpoints(paths, out, weights=weights)
 
@@ -57,7 +57,7 @@ def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs, me
 
 
 def test_blocks_smaller_than_a_tensor_give_the_same_average(inputs, megatron_runtime, monkeypatch):
-    from megasmol.ablate import average
+    from megasmol.ckpt import average
 
     monkeypatch.setattr(average, "BLOCK_ELEMENTS", 1 << 14)  # the embedding in ~500 blocks
     average.average_checkpoints([inputs / "a", inputs / "b"], inputs / "blocked", weights=[0.25, 0.75])
@@ -93,8 +93,8 @@ def test_the_export_of_an_average_loads_in_transformers(inputs, megatron_runtime
 
 
 def test_bad_inputs_are_named(inputs, tmp_path):
-    from megasmol.ablate.average import average_checkpoints
-    from megasmol.ablate.weights import check_weights
+    from megasmol.ckpt.average import average_checkpoints
+    from megasmol.ckpt.weights import check_weights
     from megasmol.config.typed import ConfigError
 
     with pytest.raises(ConfigError, match="sum to 0.9"):

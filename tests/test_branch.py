@@ -122,7 +122,7 @@ def test_bad_branch_sources_are_named(source):
 
 def test_an_average_of_training_checkpoints_starts_a_run(source, megatron_runtime):
     """Averaging the stable phase's checkpoints (weights only) gives a checkpoint init_from takes."""
-    from megasmol.ablate.average import average_checkpoints
+    from megasmol.ckpt.average import average_checkpoints
 
     average_checkpoints([source / "run/checkpoints/iter_0000005", source / "run/checkpoints/iter_0000010"],
                         source / "avg")

@@ -9,10 +9,10 @@ from megasmol.config.run import cli_override
 
 
 def cmd_average(args) -> int:
-    from megasmol.ablate.weights import check_weights
+    from megasmol.ckpt.weights import check_weights
 
     check_weights(args.weights, len(args.checkpoints), normalize=not args.no_normalize)  # before torch
-    from megasmol.ablate.average import average_checkpoints
+    from megasmol.ckpt.average import average_checkpoints
     from megasmol.runtime.distributed import shutdown
 
     try:
@@ -60,7 +60,7 @@ def cmd_compare(args) -> int:
     from megasmol.ablate.compare import default_out, load_comparison
     from megasmol.ablate.plots import write_plots
     from megasmol.ablate.task_quality import quality_rows, task_quality
-    from megasmol.ckpt.checkpoint import atomic_write_text
+    from megasmol.utils.fs import atomic_write_text
     from megasmol.utils.table import format_table
 
     comparison = load_comparison(args.runs, baseline=args.baseline)

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megasmol.ckpt.checkpoint import atomic_write_text
+from megasmol.utils.fs import atomic_write_text
 from megasmol.config.typed import ConfigError, load_yaml
 
 MANIFEST = "manifest.json"
@@ -228,7 +228,9 @@ def is_finished(run: GridRun) -> bool:
     """The run reached its last step (``result.json`` says so, with no stop signal)."""
     from megasmol.config.run import load_run_config
 
-    result = run.run_dir / "result.json"
+    from megasmol.runtime.run_dir import RunDir
+
+    result = RunDir(run.run_dir).result
     if not result.is_file():
         return False
     try:

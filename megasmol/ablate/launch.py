@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megasmol.ablate.grid import CONFIG_LIST, Grid, GridRun, is_finished
-from megasmol.ckpt.checkpoint import atomic_write_text
+from megasmol.utils.fs import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH = REPO / "examples" / "slurm" / "ablate.sbatch"

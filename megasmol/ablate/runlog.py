@@ -10,13 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from megasmol.config.identity import experiment_key
 from megasmol.config.typed import ConfigError
 
-# Config fields that say where a run writes, not what it trains: runs that differ only in these
-# (and the seed) are seeds of one experiment.
-NOT_THE_EXPERIMENT = ("run_dir", "paths_from", "config_dir", "logging", "checkpoint.dir",
-                      "checkpoint.post_save_command", "data.cache_dir", "training.seed",
-                      "training.stop_after_step", "training.collective_timeout_s")
 SEED_SUFFIX = re.compile(r"^(.*?)[_-]?seed[=_-]?\d+$")
 
 
@@ -65,16 +61,7 @@ class RunLog:
 
     def experiment_key(self) -> Optional[str]:
         """The config without where-it-writes fields and the seed (None without a config)."""
-        if self.config is None:
-            return None
-        tree = json.loads(json.dumps(self.config))
-        for dotted in NOT_THE_EXPERIMENT:
-            node, *rest = dotted.split(".")
-            if not rest:
-                tree.pop(node, None)
-            elif isinstance(tree.get(node), dict):
-                tree[node].pop(rest[0], None)
-        return json.dumps(tree, sort_keys=True)
+        return None if self.config is None else experiment_key(self.config)
 
 
 def _last_per_step(records: list[dict]) -> list[dict]:
@@ -86,34 +73,25 @@ def _last_per_step(records: list[dict]) -> list[dict]:
 
 
 def read_run(path: str | Path) -> RunLog:
+    from megasmol.runtime.run_dir import Kind, RunDir
+
     path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        raise ConfigError(f"{path}: not a run directory (no metrics.jsonl)")
-    kinds: dict[str, list[dict]] = {"train": [], "validation": [], "downstream": []}
-    lines = metrics.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # a torn last line: the run was killed mid-write
-                break
-            raise ConfigError(f"{metrics}:{number}: not JSON ({exc})") from None
+    run = RunDir(path)
+    kinds: dict[str, list[dict]] = {Kind.TRAIN: [], Kind.VALIDATION: [], Kind.DOWNSTREAM: []}
+    for record in run.records():
         if record.get("kind") in kinds and isinstance(record.get("step"), int):
             kinds[record["kind"]].append(record)
     config = None
-    config_file = path / "run_config.json"
+    config_file = run.run_config
     if config_file.is_file():
         try:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{config_file}: not JSON ({exc})") from None
     return RunLog(path=path, name=path.name, config=config,
-                  train=_last_per_step(kinds["train"]),
-                  validation=_last_per_step(kinds["validation"]),
-                  downstream=_last_per_step(kinds["downstream"]))
+                  train=_last_per_step(kinds[Kind.TRAIN]),
+                  validation=_last_per_step(kinds[Kind.VALIDATION]),
+                  downstream=_last_per_step(kinds[Kind.DOWNSTREAM]))
 
 
 def group_by_seed(runs: list[RunLog]) -> dict[str, list[RunLog]]:

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 import time
@@ -38,8 +37,9 @@ def arithmetic_preference_pairs(questions, seed: int) -> list[dict]:
 
 
 def _last_validation(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r["kind"] == "validation"][-1]
+    from megasmol.runtime.run_dir import Kind, RunDir
+
+    return RunDir(run_dir).records(Kind.VALIDATION)[-1]
 
 
 def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | None = None,

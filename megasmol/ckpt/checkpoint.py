@@ -23,7 +23,9 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from megasmol.utils import faults
+from megasmol.errors import UserError
+from megasmol.utils.faults import NO_FAULTS, FaultPlan
+from megasmol.utils.fs import atomic_write_text, fsync_directory
 
 FORMAT_VERSION = 1
 META_FILE = "megasmol.json"
@@ -31,7 +33,7 @@ LATEST_FILE = "latest"
 TOKENIZER_DIR = "tokenizer"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, incomplete or does not fit the model."""
 
 
@@ -88,40 +90,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` under a temporary name and rename it into place once complete."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_directory(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_npy(path: str | os.PathLike, array, save=None) -> None:
-    """``numpy.save`` under a temporary name, synced and renamed: a reader (another rank, a later
-    start) sees no file or the whole array, never a short one. ``save`` is the writer to call."""
-    import numpy as np
-
-    path = os.fspath(path)
-    path = path if path.endswith(".npy") else path + ".npy"
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            (save or np.save)(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def resolve(path: str | Path) -> Path:
@@ -193,6 +161,7 @@ def save_checkpoint(
     tokenizer_source: Optional[str | Path] = None,
     async_queue=None,
     on_commit: Optional[Callable[[Path], None]] = None,
+    faults: FaultPlan = NO_FAULTS,
 ) -> Path:
     """Collective: every rank calls it with its own model chunk.
 
@@ -200,7 +169,8 @@ def save_checkpoint(
     model's dict (an optimizer needs it to name its states) and returns the extra entries.
     With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the files are written in the
     background and the commit (rename, ``latest``, then ``on_commit`` on rank 0) runs when the
-    queue finalizes the request; without it, everything happens before this returns.
+    queue finalizes the request; without it, everything happens before this returns. ``faults``
+    is the tests' ``utils.faults.FaultPlan`` (its save seams).
     """
     from megatron.core import dist_checkpointing
 
@@ -221,7 +191,7 @@ def save_checkpoint(
 
     def commit() -> None:
         _barrier()  # every rank's files (and Megatron's metadata) are written
-        faults.kill_if_planned("kill_in_save", step)
+        faults.before_commit(step)
         if _rank() == 0:
             if tokenizer_source is not None:
                 copy_tokenizer(tokenizer_source, partial / TOKENIZER_DIR)
@@ -233,28 +203,16 @@ def save_checkpoint(
                 on_commit(final)
         _barrier()
 
-    if faults.planned_at("enospc_in_save", step):  # what DCP raises when the disk is full
-        from torch.distributed.checkpoint.api import CheckpointException
-
-        raise CheckpointException("save", {_rank(): (OSError(28, "No space left on device"), None)})
+    faults.before_write(step)
     if async_queue is None:
         dist_checkpointing.save(sharded, str(partial))
         commit()
         return final
     request = dist_checkpointing.save(sharded, str(partial), async_sharded_save=True)
-    if faults.planned_at("full_disk_in_async_save", step):
-        request.add_finalize_fn(_fail_like_a_full_disk)
+    faults.async_request(step, request)
     request.add_finalize_fn(commit)
     async_queue.schedule_async_request(request)
     return final
-
-
-def _fail_like_a_full_disk() -> None:
-    """What Megatron's async writer reports when torch's zip writer runs out of space."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    raise CheckpointException("write", {_rank(): (RuntimeError(
-        "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), None)})
 
 
 def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out") -> Path:
@@ -278,15 +236,6 @@ def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out
             raise FileExistsError(f"{what} {out} contains {source}, which this command reads: "
                                   "choose a directory outside it")
     return out
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: the directory entry is in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def replace_directory(new: Path, final: Path) -> None:

@@ -87,9 +87,10 @@ def restore_rng(state: dict) -> None:
 
 
 def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: dict, *,
-                             tokenizer_source=None, async_queue=None, on_commit=None) -> Path:
+                             tokenizer_source=None, async_queue=None, on_commit=None,
+                             faults=None) -> Path:
     """Collective. ``model`` is this rank's (unwrapped) model chunk; see ``save_checkpoint`` for
-    ``async_queue`` and ``on_commit``."""
+    ``async_queue``, ``on_commit`` and ``faults``."""
     def extra(model_sharded: dict) -> dict:
         return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=OPTIMIZER_FORMAT),
                 "rng_state": _rng_sharded_object([capture_rng()])}
@@ -97,7 +98,7 @@ def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: 
     metadata = {**metadata, "written_with": _layout_now()}
     return save_checkpoint(model, root, step, metadata, extra_sharded_state=extra,
                            tokenizer_source=tokenizer_source, async_queue=async_queue,
-                           on_commit=on_commit)
+                           on_commit=on_commit, **({"faults": faults} if faults is not None else {}))
 
 
 def _materialize_adam_state(optimizer) -> None:

@@ -25,6 +25,8 @@ import pickle
 
 import torch
 
+from megasmol.errors import UserError
+
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                 "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
@@ -34,7 +36,7 @@ _FUNCTIONS = {("torch.serialization", "_get_layout"), ("torch", "Size"),
 _installed = False
 
 
-class UntrustedCheckpoint(pickle.UnpicklingError):
+class UntrustedCheckpoint(UserError, pickle.UnpicklingError):
     """A checkpoint file asked to load something other than checkpoint data."""
 
 

@@ -12,9 +12,9 @@ import yaml
 from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfig,
                                       OptimizerSettings, SpikeConfig, WatchdogConfig)
 from megasmol.config.preference import PreferenceConfig
+from megasmol.config.schedule import ScheduleConfig
 from megasmol.config.typed import ConfigError, from_dict, load_yaml, to_dict
 from megasmol.runtime.parallel import ParallelLayout
-from megasmol.train.schedules import ScheduleConfig
 
 
 @dataclass

@@ -10,7 +10,18 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from megasmol.config.typed import ConfigError
-from megasmol.train.param_groups import WeightDecayPolicy
+
+
+@dataclass
+class WeightDecayPolicy:
+    """What weight decay applies to (SmolLM3's choices by default)."""
+
+    decay_embeddings: bool = False
+    """Decay the token embedding and output layer (SmolLM3: no)."""
+    decay_norms: bool = True
+    """Decay RMSNorm / QK-norm weights (SmolLM3 via nanotron: yes)."""
+    decay_biases: bool = False
+    """Decay biases (SmolLM3 has none; Megatron-Core's default: no)."""
 
 
 @dataclass
@@ -247,6 +258,3 @@ class SpikeConfig:
             if len(pair) != 2 or not 1 <= pair[0] <= pair[1]:
                 raise ConfigError(f"spikes.skip_batches[{i}]: expected [first, last] with "
                                   f"1 <= first <= last, got {pair}")
-
-    def skipped(self, step: int) -> bool:
-        return any(first <= step <= last for first, last in self.skip_batches)

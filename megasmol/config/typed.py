@@ -14,10 +14,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from megasmol.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field is missing, unknown, of the wrong type or impossible."""
 
 

@@ -117,7 +117,7 @@ class ScanCache:
         smallest, largest = _scan_id_range(Path(prefix), dtype)
         self.entries[key] = {"fingerprint": fingerprint, "min_token_id": smallest, "max_token_id": largest}
         if self.path is not None:
-            from megasmol.ckpt.checkpoint import atomic_write_text
+            from megasmol.utils.fs import atomic_write_text
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps(self.entries, indent=1, sort_keys=True))

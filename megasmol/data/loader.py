@@ -150,7 +150,7 @@ def _atomic_numpy_saves():
     """Megatron-Core's dataset builders write their index caches with ``numpy.save`` under the
     final names, so a kill mid-write leaves a short file that every later start maps and fails
     on. While they build, each array is written to a temporary name, synced and renamed."""
-    from megasmol.ckpt.checkpoint import atomic_save_npy
+    from megasmol.utils.fs import atomic_save_npy
 
     original = np.save
 
@@ -207,6 +207,12 @@ class TrainingBatches:
     @property
     def last_step(self) -> int:
         return self.plans[-1].last_step
+
+    def tokens_through(self, step: int) -> int:
+        """Training tokens of steps 1..``step`` (skipped steps included: their data was drawn)."""
+        return sum((plan.batch.samples_through(min(plan.last_step, step))
+                    - plan.batch.samples_through(plan.first_step - 1)) * plan.seq_length
+                   for plan in self.plans if plan.first_step <= step)
 
     def stage_at(self, step: int) -> StagePlan:
         return stage_for_step(self.plans, step)

@@ -1,7 +1,8 @@
 """Downstream evaluation inside the training loop: the training model itself, in its layout.
 
-The loop calls :meth:`InLoopEvaluation.run` when :meth:`due` (every ``eval.tasks_interval``
-steps, or at every checkpoint with ``eval.tasks_at_checkpoint``). It is ``megasmol eval tasks``
+The loop's ``train.callbacks.downstream.DownstreamCallback`` calls :meth:`InLoopEvaluation.run`
+every ``eval.tasks_interval`` steps, or at every checkpoint with ``eval.tasks_at_checkpoint``.
+It is ``megasmol eval tasks``
 (the same task loading, requests, few-shot draws and judging, ``runner.evaluate``) with the
 training model as the scorer (``parallel_scorer.PipelineScorer``: forward-only through the
 pipeline schedule in any TP / PP / CP / DP layout, greedy generation for free-generation tasks),
@@ -12,19 +13,18 @@ training: no gradients, no optimizer state, no RNG draws.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.parallel_scorer import PipelineScorer
 from megasmol.eval.runner import TaskResult, evaluate, write_outputs
 from megasmol.eval.suites import expand, summarize
+from megasmol.runtime.run_dir import RunDir
 
 
 class InLoopEvaluation:
     def __init__(self, config, spec, tokenizer_dir):
         settings = config.eval
         self.interval, self.at_checkpoint = settings.tasks_interval, settings.tasks_at_checkpoint
-        self.checkpoint_interval = config.checkpoint.interval
         self.limit, self.seed = settings.tasks_limit, config.training.seed
         self.num_fewshot = settings.tasks_num_fewshot
         self.micro, self.spec = config.training.micro_batch_size, spec
@@ -43,12 +43,6 @@ class InLoopEvaluation:
                                   f"few-shot split has {len(task.fewshot_pool())} examples; it "
                                   "needs more")
 
-    def due(self, step: int, last_step: int) -> bool:
-        if self.interval and step % self.interval == 0:
-            return True
-        return self.at_checkpoint and (step == last_step or bool(
-            self.checkpoint_interval and step % self.checkpoint_interval == 0))
-
     def run(self, setup) -> list[TaskResult]:
         """Collective: every rank calls it; every rank returns the same results."""
         scorer = PipelineScorer(setup.model, setup.ddp_model, micro_batch_size=self.micro,
@@ -65,7 +59,7 @@ class InLoopEvaluation:
 
         settings = {"tasks": [t.name for t in self.tasks], "limit": self.limit,
                     "num_fewshot": self.num_fewshot, "seed": self.seed, "step": step}
-        write_outputs(results, Path(run_dir) / "downstream" / f"iter_{step:07d}",
+        write_outputs(results, RunDir(Path(run_dir)).downstream(step),
                       f"training model at step {step}", settings, summarize(self.suites, results))
 
     def record(self, step: int, results: list[TaskResult]) -> dict:
@@ -93,6 +87,3 @@ def _resolved(config, name: str) -> str:
     candidate = config.path(name)
     return str(candidate) if candidate.exists() else name
 
-
-def maybe_evaluation(config, spec, tokenizer_dir) -> Optional[InLoopEvaluation]:
-    return InLoopEvaluation(config, spec, tokenizer_dir) if config.eval.tasks else None

@@ -63,7 +63,7 @@ def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int, dp_rank
     """Every rank of this replica: the argmax token after each of ``rows`` (possibly none)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megasmol.train.step import StepGeometry
+    from megasmol.runtime.pipeline import StepGeometry
 
     found = torch.full((dp, per_group), -1, dtype=torch.long)
     length = _padded(_all_max(max((len(r) for r in rows), default=1)), scorer.model_chunk)

@@ -49,7 +49,7 @@ class PipelineScorer:
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         from megatron.core import parallel_state as ps
 
-        from megasmol.train.step import per_sequence_losses
+        from megasmol.runtime.pipeline import per_sequence_losses
 
         check_vocabulary(requests, self.vocab_size, self.name)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()

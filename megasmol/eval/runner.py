@@ -152,7 +152,7 @@ def _chance(result: TaskResult, metric: str) -> str:
 def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
                   settings: dict, suites: list = ()) -> tuple[Path, Path]:
     """``suites``: ``suites.SuiteResult`` of the suites asked for (their averages)."""
-    from megasmol.ckpt.checkpoint import atomic_write_text
+    from megasmol.utils.fs import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"model": model, "settings": settings, "results": {r.name: r.to_json() for r in results}}

@@ -176,12 +176,9 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
     import copy
     import io
 
-    from megasmol.data.masking import context_parallel_share, model_inputs
     from megasmol.model.flops import flops_per_token
-    from megasmol.runtime.distributed import current_device
-    from megasmol.train.optimizer import apply_learning_rate
     from megasmol.train.setup import build_setup
-    from megasmol.train.step import forward_backward, global_loss
+    from megasmol.train.step import train_step
 
     config = copy.deepcopy(config)
     config.checkpoint.resume = False
@@ -197,14 +194,7 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
         if step > WARMUP_STEPS + TIMED_STEPS:
             break
         started = time.perf_counter()
-        apply_learning_rate(setup.optimizer, config.schedule.lr * 1e-3, config.optim.weight_decay)
-        inputs = [context_parallel_share(model_inputs(
-            mb, spec.eos_token_id, config.data.document_masking, setup.mask_format,
-            config.data.reset_position_ids)).to(current_device()) for mb in micro]
-        setup.ddp_model.zero_grad_buffer()
-        setup.optimizer.zero_grad()
-        totals = global_loss(forward_backward(setup.ddp_model, inputs, objective=setup.objective))
-        setup.optimizer.step()
+        totals = train_step(setup, step, micro, config.schedule.lr * 1e-3).totals  # the trainer's step
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         if step > WARMUP_STEPS:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megasmol.errors import RunFailure
 from megasmol.runtime import cpu_compat
 from megasmol.runtime.parallel import ParallelLayout
 
@@ -89,7 +90,7 @@ def _process_state(pid: int) -> str | None:
     return {"T": "stopped", "t": "stopped", "Z": "gone", "X": "gone"}.get(fields[0])
 
 
-class PeerLost(RuntimeError):
+class PeerLost(RunFailure, RuntimeError):
     """A collective failed because another rank died or stopped answering."""
 
     def __init__(self, message: str, reported: bool = False):

@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 
 from megasmol.config.typed import ConfigError
+from megasmol.errors import RunFailure
 
 LOCK_FILE = ".megasmol.lock"
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RunFailure, RuntimeError):
     """Another trainer holds this run directory."""
 
 

@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from megasmol.runtime.run_dir import Kind, RunDir
+
 log = logging.getLogger(__name__)
 
 # Peak dense TFLOP/s per device by name fragment and precision (NVIDIA datasheets, without
@@ -99,6 +101,10 @@ class IntervalStats:
     """The objective's metrics (e.g. ``rewards/margins``) summed over the steps that had them."""
     metric_steps: int = 0
 
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside the steps (validation, evaluation, saving): not step time."""
+        self.started += seconds
+
     def add(self, loss: Optional[float], grad_norm: Optional[float], tokens: int,
             metrics: Optional[dict] = None) -> None:
         self.steps += 1
@@ -142,12 +148,12 @@ class MetricsLog:
         if active:
             run_dir.mkdir(parents=True, exist_ok=True)
             if jsonl:
-                self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+                self.jsonl = open(RunDir(run_dir).metrics, "a", buffering=1)
             if trackers is not None:
                 self.trackers = trackers()
 
-    def interval_record(self, step: int, last_step: int, stage: str, lr: float,
-                        stats: IntervalStats, run_started: float, steps_done: int) -> dict:
+    def interval_record(self, step: int, last_step: int, stage: str, lr: float, stats: IntervalStats,
+                        run_started: float, steps_done: int, consumed_tokens: int) -> dict:
         elapsed = time.perf_counter() - stats.started
         tokens_per_s = stats.tokens / elapsed if elapsed > 0 else 0.0
         record = {
@@ -169,6 +175,7 @@ class MetricsLog:
             record.update(self.nvml.sample())
         per_step = (time.perf_counter() - run_started) / max(steps_done, 1)
         record["eta_s"] = per_step * (last_step - step)
+        record["consumed_tokens"] = consumed_tokens
         return record
 
     def console_line(self, record: dict, last_step: int) -> str:
@@ -199,7 +206,7 @@ class MetricsLog:
         parts.append(f"eta {_duration(record['eta_s'])}")
         return " | ".join(parts)
 
-    def write(self, record: dict, kind: str = "train") -> None:
+    def write(self, record: dict, kind: str = Kind.TRAIN) -> None:
         if not self.active:
             return
         if self.jsonl is not None:
@@ -213,6 +220,21 @@ class MetricsLog:
             self.jsonl.close()
         for tracker in self.trackers:
             tracker.close()
+
+
+def open_metrics(setup, run_dir: Path) -> MetricsLog:
+    """The run's metric sinks (rank 0's; inert elsewhere), with the FLOPs and peak for MFU."""
+    from megasmol.model.flops import flops_per_token
+    from megasmol.train.trackers import build_trackers
+
+    config = setup.config
+    seq = max(p.seq_length for p in setup.batches.plans)
+    return MetricsLog(
+        run_dir, active=setup.is_logging_rank, jsonl=config.logging.jsonl,
+        trackers=lambda: build_trackers(config.logging, run_dir, config.to_dict()),
+        flops_per_token=flops_per_token(setup.spec, seq), world_size=setup.rank.world_size,
+        peak_tflops=device_peak_tflops(config.training.precision, config.logging.peak_tflops),
+        nvml=config.logging.nvml)
 
 
 def _utc_now() -> str:

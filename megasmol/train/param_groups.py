@@ -9,19 +9,7 @@ Megatron-Core marks embedding and output weights with ``is_embedding_or_output_p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass
-class WeightDecayPolicy:
-    """What weight decay applies to (SmolLM3's choices by default)."""
-
-    decay_embeddings: bool = False
-    """Decay the token embedding and output layer (SmolLM3: no)."""
-    decay_norms: bool = True
-    """Decay RMSNorm / QK-norm weights (SmolLM3 via nanotron: yes)."""
-    decay_biases: bool = False
-    """Decay biases (SmolLM3 has none; Megatron-Core's default: no)."""
+from megasmol.config.sections import WeightDecayPolicy  # noqa: F401 (re-exported)
 
 
 def weight_decay_overrides(policy: WeightDecayPolicy) -> dict:

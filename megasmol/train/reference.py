@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megasmol.ckpt.checkpoint import atomic_save_npy
+from megasmol.utils.fs import atomic_save_npy
 from megasmol.config.typed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     from megasmol.data.masking import context_parallel_share, model_inputs
     from megasmol.runtime.distributed import current_device
     from megasmol.train.objectives import document_logps
-    from megasmol.train.step import forward_only_outputs
+    from megasmol.runtime.pipeline import forward_only_outputs
     from megasmol.utils.progress import progress_bar
 
     data = open_chat_dataset(prefix, seq_length, token_ids, packing=packing, cache_dir=cache_dir)

@@ -50,6 +50,13 @@ class StopRequest:
                 return
             self._handle(info.si_signo, None)
 
+    def agree(self, anyone: bool) -> bool:
+        """Whether to stop after this step, given the all-reduced flag (``anyone`` asked): every
+        rank decides alike; a rank that saw no signal itself names the other's."""
+        if anyone and self.signal_name is None:
+            self.signal_name = "signal on another rank"
+        return anyone
+
     @property
     def requested(self) -> bool:
         self._block()  # again: a library may have unblocked them since

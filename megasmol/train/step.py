@@ -18,64 +18,8 @@ from torch import Tensor
 
 from megasmol.data.masking import ModelInputs
 from megasmol.runtime.distributed import current_device
+from megasmol.runtime.pipeline import StepGeometry, forward_step
 from megasmol.train.objectives import TokenLoss
-
-
-def _per_sequence_loss_func(inputs: ModelInputs, output_tensor: Tensor):
-    """Each sequence's summed per-token loss under its mask (downstream evaluation)."""
-    loss_mask = inputs.loss_mask
-    sums = (output_tensor.float() * loss_mask.float()).sum(dim=-1)
-    return sums.sum(), loss_mask.sum().to(torch.int), {"per_sequence": sums.detach()}
-
-
-def _forward_step(data_iterator, model, loss_func=None, scored_only: bool = False):
-    """One micro-batch's forward. ``scored_only`` (forward-only passes: validation, scoring,
-    reference log-probs): the output layer runs only where the loss mask counts, which gives the
-    same masked losses without the whole vocabulary at every position."""
-    inputs: ModelInputs = next(data_iterator)
-    extra = {"loss_positions": inputs.loss_mask > 0} if scored_only else {}
-    output = model(inputs.tokens, inputs.position_ids, inputs.attention_mask,
-                   labels=inputs.labels, packed_seq_params=inputs.packed_seq_params, **extra)
-    return output, partial(loss_func or TokenLoss(), inputs)
-
-
-def forward_only_outputs(model, micro_batches: list[ModelInputs], loss_func) -> list[dict]:
-    """Forward only with ``loss_func``; on the last pipeline stage, what it reported for each
-    micro-batch (an empty list on other stages)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    geometry = StepGeometry.of(micro_batches[0])
-    return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func=loss_func, scored_only=True),
-        data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
-        seq_length=geometry.seq_length, micro_batch_size=geometry.micro_batch_size,
-        forward_only=True)
-
-
-def per_sequence_losses(model, micro_batches: list[ModelInputs]) -> list[Tensor]:
-    """Forward only; on the last pipeline stage, each micro-batch's [b] summed losses (an empty
-    list on other stages)."""
-    outputs = forward_only_outputs(model, micro_batches, _per_sequence_loss_func)
-    return [item["per_sequence"].to(torch.float64).cpu() for item in outputs]
-
-
-@dataclass
-class StepGeometry:
-    """The activation shape pipeline stages exchange: [seq_length, micro_batch, hidden].
-
-    ``seq_length`` is the whole sequence: Megatron's schedules divide it by the context-parallel
-    size themselves, and ``inputs`` already hold only this rank's share.
-    """
-
-    seq_length: int
-    micro_batch_size: int
-
-    @classmethod
-    def of(cls, inputs: ModelInputs) -> "StepGeometry":
-        from megatron.core import parallel_state
-
-        b, s = inputs.tokens.shape
-        return cls(seq_length=s * parallel_state.get_context_parallel_world_size(), micro_batch_size=b)
 
 
 def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: bool = False,
@@ -87,7 +31,7 @@ def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: b
     objective = objective or TokenLoss()
     geometry = StepGeometry.of(micro_batches[0])
     outputs = get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func=objective, scored_only=forward_only),
+        forward_step_func=partial(forward_step, loss_func=objective, scored_only=forward_only),
         data_iterator=iter(micro_batches),
         model=[model],
         num_microbatches=len(micro_batches),
@@ -149,3 +93,59 @@ def any_rank(flag: bool) -> bool:
     packed = torch.tensor([float(flag)], dtype=torch.float64, device=current_device())
     torch.distributed.all_reduce(packed)
     return packed.item() > 0
+
+
+def step_inputs(setup, micro: list[dict]) -> list[ModelInputs]:
+    """A step's micro-batches as model inputs on this rank's device (document masks, positions,
+    this rank's context-parallel share): for training, validation and the pre-flight alike."""
+    from megasmol.data.masking import context_parallel_share, model_inputs
+
+    data = setup.config.data
+    return [context_parallel_share(model_inputs(mb, setup.spec.eos_token_id, data.document_masking,
+                                                setup.mask_format, data.reset_position_ids))
+            .to(current_device()) for mb in micro]
+
+
+@dataclass
+class StepOutcome:
+    totals: StepTotals
+    """The step's all-reduced loss, tokens, flags and objective metrics."""
+    decision: object = None
+    """The guard's ``GuardDecision`` (None without a guard: the update is always applied)."""
+    grad_norm: float | None = None
+    """The clipped update's gradient norm; None when no update was applied."""
+
+    @property
+    def applied(self) -> bool:
+        return self.grad_norm is not None
+
+
+def train_step(setup, step: int, micro: list[dict], lr: float, *, stop: bool = False, guard=None,
+               faults=None) -> StepOutcome:
+    """The one training step (the loop's and the pre-flight's): set the LR, forward and backward
+    every micro-batch, one all-reduce for the loss, the stop request and the non-finite-gradient
+    flag, the guard's decision, then the optimizer step when the decision is ``apply``.
+
+    On ``rollback`` or ``diverged`` nothing is applied and the caller acts. ``faults`` is the
+    test-only ``utils.faults.FaultPlan`` (``NO_FAULTS`` by default).
+    """
+    from megasmol.train.optimizer import apply_learning_rate, local_gradients_finite
+    from megasmol.utils.faults import NO_FAULTS
+
+    faults = faults or NO_FAULTS
+    apply_learning_rate(setup.optimizer, lr, setup.config.optim.weight_decay)
+    inputs = step_inputs(setup, faults.batch(step, micro, setup.spec.vocab_size))
+    setup.ddp_model.zero_grad_buffer()
+    setup.optimizer.zero_grad()
+    faults.before_forward(step)
+    local = forward_backward(setup.ddp_model, inputs, objective=setup.objective)
+    faults.after_backward(step, setup.ddp_model)
+    totals = global_loss(local, stop=stop, nonfinite_grads=not local_gradients_finite(setup.ddp_model),
+                         objective=setup.objective)
+    faults.after_reduce(step)
+    decision = guard.decide(step, totals.loss, totals.nonfinite_grads) if guard is not None else None
+    if decision is not None and decision.action != "apply":
+        return StepOutcome(totals, decision)
+    success, grad_norm, _ = setup.optimizer.step()
+    applied = success and grad_norm is not None
+    return StepOutcome(totals, decision, float(grad_norm) if applied else None)

@@ -46,7 +46,7 @@ class _Ids:
 
     def get(self, backend: str, make) -> str:
         if backend not in self.ids:
-            from megasmol.ckpt.checkpoint import atomic_write_text
+            from megasmol.utils.fs import atomic_write_text
 
             self.ids[backend] = make()
             self.path.parent.mkdir(parents=True, exist_ok=True)

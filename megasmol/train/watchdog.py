@@ -25,8 +25,9 @@ from collections import deque
 from pathlib import Path
 from typing import Optional
 
+from megasmol.runtime.run_dir import RunDir
+
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL: try again
-HANG_MARKER = "hang.json"  # the launch scripts requeue a job that left one
 HISTORY = 50
 
 
@@ -107,9 +108,9 @@ class HangWatchdog:
             path = None
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         try:  # what the launch scripts look for: this job hung, requeue it
-            from megasmol.ckpt.checkpoint import atomic_write_text
+            from megasmol.utils.fs import atomic_write_text
 
-            atomic_write_text(self.run_dir / HANG_MARKER, json.dumps(
+            atomic_write_text(RunDir(self.run_dir).hang_marker, json.dumps(
                 {"step": self.step, "rank": self.rank, "elapsed_s": elapsed,
                  "deadline_s": self.deadline_s(), "stacks": str(path) if path else None}))
         except OSError:

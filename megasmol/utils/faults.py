@@ -58,3 +58,89 @@ def signal_if_planned(kind: str, step: int, sig: int = signal.SIGTERM) -> None:
 def hang_if_planned(kind: str, step: int) -> None:
     if planned_at(kind, step):
         threading.Event().wait()  # never set: blocks like a stuck kernel, GIL released
+
+
+class FaultPlan:
+    """The training step's named seams. The step calls each at its point; production runs get
+    ``NO_FAULTS``, whose seams do nothing, and the tests' ``MEGASMOL_FAULT`` gives
+    ``PlannedFaults``. (The checkpoint writer's seams are the ``*_in_save`` kinds above.)"""
+
+    def batch(self, step: int, micro: list[dict], vocab_size: int) -> list[dict]:
+        """The micro-batches step ``step`` trains on."""
+        return micro
+
+    def before_forward(self, step: int) -> None:
+        """After the gradients are zeroed, before the forward pass."""
+
+    def after_backward(self, step: int, ddp_model) -> None:
+        """After the backward pass, before the gradients are checked and all-reduced."""
+
+    def after_reduce(self, step: int) -> None:
+        """Right after the step's all-reduce (trained or skipped step)."""
+
+    def before_write(self, step: int) -> None:
+        """Checkpoint ``step``: before its files are written."""
+
+    def async_request(self, step: int, request) -> None:
+        """Checkpoint ``step``, async: its request (Megatron's ``AsyncRequest``) before it is
+        scheduled."""
+
+    def before_commit(self, step: int) -> None:
+        """Checkpoint ``step``: its files are written, not yet renamed into place."""
+
+
+NO_FAULTS = FaultPlan()
+
+
+class PlannedFaults(FaultPlan):
+    def batch(self, step, micro, vocab_size):
+        if not planned_at("corrupt_batch", step):
+            return micro
+        import torch
+
+        generator = torch.Generator().manual_seed(step)
+        return [{**mb, "tokens": torch.randint(0, vocab_size, mb["tokens"].shape, generator=generator),
+                 "labels": torch.randint(0, vocab_size, mb["labels"].shape, generator=generator)}
+                for mb in micro]
+
+    def before_forward(self, step):
+        hang_if_planned("hang", step)
+
+    def after_backward(self, step, ddp_model):
+        if planned_at("inf_grad", step):
+            ddp_model.buffers[0].grad_data[0] = float("inf")
+
+    def after_reduce(self, step):
+        signal_if_planned("sigterm_after_reduce", step)
+
+    def before_write(self, step):
+        if planned_at("enospc_in_save", step):  # what DCP raises when the disk is full
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            raise CheckpointException("save", {_rank(): (OSError(28, "No space left on device"), None)})
+
+    def async_request(self, step, request):
+        if planned_at("full_disk_in_async_save", step):
+            request.add_finalize_fn(_fail_like_a_full_disk)
+
+    def before_commit(self, step):
+        kill_if_planned("kill_in_save", step)
+
+
+def _rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _fail_like_a_full_disk() -> None:
+    """What Megatron's async writer reports when torch's zip writer runs out of space."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    raise CheckpointException("write", {_rank(): (RuntimeError(
+        "Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), None)})
+
+
+def fault_plan() -> FaultPlan:
+    """``PlannedFaults`` when ``MEGASMOL_FAULT`` is set, else ``NO_FAULTS``."""
+    return PlannedFaults() if os.environ.get(ENV_VAR) else NO_FAULTS

@@ -41,7 +41,7 @@ def save_figure(fig, path: str | Path) -> Path:
     """Render ``fig`` to ``path`` (PNG) under a temporary name, then rename it into place."""
     import matplotlib.pyplot as plt
 
-    from megasmol.ckpt.checkpoint import atomic_write_bytes
+    from megasmol.utils.fs import atomic_write_bytes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

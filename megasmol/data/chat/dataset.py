@@ -30,7 +30,7 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from megasmol.ckpt.checkpoint import atomic_save_npy
+from megasmol.utils.fs import atomic_save_npy
 from megasmol.config.typed import ConfigError
 from megasmol.data.chat.packing import PackingPlan, plan_packing
 from megasmol.data.chat.prepare import open_masked_documents, read_description

@@ -24,7 +24,7 @@ import torch
 from megasmol.ckpt.checkpoint import (CheckpointError, check_output_dir, read_metadata, resolve,
                                       save_checkpoint, tokenizer_dir)
 from megasmol.ckpt.reader import CheckpointReader
-from megasmol.ablate.weights import check_weights
+from megasmol.ckpt.weights import check_weights
 from megasmol.config.typed import ConfigError
 
 # Spec fields that do not change what the weights mean.

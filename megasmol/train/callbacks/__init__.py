@@ -1,0 +1,48 @@
+"""What the training loop calls at its hooks (see ``base``): one small file per component, and
+``build_callbacks``, the one place that decides which run and in what order."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from megasmol.train.callbacks.base import Callback, Callbacks, Console, LoopContext
+
+__all__ = ["Callback", "Callbacks", "Console", "LoopContext", "build_callbacks"]
+
+
+def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
+                    prune_uploaded: Optional[Callable] = None) -> Callbacks:
+    """The run's callbacks, the same list in the same order on every rank (hooks may be
+    collective). ``prune_uploaded``: with ``checkpoint.delete_after_upload``, what to call once a
+    post-save command succeeded."""
+    from megasmol.ckpt.post_save import PostSaveRunner
+    from megasmol.train.callbacks.downstream import DownstreamCallback
+    from megasmol.train.callbacks.hang import HangWatchdogCallback
+    from megasmol.train.callbacks.heartbeats import HeartbeatsCallback
+    from megasmol.train.callbacks.metrics import MetricsCallback
+    from megasmol.train.callbacks.post_save import PostSaveCallback
+    from megasmol.train.callbacks.throughput import ThroughputCallback
+    from megasmol.train.callbacks.validation import ValidationCallback
+    from megasmol.train.metrics import NvmlSampler
+    from megasmol.train.nvrx import NvrxHeartbeats
+    from megasmol.train.watchdog import HangWatchdog
+
+    setup, logging_config, ckpt = ctx.setup, config.logging, config.checkpoint
+    watched = logging_config.nvml and logging_config.expected_tokens_per_s_per_gpu
+    callbacks: list[Callback] = [
+        MetricsCallback(ctx),
+        ThroughputCallback(ctx, logging_config, NvmlSampler() if watched else None),  # its own GPU
+        HangWatchdogCallback(HangWatchdog(config.watchdog, ctx.run_dir, setup.rank.rank)),
+        HeartbeatsCallback(NvrxHeartbeats(config.watchdog.nvrx_heartbeats)),
+        ValidationCallback(ctx, config.eval.interval, config.eval.steps),
+    ]
+    if config.eval.tasks:
+        from megasmol.eval.in_loop import InLoopEvaluation
+
+        callbacks.append(DownstreamCallback(ctx, InLoopEvaluation(config, setup.spec, tokenizer_dir)))
+    runner = None
+    if ckpt.post_save_command and setup.is_logging_rank:
+        runner = PostSaveRunner(ckpt.post_save_command, ckpt.post_save_timeout_s,
+                                on_success=prune_uploaded if ckpt.delete_after_upload else None)
+    callbacks.append(PostSaveCallback(runner))
+    return Callbacks(callbacks)

@@ -1,0 +1,50 @@
+"""Writing files so that no reader ever sees half of one: write under a temporary name, sync,
+rename into place (and sync the directory, so the rename survives a crash). Every room uses these."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX: the directory entry is in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` under a temporary name and rename it into place once complete."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_npy(path: str | os.PathLike, array, save=None) -> None:
+    """``numpy.save`` under a temporary name, synced and renamed: a reader (another rank, a later
+    start) sees no file or the whole array, never a short one. ``save`` is the writer to call."""
+    import numpy as np
+
+    path = os.fspath(path)
+    path = path if path.endswith(".npy") else path + ".npy"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            (save or np.save)(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
