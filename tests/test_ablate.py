@@ -192,7 +192,7 @@ def test_compare_names_what_it_cannot_read(tmp_path):
     _synthetic_run(tmp_path / "bad", 0.001, 2, {10: {"t": 0.3}})
     lines = (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "bad" / "metrics.jsonl").write_text("\n".join(["{oops", *lines]) + "\n")
-    with pytest.raises(ConfigError, match=r"bad/metrics.jsonl:1: not JSON"):
+    with pytest.raises(ConfigError, match=r"bad/metrics.jsonl:1: not valid JSON"):
         load_comparison([tmp_path / "bad"])
     with pytest.raises(ConfigError, match="not a run directory"):
         load_comparison([tmp_path])

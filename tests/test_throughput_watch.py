@@ -1,9 +1,7 @@
-"""Expected throughput: a sustained drop is one warning per episode, with the slowest GPU."""
-
-import json
+"""Expected throughput: a sustained drop is one warning per episode, with the slowest GPU. (The
+callback that writes the warning, and its place in every run's callbacks: tests/test_callbacks.py.)"""
 
 from megasmol.train.throughput_watch import ThroughputWatch, throttle_names
-from tests.train_fixtures import train, write_training_run
 
 
 def test_a_sustained_drop_warns_once_per_episode():
@@ -27,14 +25,3 @@ def test_a_sustained_drop_warns_once_per_episode():
     assert throttle_names(0x1 | 0x2) == []  # idle and application clocks are not slowdowns
     assert ThroughputWatch(expected=None, fraction=0.9, window=1).observe(10, 10, 1.0) is False
 
-
-def test_a_run_below_its_expected_throughput_logs_one_warning(tmp_path):
-    config = write_training_run(tmp_path, steps=8, eval={"interval": 0},
-                                logging={"interval": 2, "expected_tokens_per_s_per_gpu": 1e12,
-                                         "throughput_window": 4})
-    out = train(config)
-    assert "WARNING throughput" in out.stdout
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    warnings = [r for r in records if r["kind"] == "throughput_warning"]
-    assert len(warnings) == 1 and warnings[0]["step"] == 4 and warnings[0]["below_since_step"] == 1
-    assert warnings[0]["expected_tokens_per_s_per_device"] == 1e12

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 from megasmol.config.typed import ConfigError
+from megasmol.utils.jsonl import json_lines
 
 
 @dataclass
@@ -123,13 +123,7 @@ def read_records(path: Path, what: str) -> list[dict]:
             lines = handle.read().splitlines()
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{what}: {path}: cannot read ({exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    for number, record in json_lines(lines, path):
         if not isinstance(record, dict):
             raise ConfigError(f"{path}:{number}: expected a JSON object")
         records.append(record)

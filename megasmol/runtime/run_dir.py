@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -59,17 +58,8 @@ class RunDir:
         killed mid-write) is left out; any other line that is not JSON is a ConfigError."""
         if not self.metrics.is_file():
             raise ConfigError(f"{self.path}: not a run directory (no metrics.jsonl)")
-        records = []
+        from megasmol.utils.jsonl import json_lines
+
         lines = self.metrics.read_text().splitlines()
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                if number == len(lines):
-                    break
-                raise ConfigError(f"{self.metrics}:{number}: not JSON ({exc})") from None
-            if kind is None or record.get("kind") == kind:
-                records.append(record)
-        return records
+        return [record for _, record in json_lines(lines, self.metrics, torn_tail_ok=True)
+                if kind is None or record.get("kind") == kind]
