@@ -207,6 +207,11 @@ def test_downstream_scores_at_its_interval_at_checkpoints_and_never_twice_or_on_
     records = sinks.records("downstream")
     assert [r["step"] for r in records] == [4, 6, 8, 10]
     assert records[0]["consumed_tokens"] == 640 and (tmp_path / "iter_6").is_dir()
+    stopped = DownstreamCallback(ctx, Evaluation())  # a run ending at training.stop_after_step=3
+    for step in (1, 2, 3):
+        stopped.on_step_done(step)
+    stopped.on_checkpoint(3, "end")
+    assert [r["step"] for r in sinks.records("downstream")][-1] == 3
 
 
 def test_validation_runs_when_due_on_the_real_model_and_leaves_it_training(tiny_setup, tmp_path, capsys):

@@ -127,7 +127,8 @@ def test_nvrx_heartbeats_let_ft_launcher_end_a_hung_rank(tmp_path):
     assert launcher is not None
     config = write_training_run(tmp_path, steps=10, eval={"interval": 0},
                                 watchdog={"enabled": False, "nvrx_heartbeats": True})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGASMOL_FAULT": "hang:7"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEGASMOL_FAULT": "hang:7",
+           "MEGASMOL_TEST_RUN": str(tmp_path)}
     log = tmp_path / "ft_launcher.log"
     started = time.monotonic()
     with open(log, "w") as handle:  # a file, not a pipe: NVRx's helper processes may outlive it
@@ -139,7 +140,7 @@ def test_nvrx_heartbeats_let_ft_launcher_end_a_hung_rank(tmp_path):
         try:
             returncode = proc.wait(timeout=240)
         finally:
-            kill_session(proc)  # the launcher's rank monitors and anything they left
+            kill_session(proc, marker=str(tmp_path))  # the launcher's rank monitors, what they left
     output = log.read_text()
     assert returncode != 0 and time.monotonic() - started < 90, output[-2000:]
     assert "SIGKILL" in output  # the rank monitor ended the hung rank

@@ -102,13 +102,26 @@ def start_train(config, *sets, env_extra=None):
                             text=True, start_new_session=True)
 
 
-def kill_session(proc):
-    # Like Slurm killing a job's cgroup: the trainer and any helper process it started.
+def kill_session(proc, marker: str | None = None):
+    """Like Slurm killing a job's cgroup: the trainer and any helper process it started. With
+    ``marker`` (the value of ``MEGASMOL_TEST_RUN`` in the job's environment), also every process
+    that inherited it: a launcher starts each rank in a session of its own, and a rank killed by
+    its monitor leaves its helpers behind, outside any group left to kill."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(timeout=60)
+    if marker is None:
+        return
+    import psutil
+
+    for other in psutil.process_iter():
+        try:
+            if other.environ().get("MEGASMOL_TEST_RUN") == marker:
+                other.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
 
 
 def torchrun_train(config, *sets):

@@ -176,6 +176,17 @@ def pad_documents(inputs: ModelInputs, multiple: int) -> ModelInputs:
             max_seqlen_q=longest, max_seqlen_kv=longest))
 
 
+def device_inputs(micro: list[dict], eod_id: int, document_masking: bool, mask_format: str,
+                  reset_position_ids: bool = False) -> list[ModelInputs]:
+    """Collated micro-batches as model inputs on this rank's device, each cut to this rank's
+    context-parallel share: for training, validation, reference log-probs and the pre-flight."""
+    from megasmol.runtime.distributed import current_device
+
+    return [context_parallel_share(model_inputs(mb, eod_id, document_masking, mask_format,
+                                                reset_position_ids)).to(current_device())
+            for mb in micro]
+
+
 def context_parallel_share(inputs: ModelInputs) -> ModelInputs:
     """This context-parallel rank's part of a micro-batch.
 

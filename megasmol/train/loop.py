@@ -21,6 +21,7 @@ import torch
 
 from megasmol.config.identity import changed_fields
 from megasmol.config.run import RunConfig
+from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import PeerLost, describe_collective_failure, init_distributed
 from megasmol.runtime.run_dir import RunDir
 from megasmol.runtime.run_lock import RunLock
@@ -245,13 +246,10 @@ def train(config: RunConfig) -> TrainResult:
         trainer = Trainer(setup)
         try:
             result = trainer.run()
-        except (TrainingDiverged, SaveFailed) as exc:
+        except BaseException as exc:
             trainer.callbacks.on_error(exc)
-            trainer.close()
-            raise
-        except RuntimeError as exc:
-            trainer.callbacks.on_error(exc)
-            lost = describe_collective_failure(exc)
+            lost = (describe_collective_failure(exc)
+                    if isinstance(exc, RuntimeError) and not isinstance(exc, RunFailure) else None)
             if lost is not None:
                 # Said now, while the stop signals are still held: a launcher that saw the peer
                 # die sends this rank SIGTERM next, which would end it before the CLI prints.
@@ -259,10 +257,6 @@ def train(config: RunConfig) -> TrainResult:
             trainer.close(peers_lost=lost is not None)
             if lost is not None:
                 raise PeerLost(lost, reported=True) from None
-            raise
-        except BaseException as exc:
-            trainer.callbacks.on_error(exc)
-            trainer.close()
             raise
         trainer.close()
     if setup.is_logging_rank and result.trained:

@@ -87,7 +87,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
 
     from megasmol.data.chat.dataset import open_chat_dataset
     from megasmol.data.loader import _collate
-    from megasmol.data.masking import context_parallel_share, model_inputs
+    from megasmol.data.masking import device_inputs
     from megasmol.runtime.distributed import current_device
     from megasmol.train.objectives import document_logps
     from megasmol.runtime.pipeline import forward_only_outputs
@@ -109,8 +109,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
                                        unit="seq") as bar:
         for chunk in calls:
             batches = [_collate([data.packed_sample(q) for q in group]) for group in chunk]
-            micro = [context_parallel_share(model_inputs(b, token_ids.eod, True, mask_format))
-                     .to(current_device()) for b in batches]
+            micro = device_inputs(batches, token_ids.eod, True, mask_format)
             outputs = forward_only_outputs(model, micro, document_logps)
             if holder and outputs:
                 for group, output in zip(chunk, outputs):

@@ -96,14 +96,13 @@ def any_rank(flag: bool) -> bool:
 
 
 def step_inputs(setup, micro: list[dict]) -> list[ModelInputs]:
-    """A step's micro-batches as model inputs on this rank's device (document masks, positions,
-    this rank's context-parallel share): for training, validation and the pre-flight alike."""
-    from megasmol.data.masking import context_parallel_share, model_inputs
+    """A step's micro-batches as model inputs on this rank's device, as the run's config asks
+    (document masks, restarted positions): for training, validation and the pre-flight alike."""
+    from megasmol.data.masking import device_inputs
 
     data = setup.config.data
-    return [context_parallel_share(model_inputs(mb, setup.spec.eos_token_id, data.document_masking,
-                                                setup.mask_format, data.reset_position_ids))
-            .to(current_device()) for mb in micro]
+    return device_inputs(micro, setup.spec.eos_token_id, data.document_masking, setup.mask_format,
+                         data.reset_position_ids)
 
 
 @dataclass
