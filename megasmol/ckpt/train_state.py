@@ -23,6 +23,7 @@ import torch
 
 from megasmol.ckpt.checkpoint import (CheckpointError, describe_error, latest_iteration,
                                       load_errors, read_metadata, resolve, save_checkpoint)
+from megasmol.utils.faults import NO_FAULTS
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def restore_rng(state: dict) -> None:
 
 def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: dict, *,
                              tokenizer_source=None, async_queue=None, on_commit=None,
-                             faults=None) -> Path:
+                             faults=NO_FAULTS) -> Path:
     """Collective. ``model`` is this rank's (unwrapped) model chunk; see ``save_checkpoint`` for
     ``async_queue``, ``on_commit`` and ``faults``."""
     def extra(model_sharded: dict) -> dict:
@@ -98,7 +99,7 @@ def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: 
     metadata = {**metadata, "written_with": _layout_now()}
     return save_checkpoint(model, root, step, metadata, extra_sharded_state=extra,
                            tokenizer_source=tokenizer_source, async_queue=async_queue,
-                           on_commit=on_commit, **({"faults": faults} if faults is not None else {}))
+                           on_commit=on_commit, faults=faults)
 
 
 def _materialize_adam_state(optimizer) -> None:

@@ -20,6 +20,7 @@ from megasmol.ckpt.checkpoint import (describe_error, disk_full, iteration_dirna
                                       load_errors, recover_interrupted_saves)
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure
+from megasmol.utils.faults import NO_FAULTS
 
 
 class SaveFailed(RunFailure, RuntimeError):
@@ -45,8 +46,8 @@ def _save_errors(root: Path, step: Optional[int]):
 
 
 class Checkpointer:
-    def __init__(self, config, setup, console, tokenizer_dir, faults=None):
-        """``faults``: the tests' ``utils.faults.FaultPlan`` (None: none)."""
+    def __init__(self, config, setup, console, tokenizer_dir, faults=NO_FAULTS):
+        """``faults``: the tests' ``utils.faults.FaultPlan`` (its save seams)."""
         self.config, self.setup, self.console, self.faults = config.checkpoint, setup, console, faults
         self.root: Path = config.checkpoint_dir
         self.tokenizer_dir = tokenizer_dir

@@ -1,10 +1,11 @@
 """What a run is, between two steps: the typed train state a checkpoint carries, and the result.
 
-``TrainState`` is the loop's own part of a checkpoint's ``train_state`` (``megasmol.json``). Its JSON keeps
-the keys every earlier checkpoint was written with (``step``, ``consumed_tokens``,
+``TrainState`` is the loop's own part of a checkpoint's ``train_state`` (``megasmol.json``). Its
+JSON keeps the keys every earlier checkpoint was written with (``step``, ``consumed_tokens``,
 ``skip_batches``, ``spike_window``, ``weights_finite``, ``lr``, ``branch``), so each resumes
 bit for bit. ``TrainResult`` keeps what the commands print at the end: the first and the last
-losses (bounded windows, not every step's), the validation losses, and how the run ended.
+losses (bounded windows, not every step's) and how the run ended (validation losses are the
+validation callback's, in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ class TrainResult:
     """The losses of the first ``LOSS_WINDOW`` trained steps."""
     last_losses: dict[int, float] = field(default_factory=dict)
     """The losses of the last ``LOSS_WINDOW`` trained steps (a rollback drops the steps it redoes)."""
-    validation: dict[int, float] = field(default_factory=dict)
     checkpoint: Optional[Path] = None
     stopped_by: Optional[str] = None
     resumed_from: Optional[int] = None
