@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megasmol.utils.fs import atomic_save_npy
 from megasmol.config.typed import ConfigError
+from megasmol.utils.fs import atomic_save_npy
 
 log = logging.getLogger(__name__)
 

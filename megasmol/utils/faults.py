@@ -61,9 +61,9 @@ def hang_if_planned(kind: str, step: int) -> None:
 
 
 class FaultPlan:
-    """The training step's named seams. The step calls each at its point; production runs get
-    ``NO_FAULTS``, whose seams do nothing, and the tests' ``MEGASMOL_FAULT`` gives
-    ``PlannedFaults``. (The checkpoint writer's seams are the ``*_in_save`` kinds above.)"""
+    """The named seams of the training step and of the checkpoint writer: each calls them at its
+    points. Production runs get ``NO_FAULTS``, whose seams do nothing; the tests'
+    ``MEGASMOL_FAULT`` gives ``PlannedFaults``, which acts out the kinds listed above."""
 
     def batch(self, step: int, micro: list[dict], vocab_size: int) -> list[dict]:
         """The micro-batches step ``step`` trains on."""

@@ -30,12 +30,12 @@ import torch
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
-from megasmol.utils.fs import atomic_save_npy
 from megasmol.config.typed import ConfigError
 from megasmol.data.chat.packing import PackingPlan, plan_packing
 from megasmol.data.chat.prepare import open_masked_documents, read_description
 from megasmol.data.preference.dataset import PairTokens, mark_pair
 from megasmol.data.preference.prepare import read_pref_description
+from megasmol.utils.fs import atomic_save_npy
 
 log = logging.getLogger(__name__)
 
