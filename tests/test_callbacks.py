@@ -17,6 +17,7 @@ from megasmol.train.callbacks.hang import HangWatchdogCallback
 from megasmol.train.callbacks.heartbeats import HeartbeatsCallback
 from megasmol.train.callbacks.metrics import MetricsCallback
 from megasmol.train.callbacks.post_save import POST_SAVE_GRACE_S, PostSaveCallback
+from megasmol.train.callbacks.progress import ProgressCallback
 from megasmol.train.callbacks.throughput import ThroughputCallback
 from megasmol.train.callbacks.validation import ValidationCallback
 from megasmol.train.guard import StepGuard
@@ -99,6 +100,35 @@ def test_the_metrics_callback_writes_each_interval_record_and_its_line(tmp_path,
     assert "step  5/20 | stable | loss 2.5000 | grad 0.750" in line and "eta 0m03s" in line
     metrics.close()
     assert sinks.log.jsonl.closed
+
+
+def test_the_progress_bar_counts_steps_carries_the_console_and_closes_on_a_rollback(
+        tmp_path, monkeypatch, capsys):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    ctx, _ = context(tmp_path)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    progress = ProgressCallback(ctx, enabled=True)
+    progress.on_train_start(4)  # resumed after step 4
+    assert progress.bar.n == 4 and progress.bar.total == 20 and ctx.console.progress is progress.bar
+    progress.on_step_end(5)
+    ctx.console.print("saved checkpoint x")  # through the bar, not over it
+    assert progress.bar.n == 5 and "saved checkpoint x" in capsys.readouterr().out
+    progress.on_rollback(5)
+    assert progress.bar is None and ctx.console.progress is None
+    progress.on_train_start(2)  # the redone steps get a new bar
+    assert progress.bar.n == 2
+    progress.close()
+    assert ctx.console.progress is None
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no terminal: log lines carry the ETA
+    quiet = ProgressCallback(ctx, enabled=True)
+    quiet.on_train_start(0)
+    assert quiet.bar is None and ctx.console.progress is None
 
 
 def test_the_throughput_callback_warns_once_with_the_slowest_gpu(tmp_path, capsys):
@@ -346,7 +376,8 @@ def test_one_function_builds_the_same_ordered_list_from_the_config(tiny_setup, t
     config = copy.deepcopy(tiny_setup.config)
     ctx, _ = context(tmp_path, tiny_setup)
     names = [c.name for c in build_callbacks(ctx, config, tokenizer_dir=None)]
-    assert names == ["metrics", "throughput", "hang_watchdog", "nvrx_heartbeats", "validation", "post_save"]
+    assert names == ["metrics", "progress", "throughput", "hang_watchdog", "nvrx_heartbeats",
+                     "validation", "post_save"]
     config.checkpoint.post_save_command = "true {path}"
     hooks = build_callbacks(ctx, config, tokenizer_dir=None, prune_uploaded=print)
     assert hooks["post_save"].runner is not None and hooks["validation"].interval == config.eval.interval

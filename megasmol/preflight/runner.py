@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,9 +21,6 @@ from megasmol.preflight import (collectives, compute, data_check, dcgm, dryrun, 
 from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
 
-CHECKS = ("gpu_visibility", "gemm", "memory_bandwidth", "nvml", "dcgm", "collectives", "storage",
-          "data_audit", "dry_run", "model_parity", "training_throughput")
-MODEL_CHECKS = ("model_parity", "training_throughput")
 
 
 @dataclass(frozen=True)
@@ -118,6 +115,189 @@ def _data_files(options: PreflightOptions, config) -> list[Path]:
     return files
 
 
+@dataclass
+class Run:
+    """What every check sees: the options, the config, the level and this rank."""
+
+    options: PreflightOptions
+    config: object
+    level: Level
+    info: object
+    """This rank (``runtime.distributed.init_distributed``'s answer)."""
+    data_files: list[Path]
+    me: str
+    """This rank's name in the report: ``rank R host:device``."""
+    on_gpu: bool
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check, named once: what each rank measures, and how the report judges them all."""
+
+    name: str
+    report: Callable[[Run, dict], list]
+    """Every rank: the check's rows, given each rank's measurement (rank name -> (who, data)).
+    Checks without ``measure`` do their own (collective) work here."""
+    measure: Optional[Callable[[Run], object]] = None
+    """This rank's own measurement, made before the measurements are exchanged."""
+    per_node: bool = False
+    """Measured by one rank per node (local rank 0) only."""
+
+
+def _measure_visibility(run: Run):
+    # --world-size dry-runs the config for another job: this machine need not be its node.
+    on_this_node = run.config is not None and run.options.world_size is None
+    precision = run.config.training.precision if on_this_node else None
+    needed = visibility.required_gpus(run.options.expect_gpus, precision, run.options.allow_cpu)
+    why = "--expect-gpus" if run.options.expect_gpus is not None else f"training.precision={precision}"
+    return visibility.check_gpu_visibility(needed, why)
+
+
+def _report_visibility(run: Run, everyone: dict) -> list:
+    rows = []
+    for name, data in everyone.values():
+        row = data["gpu_visibility"]
+        row.target = name
+        rows.append(row)
+    return rows
+
+
+def _measure_gemm(run: Run):
+    size = run.options.gemm_size or (8192 if run.on_gpu else 1024)
+    dtype = torch.bfloat16 if run.on_gpu else torch.float32
+    seconds = run.options.burn_seconds if run.options.burn_seconds is not None else run.level.burn_seconds
+    burn = compute.gemm_burn(seconds, size, dtype)
+    burn["plain_matmul_tflops"] = compute.matmul_reference(size, dtype)
+    return burn
+
+
+def _report_gemm(run: Run, everyone: dict) -> list:
+    burns = {name: data["gemm"] for name, data in everyone.values()}
+    return compute.judge_burns(burns, run.options.gemm_tolerance)
+
+
+def _measure_membw(run: Run):
+    return compute.memory_bandwidth(run.level.membw_mb if run.on_gpu else CPU_MEMBW_MB)
+
+
+def _report_membw(run: Run, everyone: dict) -> list:
+    return [compute.judge_bandwidth(name, data["memory_bandwidth"], run.options.min_membw_gbps)
+            for name, data in everyone.values()]
+
+
+def _report_nvml(run: Run, everyone: dict) -> list:
+    healths = {name: data["nvml"] for name, data in everyone.values()}
+    rows = [nvml_health.judge_health(name, h) for name, h in healths.items()]
+    drivers = nvml_health.judge_drivers(healths)
+    return rows + ([drivers] if drivers is not None else [])
+
+
+def _measure_dcgm(run: Run):
+    # Whatever torch sees: DCGM may find a failed GPU that torch cannot even open.
+    return dcgm.run_dcgm(run.level.dcgm_level, timeout_s=3600)
+
+
+def _measure_storage(run: Run):
+    options, config = run.options, run.config
+    ckpt = Path(options.checkpoint_dir) if options.checkpoint_dir else (
+        config.checkpoint_dir if config is not None else None)
+    why = ({"no_data_why": "--world-size plans another job: its data are read on its nodes"}
+           if config is not None and options.world_size is not None and not options.data_paths else {})
+    return storage.storage_checks(run.data_files, ckpt, run.level.storage_mb, options.min_read_gbps,
+                                  options.min_write_gbps, **why)
+
+
+def _node_rows(key: str) -> Callable[[Run, dict], list]:
+    """Rows measured once per node, each named after its host."""
+    def report(run: Run, everyone: dict) -> list:
+        rows = []
+        for name, data in everyone.values():
+            for row in data.get(key, []):
+                if row.target == "node":
+                    row.target = name.split(":")[0].split(" ", 2)[-1]  # the host
+                rows.append(row)
+        return rows
+    return report
+
+
+def _report_data_audit(run: Run, everyone: dict) -> list:
+    # Once, on rank 0: it reads every dataset's tokens.
+    audit = (data_check.data_audit(run.config, run.options.world_size is not None)
+             if run.info.rank == 0 else None)
+    return _gather(audit)[0]
+
+
+def _report_collectives(run: Run, everyone: dict) -> list:
+    sizes = list(run.level.collective_sizes_mb if run.on_gpu else CPU_COLLECTIVE_SIZES_MB)
+    return collectives.collective_checks(sizes, run.level.collective_iterations,
+                                         run.options.straggler_tolerance, run.options.min_busbw_gbps)
+
+
+def _report_dry_run(run: Run, everyone: dict) -> list:
+    if run.config is None:
+        return [skipped("dry_run", "no --config given", "config")]
+    return dryrun.dry_run(run.config, run.options.world_size or run.info.world_size,
+                          run.options.device_memory_gb)
+
+
+def _model_check_skipped(run: Run, name: str) -> list:
+    """The model checks build the run's model on this node (every rank takes part; see
+    model_check.py): not without a config, below --level standard, or for another job."""
+    why = ("no --config given" if run.config is None else
+           "--world-size dry-runs another job's config" if run.options.world_size is not None
+           else None if run.level.model_checks
+           else f"runs at --level standard or long (this is {run.options.level})")
+    return [skipped(name, why, "model")] if why else []
+
+
+def _report_model_parity(run: Run, everyone: dict) -> list:
+    from megasmol.preflight import model_check
+
+    if (skip := _model_check_skipped(run, "model_parity")):
+        return skip
+    try:
+        mine = model_check.model_parity(run.config)
+    except Exception as exc:  # a kernel that fails to build or run is the finding
+        mine = model_check.CheckResult("model_parity", "fail", f"could not run: {exc}", "model")
+    rows = []
+    for name, row in _gather((run.me, mine)):
+        row.target = name
+        rows.append(row)
+    return rows
+
+
+def _report_training_throughput(run: Run, everyone: dict) -> list:
+    from megasmol.preflight import model_check
+
+    if (skip := _model_check_skipped(run, "training_throughput")):
+        return skip
+    burn = everyone.get(f"rank {run.info.rank}", (None, {}))[1].get("gemm")
+    try:
+        row = model_check.training_throughput(run.config, tolerance=run.options.throughput_tolerance,
+                                              burn_tflops=burn["mean_tflops"] if burn else None)
+    except Exception as exc:
+        row = model_check.CheckResult("training_throughput", "fail",
+                                      f"the run's first steps failed: {exc}", "model")
+    return [_gather(row)[0]]  # rank 0's timing; every rank ran the same steps
+
+
+CHECK_TABLE = (
+    Check("gpu_visibility", _report_visibility, _measure_visibility),
+    Check("gemm", _report_gemm, _measure_gemm),
+    Check("memory_bandwidth", _report_membw, _measure_membw),
+    Check("nvml", _report_nvml, lambda run: nvml_health.read_health()),
+    Check("dcgm", _node_rows("dcgm"), _measure_dcgm, per_node=True),
+    Check("storage", _node_rows("storage"), _measure_storage, per_node=True),
+    Check("data_audit", _report_data_audit),
+    Check("collectives", _report_collectives),
+    Check("dry_run", _report_dry_run),
+    Check("model_parity", _report_model_parity),
+    Check("training_throughput", _report_training_throughput),
+)
+"""Every check, in the report's order."""
+CHECKS = tuple(check.name for check in CHECK_TABLE)
+
+
 def run_preflight(options: PreflightOptions) -> PreflightReport:
     from megasmol.runtime.distributed import init_distributed
 
@@ -130,115 +310,15 @@ def run_preflight(options: PreflightOptions) -> PreflightReport:
     # Bad paths are found on every rank before any collective, so all ranks stop together.
     data_files = _data_files(options, config) if "storage" not in options.skip else []
     info = init_distributed()
-    level = LEVELS[options.level]
-    on_gpu = torch.cuda.is_available()
     host = socket.gethostname()
-    dev = current_device()
-    me = f"rank {info.rank} {host}:{dev}"
+    run = Run(options, config, LEVELS[options.level], info, data_files,
+              f"rank {info.rank} {host}:{current_device()}", torch.cuda.is_available())
     report = PreflightReport(host=host if info.world_size == 1 else f"{host} +{info.world_size - 1} rank(s)",
                              level=options.level)
-
-    mine: dict[str, object] = {}
-    if "gpu_visibility" not in options.skip:
-        # --world-size dry-runs the config for another job: this machine need not be its node.
-        on_this_node = config is not None and options.world_size is None
-        precision = config.training.precision if on_this_node else None
-        needed = visibility.required_gpus(options.expect_gpus, precision, options.allow_cpu)
-        why = ("--expect-gpus" if options.expect_gpus is not None
-               else f"training.precision={precision}")
-        mine["gpu_visibility"] = visibility.check_gpu_visibility(needed, why)
-    if "gemm" not in options.skip:
-        size = options.gemm_size or (8192 if on_gpu else 1024)
-        dtype = torch.bfloat16 if on_gpu else torch.float32
-        seconds = options.burn_seconds if options.burn_seconds is not None else level.burn_seconds
-        burn = compute.gemm_burn(seconds, size, dtype)
-        burn["plain_matmul_tflops"] = compute.matmul_reference(size, dtype)
-        mine["gemm"] = burn
-    if "memory_bandwidth" not in options.skip:
-        mine["membw"] = compute.memory_bandwidth(level.membw_mb if on_gpu else CPU_MEMBW_MB)
-    if "nvml" not in options.skip:
-        mine["nvml"] = nvml_health.read_health()
-    if "storage" not in options.skip and info.local_rank == 0:
-        ckpt = Path(options.checkpoint_dir) if options.checkpoint_dir else (
-            config.checkpoint_dir if config is not None else None)
-        why = ({"no_data_why": "--world-size plans another job: its data are read on its nodes"}
-               if config is not None and options.world_size is not None and not options.data_paths else {})
-        mine["storage"] = storage.storage_checks(data_files, ckpt, level.storage_mb,
-                                                 options.min_read_gbps, options.min_write_gbps, **why)
-    if "dcgm" not in options.skip and info.local_rank == 0:
-        # Whatever torch sees: DCGM may find a failed GPU that torch cannot even open.
-        mine["dcgm"] = dcgm.run_dcgm(level.dcgm_level, timeout_s=3600)
-    everyone = dict(zip([f"rank {r}" for r in range(info.world_size)], _gather((me, mine))))
-
-    if "gpu_visibility" not in options.skip:
-        for name, data in everyone.values():
-            row = data["gpu_visibility"]
-            row.target = name
-            report.add(row)
-    if "gemm" not in options.skip:
-        burns = {name: data["gemm"] for name, data in everyone.values()}
-        report.extend(compute.judge_burns(burns, options.gemm_tolerance))
-    if "memory_bandwidth" not in options.skip:
-        report.extend(compute.judge_bandwidth(name, data["membw"], options.min_membw_gbps)
-                      for name, data in everyone.values())
-    if "nvml" not in options.skip:
-        healths = {name: data["nvml"] for name, data in everyone.values()}
-        report.extend(nvml_health.judge_health(name, h) for name, h in healths.items())
-        drivers = nvml_health.judge_drivers(healths)
-        if drivers is not None:
-            report.add(drivers)
-    for key in ("dcgm", "storage"):
-        for name, data in everyone.values():
-            for row in data.get(key, []):
-                if row.target == "node":
-                    row.target = name.split(":")[0].split(" ", 2)[-1]  # the host
-                report.add(row)
-    if "data_audit" not in options.skip:  # once, on rank 0: it reads every dataset's tokens
-        audit = data_check.data_audit(config, options.world_size is not None) if info.rank == 0 else None
-        report.extend(_gather(audit)[0])
-    if "collectives" not in options.skip:
-        sizes = list(level.collective_sizes_mb if on_gpu else CPU_COLLECTIVE_SIZES_MB)
-        report.extend(collectives.collective_checks(sizes, level.collective_iterations,
-                                                    options.straggler_tolerance, options.min_busbw_gbps))
-    if "dry_run" not in options.skip:
-        if config is None:
-            report.add(skipped("dry_run", "no --config given", "config"))
-        else:
-            report.extend(dryrun.dry_run(config, options.world_size or info.world_size,
-                                         options.device_memory_gb))
-    report.extend(_model_checks(options, config, level, info, me, mine.get("gemm")))
+    checks = [check for check in CHECK_TABLE if check.name not in options.skip]
+    mine = {check.name: check.measure(run) for check in checks
+            if check.measure is not None and (not check.per_node or info.local_rank == 0)}
+    everyone = dict(zip([f"rank {r}" for r in range(info.world_size)], _gather((run.me, mine))))
+    for check in checks:
+        report.extend(check.report(run, everyone))
     return report
-
-
-def _model_checks(options: PreflightOptions, config, level: Level, info, me: str, burn) -> list:
-    """The run's model on this node (every rank takes part); see model_check.py."""
-    from megasmol.preflight import model_check
-
-    wanted = [c for c in MODEL_CHECKS if c not in options.skip]
-    if not wanted:
-        return []
-    if config is None or not level.model_checks or options.world_size is not None:
-        why = ("no --config given" if config is None else
-               "--world-size dry-runs another job's config" if options.world_size is not None
-               else f"runs at --level standard or long (this is {options.level})")
-        return [skipped(c, why, "model") for c in wanted]
-    rows = []
-    if "model_parity" in wanted:
-        try:
-            mine = model_check.model_parity(config)
-        except Exception as exc:  # a kernel that fails to build or run is the finding
-            mine = model_check.CheckResult("model_parity", "fail", f"could not run: {exc}", "model")
-        for name, row in _gather((me, mine)):
-            row.target = name
-            rows.append(row)
-    if "training_throughput" in wanted:
-        burn_tflops = burn["mean_tflops"] if burn else None
-        try:
-            row = model_check.training_throughput(config, tolerance=options.throughput_tolerance,
-                                                  burn_tflops=burn_tflops)
-        except Exception as exc:
-            row = model_check.CheckResult("training_throughput", "fail",
-                                          f"the run's first steps failed: {exc}", "model")
-        rows.append(_gather(row)[0])  # rank 0's timing; every rank ran the same steps
-    return rows
-

@@ -17,9 +17,6 @@ import sys
 import time
 from typing import Optional
 
-import torch
-
-from megasmol.config.identity import changed_fields
 from megasmol.config.run import RunConfig
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import PeerLost, describe_collective_failure, init_distributed
@@ -29,6 +26,7 @@ from megasmol.train.callbacks import Console, LoopContext, build_callbacks
 from megasmol.train.checkpointing import Checkpointer, SaveFailed
 from megasmol.train.guard import StepGuard, TrainingDiverged
 from megasmol.train.metrics import IntervalStats, open_metrics
+from megasmol.train.resume import branch, checkpoint_metadata, resume
 from megasmol.train.schedules import lr_at
 from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
@@ -63,19 +61,6 @@ class Trainer:
                                          prune_uploaded=self.checkpoints.prune_uploaded)
         self.checkpoints.hooks = self.callbacks
 
-    # ----- state -------------------------------------------------------------------------
-    def _metadata(self) -> dict:
-        local = all(bool(torch.isfinite(p).all()) for p in self.s.model.parameters())
-        weights_finite = not any_rank(not local)  # collective
-        step = self.state.step
-        return {"model_spec": self.s.spec.to_dict(),
-                "params_dtype": str(self.s.params_dtype).removeprefix("torch."),
-                "run_config": self.config.to_dict(),
-                "train_state": self.state.to_json(
-                    spike_window=self.guard.spikes.state(), weights_finite=weights_finite,
-                    lr=lr_at(self.config.schedule, step, self.total_steps) if step else None,
-                    branch=self.s.branch.to_json() if self.s.branch else None)}
-
     def _set_state(self, state: TrainState) -> None:
         self.state = self.ctx.state = state
 
@@ -83,26 +68,12 @@ class Trainer:
         self.result.checkpoint = self.checkpoints.save(self.state.step, self._metadata, reason)
         return self.result.checkpoint
 
-    def restore(self, path) -> None:
-        meta = self.checkpoints.restore(path)
-        changed = changed_fields(meta.get("run_config", {}), self.config.to_dict())
-        if changed:
-            self.console.print(f"note: the config differs from the one {path.name} was written "
-                               "with: " + ", ".join(changed))
-        saved = meta["train_state"]
-        self._set_state(TrainState.from_json(saved, skip_batches=self.state.skip_batches,
-                                             tokens_through=self.s.batches.tokens_through))
-        self.guard.load_state_dict({"spike_window": saved.get("spike_window")})
+    def _metadata(self) -> dict:  # collective
+        return checkpoint_metadata(self.s, self.state, self.guard, self.total_steps)
 
-    def branch(self, point) -> None:
-        """Start from the source's model and optimizer state; step, data and schedule are ours."""
-        meta = self.checkpoints.restore(point.source)
-        # The model's training tokens go on from the source's, so compare lines the two runs up.
-        self.state.consumed_tokens = meta["train_state"].get("consumed_tokens") or 0
-        schedule = self.config.schedule
-        self.console.print(f"branched from {point.source} (its step {point.step}, lr {point.lr:.3g}): "
-                           f"model and optimizer state; schedule {schedule.kind} from lr "
-                           f"{schedule.lr:.3g} to {schedule.min_lr:.3g} over {self.total_steps} steps")
+    def restore(self, path) -> None:
+        self._set_state(resume(self.checkpoints, path, self.s, self.guard, self.console,
+                               self.state.skip_batches))
 
     # ----- the loop ----------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -113,7 +84,8 @@ class Trainer:
             self.result.resumed_from = self.state.step
             self.console.print(f"resumed from {latest} at step {self.state.step}")
         elif self.s.branch is not None:
-            self.branch(self.s.branch)
+            self.state.consumed_tokens = branch(self.checkpoints, self.s.branch, self.s, self.console,
+                                                self.total_steps)
         if self.s.is_logging_rank:  # what compare and ablate read to group runs
             atomic_write_text(RunDir(self.ctx.run_dir).run_config,
                               json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
@@ -154,57 +126,48 @@ class Trainer:
         """Train from the step after ``state.step`` to ``until`` (default: the end of the plan)."""
         setup, config, hooks = self.s, self.config, self.callbacks
         stats, run_started, steps_done = IntervalStats(), time.perf_counter(), 0
-        self.console.progress = progress = _progress(setup.is_logging_rank and config.logging.progress,
-                                                     self.state.step + 1, self.total_steps)
         hooks.on_train_start(self.state.step)
-        try:
-            batches = setup.batches.iterate(self.state.step + 1, prefetch=config.data.prefetch)
-            for step, plan, micro in batches:
-                hooks.on_step_start(step)
-                lr = lr_at(config.schedule, step, self.total_steps)
-                tokens = plan.batch.at(step) * plan.seq_length
-                self.state.consumed_tokens += tokens
-                if self.state.skipped(step):
-                    stats.skipped += 1
-                    stats.add(None, None, 0)
-                    stop_agreed = any_rank(self.stop.requested)
-                    self.faults.after_reduce(step)
-                else:
-                    outcome = train_step(setup, step, micro, lr, stop=self.stop.requested,
-                                         guard=self.guard, faults=self.faults)
-                    self._act_on_guard(step, outcome, stats)
-                    stats.add(outcome.totals.loss, outcome.grad_norm, tokens, outcome.totals.metrics)
-                    self.result.record_loss(step, outcome.totals.loss)
-                    stop_agreed = outcome.totals.stop
-                hooks.on_step_end(step)
-                stop_agreed = self.stop.agree(stop_agreed)
-                self.state.step, steps_done = step, steps_done + 1
-                self.checkpoints.poll()  # a background save that failed is raised here
-                if progress is not None:
-                    progress.update(1)
-                if step % config.logging.interval == 0 or step == self.total_steps:
-                    record = self.ctx.metrics.interval_record(
-                        step, self.total_steps, plan.stage.name, lr, stats, run_started, steps_done,
-                        self.state.consumed_tokens)
-                    hooks.on_log(record, stats.steps)
-                    stats = IntervalStats()
-                paused = time.perf_counter()  # validation and saving do not count as step time
-                hooks.on_step_done(step)
-                if stop_agreed:  # never a rank's own flag: all ranks stop after the same step
-                    self.result.stopped_by = self.stop.signal_name
-                    self.save("signal")
-                    self.console.print(f"stopped by {self.stop.signal_name} after step {step}; run "
-                                       "the same command again to resume")
-                    break
-                if self.checkpoints.due(step):
-                    self.save("interval")
-                stats.exclude(time.perf_counter() - paused)
-                if until is not None and step >= until:
-                    break
-        finally:
-            if progress is not None:
-                progress.close()
-            self.console.progress = None
+        batches = setup.batches.iterate(self.state.step + 1, prefetch=config.data.prefetch)
+        for step, plan, micro in batches:
+            hooks.on_step_start(step)
+            lr = lr_at(config.schedule, step, self.total_steps)
+            tokens = plan.batch.at(step) * plan.seq_length
+            self.state.consumed_tokens += tokens
+            if self.state.skipped(step):
+                stats.skipped += 1
+                stats.add(None, None, 0)
+                stop_agreed = any_rank(self.stop.requested)
+                self.faults.after_reduce(step)
+            else:
+                outcome = train_step(setup, step, micro, lr, stop=self.stop.requested,
+                                     guard=self.guard, faults=self.faults)
+                self._act_on_guard(step, outcome, stats)
+                stats.add(outcome.totals.loss, outcome.grad_norm, tokens, outcome.totals.metrics)
+                self.result.record_loss(step, outcome.totals.loss)
+                stop_agreed = outcome.totals.stop
+            hooks.on_step_end(step)
+            stop_agreed = self.stop.agree(stop_agreed)
+            self.state.step, steps_done = step, steps_done + 1
+            self.checkpoints.poll()  # a background save that failed is raised here
+            if step % config.logging.interval == 0 or step == self.total_steps:
+                record = self.ctx.metrics.interval_record(
+                    step, self.total_steps, plan.stage.name, lr, stats, run_started, steps_done,
+                    self.state.consumed_tokens)
+                hooks.on_log(record, stats.steps)
+                stats = IntervalStats()
+            paused = time.perf_counter()  # validation and saving do not count as step time
+            hooks.on_step_done(step)
+            if stop_agreed:  # never a rank's own flag: all ranks stop after the same step
+                self.result.stopped_by = self.stop.signal_name
+                self.save("signal")
+                self.console.print(f"stopped by {self.stop.signal_name} after step {step}; run "
+                                   "the same command again to resume")
+                break
+            if self.checkpoints.due(step):
+                self.save("interval")
+            stats.exclude(time.perf_counter() - paused)
+            if until is not None and step >= until:
+                break
 
     def _act_on_guard(self, step: int, outcome: StepOutcome, stats: IntervalStats) -> None:
         """Log the guard's decision; raise for a rollback or a divergence."""
@@ -230,14 +193,6 @@ class Trainer:
             self.stop.restore()
 
 
-def _progress(enabled: bool, first: int, last: int):
-    if not enabled or not sys.stderr.isatty():
-        return None  # log lines carry the ETA when nobody watches a terminal
-    from tqdm import tqdm
-
-    return tqdm(total=last, initial=first - 1, unit="step", dynamic_ncols=True)
-
-
 def train(config: RunConfig) -> TrainResult:
     """Run (or resume) the training described by ``config``; collective under torchrun."""
     init_distributed(config.training.collective_timeout_s)
@@ -260,8 +215,5 @@ def train(config: RunConfig) -> TrainResult:
             raise
         trainer.close()
     if setup.is_logging_rank and result.trained:
-        atomic_write_text(RunDir(run_directory(config)).result, json.dumps(
-            {"last_step": result.last_step, "stopped_by": result.stopped_by,
-             "resumed_from": result.resumed_from, "rollbacks": result.rollbacks,
-             "checkpoint": str(result.checkpoint) if result.checkpoint else None}, indent=2))
+        atomic_write_text(RunDir(run_directory(config)).result, json.dumps(result.to_json(), indent=2))
     return result

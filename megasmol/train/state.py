@@ -80,6 +80,12 @@ class TrainResult:
         if step in self.first_losses or len(self.first_losses) < LOSS_WINDOW:
             self.first_losses[step] = loss
 
+    def to_json(self) -> dict:
+        """``result.json`` in the run directory: how the run ended."""
+        return {"last_step": self.last_step, "stopped_by": self.stopped_by,
+                "resumed_from": self.resumed_from, "rollbacks": self.rollbacks,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None}
+
     @property
     def trained(self) -> bool:
         """Whether this process trained at least one step (a rerun of a finished run did not)."""

@@ -21,6 +21,7 @@ def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
     from megasmol.train.callbacks.heartbeats import HeartbeatsCallback
     from megasmol.train.callbacks.metrics import MetricsCallback
     from megasmol.train.callbacks.post_save import PostSaveCallback
+    from megasmol.train.callbacks.progress import ProgressCallback
     from megasmol.train.callbacks.throughput import ThroughputCallback
     from megasmol.train.callbacks.validation import ValidationCallback
     from megasmol.train.metrics import NvmlSampler
@@ -31,6 +32,7 @@ def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
     watched = logging_config.nvml and logging_config.expected_tokens_per_s_per_gpu
     callbacks: list[Callback] = [
         MetricsCallback(ctx),
+        ProgressCallback(ctx, logging_config.progress),
         ThroughputCallback(ctx, logging_config, NvmlSampler() if watched else None),  # its own GPU
         HangWatchdogCallback(HangWatchdog(config.watchdog, ctx.run_dir, setup.rank.rank)),
         HeartbeatsCallback(NvrxHeartbeats(config.watchdog.nvrx_heartbeats)),

@@ -2,8 +2,8 @@
 
 Everything that runs inside the loop besides the step and its policy (LR, skips, the step guard,
 rollback, stop agreement, saving) is a ``Callback``: logging to the console and the metric sinks,
-the throughput watch, the hang watchdog, NVRx heartbeats, validation, downstream evaluation and
-post-save commands. Callbacks observe; they never change what the model trains on.
+the progress bar, the throughput watch, the hang watchdog, NVRx heartbeats, validation, downstream
+evaluation and post-save commands. Callbacks observe; they never change what the model trains on.
 
 Hooks, in the order a run meets them (every rank calls each hook unless said otherwise; a hook
 marked collective may call collectives, so every rank holds the same callbacks in the same order):
