@@ -67,16 +67,13 @@ def _losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, flo
 
 
 def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
     from megasmol.convert.export import export_hf
+    from megasmol.convert.hf_dir import load_hf_causal_lm
     from megasmol.tokenizer import load_tokenizer
 
     report = export_hf(checkpoint, workdir / "hf", show_progress=False, overwrite=True)
     print(f"[4/5] exported {checkpoint.name} to {report.out_dir} ({report.total_bytes / 1e6:.1f} MB)")
-    hf_logging.disable_progress_bar()  # a bar for loading 38 tensors is noise in the demo's output
-    hf = AutoModelForCausalLM.from_pretrained(report.out_dir, dtype=torch.float32).eval()
+    hf = load_hf_causal_lm(report.out_dir)
     tokenizer = load_tokenizer(report.out_dir)
     megatron = None
     if compare_megatron:

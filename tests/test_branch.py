@@ -101,7 +101,7 @@ def test_a_branch_resumes_exactly(source, anneal):
 
 
 def test_bad_branch_sources_are_named(source):
-    from megasmol.ckpt.branch import branch_point
+    from megasmol.train.branch import branch_point
     from megasmol.config.run import load_run_config
     from megasmol.config.typed import ConfigError
 

@@ -175,7 +175,7 @@ def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
     assert read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"] == 6
 
 
-@pytest.mark.parametrize("policy", ["log", "skip", "rollback"])
+@pytest.mark.parametrize("policy", ["skip", "rollback"])  # "log" applies: test_callbacks' guard test
 def test_planted_spike_is_handled_per_policy(reference, tmp_path, policy):
     config = write_training_run(tmp_path, steps=STEPS, spikes={"policy": policy, "window": 8,
                                                                "warmup_steps": 5, "threshold": 3.0})

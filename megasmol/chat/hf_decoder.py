@@ -30,14 +30,9 @@ class HFDecoder:
 
 def load_hf_chat_model(hf_dir: str | Path):
     """(model, the spec fields a chat session reads, tokenizer directory) for ``hf_dir``."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from megasmol.convert.hf_dir import check_hf_model_dir, load_hf_causal_lm
 
-    from megasmol.convert.hf_dir import check_hf_model_dir
-
-    path = check_hf_model_dir(hf_dir)
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = load_hf_causal_lm(check_hf_model_dir(hf_dir))
     config = model.config
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
     spec = SimpleNamespace(vocab_size=config.vocab_size, eos_token_id=eos,

@@ -20,3 +20,14 @@ def check_hf_model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"--hf {path}: not a Hugging Face model directory (no config.json)")
     return path
+
+
+def load_hf_causal_lm(path: str | Path, dtype=None):
+    """The model in ``path`` through transformers, in eval mode (float32 unless ``dtype``), with
+    no loading bar: the caller's own progress follows, and a bar for a few dozen tensors is noise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32).eval()

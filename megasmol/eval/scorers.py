@@ -178,11 +178,9 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
               dtype: torch.dtype = torch.float32) -> Scorer:
     """A Hugging Face causal LM directory through transformers."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from megasmol.convert.hf_dir import load_hf_causal_lm
 
-    hf_logging.disable_progress_bar()  # the eval's own bar follows; a loading bar is noise
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype).eval()
+    model = load_hf_causal_lm(hf_dir, dtype)
     trunk, head = model.base_model, model.get_output_embeddings()
 
     def hidden(ids: torch.Tensor) -> torch.Tensor:

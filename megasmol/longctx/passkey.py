@@ -126,9 +126,9 @@ def megatron_generator(checkpoint: str | Path, max_new_tokens: int, yarn_factor:
 
 
 def hf_generator(model_dir: str | Path, max_new_tokens: int):
-    from transformers import AutoModelForCausalLM
+    from megasmol.convert.hf_dir import load_hf_causal_lm
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = load_hf_causal_lm(model_dir)
 
     def generate(prompt: torch.Tensor) -> list[int]:
         with torch.no_grad():

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from megasmol.ckpt.branch import BranchPoint, apply_to_schedule, branch_point
+from megasmol.train.branch import BranchPoint, apply_to_schedule, branch_point
 from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
