@@ -336,8 +336,10 @@ def test_suites_expand_average_and_name_what_is_missing(monkeypatch):
     olmes = load_suite("olmes_core_rc")
     assert len(olmes.tasks) == 7 and olmes.missing[0].startswith("mmlu:")
     assert len(olmes.tasks[2].examples()) == 1000  # OLMES's HellaSwag subsample
-    base = load_suite("smollm3_base")  # GSM8K is not shipped: offline it is named, not averaged
-    assert "gsm8k" not in [t.name for t in base.tasks] and base.missing[-1].startswith("gsm8k:")
+    base = load_suite("smollm3_base")  # every task offline, GSM8K from the OLMES request file's rows
+    assert [t.name for t in base.tasks][-2:] == ["gsm8k", "humaneval"] and len(base.missing) == 5
+    gsm8k = next(t for t in base.tasks if t.name == "gsm8k")
+    assert gsm8k.num_fewshot == 5 and gsm8k.limit is None and len(gsm8k.examples()) == 1319
     humaneval = next(t for t in base.tasks if t.name == "humaneval")
     assert humaneval.limit is None and humaneval.spec.primary == "pass@1"
     tasks, suites = expand(["early_signal", "piqa", "copa"])
@@ -382,3 +384,49 @@ def test_cli_scores_a_suite_and_writes_its_average(model, tmp_path):
     assert len(values) == 8 and suite["average"] == pytest.approx(sum(values) / 8)
     assert {r["examples"] for r in doc["results"].values()} == {3}
     assert doc["results"]["mmlu_cf"]["source"]["subsets"] == 57
+
+
+def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tmp_path, monkeypatch):
+    """GSM8K offline: the test split's rows from the OLMES request file, lm-eval's own gsm8k YAML
+    on the same rows giving the same 0-shot prompt, and lm-eval's flexible-extract filter and
+    exact_match metric (with its target) agreeing with megasmol's judgement of each generation."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+    from lm_eval.tasks import TaskManager
+
+    from megasmol.eval.formulations import judge_generation
+
+    task = load_task("gsm8k")
+    examples = task.examples()
+    assert len(examples) == 1319 and task.source()["origin"] == "shipped"
+    assert task.source()["split"] == "test" and "train split" in task.source()["note"]
+    rows = tmp_path / "gsm8k.jsonl"
+    rows.write_text("".join(json.dumps({"question": e.record["question"], "answer": e.record["answer"]})
+                            + "\n" for e in examples[:ROWS]))
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "megasmol_gsm8k.yaml").write_text(yaml.safe_dump({
+        "include": str(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"),
+        "task": "megasmol_gsm8k", "tag": [], "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"train": str(rows), "test": str(rows)}}}))
+    reference = TaskManager(include_path=str(folder)).load(["megasmol_gsm8k"])["tasks"]["megasmol_gsm8k"]
+    docs = list(reference.test_docs())
+    [flexible] = [f for f in reference.config.filter_list if f["name"] == "flexible-extract"]
+    extract = RegexFilter(**{k: v for k, v in flexible["filter"][0].items() if k != "function"})
+    [metric] = reference.config.metric_list
+    options = {k: metric[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation")}
+    checked = 0
+    for index, (example, doc) in enumerate(zip(examples, docs)):
+        assert example.context == reference.doc_to_text(doc)  # the same question, the same prompt
+        gold = example.choices[0]
+        for generation in (f" {doc['answer']}", f" So the answer is ${int(gold):,}.", f" It is {gold}",
+                           f" {int(gold) + 1}", " I do not know", f" {gold} apples, not {int(gold) * 2}"):
+            [[theirs]] = extract.apply([[generation]], [doc])
+            expected = exact_match_hf_evaluate([theirs], [reference.doc_to_target(doc)], **options)
+            mine = judge_generation(index, example, example.context, generation, task.spec.answer_pattern)
+            assert mine.metrics["exact_match"] == expected["exact_match"], (generation, theirs, gold)
+            checked += expected["exact_match"] == 1.0
+    assert checked >= 3 * ROWS  # the matching answers were recognized, not only the wrong ones

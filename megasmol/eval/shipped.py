@@ -43,10 +43,12 @@ class ShippedData:
     """The split ``fewshot_path`` is."""
     note: str = ""
     """How this copy differs from the reference implementation's split, for the reader."""
-    format: Literal["rows", "olmes_requests"] = "rows"
+    format: Literal["rows", "olmes_requests", "olmes_docs"] = "rows"
     """rows: one record per example; olmes_requests: an OLMES request file (one line per
     (context, continuation) pair, few-shot examples already in the context), grouped into one
-    record per question (``contexts``, ``continuations``, ``label``, ``doc``)."""
+    record per question (``contexts``, ``continuations``, ``label``, ``doc``); olmes_docs: the
+    same kind of file read for its ``doc`` fields only, one record per question in ``doc_id``
+    order (the benchmark's own rows, scored with this task's own prompt)."""
 
     def validate(self) -> None:
         if not self.package or not self.path or not self.split:
@@ -96,6 +98,18 @@ def olmes_questions(requests: list[dict], path: Path) -> list[dict]:
         question["continuations"] = [c for _, c in pairs]
         out.append(question)
     return out
+
+
+def olmes_docs(requests: list[dict], path: Path) -> list[dict]:
+    """An OLMES request file's lines -> each question's ``doc`` (the benchmark's own row), once,
+    in ``doc_id`` order."""
+    docs: dict[int, dict] = {}
+    for number, line in enumerate(requests, 1):
+        if not isinstance(line.get("doc"), dict) or not isinstance(line.get("doc_id"), int):
+            raise ConfigError(f"{path}: request {number} has no doc and doc_id")
+        if line["doc_id"] < UNCONDITIONAL_DOC_ID:
+            docs.setdefault(line["doc_id"], line["doc"])
+    return [docs[doc_id] for doc_id in sorted(docs)]
 
 
 def read_records(path: Path, what: str) -> list[dict]:

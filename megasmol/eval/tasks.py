@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from megasmol.config.typed import ConfigError, from_dict, load_yaml
-from megasmol.eval.shipped import ShippedData, locate, olmes_questions, package_version, read_records
+from megasmol.eval.shipped import (ShippedData, locate, olmes_docs, olmes_questions, package_version,
+                                   read_records)
 
 TASK_DIR = Path(__file__).resolve().parent / "task_defs"
 
@@ -276,7 +277,8 @@ class Task:
                 return None
             where = locate(spec.shipped.package, path.replace("{subset}", subset))
             records = list(_shipped_rows(str(where)))
-            return olmes_questions(records, where) if spec.shipped.format == "olmes_requests" else records
+            read = {"olmes_requests": olmes_questions, "olmes_docs": olmes_docs}.get(spec.shipped.format)
+            return read(records, where) if read else records
         local = spec.data_files
         if fewshot:
             if spec.fewshot_split is None:
