@@ -34,6 +34,39 @@ def test_command_line_paths_are_relative_to_the_current_directory(tmp_path, monk
     assert plain.path(plain.data.root) == Path(configs / "tokens")
 
 
+def test_every_field_documented_as_a_file_or_folder_is_marked_as_a_path():
+    """The command line's path rule follows the fields' own ``PATH`` / ``NAME_OR_PATH`` marks (no
+    hand-kept list): a new field whose docstring says it names a path, directory, folder or file
+    must carry one, or be named here as not being one."""
+    import dataclasses
+    import re
+    import typing
+
+    from megasmol.config.reference import field_docs
+    from megasmol.config.run import RunConfig
+    from megasmol.config.typed import path_fields
+
+    not_paths = {"checkpoint.post_save_command", "logging.trackers", "logging.project",
+                 "logging.run_name", "eval.tasks"}  # a command, names, and a list of names or YAMLs
+    marked, unmarked = path_fields(RunConfig), []
+    says_path = re.compile(r"\b(path|directory|folder|file)\b", re.I)
+
+    def walk(cls, prefix=""):
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for field in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[field.name]):
+                walk(hints[field.name], f"{prefix}{field.name}.")
+            elif (field.init and says_path.search(docs.get(field.name, ""))
+                  and prefix + field.name not in set(marked) | not_paths):
+                unmarked.append(prefix + field.name)
+
+    walk(RunConfig)
+    assert not unmarked, f"mark these fields metadata=PATH or NAME_OR_PATH (config/typed.py): {unmarked}"
+    assert {"run_dir", "checkpoint.dir", "preference.reference", "paths_from"} <= {
+        k for k, kind in marked.items() if kind == "path"}
+    assert cli_override("paths_from=shared") == f"paths_from={Path.cwd() / 'shared'}"
+
+
 def test_a_missing_input_is_one_line_before_any_heavy_import(tmp_path):
     """A mistyped --config / --checkpoint / --hf / run directory is reported before torch,
     Megatron-Core or transformers load (it used to take 5-25 s and sometimes a traceback)."""

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megasmol.config.typed import ConfigError
+from megasmol.config.typed import PATH, ConfigError
 
 LOSS_TYPES = ("sigmoid", "ipo", "apo_zero", "apo_down")
 
@@ -27,7 +27,7 @@ class PreferenceConfig:
     sft_weight: float = 0.0
     """Weight of an added NLL term on the chosen completion (RPO-style): per pair, the chosen
     completion's mean token NLL, averaged over pairs (0: none)."""
-    reference: Optional[str] = None
+    reference: Optional[str] = field(default=None, metadata=PATH)
     """Reference checkpoint (root or iteration directory) whose log-probs are precomputed once per
     dataset (default: ``checkpoint.init_from``, the SFT checkpoint)."""
 

@@ -18,8 +18,9 @@ HEADER = """# Run configuration reference
 Generated from the config dataclasses' docstrings by `python -m megasmol.config.reference`
 (a test keeps this file current). A run config is a YAML file with these sections; unknown keys,
 wrong types and impossible combinations are refused before anything runs, naming the field.
-`--set section.field=value` overrides a field from the command line. Paths written in the file
-are relative to it; paths given with `--set` are relative to the current directory.
+`--set section.field=value` overrides a field from the command line. Fields typed "(path)" name a
+file or folder: written in the file they are relative to it, given with `--set` relative to the
+current directory. "(name or path)" fields take a built-in name, or a path where one exists.
 """
 
 
@@ -40,6 +41,13 @@ def field_docs(cls) -> dict[str, str]:
 def _type_name(annotation) -> str:
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
     return text.replace("typing.", "").replace("|", "\\|")
+
+
+def _type(field: dataclasses.Field) -> str:
+    """The field's type, and whether it names a file or folder (``typed.PATH``: relative values
+    from ``--set`` are taken from the current directory, from a config file from its folder)."""
+    kind = {"path": " (path)", "name_or_path": " (name or path)"}.get(field.metadata.get("path"), "")
+    return _type_name(field.type) + kind
 
 
 def _default(field: dataclasses.Field) -> str:
@@ -72,13 +80,13 @@ def reference() -> str:
         (sections if dataclasses.is_dataclass(hint) else plain).append((name, hint, field))
     out.append("## Top level\n\n| field | type | default | meaning |\n|---|---|---|---|")
     for name, hint, field in plain:
-        out.append(f"| `{name}` | {_type_name(field.type)} | {_default(field)} | {top_docs.get(name, '')} |")
+        out.append(f"| `{name}` | {_type(field)} | {_default(field)} | {top_docs.get(name, '')} |")
     for name, hint, field in sections:
         out.append(f"\n## `{name}`\n\n{top_docs.get(name, '')}\n")
         out.append("| field | type | default | meaning |\n|---|---|---|---|")
         docs = field_docs(hint)
         for sub_name, _, sub_field in _section(hint, typing.get_type_hints(hint)):
-            out.append(f"| `{name}.{sub_name}` | {_type_name(sub_field.type)} | {_default(sub_field)} | "
+            out.append(f"| `{name}.{sub_name}` | {_type(sub_field)} | {_default(sub_field)} | "
                        f"{docs.get(sub_name, '')} |")
     return "\n".join(out) + "\n"
 

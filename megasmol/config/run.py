@@ -13,7 +13,7 @@ from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfi
                                       OptimizerSettings, SpikeConfig, WatchdogConfig)
 from megasmol.config.preference import PreferenceConfig
 from megasmol.config.schedule import ScheduleConfig
-from megasmol.config.typed import ConfigError, from_dict, load_yaml, to_dict
+from megasmol.config.typed import NAME_OR_PATH, PATH, ConfigError, from_dict, load_yaml, path_fields, to_dict
 from megasmol.runtime.parallel import ParallelLayout
 
 
@@ -21,9 +21,9 @@ from megasmol.runtime.parallel import ParallelLayout
 class DataConfig:
     """What the run trains on and how sequences are formed."""
 
-    recipe: str
+    recipe: str = field(metadata=NAME_OR_PATH)
     """Data recipe: a name from the repository's data/ folder or a YAML path (relative to this config)."""
-    root: Optional[str] = None
+    root: Optional[str] = field(default=None, metadata=PATH)
     """Override the recipe's ``root`` (where its dataset prefixes live)."""
     seq_length: int = 4096
     """Tokens per training sequence (a stage may set its own)."""
@@ -34,13 +34,13 @@ class DataConfig:
     """Restart position ids at each document (SmolLM3 does not: RoPE is relative)."""
     validation_fraction: float = 0.01
     """Share of each dataset's documents held out for validation loss (0 disables)."""
-    cache_dir: Optional[str] = None
+    cache_dir: Optional[str] = field(default=None, metadata=PATH)
     """Where the sample indices are cached (default: ``<run_dir>/data_cache``)."""
     max_epochs: float = 4.0
     """The audit warns when the plan repeats a dataset more than this many times."""
     prefetch: int = 2
     """Batches prepared ahead by a background thread (0: none)."""
-    tokenizer: Optional[str] = "auto"
+    tokenizer: Optional[str] = field(default="auto", metadata=NAME_OR_PATH)
     """Tokenizer the data was made with, copied into every checkpoint so export, generate and
     chat find it: a directory, ``bundled`` (the Llama-3.2 tokenizer SmolLM3 uses), ``auto`` (the
     tokenizer stored with the recipe's chat data by ``prepare-chat``, else ``bundled``), or null."""
@@ -169,7 +169,7 @@ class RunConfig:
     """Data recipe and sequence options."""
     training: TrainingConfig
     """Steps, batch sizes, seed."""
-    model: Optional[str] = None
+    model: Optional[str] = field(default=None, metadata=NAME_OR_PATH)
     """Model spec: a preset name (model_specs/), a spec YAML path, or a checkpoint directory
     (its spec); omitted, the spec of ``checkpoint.init_from``. ``rope`` and
     ``training.attention_backend`` apply on top."""
@@ -194,9 +194,9 @@ class RunConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """The loss on preference pairs (DPO / IPO / APO) when the recipe's data are
     ``prepare-preferences`` output; unused otherwise."""
-    run_dir: str = "runs/default"
+    run_dir: str = field(default="runs/default", metadata=PATH)
     """Where checkpoints, logs and caches go (relative to the config file)."""
-    paths_from: Optional[str] = None
+    paths_from: Optional[str] = field(default=None, metadata=PATH)
     """Directory that relative paths in this config are taken from (default: the config file's
     own); ``megasmol ablate`` writes it so generated configs keep using the base config's files."""
     config_dir: str = field(default=".", init=False, repr=False)
@@ -300,12 +300,6 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {exc}") from None
 
 
-# Fields that name a file or folder. Those that are always paths (outputs, data roots, checkpoints)
-# are taken from the current directory when given on the command line; those that may also be a
-# built-in name (a model preset, a recipe, a tokenizer) only when that path exists here.
-CLI_PATH_FIELDS = ("run_dir", "data.root", "data.cache_dir", "checkpoint.dir", "checkpoint.init_from",
-                   "checkpoint.branch_from", "preference.reference")
-CLI_NAME_OR_PATH_FIELDS = ("model", "data.recipe", "data.tokenizer")
 
 
 def cli_override(item: str) -> str:
@@ -318,8 +312,8 @@ def cli_override(item: str) -> str:
     value = raw.strip()
     if not value or value in ("null", "~") or value.startswith(("/", "~", "[", "{", "$")):
         return item
-    key = key.strip()
-    if key in CLI_PATH_FIELDS or (key in CLI_NAME_OR_PATH_FIELDS and Path(value).exists()):
+    kind = path_fields(RunConfig).get(key.strip())  # the fields marked PATH / NAME_OR_PATH
+    if kind == "path" or (kind == "name_or_path" and Path(value).exists()):
         return f"{key}={os.path.abspath(value)}"
     return item
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megasmol.config.typed import ConfigError
+from megasmol.config.typed import PATH, ConfigError
 
 
 @dataclass
@@ -59,7 +59,7 @@ class OptimizerSettings:
 class CheckpointConfig:
     """When and where checkpoints are written, and where a run starts from."""
 
-    dir: Optional[str] = None
+    dir: Optional[str] = field(default=None, metadata=PATH)
     """Checkpoint root (default: ``<run_dir>/checkpoints``)."""
     interval: int = 1000
     """Save every this many steps (0: only at the end and on signals)."""
@@ -76,10 +76,10 @@ class CheckpointConfig:
     ``latest`` moves only once every rank's files are complete."""
     resume: bool = True
     """Start from the latest complete checkpoint in ``dir`` when there is one."""
-    init_from: Optional[str] = None
+    init_from: Optional[str] = field(default=None, metadata=PATH)
     """Weights-only start from another run's checkpoint (root or iteration directory): new
     optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
-    branch_from: Optional[str] = None
+    branch_from: Optional[str] = field(default=None, metadata=PATH)
     """Start as a branch of another run: ``RUN_DIR@STEP`` (that run's checkpoint at STEP; without
     ``@STEP``, its latest) or a checkpoint directory. Model AND optimizer state come from it; the
     data, the run directory and the step counter are this run's own, and ``schedule.kind:

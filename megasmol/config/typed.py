@@ -143,3 +143,25 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+PATH = {"path": "path"}
+"""Field metadata (``field(metadata=PATH)``): the field names a file or folder. A relative value
+given on the command line (``--set``) is taken from the current directory; one written in a config
+file, from that file's folder."""
+NAME_OR_PATH = {"path": "name_or_path"}
+"""Field metadata: a built-in name (a preset, a recipe) or a path; taken as a path from the
+current directory only when that path exists there."""
+
+
+def path_fields(cls, prefix: str = "") -> dict[str, str]:
+    """``{dotted field: "path" | "name_or_path"}`` for ``cls`` and its sections."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if "path" in f.metadata:
+            out[prefix + f.name] = f.metadata["path"]
+        elif dataclasses.is_dataclass(hints.get(f.name)):
+            out.update(path_fields(hints[f.name], f"{prefix}{f.name}."))
+    return out
+
