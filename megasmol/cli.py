@@ -16,7 +16,7 @@ from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
-from megasmol.utils.argtypes import at_least, positive_int
+from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_int
 
 # One line instead of a traceback (megasmol/errors.py): a run that could not go on (exit 1), bad
 # input (exit 2); Python's own errors for a missing or existing file, and ValueError, are input too.
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_init)
 
     p = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
-    p.add_argument("--checkpoint", required=True, help="checkpoint root or iteration directory")
+    p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
+                   help="checkpoint root or iteration directory")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: as stored)")
@@ -281,14 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import-hf", help="convert a Hugging Face SmolLM3/Llama model to a checkpoint")
-    p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--hf", required=True, type=input_path("--hf"),
+                   help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint root directory to write")
     p.add_argument("--name", help="model name recorded in the spec (default: directory name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("generate", help="greedy decoding with a checkpoint's Megatron model")
-    p.add_argument("--checkpoint", required=True, help="checkpoint root or iteration directory")
+    p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
+                   help="checkpoint root or iteration directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
@@ -298,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset")
-    p.add_argument("--input", required=True, nargs="+", help="files, directories or globs")
+    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
+                   help="files, directories or globs")
     p.add_argument("--out", required=True,
                    help="output prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.stats.json")
     p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: Llama-3.2, SmolLM3's)")
@@ -325,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_corpus)
 
     p = sub.add_parser("data-audit", help="tokens available / drawn / epochs per stage and dataset")
-    p.add_argument("--config", required=True, help="run config YAML")
+    p.add_argument("--config", required=True, type=input_path("--config"), help="run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field, e.g. training.train_steps=1000 (repeatable)")
     p.set_defaults(func=cmd_data_audit)
@@ -334,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train (or resume) a run from its YAML config; under torchrun for TP/PP/DP",
         description="Runs the stage(s) in the config on Megatron-Core. Rerunning the same command "
                     "resumes from the latest complete checkpoint in the run's checkpoint directory.")
-    p.add_argument("--config", required=True, help="run config YAML (see examples/)")
+    p.add_argument("--config", required=True, type=input_path("--config"),
+                   help="run config YAML (see examples/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field, e.g. schedule.lr=3e-4 (repeatable)")
     p.set_defaults(func=cmd_train)
@@ -396,24 +401,18 @@ def _quiet_import_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
 
 
-# Arguments that name an existing input: checked before any command imports torch, Megatron-Core
-# or transformers, so a mistyped path is one line at once instead of after seconds of imports.
-INPUT_PATHS = (("config", "--config"), ("checkpoint", "--checkpoint"), ("hf", "--hf"),
-               ("checkpoints", "--checkpoints"), ("runs", "RUN_DIR"))
-
-
 def _check_inputs(args) -> None:
+    """Every argument typed ``input_path`` names something that exists: checked before any
+    command imports torch, Megatron-Core or transformers."""
     from megasmol.config.typed import ConfigError
 
-    for attr, flag in INPUT_PATHS:
-        value = getattr(args, attr, None)
-        for item in value if isinstance(value, list) else [value] if value else []:
-            if not Path(item).expanduser().exists():
-                raise ConfigError(f"{flag} {item}: no such file or directory")
-    for item in getattr(args, "input", None) or []:  # data inputs: files, folders, globs, hf:ID
-        if isinstance(item, str) and not item.startswith("hf:") and not any(c in item for c in "*?["):
-            if not Path(item).expanduser().exists():
-                raise ConfigError(f"input {item}: no such file or directory")
+    for name, value in vars(args).items():
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, InputPath) and item.missing():
+                raise ConfigError(f"{item.flag} {item}: no such file or directory")
+        if any(isinstance(item, InputPath) for item in items):  # plain strings from here on
+            setattr(args, name, [str(v) for v in value] if isinstance(value, list) else str(value))
 
 
 def main(argv=None) -> int:

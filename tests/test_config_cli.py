@@ -86,3 +86,29 @@ def test_a_missing_input_is_one_line_before_any_heavy_import(tmp_path):
         imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
                     if line.startswith("import time:")}
         assert not imported & {"torch", "transformers", "megatron.core"}, argv
+
+
+def test_every_argument_that_names_an_input_is_checked_before_the_command_runs():
+    """Inputs are marked where the argument is declared (``type=input_path(...)``): every
+    ``--config``, ``--checkpoint``, ``--hf``, ``--checkpoints``, ``--input`` and ``RUN_DIR`` of
+    every command carries the mark, so cli.main checks it before any heavy import."""
+    import argparse
+
+    from megasmol.cli import build_parser
+
+    def subcommands(parser):
+        for action in parser._actions:  # noqa: SLF001 (argparse has no API for this)
+            if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+                for name, sub in action.choices.items():
+                    yield name, sub
+                    yield from ((f"{name} {n}", s) for n, s in subcommands(sub))
+
+    inputs = {"config", "checkpoint", "hf", "checkpoints", "input", "runs"}
+    seen, unmarked = 0, []
+    for name, sub in subcommands(build_parser()):
+        for action in sub._actions:  # noqa: SLF001
+            if action.dest in inputs:
+                seen += 1
+                if getattr(action.type, "__name__", None) != "path":
+                    unmarked.append(f"{name} {action.option_strings or action.metavar}")
+    assert seen >= 15 and not unmarked, unmarked

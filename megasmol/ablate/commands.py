@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from megasmol.config.run import cli_override
+from megasmol.utils.argtypes import input_path
 
 
 def cmd_average(args) -> int:
@@ -95,7 +96,7 @@ def add_ablate_parsers(sub) -> None:
                     "--out, named after what changed, with a manifest; --run trains them one after "
                     "another here (finished runs are skipped), --slurm writes a Slurm array. "
                     "model.FIELD varies the model spec; any other section.field the run config.")
-    p.add_argument("--config", required=True, help="the base run config YAML")
+    p.add_argument("--config", required=True, type=input_path("--config"), help="the base run config YAML")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                    help="a field and its values, e.g. model.num_kv_heads=1,2,4 (repeatable: the grid "
                         "is every combination)")
@@ -121,7 +122,7 @@ def add_ablate_parsers(sub) -> None:
                     "plots). With in-loop downstream evaluations, also judges each task metric "
                     "by the playbook's criteria: monotonicity, seed noise, signal above chance, "
                     "ranking consistency.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=input_path("RUN_DIR"), help="run directories")
     p.add_argument("--baseline", help="run directory or experiment name to compare against")
     p.add_argument("--x", choices=("tokens", "steps"), default="tokens",
                    help="x axis of the plots (default tokens)")
@@ -137,6 +138,7 @@ def add_ablate_parsers(sub) -> None:
                     "Equal weights by default (averaging a WSD stable phase); any weights for a "
                     "linear merge.")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   type=input_path("--checkpoints"),
                    help="checkpoint roots (their latest) or iteration directories")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="one weight per checkpoint, summing to 1 (default: equal)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megasmol.utils.argtypes import positive_int
+from megasmol.utils.argtypes import input_path, positive_int
 
 
 def cmd_prepare_chat(args) -> int:
@@ -56,7 +56,7 @@ def cmd_chat(args) -> int:
 def add_chat_parsers(sub) -> None:
     p = sub.add_parser("prepare-chat", help="render conversations with a chat template into tokens + a "
                                             "loss mask (Megatron indexed datasets) for SFT / mid-training")
-    p.add_argument("--input", required=True, nargs="+",
+    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
                    help="JSONL / Parquet files, directories or globs of {messages: [{role, content}]} "
                         "records; a datasets save_to_disk directory; or hf:DATASET_ID where a hub is "
                         "reachable")
@@ -82,9 +82,11 @@ def add_chat_parsers(sub) -> None:
     p = sub.add_parser("chat", help="chat with a checkpoint or a Hugging Face model in the terminal "
                                     "(or one --message)")
     model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="checkpoint root or iteration directory (Megatron-Core)")
-    model.add_argument("--hf", help="a Hugging Face model directory, e.g. from export-hf --chat-template "
-                                    "(transformers, with its KV cache)")
+    model.add_argument("--checkpoint", type=input_path("--checkpoint"),
+                       help="checkpoint root or iteration directory (Megatron-Core)")
+    model.add_argument("--hf", type=input_path("--hf"),
+                       help="a Hugging Face model directory, e.g. from export-hf --chat-template "
+                            "(transformers, with its KV cache)")
     p.add_argument("--message", action="append",
                    help="send this user message and print the reply, no prompt (repeat for turns)")
     p.add_argument("--system", help="system message (SmolLM3: /think or /no_think inside it switch mode)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megasmol.utils.argtypes import positive_int
+from megasmol.utils.argtypes import input_path, positive_int
 
 
 def cmd_eval_tasks(args) -> int:
@@ -124,8 +124,9 @@ def add_eval_parser(sub) -> None:
                     "{context, choices, gold} items. Built-in tasks read the copies that "
                     "megasmol[evaldata] installs (no network). Writes a table, OUT/results.json "
                     "(with each task's data source and split) and OUT/samples.jsonl.")
-    p.add_argument("--checkpoint", help="megasmol checkpoint (Megatron-Core model)")
-    p.add_argument("--hf", help="Hugging Face model directory (transformers)")
+    p.add_argument("--checkpoint", type=input_path("--checkpoint"),
+                   help="megasmol checkpoint (Megatron-Core model)")
+    p.add_argument("--hf", type=input_path("--hf"), help="Hugging Face model directory (transformers)")
     p.add_argument("--tasks", required=True, help="comma-separated task or suite names, or files")
     p.add_argument("--limit", type=int, help="a fixed, seeded subset of this many examples per task")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")

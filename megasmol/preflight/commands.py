@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from megasmol.config.run import cli_override
+from megasmol.utils.argtypes import input_path
 
 
 def cmd_preflight(args) -> int:
@@ -41,7 +42,8 @@ def add_preflight_parser(sub) -> None:
                     "with --strict). Without a GPU every check that can run does; GPU-only ones "
                     "say 'skipped: no GPU', unless the node lists GPUs that torch cannot see, or the "
                     "job needs GPUs (--expect-gpus, a bf16/fp8 --config): then it fails.")
-    p.add_argument("--config", help="run config YAML: dry-run it and test its data and checkpoint paths")
+    p.add_argument("--config", type=input_path("--config"),
+                   help="run config YAML: dry-run it and test its data and checkpoint paths")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field")
     p.add_argument("--level", default="quick", choices=["quick", "standard", "long"],

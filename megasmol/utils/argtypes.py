@@ -1,9 +1,11 @@
-"""argparse types that refuse an impossible number at parse time, with the option named by
-argparse (``argument --steps: must be 10 or more, got 5``) instead of a traceback later."""
+"""argparse types: numbers refused at parse time, with the option named by argparse (``argument
+--steps: must be 10 or more, got 5``) instead of a traceback later; and input paths, marked on the
+argument that takes them and checked right after parsing."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 
@@ -22,3 +24,29 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
 
 positive_int = at_least(1)
+
+
+class InputPath(str):
+    """The value of an argument that names an existing input (``type=input_path("--config")``).
+    ``megasmol``'s entry point checks every such value right after parsing, before a command
+    imports torch, Megatron-Core or transformers, so a mistyped path is one line at once."""
+
+    flag: str = ""
+    """How the error names the argument (``--config``, ``RUN_DIR``)."""
+    patterns: bool = False
+    """Data inputs: a glob or an ``hf:ID`` is not a path to check."""
+
+    def missing(self) -> bool:
+        if self.patterns and (self.startswith("hf:") or any(c in self for c in "*?[")):
+            return False
+        return not Path(self).expanduser().exists()
+
+
+def input_path(flag: str, patterns: bool = False) -> Callable[[str], InputPath]:
+    def parse(raw: str) -> InputPath:
+        value = InputPath(raw)
+        value.flag, value.patterns = flag, patterns
+        return value
+
+    parse.__name__ = "path"
+    return parse

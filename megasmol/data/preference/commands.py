@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megasmol.utils.argtypes import input_path
+
 
 def cmd_prepare_preferences(args) -> int:
     from megasmol.data.preference.prepare import prepare_preferences
@@ -20,7 +22,7 @@ def add_preference_parsers(sub) -> None:
     p = sub.add_parser("prepare-preferences",
                        help="render preference pairs (prompt, chosen, rejected) into packed-pair training "
                             "data for DPO / APO (Megatron indexed datasets + completion loss masks)")
-    p.add_argument("--input", required=True, nargs="+",
+    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
                    help="JSONL / Parquet files, directories or globs in TRL's preference formats "
                         "({prompt, chosen, rejected} as messages or strings; or implicit {chosen, "
                         "rejected} conversations); a datasets save_to_disk directory; or hf:DATASET_ID "
