@@ -46,9 +46,11 @@ def _save_errors(root: Path, step: Optional[int]):
 
 
 class Checkpointer:
-    def __init__(self, config, setup, console, tokenizer_dir, faults=NO_FAULTS):
-        """``faults``: the tests' ``utils.faults.FaultPlan`` (its save seams)."""
-        self.config, self.setup, self.console, self.faults = config.checkpoint, setup, console, faults
+    def __init__(self, config, setup, console, tokenizer_dir, faults=None):
+        """``faults``: a test's ``utils.faults.FaultPlan`` for the save seams (default: the
+        setup's, ``NO_FAULTS`` in production)."""
+        self.config, self.setup, self.console = config.checkpoint, setup, console
+        self.faults = faults or getattr(setup, "faults", NO_FAULTS)
         self.root: Path = config.checkpoint_dir
         self.tokenizer_dir = tokenizer_dir
         self.hooks = None

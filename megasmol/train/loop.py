@@ -31,8 +31,7 @@ from megasmol.train.schedules import lr_at
 from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
-from megasmol.train.step import StepOutcome, any_rank, train_step
-from megasmol.utils.faults import fault_plan
+from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
@@ -51,10 +50,9 @@ class Trainer:
         self.guard = StepGuard(self.config.spikes)
         self.result = TrainResult()
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
-        self.faults = fault_plan()
         self.console = Console(setup.is_logging_rank)
         tokenizer = self.config.tokenizer_dir()
-        self.checkpoints = Checkpointer(self.config, setup, self.console, tokenizer, self.faults)
+        self.checkpoints = Checkpointer(self.config, setup, self.console, tokenizer)
         self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps,
                                open_metrics(setup, run_directory(self.config)), self.console, self.state)
         self.callbacks = build_callbacks(self.ctx, self.config, tokenizer_dir=tokenizer,
@@ -136,11 +134,9 @@ class Trainer:
             if self.state.skipped(step):
                 stats.skipped += 1
                 stats.add(None, None, 0)
-                stop_agreed = any_rank(self.stop.requested)
-                self.faults.after_reduce(step)
+                stop_agreed = skip_step(setup, step, stop=self.stop.requested)
             else:
-                outcome = train_step(setup, step, micro, lr, stop=self.stop.requested,
-                                     guard=self.guard, faults=self.faults)
+                outcome = train_step(setup, step, micro, lr, stop=self.stop.requested, guard=self.guard)
                 self._act_on_guard(step, outcome, stats)
                 stats.add(outcome.totals.loss, outcome.grad_norm, tokens, outcome.totals.metrics)
                 self.result.record_loss(step, outcome.totals.loss)

@@ -28,6 +28,7 @@ from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
 from megasmol.train.objectives import PreferenceLoss, TokenLoss
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
+from megasmol.utils.faults import NO_FAULTS, fault_plan
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class TrainingSetup:
     branch: Optional[BranchPoint] = None
     objective: object = field(default_factory=TokenLoss)
     """What a micro-batch's output becomes: next-token loss, or a preference loss on pairs."""
+    faults: object = NO_FAULTS
+    """The tests' ``utils.faults.FaultPlan`` (``MEGASMOL_FAULT``); ``NO_FAULTS`` in production:
+    the step and the checkpointer call its seams."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -190,7 +194,7 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
     setup = TrainingSetup(config=config, spec=spec, rank=rank, batches=batches, model=model,
                           ddp_model=ddp_model, optimizer=optimizer,
                           mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
-                          params_dtype=params_dtype, branch=branch)
+                          params_dtype=params_dtype, branch=branch, faults=fault_plan())
     if reference is False:
         setup.objective = PreferenceLoss(config.preference)
         setup.model.z_loss_coeff = 0.0

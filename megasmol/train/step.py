@@ -95,6 +95,14 @@ def any_rank(flag: bool) -> bool:
     return packed.item() > 0
 
 
+def skip_step(setup, step: int, *, stop: bool = False) -> bool:
+    """A step whose data is skipped (``spikes.skip_batches`` or a rollback's range): no forward,
+    only the all-reduce that agrees on a stop request. Returns whether any rank asked to stop."""
+    agreed = any_rank(stop)
+    setup.faults.after_reduce(step)
+    return agreed
+
+
 def step_inputs(setup, micro: list[dict]) -> list[ModelInputs]:
     """A step's micro-batches as model inputs on this rank's device, as the run's config asks
     (document masks, restarted positions): for training, validation and the pre-flight alike."""
@@ -125,13 +133,12 @@ def train_step(setup, step: int, micro: list[dict], lr: float, *, stop: bool = F
     every micro-batch, one all-reduce for the loss, the stop request and the non-finite-gradient
     flag, the guard's decision, then the optimizer step when the decision is ``apply``.
 
-    On ``rollback`` or ``diverged`` nothing is applied and the caller acts. ``faults`` is the
-    test-only ``utils.faults.FaultPlan`` (``NO_FAULTS`` by default).
+    On ``rollback`` or ``diverged`` nothing is applied and the caller acts. ``faults``: a
+    test's ``utils.faults.FaultPlan`` (default: the setup's, ``NO_FAULTS`` in production).
     """
     from megasmol.train.optimizer import apply_learning_rate, local_gradients_finite
-    from megasmol.utils.faults import NO_FAULTS
 
-    faults = faults or NO_FAULTS
+    faults = faults or setup.faults
     apply_learning_rate(setup.optimizer, lr, setup.config.optim.weight_decay)
     inputs = step_inputs(setup, faults.batch(step, micro, setup.spec.vocab_size))
     setup.ddp_model.zero_grad_buffer()
