@@ -4,9 +4,8 @@ The loop's ``train.callbacks.downstream.DownstreamCallback`` calls :meth:`InLoop
 every ``eval.tasks_interval`` steps, or at every checkpoint with ``eval.tasks_at_checkpoint``.
 It is ``megasmol eval tasks``
 (the same task loading, requests, few-shot draws and judging, ``runner.evaluate``) with the
-training model as the scorer (in a single process, the offline command's own ``model_scorer``;
-in any other TP / PP / CP / DP layout ``parallel_scorer.PipelineScorer``: forward-only through
-the pipeline schedule, greedy generation for free-generation tasks),
+training model as the scorer (``parallel_scorer.PipelineScorer``: forward-only through the
+pipeline schedule in any TP / PP / CP / DP layout, greedy generation for free-generation tasks),
 so the numbers equal the offline command on the checkpoint of that step. It never changes the
 training: no gradients, no optimizer state, no RNG draws.
 """
@@ -15,10 +14,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from megasmol.config.typed import ConfigError
-from megasmol.eval.parallel_scorer import PipelineScorer, scoring
+from megasmol.eval.parallel_scorer import PipelineScorer
 from megasmol.eval.runner import TaskResult, evaluate, write_outputs
 from megasmol.eval.suites import expand, summarize
 from megasmol.runtime.run_dir import RunDir
@@ -47,23 +44,13 @@ class InLoopEvaluation:
                                   "needs more")
 
     def run(self, setup) -> list[TaskResult]:
-        """Collective: every rank calls it; every rank returns the same results.
-
-        A single-process run scores as ``eval tasks --checkpoint`` does (``model_scorer``: the
-        output layer only at the continuations' positions, each question's shared context once);
-        any other layout through the pipeline schedule (``PipelineScorer``)."""
-        if torch.distributed.get_world_size() == 1:
-            from megasmol.eval.scorers import model_scorer
-
-            scorer = model_scorer(setup.model, self.spec, self.tokenizer, "eval.tasks")
-        else:
-            scorer = PipelineScorer(setup.model, setup.ddp_model, micro_batch_size=self.micro,
-                                    max_length=self.spec.max_position_embeddings,
-                                    vocab_size=self.spec.vocab_size, tokenizer=self.tokenizer,
-                                    name="eval.tasks")
-        with scoring(setup.model, setup.ddp_model):
-            return evaluate(self.tasks, scorer, limit=self.limit, num_fewshot=self.num_fewshot,
-                            seed=self.seed)
+        """Collective: every rank calls it; every rank returns the same results."""
+        scorer = PipelineScorer(setup.model, setup.ddp_model, micro_batch_size=self.micro,
+                                max_length=self.spec.max_position_embeddings,
+                                vocab_size=self.spec.vocab_size, tokenizer=self.tokenizer,
+                                name="eval.tasks")
+        return evaluate(self.tasks, scorer, limit=self.limit, num_fewshot=self.num_fewshot,
+                        seed=self.seed)
 
     def write(self, step: int, results: list[TaskResult], run_dir) -> None:
         """``RUN_DIR/downstream/iter_STEP/``: results.json and samples.jsonl, as the offline

@@ -23,7 +23,7 @@ from functools import partial
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
-from megasmol.eval.parallel_scorer import _all_max, _padded, scoring
+from megasmol.eval.parallel_scorer import _all_max, _padded, _scoring
 from megasmol.eval.requests import GenerationRequest
 from megasmol.runtime.distributed import current_device
 
@@ -71,7 +71,7 @@ def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int, dp_rank
         micro = [_inputs(rows[k:k + scorer.micro], scorer.micro, length)
                  for k in range(0, len(rows), scorer.micro)]
         geometry = StepGeometry.of(micro[0][0])
-        with scoring(scorer.model_chunk, scorer.forward_model):
+        with _scoring(scorer.model_chunk, scorer.forward_model):
             outputs = get_forward_backward_func()(
                 forward_step_func=_forward_step, data_iterator=iter(micro),
                 model=[scorer.forward_model], num_microbatches=len(micro),

@@ -23,8 +23,7 @@ from megasmol.runtime.distributed import current_device
 
 
 @contextlib.contextmanager
-def scoring(model_chunk, forward_model):
-    """The model in eval mode without z-loss or gradients, back as it was afterwards."""
+def _scoring(model_chunk, forward_model):
     z_loss = getattr(model_chunk, "z_loss_coeff", 0.0)
     model_chunk.z_loss_coeff = 0.0
     was_training = forward_model.training
@@ -60,7 +59,7 @@ class PipelineScorer:
         rounds = _all_max(len(mine))
         per_group = self.micro * 16  # micro-batches per schedule call (pipelines fill better)
         totals = torch.zeros(len(requests), dtype=torch.float64)
-        with scoring(self.model_chunk, self.forward_model):
+        with _scoring(self.model_chunk, self.forward_model):
             for start in range(0, rounds, per_group):
                 group = mine[start:start + per_group]
                 length = _padded(_all_max(max((len(windows[i][0]) for i in group), default=1)),

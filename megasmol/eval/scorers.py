@@ -143,13 +143,6 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
     from megasmol.model.load import load_checkpoint_model
 
     model, spec, _ = load_checkpoint_model(checkpoint)
-    return model_scorer(model, spec, tokenizer, str(checkpoint), batch_tokens)
-
-
-def model_scorer(model, spec, tokenizer, name: str, batch_tokens: int = 8192) -> Scorer:
-    """A whole Megatron-Core model in this process (TP = PP = 1): the offline ``--checkpoint``
-    path, and the training loop's own model when the run is a single process. The caller puts
-    the model in eval mode."""
     weight = (model.shared_embedding_or_output_weight()
               if model.share_embeddings_and_output_weights else None)
 
@@ -179,7 +172,7 @@ def model_scorer(model, spec, tokenizer, name: str, batch_tokens: int = 8192) ->
     from megasmol.eval.shared_context import MegatronPrefix
 
     return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
-                  name, batch_tokens, generator, MegatronPrefix(model, hidden_of))
+                  str(checkpoint), batch_tokens, generator, MegatronPrefix(model, hidden_of))
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
