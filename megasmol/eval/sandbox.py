@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,13 +78,33 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         return Outcome(False, f"failed: {_last_line(Path(directory, 'output.txt'))}")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """The program and anything it started (its own session)."""
+def _kill_group(proc: subprocess.Popen, settle_s: float = 5.0) -> None:
+    """The program and anything it started (its own session). SIGKILL reaches the group's other
+    processes asynchronously: wait (up to ``settle_s``) until none of them is still running, so
+    nothing a program started outlives ``run_program``."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    deadline = time.monotonic() + settle_s
+    while _group_running(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies, already dead, do not count)."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def _last_line(path: Path) -> str:

@@ -115,7 +115,8 @@ class Scorer:
         for start in range(0, len(targets), HEAD_POSITIONS):
             end = start + HEAD_POSITIONS
             logits = self.head(hidden[start:end]).float()
-            picked[start:end] = (logits.gather(-1, targets[start:end, None]).squeeze(-1)
+            chosen = targets[start:end, None].to(logits.device)
+            picked[start:end] = (logits.gather(-1, chosen).squeeze(-1)
                                  - torch.logsumexp(logits, -1)).double()
         return picked
 
@@ -146,8 +147,12 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
     weight = (model.shared_embedding_or_output_weight()
               if model.share_embeddings_and_output_weights else None)
 
+    # Requests are built on the CPU; the model may live on a GPU (built on the current device).
+    device = next(model.parameters()).device
+
     def hidden(ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        ids = ids.to(device)
+        positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
         with _hidden_states_out(model):
             return model(ids, positions, None)
 
@@ -160,7 +165,8 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
 
     def hidden_of(ids, positions, mask, context):
         with _hidden_states_out(model):
-            return model(ids, positions, mask, inference_context=context, runtime_gather_output=True)
+            return model(ids.to(device), positions.to(device), mask.to(device),
+                         inference_context=context, runtime_gather_output=True)
 
     def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
         from megasmol.generate import greedy_generate_batch

@@ -204,7 +204,8 @@ class MegatronPrefix:
     def extend(self, cache, rows, ids, lengths):
         context, pad, prefilled = cache
         for layer, (k, v) in prefilled.items():  # the prefill's rows, one per continuation
-            context.key_value_memory_dict[layer] = (k.index_select(1, rows), v.index_select(1, rows))
+            on = rows.to(k.device)
+            context.key_value_memory_dict[layer] = (k.index_select(1, on), v.index_select(1, on))
         width, steps = pad.shape[1], ids.shape[1]
         causal = torch.arange(steps)[None, :] > torch.arange(steps)[:, None]  # [L, L]
         hidden_keys = torch.cat([pad[rows][:, None, :].expand(-1, steps, -1),
