@@ -20,7 +20,6 @@ from megasmol.ckpt.checkpoint import (describe_error, disk_full, iteration_dirna
                                       load_errors, recover_interrupted_saves)
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure
-from megasmol.utils.faults import NO_FAULTS
 
 
 class SaveFailed(RunFailure, RuntimeError):
@@ -50,7 +49,7 @@ class Checkpointer:
         """``faults``: a test's ``utils.faults.FaultPlan`` for the save seams (default: the
         setup's, ``NO_FAULTS`` in production)."""
         self.config, self.setup, self.console = config.checkpoint, setup, console
-        self.faults = faults or getattr(setup, "faults", NO_FAULTS)
+        self.faults = faults or setup.faults
         self.root: Path = config.checkpoint_dir
         self.tokenizer_dir = tokenizer_dir
         self.hooks = None
