@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo lint clean
+.PHONY: setup test test-fast demo docs-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ lint: setup
 
 demo: setup
 	$(VENV)/bin/megasmol demo
+
+# Every command the README and docs/ show, run as written in a fresh copy of the repository
+# (about 20 minutes on 2 cores: the demos, training runs, evaluations); see tools/docs_check.py.
+docs-check: setup
+	$(PY) tools/docs_check.py $(DOCS_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -226,9 +226,11 @@ def cmd_train(args) -> int:
         raise
     shutdown()
     if result.trained and int(os.environ.get("RANK", "0")) == 0:
+        from megasmol.utils.fs import shown
+
         first, last = result.first_and_last_loss()
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
-              f"(last steps); checkpoint {result.checkpoint}")
+              f"(last steps); checkpoint {shown(result.checkpoint)}")
     return 0
 
 

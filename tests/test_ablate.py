@@ -80,6 +80,35 @@ def test_compare_folds_seeds_into_mean_and_spread_and_plots(grid, capsys):
         assert (root / "cmp" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compare_takes_the_grid_directory_or_a_glob_over_it(grid, capsys):
+    """`compare runs/grid` compares the grid's runs; `compare runs/grid/*` (the shell adds the
+    manifest, the scripts and an earlier compare folder) leaves out, with a note, what is not a
+    run, and gives the same table."""
+    root, _ = grid
+    whole = _cli(capsys, "compare", str(root / "grid"), "--baseline", "lr=0.002")
+    assert (root / "grid" / "compare" / "comparison.json").is_file()  # the grid's own compare folder
+    globbed = _cli(capsys, "compare", *sorted(map(str, (root / "grid").iterdir())), "--baseline", "lr=0.002")
+    note, *table = globbed.splitlines()
+    assert note.startswith("note: left out what is not a run directory: ")
+    assert {"compare", "configs.txt", "manifest.json"} <= set(note.split(": ", 2)[2].split(", "))
+    assert sorted(table[:4]) == sorted(whole.splitlines()[:4])  # the same two experiments
+    assert sum(line.startswith("lr=0.0") for line in table[:4]) == 2
+
+
+def test_seeds_of_a_model_ablation_are_one_experiment(tmp_path):
+    """`--vary model.FIELD` writes a model.yaml beside each run's config: two seeds' copies of the
+    same spec are one experiment, another spec is another."""
+    from megasmol.config.identity import experiment_key
+
+    keys = []
+    for name, heads, seed in (("kv1_seed=1", 1, 1), ("kv1_seed=2", 1, 2), ("kv4_seed=1", 4, 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.yaml").write_text(f"name: tiny\nnum_kv_heads: {heads}\n")
+        keys.append(experiment_key({"model": str(tmp_path / name / "model.yaml"),
+                                    "run_dir": str(tmp_path / name), "training": {"seed": seed}}))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def _synthetic_run(path, lr, seed, scores):
     """A run directory as the trainer leaves it: run_config.json and metrics.jsonl."""
     path.mkdir(parents=True)

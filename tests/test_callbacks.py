@@ -366,6 +366,10 @@ def test_the_result_keeps_bounded_loss_windows_and_forgets_steps_a_rollback_redo
     assert len(result.first_losses) == len(result.last_losses) == LOSS_WINDOW
     assert result.first_and_last_loss() == (5.5, 995.5)
     assert result.first_and_last_loss(2) == (1.5, 999.5)
+    short = TrainResult()
+    for step in range(1, 11):  # ten steps: the first five against the last five, not all against all
+        short.record_loss(step, float(step))
+    assert short.first_and_last_loss() == (3.0, 8.0)
     result.record_loss(996, 0.0)  # rolled back to 995, redone
     assert max(result.last_losses) == 996 and result.last_losses[996] == 0.0
 

@@ -47,7 +47,8 @@ def test_every_field_documented_as_a_file_or_folder_is_marked_as_a_path():
     from megasmol.config.typed import path_fields
 
     not_paths = {"checkpoint.post_save_command", "logging.trackers", "logging.project",
-                 "logging.run_name", "eval.tasks"}  # a command, names, and a list of names or YAMLs
+                 "logging.run_name", "eval.tasks",  # a command, names, and a list of names or YAMLs
+                 "logging.mlflow_tracking_uri"}  # a URI, read by MLflow
     marked, unmarked = path_fields(RunConfig), []
     says_path = re.compile(r"\b(path|directory|folder|file)\b", re.I)
 

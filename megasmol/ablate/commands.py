@@ -7,6 +7,7 @@ from pathlib import Path
 
 from megasmol.config.run import cli_override
 from megasmol.utils.argtypes import input_path
+from megasmol.utils.fs import shown
 
 
 def cmd_average(args) -> int:
@@ -23,7 +24,7 @@ def cmd_average(args) -> int:
         shutdown()
     for path, weight in zip(report.inputs, report.weights):
         print(f"  {weight:>8.4f}  {path}")
-    print(f"wrote {report.path} ({report.tensors} tensors)")
+    print(f"wrote {shown(report.path)} ({report.tensors} tensors)")
     return 0
 
 
@@ -38,7 +39,7 @@ def cmd_ablate(args) -> int:
     varies = [parse_vary(v) for v in args.vary]
     grid = plan_grid(args.config, varies, args.out, seeds=args.seeds, match_params=args.match_params,
                      sets=args.set)
-    print(f"{len(grid.runs)} runs in {grid.out} (manifest {grid.out / 'manifest.json'})")
+    print(f"{len(grid.runs)} runs in {shown(grid.out)} (manifest {shown(grid.out / 'manifest.json')})")
     header, rows = params_table(grid)
     if not args.match_params:
         header, rows = header[:4], [r[:4] for r in rows]
@@ -53,19 +54,22 @@ def cmd_ablate(args) -> int:
     outcome = run_grid(grid, nproc_per_node=args.nproc_per_node, show_progress=not args.quiet)
     print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} (finished), "
           f"failed {len(outcome.failed)}" + (f": {', '.join(outcome.failed)}" if outcome.failed else ""))
-    print(f"compare them with: megasmol compare {' '.join(str(r.run_dir) for r in grid.runs)}")
+    print(f"compare them with: megasmol compare {shown(grid.out)}")
     return 1 if outcome.failed else 0
 
 
 def cmd_compare(args) -> int:
-    from megasmol.ablate.compare import default_out, load_comparison
+    from megasmol.ablate.compare import default_out, load_comparison, run_directories
     from megasmol.ablate.plots import write_plots
     from megasmol.ablate.task_quality import quality_rows, task_quality
     from megasmol.utils.fs import atomic_write_text
     from megasmol.utils.table import format_table
 
-    comparison = load_comparison(args.runs, baseline=args.baseline)
-    out = args.out or default_out(args.runs)
+    runs, notes = run_directories(args.runs)
+    for note in notes:
+        print(f"note: {note}")
+    comparison = load_comparison(runs, baseline=args.baseline)
+    out = args.out or default_out(runs)
     print(format_table(comparison.table_rows(), left=1))
     if comparison.metrics:
         print("\ndownstream metrics at the last in-loop evaluation")
@@ -84,7 +88,7 @@ def cmd_compare(args) -> int:
                          for q in quality],
     }
     atomic_write_text(out / "comparison.json", json.dumps(summary, indent=2, default=str))
-    print(f"\nwrote {out / 'comparison.json'} and {len(plots)} plot(s): "
+    print(f"\nwrote {shown(out / 'comparison.json')} and {len(plots)} plot(s): "
           + ", ".join(p.name for p in plots))
     return 0
 
@@ -122,7 +126,8 @@ def add_ablate_parsers(sub) -> None:
                     "plots). With in-loop downstream evaluations, also judges each task metric "
                     "by the playbook's criteria: monotonicity, seed noise, signal above chance, "
                     "ranking consistency.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=input_path("RUN_DIR"), help="run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=input_path("RUN_DIR"),
+                   help="run directories, or an ablation grid's --out directory for all its runs")
     p.add_argument("--baseline", help="run directory or experiment name to compare against")
     p.add_argument("--x", choices=("tokens", "steps"), default="tokens",
                    help="x axis of the plots (default tokens)")

@@ -8,6 +8,7 @@ of the seed noise, so a difference can be judged against noise.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -171,6 +172,34 @@ def load_comparison(run_dirs: list[str | Path], baseline: Optional[str] = None) 
                               f"({', '.join(e.name for e in experiments)})")
         baseline = match[0].name
     return Comparison(experiments, metrics, baseline)
+
+
+def run_directories(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
+    """The run directories ``paths`` name, and a note for each path that is not one.
+
+    An ablation grid's directory (``megasmol ablate --out``) stands for its runs. What a shell glob
+    over a grid adds besides its runs (``manifest.json``, ``configs.txt``, the scripts, a
+    ``compare`` output folder) is left out with a note; a directory that is none of these is
+    passed on, so a run that has not started yet is an error naming it."""
+    from megasmol.ablate.grid import MANIFEST
+
+    runs: list[Path] = []
+    notes: list[str] = []
+    others: list[str] = []
+    for path in map(Path, paths):
+        if (path / MANIFEST).is_file() and not (path / "metrics.jsonl").is_file():
+            listed = [Path(run["run_dir"]) for run in json.loads((path / MANIFEST).read_text())["runs"]]
+            runs += [run for run in listed if (run / "metrics.jsonl").is_file()]
+            waiting = [run.name for run in listed if not (run / "metrics.jsonl").is_file()]
+            if waiting:
+                notes.append(f"{path}: left out {len(waiting)} run(s) not started yet: {', '.join(waiting)}")
+        elif path.is_file() or (path / "comparison.json").is_file():
+            others.append(path.name)
+        else:
+            runs.append(path)
+    if others:
+        notes.append(f"left out what is not a run directory: {', '.join(others)}")
+    return runs, notes
 
 
 def default_out(run_dirs: list[str | Path]) -> Path:

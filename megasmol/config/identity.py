@@ -4,6 +4,7 @@ the one list behind the resume note (``train/loop.py``) and the grouping of seed
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 WHAT_THE_STEPS_DO = ("model", "data", "training", "optim", "schedule", "spikes", "preference")
 """Sections whose change alters what a resumed step computes."""
@@ -33,6 +34,7 @@ def experiment_key(config: dict, also_ignore: tuple[str, ...] = ("training.seed"
     """The resolved config without ``NOT_WHAT_IT_TRAINS`` (and, by default, the seed): runs with
     the same key are one experiment."""
     tree = json.loads(json.dumps(config))
+    tree["model"] = _model_identity(tree.get("model"))
     for dotted in NOT_WHAT_IT_TRAINS + also_ignore:
         node, *rest = dotted.split(".")
         if not rest:
@@ -40,3 +42,13 @@ def experiment_key(config: dict, also_ignore: tuple[str, ...] = ("training.seed"
         elif isinstance(tree.get(node), dict):
             tree[node].pop(rest[0], None)
     return json.dumps(tree, sort_keys=True)
+
+
+def _model_identity(model):
+    """A model given as a spec file is the spec it holds, not where the file is: the seeds of a
+    ``--vary model.FIELD`` ablation each have their own copy of the same spec."""
+    if isinstance(model, str) and model.endswith((".yaml", ".yml")) and Path(model).is_file():
+        import yaml
+
+        return yaml.safe_load(Path(model).read_text())
+    return model

@@ -126,7 +126,10 @@ class LoggingConfig:
     run_name: Optional[str] = None
     """Tracker run name (default: the run directory's name)."""
     mlflow_tracking_uri: Optional[str] = None
-    """MLflow server or store (default: ``MLFLOW_TRACKING_URI``, else ``<run_dir>/mlruns``)."""
+    """MLflow server or store (default: ``MLFLOW_TRACKING_URI``, else ``<run_dir>/mlruns``). MLflow 3
+    opens a file store only with ``MLFLOW_ALLOW_FILE_STORE=true``: read the default store with
+    ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <run_dir>/mlruns``, or give
+    ``sqlite:///<path>/mlflow.db`` (the full ``mlflow`` package) to log to SQLite instead."""
     jsonl: bool = True
     """Append one JSON object per log line to ``<run_dir>/metrics.jsonl``."""
     peak_tflops: Optional[float] = None

@@ -20,6 +20,7 @@ from megasmol.ckpt.checkpoint import (describe_error, disk_full, iteration_dirna
                                       load_errors, recover_interrupted_saves)
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure
+from megasmol.utils.fs import shown
 
 
 class SaveFailed(RunFailure, RuntimeError):
@@ -91,7 +92,7 @@ class Checkpointer:
             train_state.prune_checkpoints(self.root, self.config.keep_last)
             if self.hooks is not None:
                 self.hooks.on_checkpoint_committed(path, step)
-            self.console.print(f"saved checkpoint {path} ({time.perf_counter() - started:.1f}s)")
+            self.console.print(f"saved checkpoint {shown(path)} ({time.perf_counter() - started:.1f}s)")
 
         with _save_errors(self.root, step):
             return train_state.save_training_checkpoint(

@@ -32,7 +32,7 @@ from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
-from megasmol.utils.fs import atomic_write_text
+from megasmol.utils.fs import atomic_write_text, shown
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -80,7 +80,7 @@ class Trainer:
         if latest is not None:
             self.restore(latest)
             self.result.resumed_from = self.state.step
-            self.console.print(f"resumed from {latest} at step {self.state.step}")
+            self.console.print(f"resumed from {shown(latest)} at step {self.state.step}")
         elif self.s.branch is not None:
             self.state.consumed_tokens = branch(self.checkpoints, self.s.branch, self.s, self.console,
                                                 self.total_steps)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megasmol.config.typed import ConfigError
-from megasmol.utils.fs import atomic_save_npy
+from megasmol.utils.fs import atomic_save_npy, shown
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def attach_reference_logps(setup, reference: Path, *, weights_after=None, show_p
             if setup.is_logging_rank:
                 atomic_save_npy(path, values)
                 say(f"reference log-probs: {len(values):,} pairs of {Path(prefix).name} scored by "
-                    f"{reference} in {time.perf_counter() - started:.1f}s -> {path.name}")
+                    f"{shown(reference)} in {time.perf_counter() - started:.1f}s -> {path.name}")
             torch.distributed.barrier()
         if weights_after is not None:
             load_model_weights(setup.model, weights_after)

@@ -92,7 +92,8 @@ class TrainResult:
         return bool(self.last_losses)
 
     def first_and_last_loss(self, window: int = LOSS_WINDOW) -> tuple[float, float]:
-        window = min(window, LOSS_WINDOW)
+        trained = len(set(self.first_losses) | set(self.last_losses))
+        window = max(1, min(window, LOSS_WINDOW, trained // 2))  # a short run: halves, not overlap
         head = [self.first_losses[s] for s in sorted(self.first_losses)[:window]]
         tail = [self.last_losses[s] for s in sorted(self.last_losses)[-window:]]
         return sum(head) / len(head), sum(tail) / len(tail)

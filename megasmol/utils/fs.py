@@ -48,3 +48,12 @@ def atomic_save_npy(path: str | os.PathLike, array, save=None) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` as a console line shows it: relative to the current directory when beneath it
+    (as the user typed it), else as it is."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
