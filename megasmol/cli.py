@@ -225,12 +225,19 @@ def cmd_train(args) -> int:
         shutdown(peers_reachable=False)  # no farewell barrier: a peer may be gone
         raise
     shutdown()
-    if result.trained and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if result.trained:
         from megasmol.utils.fs import shown
 
         first, last = result.first_and_last_loss()
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
               f"(last steps); checkpoint {shown(result.checkpoint)}")
+    elif result.resumed_from is not None:
+        stop = config.training.stop_after_step
+        field, limit = (("training.stop_after_step", stop) if stop and stop < config.training.train_steps
+                        else ("training.train_steps", config.training.train_steps))
+        print(f"nothing to train: the run is at step {result.resumed_from} and {field} is {limit}")
     return 0
 
 

@@ -161,6 +161,7 @@ def test_rerunning_a_finished_run_leaves_its_checkpoint_alone(reference):
     before = (final.stat().st_ino, sorted(p.name for p in final.iterdir()))
     proc = train(reference["config"])
     assert "saved checkpoint" not in proc.stdout and "resumed from" in proc.stdout
+    assert "nothing to train: the run is at step 12 and training.train_steps is 12" in proc.stdout
     assert (final.stat().st_ino, sorted(p.name for p in final.iterdir())) == before
 
 
