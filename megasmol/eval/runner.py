@@ -75,9 +75,7 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
     through one batched pass so that lengths sort well."""
     plans = []
     for task in tasks:
-        k = num_fewshot if task.num_fewshot is None else task.num_fewshot
-        # HumanEval is scored from its prompt alone; OLMES requests hold their shots already.
-        k = 0 if task.spec.formulation in ("code", "requests") else k
+        k = task.shots(num_fewshot)
         caps = [c for c in (limit, task.limit) if c is not None]
         examples = sample(task.examples(), min(caps) if caps else None, seed)
         pool = task.fewshot_pool() if k else []

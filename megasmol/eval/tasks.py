@@ -83,6 +83,9 @@ class TaskSpec:
     fewshot_sampler: Literal["random", "first_n"] = "random"
     """random: a seeded draw per question; first_n: the split's first k (lm-eval's MMLU), of the
     question's own subset."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples this formulation is defined with (OLMo's MMLU RC: 5), used instead of the
+    command's ``--num-fewshot`` / ``eval.tasks_num_fewshot``; a suite entry's setting still wins."""
     primary_metric: Optional[str] = None
     """The metric a suite averages (default: acc_norm for cloze when reported, else acc;
     exact_match, pass@1 and bpb for fg, code and bpb)."""
@@ -136,6 +139,8 @@ class TaskSpec:
         if self.formulation not in ("cf", "requests") and self.metrics != ["acc", "acc_norm"]:
             raise ConfigError(f"task {self.name}: metrics is for formulation cf; "
                               f"{self.formulation} reports its own")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"task {self.name}: num_fewshot must be >= 0")
         if self.max_gen_tokens < 1:
             raise ConfigError(f"task {self.name}: max_gen_tokens must be >= 1")
         for i, pair in enumerate(self.replacements):
@@ -225,6 +230,17 @@ class Task:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def shots(self, default: int) -> int:
+        """Few-shot examples per question: a suite's setting, else the task's own, else
+        ``default`` (the command's); none for HumanEval (scored from its prompt alone) and OLMES
+        requests (their shots are in them)."""
+        if self.spec.formulation in ("code", "requests"):
+            return 0
+        for k in (self.num_fewshot, self.spec.num_fewshot):
+            if k is not None:
+                return k
+        return default
 
     @property
     def origin(self) -> str:
