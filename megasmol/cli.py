@@ -231,8 +231,9 @@ def cmd_train(args) -> int:
         from megasmol.utils.fs import shown
 
         first, last = result.first_and_last_loss()
+        saved = f"checkpoint {shown(result.checkpoint)}" if result.checkpoint else "no checkpoint written"
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
-              f"(last steps); checkpoint {shown(result.checkpoint)}")
+              f"(last steps); {saved}")
     elif result.resumed_from is not None:
         stop = config.training.stop_after_step
         field, limit = (("training.stop_after_step", stop) if stop and stop < config.training.train_steps
