@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from megasmol.utils.fs import shown
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "demo.yaml"
 PROMPTS = ("Question: Tom has 12 apples and buys 7 more. How many apples does he have now?\nAnswer:",
            "def read_lines(path):\n   ")
@@ -41,7 +43,7 @@ def corpus(workdir: Path, parts: int = 5) -> Path:
     tokens = workdir / "corpus" / "tokens"
     prefixes = [tokens / f"{d}_text_document" for d in ("prose", "code", "math")]
     if all(not missing_parts(p) for p in prefixes):
-        print(f"[1/{parts}] demo corpus already tokenized in {tokens}")
+        print(f"[1/{parts}] demo corpus already tokenized in {shown(tokens)}")
         return tokens
     started = time.time()
     manifest = build_demo_corpus(workdir / "corpus")
@@ -72,7 +74,7 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
     from megasmol.tokenizer import load_tokenizer
 
     report = export_hf(checkpoint, workdir / "hf", show_progress=False, overwrite=True)
-    print(f"[4/5] exported {checkpoint.name} to {report.out_dir} ({report.total_bytes / 1e6:.1f} MB)")
+    print(f"[4/5] exported {checkpoint.name} to {shown(report.out_dir)} ({report.total_bytes / 1e6:.1f} MB)")
     hf = load_hf_causal_lm(report.out_dir)
     tokenizer = load_tokenizer(report.out_dir)
     megatron = None
@@ -206,7 +208,7 @@ def run_demo(workdir: Path, steps: int = DEFAULT_STEPS, overrides: list[str] | N
     validation = (f"validation {', '.join(f'{s}: {v:.3f}' for s, v in valid_losses)}" if valid_losses
                   else "no validation (eval.interval is 0)")
     print(f"[3/5] loss {first:.3f} (first {window} steps) -> {last:.3f} (last {window} steps); "
-          f"{validation}; plot {plot}")
+          f"{validation}; plot {shown(plot)}")
     agree = _sample(result.checkpoint, workdir, compare_megatron=_world() == 1)
     _downstream(result.checkpoint, workdir, config)
     needed = required_fall(steps)
