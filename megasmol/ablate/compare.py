@@ -182,15 +182,19 @@ def run_directories(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
     ``compare`` output folder) is left out with a note; a directory that is none of these is
     passed on, so a run that has not started yet is an error naming it."""
     from megasmol.ablate.grid import MANIFEST
+    from megasmol.runtime.run_dir import RunDir
+
+    def started(run: Path) -> bool:
+        return RunDir(run).metrics.is_file()
 
     runs: list[Path] = []
     notes: list[str] = []
     others: list[str] = []
     for path in map(Path, paths):
-        if (path / MANIFEST).is_file() and not (path / "metrics.jsonl").is_file():
+        if (path / MANIFEST).is_file() and not started(path):
             listed = [Path(run["run_dir"]) for run in json.loads((path / MANIFEST).read_text())["runs"]]
-            runs += [run for run in listed if (run / "metrics.jsonl").is_file()]
-            waiting = [run.name for run in listed if not (run / "metrics.jsonl").is_file()]
+            runs += [run for run in listed if started(run)]
+            waiting = [run.name for run in listed if not started(run)]
             if waiting:
                 notes.append(f"{path}: left out {len(waiting)} run(s) not started yet: {', '.join(waiting)}")
         elif path.is_file() or (path / "comparison.json").is_file():
