@@ -115,9 +115,10 @@ def _last_logits(model, ids: torch.Tensor, first_position: int, context) -> torc
     """Logits after the last of ``ids`` ([b, s], starting at ``first_position``) for each row;
     with a cache, the keys and values of ``ids`` are added to it."""
     positions = torch.arange(first_position, first_position + ids.shape[1], device=ids.device).expand_as(ids)
-    if context is None:
-        return model(ids, positions, None)[:, -1]
-    logits = model(ids, positions, None, inference_context=context, runtime_gather_output=True)
+    with model.forward_only():
+        if context is None:
+            return model(ids, positions, None)[:, -1]
+        logits = model(ids, positions, None, inference_context=context, runtime_gather_output=True)
     context.increment_sequence_len_offset(ids.shape[1])
     return logits[:, -1]
 

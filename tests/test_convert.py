@@ -55,6 +55,31 @@ def test_exported_model_has_the_same_logits(tmp_path, make_spec):
         assert relative_error(ours, hf_model(tmp_path / "hf")(ids).logits) > 1e-3
 
 
+def test_sdpa_mlp_runs_the_gated_halves_as_two_matmuls_without_autograd(tmp_path):
+    from megatron.core.transformer.mlp import MLP
+
+    from megasmol.model.mlp import SplitGateMLP
+
+    init_checkpoint(tiny_smollm3(), tmp_path / "ckpt", seed=7)
+    model, spec, _ = load_checkpoint_model(tmp_path / "ckpt")
+    mlp = model.decoder.layers[0].mlp
+    assert isinstance(mlp, SplitGateMLP)
+    fc1, calls = mlp.linear_fc1, []
+    fused = fc1.forward
+    fc1.forward = lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs)
+    x = torch.randn(5, 2, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        split, _ = mlp(x)
+    assert calls == []  # the fused [gate; up] matmul did not run
+    reference, _ = MLP.forward(mlp, x)
+    assert calls == [1]
+    torch.testing.assert_close(split, reference.detach(), rtol=1e-5, atol=1e-6)
+    trained, _ = mlp(x)  # with autograd: Megatron-Core's own forward, gradients as before
+    assert calls == [1, 1] and torch.equal(trained, reference)
+    trained.sum().backward()
+    assert fc1.weight.grad is not None and fc1.weight.grad.abs().sum() > 0
+
+
 def test_sharded_export_writes_an_index(tmp_path):
     init_checkpoint(tiny_llama(), tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=100_000, show_progress=False)

@@ -50,6 +50,30 @@ def test_redirects_cuda_to_cpu_in_a_fresh_process():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+SUSPEND = """
+import torch
+from torch.overrides import BaseTorchFunctionMode
+from megasmol.runtime import cpu_compat
+assert cpu_compat.activate_if_needed()
+with cpu_compat.suspended():  # the mode is off: a CUDA literal is CUDA again
+    try:
+        torch.zeros(1, device="cuda")
+        raise SystemExit("the mode was still on")
+    except (RuntimeError, AssertionError):
+        pass
+    assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"  # patches stay
+assert torch.zeros(1, device="cuda").device.type == "cpu"  # and back on after
+with BaseTorchFunctionMode(), cpu_compat.suspended():  # another mode on top: left alone
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+print("ok")
+"""
+
+
+def test_suspended_turns_the_mode_off_for_a_stretch_and_back_on():
+    proc = subprocess.run([sys.executable, "-c", SUSPEND], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:] + proc.stdout
+
+
 def test_off_leaves_megatron_failing_on_cuda_calls():
     code = "import os; os.environ['MEGASMOL_CPU_COMPAT']='off'\n" + CHECK
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

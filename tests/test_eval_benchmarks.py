@@ -171,6 +171,58 @@ def test_a_shared_context_is_scored_once_with_the_same_loglikelihoods(model, lla
                 assert a.metrics["acc"] == b.metrics["acc"]
 
 
+class _EchoPrefix:
+    """A PrefixModel whose hidden state at a position is the token id there (one feature)."""
+
+    def __init__(self):
+        self.prefills = []
+        """(rows, padded width, real context tokens) of every prefill."""
+
+    def prefill(self, ids, lengths, room):
+        self.prefills.append((len(lengths), ids.shape[1], sum(lengths)))
+        return ids[:, -1:].double(), None
+
+    def extend(self, cache, rows, ids, lengths):
+        return ids[..., None].double()
+
+
+def test_shared_context_batches_contexts_of_similar_lengths_and_heads_in_full_slices():
+    """Short and long contexts do not share a prefill (its padding stays within WASTE x the real
+    tokens), and the output layer runs on full slices of HEAD_POSITIONS rows across passes (a call
+    on a few rows streams the whole vocabulary weight); every row still reaches its request."""
+    import random
+
+    from megasmol.eval.requests import TokenRequest
+    from megasmol.eval.scorers import HEAD_POSITIONS
+    from megasmol.eval.shared_context import WASTE, score_groups, shared_groups
+
+    rng = random.Random(0)
+    requests = []
+    for _ in range(60):
+        context = tuple(rng.randrange(1, 900) for _ in range(rng.choice([8, 12, 40, 64])))
+        for _ in range(4):
+            ending = tuple(rng.randrange(1, 900) for _ in range(rng.randrange(1, 30)))
+            requests.append(TokenRequest(context, ending))
+    calls = []
+
+    def pick(hidden, targets):  # a log p stand-in: 1000 x the input token + the target
+        calls.append(len(targets))
+        return hidden[:, 0] * 1000 + targets.double()
+
+    groups, rest = shared_groups(requests, max_length=4096)
+    assert len(groups) == 60 and rest == []
+    echo = _EchoPrefix()
+    got = score_groups(echo, groups, requests, pick, batch_tokens=100_000)
+    for index, request in enumerate(requests):
+        inputs = (request.context[-1],) + request.continuation[:-1]
+        assert got[index] == 1000 * sum(inputs) + sum(request.continuation), index
+    # One batch would fit (100k tokens); the lengths split it, each within the padding bound.
+    assert len(echo.prefills) > 1
+    assert all(rows * width <= WASTE * real for rows, width, real in echo.prefills)
+    assert all(n % HEAD_POSITIONS == 0 for n in calls[:-1]) and 0 < calls[-1] <= HEAD_POSITIONS
+    assert sum(calls) == sum(len(r.continuation) for r in requests)
+
+
 def test_sources_splits_and_subsets_are_reported(monkeypatch):
     arc = load_task("arc_easy")
     source = arc.source()

@@ -153,7 +153,7 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         ids = ids.to(device)
         positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-        with _hidden_states_out(model):
+        with _hidden_states_out(model), model.forward_only():
             return model(ids, positions, None)
 
     # One process holds the whole output layer (TP 1, no bias): the head is one matmul, without
@@ -164,7 +164,7 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         return torch.nn.functional.linear(states, head_weight)
 
     def hidden_of(ids, positions, mask, context):
-        with _hidden_states_out(model):
+        with _hidden_states_out(model), model.forward_only():
             return model(ids.to(device), positions.to(device), mask.to(device),
                          inference_context=context, runtime_gather_output=True)
 

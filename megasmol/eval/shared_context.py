@@ -27,6 +27,11 @@ from typing import Protocol
 import torch
 
 from megasmol.eval.requests import TokenRequest
+from megasmol.eval.scorers import HEAD_POSITIONS
+
+
+WASTE = 1.25
+"""Most padded tokens a pass may run per real token (prefill contexts, extension chunks)."""
 
 
 class PrefixModel(Protocol):
@@ -81,42 +86,75 @@ def score_groups(model: PrefixModel, groups: list[Group], requests: list[TokenRe
                  pick, batch_tokens: int, progress=None) -> dict[int, float]:
     """Log-likelihood per request index. ``pick(hidden [n, h], targets [n]) -> float64 [n]``
     applies the output layer and the log-softmax. Batches hold at most ``batch_tokens`` padded
-    tokens over both passes."""
+    tokens over both passes, and contexts of similar lengths: a batch ends where left-padding its
+    contexts to the longest would cost more than ``WASTE`` x their real tokens (0-shot HellaSwag's
+    contexts range from 13 to 55+ tokens; one batch of all of them ran a third padding)."""
     groups = sorted(groups, key=lambda g: -len(g.context))
-    out: dict[int, float] = {}
+    picks = _Picks(pick, len(requests))
     start = 0
     while start < len(groups):
         width = len(groups[start].context)
-        batch, longest, used = [], 0, 0
+        batch, longest, used, real = [], 0, 0, 0
         for group in groups[start:]:
             tail = max(len(requests[i].continuation) for i in group.members) - 1
             cost = (len(batch) + 1) * width + (used + len(group.members)) * max(longest, tail, 1)
-            if batch and cost > batch_tokens:
+            padded = (len(batch) + 1) * width > WASTE * (real + len(group.context))
+            if batch and (cost > batch_tokens or padded):
                 break
             batch.append(group)
             longest, used = max(longest, tail), used + len(group.members)
+            real += len(group.context)
         start += len(batch)
-        out.update(_score_batch(model, batch, requests, pick, longest))
+        _score_batch(model, batch, requests, picks, longest)
         if progress is not None:
             progress.update(sum(len(g.members) for g in batch))
-    return out
+    picks.flush(everything=True)
+    members = [i for g in groups for i in g.members]
+    return {i: float(picks.sums[i]) for i in members}
 
 
-def _score_batch(model: PrefixModel, batch: list[Group], requests, pick, longest: int) -> dict[int, float]:
+class _Picks:
+    """Hidden states waiting for the output layer, applied in slices of ``HEAD_POSITIONS`` positions
+    across passes and batches. The output layer streams its whole weight (hidden x 128k) per call,
+    so a call on a few positions costs nearly as much as on hundreds; the small passes of
+    similar-length batching must not each pay for it."""
+
+    def __init__(self, pick, n: int):
+        self.pick, self.sums = pick, torch.zeros(n, dtype=torch.float64)
+        self.hidden: list[torch.Tensor] = []
+        self.targets: list[int] = []
+        self.owners: list[int] = []
+
+    def add(self, hidden: torch.Tensor, targets: list[int], owners: list[int]) -> None:
+        self.hidden.append(hidden)
+        self.targets += targets
+        self.owners += owners
+        self.flush()
+
+    def flush(self, everything: bool = False) -> None:
+        ready = len(self.targets) if everything else len(self.targets) // HEAD_POSITIONS * HEAD_POSITIONS
+        if not ready:
+            return
+        hidden = torch.cat(self.hidden)
+        picked = self.pick(hidden[:ready], torch.tensor(self.targets[:ready]))
+        self.sums.index_add_(0, torch.tensor(self.owners[:ready]), picked)
+        self.hidden = [hidden[ready:]] if ready < len(self.targets) else []
+        self.targets, self.owners = self.targets[ready:], self.owners[ready:]
+
+
+def _score_batch(model: PrefixModel, batch: list[Group], requests, picks: _Picks, longest: int) -> None:
     contexts = [g.context for g in batch]
     last, cache = model.prefill(_left_pad(contexts), [len(c) for c in contexts], max(longest, 1))
     members = [(slot, i) for slot, g in enumerate(batch) for i in g.members]
-    first_targets = torch.tensor([requests[i].continuation[0] for _, i in members])
-    first = pick(last[torch.tensor([slot for slot, _ in members])], first_targets)
-    sums = {i: float(first[k]) for k, (_, i) in enumerate(members)}
+    picks.add(last[torch.tensor([slot for slot, _ in members])],
+              [requests[i].continuation[0] for _, i in members], [i for _, i in members])
     extending = sorted(((slot, i) for slot, i in members if len(requests[i].continuation) > 1),
                        key=lambda m: -len(requests[m[1]].continuation))
     for chunk in _similar_lengths(extending, requests):
-        _extend_chunk(model, cache, chunk, requests, pick, sums)
-    return sums
+        _extend_chunk(model, cache, chunk, requests, picks)
 
 
-def _similar_lengths(extending: list, requests, waste: float = 1.25) -> list[list]:
+def _similar_lengths(extending: list, requests, waste: float = WASTE) -> list[list]:
     """Continuations longest first, cut where right-padding to the chunk's longest would cost more
     than ``waste`` x the chunk's real tokens (HellaSwag's endings range from a few to 60+ tokens)."""
     chunks, chunk, real = [], [], 0
@@ -130,21 +168,18 @@ def _similar_lengths(extending: list, requests, waste: float = 1.25) -> list[lis
     return chunks + ([chunk] if chunk else [])
 
 
-def _extend_chunk(model: PrefixModel, cache, extending: list, requests, pick, sums: dict) -> None:
+def _extend_chunk(model: PrefixModel, cache, extending: list, requests, picks: _Picks) -> None:
     inputs = [list(requests[i].continuation[:-1]) for _, i in extending]
     hidden = model.extend(cache, torch.tensor([slot for slot, _ in extending]),
                           _right_pad(inputs, len(inputs[0])), [len(x) for x in inputs])
-    rows, cols, targets, owner = [], [], [], []
+    rows, cols, targets, owners = [], [], [], []
     for r, (_, i) in enumerate(extending):
         rest = requests[i].continuation[1:]
         rows += [r] * len(rest)
         cols += range(len(rest))
         targets += rest
-        owner += [r] * len(rest)
-    picked = pick(hidden[torch.tensor(rows), torch.tensor(cols)], torch.tensor(targets))
-    totals = torch.zeros(len(extending), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
-    for r, (_, i) in enumerate(extending):
-        sums[i] += float(totals[r])
+        owners += [i] * len(rest)
+    picks.add(hidden[torch.tensor(rows), torch.tensor(cols)], targets, owners)
 
 
 class HFPrefix:
@@ -203,10 +238,11 @@ class MegatronPrefix:
 
     def extend(self, cache, rows, ids, lengths):
         context, pad, prefilled = cache
-        for layer, (k, v) in prefilled.items():  # the prefill's rows, one per continuation
-            on = rows.to(k.device)
-            context.key_value_memory_dict[layer] = (k.index_select(1, on), v.index_select(1, on))
         width, steps = pad.shape[1], ids.shape[1]
+        for layer, (k, v) in prefilled.items():  # the prefill's rows, one per continuation,
+            on = rows.to(k.device)  # as long as this extension needs (the cache has the batch's room)
+            context.key_value_memory_dict[layer] = (k[:width + steps].index_select(1, on),
+                                                    v[:width + steps].index_select(1, on))
         causal = torch.arange(steps)[None, :] > torch.arange(steps)[:, None]  # [L, L]
         hidden_keys = torch.cat([pad[rows][:, None, :].expand(-1, steps, -1),
                                  causal[None].expand(len(rows), -1, -1)], dim=2)

@@ -10,7 +10,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megasmol.model.layer_specs import layer_spec, resolve_attention_backend
+from megasmol.model.layer_specs import forward_only, layer_spec, resolve_attention_backend
 from megasmol.model.spec import ModelSpec
 
 
@@ -36,12 +36,18 @@ class SmolGPTModel(GPTModel):
     The per-token loss returned with labels is ``CE + z_loss_coeff * logsumexp(logits)^2``.
     """
 
-    def __init__(self, *args, z_loss_coeff: float = 0.0, **kwargs):
+    def __init__(self, *args, z_loss_coeff: float = 0.0, attention_backend: str = "local", **kwargs):
         super().__init__(*args, **kwargs)
         self.z_loss_coeff = z_loss_coeff
+        self.attention_backend = attention_backend
+        """The layer spec's backend (``layer_specs.LAYER_SPECS``), resolved."""
         self._logit_positions = None  # [s, b] bool while a forward scores only those positions
         if self.post_process:
             self.output_layer.register_forward_pre_hook(self._only_scored_positions, with_kwargs=True)
+
+    def forward_only(self):
+        """Context for forward passes that train nothing (``layer_specs.forward_only``)."""
+        return forward_only(self.attention_backend)
 
     def forward(self, *args, loss_positions: Optional[torch.Tensor] = None, **kwargs):
         """``loss_positions`` ([b, s] bool, forward-only scoring): the output layer and the loss
@@ -176,5 +182,6 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
         position_embedding_type="yarn" if use_yarn else "rope",
         rotary_base=spec.rope_theta,
         z_loss_coeff=spec.z_loss_coeff,
+        attention_backend=resolve_attention_backend(spec.attention_backend),
     )
     return model

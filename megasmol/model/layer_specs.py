@@ -3,12 +3,14 @@
 Three backends, all saving the same checkpoint keys (Megatron-Core maps the local norms onto
 Transformer Engine's fused-norm names), so a checkpoint moves freely between them:
 * ``te``:    Transformer Engine fused norm+linear and attention kernels (BF16/FP8);
-* ``sdpa``:  Megatron-Core local linears + megasmol's SDPA/FlexAttention core attention;
+* ``sdpa``:  Megatron-Core local linears + megasmol's SDPA/FlexAttention core attention and its
+             MLP (``model/mlp.py``: the gated unit as two matmuls when there is no autograd);
 * ``local``: Megatron-Core's local spec as is (reference attention, materializes s x s scores).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 
@@ -17,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasmol.config.typed import ConfigError
 from megasmol.model.attention import SDPACoreAttention
+from megasmol.model.mlp import SplitGateMLP
 
 
 def transformer_engine_available() -> bool:
@@ -49,10 +52,27 @@ def local_layer_spec(qk_norm: bool) -> ModuleSpec:
 def sdpa_layer_spec(qk_norm: bool) -> ModuleSpec:
     spec = copy.deepcopy(local_layer_spec(qk_norm))
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.mlp.module = SplitGateMLP
     return spec
 
 
 LAYER_SPECS = {"te": te_layer_spec, "sdpa": sdpa_layer_spec, "local": local_layer_spec}
+
+NO_CUDA_LITERALS = frozenset({"sdpa"})
+"""Backends whose forward passes name no CUDA device, so that on a CPU they need none of the CPU
+compatibility mode's redirections once the model is built (Megatron-Core's local attention
+builds its causal mask with ``device="cuda"``; Transformer Engine runs on a GPU only)."""
+
+
+def forward_only(backend: str):
+    """Context for forward passes of a built model (evaluation, generation): the CPU compatibility
+    mode suspended where the backend allows it (each torch call under it is a Python call; a
+    forward makes thousands), as it is otherwise."""
+    from megasmol.runtime import cpu_compat
+
+    if resolve_attention_backend(backend) in NO_CUDA_LITERALS:
+        return cpu_compat.suspended()
+    return contextlib.nullcontext()
 
 
 def layer_spec(backend: str, qk_norm: bool) -> ModuleSpec:
