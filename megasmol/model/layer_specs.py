@@ -52,7 +52,7 @@ def local_layer_spec(qk_norm: bool) -> ModuleSpec:
 def sdpa_layer_spec(qk_norm: bool) -> ModuleSpec:
     spec = copy.deepcopy(local_layer_spec(qk_norm))
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
-    spec.submodules.mlp.module = SplitGateMLP
+    spec.submodules.mlp = SplitGateMLP  # a class, not a ModuleSpec (see model/mlp.py)
     return spec
 
 

@@ -9,16 +9,28 @@ caches), and evaluation and generation are nearly all matmuls. The halves are th
 the same weight (``[gate; up]``, per tensor-parallel rank), so the result is the same product.
 Under autograd, with sequence parallelism, a bias, FP8 or a fused activation, Megatron-Core's
 own forward runs.
+
+The layer spec holds the class itself, not a ``ModuleSpec``: Megatron-Core's ``TransformerLayer``
+passes the tensor-parallel group to its own ``MLP`` (recognised by identity) and logs "Unknown MLP
+type" for any other ``ModuleSpec``. Built from the config alone, this MLP takes the local spec's
+linears and Megatron-Core's default tensor-parallel group, which is the one it would be given.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.mlp import MLP
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
 
 
 class SplitGateMLP(MLP):
+    def __init__(self, config, submodules: Optional[MLPSubmodules] = None, **kwargs):
+        local = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        super().__init__(config, submodules if submodules is not None else local, **kwargs)
+
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if not self._splits(per_token_scale):
             return super().forward(hidden_states, per_token_scale, **kwargs)
