@@ -65,12 +65,12 @@ builds its causal mask with ``device="cuda"``; Transformer Engine runs on a GPU 
 
 
 def forward_only(backend: str):
-    """Context for forward passes of a built model (evaluation, generation): the CPU compatibility
-    mode suspended where the backend allows it (each torch call under it is a Python call; a
-    forward makes thousands), as it is otherwise."""
+    """Context for forward passes of a built model (evaluation, generation) with the resolved
+    ``backend`` it was built with: the CPU compatibility mode suspended where the backend allows
+    it (each torch call under it is a Python call; a forward makes thousands)."""
     from megasmol.runtime import cpu_compat
 
-    if resolve_attention_backend(backend) in NO_CUDA_LITERALS:
+    if backend in NO_CUDA_LITERALS:
         return cpu_compat.suspended()
     return contextlib.nullcontext()
 
