@@ -78,3 +78,23 @@ def test_off_leaves_megatron_failing_on_cuda_calls():
     code = "import os; os.environ['MEGASMOL_CPU_COMPAT']='off'\n" + CHECK
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode != 0
+
+
+SHUTDOWN = """
+import sys
+import torch
+from megasmol.runtime.distributed import init_parallel, shutdown
+from megasmol.runtime.parallel import ParallelLayout
+shutdown()  # nothing started: Megatron-Core stays unimported (it takes a second)
+print("imported", "megatron.core" in sys.modules)
+init_parallel(ParallelLayout())
+from megatron.core import parallel_state
+shutdown()
+print("left", parallel_state.model_parallel_is_initialized(), torch.distributed.is_initialized())
+"""
+
+
+def test_shutdown_tears_down_megatrons_state_only_where_it_was_loaded():
+    out = subprocess.run([sys.executable, "-c", SHUTDOWN], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split("\n")
+    assert "imported False" in out and "left False False" in out

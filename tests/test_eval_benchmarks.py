@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from megasmol.config.typed import ConfigError
@@ -221,6 +222,36 @@ def test_shared_context_batches_contexts_of_similar_lengths_and_heads_in_full_sl
     assert all(rows * width <= WASTE * real for rows, width, real in echo.prefills)
     assert all(n % HEAD_POSITIONS == 0 for n in calls[:-1]) and 0 < calls[-1] <= HEAD_POSITIONS
     assert sum(calls) == sum(len(r.continuation) for r in requests)
+
+
+def test_the_output_layer_writes_every_slice_into_one_buffer_with_exact_log_probs():
+    """The scorer's output layer reuses one [HEAD_POSITIONS, vocab] buffer for every slice (a
+    fresh 128 MB of logits per slice cost a page fault per 4 KiB on a CPU), and the in-place
+    log-sum-exp gives torch.logsumexp's values bit for bit, so log p is what log_softmax gives."""
+    from megasmol.eval.scorers import HEAD_POSITIONS, LinearInto, Scorer, logsumexp_
+
+    torch.manual_seed(0)
+    weight, bias = torch.randn(3000, 16), torch.randn(3000)
+    hidden, targets = torch.randn(2 * HEAD_POSITIONS + 7, 16) * 3, torch.randint(0, 3000, (519,))
+    for head_bias in (None, bias):
+        head = LinearInto(weight, head_bias)
+        buffers = []
+
+        def recording(states, out, head=head):
+            buffers.append(out)  # kept alive: fresh buffers could not share an address
+            return head(states, out)
+
+        recording.weight = weight
+        scorer = Scorer(None, recording, 64, 3000, None, "test")
+        got = torch.cat([scorer._pick(hidden, targets), scorer._pick(hidden[:5], targets[:5])])
+        logits = torch.nn.functional.linear(hidden, weight, head_bias)
+        want = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
+        assert torch.allclose(got, torch.cat([want, want[:5]]), atol=1e-5)
+        assert len(buffers) == 4  # 256 + 256 + 7 rows, then 5: one buffer for all
+        assert len({b.untyped_storage().data_ptr() for b in buffers}) == 1
+    logits = torch.randn(7, 50_000) * 8
+    logits[0, 3] = float("-inf")
+    assert torch.equal(logsumexp_(logits.clone()), torch.logsumexp(logits, -1))
 
 
 def test_sources_splits_and_subsets_are_reported(monkeypatch):

@@ -175,11 +175,15 @@ def set_seed(seed: int) -> None:
 
 def shutdown(peers_reachable: bool = True) -> None:
     """Tear down Megatron's and torch's process groups; ``peers_reachable=False`` after a
-    failure skips the farewell barrier, which would wait out the timeout for a lost peer."""
-    from megatron.core import parallel_state
+    failure skips the farewell barrier, which would wait out the timeout for a lost peer.
+    A process that never loaded Megatron-Core (``eval tasks --hf``, ``chat --hf``) does not
+    import it here: that alone took a second."""
+    import sys
 
-    with contextlib.suppress(Exception):
-        parallel_state.destroy_model_parallel()
+    parallel_state = sys.modules.get("megatron.core.parallel_state")
+    if parallel_state is not None:
+        with contextlib.suppress(Exception):
+            parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         if peers_reachable:
             with contextlib.suppress(Exception):
