@@ -32,7 +32,7 @@ class Scorer:
     """Computes ``sum log p(continuation | context)`` for token requests, and greedy generations
     with a batched ``generator``."""
 
-    def __init__(self, hidden: Hidden, head: "LinearInto", max_length: int, vocab_size: int, tokenizer,
+    def __init__(self, hidden: Hidden, head: LinearInto, max_length: int, vocab_size: int, tokenizer,
                  name: str, batch_tokens: int = 8192, generator: Optional[Generator] = None,
                  prefix=None):
         self.generator = generator

@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,8 +179,6 @@ def shutdown(peers_reachable: bool = True) -> None:
     failure skips the farewell barrier, which would wait out the timeout for a lost peer.
     A process that never loaded Megatron-Core (``eval tasks --hf``, ``chat --hf``) does not
     import it here: that alone took a second."""
-    import sys
-
     parallel_state = sys.modules.get("megatron.core.parallel_state")
     if parallel_state is not None:
         with contextlib.suppress(Exception):
