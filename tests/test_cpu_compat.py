@@ -98,3 +98,34 @@ def test_shutdown_tears_down_megatrons_state_only_where_it_was_loaded():
     out = subprocess.run([sys.executable, "-c", SHUTDOWN], capture_output=True, text=True,
                          check=True, timeout=300).stdout.split("\n")
     assert "imported False" in out and "left False False" in out
+
+
+ONE_GROUP = """
+import collections, os, torch
+from megasmol.runtime.distributed import init_parallel
+from megasmol.runtime.parallel import ParallelLayout
+from megatron.core import parallel_state as ps
+def loops():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return collections.Counter(names)["gloo_tcp_loop"]
+create = torch.distributed.new_group
+init_parallel(ParallelLayout())
+groups = {id(g) for g in (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                          ps.get_data_parallel_group(), ps.get_context_parallel_group(),
+                          ps.get_data_parallel_group_gloo(), ps.get_embedding_group())}
+print("groups", len(groups), "loops", loops(), "restored", torch.distributed.new_group is create)
+init_parallel(ParallelLayout())  # again, as a process that evaluates after training does
+x = torch.ones(2)
+torch.distributed.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+print("again loops", loops(), "sum", x.tolist())
+"""
+
+
+def test_one_process_shares_one_gloo_group_for_megatrons_parallel_state():
+    """Each gloo group keeps a TCP loop thread waking 100 times a second: twenty of them slowed
+    the CPU forward passes of `eval tasks --checkpoint` by 5-7%."""
+    out = subprocess.run([sys.executable, "-c", ONE_GROUP], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split("\n")
+    # The world group and one shared group of the one rank: two TCP loops, not twenty-one.
+    assert "groups 1 loops 2 restored True" in out
+    assert "again loops 2 sum [1.0, 1.0]" in out

@@ -22,6 +22,8 @@ What it does:
    streams, events, RNG state, memory stats, NVTX) become CPU equivalents or no-ops.  The CUDA
    RNG becomes the CPU default generator, so Megatron's per-TP-rank RNG tracker still gives
    each tensor-parallel rank its own stream.
+3. In a single process, Megatron-Core's parallel state gets one shared gloo group for all its
+   groups (:func:`one_group_for_one_process`, used by ``runtime.distributed.init_parallel``).
 """
 
 from __future__ import annotations
@@ -220,6 +222,32 @@ def suspended():
         return
     with _pop_mode_temporarily():
         yield
+
+
+@contextlib.contextmanager
+def one_group_for_one_process():
+    """Megatron-Core's parallel state in a process that is the whole world: every group it asks
+    for (about twenty, each of the one rank) becomes one shared gloo group. Every gloo group
+    keeps a TCP loop thread that wakes 100 times a second whether or not it has work; twenty of
+    them woke 2,000 times a second and slowed CPU forward passes by 5-7% on two cores
+    (``bench/RESULTS.md``). Collectives over a group of one rank are the same whichever group
+    it is. Does nothing when the layer is off or the world has more than one rank."""
+    if _mode is None or torch.distributed.get_world_size() != 1:
+        yield
+        return
+    create = torch.distributed.new_group
+    shared = []
+
+    def new_group(*args, **kwargs):
+        if not shared:
+            shared.append(create(*args, **kwargs))
+        return shared[0]
+
+    torch.distributed.new_group = new_group
+    try:
+        yield
+    finally:
+        torch.distributed.new_group = create
 
 
 def activate_if_needed() -> bool:

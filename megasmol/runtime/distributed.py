@@ -142,13 +142,14 @@ def init_parallel(layout: ParallelLayout, spec=None, seed: int = 1234,
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tensor_parallel,
-        pipeline_model_parallel_size=layout.pipeline_parallel,
-        context_parallel_size=layout.context_parallel,
-        # Megatron makes timedelta(minutes=...) of it: a fraction of a minute works too.
-        **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
-    )
+    with cpu_compat.one_group_for_one_process():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tensor_parallel,
+            pipeline_model_parallel_size=layout.pipeline_parallel,
+            context_parallel_size=layout.context_parallel,
+            # Megatron makes timedelta(minutes=...) of it: a fraction of a minute works too.
+            **({} if timeout_s is None else {"distributed_timeout_minutes": timeout_s / 60}),
+        )
     set_seed(seed)
     return info
 
