@@ -126,6 +126,9 @@ def test_one_process_shares_one_gloo_group_for_megatrons_parallel_state():
     the CPU forward passes of `eval tasks --checkpoint` by 5-7%."""
     out = subprocess.run([sys.executable, "-c", ONE_GROUP], capture_output=True, text=True,
                          check=True, timeout=300).stdout.split("\n")
-    # The world group and one shared group of the one rank: two TCP loops, not twenty-one.
-    assert "groups 1 loops 2 restored True" in out
-    assert "again loops 2 sum [1.0, 1.0]" in out
+    # The world group and one shared group of the one rank: at most two TCP loops, not 21 (a
+    # thread names itself once it runs, so a new one may not be counted yet: at most, not equal).
+    first = next(line.split() for line in out if line.startswith("groups "))
+    assert first[1] == "1" and int(first[3]) <= 2 and first[5] == "True", out
+    again = next(line.split() for line in out if line.startswith("again "))
+    assert int(again[2]) <= 2 and again[4:] == ["[1.0,", "1.0]"], out
