@@ -54,7 +54,7 @@ def load_checkpoint_model(
         init_parallel(layout, spec)
         model = build_model(spec, params_dtype=params_dtype, initialize=False)
     # Loading all-gathers metadata on gloo's worker threads: without this, one of them keeps an
-    # OpenMP team and every later forward pass on the CPU slows by ~8% (runtime/threads.py).
+    # OpenMP team and every later forward pass on the CPU slows by 5-9% (runtime/threads.py).
     with one_intra_op_thread():
         load_model_weights(model, path)
     model.eval()

@@ -2,16 +2,16 @@
 
 torch's CPU wheels run intra-op parallelism on GNU OpenMP (libgomp). libgomp counts every thread
 that belongs to an OpenMP team, in any thread of the process; once that count exceeds the CPUs,
-it cuts the busy-wait at its barriers to about a hundred spins for the whole process, so the
-main thread's workers go to sleep and are woken through the kernel between parallel regions.
+it switches the whole process to its short, throttled busy-wait at barriers, so the main
+thread's team goes to sleep and is woken through the kernel around every parallel region.
 
 A gloo process group's worker threads (``pt_gloo_runloop``) run the tensor copies of the
 collectives they execute. The first copy above torch's grain size (32,768 elements) gives that
 thread its own OpenMP team, and the team lives as long as the process group. Megatron-Core's
 ``dist_checkpointing.load`` all-gathers its sharding metadata (34 KB for a 180M-parameter model),
 so after loading a checkpoint every later forward pass on the CPU slept at its barriers:
-100,000 voluntary context switches per three evaluations of 40 HellaSwag questions, and about
-8% of the time (``bench/RESULTS.md``, "gloo's threads").
+100,000 voluntary context switches per three evaluations of 40 HellaSwag questions, and 5-9%
+of the time (``bench/RESULTS.md``, "gloo's threads").
 
 A worker thread reads torch's thread count once, the first time it runs a parallel loop: a
 collective issued inside :func:`one_intra_op_thread` initialises it with one thread, so it never
