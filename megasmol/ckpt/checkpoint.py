@@ -24,6 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from megasmol.errors import UserError
+from megasmol.runtime.threads import one_intra_op_thread
 from megasmol.utils.faults import NO_FAULTS, FaultPlan
 from megasmol.utils.fs import atomic_write_text, fsync_directory
 
@@ -324,7 +325,10 @@ def load_model_weights(model, path: str | Path, strict: bool = True) -> dict:
     iteration = resolve(path)
     sharded = model.sharded_state_dict()
     try:
-        state = dist_checkpointing.load(sharded, str(iteration))
+        # The load all-gathers metadata on gloo's worker threads: with torch's threads, one of
+        # them would keep an OpenMP team and slow every later CPU forward pass (runtime/threads.py).
+        with one_intra_op_thread():
+            state = dist_checkpointing.load(sharded, str(iteration))
     except load_errors() as exc:  # Megatron and DCP raise several types
         raise CheckpointError(f"{iteration}: cannot load model weights: {describe_error(exc)}") from None
     # A training checkpoint's common state (optimizer groups, ...) comes back too; keep the model's.

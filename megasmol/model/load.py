@@ -14,7 +14,6 @@ from megasmol.model.gpt import SmolGPTModel, build_model
 from megasmol.model.spec import ModelSpec, model_spec_from_dict
 from megasmol.runtime.distributed import init_parallel
 from megasmol.runtime.parallel import ParallelLayout
-from megasmol.runtime.threads import one_intra_op_thread
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 
@@ -53,10 +52,7 @@ def load_checkpoint_model(
     else:
         init_parallel(layout, spec)
         model = build_model(spec, params_dtype=params_dtype, initialize=False)
-    # Loading all-gathers metadata on gloo's worker threads: without this, one of them keeps an
-    # OpenMP team and every later forward pass on the CPU slows by 5-9% (runtime/threads.py).
-    with one_intra_op_thread():
-        load_model_weights(model, path)
+    load_model_weights(model, path)
     model.eval()
     return model, spec, meta
 

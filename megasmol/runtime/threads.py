@@ -9,7 +9,8 @@ A gloo process group's worker threads (``pt_gloo_runloop``) run the tensor copie
 collectives they execute. The first copy above torch's grain size (32,768 elements) gives that
 thread its own OpenMP team, and the team lives as long as the process group. Megatron-Core's
 ``dist_checkpointing.load`` all-gathers its sharding metadata (34 KB for a 180M-parameter model),
-so after loading a checkpoint every later forward pass on the CPU slept at its barriers:
+so after loading a checkpoint (``ckpt.checkpoint.load_model_weights`` now loads inside
+:func:`one_intra_op_thread`) every later forward pass on the CPU slept at its barriers:
 100,000 voluntary context switches per three evaluations of 40 HellaSwag questions, and 5-9%
 of the time (``bench/RESULTS.md``, "gloo's threads").
 
