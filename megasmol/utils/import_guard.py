@@ -1,15 +1,23 @@
-"""Keep Megatron-Core from importing W&B at start-up.
+"""Two start-up costs of importing Megatron-Core that megasmol does not need.
 
-Megatron-Core imports ``wandb`` at module level wherever it is installed (its timers and its
+* W&B. Megatron-Core imports ``wandb`` at module level wherever it is installed (its timers and its
 inference engine log to it), which costs every megasmol process about 0.6 s although megasmol
 never uses Megatron's W&B logging: runs that log to W&B do so through ``train/trackers.py``.
 This finder answers ``ImportError`` to an ``import wandb`` made by a ``megatron.*`` module, so
 Megatron takes its no-W&B path; every other importer, megasmol's tracker or user code, imports
 ``wandb`` as usual.
+* Compiling its fusions on a machine without CUDA. ``megatron.core.jit`` decorates its fused
+  elementwise functions (bias-GeLU, SwiGLU, dropout-add, ...) with ``torch.compile``, which
+  imports TorchInductor (and networkx) at decoration time: about 0.9 s of every ``import
+  megatron.core`` on a 2-core machine. Those fusions run only on a GPU (``model/gpt.py`` turns
+  the bias/activation/dropout fusions on with CUDA alone), so without CUDA this finder applies
+  Megatron-Core's own ``disable_jit_fuser()`` right after ``megatron.core.jit`` runs, before any
+  fusion module is decorated: they are plain functions. With CUDA nothing changes.
 """
 
 from __future__ import annotations
 
+import importlib.machinery
 import sys
 
 
@@ -28,6 +36,40 @@ class _MegatronWandbGuard:
         return None
 
 
+class _PlainFusionsWithoutCuda:
+    """Finds ``megatron.core.jit`` as the path finder would, and runs its module, then
+    ``disable_jit_fuser()`` where CUDA is not available."""
+
+    NAME = "megatron.core.jit"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.NAME:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenDisableFuser(spec.loader)
+        return spec
+
+
+class _ThenDisableFuser:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        import torch
+
+        if not torch.cuda.is_available():
+            module.disable_jit_fuser()
+
+    def __getattr__(self, name):  # get_source, get_code, ... as the real loader answers them
+        return getattr(self.loader, name)
+
+
 def install() -> None:
-    if not any(isinstance(f, _MegatronWandbGuard) for f in sys.meta_path):
-        sys.meta_path.insert(0, _MegatronWandbGuard())
+    for finder in (_MegatronWandbGuard, _PlainFusionsWithoutCuda):
+        if not any(isinstance(f, finder) for f in sys.meta_path):
+            sys.meta_path.insert(0, finder())
