@@ -17,7 +17,6 @@ Megatron takes its no-W&B path; every other importer, megasmol's tracker or user
 
 from __future__ import annotations
 
-import importlib.machinery
 import sys
 
 
@@ -37,7 +36,7 @@ class _MegatronWandbGuard:
 
 
 class _PlainFusionsWithoutCuda:
-    """Finds ``megatron.core.jit`` as the path finder would, and runs its module, then
+    """Finds ``megatron.core.jit`` as the next finder would, and runs its module, then
     ``disable_jit_fuser()`` where CUDA is not available."""
 
     NAME = "megatron.core.jit"
@@ -45,10 +44,15 @@ class _PlainFusionsWithoutCuda:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.NAME:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _ThenDisableFuser(spec.loader)
-        return spec
+        for finder in sys.meta_path:  # whichever finder would have found it (editable installs too)
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _ThenDisableFuser(spec.loader)
+                return spec
+        return None
 
 
 class _ThenDisableFuser:
