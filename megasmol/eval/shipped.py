@@ -121,7 +121,9 @@ def read_records(path: Path, what: str) -> list[dict]:
         import datasets
 
         try:
-            return list(datasets.load_from_disk(str(path)))
+            # The rows as iterating gives them (equal for every shipped copy), converted in one
+            # Arrow call: 0.38 s for all 189 shipped splits against 1.39 s row by row.
+            return datasets.load_from_disk(str(path)).to_list()
         except Exception as exc:  # a damaged copy: say which
             raise ConfigError(f"{what}: {path}: cannot read ({type(exc).__name__}: {exc})") from None
     if not path.is_file():
