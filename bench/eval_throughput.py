@@ -5,17 +5,19 @@ The model is a random ``smollm3-tiny`` (Llama-3.2 vocabulary), or with ``--model
 SmolLM3-architecture model shaped like SmolLM2-135M (28 layers: NoPE every 4th; 576 wide, 9 / 3 heads,
 FFN 1536; ~180M parameters with the 128k vocabulary, so the transformer, not the output layer,
 is most of the cost), exported to Hugging Face format. The task is the embedded
-``demo_arithmetic`` or, with ``--task hellaswag``, the first rows of HellaSwag's shipped
-validation split (megasmol[evaldata]), written out as a task file with lm-eval's preprocessing
-already applied (4 choices each). lm-eval runs ``HFLM`` with the same file as a custom task;
-megasmol runs its transformers scorer and its Megatron-Core scorer, each with the shared-context
-path (a question's choices against one pass over their context) and without it. All score
+``demo_arithmetic`` or, with ``--task NAME``, the first rows of a built-in task's shipped split
+(megasmol[evaldata]; ``hellaswag``, ``arc_easy``, ``mmlu_mcf``, ...), written out as a task file
+of megasmol's 0-shot prompts and continuations (lm-eval's preprocessing already applied).
+lm-eval runs ``HFLM`` with the same file as a custom task; megasmol runs its transformers
+scorer and its Megatron-Core scorer, each with the shared-context path (a question's choices
+against one pass over their context) and without it. All score
 identical requests (checked: the same accuracy).
 
     python bench/eval_throughput.py --examples 200 --workdir /tmp/eval-bench
     python bench/eval_throughput.py --model wide --task hellaswag --examples 40 --workdir /tmp/eval-wide
     python bench/eval_throughput.py --model wide --task hellaswag --shots 5 --examples 20 \
         --workdir /tmp/eval-wide
+    python bench/eval_throughput.py --model wide --task mmlu_mcf --examples 40 --workdir /tmp/eval-wide
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def main() -> None:
     parser.add_argument("--lm-eval-batch-size", default="8", help="lm-eval's --batch_size (default 8)")
     parser.add_argument("--workdir", default="/tmp/eval-bench")
     parser.add_argument("--model", choices=["tiny", "wide"], default="tiny")
-    parser.add_argument("--task", choices=["demo_arithmetic", "hellaswag"], default="demo_arithmetic")
+    parser.add_argument("--task", default="demo_arithmetic",
+                        help="demo_arithmetic (embedded), or a built-in task whose choices share "
+                             "their context (cf or mcf: hellaswag, arc_easy, piqa, mmlu_mcf, ...), "
+                             "rendered as megasmol renders it 0-shot")
     parser.add_argument("--warm", action="store_true",
                         help="score the first 4 questions once before timing each megasmol scorer "
                              "(first-call costs out of the figure)")
@@ -56,6 +61,7 @@ def main() -> None:
 
     from megasmol.convert.export import export_hf
     from megasmol.eval.embedded import arithmetic_examples
+    from megasmol.eval.formulations import prompt_and_continuations
     from megasmol.eval.runner import evaluate
     from megasmol.eval.scorers import hf_scorer, megatron_scorer
     from megasmol.eval.tasks import file_task, load_task
@@ -72,21 +78,23 @@ def main() -> None:
         init_checkpoint(spec, work / "ckpt", seed=3, tokenizer=default_tokenizer_dir())
         export_hf(work / "ckpt", work / "hf", show_progress=False)
     items = work / f"{args.task}.jsonl"
-    if args.task == "hellaswag":
-        examples = load_task("hellaswag").examples()[:args.examples]
-        delimiter = " "
+    if args.task == "demo_arithmetic":
+        examples, formulation, delimiter = arithmetic_examples(args.examples, 99), "cf", " "
     else:
-        examples, delimiter = arithmetic_examples(args.examples, 99), " "
+        task = load_task(args.task)
+        formulation, delimiter = task.spec.formulation, task.spec.target_delimiter
+        if formulation not in ("cf", "mcf"):
+            parser.error(f"--task {args.task}: a {formulation} task; the benchmark takes cf or mcf "
+                         "tasks (one context, several continuations)")
+        examples = task.examples()[:args.examples]
     pool = load_task("hellaswag").examples() if args.shots else []
-    start = len(pool) - args.shots  # the shots come from the end of the split, never the questions
+    shots = pool[len(pool) - args.shots:]  # from the end of the split, never the questions
 
-    def prompt(example) -> str:
-        shots = "".join(f"{s.context}{delimiter}{s.choices[s.gold]}\n\n" for s in pool[start:])
-        return (shots if args.shots else "") + example.context
+    def item(example) -> str:
+        prompt, continuations = prompt_and_continuations(example, formulation, delimiter, shots)
+        return json.dumps({"context": prompt, "choices": continuations, "gold": example.gold})
 
-    items.write_text("".join(json.dumps({"context": prompt(e),
-                                         "choices": [delimiter + c for c in e.choices],
-                                         "gold": e.gold}) + "\n" for e in examples))
+    items.write_text("".join(item(e) + "\n" for e in examples))
     tokenizer = load_tokenizer(default_tokenizer_dir())
 
     timings, accuracy = {}, {}
@@ -139,13 +147,14 @@ def main() -> None:
     accuracy["lm-eval HFLM"] = out["results"]["bench_arith"]["acc,none"]
 
     base = timings["lm-eval HFLM"]
-    print(f"model {args.model}, task {args.task}, {args.shots}-shot: {args.examples} examples x 4 "
-          f"choices, torch threads {__import__('torch').get_num_threads()}, megasmol scorers: median "
-          f"of {args.repeat} turn(s)")
+    choices, threads = sum(len(e.choices) for e in examples), __import__("torch").get_num_threads()
+    print(f"model {args.model}, task {args.task}, {args.shots}-shot: {len(examples)} examples, "
+          f"{choices} choices, torch threads {threads}, megasmol scorers: median of {args.repeat} "
+          "turn(s)")
     print("| scorer | seconds | examples/s | speed vs lm-eval | acc |")
     print("|---|---|---|---|---|")
     for name, seconds in timings.items():
-        print(f"| {name} | {seconds:.1f} | {args.examples / seconds:.1f} | {base / seconds:.2f}x | "
+        print(f"| {name} | {seconds:.1f} | {len(examples) / seconds:.1f} | {base / seconds:.2f}x | "
               f"{accuracy[name]:.3f} |")
 
 
