@@ -76,7 +76,7 @@ def _shutdown_at_exit() -> None:
     """A process that ends without :func:`shutdown` (a script, a notebook, a test) still tears its
     groups down before the interpreter does: gloo's groups destroyed during interpreter finalization
     aborted such a process now and then ("terminate called without an active exception"; 6 of
-    210 single-process runs on a 2-core machine). No farewell barrier: the peers may be gone."""
+    300 single-process runs on a 2-core machine). No farewell barrier: the peers may be gone."""
     shutdown(peers_reachable=False)
 
 
