@@ -228,7 +228,7 @@ def test_the_output_layer_writes_every_slice_into_one_buffer_with_exact_log_prob
     """The scorer's output layer reuses one [HEAD_POSITIONS, vocab] buffer for every slice (a
     fresh 128 MB of logits per slice cost a page fault per 4 KiB on a CPU), and the in-place
     log-sum-exp gives torch.logsumexp's values bit for bit, so log p is what log_softmax gives."""
-    from megasmol.eval.scorers import HEAD_POSITIONS, LinearInto, Scorer, logsumexp_
+    from megasmol.eval.scorers import HEAD_POSITIONS, LinearInto, LogProbs, logsumexp_
 
     torch.manual_seed(0)
     weight, bias = torch.randn(3000, 16), torch.randn(3000)
@@ -242,8 +242,8 @@ def test_the_output_layer_writes_every_slice_into_one_buffer_with_exact_log_prob
             return head(states, out)
 
         recording.weight = weight
-        scorer = Scorer(None, recording, 64, 3000, None, "test")
-        got = torch.cat([scorer._pick(hidden, targets), scorer._pick(hidden[:5], targets[:5])])
+        log_probs = LogProbs(recording)
+        got = torch.cat([log_probs(hidden, targets), log_probs(hidden[:5], targets[:5])])
         logits = torch.nn.functional.linear(hidden, weight, head_bias)
         want = torch.log_softmax(logits.double(), -1).gather(-1, targets[:, None]).squeeze(-1)
         assert torch.allclose(got, torch.cat([want, want[:5]]), atol=1e-5)

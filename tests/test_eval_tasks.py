@@ -241,6 +241,44 @@ def test_under_torchrun_the_loglikelihoods_equal_one_process(model, single_proce
             == json.loads((single_process_lls / "results.json").read_text())["results"]["items"]["acc"])
 
 
+def test_the_pipeline_scorer_runs_a_shared_context_once_where_a_rank_holds_the_whole_model(
+        model, llama_tokenizer_dir):
+    """TP = PP = CP = 1 (one process here; DP ranks take whole questions, the dp2 case above): the
+    in-loop and torchrun scorer runs each question's context once, with the log-likelihoods of
+    each pair scored whole. An attention backend that would not see the padding masks (Transformer
+    Engine's) scores each pair whole."""
+    from megasmol.eval.parallel_scorer import PipelineScorer
+    from megasmol.eval.requests import encode_pair
+    from megasmol.model.load import load_checkpoint_model
+    from megasmol.runtime.distributed import shutdown
+
+    tokenizer = load_tokenizer(llama_tokenizer_dir)
+    chunk, spec, _ = load_checkpoint_model(model / "ckpt")
+    items = [json.loads(line) for line in ITEMS.read_text().splitlines()]
+    requests = [encode_pair(tokenizer, item["context"], choice)
+                for item in items for choice in item["choices"]]
+    fed = []
+    chunk.embedding.register_forward_hook(
+        lambda module, args, kwargs, out: fed.append(kwargs["input_ids"].numel()), with_kwargs=True)
+
+    def score() -> tuple[list[float], int]:
+        fed.clear()
+        scorer = PipelineScorer(chunk, chunk, micro_batch_size=4, vocab_size=spec.vocab_size,
+                                max_length=spec.max_position_embeddings, tokenizer=tokenizer,
+                                name="test")
+        return scorer.loglikelihoods(requests), sum(fed)
+
+    try:
+        shared, shared_tokens = score()
+        backend, chunk.attention_backend = chunk.attention_backend, "te"
+        whole, whole_tokens = score()
+        chunk.attention_backend = backend
+    finally:
+        shutdown()
+    assert shared == pytest.approx(whole, abs=1e-4)
+    assert shared_tokens < 0.6 * whole_tokens, (shared_tokens, whole_tokens)
+
+
 def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path,
                                                                                 llama_tokenizer_dir):
     from megasmol.eval.formulations import extract_answer, normalize_answer

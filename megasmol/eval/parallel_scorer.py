@@ -1,6 +1,10 @@
 """Log-likelihoods from a Megatron-Core model in any TP / PP / CP / DP layout (a collective).
 
-Requests are shared out over data-parallel ranks, sorted longest first, padded into groups of
+Where each data-parallel rank holds the whole model (TP = PP = CP = 1, the usual layout of small
+ablations), the choices of a question are scored against one pass over their shared context
+(``shared_context``, as the single-process scorers do), whole questions shared out over the
+ranks. Everything else (other layouts, requests that share no context):
+requests are shared out over data-parallel ranks, sorted longest first, padded into groups of
 equal-shaped micro-batches (the pipeline exchanges fixed shapes, so every rank of a pipeline runs
 the same number with the same length), and run through Megatron-Core's pipeline schedule in
 forward-only mode: the model returns per-token cross-entropy (vocabulary-parallel under TP) and
@@ -45,6 +49,7 @@ class PipelineScorer:
         self.model_chunk, self.forward_model = model_chunk, forward_model
         self.micro, self.max_length, self.vocab_size = micro_batch_size, max_length, vocab_size
         self.tokenizer, self.name = tokenizer, name
+        self._shared = self._log_probs = None
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         from megatron.core import parallel_state as ps
@@ -53,12 +58,22 @@ class PipelineScorer:
 
         check_vocabulary(requests, self.vocab_size, self.name)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        mine = [i for i in range(len(requests)) if i % dp == dp_rank]
+        totals = torch.zeros(len(requests), dtype=torch.float64)
+        rest = list(range(len(requests)))
+        if _whole_model_per_rank() and self._prefix() is not None:
+            from megasmol.eval.shared_context import score_groups, shared_groups
+
+            groups, rest = shared_groups(requests, self.max_length)
+            with _scoring(self.model_chunk, self.forward_model):
+                found = score_groups(self._prefix(), groups[dp_rank::dp], requests, self._log_probs,
+                                     SHARED_BATCH_TOKENS, _Scaled(progress, dp))
+            for index, value in found.items():
+                totals[index] = value
+        mine = rest[dp_rank::dp]
         windows = {i: requests[i].window(self.max_length) for i in mine}
         mine.sort(key=lambda i: -len(windows[i][0]))
         rounds = _all_max(len(mine))
         per_group = self.micro * 16  # micro-batches per schedule call (pipelines fill better)
-        totals = torch.zeros(len(requests), dtype=torch.float64)
         with _scoring(self.model_chunk, self.forward_model):
             for start in range(0, rounds, per_group):
                 group = mine[start:start + per_group]
@@ -81,6 +96,38 @@ class PipelineScorer:
         from megasmol.eval.parallel_generate import parallel_generations
 
         return parallel_generations(self, requests, progress)
+
+    def _prefix(self):
+        """The model's ``MegatronPrefix`` (None where its attention backend cannot take one)."""
+        if self._log_probs is None:  # built once: the output layer keeps its logits buffer
+            from megasmol.eval.scorers import LogProbs, megatron_head, megatron_prefix
+
+            self._shared = megatron_prefix(self.model_chunk)
+            self._log_probs = LogProbs(megatron_head(self.model_chunk))
+        return self._shared
+
+
+SHARED_BATCH_TOKENS = 8192
+"""Padded tokens per pass of the shared-context path (the single-process scorers' default)."""
+
+
+def _whole_model_per_rank() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size() == 1
+            and ps.get_pipeline_model_parallel_world_size() == 1
+            and ps.get_context_parallel_world_size() == 1)
+
+
+class _Scaled:
+    """A progress bar advanced by ``factor`` x what this rank scored (every rank scores its share)."""
+
+    def __init__(self, progress, factor: int):
+        self.progress, self.factor = progress, factor
+
+    def update(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.update(n * self.factor)
 
 
 def _all_max(value: int) -> int:

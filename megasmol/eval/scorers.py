@@ -38,9 +38,9 @@ class Scorer:
         self.generator = generator
         self.prefix = prefix
         """A ``shared_context.PrefixModel``: requests that share their context score it once."""
-        self.hidden, self.head, self.max_length, self.tokenizer = hidden, head, max_length, tokenizer
+        self.hidden, self.max_length, self.tokenizer = hidden, max_length, tokenizer
         self.vocab_size, self.name, self.batch_tokens = vocab_size, name, batch_tokens
-        self._logits: Optional[torch.Tensor] = None
+        self.log_probs = LogProbs(head)
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         check_vocabulary(requests, self.vocab_size, self.name)
@@ -51,8 +51,8 @@ class Scorer:
 
             groups, plain = shared_groups(requests, self.max_length)
             with torch.no_grad():
-                found = score_groups(self.prefix, groups, requests, self._pick, self.batch_tokens,
-                                     progress)
+                found = score_groups(self.prefix, groups, requests, self.log_probs,
+                                     self.batch_tokens, progress)
             for index, value in found.items():
                 results[index] = value
         windows = {i: requests[i].window(self.max_length) for i in plain}
@@ -104,15 +104,22 @@ class Scorer:
             targets += continuation
             owner += [row] * n
         hidden = self.hidden(ids)[torch.tensor(rows), torch.tensor(cols)]
-        picked = self._pick(hidden, torch.tensor(targets))
+        picked = self.log_probs(hidden, torch.tensor(targets))
         sums = torch.zeros(len(windows), dtype=torch.float64).index_add_(0, torch.tensor(owner), picked)
         return sums.tolist()
 
-    def _pick(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p(target) at each of ``hidden``'s rows. The output layer in slices of positions,
-        each written into the same [slice, vocab] buffer (a whole batch's logits would be
-        gigabytes; a fresh slice each time, 128 MB for a 128k vocabulary, cost a page fault per
-        4 KiB on a CPU). log p = logit - logsumexp(logits), the log-sum-exp in place."""
+
+class LogProbs:
+    """log p(target) at each row of hidden states: the output layer in slices of positions, each
+    written into the same [slice, vocab] buffer (a whole batch's logits would be gigabytes; a
+    fresh slice each time, 128 MB for a 128k vocabulary, cost a page fault per 4 KiB on a CPU).
+    log p = logit - logsumexp(logits), the log-sum-exp in place."""
+
+    def __init__(self, head: LinearInto):
+        self.head = head
+        self._logits: Optional[torch.Tensor] = None
+
+    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         picked = torch.empty(len(targets), dtype=torch.float64)
         for start in range(0, len(targets), HEAD_POSITIONS):
             states = hidden[start:start + HEAD_POSITIONS]
@@ -165,14 +172,39 @@ def _hidden_states_out(model):
         del layer.forward
 
 
+def megatron_head(model) -> LinearInto:
+    """The output layer of a Megatron-Core model held whole by one process (TP 1, no bias): one
+    matmul, without the tensor-parallel layer's autograd function around it."""
+    weight = (model.shared_embedding_or_output_weight()
+              if model.share_embeddings_and_output_weights else model.output_layer.weight)
+    return LinearInto(weight)
+
+
+def megatron_prefix(model):
+    """``shared_context.MegatronPrefix`` on a Megatron-Core model held whole by one process; None
+    where its attention backend would not apply the padding masks the prefix passes need (then
+    each pair is scored whole)."""
+    from megasmol.eval.shared_context import MegatronPrefix
+    from megasmol.model.layer_specs import EXPLICIT_MASK_BACKENDS
+
+    if model.attention_backend not in EXPLICIT_MASK_BACKENDS:
+        return None
+
+    device = next(model.parameters()).device  # requests are built on the CPU
+
+    def hidden_of(ids, positions, mask, context):
+        with _hidden_states_out(model), model.forward_only():
+            return model(ids.to(device), positions.to(device), mask.to(device),
+                         inference_context=context, runtime_gather_output=True)
+
+    return MegatronPrefix(model, hidden_of)
+
+
 def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192) -> Scorer:
     """The checkpoint's Megatron-Core model in one process (any layout that wrote it)."""
     from megasmol.model.load import load_checkpoint_model
 
     model, spec, _ = load_checkpoint_model(checkpoint)
-    weight = (model.shared_embedding_or_output_weight()
-              if model.share_embeddings_and_output_weights else None)
-
     # Requests are built on the CPU; the model may live on a GPU (built on the current device).
     device = next(model.parameters()).device
 
@@ -182,15 +214,6 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         with _hidden_states_out(model), model.forward_only():
             return model(ids, positions, None)
 
-    # One process holds the whole output layer (TP 1, no bias): the head is one matmul, without
-    # the tensor-parallel layer's autograd function around it.
-    head = LinearInto(weight if weight is not None else model.output_layer.weight)
-
-    def hidden_of(ids, positions, mask, context):
-        with _hidden_states_out(model), model.forward_only():
-            return model(ids.to(device), positions.to(device), mask.to(device),
-                         inference_context=context, runtime_gather_output=True)
-
     def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
         from megasmol.generate import greedy_generate_batch
 
@@ -198,10 +221,8 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
                                      tokenizer.eos_token_id,
                                      stop=lambda row, new: requests[row].stopped(tokenizer, new))
 
-    from megasmol.eval.shared_context import MegatronPrefix
-
-    return Scorer(hidden, head, spec.max_position_embeddings, spec.vocab_size, tokenizer,
-                  str(checkpoint), batch_tokens, generator, MegatronPrefix(model, hidden_of))
+    return Scorer(hidden, megatron_head(model), spec.max_position_embeddings, spec.vocab_size,
+                  tokenizer, str(checkpoint), batch_tokens, generator, megatron_prefix(model))
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,

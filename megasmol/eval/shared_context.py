@@ -16,7 +16,10 @@ embeddings do not see (they depend on distances), and the padding is masked out.
 continuation (an MCF letter) needs no second pass at all.
 
 Two backends implement the passes: transformers' cache (``HFPrefix``) and Megatron-Core's
-``StaticInferenceContext`` (``MegatronPrefix``).
+``StaticInferenceContext`` (``MegatronPrefix``: the single-process scorer, and the pipeline
+scorer of the loop and torchrun where each data-parallel rank holds the whole model; not with
+Transformer Engine's attention, which would not apply the padding masks:
+``layer_specs.EXPLICIT_MASK_BACKENDS``).
 """
 
 from __future__ import annotations

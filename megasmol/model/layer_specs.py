@@ -64,6 +64,13 @@ compatibility mode's redirections once the model is built (Megatron-Core's local
 builds its causal mask with ``device="cuda"``; Transformer Engine runs on a GPU only)."""
 
 
+EXPLICIT_MASK_BACKENDS = frozenset({"sdpa", "local"})
+"""Backends whose core attention applies an explicit [b, 1, sq, sk] mask in Megatron-Core's
+inference passes, as scoring against a KV cache with padded rows needs. Transformer Engine's
+attention follows its mask type instead, which Megatron-Core's inference code sets to causal for
+a prefill and to no mask after it, so it would not see the padding."""
+
+
 def forward_only(backend: str):
     """Context for forward passes of a built model (evaluation, generation) with the resolved
     ``backend`` it was built with: the CPU compatibility mode suspended where the backend allows
