@@ -18,6 +18,7 @@ the model is in eval mode and back in train mode afterwards, and nothing is draw
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -49,7 +50,6 @@ class PipelineScorer:
         self.model_chunk, self.forward_model = model_chunk, forward_model
         self.micro, self.max_length, self.vocab_size = micro_batch_size, max_length, vocab_size
         self.tokenizer, self.name = tokenizer, name
-        self._shared = self._log_probs = None
 
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         from megatron.core import parallel_state as ps
@@ -60,12 +60,13 @@ class PipelineScorer:
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         totals = torch.zeros(len(requests), dtype=torch.float64)
         rest = list(range(len(requests)))
-        if _whole_model_per_rank() and self._prefix() is not None:
+        if self._shared_path is not None:
             from megasmol.eval.shared_context import score_groups, shared_groups
 
+            prefix, log_probs = self._shared_path
             groups, rest = shared_groups(requests, self.max_length)
             with _scoring(self.model_chunk, self.forward_model):
-                found = score_groups(self._prefix(), groups[dp_rank::dp], requests, self._log_probs,
+                found = score_groups(prefix, groups[dp_rank::dp], requests, log_probs,
                                      SHARED_BATCH_TOKENS, _Scaled(progress, dp))
             for index, value in found.items():
                 totals[index] = value
@@ -97,14 +98,15 @@ class PipelineScorer:
 
         return parallel_generations(self, requests, progress)
 
-    def _prefix(self):
-        """The model's ``MegatronPrefix`` (None where its attention backend cannot take one)."""
-        if self._log_probs is None:  # built once: the output layer keeps its logits buffer
-            from megasmol.eval.scorers import LogProbs, megatron_head, megatron_prefix
+    @functools.cached_property
+    def _shared_path(self):
+        """(``MegatronPrefix``, ``LogProbs``) where each rank holds the whole model and its
+        attention backend takes padding masks; None otherwise. Built once: the output layer
+        keeps its logits buffer."""
+        from megasmol.eval.scorers import LogProbs, megatron_head, megatron_prefix
 
-            self._shared = megatron_prefix(self.model_chunk)
-            self._log_probs = LogProbs(megatron_head(self.model_chunk))
-        return self._shared
+        prefix = megatron_prefix(self.model_chunk) if _whole_model_per_rank() else None
+        return None if prefix is None else (prefix, LogProbs(megatron_head(self.model_chunk)))
 
 
 SHARED_BATCH_TOKENS = 8192
