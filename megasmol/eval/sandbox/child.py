@@ -1,4 +1,4 @@
-"""The two confined processes of one code test: ``python -I child.py ROLE WORK MEMORY_MB TIMEOUT_S
+"""The two confined processes of one code test: ``python -I -S child.py ROLE WORK MEMORY_MB TIMEOUT_S
 OUTPUT_MB FD...`` (started by ``runner.py``; never imported by megasmol's own process).
 
 * ``solution`` (untrusted: the prompt and the model's completion): runs ``WORK/solution.py``,
@@ -191,6 +191,9 @@ def main(argv: list) -> None:
     """``solution WORK MEMORY_MB TIMEOUT_S OUTPUT_MB REQUESTS ANSWERS ENTRY_POINT`` or
     ``tests WORK MEMORY_MB TIMEOUT_S OUTPUT_MB REQUESTS ANSWERS REPORT``."""
     role, work, memory_mb, timeout_s, output_mb = argv[:5]
+    # Started with -S (no site: its .pth files cost ~40 ms a process); the parent's site-packages
+    # directories are added as plain path entries (what the program may import, and read).
+    sys.path.extend(p for p in os.environ.pop("MEGASMOL_SANDBOX_SITE", "").split(os.pathsep) if p)
     fds = [int(fd) for fd in argv[5:7]] + ([int(argv[7])] if role == "tests" else [])
     os.chdir(work)
     spec = None

@@ -6,9 +6,9 @@ process). ``confine()`` applies, in this order, what cannot be undone afterwards
 * capabilities: the bounding, ambient, effective, permitted and inheritable sets are emptied, so
   a process started as root keeps its user id but none of root's powers (no raw sockets, no
   immutable flags, no ``chown``, no reading files it does not own past their mode bits);
-* Landlock (Linux >= 5.13, no privileges needed): reads only beneath the Python installation
-  (its standard library and site-packages), the system's shared libraries and the process's own
-  work directory; writes, file creation, removal, renames and links nowhere (the process writes
+* Landlock (Linux >= 5.13, no privileges needed): reads only beneath the interpreter's import
+  path (its standard library and site-packages), the system's shared libraries and the process's
+  own work directory; writes, file creation, removal, renames and links nowhere (the process writes
   only through the descriptors it was handed); no execution of files; from ABI 4 no TCP bind or
   connect; from ABI 5 no ioctl on devices; from ABI 6 no signals and no abstract Unix sockets
   outside the sandbox. Inherited by every thread and cannot be lifted (``no_new_privs``);
@@ -35,7 +35,6 @@ import resource
 import signal
 import struct
 import sys
-import sysconfig
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -80,14 +79,11 @@ _LIBRARY_DIRS = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")
 
 
 def readable_directories(work: str) -> list[str]:
-    """The Python installation's library directories (this interpreter's and its base's), the
-    system's shared libraries, and ``work``: nothing else, so no home directory, no /proc, no
-    /etc (keys, tokens, another process's environment stay unreadable)."""
-    paths = {work, *_LIBRARY_DIRS}
-    for variables in ({}, {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}):
-        found = sysconfig.get_paths(vars=variables) if variables else sysconfig.get_paths()
-        paths.update(found[key] for key in ("stdlib", "platstdlib", "purelib", "platlib"))
-    return sorted(p for p in paths if os.path.isdir(p))
+    """The interpreter's import path (its standard library and the site-packages the parent
+    named), the system's shared libraries, and ``work``: nothing else, so no home directory, no
+    /proc, no /etc (keys, tokens, another process's environment stay unreadable)."""
+    paths = {work, *_LIBRARY_DIRS, *sys.path}
+    return sorted(p for p in paths if p and os.path.isdir(p))
 
 
 def landlock(work: str) -> int:

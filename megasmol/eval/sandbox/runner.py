@@ -18,6 +18,7 @@ import os
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -70,7 +71,8 @@ class Limits:
 
 def _environment(directory: str) -> dict:
     env = {"PATH": "/usr/bin:/bin", "HOME": directory, "TMPDIR": directory, "LANG": "C.UTF-8",
-           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+           "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
+           "MEGASMOL_SANDBOX_SITE": os.pathsep.join(site.getsitepackages())}
     if os.environ.get("MEGASMOL_SANDBOX"):
         env["MEGASMOL_SANDBOX"] = os.environ["MEGASMOL_SANDBOX"]
     return env
@@ -124,7 +126,7 @@ def _judge(root: Path, test: CodeTest, limits: Limits) -> Outcome:
 def _start(role: str, root: Path, output: int, args: list[str], fds: tuple) -> subprocess.Popen:
     work = root / role
     return subprocess.Popen(
-        [sys.executable, "-I", str(CHILD), role, str(work), *args], cwd=work,
+        [sys.executable, "-I", "-S", str(CHILD), role, str(work), *args], cwd=work,
         env=_environment(str(work)), stdin=subprocess.DEVNULL, stdout=output, stderr=output,
         pass_fds=fds, start_new_session=True)
 
