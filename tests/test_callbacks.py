@@ -16,7 +16,7 @@ from megasmol.train.callbacks.downstream import DownstreamCallback
 from megasmol.train.callbacks.hang import HangWatchdogCallback
 from megasmol.train.callbacks.heartbeats import HeartbeatsCallback
 from megasmol.train.callbacks.metrics import MetricsCallback
-from megasmol.train.callbacks.post_save import POST_SAVE_GRACE_S, PostSaveCallback
+from megasmol.train.callbacks.post_save import PostSaveCallback
 from megasmol.train.callbacks.progress import ProgressCallback
 from megasmol.train.callbacks.throughput import ThroughputCallback
 from megasmol.train.callbacks.validation import ValidationCallback
@@ -194,14 +194,14 @@ def test_post_save_runs_the_command_on_committed_checkpoints_only(tmp_path):
 
     done = []
     runner = PostSaveRunner(f"echo {{step}} >> {tmp_path}/uploaded", 30.0, on_success=done.append)
-    hook = PostSaveCallback(runner)
+    hook = PostSaveCallback(runner, grace_s=20.0)
     (tmp_path / "iter_0000004").mkdir()
     hook.on_checkpoint(4, "interval")  # not yet complete: nothing runs
     hook.on_checkpoint_committed(tmp_path / "iter_0000004", 4)
     hook.close(stopped_by_signal=True)
     assert (tmp_path / "uploaded").read_text().split() == ["4"]
-    assert done == [tmp_path / "iter_0000004"] and POST_SAVE_GRACE_S == 30.0
-    PostSaveCallback(None).on_checkpoint_committed(tmp_path, 4)  # ranks other than 0: no runner
+    assert done == [tmp_path / "iter_0000004"]
+    PostSaveCallback(None, 20.0).on_checkpoint_committed(tmp_path, 4)  # ranks other than 0: no runner
 
 
 def test_downstream_scores_at_its_interval_at_checkpoints_and_never_twice_or_on_a_signal(tmp_path):

@@ -199,6 +199,17 @@ def test_bad_task_input_gives_one_clear_error(tmp_path, model):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_out_under_a_file_is_refused_before_anything_is_read(tmp_path):
+    """``--out FILE/sub`` used to fail with a traceback after all the scoring, the results lost:
+    it is one line naming --out, said before the model (here not even a checkpoint) is read."""
+    (tmp_path / "afile").write_text("x")
+    proc = run_cli("eval", "tasks", "--checkpoint", str(tmp_path), "--tasks", str(ITEMS),
+                   "--out", str(tmp_path / "afile" / "sub"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert f"--out {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file" in proc.stderr
+
+
 def test_task_definitions_render_records_like_lm_eval(tmp_path):
     """The built-in YAMLs map dataset records with Jinja; offline they read a local copy
     (rows here in ARC's schema, as ``datasets`` gives them)."""

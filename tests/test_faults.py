@@ -219,6 +219,31 @@ def test_a_nested_shell_never_sees_a_hostile_checkpoint_path(tmp_path, template)
         load_run_config(config, ["checkpoint.post_save_command=\"echo 'unbalanced {path}\""])
 
 
+def test_spaces_and_letters_of_any_script_pass_where_the_path_stays_one_word(tmp_path):
+    """A space or a non-ASCII letter in checkpoint.dir used to be refused with any post-save
+    command: letters of any script are never shell syntax, and a space is safe unless the command
+    hands the path to a second shell, which is refused in one line saying which and what to do."""
+    config = write_training_run(tmp_path, steps=4, checkpoint={"post_save_command": "echo {path}"})
+    plain = tmp_path / "my run" / "Prüfung-日本"
+    for template in ("echo {step} {path} > OUT", 'echo {step} "{path}" > OUT',
+                     "echo {step} '{path}' > OUT"):
+        out = tmp_path / "out.txt"
+        loaded = load_run_config(config, [f"checkpoint.post_save_command={template}",
+                                          f"checkpoint.dir={plain}"])
+        assert loaded.checkpoint_dir == plain
+        assert run_command(template.replace("OUT", str(out)), plain / "iter_0000005", 5, timeout_s=30)
+        assert out.read_text() == f"5 {plain / 'iter_0000005'}\n"
+    letters = tmp_path / "Prüfung-日本"
+    out = tmp_path / "nested.txt"
+    nested = f"bash -c 'echo {{path}} > {out}'"
+    assert load_run_config(config, [f"checkpoint.post_save_command={nested}",
+                                    f"checkpoint.dir={letters}"]).checkpoint_dir == letters
+    assert run_command(nested, letters, 5, timeout_s=30) and out.read_text() == f"{letters}\n"
+    with pytest.raises(ConfigError, match=r"holds ' ': .* another shell \(bash -c\), which would "
+                                          r"split it .* choose a checkpoint.dir without spaces"):
+        load_run_config(config, [f"checkpoint.post_save_command={nested}", f"checkpoint.dir={plain}"])
+
+
 def test_a_stop_signal_gives_a_hanging_post_save_command_a_short_grace(tmp_path):
     """Preempted while an upload hangs: the trainer stops the command's whole process group after
     the grace and skips the queued ones, instead of waiting out post_save_timeout_s."""
@@ -254,6 +279,34 @@ def _live_group_members(pgid: int) -> list[int]:
             break
         time.sleep(0.2)
     return live
+
+
+@serial
+def test_sigterm_with_a_hung_post_save_command_exits_within_the_grace(tmp_path):
+    """A post-save command that ignores SIGTERM held the exit for 30 s after the save, plus 5 to
+    kill it: past Slurm's default KillWait of 30 s, so the job was SIGKILLed. The save and the wait
+    now end within checkpoint.signal_grace_s of the signal, and the command's group is stopped."""
+    pids, grace = tmp_path / "pids", 8
+    hung = f"echo $$ >> {pids}; trap '' TERM; while :; do sleep 1; done"
+    config = write_training_run(tmp_path, steps=200, checkpoint={
+        "interval": 3, "post_save_command": hung, "signal_grace_s": grace})
+    proc = start_train(config)
+    try:
+        wait_for_step(proc, tmp_path / "run", 4, committed=True)
+        deadline = time.time() + 60
+        while not pids.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)  # not the command's group: it runs on, ignoring TERM
+        out, err = proc.communicate(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        kill_session(proc)
+    assert proc.returncode == 0 and "stopped by SIGTERM" in out, err[-3000:]
+    assert "checkpoint.signal_grace_s" in err
+    assert took < grace + 6, took  # the grace, then the trainer's own exit
+    (pid,) = [int(line) for line in pids.read_text().split()]
+    assert _live_group_members(pid) == []
 
 
 @serial

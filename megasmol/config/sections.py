@@ -93,6 +93,14 @@ class CheckpointConfig:
     s3://bucket/run/iter_{step}``): a path is never read as shell syntax."""
     post_save_timeout_s: float = 3600.0
     """Stop a ``post_save_command`` still running after this many seconds (counted failed)."""
+    signal_grace_s: float = 20.0
+    """After SIGTERM or SIGUSR1, exit at most this many seconds after the signal: the save after
+    the current step and a ``post_save_command`` still running share them, and the command (its
+    whole process group) is stopped when they run out; the save itself is never cut short. Slurm
+    kills a job ``KillWait`` seconds after its SIGTERM (default 30; ``scontrol show config`` shows
+    the cluster's): keep this a few seconds below your scheduler's, for the step in progress and
+    the exit. With ``sbatch --signal=USR1@N`` (SIGUSR1 N seconds before the time limit), up to
+    about N."""
     delete_after_upload: bool = False
     """After ``post_save_command`` succeeds, delete the local copies of older checkpoints (the
     newest always stays, for resume and rollback)."""
@@ -102,6 +110,8 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.interval and checkpoint.keep_last must be >= 0")
         if not self.post_save_timeout_s > 0:
             raise ConfigError("checkpoint.post_save_timeout_s must be > 0")
+        if not self.signal_grace_s > 0:
+            raise ConfigError("checkpoint.signal_grace_s must be > 0")
         if self.branch_from is not None and self.init_from is not None:
             raise ConfigError("checkpoint.branch_from and checkpoint.init_from exclude each other "
                               "(a branch takes weights and optimizer state; init_from weights only)")

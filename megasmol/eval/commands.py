@@ -20,8 +20,7 @@ def cmd_eval_tasks(args) -> int:
         raise ConfigError("--num-fewshot must be >= 0")
     if args.batch_tokens < 1:
         raise ConfigError(f"--batch-tokens must be >= 1, got {args.batch_tokens}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out}: is a file; results go to a directory")
+    _check_out(args.out)  # before the scoring, whose results would be lost
     if args.hf:
         from megasmol.convert.hf_dir import check_hf_model_dir
 
@@ -77,6 +76,29 @@ def cmd_eval_tasks(args) -> int:
                                     summaries)
     print(f"results: {report}\nsamples: {samples}")
     return 0
+
+
+def _check_out(out: str) -> None:
+    """Refuse an ``--out`` the results could not be written to: a file, a path under a file, a
+    directory (or, when it does not exist yet, its nearest existing parent) this process cannot
+    create files in. Creates nothing."""
+    import tempfile
+
+    from megasmol.config.typed import ConfigError
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out}: is a file; results go to a directory")
+    probe = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    if not probe.is_dir():
+        raise ConfigError(f"--out {out}: {probe} is a file, so no directory can be made under it; "
+                          "choose another --out")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write in {probe} ({exc.strerror}); "
+                          "choose another --out") from None
 
 
 def cmd_eval_list(args) -> int:

@@ -56,7 +56,8 @@ class Trainer:
         self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps,
                                open_metrics(setup, run_directory(self.config)), self.console, self.state)
         self.callbacks = build_callbacks(self.ctx, self.config, tokenizer_dir=tokenizer,
-                                         prune_uploaded=self.checkpoints.prune_uploaded)
+                                         prune_uploaded=self.checkpoints.prune_uploaded,
+                                         signalled_at=lambda: self.stop.since)
         self.checkpoints.hooks = self.callbacks
 
     def _set_state(self, state: TrainState) -> None:

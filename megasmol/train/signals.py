@@ -17,6 +17,7 @@ for a delivery to any other thread) or as pending signals it collects at each st
 from __future__ import annotations
 
 import signal
+import time
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -24,6 +25,7 @@ WATCHED = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     def __init__(self, enabled: bool):
         self.signal_name = None
+        self.since = None  # time.monotonic() when this rank learnt of the request
         self._previous = {}
         self._blocked = False
         if enabled:
@@ -41,6 +43,8 @@ class StopRequest:
             signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)
 
     def _handle(self, signum, frame):
+        if self.since is None:
+            self.since = time.monotonic()
         self.signal_name = signal.Signals(signum).name
 
     def _collect_pending(self) -> None:
@@ -55,6 +59,7 @@ class StopRequest:
         rank decides alike; a rank that saw no signal itself names the other's."""
         if anyone and self.signal_name is None:
             self.signal_name = "signal on another rank"
+            self.since = time.monotonic()
         return anyone
 
     @property

@@ -11,10 +11,12 @@ __all__ = ["Callback", "Callbacks", "Console", "LoopContext", "build_callbacks"]
 
 
 def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
-                    prune_uploaded: Optional[Callable] = None) -> Callbacks:
+                    prune_uploaded: Optional[Callable] = None,
+                    signalled_at: Optional[Callable[[], Optional[float]]] = None) -> Callbacks:
     """The run's callbacks, the same list in the same order on every rank (hooks may be
     collective). ``prune_uploaded``: with ``checkpoint.delete_after_upload``, what to call once a
-    post-save command succeeded."""
+    post-save command succeeded. ``signalled_at``: when the stop signal came
+    (``time.monotonic()``; None before one), where the post-save grace counts from."""
     from megasmol.ckpt.post_save import PostSaveRunner
     from megasmol.train.callbacks.downstream import DownstreamCallback
     from megasmol.train.callbacks.hang import HangWatchdogCallback
@@ -46,5 +48,5 @@ def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
     if ckpt.post_save_command and setup.is_logging_rank:
         runner = PostSaveRunner(ckpt.post_save_command, ckpt.post_save_timeout_s,
                                 on_success=prune_uploaded if ckpt.delete_after_upload else None)
-    callbacks.append(PostSaveCallback(runner))
+    callbacks.append(PostSaveCallback(runner, ckpt.signal_grace_s, signalled_at))
     return Callbacks(callbacks)
