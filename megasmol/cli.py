@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import warnings
@@ -17,6 +18,7 @@ from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_int
+from megasmol.utils.fs import shown, shown_paths
 
 # One line instead of a traceback (megasmol/errors.py): a run that could not go on (exit 1), bad
 # input (exit 2); Python's own errors for a missing or existing file, and ValueError, are input too.
@@ -80,7 +82,7 @@ def cmd_init(args) -> int:
         import torch
 
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            print(f"wrote {path} ({spec.name}, TP={layout.tensor_parallel}, "
+            print(f"wrote {shown(path)} ({spec.name}, TP={layout.tensor_parallel}, "
                   f"PP={layout.pipeline_parallel}, seed {args.seed})")
     finally:
         shutdown()
@@ -102,7 +104,7 @@ def cmd_export_hf(args) -> int:
         overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
-    print(f"wrote {report.out_dir}: {report.tensors} tensors in {report.shards} shard(s), "
+    print(f"wrote {shown(report.out_dir)}: {report.tensors} tensors in {report.shards} shard(s), "
           f"{report.total_bytes / 1e6:.1f} MB, tokenizer {'included' if report.tokenizer else 'not given'}")
     return 0
 
@@ -115,7 +117,7 @@ def cmd_import_hf(args) -> int:
         path = import_hf(args.hf, args.out, name=args.name, show_progress=not args.quiet)
     finally:
         shutdown()
-    print(f"wrote {path}")
+    print(f"wrote {shown(path)}")
     return 0
 
 
@@ -155,7 +157,9 @@ def _training_process() -> None:
     # Megatron's checkpoint writer starts helper processes that re-import it without this
     # process's warning filters; keep its import-time notices about optional kernels quiet there.
     _child_warning_filter("ignore::UserWarning")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from megasmol.utils.console import configure_console_logging
+
+    configure_console_logging(logging.INFO)  # plain lines, relative paths, no logger names
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A failed checkpoint write is reported once, as megasmol's one line naming the directory and
@@ -190,7 +194,7 @@ def cmd_prepare_data(args) -> int:
                            workers=args.workers, dtype=args.dtype, overwrite=args.overwrite,
                            skip_bad_files=args.skip_bad_files, show_progress=not args.quiet)
     print("\n".join(summary.lines()))
-    print(f"  stats      {args.out}.stats.json")
+    print(f"  stats      {shown(args.out)}.stats.json")
     return 0
 
 
@@ -199,14 +203,14 @@ def cmd_demo_corpus(args) -> int:
 
     manifest = build_demo_corpus(args.out, code_mb=args.code_mb, math_problems=args.math_problems,
                                  seed=args.seed)
-    print(f"demo corpus in {args.out} (Python {manifest['python']}, seed {manifest['seed']})")
+    print(f"demo corpus in {shown(args.out)} (Python {manifest['python']}, seed {manifest['seed']})")
     for domain, info in manifest["domains"].items():
         print(f"  {domain:<6} {info['documents']:>7,} documents  {info['characters']:>11,} characters")
     if args.tokenize:
         for domain, summary in tokenize_demo_corpus(args.out, tokenizer=args.tokenizer,
                                                     workers=args.workers, overwrite=True,
                                                     show_progress=not args.quiet).items():
-            print(f"  {domain:<6} {summary.tokens:>11,} tokens -> {summary.output_prefix}")
+            print(f"  {domain:<6} {summary.tokens:>11,} tokens -> {shown(summary.output_prefix)}")
     return 0
 
 
@@ -214,6 +218,9 @@ def cmd_train(args) -> int:
     from megasmol.config.run import load_run_config
 
     config = load_run_config(args.config, args.set)  # a config mistake is reported before torch loads
+    from megasmol.runtime.parallel import job_world_size
+
+    config.parallel.check(job_world_size())  # so is a layout this many processes cannot hold
 
     from megasmol.runtime.distributed import shutdown
     from megasmol.train.loop import train
@@ -228,8 +235,6 @@ def cmd_train(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if result.trained:
-        from megasmol.utils.fs import shown
-
         first, last = result.first_and_last_loss()
         saved = f"checkpoint {shown(result.checkpoint)}" if result.checkpoint else "no checkpoint written"
         print(f"trained to step {result.last_step}: loss {first:.3f} (first steps) -> {last:.3f} "
@@ -247,23 +252,72 @@ def cmd_data_audit(args) -> int:
     from megasmol.data.audit import audit_run
 
     report = audit_run(load_run_config(args.config, args.set))
-    print(report.render())
+    print(shown_paths(report.render()))
     return 0 if report.ok else 1
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, suggesting the closest choice for a mistyped one (``trian``: did you mean
+    ``train``?); every subcommand's parser is one too (argparse builds them with the parent's class)."""
+
+    def _check_value(self, action, value):  # argparse's one place that checks choices
+        if action.choices is not None and value not in action.choices:
+            names = [str(choice) for choice in action.choices]
+            close = difflib.get_close_matches(str(value), names, n=1)
+            if close:
+                raise argparse.ArgumentError(
+                    action, f"invalid choice: {value!r}; did you mean {close[0]!r}? "
+                            f"(choose from {', '.join(map(repr, names))})")
+        super()._check_value(action, value)
+
+
+class _Version(argparse.Action):
+    """``--version``: megasmol's version, and the Megatron-Core, torch and Python it runs on (read
+    from the installed packages' metadata, so nothing heavy is imported)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help="print megasmol's version (and Megatron-Core's, torch's, Python's) and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        from megasmol import __version__
+
+        def version(package: str) -> str:
+            try:
+                return metadata.version(package)
+            except metadata.PackageNotFoundError:
+                return "not installed"
+
+        print(f"megasmol {__version__} (megatron-core {version('megatron-core')}, torch "
+              f"{version('torch')}, Python {sys.version.split()[0]})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="megasmol",
         description="SmolLM3-style pretraining and post-training (SFT, DPO / APO) on Megatron-Core.",
         epilog="Start with `megasmol demo`; every command has --help; the guides are in docs/.")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("info", help="show a model spec: shape, parameters, FLOPs per token")
+    p = sub.add_parser(
+        "info", help="show a model spec: shape, parameters, FLOPs per token",
+        description="Prints a model spec's architecture (layers, widths, heads, NoPE layers, RoPE "
+                    "theta, tied embeddings), its parameter count and its training FLOPs per token "
+                    "at --seq-length. Without --spec, lists the presets in model_specs/.")
     p.add_argument("--spec", help="preset name (model_specs/) or spec YAML; none lists presets")
     p.add_argument("--seq-length", type=int, default=4096, help="for FLOPs per token (default 4096)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("init", help="write a randomly initialized checkpoint (any TP/PP under torchrun)")
+    p = sub.add_parser(
+        "init", help="write a randomly initialized checkpoint (any TP/PP under torchrun)",
+        description="Builds the spec's model with Megatron-Core, initializes it with --seed and saves "
+                    "it as a checkpoint (loadable under any TP/PP layout), with --tokenizer stored "
+                    "beside it. Under torchrun with --tensor-parallel/--pipeline-parallel each rank "
+                    "initializes its own part; --cpu-init gives the same weights for every layout.")
     p.add_argument("--spec", required=True, help="preset name or spec YAML")
     p.add_argument("--out", required=True, help="checkpoint root directory to write")
     p.add_argument("--tensor-parallel", type=int, default=1, help="TP size (default 1)")
@@ -275,9 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory to store with the checkpoint")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face model directory")
+    p = sub.add_parser(
+        "export-hf", help="convert a checkpoint to a Hugging Face model directory",
+        description="Writes config.json, safetensors shards, generation_config.json and the "
+                    "tokenizer (with its chat template), a directory transformers loads with "
+                    "AutoModelForCausalLM. Reads a checkpoint of any TP/PP layout one tensor at a "
+                    "time and writes OUT.partial, renamed to OUT when complete.")
     p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
-                   help="checkpoint root or iteration directory")
+                   help="checkpoint root, iteration directory or run directory")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="output dtype (default: as stored)")
@@ -293,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("import-hf", help="convert a Hugging Face SmolLM3/Llama model to a checkpoint")
+    p = sub.add_parser(
+        "import-hf", help="convert a Hugging Face SmolLM3/Llama model to a checkpoint",
+        description="Reads a Hugging Face model directory's safetensors (never a pickle) one tensor "
+                    "at a time, checks every name and shape against its config.json, and writes a "
+                    "megasmol checkpoint with the tokenizer files found there: a start for "
+                    "checkpoint.init_from, eval tasks or chat.")
     p.add_argument("--hf", required=True, type=input_path("--hf"),
                    help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint root directory to write")
@@ -301,9 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_import_hf)
 
-    p = sub.add_parser("generate", help="greedy decoding with a checkpoint's Megatron model")
+    p = sub.add_parser(
+        "generate", help="greedy decoding with a checkpoint's Megatron model",
+        description="Continues --prompt greedily with the checkpoint's Megatron-Core model itself "
+                    "(no conversion; KV cache), up to --max-new-tokens or the EOS token, and prints "
+                    "the prompt and the continuation.")
     p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
-                   help="checkpoint root or iteration directory")
+                   help="checkpoint root, iteration directory or run directory")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
@@ -312,7 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run with YaRN scaling by this factor over the trained length (e.g. 2)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset")
+    p = sub.add_parser(
+        "prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset",
+        description="Tokenizes every document (a JSONL field, a text file, a Parquet column), "
+                    "appends EOS and writes PREFIX.bin/.idx in Megatron-Core's indexed format (what "
+                    "a data recipe's entries name) and PREFIX.stats.json; files are written under "
+                    ".partial names and renamed when complete. Conversations: prepare-chat; "
+                    "preference pairs: prepare-preferences.")
     p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
                    help="files, directories or globs")
     p.add_argument("--out", required=True,
@@ -329,7 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_data)
 
-    p = sub.add_parser("demo-corpus", help="build the embedded prose/code/math demo corpus")
+    p = sub.add_parser(
+        "demo-corpus", help="build the embedded prose/code/math demo corpus",
+        description="Writes OUT/prose.jsonl (Python's language reference and standard-library "
+                    "docstrings), OUT/code.jsonl (standard-library sources) and OUT/math.jsonl "
+                    "(seeded word problems), from what Python ships: nothing is downloaded. With "
+                    "--tokenize, also OUT/tokens/{prose,code,math}_text_document.bin/.idx, the "
+                    "data of examples/tiny/*.yaml.")
     p.add_argument("--out", default="runs/demo/corpus", help="directory (default runs/demo/corpus)")
     p.add_argument("--tokenize", action="store_true", help="also tokenize it into OUT/tokens/")
     p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2)")
@@ -340,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo_corpus)
 
-    p = sub.add_parser("data-audit", help="tokens available / drawn / epochs per stage and dataset")
+    p = sub.add_parser(
+        "data-audit", help="tokens available / drawn / epochs per stage and dataset",
+        description="Checks a run config's data as training would before it starts: per stage and "
+                    "dataset, the tokens available and drawn and the epochs that implies; errors "
+                    "for missing or truncated files, token ids outside the model's vocabulary and "
+                    "a wrong EOS. Exit code 1 on any error.")
     p.add_argument("--config", required=True, type=input_path("--config"), help="run config YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a config field, e.g. training.train_steps=1000 (repeatable)")
@@ -413,16 +498,28 @@ def _quiet_import_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The .grad attribute of a Tensor that is not a leaf")
 
 
+CHECKPOINT_FLAGS = ("--checkpoint", "--checkpoints")
+
+
 def _check_inputs(args) -> None:
-    """Every argument typed ``input_path`` names something that exists: checked before any
-    command imports torch, Megatron-Core or transformers."""
+    """Every argument typed ``input_path`` names something that exists, and every checkpoint
+    argument a checkpoint (or a run directory that keeps one): checked before any command imports
+    torch, Megatron-Core or transformers."""
+    from megasmol.ckpt.locate import checkpoint_problem
     from megasmol.config.typed import ConfigError
+    from megasmol.convert.hf_dir import check_hf_model_dir
 
     for name, value in vars(args).items():
         items = value if isinstance(value, list) else [value]
         for item in items:
             if isinstance(item, InputPath) and item.missing():
                 raise ConfigError(f"{item.flag} {item}: no such file or directory")
+            if isinstance(item, InputPath) and item.flag in CHECKPOINT_FLAGS:
+                problem = checkpoint_problem(item, hf_option=hasattr(args, "hf"))
+                if problem:
+                    raise ConfigError(f"{item.flag} {problem}")
+            if isinstance(item, InputPath) and item.flag == "--hf":
+                check_hf_model_dir(item)
         if any(isinstance(item, InputPath) for item in items):  # plain strings from here on
             setattr(args, name, [str(v) for v in value] if isinstance(value, list) else str(value))
 
@@ -436,10 +533,10 @@ def main(argv=None) -> int:
     except Exception as exc:  # one clear line for bad input; tracebacks for real bugs
         if isinstance(exc, RunFailure):
             if not exc.reported:
-                print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
+                print(f"megasmol {args.command}: error: {shown_paths(str(exc))}", file=sys.stderr)
             return RunFailure.exit_code
         if isinstance(exc, INPUT_ERRORS):
-            print(f"megasmol {args.command}: error: {exc}", file=sys.stderr)
+            print(f"megasmol {args.command}: error: {shown_paths(str(exc))}", file=sys.stderr)
             return UserError.exit_code
         raise
 

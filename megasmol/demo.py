@@ -68,13 +68,19 @@ def _losses(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, flo
     return sorted(train.items()), sorted(valid.items())
 
 
-def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool) -> bool:
+def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool, steps: int) -> bool:
+    """The exported model's greedy samples and, in one process, whether Megatron-Core's greedy
+    decoding gives the same tokens: that agreement is the check, not the text (a model this short
+    writes whitespace or repeats itself)."""
     from megasmol.convert.export import export_hf
     from megasmol.convert.hf_dir import load_hf_causal_lm
     from megasmol.tokenizer import load_tokenizer
 
     report = export_hf(checkpoint, workdir / "hf", show_progress=False, overwrite=True)
-    print(f"[4/5] exported {checkpoint.name} to {shown(report.out_dir)} ({report.total_bytes / 1e6:.1f} MB)")
+    check = ("samples check that transformers and Megatron-Core decode the same greedy tokens"
+             if compare_megatron else "transformers samples (no engine comparison under torchrun)")
+    print(f"[4/5] exported {checkpoint.name} to {shown(report.out_dir)} ({report.total_bytes / 1e6:.1f} MB); "
+          f"{check} (a {steps}-step model writes whitespace or repeats itself: expected)")
     hf = load_hf_causal_lm(report.out_dir)
     tokenizer = load_tokenizer(report.out_dir)
     megatron = None
@@ -209,7 +215,7 @@ def run_demo(workdir: Path, steps: int = DEFAULT_STEPS, overrides: list[str] | N
                   else "no validation (eval.interval is 0)")
     print(f"[3/5] loss {first:.3f} (first {window} steps) -> {last:.3f} (last {window} steps); "
           f"{validation}; plot {shown(plot)}")
-    agree = _sample(result.checkpoint, workdir, compare_megatron=_world() == 1)
+    agree = _sample(result.checkpoint, workdir, compare_megatron=_world() == 1, steps=steps)
     _downstream(result.checkpoint, workdir, config)
     needed = required_fall(steps)
     learned = last < first - needed

@@ -11,7 +11,10 @@ the uncached path, which recomputes the whole prefix each step and stays availab
 static-batch generation does: all rows share one cache offset, the prefill runs up to the
 shortest prompt, and from there each step feeds every row its next token, the prompt's own while
 the row is still inside its prompt and the model's argmax after. Rows that have finished are
-moved behind the others in the cache (``swap_key_value_dict``) and leave the batch.
+moved behind the others in the cache (``swap_key_value_dict``) and leave the batch: the stop rule
+(EOS, ``stop``, the length limit) is checked on every row after every token, so a row that writes
+its stop string costs nothing more. ``on_step`` hears of each step (the new tokens, the rows that
+finished), for a progress bar.
 """
 
 from __future__ import annotations
@@ -57,10 +60,12 @@ class Decoder:
 @torch.no_grad()
 def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: list[int],
                           eos_token_id: int | None = None, use_cache: bool = True,
-                          stop: Optional[Callable[[int, list[int]], bool]] = None) -> list[list[int]]:
+                          stop: Optional[Callable[[int, list[int]], bool]] = None,
+                          on_step: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
     """The argmax continuation of each prompt: at most ``max_new_tokens[i]`` ids, ending after EOS
     or once ``stop(i, new ids so far)`` says so. Rows never see each other (a causal model, no
-    padding inside what any row attends to), so each gets what it would get alone."""
+    padding inside what any row attends to), so each gets what it would get alone. After each
+    step, ``on_step(ids generated, rows finished)``."""
     rows = len(prompts)
     lengths = [len(p) for p in prompts]
     if rows == 0:
@@ -82,16 +87,19 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: list[
     logits = _last_logits(model, tokens[active, :position], 0, context) if active else None
     while active:
         picked = logits.float().argmax(dim=-1).tolist()
-        finished = []
+        finished, generated = [], 0
         for slot, row in enumerate(active):
             if position < lengths[row]:
                 continue  # still inside its prompt: the prompt's token goes in
             token = picked[slot]
             tokens[row, position] = token
             new[row].append(token)
+            generated += 1
             if (len(new[row]) >= max_new_tokens[row] or token == eos_token_id
                     or (stop is not None and stop(row, new[row]))):
                 finished.append(row)
+        if on_step is not None:
+            on_step(generated, len(finished))
         if finished:
             done = set(finished)
             kept = [row for row in active if row not in done]

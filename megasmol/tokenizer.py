@@ -8,6 +8,7 @@ hub id, where a hub is reachable) works the same way through ``AutoTokenizer``.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -54,3 +55,21 @@ def load_tokenizer(name_or_path: Optional[str | Path] = None):
     if backend is not None and type(backend.model).__name__ == "BPE":
         tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
+
+
+def record_decode_cleanup(directory: str | Path) -> None:
+    """Write in ``directory``'s ``tokenizer_config.json`` what decoding really does: a BPE
+    tokenizer (Llama-3.2's) never gets transformers' ``clean_up_tokenization_spaces`` (it would
+    strip spaces before punctuation), so a ``true`` there only makes every decode warn. Read from
+    the files (``tokenizer.json``'s model type), without loading the tokenizer."""
+    directory = Path(directory)
+    config_path, model_path = directory / "tokenizer_config.json", directory / "tokenizer.json"
+    if not (config_path.is_file() and model_path.is_file()):
+        return
+    config = json.loads(config_path.read_text())
+    if not config.get("clean_up_tokenization_spaces"):
+        return
+    if json.loads(model_path.read_text()).get("model", {}).get("type") != "BPE":
+        return
+    config["clean_up_tokenization_spaces"] = False
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

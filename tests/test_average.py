@@ -1,6 +1,7 @@
 """``megasmol average``: weighted averages of checkpoints, exact, from any layout, streamed."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -37,14 +38,24 @@ def _expected(readers, weights, key):
 def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs, megatron_runtime):
     out = run_cli("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"),
                   "--quiet")
-    assert "0.3333" in out.stdout and "wrote" in out.stdout
+    assert "0.3333" in out.stdout and "(step 0)" in out.stdout
+    # Named for what it is, never a training step's iter_*; latest names it; the output says so.
+    written = inputs / "same" / "avg_iter_0000000-0000000-0000000"
+    assert sorted(p.name for p in (inputs / "same").iterdir()) == ["avg_iter_0000000-0000000-0000000",
+                                                                   "latest"]
+    assert (inputs / "same" / "latest").read_text().strip() == written.name
+    assert re.search(re.escape(f"wrote {written}: an equal-weight average of 3 checkpoints (steps 0, "
+                               "0, 0), ") + r"\d+ tensors, " + re.escape(
+        f"weights only; {inputs / 'same' / 'latest'} names it"), out.stdout), out.stdout
     a, b = CheckpointReader(inputs / "a"), CheckpointReader(inputs / "b")
     same = CheckpointReader(inputs / "same")
     assert same.keys() == a.keys()
     for key in a.keys():
         assert same.read(key).equal(a.read(key)), key
 
-    _average([inputs / "a", inputs / "b"], inputs / "merge", weights=[0.9, 0.1])
+    report = _average([inputs / "a", inputs / "b"], inputs / "merge", weights=[0.9, 0.1])
+    assert report.path == inputs / "merge" / "avg_iter_0000000-0000000"
+    assert report.describe() == "a linear merge of 2 checkpoints (steps 0, 0; weights 0.9, 0.1)"
     merge = CheckpointReader(inputs / "merge")
     for key in a.keys():
         got, expected = merge.read(key), _expected([a, b], [0.9, 0.1], key)
@@ -54,6 +65,14 @@ def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs, me
     meta = json.loads((merge.path / "megasmol.json").read_text())
     assert [s["weight"] for s in meta["averaged_from"]] == [0.9, 0.1]
     assert "train_state" not in meta  # weights only
+
+
+def test_an_average_is_named_for_its_inputs():
+    from megasmol.ckpt.average import averaged_dirname
+
+    assert averaged_dirname([10, 20]) == "avg_iter_0000010-0000020"
+    assert averaged_dirname([4500, 4000, 5000, 3500]) == "avg_iter_0004500-0004000-0005000-0003500"
+    assert averaged_dirname(list(range(500, 6001, 500))) == "avg12_iter_0000500-0006000"
 
 
 def test_blocks_smaller_than_a_tensor_give_the_same_average(inputs, megatron_runtime, monkeypatch):

@@ -126,6 +126,8 @@ def test_an_average_of_training_checkpoints_starts_a_run(source, megatron_runtim
 
     average_checkpoints([source / "run/checkpoints/iter_0000005", source / "run/checkpoints/iter_0000010"],
                         source / "avg")
+    # Named for its inputs, not as step 10's iter_0000010; init_from takes the root (its latest).
+    assert sorted(p.name for p in (source / "avg").iterdir()) == ["avg_iter_0000005-0000010", "latest"]
     config = write_training_run(source / "from_avg", steps=4, checkpoint={"init_from": str(source / "avg")},
                                 eval={"interval": 0}, schedule={"warmup_steps": 1})
     out = train(config)

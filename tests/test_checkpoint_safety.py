@@ -135,7 +135,7 @@ def test_interrupted_replacement_keeps_a_complete_copy(checkpoint, tmp_path):
     # A kill after the old copy was renamed aside and before the new one was renamed in.
     shutil.copytree(done, root / "iter_0000000.partial")
     done.rename(root / "iter_0000000.replaced-123")
-    with pytest.raises(CheckpointError, match="not complete"):
+    with pytest.raises(CheckpointError, match="not a complete iteration"):
         latest_iteration(root)
     actions = recover_interrupted_saves(root)
     assert actions == ["completed the interrupted save iter_0000000"]
@@ -227,6 +227,31 @@ def test_damaged_checkpoints_give_one_line(checkpoint, tmp_path):
     one_line("common.pt is missing")
     (ckpt / "latest").write_text("")
     one_line("latest is empty")
+
+
+def test_a_truncated_latest_says_how_to_start_from_a_complete_checkpoint(checkpoint, tmp_path):
+    """A truncated ``latest`` was refused without saying what to do: the line names the complete
+    iterations beside it and a command that points ``latest`` at the newest, which then loads."""
+    import subprocess
+
+    ckpt = tmp_path / "my run"
+    shutil.copytree(checkpoint, ckpt)
+    shutil.copytree(ckpt / "iter_0000000", ckpt / "iter_0000003")
+    shutil.copytree(ckpt / "iter_0000000", ckpt / "iter_0000007.partial")  # not complete: not offered
+    for damaged in ("", "iter_000"):
+        (ckpt / "latest").write_text(damaged)
+        with pytest.raises(CheckpointError) as info:
+            read_metadata(ckpt)
+        line = str(info.value)
+        assert "\n" not in line and "newest first: iter_0000003, iter_0000000." in line, line
+        repair = line.split("`")[1]
+        assert repair.startswith("echo iter_0000003 > "), line
+        subprocess.run(["/bin/sh", "-c", repair], check=True)
+        assert latest_iteration(ckpt) == ckpt / "iter_0000003"
+    for iteration in ("iter_0000000", "iter_0000003"):
+        (ckpt / iteration / "megasmol.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete iter_. directory is beside it: delete "):
+        read_metadata(ckpt)
 
 
 def test_damaged_hf_inputs_give_one_line(checkpoint, tmp_path):

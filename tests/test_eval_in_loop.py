@@ -112,7 +112,7 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
         out = tmp_path / f"offline{step}"
         run_cli("eval", "tasks", "--checkpoint", str(run / "checkpoints" / f"iter_{step:07d}"),
                 "--tasks", tasks, "--num-fewshot", "1", "--seed", "7", "--limit", "12", "--out",
-                str(out), "--quiet")
+                str(out), "--quiet", "--overwrite")
         document = json.loads((out / "results.json").read_text())
         offline = document["results"]
         assert offline["copa"]["examples"] == 12 and offline["copa"]["num_fewshot"] == 0  # the suite's

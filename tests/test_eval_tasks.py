@@ -8,6 +8,7 @@ acc / acc_norm must be identical.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -162,20 +163,61 @@ def test_cli_writes_results_and_samples(model, tmp_path):
     proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
                    f"{ITEMS},demo_arithmetic", "--limit", "20", "--out", str(out), "--quiet")
     assert "acc_norm" in proc.stdout and "demo_arithmetic" in proc.stdout
-    results = json.loads((out / "results.json").read_text())["results"]
+    # lm-eval's layout, the paths printed: OUT/MODEL/TIMESTAMP/ (MODEL: the model's path, / as __).
+    written = Path(proc.stdout.split("results: ")[1].split()[0])
+    assert written.parent.parent == out / str(model / "ckpt").strip("/").replace("/", "__")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", written.parent.name)
+    assert f"samples: {written.parent / 'samples.jsonl'}" in proc.stdout
+    results = json.loads(written.read_text())["results"]
     assert results["items"]["examples"] == 12 and results["demo_arithmetic"]["examples"] == 20
     assert results["demo_arithmetic"]["chance"] == 0.25
     for key in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert key in results["items"]
-    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(x) for x in (written.parent / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 32 and {"prompt", "continuations", "loglikelihoods", "gold"} <= set(samples[0])
-    # The same seeded subset every time.
+    # The same seeded subset every time; --overwrite writes OUT's own files, replacing them.
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "results.json").write_text("an earlier evaluation's")
     again = run_cli("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "demo_arithmetic",
-                    "--limit", "20", "--out", str(tmp_path / "again"), "--quiet")
-    assert again.returncode == 0
+                    "--limit", "20", "--out", str(tmp_path / "again"), "--quiet", "--overwrite")
+    assert f"results: {tmp_path / 'again' / 'results.json'}" in again.stdout
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["results"]["demo_arithmetic"]
     prompts = [s["prompt"] for s in samples if s["task"] == "demo_arithmetic"]
     assert prompts == [json.loads(x)["prompt"] for x in
                        (tmp_path / "again" / "samples.jsonl").read_text().splitlines()]
+
+
+def test_an_evaluation_never_replaces_an_earlier_ones_results(tmp_path):
+    """Two evaluations of one model (even in the same second) get a directory each, under the
+    model's; nothing half-written is left beside them; score_table reads the newest."""
+    import subprocess
+    import sys
+    from datetime import datetime
+
+    from megasmol.eval.runner import TaskResult, model_dirname, write_new_outputs
+
+    def result(acc):
+        return [TaskResult("t", "cf", {"acc": (acc, 0.1)}, 2, 0.25, 0)]
+
+    now = datetime(2026, 12, 3, 13, 42, 10)
+    first, _ = write_new_outputs(result(0.5), tmp_path, "runs/demo/hf", {}, now=now)
+    second, samples = write_new_outputs(result(0.75), tmp_path, "runs/demo/hf", {}, now=now)
+    assert first == tmp_path / "runs__demo__hf" / "2026-12-03T13-42-10" / "results.json"
+    assert second == tmp_path / "runs__demo__hf" / "2026-12-03T13-42-10-2" / "results.json"
+    assert samples == second.parent / "samples.jsonl" and samples.is_file()
+    assert json.loads(first.read_text())["results"]["t"]["acc"] == 0.5  # the first one's, kept
+    assert json.loads(second.read_text())["results"]["t"]["acc"] == 0.75
+    assert sorted(p.name for p in (tmp_path / "runs__demo__hf").iterdir()) == [
+        "2026-12-03T13-42-10", "2026-12-03T13-42-10-2"]
+    assert model_dirname(str(Path.cwd() / "runs" / "x y")) == "runs__x__y"  # relative, no spaces
+
+    table = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "score_table.py"),
+                            str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[2].split() == [tmp_path.name, "0.7500"]
+    write_new_outputs(result(0.25), tmp_path, "runs/other", {}, now=now)
+    mixed = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "tools" / "score_table.py"),
+                            str(tmp_path)], capture_output=True, text=True)
+    assert mixed.returncode != 0 and "evaluations of 2 models" in mixed.stderr
 
 
 def test_bad_task_input_gives_one_clear_error(tmp_path, model):
@@ -229,7 +271,7 @@ def test_task_definitions_render_records_like_lm_eval(tmp_path):
 def single_process_lls(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
-            "--out", str(out), "--quiet")
+            "--out", str(out), "--quiet", "--overwrite")
     return out
 
 
@@ -245,7 +287,7 @@ def test_under_torchrun_the_loglikelihoods_equal_one_process(model, single_proce
 
     split = tmp_path / "split"
     run_torchrun(["-m", "megasmol", "eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
-                  str(ITEMS), "--out", str(split), "--quiet", *layout], timeout=300)
+                  str(ITEMS), "--out", str(split), "--quiet", "--overwrite", *layout], timeout=300)
     for mine, reference in zip(_lls(split), _lls(single_process_lls), strict=True):
         assert mine == pytest.approx(reference, abs=1e-4)
     assert (json.loads((split / "results.json").read_text())["results"]["items"]["acc"]
@@ -301,7 +343,7 @@ def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(
     for flag, source in (("--checkpoint", model / "ckpt"), ("--hf", model / "hf")):
         out = tmp_path / flag.strip("-")
         run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "4",
-                "--out", str(out), "--quiet")
+                "--out", str(out), "--quiet", "--overwrite")
         outputs[flag] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     # Megatron-Core with its KV cache and transformers' generate write the same text, decoding the
     # four prompts (of different lengths) as one batch; one prompt at a time writes it too.

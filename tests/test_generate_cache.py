@@ -62,3 +62,24 @@ def test_a_batch_of_prompts_decodes_as_each_prompt_alone(megatron_runtime, chang
     cut = greedy_generate_batch(model, prompts, limits, eos_token_id=eos, stop=stop)
     assert cut[2] == [eos]
     assert cut == [a[:a.index(eos) + 1] if eos in a else a for a in alone]
+
+
+def test_a_finished_row_leaves_the_batch_at_once(megatron_runtime):
+    """The stop rule is checked after every token: once row 0 stops (its 2nd token), the model is
+    fed row 1 alone, and ``on_step`` counts only the tokens generated (12, not 2 x 10)."""
+    torch.manual_seed(2)
+    model = single_process_model(tiny_smollm3(init_std=0.5)).eval()
+    prompts = [torch.randint(0, 5000, (6,)).tolist() for _ in range(2)]
+    fed, steps = [], []
+    hook = model.embedding.register_forward_hook(
+        lambda module, args, kwargs, out: fed.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        new = greedy_generate_batch(model, prompts, [10, 10],
+                                    stop=lambda row, ids: row == 0 and len(ids) == 2,
+                                    on_step=lambda tokens, finished: steps.append((tokens, finished)))
+    finally:
+        hook.remove()
+    assert [len(ids) for ids in new] == [2, 10]
+    assert steps == [(2, 0), (2, 1)] + [(1, 0)] * 7 + [(1, 1)]
+    assert sum(tokens for tokens, _ in steps) == 12
+    assert fed == [2, 2] + [1] * 8  # the prefill, the step both rows decode, then row 1 alone

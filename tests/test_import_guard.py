@@ -46,3 +46,18 @@ def test_with_cuda_megatrons_fusions_are_left_compiled():
     seen = _probe("cuda")
     assert seen["fuser"] == "compile"
     assert not seen["swiglu_plain"]
+
+
+def test_import_torch_in_the_virtualenv_gives_no_pynvml_warning():
+    """A user's script in the virtualenv imports torch without the deprecated `pynvml` package's
+    FutureWarning: `make setup` installs NVML's maintained bindings (nvidia-ml-py, the same
+    `pynvml` module torch.cuda and megasmol's GPU checks import) and not the shim that warns."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run([sys.executable, "-W", "always", "-c",
+                          "import torch, pynvml; print(callable(pynvml.nvmlInit))"],
+                         cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True"]
+    assert "pynvml" not in out.stderr and "FutureWarning" not in out.stderr, out.stderr

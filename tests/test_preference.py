@@ -3,7 +3,9 @@ reference log-probs are computed once, reused on rerun and resume, keyed by the 
 whole SFT -> APO -> merge -> export -> generate path."""
 
 import json
+import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +129,118 @@ def test_preference_config_mistakes_are_one_line(pref_run):
         load_run_config(root / "apo.yaml", ["preference.beta=0"])
     with pytest.raises(ConfigError, match="preference.loss_type"):
         load_run_config(root / "apo.yaml", ["preference.loss_type=kto"])
+
+
+def test_a_preference_section_over_plain_tokens_is_refused(pref_run, tmp_path):
+    """Until the objective is a config choice of its own, ``preference:`` over data that are not
+    pairs would train next-token loss without a word: refused, naming the section and the data."""
+    from tests.data_fixtures import random_documents, write_dataset
+
+    root, _ = pref_run
+    (tmp_path / "data").mkdir()
+    write_dataset(tmp_path / "data" / "plain", random_documents(40, 3, 200, 20, 60, seed=1))
+    (tmp_path / "plain.yaml").write_text("name: plain\nroot: data\nstages:\n  - name: lm\n    start_step: 1\n"
+                                         "    datasets:\n      - {path: plain, weight: 1.0}\n")
+    proc = run_cli("train", "--config", str(root / "apo.yaml"), "--set", f"run_dir={tmp_path}/run",
+                   "--set", f"data.recipe={tmp_path}/plain.yaml", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("megasmol train: error: preference: is set but data recipe plain holds no "
+                           f"preference pairs ({tmp_path}/data/plain is not prepare-preferences output)")
+    assert "megasmol prepare-preferences" in line and "remove the preference: section" in line
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _error_lines(proc):
+    """The run's error lines (its log's INFO lines aside)."""
+    return [line for line in proc.stderr.splitlines() if "error" in line]
+
+
+def _truncated_copy(checkpoint, dest):
+    """A copy of ``checkpoint`` whose largest shard is cut in half (the weights' file)."""
+    shutil.copytree(checkpoint, dest)
+    shard = max((dest / "iter_0000000").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+    return shard
+
+
+def test_the_reference_key_follows_the_checkpoints_bytes_not_its_file_sizes(pref_run, tmp_path):
+    """Shards replaced in place (same names, same sizes, even the same mtime) are another
+    reference: another key, so the stale log-probs are not reused. The same bytes elsewhere are
+    the same reference."""
+    import torch
+
+    from megasmol.ckpt.checkpoint import CheckpointError
+    from megasmol.ckpt.storage import stored_items
+    from megasmol.train.reference import reference_key, weights_digest
+
+    root, _ = pref_run
+    prefix = str(root / "data" / "pref")
+    key = reference_key(prefix, root / "sft", torch.float32)
+    shutil.copytree(root / "sft", tmp_path / "sft")
+    assert reference_key(prefix, tmp_path / "sft", torch.float32) == key
+    iteration = tmp_path / "sft" / "iter_0000000"
+    (item,) = [i for i in stored_items(iteration) if i.fqn == "embedding.word_embeddings.weight"]
+    shard = iteration / item.file
+    before = shard.stat()
+    with open(shard, "r+b") as handle:
+        handle.seek(item.offset + item.length // 2)
+        byte = handle.read(1)[0]
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte ^ 0xFF]))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size and shard.stat().st_mtime_ns == before.st_mtime_ns
+    assert reference_key(prefix, tmp_path / "sft", torch.float32) != key
+    # A reference cut short is named, not hashed as it is.
+    cut = _truncated_copy(root / "sft", tmp_path / "cut")
+    with pytest.raises(CheckpointError, match=f"{cut} ends early \\(truncated\\?\\): copy the reference"):
+        weights_digest(tmp_path / "cut")
+
+
+def test_changed_reference_logps_are_refused_not_trained_against(pref_run, tmp_path):
+    """Every chosen log-prob +5 in a well-formed file of the same size (APO-zero's step-1 loss
+    would read 1.122, not 1): its sha256 no longer matches the record written with it, and the
+    run stops with one line naming the file. A cut-short file says so."""
+    from megasmol.config.typed import ConfigError
+    from megasmol.train.reference import load_reference_logps, record_path
+
+    root, _ = pref_run
+    shutil.copytree(root / "data", tmp_path / "data")  # the same bytes: the same key, file reused
+    shutil.copy(root / "recipe.yaml", tmp_path / "recipe.yaml")
+    (saved,) = (tmp_path / "data").glob("pref.ref-*.npy")
+    assert json.loads(record_path(saved).read_text())["pairs"] == 24
+    values = np.load(saved)
+    values[:, 0] += 5.0
+    size = saved.stat().st_size
+    np.save(saved, values)
+    assert saved.stat().st_size == size
+    proc = run_cli("train", "--config", str(root / "apo.yaml"), "--set", f"run_dir={tmp_path}/run",
+                   "--set", f"data.recipe={tmp_path}/recipe.yaml",
+                   "--set", f"checkpoint.init_from={root}/sft", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert _error_lines(proc) == [
+        f"megasmol train: error: {saved}: not the reference log-probs megasmol computed (its sha256 "
+        f"differs from the one {record_path(saved).name} recorded: edited or damaged); delete it to "
+        "recompute them"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    saved.write_bytes(saved.read_bytes()[:-8])
+    with pytest.raises(ConfigError, match=f"{saved} ends early \\({size - 8:,} of {size:,} bytes; "
+                                          "truncated\\?\\): delete it to recompute"):
+        load_reference_logps(saved, 24)
+
+
+def test_a_truncated_reference_checkpoint_is_named_in_one_line(pref_run, tmp_path):
+    """A shard cut in half made PyTorch's zip-archive error text; now the file is named, as a
+    resume names a file that ends early, with what to do."""
+    root, _ = pref_run
+    shard = _truncated_copy(root / "sft", tmp_path / "sft")
+    proc = run_cli("train", "--config", str(root / "apo.yaml"), "--set", f"run_dir={tmp_path}/run",
+                   "--set", f"checkpoint.init_from={tmp_path}/sft", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert _error_lines(proc) == [
+        f"megasmol train: error: {shard.parent}: cannot load model weights: {shard.name} ends early "
+        "(truncated?): copy the checkpoint again from a complete one (a damaged file cannot be "
+        "repaired in place)"]
 
 
 def test_sft_to_apo_to_merge_to_export_to_transformers_generate(pref_run):

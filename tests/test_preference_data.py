@@ -10,7 +10,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.preference.prepare import prepare_preferences, read_pref_description
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 
 def _write(path, records):
@@ -43,6 +43,11 @@ def test_prepare_reads_trl_formats_and_masks_only_completions(tmp_path, llama_to
                                   template="chatml", show_progress=False)
     assert summary.pairs == 3 and not summary.rejected
     assert read_pref_description(tmp_path / "out" / "p")["pairs"] == 3
+    # Plain strings and conversations in one file are both kept, with one line saying so.
+    assert summary.plain_pairs == 1
+    assert [line for line in summary.lines() if "mixed formats" in line] == [
+        "  note: mixed formats: 1 plain-string pair(s) (no chat template) and 2 conversation pair(s) "
+        "(chatml): the model learns both prompt formats; prepare them apart if that is not meant"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "p.tokenizer")
     halves = _halves(tmp_path / "out" / "p")
     completions = [tok.decode(ids[mask]) for ids, mask in halves]
@@ -74,7 +79,7 @@ def test_bad_pairs_are_counted_by_reason_and_all_bad_writes_nothing(tmp_path):
     ])
     summary = prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "p"), template="chatml",
                                   show_progress=False)
-    assert summary.pairs == 1
+    assert summary.pairs == 1 and not any("mixed formats" in line for line in summary.lines())
     assert summary.rejected == {"chosen_equals_rejected": 1, "prompt_not_a_prefix": 1,
                                 "empty_completion": 1, "unknown_role": 1, "missing_field": 1,
                                 "mixed_formats": 1, "malformed_json": 1}
@@ -83,6 +88,36 @@ def test_bad_pairs_are_counted_by_reason_and_all_bad_writes_nothing(tmp_path):
     with pytest.raises(ConfigError, match="no usable pair.*missing_field=1.*nothing was written"):
         prepare_preferences([str(tmp_path / "bad.jsonl")], str(tmp_path / "q"), show_progress=False)
     assert not list(tmp_path.glob("q*"))
+
+
+def test_an_out_under_a_file_or_in_a_checkpoint_is_one_line(tmp_path):
+    """--out FILE/p (and FILE/sub/p) names --out instead of a raw [Errno 17] / [Errno 20]; a
+    prefix in a checkpoint's iteration directory is refused, as init, import-hf and average
+    refuse it (check_output_dir); nothing is written."""
+    from megasmol.ckpt.checkpoint import check_output_dir
+
+    good = {"prompt": [_msg("user", "q")], "chosen": [_msg("assistant", "a")],
+            "rejected": [_msg("assistant", "b")]}
+    _write(tmp_path / "in.jsonl", [good])
+    proc = run_cli("prepare-preferences", "--input", str(tmp_path / "in.jsonl"), "--out",
+                   str(tmp_path / "in.jsonl" / "p"), "--quiet", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"megasmol prepare-preferences: error: --out {tmp_path}/in.jsonl/p: {tmp_path}/in.jsonl is a "
+        "file, not a folder; choose a prefix in a folder"]
+    with pytest.raises(ConfigError, match=r"--out .*/in.jsonl/sub/p: .*/in.jsonl is a file"):
+        prepare_preferences([str(tmp_path / "in.jsonl")], str(tmp_path / "in.jsonl" / "sub" / "p"),
+                            template="chatml", show_progress=False)
+    iteration = tmp_path / "ckpt" / "iter_0000010"
+    iteration.mkdir(parents=True)
+    (iteration / "megasmol.json").write_text('{"format": 1, "step": 10}')
+    for out in (iteration / "p", iteration / "tokens" / "p"):
+        with pytest.raises(ConfigError, match=f"--out {out}: inside checkpoint {iteration}, "):
+            prepare_preferences([str(tmp_path / "in.jsonl")], str(out), template="chatml",
+                                show_progress=False)
+        with pytest.raises(FileExistsError, match=f"inside checkpoint {iteration}:"):
+            check_output_dir(out.parent)
+    assert sorted(p.name for p in iteration.iterdir()) == ["megasmol.json"]
 
 
 def test_overflow_policies_keep_the_prompt_and_cut_completions(tmp_path):

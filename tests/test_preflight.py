@@ -101,6 +101,62 @@ def test_dry_run_rejects_an_impossible_layout(tmp_path):
     assert "dry_run" in proc.stdout and "tensor_parallel=3 does not divide" in proc.stdout
 
 
+def test_planning_another_world_size_writes_nothing_here(tmp_path):
+    """--world-size plans another cluster's job: neither its data nor its checkpoint directory
+    are this machine's, so nothing is timed there and nothing is written (it used to write 537 MB
+    and leave an empty checkpoint directory behind)."""
+    run_dir = tmp_path / "planned"
+    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--world-size", "384",
+                   "--skip", "gemm,memory_bandwidth,collectives,dcgm,nvml,dry_run",
+                   "--set", f"run_dir={run_dir}", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not run_dir.exists() and not list(tmp_path.iterdir())
+    [write] = [line for line in proc.stdout.splitlines() if line.startswith("storage_write")]
+    assert "SKIP" in write and "nothing written (--world-size plans another job" in write
+
+
+def test_the_write_test_removes_only_the_directories_it_made(tmp_path):
+    from megasmol.preflight.storage import write_throughput
+
+    (tmp_path / "kept").mkdir()
+    result = write_throughput(tmp_path / "kept" / "run" / "checkpoints", 1)
+    assert result["bytes"] >= 1024 * 1024
+    assert list(tmp_path.iterdir()) == [tmp_path / "kept"] and not list((tmp_path / "kept").iterdir())
+    (tmp_path / "kept" / "note").write_text("x")  # a directory that already existed stays
+    write_throughput(tmp_path / "kept", 1)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["note"]
+
+
+def test_a_cpu_fp32_config_is_measured_against_this_machines_memory(monkeypatch):
+    """Without a GPU an fp32 config is a CPU run: its share is per process, of this machine's
+    memory, not of an assumed H100; a bf16 config checked here is for a GPU cluster, said so."""
+    import torch
+
+    from megasmol.config.run import load_run_config
+    from megasmol.preflight.dryrun import GB, dry_run, host_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    [cpu] = dry_run(load_run_config(REPO / "examples/tiny/demo.yaml"), world_size=1)
+    assert "H100" not in cpu.summary and "per GPU" not in cpu.summary
+    assert (f"GB per process of {host_memory_bytes() / GB:.0f} GB (this machine's memory: "
+            "training.precision=fp32 is a CPU run") in cpu.summary
+    assert cpu.details["device_memory_gb"] == host_memory_bytes() / GB
+    [gpu] = dry_run(load_run_config(REPO / "examples/tiny/demo.yaml", ["training.precision=bf16"]),
+                    world_size=1)
+    assert "GB per GPU of 80 GB (assumed: an H100; no GPU here" in gpu.summary
+
+
+def test_the_table_shows_paths_relative_to_the_current_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    report = _report([CheckResult("storage_write", "fail", f"cannot write in {tmp_path}/run/ckpt",
+                                  str(tmp_path / "run" / "ckpt"))])
+    table = report.render()
+    assert str(tmp_path) not in table
+    assert "storage_write  run/ckpt  FAIL    cannot write in run/ckpt" in table
+    assert table.endswith("NO-GO: storage_write run/ckpt: cannot write in run/ckpt")
+
+
 def test_dry_run_memory_of_smollm3_3b_matches_a_hand_estimate(tmp_path):
     out = tmp_path / "r.json"
     proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
@@ -139,7 +195,8 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
                       "dry_run": "skip", "model_parity": "skip", "training_throughput": "skip"}, proc.stdout
     gemm = next(r for r in report["results"] if r["check"] == "gemm")
     assert gemm["details"]["mean_tflops"] > 0 and gemm["details"]["plain_matmul_tflops"] > 0
-    assert "skipped: no GPU" in proc.stdout and not list((tmp_path / "ckpt").iterdir())
+    # The write test leaves nothing: neither its file nor the directory it made for it.
+    assert "skipped: no GPU" in proc.stdout and not (tmp_path / "ckpt").exists()
     # An impossible storage floor fails the run, with exit code 1.
     slow = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
                    str(data), "--min-read-gbps", "1e6", check=False)

@@ -115,7 +115,7 @@ def test_export_can_attach_a_chat_template_to_any_tokenizer(sft_run, llama_token
 
 def test_chat_command_answers_with_the_template_and_stops(sft_run, tmp_path):
     """The checkpoint through Megatron-Core, and its export through transformers (``--hf``): the
-    same replies, each stopped at <|im_end|>."""
+    same replies, each stopped at <|im_end|>, and nothing else printed."""
     root, _ = sft_run
     proc = run_cli("chat", "--checkpoint", str(root / "run" / "checkpoints"), "--message", "apple stone",
                    "--message", "river", "--max-new-tokens", "24")
@@ -126,5 +126,8 @@ def test_chat_command_answers_with_the_template_and_stops(sft_run, tmp_path):
     proc = run_cli("chat", "--hf", str(tmp_path / "hf"), "--message", "apple stone", "--message", "river",
                    "--max-new-tokens", "24")
     assert [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")] == lines
+    # The transcript is the conversation only: transformers' cache is passed as a Cache object by
+    # its current name, so no deprecation warning (`past_key_values`) lands in it.
+    assert proc.stderr == "", proc.stderr
     wrong = run_cli("chat", "--hf", str(root / "run" / "checkpoints"), "--message", "hi", check=False)
     assert wrong.returncode == 2 and "use --checkpoint" in wrong.stderr

@@ -1,25 +1,45 @@
-"""Run every command the README and docs/ show, as written, so none of them rots.
+"""Run every command the README and docs/ show, as written, and compare the output they show.
 
+    python tools/docs_check.py --set ci            # the fast pages: what `make test` runs (CI)
+    python tools/docs_check.py --set release       # the rest: `make docs-check`, before each release
     python tools/docs_check.py                     # every page, in a fresh copy of the repository
     python tools/docs_check.py --list              # what would run, and what is left to a cluster
     python tools/docs_check.py --pages docs/data.md --keep /tmp/ws
 
 Commands come from fenced ``bash`` / ``console`` / ``sh`` blocks (in ``console`` blocks, the
 ``$ `` lines; continuations joined). Pages run in the README's order in one workspace, a copy of
-the tracked files with the current virtualenv linked as ``.venv`` and its ``bin`` first on PATH,
-so a later page sees what an earlier one made (``make demo`` makes ``runs/demo``), as it would for
-a reader who follows them in order. Each command runs with ``bash -eo pipefail`` in the workspace.
+the work tree's files (tracked, and new ones git does not ignore) with the current virtualenv
+linked as ``.venv`` and its ``bin`` first on PATH, so a later page sees what an earlier one made
+(``make demo`` makes ``runs/demo``), as it would for a reader who follows them in order. Each
+command runs with ``bash -eo pipefail`` in the workspace.
+
+Shown output: in a ``console`` block, the lines under a ``$`` command are what it prints, stdout
+and stderr together as a terminal shows them (a progress bar's last state), and the check
+compares them with what it did print, every line and every figure: a command that prints more,
+less or other lines than its page shows is a failure, and so is one that prints something where
+the page shows nothing. Blank lines and runs of spaces do not count. A line ``...`` stands for
+any number of printed lines (none included). The one tolerance is for what the machine measures
+rather than what the program computes (a duration, a clock time, a speed, resident memory): a
+figure written ``≈153s`` matches any figure in its place (``demo finished in ≈153s``, ``≈1.01
+s/step``, ``≈13:39:53``, ``mem ≈0.8 GB``, a time stamp ``≈2026-12-03T13-44-02``); every other
+figure must be printed exactly as shown.
+Each command's whole output is also kept in the workspace, ``.docs-check/PAGE-LINE.out``, to
+update a page from (with ``--keep``).
 
 Not run here, each listed with its reason: lines for a cluster (``srun``, ``sbatch``, ``salloc``,
 ``ssh``, ``torchrun --nnodes N`` with N > 1, or an elided ``...``), and blocks preceded by
-``<!-- docs-check: skip: REASON -->``. A block preceded by ``<!-- docs-check: output -->`` must
-also print every output line it shows (``...`` lines stand for anything). Exit status 1 when a
-command fails or a shown line is missing, naming the page and line.
+``<!-- docs-check: skip: REASON -->``. Exit status 1 when a command fails or its output differs
+from the page's, naming the page and line.
+
+Two sets: ``CI_PAGES`` are self-contained and fast, and the test suite runs them
+(``tests/test_docs_walkthroughs.py``, so CI does); the rest need the demo's runs and take about
+20 minutes on an idle 2-core machine (``make docs-check``, before each release).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import shutil
@@ -37,10 +57,20 @@ PAGES = ["README.md", "docs/pretraining.md", "docs/data.md", "docs/evaluation.md
          "docs/preflight.md", "docs/checkpoints.md", "docs/training-loop.md",
          "docs/configuration.md", "docs/tests.md", "examples/README.md"]
 """The README's reading order (its guide table); the check runs pages in this order."""
+CI_PAGES = ["docs/pretraining.md", "docs/data.md", "docs/checkpoints.md"]
+"""Pages that need nothing an earlier page made except what another of them makes (the demo
+corpus, made by the pretraining walkthrough), run in minutes and print the same on any machine
+but for their measured figures: the test suite runs them. The others (the README's demos, the
+guides that start from the demo's model, and pre-flight, whose verdicts depend on the machine's
+speed) run before a release (``make docs-check``)."""
+SETS = {"ci": CI_PAGES, "release": [page for page in PAGES if page not in CI_PAGES], "all": PAGES}
+MEASURED = "\u2248"
+"""The mark of a figure the machine measures (``≈``): it matches any figure in its place."""
+_FIGURE = r"\d(?:[\w.,:-]*\w)?"
 SHELLS = ("bash", "console", "sh", "shell")
 CLUSTER_COMMANDS = ("srun", "sbatch", "salloc", "ssh", "mpirun")
 _FENCE = re.compile(r"^```([A-Za-z]*)[^\n]*\n(.*?)^```", flags=re.M | re.S)
-_MARK = re.compile(r"<!--\s*docs-check:\s*(skip|output)\s*:?\s*(.*?)\s*-->\s*\n\s*$")
+_MARK = re.compile(r"<!--\s*docs-check:\s*(skip)\s*:?\s*(.*?)\s*-->\s*\n\s*$")
 
 
 @dataclass
@@ -49,7 +79,8 @@ class Command:
     line: int
     text: str
     shown: list[str] = field(default_factory=list)
-    """Output lines the page shows under the command (checked for ``output`` blocks)."""
+    """Output lines the page shows under the command (``console`` blocks), compared with its
+    output."""
     not_run: Optional[str] = None
     """Why the command is not run here (a cluster line or a skipped block)."""
 
@@ -61,6 +92,7 @@ class Block:
     language: str
     commands: list[Command]
     check_output: bool = False
+    """Whether the block shows output (``console``), compared with what its commands print."""
 
 
 def _cluster_reason(text: str) -> Optional[str]:
@@ -117,13 +149,11 @@ def extract(page: str, text: str) -> list[Block]:
         start = before.count("\n") + 2
         commands = _commands(page, start, language, found.group(2))
         mark = _MARK.search(before[-300:])
-        block = Block(page, start - 1, language, commands)
-        if mark and mark.group(1) == "skip":
+        block = Block(page, start - 1, language, commands, check_output=language == "console")
+        if mark:
             reason = mark.group(2) or "skipped"
             for command in commands:
                 command.not_run = command.not_run or reason
-        elif mark:
-            block.check_output = True
         blocks.append(block)
     return blocks
 
@@ -133,10 +163,11 @@ def page_blocks(pages: list[str]) -> list[Block]:
 
 
 def prepare_workspace(directory: Path) -> Path:
-    """A copy of the tracked files (modification times kept, so make sees an installed .venv as
-    current) with the running interpreter's virtualenv linked as ``.venv``."""
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
-                             capture_output=True).stdout.decode().split("\0")
+    """A copy of the repository's files as they are in the work tree, tracked and new ones git
+    does not ignore (modification times kept, so make sees an installed .venv as current), with
+    the running interpreter's virtualenv linked as ``.venv``."""
+    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                             cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
     for name in filter(None, tracked):
         source, target = REPO / name, directory / name
         if source.is_file():
@@ -156,10 +187,69 @@ def environment(workspace: Path) -> dict:
     return env
 
 
-def _missing_lines(shown: list[str], output: str) -> list[str]:
-    printed = {" ".join(line.split()) for line in output.splitlines()}
-    return [line for line in shown
-            if line != "..." and " ".join(line.split()) not in printed]
+def _printed_lines(output: str) -> list[str]:
+    """The lines a terminal would show (a carriage return redraws its line), blank ones left
+    out, runs of whitespace made one space."""
+    lines = (line.rstrip("\r").split("\r")[-1] for line in output.split("\n"))
+    return [" ".join(line.split()) for line in lines if line.strip()]
+
+
+def _line_pattern(shown: str) -> re.Pattern:
+    """A shown line as a pattern: its text exactly (spaces collapsed), each ``≈`` figure any
+    figure."""
+    parts = re.split(f"{MEASURED}({_FIGURE})", " ".join(shown.split()))
+    return re.compile("".join(re.escape(part) if i % 2 == 0 else _FIGURE
+                              for i, part in enumerate(parts)))
+
+
+def _at(patterns: list[re.Pattern], printed: list[str], start: int) -> bool:
+    return start + len(patterns) <= len(printed) and all(
+        pattern.fullmatch(printed[start + i]) for i, pattern in enumerate(patterns))
+
+
+def output_differences(shown: list[str], output: str) -> Optional[str]:
+    """None when ``output`` prints the shown lines (``...``: any lines), else what differs."""
+    printed = _printed_lines(output)
+    shown = [line for line in shown if line.strip()]
+    runs: list[list[str]] = [[]]
+    for line in shown:
+        if line.strip() == "...":
+            runs.append([])
+        else:
+            runs[-1].append(line)
+    patterns = [[_line_pattern(line) for line in run] for run in runs]
+    position, failed = 0, None
+    for index, run in enumerate(patterns):
+        first, last = index == 0, index == len(patterns) - 1
+        if first and last:
+            where = 0 if len(run) == len(printed) and _at(run, printed, 0) else None
+        elif first:
+            where = 0 if _at(run, printed, 0) else None
+        elif last:
+            where = len(printed) - len(run)
+            where = where if where >= position and _at(run, printed, where) else None
+        else:
+            where = next((i for i in range(position, len(printed) - len(run) + 1)
+                          if _at(run, printed, i)), None)
+        if where is None:
+            failed = runs[index]
+            break
+        position = where + len(run)
+    if failed is None:
+        return None
+    if not shown:
+        return "the page shows no output; the command printed:\n" + "\n".join(printed[:20])
+    report = []
+    for line in failed:
+        pattern = _line_pattern(line)
+        if not any(pattern.fullmatch(p) for p in printed):
+            close = difflib.get_close_matches(" ".join(line.split()), printed, n=1, cutoff=0.5)
+            nearest = close[0] if close else "(nothing like it)"
+            report.append(f"  page:    {line.strip()}\n  printed: {nearest}")
+    if not report:  # every line was printed, but not in the page's order or with more around it
+        report.append("  the shown lines are printed, but not as shown (their order, or other lines "
+                      "between, before or after them: `...` stands for those)")
+    return "\n".join(report)
 
 
 def run_command(command: Command, workspace: Path, env: dict, check_output: bool,
@@ -170,12 +260,16 @@ def run_command(command: Command, workspace: Path, env: dict, check_output: bool
     if exporting:  # what a page exports stays set for its later commands
         script += '\nenv -0 > "$MEGASMOL_DOCS_ENV"'
         env["MEGASMOL_DOCS_ENV"] = str(workspace / ".docs-check-env")
-    try:
-        done = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=workspace, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+    try:  # stdout and stderr in one stream, in the order a terminal shows them
+        done = subprocess.run(["bash", "-eo", "pipefail", "-c", script], cwd=workspace,
+                              env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return f"did not finish in {timeout_s:.0f} s"
-    output = done.stdout + done.stderr
+    output = done.stdout
+    kept = workspace / ".docs-check" / f"{command.page.replace('/', '-')}-{command.line}.out"
+    kept.parent.mkdir(exist_ok=True)
+    kept.write_text(output)
     if exporting and done.returncode == 0:
         exported = Path(env.pop("MEGASMOL_DOCS_ENV"))
         env.clear()
@@ -186,9 +280,10 @@ def run_command(command: Command, workspace: Path, env: dict, check_output: bool
         tail = "\n".join(output.splitlines()[-15:])
         return f"exit status {done.returncode}:\n{tail}"
     if check_output:
-        missing = _missing_lines(command.shown, output)
-        if missing:
-            return "the page shows lines the command did not print:\n" + "\n".join(missing)
+        differences = output_differences(command.shown, output)
+        if differences:
+            return (f"the output differs from the page's (all of it: {kept.relative_to(workspace)} "
+                    f"in the workspace):\n{differences}")
     return None
 
 
@@ -217,13 +312,17 @@ def run_blocks(blocks: list[Block], workspace: Path, timeout_s: float = 1800.0,
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pages", nargs="+", default=PAGES, help="pages to run, in order "
-                        "(default: all, in the README's order; later pages may need earlier ones)")
+    parser.add_argument("--pages", nargs="+", help="pages to run, in order (default: the set's, "
+                        "in the README's order; later pages may need earlier ones)")
+    parser.add_argument("--set", choices=sorted(SETS), default="all",
+                        help="ci: the fast, self-contained pages the test suite runs; release: the "
+                             "rest (make docs-check); all (default): every page")
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it (default: "
                         "a temporary copy of the repository, removed afterwards)")
     parser.add_argument("--list", action="store_true", help="list the commands, run nothing")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per command")
     args = parser.parse_args(argv)
+    args.pages = args.pages or SETS[args.set]
     missing = [page for page in args.pages if not (REPO / page).is_file()]
     if missing:
         parser.error(f"no such page: {', '.join(missing)}")

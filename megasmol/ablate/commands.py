@@ -22,9 +22,10 @@ def cmd_average(args) -> int:
                                      normalize=not args.no_normalize, progress=not args.quiet)
     finally:
         shutdown()
-    for path, weight in zip(report.inputs, report.weights):
-        print(f"  {weight:>8.4f}  {path}")
-    print(f"wrote {shown(report.path)} ({report.tensors} tensors)")
+    for path, weight, step in zip(report.inputs, report.weights, report.steps):
+        print(f"  {weight:>8.4f}  {shown(path)} (step {step})")
+    print(f"wrote {shown(report.path)}: {report.describe()}, {report.tensors} tensors, weights only; "
+          f"{shown(report.path.parent / 'latest')} names it")
     return 0
 
 
@@ -141,14 +142,16 @@ def add_ablate_parsers(sub) -> None:
                     "spec, accumulated in float64 one block at a time; writes an ordinary weights-only "
                     "checkpoint (export-hf, eval, generate and checkpoint.init_from read it). "
                     "Equal weights by default (averaging a WSD stable phase); any weights for a "
-                    "linear merge.")
+                    "linear merge. Written as OUT/avg_iter_S1-S2 (the inputs' steps; for more "
+                    "than four, OUT/avgN_iter_MIN-MAX), with OUT/latest naming it: give OUT.")
     p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
                    type=input_path("--checkpoints"),
-                   help="checkpoint roots (their latest) or iteration directories")
+                   help="checkpoint roots (their latest), iteration directories or run directories")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="one weight per checkpoint, summing to 1 (default: equal)")
     p.add_argument("--no-normalize", action="store_true",
                    help="use --weights as given even when they do not sum to 1")
-    p.add_argument("--out", required=True, help="output checkpoint directory (new)")
+    p.add_argument("--out", required=True,
+                   help="output checkpoint root (new): OUT/avg_iter_... and OUT/latest")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_average)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from megasmol.utils.fs import shown
+
 LEARNING_RATES = (3e-3, 1e-3)
 SEEDS = 2
 
@@ -50,6 +52,6 @@ def run_ablation_demo(workdir: Path, steps: int = 60, overrides: list[str] | Non
     print("      " + format_table(quality_rows(quality, len(comparison.experiments)),
                                   left=1).replace("\n", "\n      "))
     plots = write_plots(comparison, grid.out / "compare")
-    print(f"[4/4] plots in {grid.out / 'compare'}: {', '.join(p.name for p in plots)}")
+    print(f"[4/4] plots in {shown(grid.out / 'compare')}: {', '.join(p.name for p in plots)}")
     print(f"demo --ablation finished in {time.time() - started:.0f}s")
     return 0

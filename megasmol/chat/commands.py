@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megasmol.utils.argtypes import input_path, positive_int
+from megasmol.utils.argtypes import add_model_choice, input_path, positive_int
 
 
 def cmd_prepare_chat(args) -> int:
@@ -13,6 +13,9 @@ def cmd_prepare_chat(args) -> int:
                            loss_on=args.loss_on, messages_key=args.messages_key, split=args.split,
                            overwrite=args.overwrite, show_progress=not args.quiet)
     print("\n".join(summary.lines()))
+    if summary.rejected.get("preference_pair"):
+        print(f"  {summary.rejected['preference_pair']:,} record(s) are preference pairs "
+              "(chosen/rejected): prepare them with `megasmol prepare-preferences`")
     if summary.rejected.get("too_long"):
         print(f"  {summary.rejected['too_long']:,} conversation(s) exceed --max-length {args.max_length} "
               "(--on-overflow error): left out; use --on-overflow truncate to keep them cut")
@@ -54,8 +57,16 @@ def cmd_chat(args) -> int:
 
 
 def add_chat_parsers(sub) -> None:
-    p = sub.add_parser("prepare-chat", help="render conversations with a chat template into tokens + a "
-                                            "loss mask (Megatron indexed datasets) for SFT / mid-training")
+    p = sub.add_parser(
+        "prepare-chat", help="render conversations with a chat template into tokens + a loss mask "
+                             "(Megatron indexed datasets) for SFT / mid-training",
+        description="Renders each {messages: [{role, content}]} record with the chat template, "
+                    "tokenizes it and writes the tokens and an aligned loss mask (1 on the "
+                    "assistant replies and their end-of-turn token, or on every token with "
+                    "--loss-on all) as Megatron-Core indexed datasets, with the tokenizer (its chat "
+                    "template set) beside them. Records that cannot be used are counted by reason, "
+                    "never dropped silently. Preference pairs (chosen/rejected): "
+                    "prepare-preferences.")
     p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
                    help="JSONL / Parquet files, directories or globs of {messages: [{role, content}]} "
                         "records; a datasets save_to_disk directory; or hf:DATASET_ID where a hub is "
@@ -79,14 +90,16 @@ def add_chat_parsers(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare_chat)
 
-    p = sub.add_parser("chat", help="chat with a checkpoint or a Hugging Face model in the terminal "
-                                    "(or one --message)")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", type=input_path("--checkpoint"),
-                       help="checkpoint root or iteration directory (Megatron-Core)")
-    model.add_argument("--hf", type=input_path("--hf"),
-                       help="a Hugging Face model directory, e.g. from export-hf --chat-template "
-                            "(transformers, with its KV cache)")
+    p = sub.add_parser(
+        "chat", help="chat with a checkpoint or a Hugging Face model in the terminal (or one --message)",
+        description="Each turn is rendered with the model's chat template (or --template) and "
+                    "answered greedily (or sampled with --temperature/--top-p) with a KV cache, up "
+                    "to --max-new-tokens or the end-of-turn token. Interactive: /reset clears the "
+                    "history, /exit or Ctrl-D leaves; with --message, each one is sent in turn and "
+                    "the replies printed.")
+    add_model_choice(p, "checkpoint root, iteration directory or run directory (Megatron-Core)",
+                     "a Hugging Face model directory, e.g. from export-hf --chat-template "
+                     "(transformers, with its KV cache)")
     p.add_argument("--message", action="append",
                    help="send this user message and print the reply, no prompt (repeat for turns)")
     p.add_argument("--system", help="system message (SmolLM3: /think or /no_think inside it switch mode)")

@@ -14,6 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
+from megasmol.utils.fs import shown
+
 SFT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "sft.yaml"
 
 
@@ -55,12 +57,12 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
     workdir = Path(workdir).resolve()
     pretrained = workdir / "run" / "checkpoints"
     if not (pretrained / "latest").is_file():
-        print(f"[1/5] no pretrained demo model in {pretrained}: running `megasmol demo` first")
+        print(f"[1/5] no pretrained demo model in {shown(pretrained)}: running `megasmol demo` first")
         if run_demo(workdir) != 0:
             print("the pretraining demo failed; stopping")
             return 1
     else:
-        print(f"[1/5] pretrained demo model: {pretrained}")
+        print(f"[1/5] pretrained demo model: {shown(pretrained)}")
     sft = workdir / "sft"
     shutil.rmtree(sft, ignore_errors=True)
     (sft / "tokens").mkdir(parents=True)
@@ -92,7 +94,7 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
         rows.append((label, *(f"{100 * share:.0f}%" for share in scores[:3])))
     print(f"[5/5] held-out questions ({held_out}, none seen in training):")
     print("      " + format_table(rows).replace("\n", "\n      "))
-    print(f"      megasmol chat --checkpoint {result.checkpoint} --system {SYSTEM!r} "
+    print(f"      megasmol chat --checkpoint {shown(result.checkpoint)} --system {SYSTEM!r} "
           f"--message {after[3][0]!r}")
     print(f"      assistant> {after[3][1]}")
     learned = after[0] > before[0] and after[0] >= 0.5

@@ -4,19 +4,34 @@ talks to it exactly as to a checkpoint: transformers' KV cache, [1, vocab] logit
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 
+def _cache_argument(model) -> str:
+    """The name the model's forward takes its KV cache by: ``cache`` in transformers 5 (where
+    ``past_key_values`` is a deprecated alias that logs a warning), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFDecoder:
     def __init__(self, model, max_length: int):
-        self.model, self.max_length, self.past = model, max_length, None
+        from transformers import DynamicCache
+
+        self.model, self.max_length = model, max_length
+        # A Cache object the model fills in place (no legacy tuples, no deprecated names), so the
+        # transcript shows only the conversation.
+        try:
+            self.cache = DynamicCache(config=model.config)
+        except TypeError:  # transformers before 4.56 builds it without the config
+            self.cache = DynamicCache()
+        self.cache_argument = _cache_argument(model)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(ids, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(ids, use_cache=True, **{self.cache_argument: self.cache})
         return out.logits[:, -1]
 
     def start(self, prompt: torch.Tensor) -> torch.Tensor:

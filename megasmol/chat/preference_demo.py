@@ -17,6 +17,8 @@ import shutil
 import time
 from pathlib import Path
 
+from megasmol.utils.fs import shown
+
 APO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "apo.yaml"
 
 
@@ -57,12 +59,12 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
     workdir = Path(workdir).resolve()
     sft = workdir / "sft" / "run" / "checkpoints"
     if not (sft / "latest").is_file():
-        print(f"[1/5] no SFT demo model in {sft}: running `megasmol demo --sft` first")
+        print(f"[1/5] no SFT demo model in {shown(sft)}: running `megasmol demo --sft` first")
         if run_sft_demo(workdir) != 0:
             print("the SFT demo failed; stopping")
             return 1
     else:
-        print(f"[1/5] SFT demo model (the policy's start and the reference): {sft}")
+        print(f"[1/5] SFT demo model (the policy's start and the reference): {shown(sft)}")
     pref = workdir / "pref"
     shutil.rmtree(pref, ignore_errors=True)
     (pref / "tokens").mkdir(parents=True)

@@ -6,7 +6,8 @@ float64 with the given weights (so k copies of one checkpoint average to it exac
 the result into a whole-model buffer in the inputs' parameter dtype. Peak memory is therefore one
 model in that dtype plus a block of at most ``BLOCK_ELEMENTS`` per input; the
 output is an ordinary weights-only megasmol checkpoint (export, generate, eval and
-``checkpoint.init_from`` read it).
+``checkpoint.init_from`` read it), in ``OUT/avg_iter_STEP-STEP`` (:func:`averaged_dirname`: no
+training step of that number was ever saved as it) with ``OUT/latest`` naming it.
 
 Two uses, as the playbook describes them: equal weights over the checkpoints of a WSD stable
 phase (read a model's quality without decaying it), and any weights for a linear merge (SmolLM3's
@@ -15,7 +16,7 @@ release: a soup of preference-tuned checkpoints at 0.9 with the mid-training che
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -39,6 +40,27 @@ class AverageReport:
     inputs: list[Path]
     weights: list[float]
     tensors: int
+    steps: list[int] = field(default_factory=list)
+    """Each input's training step, in the inputs' order."""
+
+    def describe(self) -> str:
+        """What the written checkpoint is, in words: ``an equal-weight average of 2 checkpoints
+        (steps 10, 20)`` or ``a linear merge of 2 checkpoints (steps 200, 150; weights 0.9,
+        0.1)``."""
+        equal = len(set(self.weights)) == 1
+        steps = ", ".join(str(s) for s in self.steps)
+        weights = "" if equal else "; weights " + ", ".join(f"{w:g}" for w in self.weights)
+        kind = "an equal-weight average" if equal else "a linear merge"
+        return f"{kind} of {len(self.inputs)} checkpoints (steps {steps}{weights})"
+
+
+def averaged_dirname(steps: Sequence[int]) -> str:
+    """The averaged checkpoint's directory: named for what it is and what it came from, never an
+    ``iter_STEP`` a training run would have written (``avg_iter_0000010-0000020``: the inputs'
+    steps in order; ``avg12_iter_0000500-0006000`` for more than four: their count and range)."""
+    if len(steps) <= 4:
+        return "avg_iter_" + "-".join(f"{s:07d}" for s in steps)
+    return f"avg{len(steps)}_iter_{min(steps):07d}-{max(steps):07d}"
 
 
 def shared_spec(paths: Sequence[Path]) -> tuple[dict, list[dict]]:
@@ -167,7 +189,8 @@ def average_checkpoints(checkpoints: Sequence[str | Path], out: str | Path, *,
     metadata = {"model_spec": spec_dict, "params_dtype": str(dtype).removeprefix("torch."),
                 "averaged_from": sources,
                 "written_with": {"tensor_parallel": 1, "pipeline_parallel": 1}}
-    step = max(int(m.get("step", 0)) for m in metas)
+    steps = [int(m.get("step", 0)) for m in metas]
     tokenizer = next((t for t in (tokenizer_dir(p) for p in paths) if t is not None), None)
-    path = save_checkpoint(_OwnedShards(model), out, step, metadata, tokenizer_source=tokenizer)
-    return AverageReport(path=path, inputs=paths, weights=weights, tensors=len(targets))
+    path = save_checkpoint(_OwnedShards(model), out, max(steps), metadata, tokenizer_source=tokenizer,
+                           name=averaged_dirname(steps))
+    return AverageReport(path=path, inputs=paths, weights=weights, tensors=len(targets), steps=steps)

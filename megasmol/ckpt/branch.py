@@ -5,14 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megasmol.ckpt.checkpoint import CheckpointError, iteration_dirname, latest_iteration, resolve
+from megasmol.ckpt.checkpoint import iteration_dirname, resolve
+from megasmol.ckpt.locate import checkpoint_root
 from megasmol.config.typed import ConfigError
-
-
-def _checkpoint_root(run_or_root: Path) -> Path:
-    """A run directory holds its checkpoints in ``checkpoints/``; a checkpoint root holds them."""
-    nested = run_or_root / "checkpoints"
-    return nested if nested.is_dir() else run_or_root
 
 
 def locate_source(config) -> Path:
@@ -25,17 +20,11 @@ def locate_source(config) -> Path:
     if step:
         if not step.isdigit():
             raise ConfigError(f"checkpoint.branch_from: {text!r}: the part after @ must be a step")
-        root = _checkpoint_root(path)
+        root = checkpoint_root(path)  # a run directory keeps its checkpoints in a root of its own
         iteration = root / iteration_dirname(int(step))
         if not iteration.is_dir():
             have = sorted(int(p.name[5:]) for p in root.glob("iter_???????") if p.is_dir())
             raise ConfigError(f"checkpoint.branch_from: {root} has no checkpoint at step {step} "
                               f"(it has steps {have or 'none'})")
         return resolve(iteration)
-    try:
-        return resolve(path)
-    except CheckpointError:
-        nested = latest_iteration(_checkpoint_root(path)) if (path / "checkpoints").is_dir() else None
-        if nested is None:
-            raise
-        return nested
+    return resolve(path)  # a checkpoint root, an iteration or a run directory

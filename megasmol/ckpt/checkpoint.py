@@ -17,20 +17,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
 import torch
 
+from megasmol.ckpt import locate
 from megasmol.errors import UserError
 from megasmol.runtime.threads import one_intra_op_thread
 from megasmol.utils.faults import NO_FAULTS, FaultPlan
 from megasmol.utils.fs import atomic_write_text, fsync_directory
 
 FORMAT_VERSION = 1
-META_FILE = "megasmol.json"
-LATEST_FILE = "latest"
+META_FILE, LATEST_FILE = locate.META_FILE, locate.LATEST_FILE  # one spelling, torch-free
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -50,6 +51,9 @@ def load_errors() -> tuple[type[BaseException], ...]:
     return (Exception, _checkpoint_exception())
 
 
+_ZIP_DAMAGE = "PytorchStreamReader failed reading zip archive"
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a failed load or save: the first rank's underlying error, not DCP's traces."""
     failures = getattr(exc, "failures", None)
@@ -58,9 +62,23 @@ def describe_error(exc: BaseException) -> str:
         return f"{describe_error(inner)} (rank {rank})"
     if isinstance(exc, EOFError):
         return "a file ends early (truncated?)"
+    if _ZIP_DAMAGE in str(exc):  # torch.load of a cut (or overwritten) zip-format torch file
+        return "a file ends early or is damaged (truncated?)"
     text = str(exc).strip().splitlines()
     name = type(exc).__name__
     return f"{name}: {text[0]}" if text else name
+
+
+def describe_load_error(iteration: Path, exc: BaseException) -> str:
+    """:func:`describe_error`, naming the file when one is shorter than the checkpoint's
+    ``.metadata`` says (a truncated copy), with what to do about it."""
+    from megasmol.ckpt.storage import short_file
+
+    short = short_file(iteration)
+    if short is None:
+        return describe_error(exc)
+    return (f"{short} ends early (truncated?): copy the checkpoint again from a complete one "
+            "(a damaged file cannot be repaired in place)")
 
 
 # What a full disk looks like from inside torch's writers: errno 28 only sometimes; the zip
@@ -94,32 +112,48 @@ def _barrier() -> None:
 
 
 def resolve(path: str | Path) -> Path:
-    """An iteration directory from either a checkpoint root (via ``latest``) or itself."""
+    """An iteration directory from a checkpoint root (via ``latest``), itself, or a run directory
+    (the checkpoint root it keeps: ``ckpt/locate.py``)."""
     from megasmol.ckpt import trust
 
     trust.install()  # every read of a checkpoint goes through here
-    path = Path(path)
+    given = path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint")
     if not path.is_dir():
         raise CheckpointError(f"{path}: a file, not a checkpoint directory")
+    path = locate.checkpoint_root(path)
     if (path / META_FILE).is_file():
         return path
     latest = path / LATEST_FILE
     if latest.is_file():
         name = latest.read_text().strip()
         if not name:
-            raise CheckpointError(f"{latest} is empty: it should name an iteration directory "
-                                  "(write the newest complete iter_* name into it)")
+            raise CheckpointError(f"{latest} is empty (truncated?): it should name an iteration "
+                                  f"directory; {_how_to_repair(latest)}")
         target = path / name
         if not (target / META_FILE).is_file():
-            raise CheckpointError(f"{latest} points at {name}, which is not complete")
+            raise CheckpointError(f"{latest} points at {name!r}, which is not a complete iteration "
+                                  f"directory (truncated?); {_how_to_repair(latest)}")
         return target
-    if path.name.endswith(".partial"):
-        raise CheckpointError(f"{path}: an interrupted save (.partial), not a checkpoint")
-    raise CheckpointError(
-        f"{path}: not a megasmol checkpoint (no {META_FILE} and no {LATEST_FILE} file)"
-    )
+    if given.name.endswith(".partial"):
+        raise CheckpointError(f"{given}: an interrupted save (.partial), not a checkpoint")
+    raise CheckpointError(locate.not_a_checkpoint(given))
+
+
+def _how_to_repair(latest: Path) -> str:
+    """What to do about a damaged ``latest``: the complete iterations beside it, newest first, and
+    how to start from one; or, with none, how to start without."""
+    complete = sorted((p for p in latest.parent.glob("iter_???????") if is_complete(p)),
+                      key=lambda p: _step_of(p.name), reverse=True)
+    if not complete:
+        return (f"no complete iter_* directory is beside it: delete {latest} to train from the "
+                "start, or use another checkpoint")
+    names = ", ".join(p.name for p in complete[:3]) + (", ..." if len(complete) > 3 else "")
+    newest = complete[0]
+    return (f"complete ones here, newest first: {names}. To start from {newest.name}, run "
+            f"`echo {newest.name} > {shlex.quote(str(latest))}` and run the command again, or give "
+            f"{newest} itself where a command takes a checkpoint")
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -163,6 +197,7 @@ def save_checkpoint(
     async_queue=None,
     on_commit: Optional[Callable[[Path], None]] = None,
     faults: FaultPlan = NO_FAULTS,
+    name: Optional[str] = None,
 ) -> Path:
     """Collective: every rank calls it with its own model chunk.
 
@@ -171,12 +206,14 @@ def save_checkpoint(
     With ``async_queue`` (Megatron-Core's ``AsyncCallsQueue``) the files are written in the
     background and the commit (rename, ``latest``, then ``on_commit`` on rank 0) runs when the
     queue finalizes the request; without it, everything happens before this returns. ``faults``
-    is the tests' ``utils.faults.FaultPlan`` (its save seams).
+    is the tests' ``utils.faults.FaultPlan`` (its save seams). ``name``: the directory's name
+    instead of ``iter_STEP`` (an averaged checkpoint says what it is); ``latest`` names it all the
+    same, so every command that takes the root finds it.
     """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
-    final = root / iteration_dirname(step)
+    final = root / (name or iteration_dirname(step))
     partial = root / (final.name + ".partial")
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -216,13 +253,24 @@ def save_checkpoint(
     return final
 
 
+def enclosing_iteration(path: str | Path) -> Optional[Path]:
+    """The checkpoint iteration directory that ``path`` is or lies in, or None."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if (p / META_FILE).is_file()), None)
+
+
 def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out") -> Path:
     """Refuse an output directory that would damage an existing run: one that holds a training
     run's checkpoints (its ``latest`` would move to a weights-only checkpoint, and the run could
-    no longer resume), or one that is or contains a ``source`` the command reads from."""
+    no longer resume), one inside a checkpoint's iteration directory, or one that is or contains
+    a ``source`` the command reads from."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{what} {out} is a file, not a directory")
+    inside = enclosing_iteration(out)
+    if inside is not None:
+        raise FileExistsError(f"{what} {out} is inside checkpoint {inside}: what is written there "
+                              "would become part of that checkpoint; choose a directory outside it")
     holds_run = False
     if (out / LATEST_FILE).is_file():
         with contextlib.suppress(CheckpointError, OSError, ValueError):
@@ -330,7 +378,8 @@ def load_model_weights(model, path: str | Path, strict: bool = True) -> dict:
         with one_intra_op_thread():
             state = dist_checkpointing.load(sharded, str(iteration))
     except load_errors() as exc:  # Megatron and DCP raise several types
-        raise CheckpointError(f"{iteration}: cannot load model weights: {describe_error(exc)}") from None
+        raise CheckpointError(f"{iteration}: cannot load model weights: "
+                              f"{describe_load_error(iteration, exc)}") from None
     # A training checkpoint's common state (optimizer groups, ...) comes back too; keep the model's.
     model.load_state_dict({k: v for k, v in state.items() if k in sharded}, strict=strict)
     return meta

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megasmol.ckpt.checkpoint import (CheckpointError, describe_error, latest_iteration,
-                                      load_errors, read_metadata, resolve, save_checkpoint)
+from megasmol.ckpt.checkpoint import (CheckpointError, describe_error, describe_load_error,
+                                      latest_iteration, load_errors, read_metadata, resolve,
+                                      save_checkpoint)
 from megasmol.utils.faults import NO_FAULTS
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
                         "start fresh", iteration)
             state = dist_checkpointing.load(request(False), str(iteration))
     except load_errors() as exc:  # Megatron and DCP raise several types
-        raise CheckpointError(f"{iteration}: cannot resume from it: {describe_error(exc)}") from None
+        raise CheckpointError(f"{iteration}: cannot resume from it: "
+                              f"{describe_load_error(iteration, exc)}") from None
     optimizer_state = state.pop("optimizer")
     rng_state = state.pop("rng_state", None)
     model.load_state_dict(state, strict=True)

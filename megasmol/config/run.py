@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import yaml
 
@@ -201,6 +201,9 @@ class RunConfig:
     own); ``megasmol ablate`` writes it so generated configs keep using the base config's files."""
     config_dir: str = field(default=".", init=False, repr=False)
     """Directory of the config file; relative paths in the config are taken from it."""
+    given_sections: ClassVar[frozenset] = frozenset()
+    """The top-level keys the config file and ``--set`` wrote (not a field: never saved); tells
+    a section left at its defaults from one written out (``load_run_config`` sets it)."""
 
     def validate(self) -> None:
         start = self.checkpoint.init_from or self.checkpoint.branch_from
@@ -327,6 +330,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), raw)
     config = from_dict(RunConfig, data, where="")
+    config.given_sections = frozenset(data)
     here = Path(path).resolve().parent
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)

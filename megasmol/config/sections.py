@@ -77,7 +77,7 @@ class CheckpointConfig:
     resume: bool = True
     """Start from the latest complete checkpoint in ``dir`` when there is one."""
     init_from: Optional[str] = field(default=None, metadata=PATH)
-    """Weights-only start from another run's checkpoint (root or iteration directory): new
+    """Weights-only start from another run's checkpoint (root, iteration or run directory): new
     optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
     branch_from: Optional[str] = field(default=None, metadata=PATH)
     """Start as a branch of another run: ``RUN_DIR@STEP`` (that run's checkpoint at STEP; without
@@ -187,8 +187,11 @@ class EvalConfig:
     tasks``: built-in, a task YAML or a JSONL file, relative to this config)."""
     tasks_interval: int = 0
     """Steps between downstream evaluations (0: only with ``tasks_at_checkpoint``)."""
-    tasks_at_checkpoint: bool = False
-    """Also score the tasks at every checkpoint step (``checkpoint.interval``) and the last step."""
+    tasks_at_checkpoint: Optional[bool] = None
+    """Also score the tasks at every checkpoint step (``checkpoint.interval``) and the last step
+    (true). false: not at checkpoints, so with ``tasks_interval`` 0 the one switch that turns
+    in-loop scoring off (``tasks`` stay listed, unscored). Left unset with ``tasks`` and no
+    ``tasks_interval``, the run is refused as a forgotten schedule."""
     tasks_limit: Optional[int] = 1000
     """A fixed, seeded subset of this many examples per task (the playbook used 1,000; null: all)."""
     tasks_num_fewshot: int = 0
@@ -199,9 +202,15 @@ class EvalConfig:
         if min(self.interval, self.steps, self.tasks_interval, self.tasks_num_fewshot) < 0:
             raise ConfigError("eval.interval, eval.steps, eval.tasks_interval and "
                               "eval.tasks_num_fewshot must be >= 0")
-        if self.tasks and not (self.tasks_interval or self.tasks_at_checkpoint):
+        if self.tasks and not self.tasks_interval and self.tasks_at_checkpoint is None:
             raise ConfigError("eval.tasks is set but never scored: set eval.tasks_interval or "
-                              "eval.tasks_at_checkpoint")
+                              "eval.tasks_at_checkpoint: true (or eval.tasks_at_checkpoint: false "
+                              "to leave them unscored in the loop)")
+
+    @property
+    def scores_tasks(self) -> bool:
+        """Whether the loop scores ``tasks`` at all."""
+        return bool(self.tasks and (self.tasks_interval or self.tasks_at_checkpoint))
         if self.tasks_limit is not None and self.tasks_limit < 1:
             raise ConfigError("eval.tasks_limit must be >= 1 (or null for every example)")
 

@@ -24,6 +24,7 @@ from megasmol.config.typed import ConfigError
 from megasmol.convert.hf_config import hf_config
 from megasmol.convert.mappings import mappings_for, split
 from megasmol.model.spec import YarnSpec, model_spec_from_dict
+from megasmol.tokenizer import record_decode_cleanup
 from megasmol.utils.progress import progress_bar
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,6 +154,8 @@ def export_hf(
         # the tokenizer's or the config's (SmolLM3-3B ships the same); generation stops at both.
         config["eos_token_id"] = end_of_turn
         _set_tokenizer_eos(partial, "<|im_end|>")
+    if has_tokenizer:
+        record_decode_cleanup(partial)  # transformers loads it without a warning
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     eos = spec.eos_token_id if end_of_turn is None else [end_of_turn, spec.eos_token_id]
     generation = {"bos_token_id": spec.bos_token_id, "eos_token_id": eos,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megasmol.ckpt.locate import holds_checkpoint, run_checkpoints
 from megasmol.config.typed import ConfigError
 
 
@@ -14,8 +15,9 @@ def check_hf_model_dir(path: str | Path) -> Path:
     if not path.is_dir():
         raise ConfigError(f"--hf {path}: no such directory (a Hugging Face model directory, e.g. "
                           "from megasmol export-hf)")
-    if (path / "latest").is_file() or (path / "megasmol.json").is_file() or any(path.glob("iter_*")):
-        raise ConfigError(f"--hf {path}: this is a megasmol checkpoint, not a Hugging Face model "
+    if holds_checkpoint(path) or any(path.glob("iter_*")) or run_checkpoints(path) is not None:
+        what = "checkpoint" if holds_checkpoint(path) or any(path.glob("iter_*")) else "run directory"
+        raise ConfigError(f"--hf {path}: this is a megasmol {what}, not a Hugging Face model "
                           f"directory: use --checkpoint {path}, or export it first with megasmol export-hf")
     if not (path / "config.json").is_file():
         raise ConfigError(f"--hf {path}: not a Hugging Face model directory (no config.json)")

@@ -51,7 +51,9 @@ class AuditReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def render(self) -> str:
+    def render(self, errors: bool = True) -> str:
+        """The stages, the table, the warnings, the errors (unless ``errors=False``: training
+        raises them as its one error line) and the verdict."""
         out = list(self.stage_lines)
         if self.rows:
             header = ("stage", "dataset", "weight", "available", "drawn", "epochs", "all stages")
@@ -60,7 +62,7 @@ class AuditReport:
                  f"{r.epochs:.2f}", f"{r.epochs_all_stages:.2f}") for r in self.rows]
             out.append(format_table(table))
         out += [f"warning: {w}" for w in self.warnings]
-        out += [f"error: {e}" for e in self.errors]
+        out += [f"error: {e}" for e in self.errors] if errors else []
         out.append("audit: " + ("OK" if self.ok else f"{len(self.errors)} error(s)")
                    + (f", {len(self.warnings)} warning(s)" if self.warnings else ""))
         return "\n".join(out)
@@ -149,6 +151,7 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
     drawn_total: dict[str, int] = defaultdict(int)
     available: dict[str, int] = {}
     scans = ScanCache(scan_cache)
+    absent: dict[str, tuple[list[str], list[str]]] = {}  # prefix -> (missing parts, stages)
     for plan in plans:
         stage = plan.stage
         report.stage_lines.append(
@@ -170,7 +173,7 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
             report.rows.append(row)
             missing = missing_parts(key)
             if missing:
-                report.errors.append(f"stage {stage.name}, {entry.label}: missing {key}{'/'.join(missing)}")
+                absent.setdefault(key, (missing, []))[1].append(stage.name)
                 continue
             if key not in available:
                 try:
@@ -188,6 +191,8 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
             row.tokens_available = int(available[key] * (1.0 - validation_fraction))
             drawn_total[key] += row.tokens_drawn
             row.epochs = row.tokens_drawn / max(row.tokens_available, 1)
+    if absent:
+        report.errors.insert(0, missing_data_error(absent))
     for row in report.rows:
         if row.prefix in available:
             row.epochs_all_stages = drawn_total[row.prefix] / max(row.tokens_available, 1)
@@ -199,6 +204,40 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
         report.warnings.append(f"{row.name}: drawn {row.epochs_all_stages:.1f} times over the run "
                                f"(data.max_epochs={max_epochs:g}); add data or lower its weight")
     return report
+
+
+def missing_data_error(absent: dict[str, tuple[list[str], list[str]]]) -> str:
+    """One error for every dataset the plan names that is not there: each file once (by folder),
+    the stages that read it, and the command that makes it."""
+    from megasmol.utils.fs import shown
+
+    prefixes = [Path(p) for p in absent]
+    folders = {p.parent for p in prefixes}
+    if len(prefixes) > 1 and len(folders) == 1:
+        files = f"missing in {shown(prefixes[0].parent)}: " + ", ".join(
+            p.name + "/".join(absent[str(p)][0]) for p in prefixes)
+    else:
+        files = "missing " + ", ".join(shown(p) + "/".join(absent[str(p)][0]) for p in prefixes)
+    stages = list(dict.fromkeys(stage for _, users in absent.values() for stage in users))
+    return f"{files} (stage{'s' if len(stages) > 1 else ''} {', '.join(stages)}); {_how_to_make(prefixes)}"
+
+
+def _how_to_make(prefixes: list[Path]) -> str:
+    """The command that writes ``prefixes``, where megasmol knows it (the demo corpus), else
+    where the guide says how."""
+    from megasmol.data.demo_corpus import DOMAINS, DemoCorpus
+
+    corpora = {p.parent.parent for p in prefixes}
+    if len(corpora) == 1:
+        corpus = DemoCorpus(next(iter(corpora)))
+        if all(p in {corpus.prefix(d) for d in DOMAINS} for p in prefixes):
+            from megasmol.utils.fs import shown
+
+            return (f"the demo corpus makes them: `megasmol demo-corpus --out {shown(corpus.root)} "
+                    "--tokenize`")
+    return ("make each with `megasmol prepare-data --input FILES --out PREFIX` (text; prepare-chat "
+            "for conversations, prepare-preferences for pairs: docs/data.md), or set data.root to "
+            "the folder that holds them")
 
 
 def _check_tokens(report: AuditReport, key: str, indexed, vocab_size: int, eos_id: int,

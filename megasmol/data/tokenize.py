@@ -24,6 +24,7 @@ import numpy as np
 from megasmol.config.typed import ConfigError
 from megasmol.data.readers import ReadIssues, expand_inputs, read_documents
 from megasmol.utils.prefetch import prefetched
+from megasmol.utils.fs import shown
 from megasmol.utils.progress import progress_bar
 
 DTYPES = {"uint16": np.uint16, "int32": np.int32}
@@ -52,7 +53,7 @@ class TokenizeSummary:
 
     def lines(self) -> list[str]:
         out = [
-            f"wrote {self.output_prefix}.bin/.idx ({self.dtype})",
+            f"wrote {shown(self.output_prefix)}.bin/.idx ({self.dtype})",
             f"  files      {self.files:,}",
             f"  documents  {self.documents:,}",
             f"  tokens     {self.tokens:,} (EOS included, max id {self.max_token_id})",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from megasmol.utils.argtypes import input_path, positive_int
+from megasmol.utils.argtypes import add_model_choice, positive_int
+from megasmol.utils.fs import shown
 
 
 def cmd_eval_tasks(args) -> int:
@@ -28,17 +29,19 @@ def cmd_eval_tasks(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
+    from megasmol.eval.suites import expand
+
+    tasks, suites = expand(names)  # a mistyped name (hellaswg) is one line before torch loads
 
     from tqdm import tqdm
 
     from megasmol.ckpt.checkpoint import tokenizer_dir
-    from megasmol.eval.runner import evaluate, table, write_outputs
+    from megasmol.eval.runner import evaluate, table, write_new_outputs, write_outputs
     from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.suites import expand, suite_table, summarize
+    from megasmol.eval.suites import suite_table, summarize
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer
 
-    tasks, suites = expand(names)  # bad task names/files fail before any model
     for task in tasks:
         task.examples()  # so does data that cannot be read (a bad row, an offline hub dataset)
     source = args.tokenizer or (tokenizer_dir(args.checkpoint) if args.checkpoint else args.hf)
@@ -57,8 +60,8 @@ def cmd_eval_tasks(args) -> int:
         else:
             scorer = hf_scorer(args.hf, tokenizer, args.batch_tokens)
         results = evaluate(tasks, scorer, limit=args.limit, num_fewshot=args.num_fewshot,
-                           seed=args.seed, progress_factory=lambda n: tqdm(
-                               total=n, unit="req", desc="eval", disable=args.quiet or not rank0))
+                           seed=args.seed, progress_factory=lambda n, desc, unit: tqdm(
+                               total=n, unit=unit, desc=desc, disable=args.quiet or not rank0))
     finally:
         shutdown()
     if not rank0:
@@ -72,9 +75,10 @@ def cmd_eval_tasks(args) -> int:
         print(suite_table(summaries))
     settings = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
                 "seed": args.seed}
-    report, samples = write_outputs(results, Path(args.out), str(args.checkpoint or args.hf), settings,
-                                    summaries)
-    print(f"results: {report}\nsamples: {samples}")
+    write = write_outputs if args.overwrite else write_new_outputs  # lm-eval's: one per evaluation
+    report, samples = write(results, Path(args.out), str(args.checkpoint or args.hf), settings,
+                            summaries)
+    print(f"results: {shown(report)}\nsamples: {shown(samples)}")
     return 0
 
 
@@ -129,26 +133,35 @@ def add_eval_parser(sub) -> None:
     from megasmol.eval.tasks import task_names
     from megasmol.longctx.commands import add_passkey_parser
 
-    p = sub.add_parser("eval", help="evaluations: downstream tasks, passkey retrieval")
+    p = sub.add_parser(
+        "eval", help="evaluations: downstream tasks, passkey retrieval",
+        description="Score a megasmol checkpoint (--checkpoint, the Megatron-Core model) or a "
+                    "Hugging Face model directory (--hf, transformers): tasks (benchmarks: "
+                    "log-likelihood, free generation and code), list (the built-in tasks and "
+                    "suites), passkey (long-context retrieval).")
     evals = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     p = evals.add_parser(
-        "tasks", help="score a model on benchmark tasks (cloze, multiple choice, bits per byte)",
-        description="Under torchrun (--checkpoint, --tensor-parallel, --pipeline-parallel, "
-                    "--context-parallel) a model too large for one device, or a context too long "
-                    "for one, is scored in that layout. "
-                    "Log-likelihood scoring with lm-evaluation-harness's definitions (acc: argmax "
-                    "of the summed log-likelihood; acc_norm: divided by the choice's length in "
-                    "characters). Tasks: built-in names ("
+        "tasks", help="score a model on benchmark tasks (cloze, multiple choice, bits per byte, "
+                      "free generation, code)",
+        description="Log-likelihood tasks are scored with lm-evaluation-harness's definitions (acc: "
+                    "argmax of the summed log-likelihood; acc_norm: divided by the choice's length "
+                    "in characters; bits per byte of the gold answer); free-generation tasks "
+                    "(gsm8k, demo_arithmetic_gen) decode greedily and score exact match of the "
+                    "extracted answer; code tasks (humaneval) run each greedy completion with the "
+                    "task's tests in a sandboxed process (pass@1). Under torchrun (--checkpoint, "
+                    "--tensor-parallel, --pipeline-parallel, --context-parallel) a model too large "
+                    "for one device, or a context too long for one, is scored in that layout. "
+                    "Tasks: built-in names ("
                     + ", ".join(task_names() + sorted(EMBEDDED))
                     + "; NAME:SUBSET for one MMLU subject), suites ("
                     + ", ".join(suite_names())
                     + ": each task and their macro average), a task YAML, or a JSONL file of "
                     "{context, choices, gold} items. Built-in tasks read the copies that "
-                    "megasmol[evaldata] installs (no network). Writes a table, OUT/results.json "
-                    "(with each task's data source and split) and OUT/samples.jsonl.")
-    p.add_argument("--checkpoint", type=input_path("--checkpoint"),
-                   help="megasmol checkpoint (Megatron-Core model)")
-    p.add_argument("--hf", type=input_path("--hf"), help="Hugging Face model directory (transformers)")
+                    "megasmol[evaldata] installs (no network). Writes a table, results.json "
+                    "(with each task's data source and split) and samples.jsonl in a new "
+                    "OUT/MODEL/TIMESTAMP/ directory (as lm-eval does: no evaluation replaces "
+                    "another's), or in OUT itself with --overwrite.")
+    add_model_choice(p)
     p.add_argument("--tasks", required=True, help="comma-separated task or suite names, or files")
     p.add_argument("--limit", type=int, help="a fixed, seeded subset of this many examples per task")
     p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default 0)")
@@ -156,7 +169,12 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's)")
     p.add_argument("--batch-tokens", type=positive_int, default=8192,
                    help="padded tokens per forward pass (default 8192)")
-    p.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    p.add_argument("--out", default="runs/eval",
+                   help="output directory (default runs/eval): each evaluation writes a new "
+                        "OUT/MODEL/TIMESTAMP/ (MODEL: the model's path, / as __)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write OUT/results.json and OUT/samples.jsonl themselves, replacing those "
+                        "of an earlier evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--tensor-parallel", type=int, default=1,
                    help="under torchrun: TP size for the model (default 1; DP takes the rest)")

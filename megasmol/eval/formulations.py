@@ -59,6 +59,8 @@ class Scored:
     (``passed``, ``timed out``, ``failed: ...``)."""
     unconditional: Optional[list[float]] = None
     """cf with ``acc_mutual_info``: each continuation's log-likelihood after the prefix token alone."""
+    truncated: Optional[bool] = None
+    """Generative tasks: the generation reached ``max_gen_tokens`` with no stop string or EOS."""
 
 
 def _mcf_context(example: Example) -> str:

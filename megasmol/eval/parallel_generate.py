@@ -13,7 +13,10 @@ padding), and the last stage takes each row's argmax at its last position:
 
 One all-reduce per step gives every rank of every replica the new tokens. The stopping rules are
 ``GenerationRequest.stopped`` (EOS, a stop string, the length limit), those of the one-process
-path (``generate.greedy_generate`` with the KV cache), which gives the same tokens.
+path (``generate.greedy_generate`` with the KV cache), which gives the same tokens; they are
+checked after every token, and a finished row leaves the next step's batch. The progress
+(``gen_progress.GenerationProgress``) counts every replica's tokens (each rank sees them all);
+finished prompts are this rank's times the data-parallel size.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
 from megasmol.eval.parallel_scorer import _all_max, _padded, _scoring
-from megasmol.eval.requests import GenerationRequest
+from megasmol.eval.requests import Generation, GenerationRequest
 from megasmol.runtime.distributed import current_device
 
 
-def parallel_generations(scorer, requests: list[GenerationRequest], progress=None) -> list[str]:
-    """``scorer``: a ``PipelineScorer``; every rank calls this and gets every text."""
+def parallel_generations(scorer, requests: list[GenerationRequest], progress=None) -> list[Generation]:
+    """``scorer``: a ``PipelineScorer``; every rank calls this and gets every generation."""
     from megatron.core import parallel_state as ps
 
+    from megasmol.eval.gen_progress import GenerationProgress
+
+    progress = progress if progress is not None else GenerationProgress()
     tokenizer = scorer.tokenizer
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     prompts = [r.prompt_ids(tokenizer, scorer.max_length) for r in requests]
@@ -41,26 +47,33 @@ def parallel_generations(scorer, requests: list[GenerationRequest], progress=Non
     new_ids = torch.full((len(requests), longest_new), -1, dtype=torch.long)
     for start in range(0, _all_max(len(mine)), per_group):
         group = mine[start:start + per_group]
+        progress.task(", ".join(dict.fromkeys(requests[i].task for i in group)))
         rows = {i: list(prompts[i]) for i in group}
         active = list(group)
         while _all_max(len(active)):
-            picked = _next_tokens(scorer, [rows[i] for i in active], per_group, dp, dp_rank)
+            picked, generated = _next_tokens(scorer, [rows[i] for i in active], per_group, dp, dp_rank)
+            finished = 0
             for index, token in zip(list(active), picked.tolist()):
                 rows[index].append(token)
                 new = rows[index][len(prompts[index]):]
                 if requests[index].stopped(tokenizer, new):
                     new_ids[index, :len(new)] = torch.tensor(new)
                     active.remove(index)
-                    if progress is not None:
-                        progress.update(dp)
+                    finished += dp
+            progress.step(generated, finished)
     new_ids = new_ids.to(current_device())
     torch.distributed.all_reduce(new_ids, op=torch.distributed.ReduceOp.MAX)  # -1: not mine
-    return [request.text(tokenizer, [t for t in ids if t >= 0])
-            for request, ids in zip(requests, new_ids.cpu().tolist())]
+    results = [request.result(tokenizer, [t for t in ids if t >= 0])
+               for request, ids in zip(requests, new_ids.cpu().tolist())]
+    progress.done(0, sum(r.truncated for r in results))
+    progress.finish()
+    return results
 
 
-def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int, dp_rank: int) -> torch.Tensor:
-    """Every rank of this replica: the argmax token after each of ``rows`` (possibly none)."""
+def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int,
+                 dp_rank: int) -> tuple[torch.Tensor, int]:
+    """Every rank of this replica: the argmax token after each of ``rows`` (possibly none), and
+    how many tokens every replica together picked."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megasmol.runtime.pipeline import StepGeometry
@@ -81,7 +94,7 @@ def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int, dp_rank
             found[dp_rank, :len(rows)] = torch.cat([o["next"].cpu() for o in outputs])[:len(rows)]
     found = found.to(current_device())
     torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
-    return found[dp_rank, :len(rows)].cpu()
+    return found[dp_rank, :len(rows)].cpu(), int((found >= 0).sum())
 
 
 def _forward_step(data_iterator, model):

@@ -23,7 +23,7 @@ import functools
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
-from megasmol.eval.requests import GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
 from megasmol.runtime.distributed import current_device
 
 
@@ -93,7 +93,7 @@ class PipelineScorer:
         torch.distributed.all_reduce(totals)
         return totals.cpu().tolist()
 
-    def generations(self, requests: list[GenerationRequest], progress=None) -> list[str]:
+    def generations(self, requests: list[GenerationRequest], progress=None) -> list[Generation]:
         from megasmol.eval.parallel_generate import parallel_generations
 
         return parallel_generations(self, requests, progress)

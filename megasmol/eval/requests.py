@@ -10,7 +10,7 @@ right end (the continuation) and lose tokens on the left.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,8 @@ class GenerationRequest:
     prompt: str
     until: tuple[str, ...]
     max_new_tokens: int
+    task: str = field(default="", compare=False)
+    """The task it belongs to, for the progress bar."""
 
     def prompt_ids(self, tokenizer, max_length: int) -> list[int]:
         """The prompt's ids, cut on the left so that the generation fits in ``max_length``."""
@@ -71,7 +73,12 @@ class GenerationRequest:
 
     def stopped(self, tokenizer, new: list[int]) -> bool:
         """After ``new`` (the ids generated so far): EOS, a stop string, or the length limit."""
-        if len(new) >= self.max_new_tokens or (new and new[-1] == tokenizer.eos_token_id):
+        return len(new) >= self.max_new_tokens or self._ended(tokenizer, new)
+
+    def _ended(self, tokenizer, new: list[int]) -> bool:
+        """EOS or a stop string at the end of ``new`` (checked after every token, so the last 16
+        ids hold any stop string that just appeared)."""
+        if new and new[-1] == tokenizer.eos_token_id:
             return True
         text = tokenizer.decode(new[-16:])
         return any(stop in text for stop in self.until)
@@ -80,3 +87,18 @@ class GenerationRequest:
         if new and new[-1] == tokenizer.eos_token_id:
             new = new[:-1]
         return tokenizer.decode(new, skip_special_tokens=True)
+
+    def result(self, tokenizer, new: list[int]) -> "Generation":
+        truncated = len(new) >= self.max_new_tokens and not self._ended(tokenizer, new)
+        return Generation(self.text(tokenizer, new), len(new), truncated)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished greedy generation: its text (EOS dropped), how many ids were generated, and
+    whether it was cut at ``max_new_tokens`` with no EOS or stop string (lm-eval users check how
+    many were: a model that never stops spends the whole budget on every prompt)."""
+
+    text: str
+    tokens: int
+    truncated: bool

@@ -18,14 +18,15 @@ from typing import Callable, Optional
 
 import torch
 
-from megasmol.eval.requests import GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
 
 Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, hidden]
 
 
-Generator = Callable[[list[list[int]], list[GenerationRequest]], list[list[int]]]
+Generator = Callable[[list[list[int]], list[GenerationRequest], Callable[[int, int], None]],
+                     list[list[int]]]
 """Greedy new ids for a batch of prompts (as ids) whose requests share their stop strings and
-length limit."""
+length limit; the third argument hears of each decoding step (ids generated, rows finished)."""
 
 
 class Scorer:
@@ -69,28 +70,37 @@ class Scorer:
             start += len(batch)
         return results  # type: ignore[return-value]
 
-    def generations(self, requests: list[GenerationRequest], progress=None) -> list[str]:
-        """Greedy text after each prompt. Requests with the same stopping rules are decoded
-        together, longest prompt first, at most ``batch_tokens`` prompt-and-new tokens a batch
-        (similar lengths share a batch, so little of it is spent feeding the longer prompts)."""
+    def generations(self, requests: list[GenerationRequest], progress=None) -> list[Generation]:
+        """The greedy generation after each prompt (its text, token count, and whether the
+        length limit cut it). Requests with the same stopping rules are decoded together, longest
+        prompt first, at most ``batch_tokens`` prompt-and-new tokens a batch (similar lengths
+        share a batch, so little of it is spent feeding the longer prompts).
+        ``progress``: a ``gen_progress.GenerationProgress``, told of every decoding step."""
+        from megasmol.eval.gen_progress import GenerationProgress
+
+        progress = progress if progress is not None else GenerationProgress()
         prompts = [r.prompt_ids(self.tokenizer, self.max_length) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault((request.until, request.max_new_tokens), []).append(index)
-        texts: list[Optional[str]] = [None] * len(requests)
+        results: list[Optional[Generation]] = [None] * len(requests)
         for (_, max_new), group in groups.items():
             group.sort(key=lambda i: -len(prompts[i]))
+            progress.task(", ".join(dict.fromkeys(requests[i].task for i in group)))
             start = 0
             while start < len(group):
                 size = max(1, self.batch_tokens // (len(prompts[group[start]]) + max_new))
                 batch = group[start:start + size]
-                new = self.generator([prompts[i] for i in batch], [requests[i] for i in batch])
+                finished = progress.prompts
+                new = self.generator([prompts[i] for i in batch], [requests[i] for i in batch],
+                                     progress.step)
                 for index, ids in zip(batch, new, strict=True):
-                    texts[index] = requests[index].text(self.tokenizer, ids)
-                if progress is not None:
-                    progress.update(len(batch))
+                    results[index] = requests[index].result(self.tokenizer, ids)
+                # Rows the generator did not report as finished (transformers reports none).
+                progress.done(len(batch) - (progress.prompts - finished),
+                              sum(results[i].truncated for i in batch))
                 start += len(batch)
-        return texts  # type: ignore[return-value]
+        return results  # type: ignore[return-value]
 
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
@@ -214,15 +224,36 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
         with _hidden_states_out(model), model.forward_only():
             return model(ids, positions, None)
 
-    def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
+    def generator(prompts: list[list[int]], requests: list[GenerationRequest],
+                  on_step=None) -> list[list[int]]:
         from megasmol.generate import greedy_generate_batch
 
         return greedy_generate_batch(model, prompts, [r.max_new_tokens for r in requests],
                                      tokenizer.eos_token_id,
-                                     stop=lambda row, new: requests[row].stopped(tokenizer, new))
+                                     stop=lambda row, new: requests[row].stopped(tokenizer, new),
+                                     on_step=on_step)
 
     return Scorer(hidden, megatron_head(model), spec.max_position_embeddings, spec.vocab_size,
                   tokenizer, str(checkpoint), batch_tokens, generator, megatron_prefix(model))
+
+
+class _StepCounter:
+    """A transformers streamer that reports each decoding step's tokens: those of rows that have
+    not yet written EOS (a finished row is padded with EOS), EOS itself not counted."""
+
+    def __init__(self, eos: int, on_step: Callable[[int, int], None]):
+        self.eos, self.on_step, self.ended = eos, on_step, None
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 2:  # the prompts, streamed first
+            self.ended = torch.zeros(value.shape[0], dtype=torch.bool)
+            return
+        is_eos = value == self.eos
+        self.on_step(int((~self.ended & ~is_eos).sum()), 0)
+        self.ended |= is_eos
+
+    def end(self) -> None:
+        pass
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
@@ -237,9 +268,11 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
     def hidden(ids: torch.Tensor) -> torch.Tensor:
         return trunk(input_ids=ids).last_hidden_state
 
-    def generator(prompts: list[list[int]], requests: list[GenerationRequest]) -> list[list[int]]:
+    def generator(prompts: list[list[int]], requests: list[GenerationRequest],
+                  on_step=None) -> list[list[int]]:
         # Left-padded, as transformers batches generation; the mask keeps the padding unseen and
-        # sets the position ids. Finished rows are filled with EOS, cut off here.
+        # sets the position ids. Finished rows are filled with EOS, cut off here (transformers
+        # keeps them in the batch until the last row stops).
         eos, width = tokenizer.eos_token_id, max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), eos, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -249,7 +282,8 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=requests[0].max_new_tokens,
                                  do_sample=False, eos_token_id=eos, pad_token_id=eos,
-                                 stop_strings=list(requests[0].until), tokenizer=tokenizer)
+                                 stop_strings=list(requests[0].until), tokenizer=tokenizer,
+                                 streamer=None if on_step is None else _StepCounter(eos, on_step))
         return [new[:new.index(eos)] if eos in new else new for new in out[:, width:].tolist()]
 
     from megasmol.eval.shared_context import HFPrefix

@@ -398,6 +398,15 @@ def task_names() -> list[str]:
     return sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
 
 
+def did_you_mean(given: str, known) -> str:
+    """`` (did you mean 'hellaswag'?)`` for the name in ``known`` closest to ``given``
+    (difflib), or nothing when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(given, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def load_task(name_or_path: str) -> Task:
     """A task file (.jsonl / .parquet), a task YAML path, or the name of a built-in definition;
     ``NAME:SUBSET`` is one subset of a task with subsets."""
@@ -406,7 +415,8 @@ def load_task(name_or_path: str) -> Task:
     task = _load_whole(name)
     if subset:
         if subset not in task.spec.subsets:
-            raise ConfigError(f"task {name} has no subset {subset!r}" + (
+            raise ConfigError(f"task {name} has no subset {subset!r}" + did_you_mean(
+                subset, task.spec.subsets) + (
                 f"; subsets: {', '.join(task.spec.subsets)}" if task.spec.subsets else ""))
         task._only = [subset]
         task.spec = dataclasses.replace(task.spec, name=f"{task.spec.name}:{subset}")
@@ -426,8 +436,12 @@ def _load_whole(name_or_path: str) -> Task:
             return embedded_task(name_or_path)
         path = TASK_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise ConfigError(f"unknown task {name_or_path!r}; built in: "
-                              f"{', '.join(task_names() + sorted(EMBEDDED))}, or a .jsonl/.yaml path")
+            from megasmol.eval.suites import suite_names
+
+            known = task_names() + sorted(EMBEDDED)
+            raise ConfigError(f"unknown task {name_or_path!r}"
+                              + did_you_mean(name_or_path, known + suite_names())
+                              + f"; built in: {', '.join(known)}, or a .jsonl/.yaml path")
     try:
         spec = from_dict(TaskSpec, load_yaml(path))
     except ConfigError as exc:

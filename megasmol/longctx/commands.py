@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megasmol.utils.argtypes import input_path
+from megasmol.utils.argtypes import add_model_choice
 
 
 def cmd_eval_passkey(args) -> int:
@@ -32,7 +32,9 @@ def cmd_eval_passkey(args) -> int:
     print(result.table())
     label = str(args.checkpoint or args.hf)
     report, png = write_outputs(result, Path(args.out), label)
-    print(f"report: {report}\nheat map: {png}")
+    from megasmol.utils.fs import shown
+
+    print(f"report: {shown(report)}\nheat map: {shown(png)}")
     return 0
 
 
@@ -52,9 +54,7 @@ def add_passkey_parser(evals) -> None:
         description="Builds prompts of each length with a 5-digit pass key hidden at each depth in "
                     "filler text, decodes greedily and scores only the generated tokens. Writes a "
                     "table, OUT/passkey.json and a heat map OUT/passkey.png.")
-    p.add_argument("--checkpoint", type=input_path("--checkpoint"),
-                   help="megasmol checkpoint (Megatron-Core model)")
-    p.add_argument("--hf", type=input_path("--hf"), help="Hugging Face model directory (transformers)")
+    add_model_choice(p)
     p.add_argument("--lengths", default="1k,2k,4k", help="prompt lengths in tokens (default 1k,2k,4k)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="needle depths (default 0,0.25,0.5,0.75,1)")

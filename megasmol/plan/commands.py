@@ -84,7 +84,9 @@ def cmd_plan_fertility(args) -> int:
     rows = fertility_table(tokenizers, texts)
     print(render(rows))
     if args.csv:
-        print(f"csv: {write_csv(rows, args.csv)}")
+        from megasmol.utils.fs import shown
+
+        print(f"csv: {shown(write_csv(rows, args.csv))}")
     return 0
 
 
@@ -105,14 +107,23 @@ def cmd_plan_layout(args) -> int:
 
 def add_plan_parser(sub) -> None:
     """Register ``megasmol plan compute|hparams|fertility|layout`` on the CLI's subparsers."""
-    p = sub.add_parser("plan", help="planning: compute/GPUs, hyper-parameters, fertility, layouts")
+    p = sub.add_parser(
+        "plan", help="planning: compute/GPUs, hyper-parameters, fertility, layouts",
+        description="Back-of-the-envelope planning before a run, as the SmolLM3 playbook does it: "
+                    "compute (C = 6ND, GPUs or days), hparams (LR and batch from the compute "
+                    "budget), fertility (tokens per word of tokenizers on your languages), layout "
+                    "(TP/PP/CP/micro-batch combinations that fit in memory, ranked). Nothing here "
+                    "needs a GPU.")
     plans = p.add_subparsers(dest="plan_command", required=True, metavar="PLAN")
 
     def model_args(q):
         q.add_argument("--params", help="parameters, e.g. 3B or 3e9")
         q.add_argument("--spec", help="or a model spec (preset or YAML) to count them")
 
-    q = plans.add_parser("compute", help="C = 6ND, GPUs for a deadline or days for a GPU count")
+    q = plans.add_parser(
+        "compute", help="C = 6ND, GPUs for a deadline or days for a GPU count",
+        description="Training compute C = 6 x parameters x tokens, and at --mfu of the GPU's dense "
+                    "bf16 peak: the GPUs that finish in --weeks/--days, or the days --gpus take.")
     model_args(q)
     q.add_argument("--tokens", required=True, help="training tokens, e.g. 11T")
     q.add_argument("--gpu", default="h100", help="GPU for the peak FLOP/s (h100, h200, a100, b200, mi300x)")
@@ -123,7 +134,11 @@ def add_plan_parser(sub) -> None:
     q.add_argument("--gpus", type=float, help="GPU count -> days")
     q.set_defaults(func=cmd_plan_compute)
 
-    q = plans.add_parser("hparams", help="LR and batch from compute (DeepSeek fits); sqrt LR rule")
+    q = plans.add_parser(
+        "hparams", help="LR and batch from compute (DeepSeek fits); sqrt LR rule",
+        description="The learning rate and batch size DeepSeek LLM's fits give for a compute "
+                    "budget (from --params/--spec and --tokens, or --flops); or, with --lr, "
+                    "--old-batch and --new-batch, the square-root rule for a batch change.")
     model_args(q)
     q.add_argument("--tokens", help="training tokens (with --params/--spec)")
     q.add_argument("--flops", help="or the compute budget C directly, e.g. 1e21")
@@ -133,16 +148,26 @@ def add_plan_parser(sub) -> None:
     q.add_argument("--new-batch", help="sqrt rule: the new batch")
     q.set_defaults(func=cmd_plan_hparams)
 
-    q = plans.add_parser("fertility",
-                         help="tokens per word and continued-word share per tokenizer x language")
+    q = plans.add_parser(
+        "fertility", help="tokens per word and continued-word share per tokenizer x language",
+        description="For each tokenizer and language: tokens per word (fertility) and the share of "
+                    "words split into two or more tokens (lower is better for both), words split "
+                    "with datatrove's word tokenizers when installed, else Unicode word runs.")
     q.add_argument("--tokenizer", action="append", required=True, metavar="[LABEL=]DIR",
-                   help="tokenizer directory (repeatable)")
+                   help="tokenizer directory, or llama3.2 (also: bundled) for the bundled "
+                        "Llama-3.2 tokenizer (SmolLM3's), or a hub id where a hub is reachable; "
+                        "LABEL= names its column (repeatable: one per tokenizer to compare)")
     q.add_argument("--text", action="append", required=True, metavar="LANG=FILE",
                    help="text file per ISO language code (repeatable)")
     q.add_argument("--csv", help="also write the table as CSV")
     q.set_defaults(func=cmd_plan_fertility)
 
-    q = plans.add_parser("layout", help="TP/PP/CP/micro-batch layouts that fit, ranked")
+    q = plans.add_parser(
+        "layout", help="TP/PP/CP/micro-batch layouts that fit, ranked",
+        description="Every TP/PP/CP/micro-batch combination for the model, --gpus and "
+                    "--global-batch whose memory estimate (pre-flight's) fits --memory-gb, ranked "
+                    "by a simple throughput model whose reasoning is printed. Exit code 1 when "
+                    "none fits.")
     q.add_argument("--spec", required=True, help="model spec (preset or YAML)")
     q.add_argument("--gpus", type=int, required=True, help="GPU count")
     q.add_argument("--global-batch", type=int, required=True, help="sequences per step")

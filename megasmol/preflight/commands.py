@@ -30,7 +30,9 @@ def cmd_preflight(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(report.render(args.strict))
         if args.json:
-            print(f"report: {report.write_json(args.json)}")
+            from megasmol.utils.fs import shown
+
+            print(f"report: {shown(report.write_json(args.json))}")
     return report.exit_code(args.strict)
 
 

@@ -29,6 +29,7 @@ Memory per GPU, for the busiest rank:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from typing import Optional
 
 import torch
@@ -141,13 +142,33 @@ def estimate_memory(spec, *, tp: int, pp: int, dp: int, micro_batch: int, seq_le
     return max(estimates, key=lambda e: e.total)
 
 
-def device_memory_bytes(override_gb: Optional[float]) -> tuple[float, str]:
+def host_memory_bytes() -> float:
+    """This machine's physical memory."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def device_memory_bytes(override_gb: Optional[float], precision: Optional[str] = None,
+                        ) -> tuple[float, str]:
+    """What one rank's share is compared against, and the words for it. Without a GPU an fp32
+    run is a CPU run (the CPU examples), measured against this machine's memory; a bf16/fp8 run
+    checked here is for a GPU cluster, so an H100 is assumed and said to be."""
     if override_gb is not None:
         return override_gb * GB, f"{override_gb:g} GB (given)"
     if torch.cuda.is_available():
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         return float(total), f"{total / GB:.0f} GB ({torch.cuda.get_device_name()})"
+    if precision == "fp32":
+        total, local = host_memory_bytes(), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        shared = f", shared by {local} processes" if local > 1 else ""
+        return total / local, (f"{total / GB:.0f} GB (this machine's memory{shared}: "
+                               "training.precision=fp32 is a CPU run; set --device-memory-gb for "
+                               "another machine's)")
     return 80.0 * GB, "80 GB (assumed: an H100; no GPU here, set --device-memory-gb)"
+
+
+def runs_on_cpu(precision: str) -> bool:
+    """An fp32 config checked without a GPU: a CPU run (processes, host memory)."""
+    return precision == "fp32" and not torch.cuda.is_available()
 
 
 def planned_attention_backend(requested: str, precision: str) -> tuple[str, str]:
@@ -197,14 +218,15 @@ def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -
         sequence_parallel=layout.sequence_parallel and layout.tensor_parallel > 1,
         recompute=config.training.recompute,
         gathers_kv=backend == "sdpa")
-    capacity, described = device_memory_bytes(device_memory_gb)
+    capacity, described = device_memory_bytes(device_memory_gb, config.training.precision)
     parts = ", ".join(f"{k} {v:.1f}" for k, v in estimate.breakdown().items() if k != "total")
     share = estimate.total / capacity
     status = "fail" if share > 1 else "warn" if share > 0.9 else "pass"
+    unit = "process" if runs_on_cpu(config.training.precision) else "GPU"
     summary = (f"{spec.name}: TP{layout.tensor_parallel} PP{layout.pipeline_parallel} "
                f"CP{layout.context_parallel} DP{dp}, {backend} attention{assumed}, "
                f"{micro} micro-batch(es)/step; "
-               f"~{estimate.total / GB:.1f} GB per GPU of {described} ({parts} GB)")
+               f"~{estimate.total / GB:.1f} GB per {unit} of {described} ({parts} GB)")
     details = {"breakdown_gb": estimate.breakdown(), "params_meta_built": counted,
                "params_per_rank": estimate.params_per_rank, "world_size": world_size,
                "device_memory_gb": capacity / GB, "notes": estimate.notes}

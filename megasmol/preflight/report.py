@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from megasmol.utils.fs import shown_paths
+
 Status = Literal["pass", "warn", "fail", "skip"]
 ORDER = {"fail": 0, "warn": 1, "pass": 2, "skip": 3}
 
@@ -52,13 +54,15 @@ class PreflightReport:
     def verdict(self, strict: bool = False) -> str:
         if self.exit_code(strict):
             bad = self.failed + (self.warned if strict else [])
-            return "NO-GO: " + "; ".join(f"{r.check} {r.target}: {r.summary}" for r in bad)
+            return "NO-GO: " + "; ".join(f"{r.check} {shown_paths(r.target)}: {shown_paths(r.summary)}"
+                                         for r in bad)
         extra = f" ({len(self.warned)} warning(s))" if self.warned else ""
         return f"GO{extra}"
 
     def render(self, strict: bool = False) -> str:
-        rows = [("check", "target", "status", "summary")]
-        rows += [(r.check, r.target, r.status.upper(), r.summary) for r in self.results]
+        rows = [("check", "target", "status", "summary")]  # paths as typed, relative (shown_paths)
+        rows += [(r.check, shown_paths(r.target), r.status.upper(), shown_paths(r.summary))
+                 for r in self.results]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = []
         for index, row in enumerate(rows):

@@ -199,10 +199,19 @@ def _measure_dcgm(run: Run):
 
 def _measure_storage(run: Run):
     options, config = run.options, run.config
+    # --world-size plans another job: its data are read, and its checkpoints written, on its
+    # nodes, so nothing of the config's is touched here (a --data-path / --checkpoint-dir given
+    # on the command line is still tested: that one was asked for).
+    planning = config is not None and options.world_size is not None
     ckpt = Path(options.checkpoint_dir) if options.checkpoint_dir else (
-        config.checkpoint_dir if config is not None else None)
-    why = ({"no_data_why": "--world-size plans another job: its data are read on its nodes"}
-           if config is not None and options.world_size is not None and not options.data_paths else {})
+        config.checkpoint_dir if config is not None and not planning else None)
+    why = {}
+    if planning and not options.data_paths:
+        why["no_data_why"] = "--world-size plans another job: its data are read on its nodes"
+    if planning and not options.checkpoint_dir:
+        why["no_checkpoint_why"] = ("nothing written (--world-size plans another job: its "
+                                    "checkpoints go to its storage; --checkpoint-dir DIR times a "
+                                    "directory here)")
     return storage.storage_checks(run.data_files, ckpt, run.level.storage_mb, options.min_read_gbps,
                                   options.min_write_gbps, **why)
 

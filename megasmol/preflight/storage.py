@@ -43,6 +43,10 @@ def read_throughput(files: list[Path], budget_mb: int, seed: int = 0) -> dict:
 
 
 def write_throughput(directory: Path, megabytes: int) -> dict:
+    """Time an fsync'ed write of ``megabytes`` in ``directory``; the file, and every directory
+    made for it (a run's checkpoint directory before its first save), are removed afterwards."""
+    directory = Path(directory)
+    made = [p for p in (directory, *directory.parents) if not p.exists()]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f".megasmol-preflight-{os.getpid()}.tmp"
     block = os.urandom(CHUNK)
@@ -56,6 +60,11 @@ def write_throughput(directory: Path, megabytes: int) -> dict:
         seconds = time.perf_counter() - t0
     finally:
         path.unlink(missing_ok=True)
+        for created in made:  # innermost first; one something else wrote into stays
+            try:
+                created.rmdir()
+            except OSError:
+                break
     return {"bytes": total, "seconds": seconds, "gbps": total / max(seconds, 1e-9) / 1e9}
 
 
@@ -74,7 +83,9 @@ def _judge(check: str, target: str, result: dict, minimum: float, verb: str) -> 
 def storage_checks(data_files: list[Path], checkpoint_dir: Optional[Path], budget_mb: int,
                    min_read_gbps: float, min_write_gbps: float,
                    no_data_why: str = "give --config or --data-path; a config's missing files fail "
-                                      "data_audit") -> list[CheckResult]:
+                                      "data_audit",
+                   no_checkpoint_why: str = "no checkpoint directory (give --config or "
+                                            "--checkpoint-dir)") -> list[CheckResult]:
     rows = []
     if data_files:
         result = read_throughput(data_files, budget_mb)
@@ -86,5 +97,5 @@ def storage_checks(data_files: list[Path], checkpoint_dir: Optional[Path], budge
         result = write_throughput(checkpoint_dir, budget_mb)
         rows.append(_judge("storage_write", str(checkpoint_dir), result, min_write_gbps, "wrote"))
     else:
-        rows.append(skipped("storage_write", "no checkpoint directory (give --config or --checkpoint-dir)"))
+        rows.append(skipped("storage_write", no_checkpoint_why))
     return rows

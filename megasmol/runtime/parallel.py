@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from megasmol.config.typed import ConfigError
+
+
+def job_world_size(env=os.environ) -> int:
+    """The processes the launcher started (torchrun's ``WORLD_SIZE``, srun's ``SLURM_NTASKS``;
+    1 without one), read as ``runtime/distributed.py`` reads them, without torch."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_NTASKS"])
+    return 1
 
 
 @dataclass
@@ -32,6 +43,16 @@ class ParallelLayout:
     def data_parallel(self, world_size: int) -> int:
         return world_size // self.model_parallel
 
+    def _launch_hint(self, world_size: int) -> str:
+        """How to start enough processes, when ``world_size`` is this job's own (not a world
+        size being planned, as pre-flight's ``--world-size``)."""
+        if world_size != job_world_size():
+            return ""
+        needed = -(-world_size // self.model_parallel) * self.model_parallel
+        return (f": the layout needs a multiple of {self.model_parallel} processes; start "
+                f"{needed} with `torchrun --nproc_per_node {needed} -m megasmol ...` (the same "
+                "command and arguments)")
+
     def check(self, world_size: int, spec=None, seq_length: int | None = None) -> None:
         """Raise ConfigError naming the field when this layout cannot run."""
         self.validate()
@@ -39,7 +60,7 @@ class ParallelLayout:
             raise ConfigError(
                 f"world size {world_size} is not divisible by tensor_parallel x "
                 f"pipeline_parallel x context_parallel = {self.tensor_parallel} x "
-                f"{self.pipeline_parallel} x {self.context_parallel}"
+                f"{self.pipeline_parallel} x {self.context_parallel}" + self._launch_hint(world_size)
             )
         if spec is not None:
             tp = self.tensor_parallel

@@ -32,7 +32,7 @@ from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
-from megasmol.utils.fs import atomic_write_text, shown
+from megasmol.utils.fs import atomic_write_text, shown, shown_paths
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -205,7 +205,7 @@ def train(config: RunConfig) -> TrainResult:
             if lost is not None:
                 # Said now, while the stop signals are still held: a launcher that saw the peer
                 # die sends this rank SIGTERM next, which would end it before the CLI prints.
-                print(f"megasmol train: error: {lost}", file=sys.stderr, flush=True)
+                print(f"megasmol train: error: {shown_paths(lost)}", file=sys.stderr, flush=True)
             trainer.close(peers_lost=lost is not None)
             if lost is not None:
                 raise PeerLost(lost, reported=True) from None

@@ -29,6 +29,7 @@ from megasmol.runtime.distributed import RankInfo, init_distributed, init_parall
 from megasmol.train.objectives import PreferenceLoss, TokenLoss
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
 from megasmol.utils.faults import NO_FAULTS, fault_plan
+from megasmol.utils.fs import shown_paths
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
             verdict[0] = "; ".join(problems)
         else:
             report = audit_run(config, spec)
-            print(report.render(), flush=True)
+            # the errors: once, in the raised line
+            print(shown_paths(report.render(errors=False)), flush=True)
             verdict[0] = None if report.ok else "data audit failed: " + "; ".join(report.errors)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(verdict, src=0)
@@ -205,8 +207,9 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
 
 def preference_reference(config: RunConfig, recipe, plans, needed: bool = True):
     """The reference checkpoint when the recipe's data are preference pairs (None otherwise; False
-    for pairs when no reference is ``needed``); a recipe that mixes pairs with other data, or
-    pairs without a reference, is refused here, before anything heavy."""
+    for pairs when no reference is ``needed``); a recipe that mixes pairs with other data, pairs
+    without a reference, or a ``preference:`` section over data that are not pairs (it would train
+    next-token loss without a word) is refused here, before anything heavy."""
     from megasmol.data.preference.prepare import read_pref_description
 
     root = config.data.root and str(config.path(config.data.root))
@@ -216,6 +219,12 @@ def preference_reference(config: RunConfig, recipe, plans, needed: bool = True):
             prefix = recipe.dataset_prefix(entry, root)
             kinds[str(prefix)] = read_pref_description(prefix) is not None
     if not any(kinds.values()):
+        if "preference" in config.given_sections:
+            raise ConfigError(
+                f"preference: is set but data recipe {recipe.name} holds no preference pairs "
+                f"({next(iter(kinds))} is not prepare-preferences output), so the run would train "
+                "plain next-token loss: prepare the pairs with `megasmol prepare-preferences`, or "
+                "remove the preference: section")
         return None
     if not all(kinds.values()):
         other = next(p for p, pairs in kinds.items() if not pairs)
@@ -242,7 +251,7 @@ def _prepare_preference(setup: TrainingSetup, reference: Path, resuming: bool) -
     restore = init_from if (not resuming and init_from and init_from != reference) else None
     attach_reference_logps(setup, reference, weights_after=restore,
                            show_progress=config.logging.progress,
-                           say=lambda line: print(line, flush=True))
+                           say=lambda line: print(shown_paths(line), flush=True))
 
 
 def run_directory(config: RunConfig) -> Path:

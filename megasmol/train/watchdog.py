@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from megasmol.runtime.run_dir import RunDir
+from megasmol.utils.fs import shown
 
 HANG_EXIT_CODE = 75  # EX_TEMPFAIL: try again
 HISTORY = 50
@@ -117,8 +118,8 @@ class HangWatchdog:
             pass
         self._await_peer_dumps()
         print(f"megasmol train: error: step {self.step} hung on rank {self.rank} ({elapsed:.0f}s, "
-              f"deadline {self.deadline_s():.0f}s); stacks in {path or 'stderr'}; exiting with "
-              f"{HANG_EXIT_CODE} so the job is requeued and resumes from the last checkpoint",
+              f"deadline {self.deadline_s():.0f}s); stacks in {shown(path) if path else 'stderr'}; "
+              f"exiting with {HANG_EXIT_CODE} so the job is requeued and resumes from the last checkpoint",
               file=sys.stderr, flush=True)
         _end_children()  # checkpoint writers etc.: orphans would hold the GPU and the job's pipes
         os._exit(HANG_EXIT_CODE)  # a hung collective never returns: no clean shutdown is possible

@@ -50,3 +50,13 @@ def input_path(flag: str, patterns: bool = False) -> Callable[[str], InputPath]:
 
     parse.__name__ = "path"
     return parse
+
+
+def add_model_choice(parser: argparse.ArgumentParser,
+                     checkpoint_help: str = "megasmol checkpoint: root, iteration or run directory "
+                                            "(Megatron-Core model)",
+                     hf_help: str = "Hugging Face model directory (transformers)") -> None:
+    """The one-of ``--checkpoint CHECKPOINT | --hf HF`` that the commands reading a model share."""
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=input_path("--checkpoint"), help=checkpoint_help)
+    model.add_argument("--hf", type=input_path("--hf"), help=hf_help)

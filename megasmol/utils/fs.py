@@ -4,6 +4,7 @@ rename into place (and sync the directory, so the rename survives a crash). Ever
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -57,3 +58,18 @@ def shown(path: str | os.PathLike) -> str:
         return str(Path(path).absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def shown_paths(text: str) -> str:
+    """``text`` with every absolute path beneath the current directory written relative to it,
+    as :func:`shown` writes one path: for lines built deep in the code (errors, log records, the
+    pre-flight table) on their way to the console. The directory itself becomes ``.``; a path
+    elsewhere, or a longer name that merely starts like the directory, stays as it is."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us
+        return text
+    if cwd == os.sep or cwd not in text:
+        return text
+    pattern = re.compile(r"(?<![\w.~/-])" + re.escape(cwd) + r"(?:(/)(?=[^\s/'\"])|(?![\w.~/-]))")
+    return pattern.sub(lambda m: "" if m.group(1) else ".", text)

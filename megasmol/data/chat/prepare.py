@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Optional
 import numpy as np
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.records import Conversation, read_conversations
+from megasmol.data.chat.records import Conversation, read_conversations, reason_hint
 from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, load_template, token_mask
 from megasmol.data.readers import ReadIssues
 from megasmol.utils.progress import progress_bar
@@ -204,7 +204,8 @@ class MaskedDocuments:
         summary.rejected, summary.rejected_examples = dict(issues.counts), dict(issues.examples)
         if count == 0:
             reasons = ", ".join(f"{k}={v}" for k, v in issues.counts.items()) or "no records"
-            raise ConfigError(f"{what} in the inputs ({reasons}); nothing was written")
+            raise ConfigError(f"{what} in the inputs ({reasons}); nothing was written"
+                              + reason_hint(issues.counts))
         self.masks.finalize(str(self.partial[Path(f"{mask_prefix(self.prefix)}.idx")]))
         self.tokens.finalize(str(self.partial[Path(f"{self.prefix}.idx")]))
         summary.seconds = round(time.perf_counter() - started, 3)
@@ -229,12 +230,30 @@ def open_masked_documents(prefix: str, kind: str, command: str):
     return tokens, masks
 
 
+def check_out_folder(out_prefix: str) -> None:
+    """One line naming ``--out`` when its folder cannot be made (a part of it is a file) or lies
+    in a checkpoint's iteration directory (refused as ``init``, ``import-hf`` and ``average``
+    refuse it: the data would become part of that checkpoint)."""
+    from megasmol.ckpt.checkpoint import enclosing_iteration
+
+    folder = Path(out_prefix).absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out_prefix}: {existing} is a file, not a folder; choose a prefix "
+                          "in a folder")
+    inside = enclosing_iteration(existing)
+    if inside is not None:
+        raise ConfigError(f"--out {out_prefix}: inside checkpoint {inside}, where the data would "
+                          "become part of that checkpoint; choose a folder outside it")
+
+
 def output_files(out_prefix: str, description: Path, template: str, overwrite: bool,
                  ) -> tuple[Path, dict[Path, Path]]:
     """(prefix, {final: partial name}) of a prefix about to be written: the folder is created, an
     existing prefix is refused without ``overwrite``, a bad template name fails before any work,
     and leftovers of an interrupted run are removed."""
     prefix = Path(out_prefix)
+    check_out_folder(out_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     finals = [Path(f"{prefix}.bin"), Path(f"{prefix}.idx"), Path(f"{mask_prefix(prefix)}.bin"),
               Path(f"{mask_prefix(prefix)}.idx"), description, tokenizer_path(prefix)]

@@ -28,9 +28,24 @@ class Conversation:
     kwargs: dict = field(default_factory=dict)
 
 
+PREFERENCE_PAIR = "preference_pair"
+"""The reason a record without messages but with ``chosen`` and ``rejected`` (TRL's preference
+layouts) is left out: it is a pair, for ``prepare-preferences``."""
+
+
+def reason_hint(counts) -> str:
+    """What to do about the reasons in ``counts`` (``ReadIssues.counts``), where one is known."""
+    if counts.get(PREFERENCE_PAIR):
+        return ("; the records with chosen/rejected fields are preference pairs: prepare them with "
+                "`megasmol prepare-preferences` (docs/preference.md)")
+    return ""
+
+
 def check_record(record, where: str, messages_key: str) -> tuple[Optional[Conversation], Optional[str]]:
     """(conversation, None) for a usable record, else (None, reason)."""
     if not isinstance(record, dict) or messages_key not in record:
+        if isinstance(record, dict) and {"chosen", "rejected"} <= record.keys():
+            return None, PREFERENCE_PAIR
         return None, "missing_messages"
     messages = record[messages_key]
     if not isinstance(messages, list):

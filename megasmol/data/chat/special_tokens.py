@@ -96,7 +96,7 @@ def write_chat_tokenizer(source: str | Path | None, dest: Path, chat_template: s
     markers as single tokens and ``chat_template`` as its template; returns it loaded. Written
     under a temporary name and renamed, so ``dest`` is whole or absent."""
     from megasmol.ckpt.checkpoint import copy_tokenizer
-    from megasmol.tokenizer import default_tokenizer_dir, load_tokenizer
+    from megasmol.tokenizer import default_tokenizer_dir, load_tokenizer, record_decode_cleanup
 
     source = source or default_tokenizer_dir()
     dest = Path(dest)
@@ -109,6 +109,7 @@ def write_chat_tokenizer(source: str | Path | None, dest: Path, chat_template: s
             _rename_reserved(tmp)
         if chat_template is not None:
             set_chat_template(tmp, chat_template)
+        record_decode_cleanup(tmp)
         result = load_tokenizer(tmp)
         if not has_chat_markers(result):
             raise ConfigError(f"tokenizer {source}: <|im_start|> / <|im_end|> are not single tokens "

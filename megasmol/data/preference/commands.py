@@ -21,7 +21,13 @@ def cmd_prepare_preferences(args) -> int:
 def add_preference_parsers(sub) -> None:
     p = sub.add_parser("prepare-preferences",
                        help="render preference pairs (prompt, chosen, rejected) into packed-pair training "
-                            "data for DPO / APO (Megatron indexed datasets + completion loss masks)")
+                            "data for DPO / APO (Megatron indexed datasets + completion loss masks)",
+                       description="Renders each pair with the chat template and writes it as one "
+                                   "document of two sequences, prompt + chosen then prompt + "
+                                   "rejected, with a loss mask on the completions (Megatron-Core "
+                                   "indexed datasets) and the tokenizer beside them: the data of a "
+                                   "run with a preference: section (DPO, APO). Conversations for "
+                                   "SFT: prepare-chat.")
     p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
                    help="JSONL / Parquet files, directories or globs in TRL's preference formats "
                         "({prompt, chosen, rejected} as messages or strings; or implicit {chosen, "

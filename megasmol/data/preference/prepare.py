@@ -52,6 +52,8 @@ class PreferenceSummary:
     tokenizer: str
     eos_id: int
     pairs: int = 0
+    plain_pairs: int = 0
+    """Pairs from plain-string records (no chat template); the others are conversations."""
     tokens: int = 0
     supervised_tokens: int = 0
     longest_pair: int = 0
@@ -72,6 +74,11 @@ class PreferenceSummary:
                f"  time           {self.seconds:.1f} s"]
         if self.truncated:
             out.append(f"  truncated      {self.truncated:,} completion(s) (to --max-length)")
+        if 0 < self.plain_pairs < self.pairs:
+            out.append(f"  note: mixed formats: {self.plain_pairs:,} plain-string pair(s) (no chat "
+                       f"template) and {self.pairs - self.plain_pairs:,} conversation pair(s) "
+                       f"({self.template}): the model learns both prompt formats; prepare them "
+                       "apart if that is not meant")
         for reason, count in sorted(self.rejected.items()):
             out.append(f"  left out: {reason}: {count:,} (first at {self.rejected_examples[reason]})")
         return out
@@ -196,6 +203,7 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                 lengths = [len(h[0]) for h in halves]
                 out.add(ids, np.concatenate([h[1] for h in halves]), lengths)
                 summary.pairs += 1
+                summary.plain_pairs += not pair.conversational
                 summary.tokens += len(ids)
                 summary.supervised_tokens += int(sum(h[1].sum() for h in halves))
                 summary.longest_pair = max(summary.longest_pair, len(ids))

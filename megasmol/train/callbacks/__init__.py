@@ -40,7 +40,7 @@ def build_callbacks(ctx: LoopContext, config, *, tokenizer_dir,
         HeartbeatsCallback(NvrxHeartbeats(config.watchdog.nvrx_heartbeats)),
         ValidationCallback(ctx, config.eval.interval, config.eval.steps),
     ]
-    if config.eval.tasks:
+    if config.eval.scores_tasks:  # eval.tasks_at_checkpoint=false alone turns it off
         from megasmol.eval.in_loop import InLoopEvaluation
 
         callbacks.append(DownstreamCallback(ctx, InLoopEvaluation(config, setup.spec, tokenizer_dir)))

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megasmol.utils.fs import shown_paths
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +51,7 @@ class Console:
     def print(self, text: str) -> None:
         if not self.active:
             return
+        text = shown_paths(text)  # paths relative to the current directory, as typed
         if self.progress is not None:
             self.progress.write(text)
         else:
