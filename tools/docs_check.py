@@ -22,9 +22,8 @@ any number of printed lines (none included). The one tolerance is for what the m
 rather than what the program computes (a duration, a clock time, a speed, resident memory): a
 figure written ``≈153s`` matches any figure in its place (``demo finished in ≈153s``, ``≈1.01
 s/step``, ``≈13:39:53``, ``mem ≈0.8 GB``, a time stamp ``≈2026-12-03T13-44-02``); every other
-figure must be printed exactly as shown.
-Each command's whole output is also kept in the workspace, ``.docs-check/PAGE-LINE.out``, to
-update a page from (with ``--keep``).
+figure must be printed exactly as shown. Each command's whole output is also kept in the
+workspace, ``.docs-check/PAGE-LINE.out``, to update a page from (with ``--keep``).
 
 Not run here, each listed with its reason: lines for a cluster (``srun``, ``sbatch``, ``salloc``,
 ``ssh``, ``torchrun --nnodes N`` with N > 1, or an elided ``...``), and blocks preceded by
@@ -33,7 +32,7 @@ from the page's, naming the page and line.
 
 Two sets: ``CI_PAGES`` are self-contained and fast, and the test suite runs them
 (``tests/test_docs_walkthroughs.py``, so CI does); the rest need the demo's runs and take about
-20 minutes on an idle 2-core machine (``make docs-check``, before each release).
+16 minutes on an idle 2-core machine (``make docs-check``, before each release).
 """
 
 from __future__ import annotations
