@@ -178,8 +178,11 @@ def test_the_reference_key_follows_the_checkpoints_bytes_not_its_file_sizes(pref
     prefix = str(root / "data" / "pref")
     key = reference_key(prefix, root / "sft", torch.float32)
     shutil.copytree(root / "sft", tmp_path / "sft")
-    assert reference_key(prefix, tmp_path / "sft", torch.float32) == key
     iteration = tmp_path / "sft" / "iter_0000000"
+    meta = json.loads((iteration / "megasmol.json").read_text())  # a trained run's records its
+    meta["run_config"] = {"run_dir": str(tmp_path / "elsewhere")}   # settings and paths
+    (iteration / "megasmol.json").write_text(json.dumps(meta))
+    assert reference_key(prefix, tmp_path / "sft", torch.float32) == key
     (item,) = [i for i in stored_items(iteration) if i.fqn == "embedding.word_embeddings.weight"]
     shard = iteration / item.file
     before = shard.stat()

@@ -65,8 +65,9 @@ def _hash_range(digest, handle, path: Path, offset: int, length: int) -> None:
 
 
 def weights_digest(reference: Path) -> str:
-    """sha256 over every byte a forward pass of checkpoint ``reference`` depends on: its spec
-    (``megasmol.json``), DCP's index (``.metadata``), ``common.pt`` and each stored item but
+    """sha256 over every byte a forward pass of checkpoint ``reference`` depends on: its spec and
+    precision (from ``megasmol.json``, whose run settings and paths do not count, so a copied
+    run keeps its key), DCP's index (``.metadata``), ``common.pt`` and each stored item but
     optimizer state and RNG streams, so shards replaced in place (same names, same sizes) change
     it. Reads the weights once (sha256, about 1.5 GB/s on one core), on rank 0 at each training
     start: 0.1 s for the tests' tiny model (33 MB), some 4 s for a 3B model in bf16 (6 GB);
@@ -79,7 +80,9 @@ def weights_digest(reference: Path) -> str:
     read_metadata(reference)  # names a missing .metadata or common.pt
     iteration = resolve(reference)
     digest = hashlib.sha256()
-    for name in (META_FILE, ".metadata", "common.pt"):
+    meta = json.loads((iteration / META_FILE).read_text())  # the spec, not where the run was
+    digest.update(json.dumps([meta.get("model_spec"), meta.get("params_dtype")], sort_keys=True).encode())
+    for name in (".metadata", "common.pt"):
         digest.update(name.encode())
         with open(iteration / name, "rb") as handle:
             digest.update(hashlib.file_digest(handle, "sha256").digest())
