@@ -53,12 +53,13 @@ demo: setup
 
 # Every command the README and docs/ show runs as written in a fresh copy of the repository, and
 # prints exactly the output its page shows (tools/docs_check.py), in two sets:
-# - CI: the fast, self-contained walkthroughs (pretraining, data, checkpoints; about 4 minutes on
-#   an idle 2-core machine, 13 on a loaded one) run inside `make test`
+# - CI: the fast, self-contained walkthrough (data; about a minute on an idle 2-core machine)
+#   runs inside `make test`
 #   (tests/test_docs_walkthroughs.py), so CI runs them; `make docs-check-ci` runs them alone.
 # - before each release: `make docs-check`, the rest (the README's demos and the guides that start
-#   from the demo's model: evaluation, ablations, SFT, preference, long context, and pre-flight,
-#   whose verdicts depend on the machine; about 16 minutes on an idle 2-core machine, 50 or more
+#   from the demo's model: evaluation, ablations, SFT, preference, long context; pretraining and
+#   checkpoints, which train for minutes; and pre-flight, whose verdicts depend on the machine;
+#   about 20 minutes on an idle 2-core machine, 50 or more
 #   on a loaded one).
 docs-check: setup
 	$(PY) tools/docs_check.py --set release $(DOCS_CHECK_ARGS)

@@ -1,5 +1,5 @@
-"""The docs check's fast set inside the suite, so CI runs it: the walkthroughs of the pretraining,
-data and checkpoint guides (``docs_check.CI_PAGES``) run as written in a fresh copy of the
+"""The docs check's fast set inside the suite, so CI runs it: the data guide's walkthrough
+(``docs_check.CI_PAGES``) runs as written in a fresh copy of the
 repository, and every command prints exactly the output its page shows (figures included;
 ``≈`` marks a measured one). The other pages need the demo's runs and take about 20 minutes:
 ``make docs-check`` runs them before each release."""
@@ -11,7 +11,7 @@ import pytest
 from tests.test_docs import docs_check
 
 
-@pytest.mark.timeout(1800)  # about 4 minutes on an idle 2-core machine; margin for a loaded one
+@pytest.mark.timeout(900)  # about a minute on an idle 2-core machine; margin for a loaded one
 def test_the_fast_pages_run_as_written_and_print_what_they_show(tmp_path):
     assert docs_check.CI_PAGES == docs_check.SETS["ci"]
     blocks = docs_check.page_blocks(docs_check.CI_PAGES)

@@ -245,7 +245,9 @@ def test_an_out_under_a_file_is_refused_before_anything_is_read(tmp_path):
     """``--out FILE/sub`` used to fail with a traceback after all the scoring, the results lost:
     it is one line naming --out, said before the model (here not even a checkpoint) is read."""
     (tmp_path / "afile").write_text("x")
-    proc = run_cli("eval", "tasks", "--checkpoint", str(tmp_path), "--tasks", str(ITEMS),
+    (tmp_path / "ck").mkdir()  # looks like an iteration directory; loading it would fail
+    (tmp_path / "ck" / "megasmol.json").write_text("{}")
+    proc = run_cli("eval", "tasks", "--checkpoint", str(tmp_path / "ck"), "--tasks", str(ITEMS),
                    "--out", str(tmp_path / "afile" / "sub"), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -47,8 +47,17 @@ def test_context_parallel_is_refused_on_the_local_attention(tmp_path):
     config = write_training_run(tmp_path, steps=4, eval={"interval": 0})
     spec = tmp_path / "spec.yaml"
     spec.write_text(spec.read_text() + "attention_backend: local\n")
+    # In one process the layout is refused first (it needs torchrun with 2 processes); the
+    # attention check, which runs before any rendezvous under torchrun, is called as training does.
+    from megasmol.config.run import load_run_config
+    from megasmol.config.typed import ConfigError
+    from megasmol.train.setup import check_attention_layout
+
+    loaded = load_run_config(config, ["parallel.context_parallel=2"])
+    with pytest.raises(ConfigError, match="Megatron-Core's local attention has none"):
+        check_attention_layout(loaded, loaded.model_spec().attention_backend)
     proc = run_cli("train", "--config", str(config), "--set", "parallel.context_parallel=2", check=False)
-    assert proc.returncode == 2 and "Megatron-Core's local attention has none" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "torchrun --nproc_per_node 2" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
