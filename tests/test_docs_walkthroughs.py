@@ -19,7 +19,7 @@ def test_the_fast_pages_run_as_written_and_print_what_they_show(tmp_path):
             if c.text.startswith("megasmol")]
     assert data == ["demo-corpus", "prepare-data", "prepare-data", "data-audit", "train"]
     shown = [c for b in blocks if b.check_output for c in b.commands if c.shown]
-    assert len(shown) >= 10
+    assert len(shown) >= 2  # the data-audit table and the training result
     workspace = docs_check.prepare_workspace(tmp_path)
     assert docs_check.run_blocks(blocks, workspace, timeout_s=600, echo=lambda _: None) == []
     result = json.loads((workspace / "runs" / "mydata" / "run" / "result.json").read_text())
