@@ -89,11 +89,12 @@ def _check_out(out: str) -> None:
     import tempfile
 
     from megasmol.config.typed import ConfigError
+    from megasmol.utils.fs import existing_ancestor
 
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out}: is a file; results go to a directory")
-    probe = next(p for p in (path.absolute(), *path.absolute().parents) if p.exists())
+    probe = existing_ancestor(path)
     if not probe.is_dir():
         raise ConfigError(f"--out {out}: {probe} is a file, so no directory can be made under it; "
                           "choose another --out")

@@ -73,3 +73,10 @@ def shown_paths(text: str) -> str:
         return text
     pattern = re.compile(r"(?<![\w.~/-])" + re.escape(cwd) + r"(?:(/)(?=[^\s/'\"])|(?![\w.~/-]))")
     return pattern.sub(lambda m: "" if m.group(1) else ".", text)
+
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """``path`` (made absolute) or its nearest parent that exists: where an output that is not
+    there yet would be created, to check before any work (a file there means no folder can be)."""
+    absolute = Path(path).absolute()
+    return next(p for p in (absolute, *absolute.parents) if p.exists())

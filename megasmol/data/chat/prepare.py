@@ -236,8 +236,9 @@ def check_out_folder(out_prefix: str) -> None:
     refuse it: the data would become part of that checkpoint)."""
     from megasmol.ckpt.checkpoint import enclosing_iteration
 
-    folder = Path(out_prefix).absolute().parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    from megasmol.utils.fs import existing_ancestor
+
+    existing = existing_ancestor(Path(out_prefix).absolute().parent)
     if not existing.is_dir():
         raise ConfigError(f"--out {out_prefix}: {existing} is a file, not a folder; choose a prefix "
                           "in a folder")
