@@ -13,17 +13,16 @@ import torch
 from megasmol.config.sections import SpikeConfig, WatchdogConfig
 from megasmol.train.callbacks import Callback, Callbacks, Console, LoopContext
 from megasmol.train.callbacks.downstream import DownstreamCallback
-from megasmol.train.callbacks.hang import HangWatchdogCallback
-from megasmol.train.callbacks.heartbeats import HeartbeatsCallback
+from megasmol.train.callbacks.hang import HangWatchdog
+from megasmol.train.callbacks.heartbeats import NvrxHeartbeats
 from megasmol.train.callbacks.metrics import MetricsCallback
-from megasmol.train.callbacks.post_save import PostSaveCallback
+from megasmol.train.callbacks.post_save import PostSaveCallback, PostSaveRunner
 from megasmol.train.callbacks.progress import ProgressCallback
 from megasmol.train.callbacks.throughput import ThroughputCallback
 from megasmol.train.callbacks.validation import ValidationCallback
 from megasmol.train.guard import StepGuard
 from megasmol.train.metrics import MetricsLog
 from megasmol.train.state import LOSS_WINDOW, TrainResult, TrainState
-from megasmol.train.watchdog import HangWatchdog
 from tests.train_fixtures import write_training_run
 
 
@@ -58,12 +57,12 @@ def tiny_setup(megatron_runtime, tmp_path_factory):
     return build_setup(config)
 
 
-def test_hooks_run_in_priority_order_and_close_in_reverse_even_after_a_failure():
+def test_hooks_run_in_the_given_order_and_close_in_reverse_even_after_a_failure():
     calls = []
 
     class Recorder(Callback):
-        def __init__(self, name, priority, fail_close=False):
-            self.name, self.priority, self.fail_close = name, priority, fail_close
+        def __init__(self, name, fail_close=False):
+            self.name, self.fail_close = name, fail_close
 
         def on_step_end(self, step):
             calls.append(("end", self.name, step))
@@ -73,18 +72,15 @@ def test_hooks_run_in_priority_order_and_close_in_reverse_even_after_a_failure()
             if self.fail_close:
                 raise OSError(f"{self.name} could not close")
 
-        def state_dict(self):
-            return {"seen": self.priority} if self.priority > 5 else {}
-
-    hooks = Callbacks([Recorder("late", 9, fail_close=True), Recorder("b", 1), Recorder("a", 1)])
+    hooks = Callbacks([Recorder("late"), Recorder("b", fail_close=True), Recorder("a")])
     hooks.on_step_end(3)
-    assert [c[1] for c in calls] == ["a", "b", "late"]  # priority, then name: the same on every rank
-    with pytest.raises(OSError, match="late could not close"):
+    assert [c[1] for c in calls] == ["late", "b", "a"]  # the list's order: the same on every rank
+    with pytest.raises(OSError, match="b could not close"):
         hooks.close(peers_lost=True)
-    assert calls[3:] == [("close", "late", True), ("close", "b", True), ("close", "a", True)]
-    assert hooks.state_dict() == {"late": {"seen": 9}} and hooks["b"].priority == 1
+    assert calls[3:] == [("close", "a", True), ("close", "b", True), ("close", "late", True)]
+    assert hooks["b"].fail_close
     with pytest.raises(ValueError, match="share a name"):
-        Callbacks([Recorder("x", 1), Recorder("x", 2)])
+        Callbacks([Recorder("x"), Recorder("x")])
 
 
 def test_the_metrics_callback_writes_each_interval_record_and_its_line(tmp_path, capsys):
@@ -153,45 +149,48 @@ def test_the_throughput_callback_warns_once_with_the_slowest_gpu(tmp_path, capsy
 def test_the_hang_watchdog_times_steps_between_the_hooks_and_forgets_an_abandoned_one(tmp_path):
     now = [100.0]
     watchdog = HangWatchdog(WatchdogConfig(min_s=60.0), tmp_path, rank=0, clock=lambda: now[0])
-    hook = HangWatchdogCallback(watchdog)
-    hook.on_train_start(0)
+    watchdog.on_train_start(0)
     assert watchdog._thread is not None and watchdog._thread.is_alive()
     for step in (1, 2, 3):
-        hook.on_step_start(step)
+        watchdog.on_step_start(step)
         now[0] += 10.0
-        hook.on_step_end(step)
+        watchdog.on_step_end(step)
     assert list(watchdog.times) == [10.0, 10.0, 10.0] and watchdog.deadline_s() == 100.0
-    hook.on_step_start(4)
+    watchdog.on_step_start(4)
     now[0] += 500.0
     assert watchdog.overdue() == 500.0  # the thread would fire now
-    hook.on_rollback(4)
+    watchdog.on_rollback(4)
     assert watchdog.overdue() is None  # a rollback's abandoned step is no hang
-    hook.close()
+    watchdog.close()
     assert not watchdog._thread.is_alive()
 
 
-def test_heartbeats_beat_once_per_step_end_and_close():
-    class Monitor:  # NVRx's RankMonitorClient is not installed on CPU machines
+def test_heartbeats_beat_once_per_step_end_and_close(monkeypatch):
+    class Client:  # NVRx's RankMonitorClient is not installed on CPU machines
         beats, closed = 0, False
 
-        def beat(self):
+        def send_heartbeat(self):
             self.beats += 1
 
-        def close(self):
+        def shutdown_workload_monitoring(self):
             self.closed = True
 
-    monitor = Monitor()
-    hook = HeartbeatsCallback(monitor)
+    from megasmol.config.typed import ConfigError
+
+    monkeypatch.delenv("FT_RANK_MONITOR_IPC_SOCKET", raising=False)
+    with pytest.raises(ConfigError, match="start the job with ft_launcher"):
+        NvrxHeartbeats(enabled=True)
+    hook = NvrxHeartbeats(enabled=False)
+    hook.on_step_end(1)  # off: nothing to beat
+    hook.client = client = Client()
     for step in (1, 2):
         hook.on_step_start(step)
         hook.on_step_end(step)
     hook.close()
-    assert monitor.beats == 2 and monitor.closed
+    assert client.beats == 2 and client.closed and hook.client is None
 
 
 def test_post_save_runs_the_command_on_committed_checkpoints_only(tmp_path):
-    from megasmol.ckpt.post_save import PostSaveRunner
-
     done = []
     runner = PostSaveRunner(f"echo {{step}} >> {tmp_path}/uploaded", 30.0, on_success=done.append)
     hook = PostSaveCallback(runner, grace_s=20.0)

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from megasmol.ckpt.checkpoint import read_metadata
-from megasmol.ckpt.post_save import run_command, shell_line
+from megasmol.ckpt.post_save import shell_line
 from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
+from megasmol.train.callbacks.post_save import run_command
 from tests.conftest import REPO, free_port, run_cli, run_torchrun
 from tests.train_fixtures import (kill_session, start_train, step_losses, train, wait_for_step,
                                   write_training_run)
@@ -247,7 +248,7 @@ def test_spaces_and_letters_of_any_script_pass_where_the_path_stays_one_word(tmp
 def test_a_stop_signal_gives_a_hanging_post_save_command_a_short_grace(tmp_path):
     """Preempted while an upload hangs: the trainer stops the command's whole process group after
     the grace and skips the queued ones, instead of waiting out post_save_timeout_s."""
-    from megasmol.ckpt.post_save import PostSaveRunner
+    from megasmol.train.callbacks.post_save import PostSaveRunner
 
     pids = tmp_path / "pids"
     runner = PostSaveRunner(f"echo $$ >> {pids}; sleep 300 & wait", timeout_s=3600)

@@ -1,7 +1,7 @@
 """Expected throughput: a sustained drop is one warning per episode, with the slowest GPU. (The
 callback that writes the warning, and its place in every run's callbacks: tests/test_callbacks.py.)"""
 
-from megasmol.train.throughput_watch import ThroughputWatch, throttle_names
+from megasmol.train.callbacks.throughput import ThroughputWatch, throttle_names
 
 
 def test_a_sustained_drop_warns_once_per_episode():

@@ -7,7 +7,7 @@ import pytest
 
 from megasmol.config.sections import WatchdogConfig
 from megasmol.config.typed import ConfigError
-from megasmol.train.watchdog import HANG_EXIT_CODE, HangWatchdog
+from megasmol.train.callbacks.hang import HANG_EXIT_CODE, HangWatchdog
 from tests.conftest import free_port
 from tests.train_fixtures import step_losses, train, write_training_run
 
@@ -25,29 +25,29 @@ class FakeClock:
 def test_deadline_follows_the_median_step_time(tmp_path):
     clock = FakeClock()
     dog = HangWatchdog(WatchdogConfig(factor=10, min_s=5, first_step_s=100), tmp_path, 0, clock=clock)
-    dog.step_started(1)
+    dog.on_step_start(1)
     clock.now = 99
     assert dog.overdue() is None  # the first step may take first_step_s
     clock.now = 101
     assert dog.overdue() == pytest.approx(101)
-    dog.step_finished()
+    dog.on_step_end(1)
     for step, seconds in enumerate((2.0, 1.0, 3.0, 2.0), start=2):
-        dog.step_started(step)
+        dog.on_step_start(step)
         clock.now += seconds
-        dog.step_finished()
+        dog.on_step_end(step)
     assert dog.deadline_s() == pytest.approx(20.0)  # 10 x median(101, 2, 1, 3, 2)
-    dog.step_started(6)
+    dog.on_step_start(6)
     clock.now += 19.5
     assert dog.overdue() is None
     clock.now += 1
     assert dog.overdue() == pytest.approx(20.5)
-    dog.idle()  # an abandoned step (rollback) is not watched
+    dog.on_rollback(6)  # an abandoned step is not watched
     assert dog.overdue() is None
     fast = HangWatchdog(WatchdogConfig(factor=10, min_s=5), tmp_path, 0, clock=clock)
     for _ in range(3):
-        fast.step_started(1)
+        fast.on_step_start(1)
         clock.now += 0.01
-        fast.step_finished()
+        fast.on_step_end(1)
     assert fast.deadline_s() == 5  # never below min_s
     assert HangWatchdog(WatchdogConfig(limit_s=7), tmp_path, 0, clock=clock).deadline_s() == 7
     with pytest.raises(ConfigError, match="watchdog.factor"):

@@ -1,4 +1,4 @@
-"""The hooks the training loop calls, and the one ordered list of components it calls them on.
+"""The hooks the training loop calls, and the ordered list of components it calls them on.
 
 Everything that runs inside the loop besides the step and its policy (LR, skips, the step guard,
 rollback, stop agreement, saving) is a ``Callback``: logging to the console and the metric sinks,
@@ -6,7 +6,8 @@ the progress bar, the throughput watch, the hang watchdog, NVRx heartbeats, vali
 evaluation and post-save commands. Callbacks observe; they never change what the model trains on.
 
 Hooks, in the order a run meets them (every rank calls each hook unless said otherwise; a hook
-marked collective may call collectives, so every rank holds the same callbacks in the same order):
+marked collective may call collectives, so every rank holds the same callbacks in the same order,
+the order of ``build_callbacks``' list):
 
 * ``on_train_start(step)``: the loop is about to train the steps after ``step`` (at the start,
   and again after a rollback);
@@ -25,7 +26,8 @@ marked collective may call collectives, so every rank holds the same callbacks i
 * ``close(stopped_by_signal, peers_lost)``: always, once, in reverse order; with ``peers_lost``
   a callback must not wait on other ranks.
 
-A callback that carries state across a restart returns it from ``state_dict``.
+Callbacks keep no state across a restart: what a resumed run needs is the loop's (the train
+state, the step guard's window), saved with the checkpoint.
 """
 
 from __future__ import annotations
@@ -80,9 +82,8 @@ class LoopContext:
 
 
 class Callback:
-    priority: int = 100
-    """The sort key (lower first; ties by ``name``): the order every rank calls the hooks in."""
     name: str = "callback"
+    """Unique among the run's callbacks (``Callbacks[name]``)."""
 
     def on_train_start(self, step: int) -> None:
         pass
@@ -114,18 +115,13 @@ class Callback:
     def close(self, stopped_by_signal: bool = False, peers_lost: bool = False) -> None:
         pass
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
 
 class Callbacks:
-    """The ordered callbacks; calling a hook here calls it on each of them."""
+    """The callbacks in the order given; calling a hook here calls it on each of them in that
+    order (``close``: in reverse)."""
 
     def __init__(self, callbacks: list[Callback]):
-        self.items = sorted(callbacks, key=lambda c: (c.priority, c.name))
+        self.items = list(callbacks)
         names = [c.name for c in self.items]
         if len(set(names)) != len(names):
             raise ValueError(f"two callbacks share a name: {names}")
@@ -189,11 +185,3 @@ class Callbacks:
                 failure = failure or exc
         if failure is not None:
             raise failure
-
-    def state_dict(self) -> dict:
-        return {c.name: s for c in self.items if (s := c.state_dict())}
-
-    def load_state_dict(self, state: dict) -> None:
-        for c in self.items:
-            if c.name in state:
-                c.load_state_dict(state[c.name])

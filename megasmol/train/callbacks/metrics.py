@@ -7,7 +7,6 @@ from megasmol.train.callbacks.base import Callback, LoopContext
 
 
 class MetricsCallback(Callback):
-    priority = 0  # first to see a record, last to close: the others write through its sinks
     name = "metrics"
 
     def __init__(self, ctx: LoopContext):

@@ -12,7 +12,6 @@ from megasmol.train.callbacks.base import Callback, LoopContext
 
 
 class ProgressCallback(Callback):
-    priority = 5  # right after the metric sinks: lines printed by later callbacks go through it
     name = "progress"
 
     def __init__(self, ctx: LoopContext, enabled: bool):

@@ -11,7 +11,6 @@ from megasmol.train.callbacks.base import Callback, LoopContext
 
 
 class ValidationCallback(Callback):
-    priority = 50
     name = "validation"
 
     def __init__(self, ctx: LoopContext, interval: int, steps: int):
