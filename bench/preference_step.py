@@ -100,7 +100,7 @@ def step_times(args) -> dict:
 def packing_efficiency(count: int = 20000, cap: int = 24576, seed: int = 0) -> dict:
     import numpy as np
 
-    from megasmol.data.chat.packing import plan_packing
+    from megasmol.data.masked.packing import plan_packing
 
     rng = np.random.default_rng(seed)
     halves = np.clip(rng.lognormal(mean=np.log(1200), sigma=0.9, size=(count, 2)), 64, cap // 2).astype(int)

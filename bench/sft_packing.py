@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from megasmol.data.chat.dataset import open_chat_dataset
+    from megasmol.data.masked.dataset import open_chat_dataset
     from megasmol.data.chat.prepare import prepare_chat
     from megasmol.data.chat.synthetic import write_jsonl
     from megasmol.data.loader import TokenIds

@@ -6,7 +6,7 @@ Shared by the single-process test and the TP=2 / PP=2 torchrun worker.
 
 import torch
 
-from megasmol.data.chat.dataset import open_chat_dataset
+from megasmol.data.masked.dataset import open_chat_dataset
 from megasmol.data.loader import TokenIds, _collate
 from megasmol.data.masking import context_parallel_share, model_inputs
 from megasmol.model.gpt import build_model

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.packing import first_fit_decreasing, plan_packing
+from megasmol.data.masked.packing import first_fit_decreasing, plan_packing
 from megasmol.data.chat.prepare import prepare_chat, read_description
-from megasmol.data.chat.special_tokens import single_token_id, write_chat_tokenizer
-from megasmol.data.chat.template import load_template, token_mask
+from megasmol.data.messages.special_tokens import single_token_id, write_chat_tokenizer
+from megasmol.data.messages.template import load_template, token_mask
 from megasmol.data.loader import TokenIds
 
 FIXED = datetime(2025, 7, 8)
@@ -185,7 +185,7 @@ def test_first_fit_decreasing_never_splits_and_is_deterministic():
 
 
 def test_packed_samples_keep_conversations_whole(tmp_path):
-    from megasmol.data.chat.dataset import open_chat_dataset
+    from megasmol.data.masked.dataset import open_chat_dataset
 
     src = _write(tmp_path / "c.jsonl", GOOD)
     prepare_chat([src], str(tmp_path / "d"), template="chatml", show_progress=False)
@@ -219,7 +219,7 @@ def test_packed_samples_keep_conversations_whole(tmp_path):
 def test_a_packing_plan_is_never_seen_half_written(tmp_path, monkeypatch):
     """Every rank builds the plan at once (the reference pass opens the dataset on each): a write
     cut short must leave no file under the final name, or another rank maps a short array."""
-    from megasmol.data.chat.dataset import open_chat_dataset
+    from megasmol.data.masked.dataset import open_chat_dataset
 
     src = _write(tmp_path / "c.jsonl", GOOD)
     prepare_chat([src], str(tmp_path / "d"), template="chatml", show_progress=False)

@@ -46,7 +46,8 @@ def _held_out_scores(checkpoint: Path, tokenizer_dir: Path, questions, max_new_t
 def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = None,
                  train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
     from megasmol.config.run import load_run_config
-    from megasmol.data.chat.prepare import prepare_chat, tokenizer_path
+    from megasmol.data.chat.prepare import prepare_chat
+    from megasmol.data.masked.layout import tokenizer_path
     from megasmol.data.chat.synthetic import SYSTEM, arithmetic_record, split_arithmetic, write_jsonl
     from megasmol.demo import run_demo
     from megasmol.runtime.distributed import init_distributed, shutdown

@@ -19,7 +19,7 @@ class ChatSession:
                  sampling: Optional[Sampling] = None, decoder=None):
         """``decoder(model, max_length)``: incremental decoding (Megatron-Core's by default;
         :class:`megasmol.chat.hf_decoder.HFDecoder` for a transformers model)."""
-        from megasmol.data.chat.special_tokens import single_token_id
+        from megasmol.data.messages.special_tokens import single_token_id
         from megasmol.generate import Decoder
 
         self.model, self.spec, self.tokenizer, self.template = model, spec, tokenizer, template
@@ -107,7 +107,7 @@ class ChatSession:
 def _template(tokenizer, choice: Optional[str], owner: str, missing: str):
     """``choice`` (a name or file) when given, else the tokenizer's own template; ``missing`` is
     the error when it has none."""
-    from megasmol.data.chat.template import ChatTemplate, load_template
+    from megasmol.data.messages.template import ChatTemplate, load_template
 
     if choice is not None:
         return load_template(choice, tokenizer)

@@ -226,7 +226,7 @@ class RunConfig:
         if self.data.tokenizer is None:
             return None
         if self.data.tokenizer == "auto":
-            from megasmol.data.chat.dataset import chat_tokenizer_dir
+            from megasmol.data.masked.dataset import chat_tokenizer_dir
             from megasmol.data.recipe import load_recipe
 
             recipe = load_recipe(self.recipe_reference())

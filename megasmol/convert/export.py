@@ -173,8 +173,8 @@ def apply_chat_template_choice(tokenizer_dir: Path, choice: Optional[str]) -> Op
     the one it has) with the chat markers as single tokens; returns the end-of-turn id when the
     tokenizer has a chat template, for generation_config's EOS. Without ``choice`` the files are
     only read, never loaded, so any tokenizer the checkpoint carries is copied as it is."""
-    from megasmol.data.chat.special_tokens import added_token_id, write_chat_tokenizer
-    from megasmol.data.chat.template import load_template
+    from megasmol.data.messages.special_tokens import added_token_id, write_chat_tokenizer
+    from megasmol.data.messages.template import load_template
     from megasmol.tokenizer import load_tokenizer
 
     if choice is not None:

@@ -89,16 +89,15 @@ def build_stage_data(recipe: DataRecipe, plans: list[StagePlan], token_ids: Toke
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
-    from megasmol.data.chat.dataset import SequenceDataset, SequenceDatasetConfig, packing_summary
-    from megasmol.data.chat.prepare import read_description
-    from megasmol.data.preference.prepare import read_pref_description
+    from megasmol.data.masked.dataset import SequenceDataset, SequenceDatasetConfig, packing_summary
+    from megasmol.data.masked.descriptions import CHAT, PREFERENCE
     from megasmol.runtime.distributed import init_distributed
 
     check_dataset_files(recipe, plans, root)
     chat = sorted({str(recipe.dataset_prefix(e, root)) for p in plans for e in p.stage.datasets
-                   if read_description(recipe.dataset_prefix(e, root)) is not None})
+                   if CHAT.read(recipe.dataset_prefix(e, root)) is not None})
     pairs = sorted({str(recipe.dataset_prefix(e, root)) for p in plans for e in p.stage.datasets
-                    if read_pref_description(recipe.dataset_prefix(e, root)) is not None})
+                    if PREFERENCE.read(recipe.dataset_prefix(e, root)) is not None})
     if pairs and not document_masking:
         raise ConfigError(f"{pairs[0]} is preference data: each sequence holds both halves of a pair, so it "
                           "needs data.document_masking=true (attention stays inside each half)")

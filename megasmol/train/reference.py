@@ -102,7 +102,7 @@ def reference_key(prefix: str, reference: Path, params_dtype: torch.dtype,
                   weights: Optional[str] = None) -> str:
     """A short hash of the reference checkpoint's contents (``weights``: its
     :func:`weights_digest`, computed when not given), the preference data and the precision."""
-    from megasmol.data.chat.prepare import mask_prefix
+    from megasmol.data.masked.layout import mask_prefix
     from megasmol.data.preference.prepare import description_path
 
     digest = hashlib.sha256(str(params_dtype).encode())
@@ -161,7 +161,7 @@ def check_saved(path: Path) -> None:
 
 def pair_datasets(stages) -> dict[str, list]:
     """{prefix: its PairTokens objects} over every split of every stage."""
-    from megasmol.data.preference.dataset import PairTokens
+    from megasmol.data.masked.units import PairTokens
 
     found: dict[str, list] = {}
     for stage in stages:
@@ -184,7 +184,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     """
     from megatron.core import parallel_state
 
-    from megasmol.data.chat.dataset import open_chat_dataset
+    from megasmol.data.masked.dataset import open_chat_dataset
     from megasmol.data.loader import _collate
     from megasmol.data.masking import device_inputs
     from megasmol.runtime.distributed import current_device

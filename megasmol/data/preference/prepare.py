@@ -17,71 +17,64 @@ The prompt tokens of the two halves are the same (checked). Files are written un
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.prepare import (OVERFLOW_POLICIES, MaskedDocuments, mask_prefix, open_chat_tokenizer,
-                                        output_files, read_json_description, tokenizer_path)
-from megasmol.data.chat.template import ChatTemplate, TemplateRenderError, token_mask
+from megasmol.data.masked.descriptions import PREFERENCE
+from megasmol.data.masked.layout import tokenizer_path
+from megasmol.data.masked.overflow import check_overflow, overflow_reason
+from megasmol.data.masked.publish import MaskedDocuments, output_files
+from megasmol.data.masked.summary import MaskedSummary
+from megasmol.data.messages.template import ChatTemplate, TemplateRenderError, token_mask
 from megasmol.data.preference.records import PreferencePair, read_pairs
 from megasmol.data.readers import ReadIssues
 from megasmol.utils.progress import progress_bar
 
-FORMAT = "megasmol-pref/1"
-
 
 def description_path(prefix: str | Path) -> Path:
-    return Path(f"{prefix}.pref.json")
+    return PREFERENCE.path(prefix)
 
 
 def read_pref_description(prefix: str | Path) -> Optional[dict]:
     """The ``.pref.json`` of a preference dataset, or None when ``prefix`` is not one."""
-    return read_json_description(description_path(prefix), FORMAT, "preference")
+    return PREFERENCE.read(prefix)
 
 
 @dataclass
-class PreferenceSummary:
+class PreferenceSummary(MaskedSummary):
     """What ``prepare-preferences`` wrote, and what it left out and why."""
 
-    output_prefix: str
-    template: str
-    tokenizer: str
-    eos_id: int
     pairs: int = 0
     plain_pairs: int = 0
     """Pairs from plain-string records (no chat template); the others are conversations."""
-    tokens: int = 0
-    supervised_tokens: int = 0
     longest_pair: int = 0
-    truncated: int = 0
-    seconds: float = 0.0
-    rejected: dict = field(default_factory=dict)
-    rejected_examples: dict = field(default_factory=dict)
-    format: str = FORMAT
+    """The longest pair's tokens, both halves."""
+    format: str = PREFERENCE.format
 
-    def lines(self) -> list[str]:
-        share = self.supervised_tokens / self.tokens if self.tokens else 0.0
-        out = [f"wrote {self.output_prefix}.bin/.idx, {mask_prefix(self.output_prefix)}.bin/.idx, "
-               f"{tokenizer_path(self.output_prefix)}/, {description_path(self.output_prefix)}",
-               f"  template       {self.template}",
-               f"  pairs          {self.pairs:,} (longest pair {self.longest_pair:,} tokens, both halves)",
-               f"  tokens         {self.tokens:,} (EOS included)",
-               f"  completions    {self.supervised_tokens:,} tokens ({100 * share:.1f}% of tokens)",
-               f"  time           {self.seconds:.1f} s"]
+    def outputs(self) -> list[str]:
+        return super().outputs() + [str(PREFERENCE.path(self.output_prefix))]
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [("template", self.template),
+                ("pairs", f"{self.pairs:,} (longest pair {self.longest_pair:,} tokens, both halves)"),
+                self.tokens_row(),
+                ("completions", f"{self.supervised_tokens:,} tokens ({self.share_text()})"),
+                self.time_row()]
         if self.truncated:
-            out.append(f"  truncated      {self.truncated:,} completion(s) (to --max-length)")
-        if 0 < self.plain_pairs < self.pairs:
-            out.append(f"  note: mixed formats: {self.plain_pairs:,} plain-string pair(s) (no chat "
-                       f"template) and {self.pairs - self.plain_pairs:,} conversation pair(s) "
-                       f"({self.template}): the model learns both prompt formats; prepare them "
-                       "apart if that is not meant")
-        for reason, count in sorted(self.rejected.items()):
-            out.append(f"  left out: {reason}: {count:,} (first at {self.rejected_examples[reason]})")
-        return out
+            rows.append(("truncated", f"{self.truncated:,} completion(s) (to --max-length)"))
+        return rows
+
+    def notes(self) -> list[str]:
+        if not 0 < self.plain_pairs < self.pairs:
+            return []
+        return [f"  note: mixed formats: {self.plain_pairs:,} plain-string pair(s) (no chat "
+                f"template) and {self.pairs - self.plain_pairs:,} conversation pair(s) "
+                f"({self.template}): the model learns both prompt formats; prepare them "
+                "apart if that is not meant"]
 
 
 def _common_prefix(a, b) -> int:
@@ -162,15 +155,15 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                         on_overflow: str = "error", split: str = "train", overwrite: bool = False,
                         show_progress: bool = True, now=None) -> PreferenceSummary:
     """Render every pair of ``inputs``; ``max_length`` limits each half (prompt + completion + EOS)."""
+    from megasmol.data.messages.special_tokens import open_chat_tokenizer
     from megasmol.data.tokenize import choose_dtype
     from megasmol.tokenizer import default_tokenizer_dir
 
-    if on_overflow not in OVERFLOW_POLICIES:
-        raise ConfigError(f"--on-overflow must be one of {', '.join(OVERFLOW_POLICIES)}, got {on_overflow!r}")
+    check_overflow(on_overflow)
     if max_length is not None and max_length < 3:
         raise ConfigError(f"--max-length must be >= 3, got {max_length}")
     source = tokenizer or default_tokenizer_dir()
-    prefix, partial = output_files(out_prefix, description_path(out_prefix), template, overwrite)
+    prefix, partial = output_files(out_prefix, PREFERENCE.path(out_prefix), overwrite)
     chat_tokenizer, chosen_template, eos_id = open_chat_tokenizer(
         source, partial[tokenizer_path(prefix)], template, now, need_marks=True,
         why="the completion loss mask", otherwise="mark the replies in the template")
@@ -188,7 +181,7 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                     continue
                 if max_length is not None and any(len(ids) > max_length for ids, _ in halves):
                     if on_overflow != "truncate":
-                        issues.add("too_long" if on_overflow == "error" else "dropped_too_long", pair.where)
+                        issues.add(overflow_reason(on_overflow), pair.where)
                         continue
                     fitted = [h if len(h[0]) <= max_length else _fit(*h, max_length, eos_id) for h in halves]
                     if any(h is None for h in fitted):
@@ -208,5 +201,5 @@ def prepare_preferences(inputs: list[str], out_prefix: str, *, template: str = "
                 summary.supervised_tokens += int(sum(h[1].sum() for h in halves))
                 summary.longest_pair = max(summary.longest_pair, len(ids))
         out.publish(summary, issues, summary.pairs, "prepare-preferences: no usable pair",
-                    description_path(prefix), start)
+                    PREFERENCE.path(prefix), start)
     return summary

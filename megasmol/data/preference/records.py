@@ -19,10 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from megasmol.data.chat.records import ROLES, read_records, template_extras
+from megasmol.data.messages.records import Messages, check_messages, read_records, template_extras
 from megasmol.data.readers import ReadIssues
-
-Messages = list[dict]
 
 
 @dataclass
@@ -39,22 +37,6 @@ class PreferencePair:
     @property
     def conversational(self) -> bool:
         return not isinstance(self.prompt, str)
-
-
-def _messages(value) -> tuple[Optional[Messages], Optional[str]]:
-    if not isinstance(value, list):
-        return None, "malformed_messages"
-    clean = []
-    for message in value:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            return None, "malformed_messages"
-        if message["role"] not in ROLES:
-            return None, "unknown_role"
-        content = "" if message["content"] is None else message["content"]
-        if not isinstance(content, str):
-            return None, "malformed_messages"
-        clean.append({"role": message["role"], "content": content})
-    return clean, None
 
 
 def _completion_reason(messages: Messages) -> Optional[str]:
@@ -94,9 +76,9 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
         if chosen == rejected:
             return None, "chosen_equals_rejected"
         return PreferencePair(prompt, chosen, rejected, where, tools, kwargs), None
-    chosen, reason = _messages(chosen)
+    chosen, reason = check_messages(chosen)
     if reason is None:
-        rejected, reason = _messages(rejected)
+        rejected, reason = check_messages(rejected)
     if reason:
         return None, reason
     if prompt is None:  # implicit: the shared leading messages are the prompt
@@ -109,7 +91,7 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
     else:
         if isinstance(prompt, str):
             return None, "mixed_formats"
-        prompt, reason = _messages(prompt)
+        prompt, reason = check_messages(prompt)
         if reason:
             return None, reason
     if not prompt:
@@ -125,7 +107,7 @@ def check_pair(record, where: str) -> tuple[Optional[PreferencePair], Optional[s
 
 def read_pairs(inputs: list[str], issues: ReadIssues, *, split: str = "train") -> Iterator[PreferencePair]:
     """Every usable pair of ``inputs`` (files, ``datasets`` directories, ``hf:ID``: see
-    :func:`~megasmol.data.chat.records.read_records`)."""
+    :func:`~megasmol.data.messages.records.read_records`)."""
     for record, where in read_records(inputs, issues, split):
         pair, reason = check_pair(record, where)
         if reason:

@@ -121,3 +121,28 @@ def write_chat_tokenizer(source: str | Path | None, dest: Path, chat_template: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
+
+
+def open_chat_tokenizer(source, dest: Path, template: str, now, *, need_marks: bool, why: str,
+                        otherwise: str):
+    """Write the chat tokenizer to ``dest`` (a ``.partial`` name) with ``template`` as its
+    ``chat_template``; returns (tokenizer, template, EOS id). A bad template name or file fails
+    first, before any tokenizer work; ``dest`` is removed on failure."""
+    from megasmol.data.messages.template import load_template
+
+    if template != "tokenizer":
+        load_template(template)
+    chat_tokenizer = write_chat_tokenizer(source, dest)
+    try:
+        chosen = load_template(template, chat_tokenizer, now=now)
+        if need_marks and not chosen.marks_generation:
+            raise ConfigError(f"chat template {chosen.name} marks no assistant text ({{% generation %}} "
+                              f"... {{% endgeneration %}}), so {why} cannot come from it; {otherwise}")
+        eos_id = chat_tokenizer.eos_token_id
+        if eos_id is None:
+            raise ConfigError(f"tokenizer {source}: has no EOS token to end documents with")
+        set_chat_template(dest, chosen.source)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return chat_tokenizer, chosen, int(eos_id)

@@ -1,17 +1,20 @@
-"""One Megatron-Core dataset class for plain token data and chat data, so a recipe can mix them.
+"""One Megatron-Core dataset class for plain token data and masked documents (chat, preference
+pairs), so a recipe can mix them.
 
 Megatron-Core's ``BlendedDataset`` requires every blended dataset to be of one type, so
-:class:`SequenceDataset` is a ``GPTDataset`` that, for a prefix with a ``.chat.json``
-description (written by ``prepare-chat``), builds packed conversation sequences instead:
+:class:`SequenceDataset` is a ``GPTDataset`` that, for a prefix with a description
+(:mod:`descriptions`: ``.chat.json`` from ``prepare-chat``, ``.pref.json`` from
+``prepare-preferences``), builds packed sequences instead:
 
-* the low-level dataset is the token ``IndexedDataset`` plus its aligned loss-mask one;
-* the split's conversations are packed once (:mod:`packing`), the plan and the sample order
-  (a fresh permutation of the packed sequences per epoch, from the seed) cached beside
-  Megatron's own indices;
-* each sample holds whole conversations, each ending in EOS (so document masking keeps
-  attention inside each), positions restarting per conversation, padding after the last; the
-  loss mask is the prepared one (assistant tokens, or all), never the prediction from an EOS
-  and never padding.
+* the low-level dataset is the token ``IndexedDataset`` plus its aligned loss-mask one, read as
+  packing units (:mod:`units`: conversations, or preference pairs);
+* the split's units are packed once (:mod:`packing`), the plan and the sample order (a fresh
+  permutation of the packed sequences per epoch, from the seed) cached beside Megatron's own
+  indices;
+* each sample holds whole units, each document ending in EOS (so document masking keeps
+  attention inside each), positions restarting per document, padding after the last; the
+  loss mask is the prepared one (assistant tokens, completions, or all), never the prediction
+  from an EOS and never padding.
 
 Plain prefixes behave exactly as ``GPTDataset``.
 """
@@ -31,10 +34,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.chat.packing import PackingPlan, plan_packing
-from megasmol.data.chat.prepare import open_masked_documents, read_description
-from megasmol.data.preference.dataset import PairTokens, mark_pair
-from megasmol.data.preference.prepare import read_pref_description
+from megasmol.data.masked.descriptions import describe
+from megasmol.data.masked.packing import PackingPlan, plan_packing
+from megasmol.data.masked.units import PACKED_UNITS, UNITS, PairTokens, mark_pair
 from megasmol.utils.fs import atomic_save_npy
 
 log = logging.getLogger(__name__)
@@ -46,27 +48,8 @@ class SequenceDatasetConfig(GPTDatasetConfig):
     """How chat conversations fill sequences: ffd or none (one per sequence)."""
 
 
-class ChatTokens:
-    """A chat prefix's tokens and aligned loss mask, both Megatron ``IndexedDataset``s."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.description = read_description(prefix)
-        self.tokens, self.mask = open_masked_documents(prefix, "chat", "prepare-chat")
-
-    @property
-    def sequence_lengths(self) -> np.ndarray:
-        return self.tokens.sequence_lengths
-
-    def documents(self, conversation: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(self.tokens[conversation], self.mask[conversation])]
-
-
-PACKED_UNITS = (ChatTokens, PairTokens)
-
-
 class SequenceDataset(GPTDataset):
-    """``GPTDataset`` for plain prefixes; packed conversations for chat prefixes."""
+    """``GPTDataset`` for plain prefixes; packed units for chat and preference prefixes."""
 
     def __init__(self, low_level, dataset_path: Optional[str], indices: np.ndarray,
                  num_samples: Optional[int], index_split, config: SequenceDatasetConfig) -> None:
@@ -79,10 +62,9 @@ class SequenceDataset(GPTDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
-        if read_pref_description(dataset_path) is not None:
-            return PairTokens(dataset_path)
-        if read_description(dataset_path) is not None:
-            return ChatTokens(dataset_path)
+        described = describe(dataset_path)
+        if described is not None:
+            return UNITS[described[0]](dataset_path)
         return GPTDataset.build_low_level_dataset(dataset_path, config)
 
     @staticmethod
@@ -110,9 +92,9 @@ class SequenceDataset(GPTDataset):
             return plan, arrays["samples"]
         too_long = np.flatnonzero(lengths > capacity)
         if too_long.size:
-            unit = "pair(s) (both halves)" if isinstance(self.dataset, PairTokens) else "conversation(s)"
             raise ConfigError(
-                f"dataset {self.dataset_path}: {too_long.size} {unit} are longer than a sequence "
+                f"dataset {self.dataset_path}: {too_long.size} {self.dataset.oversize} are longer than "
+                "a sequence "
                 f"(longest {int(lengths.max())} tokens > data.seq_length + 1 = {capacity}); "
                 "prepare it with --max-length (truncate or drop) or raise data.seq_length")
         plan = plan_packing(lengths, capacity, self.config.packing)
@@ -127,7 +109,7 @@ class SequenceDataset(GPTDataset):
         log.info("packed %s (%s): %d %s into %d sequences of %d tokens, %.1f%% filled "
                  "(packing %s), %d samples = %.2f passes over those sequences (the audit's epochs "
                  "count tokens, padding included)", self.dataset_path, self.index_split.name,
-                 len(lengths), "pairs" if isinstance(self.dataset, PairTokens) else "conversations",
+                 len(lengths), self.dataset.noun,
                  plan.num_sequences, capacity - 1, 100 * plan.efficiency,
                  self.config.packing, len(samples), len(samples) / max(1, plan.num_sequences))
         return plan, samples
@@ -201,9 +183,9 @@ def chat_tokenizer_dir(prefixes: list[str]) -> Optional[Path]:
     """The tokenizer stored with the first chat or preference dataset among ``prefixes`` (None:
     none)."""
     for prefix in prefixes:
-        description = read_description(prefix) or read_pref_description(prefix)
-        if description is not None:
-            path = Path(prefix).parent / description["tokenizer_dir"]
+        described = describe(prefix)
+        if described is not None:
+            path = Path(prefix).parent / described[1]["tokenizer_dir"]
             if not path.is_dir():
                 raise ConfigError(f"chat dataset {prefix}: its tokenizer {path} is missing")
             return path
@@ -217,8 +199,7 @@ def packing_summary(dataset) -> list[str]:
     for part in parts:
         plan = getattr(part, "plan", None)
         if plan is not None:
-            unit = "pairs" if isinstance(part.dataset, PairTokens) else "conversations"
-            lines.append(f"{os.path.basename(part.dataset_path)}: {len(part.indices)} {unit} in "
+            lines.append(f"{os.path.basename(part.dataset_path)}: {len(part.indices)} {part.dataset.noun} in "
                          f"{plan.num_sequences} sequences, {100 * plan.efficiency:.1f}% non-padding "
                          f"({part.config.packing})")
     return lines
