@@ -67,7 +67,7 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return unique
 
 
-def _decode(raw: bytes, where: str, issues: ReadIssues) -> str:
+def decode_text(raw: bytes, where: str, issues: ReadIssues) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -76,17 +76,17 @@ def _decode(raw: bytes, where: str, issues: ReadIssues) -> str:
         return raw.decode("utf-8", errors="replace")
 
 
-def _open_binary(path: Path):
+def open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def _read_jsonl(path: Path, text_key: str, issues: ReadIssues) -> Iterator[str]:
-    with _open_binary(path) as handle:
+    with open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             if not raw.strip():
                 continue
-            line = _decode(raw, where, issues)
+            line = decode_text(raw, where, issues)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -106,8 +106,8 @@ def _read_jsonl(path: Path, text_key: str, issues: ReadIssues) -> Iterator[str]:
 
 
 def _read_text(path: Path, issues: ReadIssues) -> Iterator[str]:
-    with _open_binary(path) as handle:
-        text = _decode(handle.read(), str(path), issues)
+    with open_binary(path) as handle:
+        text = decode_text(handle.read(), str(path), issues)
     if not text.strip():
         issues.add("empty_text", str(path))
         return
@@ -129,7 +129,7 @@ def _read_parquet(path: Path, text_key: str, issues: ReadIssues) -> Iterator[str
                 issues.add("empty_text", f"{path}:row {row}")
                 continue
             if isinstance(text, bytes):
-                text = _decode(text, f"{path}:row {row}", issues)
+                text = decode_text(text, f"{path}:row {row}", issues)
             yield text
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.readers import (JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadIssues, _decode, _open_binary,
+from megasmol.data.readers import (JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadIssues, decode_text, open_binary,
                                    expand_inputs)
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -62,13 +62,13 @@ def template_extras(record: dict) -> tuple[Optional[list], dict, Optional[str]]:
 
 
 def _jsonl_records(path: Path, issues: ReadIssues) -> Iterator[tuple[object, str]]:
-    with _open_binary(path) as handle:
+    with open_binary(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                yield json.loads(_decode(raw, where, issues)), where
+                yield json.loads(decode_text(raw, where, issues)), where
             except json.JSONDecodeError:
                 issues.add("malformed_json", where)
 
