@@ -107,6 +107,11 @@ class TrainingConfig:
     attention_backend: Optional[Literal["auto", "te", "sdpa", "local"]] = None
     """Attention implementation for this run, instead of the model spec's (checkpoints are the
     same for all three): e.g. sdpa for all-gather-KV context parallelism without TE."""
+    objective: Optional[Literal["next_token", "preference"]] = None
+    """What the run trains: ``next_token`` (token or chat data: pretraining, mid-training, SFT) or
+    ``preference`` (``prepare-preferences`` pairs, with the ``preference:`` section's loss).
+    Default: ``preference`` when the config has a ``preference:`` section, else ``next_token``.
+    Every dataset of the recipe must be data the objective trains on."""
 
     def validate(self) -> None:
         if not self.collective_timeout_s > 0:
@@ -192,8 +197,8 @@ class RunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """The hang watchdog: stack dumps and a requeue-able exit when a step hangs."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    """The loss on preference pairs (DPO / IPO / APO) when the recipe's data are
-    ``prepare-preferences`` output; unused otherwise."""
+    """The loss on preference pairs (DPO / IPO / APO) of ``training.objective: preference``
+    (its default when this section is given; refused with ``next_token``)."""
     run_dir: str = field(default="runs/default", metadata=PATH)
     """Where checkpoints, logs and caches go (relative to the config file)."""
     paths_from: Optional[str] = field(default=None, metadata=PATH)
@@ -218,9 +223,27 @@ class RunConfig:
             raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
                               "held-out split to evaluate on (set eval.interval=0 or a fraction)")
 
+    @property
+    def objective(self) -> str:
+        """``training.objective``, or its default: ``preference`` when the config gives a
+        ``preference:`` section, else ``next_token``."""
+        if self.training.objective is not None:
+            return self.training.objective
+        return "preference" if "preference" in self.given_sections else "next_token"
+
+    def check_objective(self) -> None:
+        """A ``preference:`` section is the preference objective's: with ``next_token`` it would
+        go unused without a word."""
+        if "preference" in self.given_sections and self.objective != "preference":
+            raise ConfigError(f"preference: is set but training.objective is {self.objective}, which "
+                              "does not use it: set training.objective: preference, or remove the "
+                              "preference: section")
+
     def to_dict(self) -> dict:
-        """The resolved config (saved with every checkpoint)."""
-        return {**to_dict(self), "config_dir": self.config_dir}
+        """The resolved config (saved with every checkpoint; ``training.objective`` resolved)."""
+        tree = to_dict(self)
+        tree["training"]["objective"] = self.objective
+        return {**tree, "config_dir": self.config_dir}
 
     def tokenizer_dir(self) -> Optional[Path]:
         if self.data.tokenizer is None:
@@ -331,6 +354,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
         _set_path(data, key.strip(), raw)
     config = from_dict(RunConfig, data, where="")
     config.given_sections = frozenset(data)
+    config.check_objective()
     here = Path(path).resolve().parent
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)

@@ -188,6 +188,7 @@ class Trainer:
             self.callbacks.close(stopped_by_signal=self.stop.signal_name is not None,
                                  peers_lost=peers_lost)
             self.stop.restore()
+            self.s.close()
 
 
 def train(config: RunConfig) -> TrainResult:
