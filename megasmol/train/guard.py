@@ -64,7 +64,7 @@ class StepGuard:
     def reports(self, step: int, loss: float, decision: GuardDecision) -> list[tuple[str, dict, str]]:
         """What the run's log says about ``decision``: ``(record kind, record, console line)``."""
         policy, limit = self.config.policy, self.config.max_nonfinite_steps
-        out = []
+        out: list[tuple[str, dict[str, object], str]] = []
         if decision.spike is not None:
             out.append((Kind.SPIKE, {"step": step, "loss": loss, "policy": policy,
                                      "window_mean": decision.spike.mean},

@@ -53,8 +53,9 @@ class Trainer:
         self.console = Console(setup.is_logging_rank)
         tokenizer = self.config.tokenizer_dir()
         self.checkpoints = Checkpointer(self.config, setup, self.console, tokenizer)
-        self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps,
-                               open_metrics(setup, run_directory(self.config)), self.console, self.state)
+        self.metrics = open_metrics(setup, run_directory(self.config))
+        self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps, self.metrics,
+                               self.console, self.state)
         self.callbacks = build_callbacks(self.ctx, self.config, tokenizer_dir=tokenizer,
                                          prune_uploaded=self.checkpoints.prune_uploaded,
                                          signalled_at=lambda: self.stop.since)
@@ -147,7 +148,7 @@ class Trainer:
             self.state.step, steps_done = step, steps_done + 1
             self.checkpoints.poll()  # a background save that failed is raised here
             if step % config.logging.interval == 0 or step == self.total_steps:
-                record = self.ctx.metrics.interval_record(
+                record = self.metrics.interval_record(
                     step, self.total_steps, plan.stage.name, lr, stats, run_started, steps_done,
                     self.state.consumed_tokens)
                 hooks.on_log(record, stats.steps)
@@ -169,6 +170,7 @@ class Trainer:
     def _act_on_guard(self, step: int, outcome: StepOutcome, stats: IntervalStats) -> None:
         """Log the guard's decision; raise for a rollback or a divergence."""
         decision = outcome.decision
+        assert decision is not None, "the loop's steps always run with its guard"
         for kind, record, line in self.guard.reports(step, outcome.totals.loss, decision):
             self.ctx.emit(kind, record, line)
         stats.spikes += decision.spike is not None

@@ -129,7 +129,7 @@ def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
     from megasmol.data.audit import audit_run
     from megasmol.train.tracker_checks import tracker_problems
 
-    verdict = [None]
+    verdict: list[Optional[str]] = [None]
     if rank == 0:
         problems = tracker_problems(config.logging)
         if problems:

@@ -32,6 +32,8 @@ def segment_sums(inputs: ModelInputs, output_tensor: Tensor, with_grad: bool = T
     row with autograd, so each rank's tokens get the gradient of the whole document)."""
     from megatron.core import parallel_state
 
+    if inputs.segments is None or inputs.ref_logps is None:
+        raise TypeError("a preference objective got micro-batches that are not preference pairs")
     cp = parallel_state.get_context_parallel_world_size()
     segments = inputs.segments.reshape(-1)
     mask = inputs.loss_mask.reshape(-1).to(torch.float64) * (segments >= 0)
@@ -77,8 +79,8 @@ class PreferenceLoss:
     which keeps them in the backward all-reduce of the sums.
     """
 
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "nll/chosen")
+    metric_names: tuple[str, ...] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                     "rewards/margins", "logps/chosen", "logps/rejected", "nll/chosen")
     unit = "pairs"
 
     def __init__(self, config: PreferenceConfig):
