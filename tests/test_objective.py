@@ -9,7 +9,7 @@ import pytest
 from megasmol.config.run import TrainingConfig, load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.data.preference.prepare import prepare_preferences
-from megasmol.data.recipe import load_recipe, plan_stages
+from megasmol.data.recipe import batch_schedule, load_recipe, plan_stages
 from megasmol.train.objectives import OBJECTIVES, objective_kind
 from megasmol.train.setup import check_objective_data
 from tests.data_fixtures import random_documents, write_dataset
@@ -48,7 +48,7 @@ def _config(root, recipe, preference_section=True, objective=None):
 
 def _check(config):
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
+    plans = plan_stages(recipe, config.training.train_steps, batch_schedule(config.training),
                         config.data.seq_length)
     check_objective_data(objective_kind(config.objective), config, recipe, plans)
 

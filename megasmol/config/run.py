@@ -131,14 +131,6 @@ class TrainingConfig:
             raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not a "
                               f"multiple of training.micro_batch_size={self.micro_batch_size}")
 
-    def batch_schedule(self):
-        from megasmol.data.recipe import BatchSchedule
-
-        ramp = self.batch_rampup
-        if ramp is None:
-            return BatchSchedule(self.global_batch_size)
-        return BatchSchedule(self.global_batch_size, ramp.start, ramp.increment, ramp.steps)
-
     def micro_batches_per_step(self, data_parallel: int) -> int:
         per_step = self.micro_batch_size * data_parallel
         if self.global_batch_size % per_step:
@@ -245,25 +237,6 @@ class RunConfig:
         tree["training"]["objective"] = self.objective
         return {**tree, "config_dir": self.config_dir}
 
-    def tokenizer_dir(self) -> Optional[Path]:
-        if self.data.tokenizer is None:
-            return None
-        if self.data.tokenizer == "auto":
-            from megasmol.data.chat.dataset import chat_tokenizer_dir
-            from megasmol.data.recipe import load_recipe
-
-            recipe = load_recipe(self.recipe_reference())
-            root = self.data.root and str(self.path(self.data.root))
-            found = chat_tokenizer_dir([str(recipe.dataset_prefix(e, root))
-                                        for stage in recipe.stages for e in stage.datasets])
-            if found is not None:
-                return found
-        if self.data.tokenizer in ("bundled", "auto"):
-            from megasmol.tokenizer import default_tokenizer_dir
-
-            return default_tokenizer_dir()
-        return self.path(self.data.tokenizer)
-
     @property
     def checkpoint_dir(self) -> Path:
         if self.checkpoint.dir:
@@ -279,33 +252,6 @@ class RunConfig:
         if self.data.cache_dir:
             return self.path(self.data.cache_dir)
         return self.path(self.run_dir) / "data_cache"
-
-    def model_spec(self):
-        """The spec this run trains: the referenced one with ``rope`` and
-        ``training.attention_backend`` applied."""
-        from megasmol.model.spec import load_model_spec
-
-        spec = load_model_spec(self.model_reference())
-        changes = {}
-        if self.training.attention_backend is not None:
-            changes["attention_backend"] = self.training.attention_backend
-        if self.rope.theta is not None:
-            changes["rope_theta"] = self.rope.theta
-        if self.rope.max_position_embeddings is not None:
-            changes["max_position_embeddings"] = self.rope.max_position_embeddings
-        return spec.replace(**changes) if changes else spec
-
-    def model_reference(self) -> str:
-        """The model spec: a YAML file or checkpoint directory (relative to this config) when one
-        exists, else a preset; without ``model``, the ``init_from`` or ``branch_from`` checkpoint."""
-        if self.model is None and self.checkpoint.branch_from is not None:
-            from megasmol.ckpt.branch import locate_source
-
-            return str(locate_source(self))
-        if self.model is None:
-            return str(self.path(self.checkpoint.init_from))
-        candidate = self.path(self.model)
-        return str(candidate) if candidate.exists() else self.model
 
     def recipe_reference(self) -> str:
         candidate = self.path(self.data.recipe)

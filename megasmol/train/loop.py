@@ -33,6 +33,7 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text, shown, shown_paths
+from megasmol.tokenizer import run_tokenizer_dir
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -51,7 +52,7 @@ class Trainer:
         self.result = TrainResult()
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
         self.console = Console(setup.is_logging_rank)
-        tokenizer = self.config.tokenizer_dir()
+        tokenizer = run_tokenizer_dir(self.config)
         self.checkpoints = Checkpointer(self.config, setup, self.console, tokenizer)
         self.metrics = open_metrics(setup, run_directory(self.config))
         self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps, self.metrics,

@@ -23,8 +23,9 @@ from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
 from megasmol.data.masking import BACKEND_MASK_FORMAT
-from megasmol.data.recipe import DataRecipe, StagePlan, load_recipe, plan_stages
+from megasmol.data.recipe import DataRecipe, StagePlan, batch_schedule, load_recipe, plan_stages
 from megasmol.model.layer_specs import resolve_attention_backend
+from megasmol.model.run_spec import run_model_spec
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
 from megasmol.train.objectives import Objective, ObjectiveKind, TokenLoss, objective_kind
@@ -164,11 +165,11 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
     from megasmol.ckpt.checkpoint import load_model_weights
     from megasmol.model.gpt import build_model
 
-    spec = config.model_spec()
+    spec = run_model_spec(config)
     branch = branch_point(config)
     apply_to_schedule(config, branch)
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
+    plans = plan_stages(recipe, config.training.train_steps, batch_schedule(config.training),
                         config.data.seq_length)
     longest = max(p.seq_length for p in plans)
     if longest > spec.max_position_embeddings:
