@@ -25,7 +25,8 @@ from megasmol.train.spikes import SpikeDetector, SpikeVerdict
 
 
 class TrainingDiverged(RunFailure, RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Training cannot go on: too many consecutive steps had a non-finite loss or gradient, or a
+    loss spike that rollbacks did not (or could not) get past."""
 
 
 @dataclass(frozen=True)

@@ -111,12 +111,15 @@ class Trainer:
         self.checkpoints.finish()
         latest = self.checkpoints.latest()
         if self.result.rollbacks >= self.config.spikes.max_rollbacks:
-            raise RuntimeError(f"loss spike at step {spike_step} after {self.result.rollbacks} "
-                               "rollbacks (spikes.max_rollbacks); stopping")
+            raise TrainingDiverged(f"loss spike at step {spike_step} after {self.result.rollbacks} "
+                                   "rollbacks (spikes.max_rollbacks); stopping: the checkpoints keep "
+                                   "the weights before it (lower the LR, or skip the data with "
+                                   "spikes.skip_batches)")
         self.result.rollbacks += 1
         if latest is None:
-            raise RuntimeError(f"loss spike at step {spike_step}: policy rollback, but there is no "
-                               "checkpoint yet (save earlier, or use policy skip)")
+            raise TrainingDiverged(f"loss spike at step {spike_step}: policy rollback, but there is no "
+                                   "checkpoint yet (save earlier with checkpoint.interval, or use "
+                                   "spikes.policy skip)")
         self.restore(latest)
         first = self.state.step + 1
         self.state.add_skip(first, spike_step)
