@@ -21,8 +21,9 @@ from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_in
 from megasmol.utils.fs import shown, shown_paths
 
 # One line instead of a traceback (megasmol/errors.py): a run that could not go on (exit 1), bad
-# input (exit 2); Python's own errors for a missing or existing file, and ValueError, are input too.
-INPUT_ERRORS = (UserError, FileExistsError, FileNotFoundError, ValueError)
+# input (exit 2); Python's own errors for a missing or existing file are input too. Any other
+# exception (a bare ValueError included) is a bug and keeps its traceback.
+INPUT_ERRORS = (UserError, FileExistsError, FileNotFoundError)
 
 
 def _dtype(name: str):

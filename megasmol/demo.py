@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 from megasmol.utils.fs import shown
+from megasmol.tokenizer import run_tokenizer_dir
+from megasmol.model.run_spec import run_model_spec
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "demo.yaml"
 PROMPTS = ("Question: Tom has 12 apples and buys 7 more. How many apples does he have now?\nAnswer:",
@@ -115,12 +117,12 @@ def _downstream(checkpoint: Path, workdir: Path, config) -> None:
     from megasmol.tokenizer import load_tokenizer
     from megasmol.utils.table import format_table
 
-    tokenizer = load_tokenizer(config.tokenizer_dir())
+    tokenizer = load_tokenizer(run_tokenizer_dir(config))
     tasks = [load_task(name) for name in config.eval.tasks]
     init = workdir / "init"
     shutil.rmtree(init, ignore_errors=True)
     try:
-        init_checkpoint(config.model_spec(), init, seed=config.training.seed)
+        init_checkpoint(run_model_spec(config), init, seed=config.training.seed)
         scores = {}
         for label, path in (("random init", init), ("trained", checkpoint)):
             scores[label] = evaluate(tasks, megatron_scorer(path, tokenizer),

@@ -17,6 +17,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class InputError(UserError, ValueError):
+    """A wrong value a person gave (a command-line argument, an environment variable) that is not
+    a config field: exit code 2. A ``ValueError`` too, so code that catches one still does."""
+
+
 class RunFailure(Exception):
     """A run that could not go on, said in one line: exit code 1. ``reported``: the line was
     already printed (by the rank that saw it first)."""

@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
+from megasmol.errors import InputError
+
 
 class Decoder:
     """Next-token logits for a growing sequence (batch 1): ``start(prompt)``, then ``step(token)``."""
@@ -71,7 +73,7 @@ def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: list[
     if rows == 0:
         return []
     if min(lengths) == 0:
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     total = max(n + m for n, m in zip(lengths, max_new_tokens))
     tokens = torch.zeros(rows, total, dtype=torch.long, device=next(model.parameters()).device)
     for row, prompt in enumerate(prompts):

@@ -257,3 +257,30 @@ def test_plan_fertility_names_the_bundled_tokenizer():
     fertility = dict(_subcommands(build_parser()))["plan fertility"]
     tokenizer = next(a for a in fertility._actions if a.dest == "tokenizer")  # noqa: SLF001
     assert "llama3.2" in tokenizer.help and "bundled" in tokenizer.help
+
+
+@pytest.mark.parametrize("error, code", [("input", 2), ("failure", 1), ("bug", None)])
+def test_only_megasmols_own_errors_are_one_line(monkeypatch, capsys, error, code):
+    """A user error is one line and exit 2, a run that cannot go on one line and exit 1; a bare
+    ValueError is a bug in megasmol and keeps its traceback."""
+    from megasmol import cli
+    from megasmol.errors import InputError, RunFailure
+
+    raised = {"input": InputError("--lengths: 'x' is not a token count"),
+              "failure": RunFailure("loss spike at step 3 after 5 rollbacks"),
+              "bug": ValueError("an internal shape mismatch")}[error]
+    parser = build_parser()
+
+    def failing(args):
+        raise raised
+
+    parse = parser.parse_args
+    monkeypatch.setattr(parser, "parse_args", lambda argv: argparse.Namespace(
+        **{**vars(parse(argv)), "func": failing}))
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    if code is None:
+        with pytest.raises(ValueError, match="an internal shape mismatch"):
+            main(["info"])
+        return
+    assert main(["info"]) == code
+    assert capsys.readouterr().err == f"megasmol info: error: {raised}\n"

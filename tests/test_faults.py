@@ -21,6 +21,7 @@ from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.train.callbacks.post_save import run_command
 from tests.conftest import REPO, free_port, run_cli, run_torchrun
+from megasmol.model.run_spec import run_model_spec
 from tests.train_fixtures import (kill_session, start_train, step_losses, train, wait_for_step,
                                   write_training_run)
 
@@ -336,10 +337,10 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
 def test_a_run_takes_its_model_from_a_checkpoint(reference, tmp_path):
     source = reference["root"] / "run" / "checkpoints"
     config = write_training_run(tmp_path, steps=4)
-    spec = load_run_config(config, [f"checkpoint.init_from={source}", "model=null",
-                                    "rope.theta=20000"]).model_spec()
+    spec = run_model_spec(load_run_config(config, [f"checkpoint.init_from={source}", "model=null",
+                                                   "rope.theta=20000"]))
     assert spec.num_layers == 4 and spec.rope_theta == 20000.0
-    assert load_run_config(config, [f"model={source}"]).model_spec().vocab_size == 512
+    assert run_model_spec(load_run_config(config, [f"model={source}"])).vocab_size == 512
     with pytest.raises(ConfigError, match="model is missing"):
         load_run_config(config, ["model=null"])
     proc = run_cli("train", "--config", str(config), "--set", "model=null", "--set",

@@ -8,6 +8,7 @@ import torch
 
 from megasmol.ckpt.checkpoint import read_metadata
 from megasmol.longctx.passkey import NEEDLE, build_prompt, evaluate, score
+from megasmol.model.run_spec import run_model_spec
 from tests.conftest import run_cli, run_torchrun
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, write_training_run
@@ -55,7 +56,7 @@ def test_context_parallel_is_refused_on_the_local_attention(tmp_path):
 
     loaded = load_run_config(config, ["parallel.context_parallel=2"])
     with pytest.raises(ConfigError, match="Megatron-Core's local attention has none"):
-        check_attention_layout(loaded, loaded.model_spec().attention_backend)
+        check_attention_layout(loaded, run_model_spec(loaded).attention_backend)
     proc = run_cli("train", "--config", str(config), "--set", "parallel.context_parallel=2", check=False)
     assert proc.returncode == 2 and "torchrun --nproc_per_node 2" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -132,8 +132,8 @@ def test_preference_config_mistakes_are_one_line(pref_run):
 
 
 def test_a_preference_section_over_plain_tokens_is_refused(pref_run, tmp_path):
-    """Until the objective is a config choice of its own, ``preference:`` over data that are not
-    pairs would train next-token loss without a word: refused, naming the section and the data."""
+    """``preference:`` makes ``preference`` the default objective; over data that are not pairs the
+    run is refused in one line naming the field and the data, before anything trains."""
     from tests.data_fixtures import random_documents, write_dataset
 
     root, _ = pref_run
@@ -145,9 +145,11 @@ def test_a_preference_section_over_plain_tokens_is_refused(pref_run, tmp_path):
                    "--set", f"data.recipe={tmp_path}/plain.yaml", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("megasmol train: error: preference: is set but data recipe plain holds no "
-                           f"preference pairs ({tmp_path}/data/plain is not prepare-preferences output)")
-    assert "megasmol prepare-preferences" in line and "remove the preference: section" in line
+    assert line.startswith("megasmol train: error: training.objective=preference (the default with a "
+                           "preference: section) trains on preference pairs (`megasmol "
+                           "prepare-preferences` output), but data recipe plain reads "
+                           f"{tmp_path}/data/plain, which is not: it is token or chat data")
+    assert line.endswith("or set training.objective: next_token (and no preference: section)")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -23,6 +23,7 @@ import yaml
 
 from megasmol.utils.fs import atomic_write_text
 from megasmol.config.typed import ConfigError, load_yaml
+from megasmol.model.run_spec import model_reference
 
 MANIFEST = "manifest.json"
 CONFIG_LIST = "configs.txt"
@@ -167,7 +168,7 @@ def plan_grid(base_config: str | Path, varies: list[Variation], out: str | Path,
     unknown = [k for k in spec_keys if k.split(".", 1)[1] not in _spec_fields()]
     if unknown:
         raise ConfigError(f"--vary {unknown[0]}: not a model spec field (see `megasmol info`)")
-    base_spec = load_model_spec(base.model_reference())
+    base_spec = load_model_spec(model_reference(base))
     out = Path(out).resolve()
     grid = Grid(out=out, base_config=base_config, base_params=parameter_count(base_spec).total,
                 base_layers=base_spec.num_layers)

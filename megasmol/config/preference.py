@@ -1,5 +1,6 @@
-"""The ``preference:`` run-config section: the objective of a run whose data are preference pairs
-(``prepare-preferences`` output). Names and formulas are TRL's ``DPOTrainer``'s."""
+"""The ``preference:`` run-config section: the loss of ``training.objective: preference``, whose
+data are preference pairs (``prepare-preferences`` output). Names and formulas are TRL's
+``DPOTrainer``'s."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "apo_zero", "apo_down")
 
 @dataclass
 class PreferenceConfig:
-    """How preference pairs are turned into a loss (used only when the recipe's data are pairs)."""
+    """How preference pairs are turned into a loss (``training.objective: preference``)."""
 
     loss_type: Literal["sigmoid", "ipo", "apo_zero", "apo_down"] = "sigmoid"
     """sigmoid: DPO, -log sigma(beta (r_c - r_r)); ipo: IPO on per-token mean log-ratios,

@@ -107,6 +107,11 @@ class TrainingConfig:
     attention_backend: Optional[Literal["auto", "te", "sdpa", "local"]] = None
     """Attention implementation for this run, instead of the model spec's (checkpoints are the
     same for all three): e.g. sdpa for all-gather-KV context parallelism without TE."""
+    objective: Optional[Literal["next_token", "preference"]] = None
+    """What the run trains: ``next_token`` (token or chat data: pretraining, mid-training, SFT) or
+    ``preference`` (``prepare-preferences`` pairs, with the ``preference:`` section's loss).
+    Default: ``preference`` when the config has a ``preference:`` section, else ``next_token``.
+    Every dataset of the recipe must be data the objective trains on."""
 
     def validate(self) -> None:
         if not self.collective_timeout_s > 0:
@@ -125,14 +130,6 @@ class TrainingConfig:
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not a "
                               f"multiple of training.micro_batch_size={self.micro_batch_size}")
-
-    def batch_schedule(self):
-        from megasmol.data.recipe import BatchSchedule
-
-        ramp = self.batch_rampup
-        if ramp is None:
-            return BatchSchedule(self.global_batch_size)
-        return BatchSchedule(self.global_batch_size, ramp.start, ramp.increment, ramp.steps)
 
     def micro_batches_per_step(self, data_parallel: int) -> int:
         per_step = self.micro_batch_size * data_parallel
@@ -192,8 +189,8 @@ class RunConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """The hang watchdog: stack dumps and a requeue-able exit when a step hangs."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
-    """The loss on preference pairs (DPO / IPO / APO) when the recipe's data are
-    ``prepare-preferences`` output; unused otherwise."""
+    """The loss on preference pairs (DPO / IPO / APO) of ``training.objective: preference``
+    (its default when this section is given; refused with ``next_token``)."""
     run_dir: str = field(default="runs/default", metadata=PATH)
     """Where checkpoints, logs and caches go (relative to the config file)."""
     paths_from: Optional[str] = field(default=None, metadata=PATH)
@@ -218,28 +215,27 @@ class RunConfig:
             raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
                               "held-out split to evaluate on (set eval.interval=0 or a fraction)")
 
+    @property
+    def objective(self) -> str:
+        """``training.objective``, or its default: ``preference`` when the config gives a
+        ``preference:`` section, else ``next_token``."""
+        if self.training.objective is not None:
+            return self.training.objective
+        return "preference" if "preference" in self.given_sections else "next_token"
+
+    def check_objective(self) -> None:
+        """A ``preference:`` section is the preference objective's: with ``next_token`` it would
+        go unused without a word."""
+        if "preference" in self.given_sections and self.objective != "preference":
+            raise ConfigError(f"preference: is set but training.objective is {self.objective}, which "
+                              "does not use it: set training.objective: preference, or remove the "
+                              "preference: section")
+
     def to_dict(self) -> dict:
-        """The resolved config (saved with every checkpoint)."""
-        return {**to_dict(self), "config_dir": self.config_dir}
-
-    def tokenizer_dir(self) -> Optional[Path]:
-        if self.data.tokenizer is None:
-            return None
-        if self.data.tokenizer == "auto":
-            from megasmol.data.masked.dataset import chat_tokenizer_dir
-            from megasmol.data.recipe import load_recipe
-
-            recipe = load_recipe(self.recipe_reference())
-            root = self.data.root and str(self.path(self.data.root))
-            found = chat_tokenizer_dir([str(recipe.dataset_prefix(e, root))
-                                        for stage in recipe.stages for e in stage.datasets])
-            if found is not None:
-                return found
-        if self.data.tokenizer in ("bundled", "auto"):
-            from megasmol.tokenizer import default_tokenizer_dir
-
-            return default_tokenizer_dir()
-        return self.path(self.data.tokenizer)
+        """The resolved config (saved with every checkpoint; ``training.objective`` resolved)."""
+        tree = to_dict(self)
+        tree["training"]["objective"] = self.objective
+        return {**tree, "config_dir": self.config_dir}
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -256,33 +252,6 @@ class RunConfig:
         if self.data.cache_dir:
             return self.path(self.data.cache_dir)
         return self.path(self.run_dir) / "data_cache"
-
-    def model_spec(self):
-        """The spec this run trains: the referenced one with ``rope`` and
-        ``training.attention_backend`` applied."""
-        from megasmol.model.spec import load_model_spec
-
-        spec = load_model_spec(self.model_reference())
-        changes = {}
-        if self.training.attention_backend is not None:
-            changes["attention_backend"] = self.training.attention_backend
-        if self.rope.theta is not None:
-            changes["rope_theta"] = self.rope.theta
-        if self.rope.max_position_embeddings is not None:
-            changes["max_position_embeddings"] = self.rope.max_position_embeddings
-        return spec.replace(**changes) if changes else spec
-
-    def model_reference(self) -> str:
-        """The model spec: a YAML file or checkpoint directory (relative to this config) when one
-        exists, else a preset; without ``model``, the ``init_from`` or ``branch_from`` checkpoint."""
-        if self.model is None and self.checkpoint.branch_from is not None:
-            from megasmol.ckpt.branch import locate_source
-
-            return str(locate_source(self))
-        if self.model is None:
-            return str(self.path(self.checkpoint.init_from))
-        candidate = self.path(self.model)
-        return str(candidate) if candidate.exists() else self.model
 
     def recipe_reference(self) -> str:
         candidate = self.path(self.data.recipe)
@@ -331,6 +300,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
         _set_path(data, key.strip(), raw)
     config = from_dict(RunConfig, data, where="")
     config.given_sections = frozenset(data)
+    config.check_objective()
     here = Path(path).resolve().parent
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)

@@ -20,9 +20,10 @@ from typing import Optional
 
 import numpy as np
 
-from megasmol.data.recipe import DataRecipe, StagePlan
+from megasmol.data.recipe import DataRecipe, StagePlan, batch_schedule
 from megasmol.utils.table import format_table
 from megasmol.data.tokenize import missing_parts, read_stats
+from megasmol.model.run_spec import run_model_spec
 
 SCAN_CHUNK = 1 << 26  # tokens per numpy pass of the full-dataset id scan
 
@@ -260,9 +261,9 @@ def audit_run(config, spec=None) -> AuditReport:
     """Audit a ``RunConfig``: its recipe, its plan, and its model's vocabulary."""
     from megasmol.data.recipe import load_recipe, plan_stages
 
-    spec = spec or config.model_spec()
+    spec = spec or run_model_spec(config)
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
+    plans = plan_stages(recipe, config.training.train_steps, batch_schedule(config.training),
                         config.data.seq_length)
     return audit_plan(recipe, plans, vocab_size=spec.vocab_size, eos_id=spec.eos_token_id,
                       root=config.data.root and str(config.path(config.data.root)),

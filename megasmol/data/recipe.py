@@ -14,9 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megasmol.config.typed import ConfigError, from_dict, load_yaml
+
+if TYPE_CHECKING:
+    from megasmol.config.run import TrainingConfig
 
 REPO_RECIPES = Path(__file__).resolve().parents[2] / "data"
 
@@ -184,6 +187,14 @@ class BatchSchedule:
             samples -= self.at(first_step + steps)
             steps += 1
         return steps + max(0, math.ceil(samples / self.global_batch_size))
+
+
+def batch_schedule(training: TrainingConfig) -> BatchSchedule:
+    """The run's sequences per step: ``training.global_batch_size``, after its ``batch_rampup``."""
+    ramp = training.batch_rampup
+    if ramp is None:
+        return BatchSchedule(training.global_batch_size)
+    return BatchSchedule(training.global_batch_size, ramp.start, ramp.increment, ramp.steps)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from megasmol.utils.argtypes import add_model_choice
+from megasmol.errors import InputError
 
 
 def cmd_eval_passkey(args) -> int:
@@ -15,11 +16,11 @@ def cmd_eval_passkey(args) -> int:
     from megasmol.tokenizer import load_tokenizer
 
     if bool(args.checkpoint) == bool(args.hf):
-        raise ValueError("give exactly one of --checkpoint or --hf")
+        raise InputError("give exactly one of --checkpoint or --hf")
     lengths = [_token_count(x) for x in args.lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",") if x]
     if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
-        raise ValueError("--lengths needs token counts (e.g. 1k,4k) and --depths fractions in [0, 1]")
+        raise InputError("--lengths needs token counts (e.g. 1k,4k) and --depths fractions in [0, 1]")
     if args.checkpoint:
         generate = megatron_generator(args.checkpoint, args.max_new_tokens, args.yarn_factor)
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.checkpoint))
@@ -44,7 +45,7 @@ def _token_count(text: str) -> int:
     try:
         return int(float(text[:-1] if scale > 1 else text) * scale)
     except ValueError:
-        raise ValueError(f"--lengths: {text!r} is not a token count like 4096 or 4k") from None
+        raise InputError(f"--lengths: {text!r} is not a token count like 4096 or 4k") from None
 
 
 def add_passkey_parser(evals) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -85,6 +87,22 @@ class SmolGPTModel(GPTModel):
         lse = vocab_parallel_logsumexp(logits).transpose(0, 1)
         loss = super().compute_language_model_loss(labels, logits)
         return loss + self.z_loss_coeff * lse.square()
+
+
+@contextlib.contextmanager
+def plain_cross_entropy(model: torch.nn.Module) -> Iterator[None]:
+    """Within it, ``model``'s per-token loss is plain cross-entropy, without the z-loss term:
+    log-probabilities must be exact when they are the result (preference training, scoring).
+    The spec's coefficient comes back on exit; a model without z-loss is left as it is."""
+    coeff = getattr(model, "z_loss_coeff", None)
+    if coeff is None:
+        yield
+        return
+    model.z_loss_coeff = 0.0
+    try:
+        yield
+    finally:
+        model.z_loss_coeff = coeff
 
 
 def transformer_config(

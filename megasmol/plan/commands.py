@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megasmol.errors import InputError
+
 
 def _number(text: str) -> float:
     """3e9, 3B, 11T, 1.5M ... as a float."""
@@ -12,7 +14,7 @@ def _number(text: str) -> float:
     try:
         return float(text[:-1] if scale != 1.0 else text) * scale
     except ValueError:
-        raise ValueError(f"{text!r} is not a number like 3e9, 3B or 11T") from None
+        raise InputError(f"{text!r} is not a number like 3e9, 3B or 11T") from None
 
 
 def _parameters(args) -> float:
@@ -22,7 +24,7 @@ def _parameters(args) -> float:
 
         return float(parameter_count(load_model_spec(args.spec)).total)
     if args.params is None:
-        raise ValueError("give --params (e.g. 3B) or --spec")
+        raise InputError("give --params (e.g. 3B) or --spec")
     return _number(args.params)
 
 
@@ -32,7 +34,7 @@ def _peak(args) -> float:
     if args.peak_tflops is not None:
         return args.peak_tflops
     if args.gpu.lower() not in GPU_PEAK_TFLOPS:
-        raise ValueError(f"--gpu {args.gpu}: known {', '.join(GPU_PEAK_TFLOPS)}; or give --peak-tflops")
+        raise InputError(f"--gpu {args.gpu}: known {', '.join(GPU_PEAK_TFLOPS)}; or give --peak-tflops")
     return GPU_PEAK_TFLOPS[args.gpu.lower()]
 
 
@@ -52,7 +54,7 @@ def cmd_plan_hparams(args) -> int:
 
     if args.lr is not None:
         if args.old_batch is None or args.new_batch is None:
-            raise ValueError("--lr needs --old-batch and --new-batch")
+            raise InputError("--lr needs --old-batch and --new-batch")
         new = sqrt_lr_scaling(args.lr, _number(args.old_batch), _number(args.new_batch))
         k = _number(args.new_batch) / _number(args.old_batch)
         print(f"batch x {k:g} -> LR x sqrt({k:g}) = {args.lr:.3e} -> {new:.3e}")
@@ -77,9 +79,9 @@ def cmd_plan_fertility(args) -> int:
     for item in args.text:
         language, sep, path = item.partition("=")
         if not sep:
-            raise ValueError(f"--text {item}: expected LANG=FILE, e.g. en=wiki_en.txt")
+            raise InputError(f"--text {item}: expected LANG=FILE, e.g. en=wiki_en.txt")
         if not Path(path).is_file():
-            raise ValueError(f"--text {item}: no such file {path}")
+            raise InputError(f"--text {item}: no such file {path}")
         texts[language] = Path(path).read_text(encoding="utf-8")
     rows = fertility_table(tokenizers, texts)
     print(render(rows))

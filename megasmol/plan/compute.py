@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megasmol.errors import InputError
+
 SECONDS_PER_DAY = 86400.0
 # Dense bf16 peak TFLOP/s per GPU (datasheets, no sparsity).
 GPU_PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0, "a100": 312.0, "b200": 2250.0, "mi300x": 1307.0}
@@ -50,12 +52,12 @@ def size_cluster(parameters: float, tokens: float, peak_tflops: float, mfu: floa
                  days: Optional[float] = None, gpus: Optional[float] = None) -> Sizing:
     """Give ``days`` to get the GPU count, or ``gpus`` to get the days."""
     if (days is None) == (gpus is None):
-        raise ValueError("give exactly one of days (-> GPUs needed) or gpus (-> days needed)")
+        raise InputError("give exactly one of days (-> GPUs needed) or gpus (-> days needed)")
     for name, value in (("parameters", parameters), ("tokens", tokens), ("peak_tflops", peak_tflops)):
         if not value > 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
+            raise InputError(f"{name} must be > 0, got {value}")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+        raise InputError(f"mfu must be in (0, 1], got {mfu}")
     flops = training_flops(parameters, tokens)
     per_gpu = peak_tflops * 1e12 * mfu
     if days is not None:

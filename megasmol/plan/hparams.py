@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from megasmol.errors import InputError
+
 CAVEAT = ("These fits come from one data mixture and C <= ~3e20 FLOPs; treat them as a starting "
           "point for a sweep. Beyond the critical batch size (which grows as the loss falls) a "
           "larger batch no longer cuts the number of steps, and the sqrt(k) LR rule stops holding.")
@@ -29,7 +31,7 @@ def deepseek_batch_tokens(flops: float) -> float:
 def sqrt_lr_scaling(lr: float, old_batch: float, new_batch: float) -> float:
     """The LR for a batch changed by k = new / old: lr x sqrt(k)."""
     if old_batch <= 0 or new_batch <= 0:
-        raise ValueError("batch sizes must be > 0")
+        raise InputError("batch sizes must be > 0")
     return lr * math.sqrt(new_batch / old_batch)
 
 
@@ -52,5 +54,5 @@ class HyperParameters:
 
 def suggest(flops: float, seq_length: Optional[int] = None) -> HyperParameters:
     if not flops > 0:
-        raise ValueError(f"compute must be > 0 FLOPs, got {flops}")
+        raise InputError(f"compute must be > 0 FLOPs, got {flops}")
     return HyperParameters(flops, deepseek_lr(flops), deepseek_batch_tokens(flops), seq_length)

@@ -36,6 +36,7 @@ import torch
 
 from megasmol.model.flops import parameter_count
 from megasmol.preflight.report import CheckResult
+from megasmol.model.run_spec import run_model_spec
 
 GB = 1024 ** 3
 FRAMEWORK_OVERHEAD_GB = 3.0
@@ -194,7 +195,7 @@ def dry_run(config, world_size: int, device_memory_gb: Optional[float] = None) -
     from megasmol.train.setup import check_attention_layout
 
     try:
-        spec = config.model_spec()
+        spec = run_model_spec(config)
         backend, assumed = planned_attention_backend(spec.attention_backend,
                                                      config.training.precision)
         check_attention_layout(config, backend)

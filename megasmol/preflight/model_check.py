@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from megasmol.preflight.report import CheckResult
+from megasmol.model.run_spec import run_model_spec
 
 PARITY_LAYERS = 4
 PARITY_SEQ = 256
@@ -120,7 +121,7 @@ def model_parity(config) -> CheckResult:
     from megasmol.runtime.distributed import current_device, init_parallel
     from megasmol.runtime.parallel import ParallelLayout
 
-    spec = _parity_spec(config.model_spec())
+    spec = _parity_spec(run_model_spec(config))
     backend = resolve_attention_backend(spec.attention_backend)
     reference = "local" if backend == "sdpa" else "sdpa"
     on_gpu = torch.cuda.is_available()

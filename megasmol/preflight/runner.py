@@ -20,6 +20,7 @@ from megasmol.preflight import (collectives, compute, data_check, dcgm, dryrun, 
                                 visibility)
 from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
+from megasmol.errors import InputError
 
 
 
@@ -71,12 +72,12 @@ class PreflightOptions:
 
     def validate(self) -> None:
         if self.expect_gpus is not None and self.expect_gpus < 0:
-            raise ValueError(f"--expect-gpus must be >= 0, got {self.expect_gpus}")
+            raise InputError(f"--expect-gpus must be >= 0, got {self.expect_gpus}")
         if self.level not in LEVELS:
-            raise ValueError(f"--level must be one of {', '.join(LEVELS)}, got {self.level!r}")
+            raise InputError(f"--level must be one of {', '.join(LEVELS)}, got {self.level!r}")
         unknown = sorted(set(self.skip) - set(CHECKS))
         if unknown:
-            raise ValueError(f"--skip: unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
+            raise InputError(f"--skip: unknown check(s) {', '.join(unknown)}; known: {', '.join(CHECKS)}")
 
 
 def _gather(value):
@@ -111,7 +112,7 @@ def _data_files(options: PreflightOptions, config) -> list[Path]:
                 files.append(candidate)
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        raise ValueError(f"--data-path: no such file(s): {', '.join(missing[:3])}")
+        raise InputError(f"--data-path: no such file(s): {', '.join(missing[:3])}")
     return files
 
 

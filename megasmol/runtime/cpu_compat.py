@@ -35,6 +35,8 @@ import os
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megasmol.errors import InputError
+
 ENV_VAR = "MEGASMOL_CPU_COMPAT"
 
 _mode: "_CudaToCpuMode | None" = None
@@ -195,7 +197,7 @@ def wanted() -> bool:
     """Whether the layer should be on for this process (see the module docstring)."""
     setting = os.environ.get(ENV_VAR, "auto").lower()
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"{ENV_VAR} must be auto, on or off, not {setting!r}")
+        raise InputError(f"{ENV_VAR} must be auto, on or off, not {setting!r}")
     if setting == "off":
         return False
     if torch.cuda.is_available():

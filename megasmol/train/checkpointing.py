@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -21,6 +21,12 @@ from megasmol.ckpt.checkpoint import (describe_error, disk_full, iteration_dirna
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure
 from megasmol.utils.fs import shown
+
+if TYPE_CHECKING:
+    from megasmol.config.run import RunConfig
+    from megasmol.train.callbacks import Callbacks, Console
+    from megasmol.train.setup import TrainingSetup
+    from megasmol.utils.faults import FaultPlan
 
 
 class SaveFailed(RunFailure, RuntimeError):
@@ -46,14 +52,15 @@ def _save_errors(root: Path, step: Optional[int]):
 
 
 class Checkpointer:
-    def __init__(self, config, setup, console, tokenizer_dir, faults=None):
+    def __init__(self, config: RunConfig, setup: TrainingSetup, console: Console,
+                 tokenizer_dir: Optional[Path], faults: Optional[FaultPlan] = None):
         """``faults``: a test's ``utils.faults.FaultPlan`` for the save seams (default: the
         setup's, ``NO_FAULTS`` in production)."""
         self.config, self.setup, self.console = config.checkpoint, setup, console
         self.faults = faults or setup.faults
         self.root: Path = config.checkpoint_dir
         self.tokenizer_dir = tokenizer_dir
-        self.hooks = None
+        self.hooks: Optional[Callbacks] = None
         """The run's ``Callbacks`` (set once they are built)."""
         self.async_queue = None
         if self.config.async_save:

@@ -25,7 +25,8 @@ from megasmol.train.spikes import SpikeDetector, SpikeVerdict
 
 
 class TrainingDiverged(RunFailure, RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Training cannot go on: too many consecutive steps had a non-finite loss or gradient, or a
+    loss spike that rollbacks did not (or could not) get past."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class StepGuard:
     def reports(self, step: int, loss: float, decision: GuardDecision) -> list[tuple[str, dict, str]]:
         """What the run's log says about ``decision``: ``(record kind, record, console line)``."""
         policy, limit = self.config.policy, self.config.max_nonfinite_steps
-        out = []
+        out: list[tuple[str, dict[str, object], str]] = []
         if decision.spike is not None:
             out.append((Kind.SPIKE, {"step": step, "loss": loss, "policy": policy,
                                      "window_mean": decision.spike.mean},

@@ -33,6 +33,7 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text, shown, shown_paths
+from megasmol.tokenizer import run_tokenizer_dir
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -51,10 +52,11 @@ class Trainer:
         self.result = TrainResult()
         self.stop = StopRequest(self.config.checkpoint.save_on_signal)
         self.console = Console(setup.is_logging_rank)
-        tokenizer = self.config.tokenizer_dir()
+        tokenizer = run_tokenizer_dir(self.config)
         self.checkpoints = Checkpointer(self.config, setup, self.console, tokenizer)
-        self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps,
-                               open_metrics(setup, run_directory(self.config)), self.console, self.state)
+        self.metrics = open_metrics(setup, run_directory(self.config))
+        self.ctx = LoopContext(setup, run_directory(self.config), self.total_steps, self.metrics,
+                               self.console, self.state)
         self.callbacks = build_callbacks(self.ctx, self.config, tokenizer_dir=tokenizer,
                                          prune_uploaded=self.checkpoints.prune_uploaded,
                                          signalled_at=lambda: self.stop.since)
@@ -109,12 +111,15 @@ class Trainer:
         self.checkpoints.finish()
         latest = self.checkpoints.latest()
         if self.result.rollbacks >= self.config.spikes.max_rollbacks:
-            raise RuntimeError(f"loss spike at step {spike_step} after {self.result.rollbacks} "
-                               "rollbacks (spikes.max_rollbacks); stopping")
+            raise TrainingDiverged(f"loss spike at step {spike_step} after {self.result.rollbacks} "
+                                   "rollbacks (spikes.max_rollbacks); stopping: the checkpoints keep "
+                                   "the weights before it (lower the LR, or skip the data with "
+                                   "spikes.skip_batches)")
         self.result.rollbacks += 1
         if latest is None:
-            raise RuntimeError(f"loss spike at step {spike_step}: policy rollback, but there is no "
-                               "checkpoint yet (save earlier, or use policy skip)")
+            raise TrainingDiverged(f"loss spike at step {spike_step}: policy rollback, but there is no "
+                                   "checkpoint yet (save earlier with checkpoint.interval, or use "
+                                   "spikes.policy skip)")
         self.restore(latest)
         first = self.state.step + 1
         self.state.add_skip(first, spike_step)
@@ -147,7 +152,7 @@ class Trainer:
             self.state.step, steps_done = step, steps_done + 1
             self.checkpoints.poll()  # a background save that failed is raised here
             if step % config.logging.interval == 0 or step == self.total_steps:
-                record = self.ctx.metrics.interval_record(
+                record = self.metrics.interval_record(
                     step, self.total_steps, plan.stage.name, lr, stats, run_started, steps_done,
                     self.state.consumed_tokens)
                 hooks.on_log(record, stats.steps)
@@ -169,6 +174,7 @@ class Trainer:
     def _act_on_guard(self, step: int, outcome: StepOutcome, stats: IntervalStats) -> None:
         """Log the guard's decision; raise for a rollback or a divergence."""
         decision = outcome.decision
+        assert decision is not None, "the loop's steps always run with its guard"
         for kind, record, line in self.guard.reports(step, outcome.totals.loss, decision):
             self.ctx.emit(kind, record, line)
         stats.spikes += decision.spike is not None
@@ -188,6 +194,7 @@ class Trainer:
             self.callbacks.close(stopped_by_signal=self.stop.signal_name is not None,
                                  peers_lost=peers_lost)
             self.stop.restore()
+            self.s.close()
 
 
 def train(config: RunConfig) -> TrainResult:

@@ -13,11 +13,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megasmol.runtime.run_dir import Kind, RunDir
+
+if TYPE_CHECKING:
+    from megasmol.train.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +225,7 @@ class MetricsLog:
             tracker.close()
 
 
-def open_metrics(setup, run_dir: Path) -> MetricsLog:
+def open_metrics(setup: TrainingSetup, run_dir: Path) -> MetricsLog:
     """The run's metric sinks (rank 0's; inert elsewhere), with the FLOPs and peak for MFU."""
     from megasmol.model.flops import flops_per_token
     from megasmol.train.trackers import build_trackers
@@ -245,7 +248,8 @@ def _utc_now() -> str:
 def strict_json_record(record: dict) -> dict:
     """NaN and inf become null (strict JSON readers reject them), and ``nonfinite`` lists the
     keys whose value was not finite."""
-    out, bad = {}, []
+    out: dict = {}
+    bad: list[str] = []
     for key, value in record.items():
         if isinstance(value, float) and not math.isfinite(value):
             out[key] = None

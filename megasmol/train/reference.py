@@ -24,7 +24,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from megasmol.ckpt.checkpoint import CheckpointError
 from megasmol.config.typed import ConfigError
 from megasmol.errors import UserError
 from megasmol.utils.fs import atomic_write_bytes, atomic_write_text, shown
+
+if TYPE_CHECKING:
+    from megasmol.train.setup import TrainingSetup
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
 
     data = open_chat_dataset(prefix, seq_length, token_ids, packing=packing, cache_dir=cache_dir)
     low, plan = data.dataset, data.plan
+    assert plan is not None, "pairs are packed units: their dataset always has a packing plan"
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     mine = list(range(dp_rank, plan.num_sequences, dp))
     values = np.zeros((low.num_pairs, 2), dtype=np.float64)
@@ -257,8 +261,9 @@ def _plan(found, reference: Path, params_dtype) -> tuple[dict, list, Optional[st
     return keys, missing, None
 
 
-def attach_reference_logps(setup, reference: Path, *, weights_after=None, show_progress=True,
-                           say=print) -> list[Path]:
+def attach_reference_logps(setup: TrainingSetup, reference: Path, *,
+                           weights_after: Optional[Path] = None, show_progress: bool = True,
+                           say: Callable[[str], None] = print) -> list[Path]:
     """Give every preference dataset of ``setup`` its reference log-probs, computing the missing
     ones with ``reference``'s weights loaded into the model (then ``weights_after``, when given,
     is loaded back). Collective. Returns the files used."""
@@ -267,7 +272,7 @@ def attach_reference_logps(setup, reference: Path, *, weights_after=None, show_p
 
     config = setup.config
     found = pair_datasets(setup.batches.stages)
-    plan = [_plan(found, reference, setup.params_dtype) if torch.distributed.get_rank() == 0 else None]
+    plan: list = [_plan(found, reference, setup.params_dtype) if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(plan, src=0)  # every rank decides as rank 0 saw it
     keys, missing, error = plan[0]
     if error:

@@ -4,6 +4,7 @@ reading it back to resume the same run or to branch a new one from another run's
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,8 +14,14 @@ from megasmol.train.schedules import lr_at
 from megasmol.train.state import TrainState
 from megasmol.train.step import any_rank
 
+if TYPE_CHECKING:
+    from megasmol.train.branch import BranchPoint
+    from megasmol.train.callbacks import Console
+    from megasmol.train.checkpointing import Checkpointer
+    from megasmol.train.setup import TrainingSetup
 
-def checkpoint_metadata(setup, state: TrainState, guard: StepGuard, total_steps: int) -> dict:
+
+def checkpoint_metadata(setup: TrainingSetup, state: TrainState, guard: StepGuard, total_steps: int) -> dict:
     """Collective (every rank says whether its weights are finite): ``megasmol.json`` for a
     checkpoint of ``state.step``."""
     local = all(bool(torch.isfinite(p).all()) for p in setup.model.parameters())
@@ -29,7 +36,7 @@ def checkpoint_metadata(setup, state: TrainState, guard: StepGuard, total_steps:
                 branch=setup.branch.to_json() if setup.branch else None)}
 
 
-def resume(checkpoints, path: Path, setup, guard: StepGuard, console,
+def resume(checkpoints: Checkpointer, path: Path, setup: TrainingSetup, guard: StepGuard, console: Console,
            skip_batches: list[list[int]]) -> TrainState:
     """Load ``path`` into the model, optimizer and step guard; the train state it was saved at
     (``skip_batches``: the ranges to keep skipping besides those it recorded)."""
@@ -44,7 +51,8 @@ def resume(checkpoints, path: Path, setup, guard: StepGuard, console,
                                 tokens_through=setup.batches.tokens_through)
 
 
-def branch(checkpoints, point, setup, console, total_steps: int) -> int:
+def branch(checkpoints: Checkpointer, point: BranchPoint, setup: TrainingSetup, console: Console,
+           total_steps: int) -> int:
     """Start from the source's model and optimizer state (step, data and schedule are this run's);
     returns the source's consumed tokens, which this run's go on from (so ``compare`` lines the
     two runs up)."""

@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, ContextManager, Optional, TypeVar
 
 import torch
 
@@ -22,14 +23,23 @@ from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
 from megasmol.data.masking import BACKEND_MASK_FORMAT
-from megasmol.data.recipe import load_recipe, plan_stages
+from megasmol.data.recipe import DataRecipe, StagePlan, batch_schedule, load_recipe, plan_stages
 from megasmol.model.layer_specs import resolve_attention_backend
+from megasmol.model.run_spec import run_model_spec
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
-from megasmol.train.objectives import PreferenceLoss, TokenLoss
+from megasmol.train.objectives import Objective, ObjectiveKind, TokenLoss, objective_kind
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
-from megasmol.utils.faults import NO_FAULTS, fault_plan
+from megasmol.utils.faults import NO_FAULTS, FaultPlan, fault_plan
 from megasmol.utils.fs import shown_paths
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from megasmol.model.gpt import SmolGPTModel
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +52,34 @@ class TrainingSetup:
     spec: ModelSpec
     rank: RankInfo
     batches: TrainingBatches
-    model: object  # this rank's model chunk (SmolGPTModel)
-    ddp_model: object
-    optimizer: object
+    model: SmolGPTModel
+    """This rank's model chunk."""
+    ddp_model: DistributedDataParallel
+    """The chunk (in Float16Module for bf16) in Megatron-Core's DDP: what the schedules run."""
+    optimizer: MegatronOptimizer
     mask_format: str
     params_dtype: torch.dtype
     branch: Optional[BranchPoint] = None
-    objective: object = field(default_factory=TokenLoss)
-    """What a micro-batch's output becomes: next-token loss, or a preference loss on pairs."""
-    faults: object = NO_FAULTS
+    objective: Objective = field(default_factory=TokenLoss)
+    """What a micro-batch's output becomes (``training.objective``: next-token loss, or a
+    preference loss on pairs)."""
+    faults: FaultPlan = NO_FAULTS
     """The tests' ``utils.faults.FaultPlan`` (``MEGASMOL_FAULT``); ``NO_FAULTS`` in production:
     the step and the checkpointer call its seams."""
+    scopes: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    """Contexts held for the run (the preference objective's plain cross-entropy), left by
+    :meth:`close`."""
 
     @property
     def is_logging_rank(self) -> bool:
         return self.rank.rank == 0
+
+    def hold(self, context: ContextManager[T]) -> T:
+        """Enter ``context`` for the rest of the run."""
+        return self.scopes.enter_context(context)
+
+    def close(self) -> None:
+        self.scopes.close()
 
 
 def _check_precision(config: RunConfig, spec: ModelSpec) -> None:
@@ -107,7 +130,7 @@ def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
     from megasmol.data.audit import audit_run
     from megasmol.train.tracker_checks import tracker_problems
 
-    verdict = [None]
+    verdict: list[Optional[str]] = [None]
     if rank == 0:
         problems = tracker_problems(config.logging)
         if problems:
@@ -123,7 +146,7 @@ def _audit_on_rank0(config: RunConfig, spec: ModelSpec, rank: int) -> None:
         raise ConfigError(verdict[0])
 
 
-def _half_precision(model, params_dtype: torch.dtype):
+def _half_precision(model: SmolGPTModel, params_dtype: torch.dtype) -> torch.nn.Module:
     """bf16 runs: Megatron-Core's Float16Module casts every parameter (norms built by torch
     included) to bf16 and returns the loss in fp32; the optimizer keeps fp32 master weights."""
     if params_dtype == torch.float32:
@@ -142,11 +165,11 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
     from megasmol.ckpt.checkpoint import load_model_weights
     from megasmol.model.gpt import build_model
 
-    spec = config.model_spec()
+    spec = run_model_spec(config)
     branch = branch_point(config)
     apply_to_schedule(config, branch)
     recipe = load_recipe(config.recipe_reference())
-    plans = plan_stages(recipe, config.training.train_steps, config.training.batch_schedule(),
+    plans = plan_stages(recipe, config.training.train_steps, batch_schedule(config.training),
                         config.data.seq_length)
     longest = max(p.seq_length for p in plans)
     if longest > spec.max_position_embeddings:
@@ -154,7 +177,9 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
                           f"{spec.max_position_embeddings}; raise rope.max_position_embeddings "
                           "(and usually rope.theta) for a long-context stage")
     check_attention_layout(config, resolve_attention_backend(spec.attention_backend))
-    reference = preference_reference(config, recipe, plans, needed=reference_logps)
+    kind = objective_kind(config.objective)
+    check_objective_data(kind, config, recipe, plans)
+    kind.check(config, reference_logps)
 
     rank = init_distributed(config.training.collective_timeout_s)
     config.parallel.check(rank.world_size, spec, longest)
@@ -197,61 +222,34 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
                           ddp_model=ddp_model, optimizer=optimizer,
                           mask_format=BACKEND_MASK_FORMAT[resolve_attention_backend(spec.attention_backend)],
                           params_dtype=params_dtype, branch=branch, faults=fault_plan())
-    if reference is False:
-        setup.objective = PreferenceLoss(config.preference)
-        setup.model.z_loss_coeff = 0.0
-    elif reference is not None:
-        _prepare_preference(setup, reference, resuming)
+    setup.objective = kind.build(setup, resuming=resuming, needed=reference_logps)
     return setup
 
 
-def preference_reference(config: RunConfig, recipe, plans, needed: bool = True):
-    """The reference checkpoint when the recipe's data are preference pairs (None otherwise; False
-    for pairs when no reference is ``needed``); a recipe that mixes pairs with other data, pairs
-    without a reference, or a ``preference:`` section over data that are not pairs (it would train
-    next-token loss without a word) is refused here, before anything heavy."""
-    from megasmol.data.preference.prepare import read_pref_description
+def check_objective_data(kind: ObjectiveKind, config: RunConfig, recipe: DataRecipe,
+                         plans: list[StagePlan]) -> None:
+    """Every dataset the run reads is data ``kind`` trains on, or a ConfigError naming
+    ``training.objective`` and the first dataset that is not (and the objective it is for)."""
+    from megasmol.train.objectives import OBJECTIVES
 
     root = config.data.root and str(config.path(config.data.root))
-    kinds = {}
     for plan in plans:
         for entry in plan.stage.datasets:
             prefix = recipe.dataset_prefix(entry, root)
-            kinds[str(prefix)] = read_pref_description(prefix) is not None
-    if not any(kinds.values()):
-        if "preference" in config.given_sections:
-            raise ConfigError(
-                f"preference: is set but data recipe {recipe.name} holds no preference pairs "
-                f"({next(iter(kinds))} is not prepare-preferences output), so the run would train "
-                "plain next-token loss: prepare the pairs with `megasmol prepare-preferences`, or "
-                "remove the preference: section")
-        return None
-    if not all(kinds.values()):
-        other = next(p for p, pairs in kinds.items() if not pairs)
-        raise ConfigError(f"data recipe {recipe.name} mixes preference pairs with other data ({other}): a "
-                          "run trains one objective; put the preference data in a recipe of its own")
-    source = config.preference.reference or config.checkpoint.init_from
-    if not needed:
-        return False
-    if source is None:
-        raise ConfigError("preference data need a reference model: set checkpoint.init_from (the SFT "
-                          "checkpoint, also the default reference) or preference.reference")
-    return config.path(source)
-
-
-def _prepare_preference(setup: TrainingSetup, reference: Path, resuming: bool) -> None:
-    """Preference pairs: the pair objective, the model's per-token output as plain CE (no z-loss:
-    log-probs must be exact), and every pair's reference log-probs attached to the data."""
-    from megasmol.train.reference import attach_reference_logps
-
-    config = setup.config
-    setup.objective = PreferenceLoss(config.preference)
-    setup.model.z_loss_coeff = 0.0
-    init_from = config.checkpoint.init_from and config.path(config.checkpoint.init_from)
-    restore = init_from if (not resuming and init_from and init_from != reference) else None
-    attach_reference_logps(setup, reference, weights_after=restore,
-                           show_progress=config.logging.progress,
-                           say=lambda line: print(shown_paths(line), flush=True))
+            if kind.takes(prefix):
+                continue
+            chosen = (f"training.objective={kind.name}" if config.training.objective is not None else
+                      f"training.objective={kind.name} (the default "
+                      f"{'with' if kind.name == 'preference' else 'without'} a preference: section)")
+            fits = [other for other in OBJECTIVES.values() if other.takes(prefix)]
+            what = f"not: it is {fits[0].data}" if fits else "not"
+            instead = ""
+            if fits:
+                drop = " (and no preference: section)" if "preference" in config.given_sections else ""
+                instead = f", or set training.objective: {fits[0].name}{drop}"
+            raise ConfigError(f"{chosen} trains on {kind.data}, but data recipe {recipe.name} reads "
+                              f"{prefix}, which is {what}; give the run a recipe of such data alone"
+                              + instead)
 
 
 def run_directory(config: RunConfig) -> Path:

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import signal
 import time
+from typing import Any, Optional
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopRequest:
     def __init__(self, enabled: bool):
-        self.signal_name = None
-        self.since = None  # time.monotonic() when this rank learnt of the request
-        self._previous = {}
+        self.signal_name: Optional[str] = None
+        self.since: Optional[float] = None  # time.monotonic() when this rank learnt of the request
+        self._previous: dict[int, Any] = {}  # signal.signal's handlers
         self._blocked = False
         if enabled:
             for sig in WATCHED:

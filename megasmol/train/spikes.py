@@ -25,7 +25,7 @@ class SpikeVerdict:
     std: Optional[float]
 
     def describe(self) -> str:
-        if self.mean is None:
+        if self.mean is None or self.std is None:
             return f"step {self.step}: loss {self.loss} is not finite"
         return (f"step {self.step}: loss {self.loss:.4f} vs window mean {self.mean:.4f} "
                 f"(std {self.std:.4f}, {(self.loss - self.mean) / max(self.std, 1e-12):.1f} sigma)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -19,11 +20,16 @@ from torch import Tensor
 from megasmol.data.masking import ModelInputs
 from megasmol.runtime.distributed import current_device
 from megasmol.runtime.pipeline import StepGeometry, forward_step
-from megasmol.train.objectives import TokenLoss
+from megasmol.train.objectives import Objective, TokenLoss
+from megasmol.utils.faults import FaultPlan
+
+if TYPE_CHECKING:
+    from megasmol.train.guard import GuardDecision, StepGuard
+    from megasmol.train.setup import TrainingSetup
 
 
-def forward_backward(model, micro_batches: list[ModelInputs], *, forward_only: bool = False,
-                     objective=None) -> Tensor:
+def forward_backward(model: torch.nn.Module, micro_batches: list[ModelInputs], *,
+                     forward_only: bool = False, objective: Optional[Objective] = None) -> Tensor:
     """Run every micro-batch; returns [loss_sum, count, *metric sums] on the last pipeline stage,
     zeros elsewhere (callers reduce it, see :func:`global_loss`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -64,7 +70,7 @@ class StepTotals:
 
 
 def global_loss(local: Tensor, stop: bool = False, nonfinite_grads: bool = False,
-                objective=None) -> StepTotals:
+                objective: Optional[Objective] = None) -> StepTotals:
     """One all-reduce over the world for the loss, the metrics and the flags every rank must
     agree on.
 
@@ -95,7 +101,7 @@ def any_rank(flag: bool) -> bool:
     return packed.item() > 0
 
 
-def skip_step(setup, step: int, *, stop: bool = False) -> bool:
+def skip_step(setup: TrainingSetup, step: int, *, stop: bool = False) -> bool:
     """A step whose data is skipped (``spikes.skip_batches`` or a rollback's range): no forward,
     only the all-reduce that agrees on a stop request. Returns whether any rank asked to stop."""
     agreed = any_rank(stop)
@@ -103,7 +109,7 @@ def skip_step(setup, step: int, *, stop: bool = False) -> bool:
     return agreed
 
 
-def step_inputs(setup, micro: list[dict]) -> list[ModelInputs]:
+def step_inputs(setup: TrainingSetup, micro: list[dict]) -> list[ModelInputs]:
     """A step's micro-batches as model inputs on this rank's device, as the run's config asks
     (document masks, restarted positions): for training, validation and the pre-flight alike."""
     from megasmol.data.masking import device_inputs
@@ -117,7 +123,7 @@ def step_inputs(setup, micro: list[dict]) -> list[ModelInputs]:
 class StepOutcome:
     totals: StepTotals
     """The step's all-reduced loss, tokens, flags and objective metrics."""
-    decision: object = None
+    decision: Optional[GuardDecision] = None
     """The guard's ``GuardDecision`` (None without a guard: the update is always applied)."""
     grad_norm: float | None = None
     """The clipped update's gradient norm; None when no update was applied."""
@@ -127,8 +133,8 @@ class StepOutcome:
         return self.grad_norm is not None
 
 
-def train_step(setup, step: int, micro: list[dict], lr: float, *, stop: bool = False, guard=None,
-               faults=None) -> StepOutcome:
+def train_step(setup: TrainingSetup, step: int, micro: list[dict], lr: float, *, stop: bool = False,
+               guard: Optional[StepGuard] = None, faults: Optional[FaultPlan] = None) -> StepOutcome:
     """The one training step (the loop's and the pre-flight's): set the LR, forward and backward
     every micro-batch, one all-reduce for the loss, the stop request and the non-finite-gradient
     flag, the guard's decision, then the optimizer step when the decision is ``apply``.

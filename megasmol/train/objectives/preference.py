@@ -1,45 +1,29 @@
-"""What a micro-batch's forward output is turned into: the loss Megatron-Core's schedule
-back-propagates, the count it divides gradients by, and the metric sums the step reports.
+"""Preference optimization on packed pairs (DPO / IPO / APO): ``training.objective: preference``.
 
-The model returns the per-token loss (cross-entropy from the vocabulary-parallel logits, never
-gathering the vocabulary; plus the z-loss term when the spec asks for it). Two objectives:
-
-* :class:`TokenLoss` -- next-token prediction (pretraining, mid-training, SFT): the summed
-  per-token loss under the loss mask, divided by the global number of loss tokens;
-* :class:`PreferenceLoss` -- DPO / IPO / APO on packed preference pairs: per-document
-  log-probabilities (minus the per-token CE summed over each completion), reduced over the
-  context-parallel group before the loss, then the pair loss of TRL's ``DPOTrainer``, divided
-  by the global number of pairs.
-
-Each returns ``(loss, count, {"loss": [loss_sum, count], "metrics": [...]})``: sums, so a step's
-totals do not depend on how the global batch is split over micro-batches or ranks.
+:class:`PreferenceLoss` turns per-document log-probabilities (minus the per-token CE summed over
+each completion), reduced over the context-parallel group before the loss, into the pair loss of
+TRL's ``DPOTrainer``, divided by the global number of pairs. The per-token output must be plain
+CE (no z-loss): the set-up turns it off for the run (``model.gpt.plain_cross_entropy``) and
+attaches every pair's reference log-probs to the data.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from megasmol.config.preference import PreferenceConfig
-from megasmol.data.masking import ModelInputs
+from megasmol.config.typed import ConfigError
+from megasmol.train.objectives.base import LossReport
 
-
-class TokenLoss:
-    """Token-weighted mean of the per-token loss over the global batch."""
-
-    metric_names: tuple[str, ...] = ()
-    unit = "tokens"
-
-    def __call__(self, inputs: ModelInputs, output_tensor: Tensor):
-        mask = inputs.loss_mask.reshape(-1).float()
-        loss_sum = torch.sum(output_tensor.float().reshape(-1) * mask)
-        tokens = mask.sum().to(torch.int)
-        return loss_sum, tokens, {"loss": torch.stack([loss_sum.detach(), tokens.detach().float()])}
-
-    def means(self, sums: list[float], count: float) -> dict[str, float]:
-        return {}
+if TYPE_CHECKING:
+    from megasmol.config.run import RunConfig
+    from megasmol.data.masking import ModelInputs
+    from megasmol.train.setup import TrainingSetup
 
 
 def segment_sums(inputs: ModelInputs, output_tensor: Tensor, with_grad: bool = True) -> Tensor:
@@ -48,6 +32,8 @@ def segment_sums(inputs: ModelInputs, output_tensor: Tensor, with_grad: bool = T
     row with autograd, so each rank's tokens get the gradient of the whole document)."""
     from megatron.core import parallel_state
 
+    if inputs.segments is None or inputs.ref_logps is None:
+        raise TypeError("a preference objective got micro-batches that are not preference pairs")
     cp = parallel_state.get_context_parallel_world_size()
     segments = inputs.segments.reshape(-1)
     mask = inputs.loss_mask.reshape(-1).to(torch.float64) * (segments >= 0)
@@ -93,14 +79,14 @@ class PreferenceLoss:
     which keeps them in the backward all-reduce of the sums.
     """
 
-    metric_names = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                    "logps/chosen", "logps/rejected", "nll/chosen")
+    metric_names: tuple[str, ...] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
+                                     "rewards/margins", "logps/chosen", "logps/rejected", "nll/chosen")
     unit = "pairs"
 
     def __init__(self, config: PreferenceConfig):
         self.config = config
 
-    def __call__(self, inputs: ModelInputs, output_tensor: Tensor):
+    def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport:
         from megatron.core import parallel_state
 
         sums = segment_sums(inputs, output_tensor)
@@ -136,7 +122,7 @@ class PreferenceLoss:
         return {name: value / count for name, value in zip(self.metric_names, sums)}
 
 
-def document_logps(inputs: ModelInputs, output_tensor: Tensor):
+def document_logps(inputs: ModelInputs, output_tensor: Tensor) -> LossReport:
     """Forward-only loss function: each document's summed completion log-prob (the reference
     pass); reported by context-parallel rank 0 only."""
     from megatron.core import parallel_state
@@ -146,3 +132,44 @@ def document_logps(inputs: ModelInputs, output_tensor: Tensor):
         sums = torch.zeros_like(sums)
     zero = sums.new_zeros(())
     return zero, torch.tensor(0, dtype=torch.int), {"logps": sums[0], "count": sums[2]}
+
+
+class Preference:
+    """Preference pairs (``prepare-preferences``), scored against a reference model."""
+
+    name = "preference"
+    data = "preference pairs (`megasmol prepare-preferences` output)"
+
+    def takes(self, prefix: Path) -> bool:
+        from megasmol.data.preference.prepare import read_pref_description
+
+        return read_pref_description(prefix) is not None
+
+    def check(self, config: RunConfig, needed: bool) -> None:
+        if needed and reference_checkpoint(config) is None:
+            raise ConfigError("preference data need a reference model: set checkpoint.init_from (the "
+                              "SFT checkpoint, also the default reference) or preference.reference")
+
+    def build(self, setup: TrainingSetup, *, resuming: bool, needed: bool) -> PreferenceLoss:
+        """Plain CE for the run, then (when ``needed``) every pair's reference log-probs attached
+        to the data; without them (pre-flight) pairs train against zero reference log-probs."""
+        from megasmol.model.gpt import plain_cross_entropy
+        from megasmol.train.reference import attach_reference_logps
+        from megasmol.utils.fs import shown_paths
+
+        config = setup.config
+        setup.hold(plain_cross_entropy(setup.model))
+        reference = reference_checkpoint(config)
+        if needed and reference is not None:
+            init_from = config.checkpoint.init_from and config.path(config.checkpoint.init_from)
+            restore = init_from if (not resuming and init_from and init_from != reference) else None
+            attach_reference_logps(setup, reference, weights_after=restore,
+                                   show_progress=config.logging.progress,
+                                   say=lambda line: print(shown_paths(line), flush=True))
+        return PreferenceLoss(config.preference)
+
+
+def reference_checkpoint(config: RunConfig) -> Path | None:
+    """``preference.reference``, else ``checkpoint.init_from`` (the SFT checkpoint)."""
+    source = config.preference.reference or config.checkpoint.init_from
+    return None if source is None else config.path(source)
