@@ -70,7 +70,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     init_parallel(ParallelLayout())
     results = [measure(b, args.seq, args.batch, args.iters) for b in ("local", "sdpa")]

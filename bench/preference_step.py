@@ -58,7 +58,7 @@ def step_times(args) -> dict:
     from megasmol.config.preference import PreferenceConfig
     from megasmol.model.gpt import build_model
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.train.objectives import PreferenceLoss, document_logps
     from megasmol.runtime.pipeline import forward_only_outputs
     from megasmol.train.step import forward_backward

@@ -18,7 +18,7 @@ def main() -> None:
     from megasmol.model.gpt import build_model
     from megasmol.model.spec import load_model_spec
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     init_parallel(ParallelLayout())
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ def cmd_init(args) -> int:
     from megasmol.model.init import init_checkpoint
     from megasmol.model.spec import load_model_spec
     from megasmol.runtime.distributed import shutdown
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     spec = load_model_spec(args.spec)
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
@@ -219,7 +219,7 @@ def cmd_train(args) -> int:
     from megasmol.config.run import load_run_config
 
     config = load_run_config(args.config, args.set)  # a config mistake is reported before torch loads
-    from megasmol.runtime.parallel import job_world_size
+    from megasmol.config.parallel import job_world_size
 
     config.parallel.check(job_world_size())  # so is a layout this many processes cannot hold
 

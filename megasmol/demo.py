@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from megasmol.utils.fs import shown
-from megasmol.tokenizer import run_tokenizer_dir
+from megasmol.data.run_tokenizer import run_tokenizer_dir
 from megasmol.model.run_spec import run_model_spec
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "demo.yaml"

@@ -10,33 +10,9 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from megasmol.config.typed import ConfigError
-
-if TYPE_CHECKING:
-    from megasmol.config.run import RunConfig
-
-
-def run_tokenizer_dir(config: RunConfig) -> Optional[Path]:
-    """The tokenizer ``data.tokenizer`` names for a run: a directory, the bundled one, or for
-    ``auto`` the one ``prepare-chat`` stored with the recipe's chat data (else the bundled)."""
-    tokenizer = config.data.tokenizer
-    if tokenizer is None:
-        return None
-    if tokenizer == "auto":
-        from megasmol.data.masked.dataset import chat_tokenizer_dir
-        from megasmol.data.recipe import load_recipe
-
-        recipe = load_recipe(config.recipe_reference())
-        root = config.data.root and str(config.path(config.data.root))
-        found = chat_tokenizer_dir([str(recipe.dataset_prefix(e, root))
-                                    for stage in recipe.stages for e in stage.datasets])
-        if found is not None:
-            return found
-    if tokenizer in ("bundled", "auto"):
-        return default_tokenizer_dir()
-    return config.path(tokenizer)
 
 
 def default_tokenizer_dir() -> Path:

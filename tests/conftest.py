@@ -69,7 +69,7 @@ def _subprocess_tmpdir(tmp_path_factory):
 def megatron_runtime():
     """Single-process gloo runtime with Megatron parallel_state (TP=PP=1) for in-process tests."""
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     init_parallel(ParallelLayout())
     yield

@@ -385,3 +385,13 @@ def test_one_function_builds_the_same_ordered_list_from_the_config(tiny_setup, t
     hooks = build_callbacks(ctx, config, tokenizer_dir=None, prune_uploaded=print)
     assert hooks["post_save"].runner is not None and hooks["validation"].interval == config.eval.interval
     hooks["post_save"].close()
+
+
+def test_eval_config_refuses_a_task_limit_below_one():
+    """``eval.tasks_limit`` 0 (or less) would score no example: refused, naming the field."""
+    from megasmol.config.sections import EvalConfig
+    from megasmol.config.typed import ConfigError
+
+    EvalConfig(tasks=["copa"], tasks_interval=10, tasks_limit=None).validate()
+    with pytest.raises(ConfigError, match="eval.tasks_limit"):
+        EvalConfig(tasks=["copa"], tasks_interval=10, tasks_limit=0).validate()

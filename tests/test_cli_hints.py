@@ -137,7 +137,7 @@ def test_other_missing_data_points_to_the_prepare_commands(tmp_path):
 
 def test_a_layout_one_process_cannot_hold_says_how_to_start_enough(monkeypatch):
     from megasmol.config.typed import ConfigError
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

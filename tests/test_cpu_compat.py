@@ -84,7 +84,7 @@ SHUTDOWN = """
 import sys
 import torch
 from megasmol.runtime.distributed import init_parallel, shutdown
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 shutdown()  # nothing started: Megatron-Core stays unimported (it takes a second)
 print("imported", "megatron.core" in sys.modules)
 init_parallel(ParallelLayout())
@@ -106,7 +106,7 @@ import atexit, torch
 atexit.register(lambda: print("at exit", torch.distributed.is_initialized(),
                               parallel_state.model_parallel_is_initialized(), flush=True))
 from megasmol.runtime.distributed import init_parallel
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 init_parallel(ParallelLayout())
 init_parallel(ParallelLayout())
 from megatron.core import parallel_state
@@ -125,7 +125,7 @@ def test_a_process_that_never_calls_shutdown_is_torn_down_before_the_interpreter
 ONE_GROUP = """
 import collections, os, torch
 from megasmol.runtime.distributed import init_parallel
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 from megatron.core import parallel_state as ps
 def loops():
     names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megasmol.ckpt.checkpoint import read_metadata
-from megasmol.ckpt.post_save import shell_line
+from megasmol.config.post_save import shell_line
 from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.train.callbacks.post_save import run_command

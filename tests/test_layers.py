@@ -18,14 +18,6 @@ rooms in lower layers; rooms in one layer do not import each other. Imports unde
 ``if TYPE_CHECKING:`` are annotations, not dependencies, and are not counted."""
 
 LAYERING_EXCEPTIONS = {
-    # The run config resolves specs, recipes, tokenizers and layouts where it should only describe.
-    ("megasmol.config.run", "megasmol.ckpt.branch"),
-    ("megasmol.config.run", "megasmol.ckpt.post_save"),
-    ("megasmol.config.run", "megasmol.data.masked.dataset"),
-    ("megasmol.config.run", "megasmol.data.recipe"),
-    ("megasmol.config.run", "megasmol.model.spec"),
-    ("megasmol.config.run", "megasmol.runtime.parallel"),
-    ("megasmol.config.run", "megasmol.tokenizer"),
     # The checkpoint's identity file is read below the checkpoint room.
     ("megasmol.data.masked.publish", "megasmol.ckpt.checkpoint"),
     ("megasmol.data.messages.special_tokens", "megasmol.ckpt.checkpoint"),
@@ -33,6 +25,7 @@ LAYERING_EXCEPTIONS = {
     ("megasmol.model.load", "megasmol.ckpt.checkpoint"),
     ("megasmol.model.load", "megasmol.ckpt.reader"),
     ("megasmol.model.spec", "megasmol.ckpt.checkpoint"),
+    ("megasmol.model.run_spec", "megasmol.ckpt.branch"),
     # Typed YAML loading lives in config.
     ("megasmol.utils.hub", "megasmol.config.typed"),
     ("megasmol.utils.jsonl", "megasmol.config.typed"),

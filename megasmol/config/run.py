@@ -14,7 +14,7 @@ from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfi
 from megasmol.config.preference import PreferenceConfig
 from megasmol.config.schedule import ScheduleConfig
 from megasmol.config.typed import NAME_OR_PATH, PATH, ConfigError, from_dict, load_yaml, path_fields, to_dict
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 
 
 @dataclass
@@ -305,7 +305,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)
     if config.checkpoint.post_save_command:
-        from megasmol.ckpt.post_save import check_command
+        from megasmol.config.post_save import check_command
 
         check_command(config.checkpoint.post_save_command, config.checkpoint_dir)
     return config

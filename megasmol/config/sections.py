@@ -206,18 +206,18 @@ class EvalConfig:
             raise ConfigError("eval.tasks is set but never scored: set eval.tasks_interval or "
                               "eval.tasks_at_checkpoint: true (or eval.tasks_at_checkpoint: false "
                               "to leave them unscored in the loop)")
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise ConfigError("eval.tasks_limit must be >= 1 (or null for every example)")
 
     @property
     def scores_tasks(self) -> bool:
         """Whether the loop scores ``tasks`` at all."""
         return bool(self.tasks and (self.tasks_interval or self.tasks_at_checkpoint))
-        if self.tasks_limit is not None and self.tasks_limit < 1:
-            raise ConfigError("eval.tasks_limit must be >= 1 (or null for every example)")
 
 
 @dataclass
 class WatchdogConfig:
-    """The hang watchdog (``train/watchdog.py``): a step that runs far past its peers dumps every
+    """The hang watchdog (``train/callbacks/hang.py``): a step that runs far past its peers dumps every
     thread's stack to ``<run_dir>/hang-step<N>-rank<R>.txt`` and exits with code 75, which the
     launch scripts requeue (the job resumes from the last checkpoint)."""
 

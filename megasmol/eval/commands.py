@@ -117,7 +117,7 @@ def _parallel_scorer(args, tokenizer):
     """The checkpoint's model split over the torchrun job (TP x PP x CP, DP for the rest)."""
     from megasmol.eval.parallel_scorer import PipelineScorer
     from megasmol.model.load import load_checkpoint_model
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
                             pipeline_parallel=args.pipeline_parallel,

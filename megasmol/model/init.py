@@ -11,7 +11,7 @@ from megasmol.ckpt.checkpoint import check_output_dir, save_checkpoint
 from megasmol.model.gpt import build_model
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import init_parallel
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 
 
 def init_checkpoint(

@@ -13,7 +13,7 @@ from megasmol.ckpt.reader import CheckpointReader
 from megasmol.model.gpt import SmolGPTModel, build_model
 from megasmol.model.spec import ModelSpec, model_spec_from_dict
 from megasmol.runtime.distributed import init_parallel
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 

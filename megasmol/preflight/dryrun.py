@@ -69,7 +69,7 @@ def meta_parameter_count(spec) -> int:
 
     from megasmol.model.gpt import build_model
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(ParallelLayout(), spec)

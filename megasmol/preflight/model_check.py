@@ -119,7 +119,7 @@ def model_parity(config) -> CheckResult:
     from megasmol.model.gpt import build_model
     from megasmol.model.layer_specs import resolve_attention_backend
     from megasmol.runtime.distributed import current_device, init_parallel
-    from megasmol.runtime.parallel import ParallelLayout
+    from megasmol.config.parallel import ParallelLayout
 
     spec = _parity_spec(run_model_spec(config))
     backend = resolve_attention_backend(spec.attention_backend)

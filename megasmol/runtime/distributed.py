@@ -21,7 +21,7 @@ import torch
 
 from megasmol.errors import RunFailure
 from megasmol.runtime import cpu_compat
-from megasmol.runtime.parallel import ParallelLayout
+from megasmol.config.parallel import ParallelLayout
 
 
 @dataclass

@@ -33,7 +33,7 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text, shown, shown_paths
-from megasmol.tokenizer import run_tokenizer_dir
+from megasmol.data.run_tokenizer import run_tokenizer_dir
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 

@@ -191,7 +191,7 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     from megasmol.data.loader import _collate
     from megasmol.data.masking import device_inputs
     from megasmol.runtime.distributed import current_device
-    from megasmol.train.objectives import document_logps
+    from megasmol.train.objectives.segments import document_logps
     from megasmol.runtime.pipeline import forward_only_outputs
     from megasmol.utils.progress import progress_bar
 

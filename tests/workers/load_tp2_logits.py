@@ -12,7 +12,7 @@ from megasmol.ckpt.checkpoint import load_model_weights, read_metadata  # noqa: 
 from megasmol.model.gpt import build_model  # noqa: E402
 from megasmol.model.spec import model_spec_from_dict  # noqa: E402
 from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
-from megasmol.runtime.parallel import ParallelLayout  # noqa: E402
+from megasmol.config.parallel import ParallelLayout  # noqa: E402
 
 
 def main():

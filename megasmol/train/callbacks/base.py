@@ -35,9 +35,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megasmol.utils.fs import shown_paths
+
+if TYPE_CHECKING:
+    from megasmol.train.metrics import MetricsLog
+    from megasmol.train.setup import TrainingSetup
+    from megasmol.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +69,14 @@ class Console:
 class LoopContext:
     """What callbacks may read about the run (never the model's training inputs)."""
 
-    setup: object
+    setup: TrainingSetup
     """The ``TrainingSetup`` (model, layout, data plan); callbacks use it for forward-only work."""
     run_dir: Path
     total_steps: int
-    metrics: object
+    metrics: MetricsLog
     """The ``MetricsLog``: rank 0's metric sinks (JSONL and trackers); inert on other ranks."""
     console: Console
-    state: object
+    state: TrainState
     """The loop's ``TrainState`` (read it; the loop owns it): ``consumed_tokens`` for records."""
 
     def emit(self, kind: str, record: dict, line: Optional[str] = None) -> None:

@@ -101,10 +101,11 @@ class HangWatchdog(Callback):
                 self._fire(elapsed)
 
     def _fire(self, elapsed: float) -> None:
-        path = self.run_dir / f"hang-step{self.step}-rank{self.rank}.txt"
+        dump = self.run_dir / f"hang-step{self.step}-rank{self.rank}.txt"
+        path: Optional[Path] = dump
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(path, "w") as handle:
+            with open(dump, "w") as handle:
                 handle.write(f"megasmol watchdog: step {self.step} on rank {self.rank} ran "
                              f"{elapsed:.0f}s (deadline {self.deadline_s():.0f}s); every thread's "
                              "stack:\n")

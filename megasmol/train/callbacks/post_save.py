@@ -2,7 +2,7 @@
 rank 0 runs it off the training thread, one command at a time, each with a time limit
 (``checkpoint.post_save_timeout_s``), and waits for the queue at the end, bounded by the stop
 signal's grace when the job is preempted. How the command sees the checkpoint (``{path}``,
-``{step}``) and the rules on its path: ``ckpt/post_save.py``.
+``{step}``) and the rules on its path: ``config/post_save.py``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from megasmol.ckpt.post_save import command_env, shell_line
+from megasmol.config.post_save import command_env, shell_line
 from megasmol.train.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,10 @@ class PostSaveRunner:
                 if self._abandon.is_set():
                     log.error("post-save command for step %d not run: the trainer is stopping", item[1])
                     continue
-                ok = run_command(self.template, *item, self.timeout_s, started=self._started)
+                path, step = item
+                ok = run_command(self.template, path, step, self.timeout_s, started=self._started)
                 if ok and self.on_success:
-                    self.on_success(item[0])
+                    self.on_success(path)
             except Exception:  # never take the training process down
                 log.exception("post-save command for %s", item[0])
             finally:

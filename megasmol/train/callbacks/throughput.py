@@ -70,7 +70,7 @@ class ThroughputWatch:
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, samples[0])
             samples = gathered
-        warning = {"step": step, "expected_tokens_per_s_per_device": self.expected,
+        warning: dict[str, object] = {"step": step, "expected_tokens_per_s_per_device": self.expected,
                    "measured_tokens_per_s_per_device": sum(self.measured) / len(self.measured),
                    "fraction": self.fraction, "below_since_step": self.below_since}
         clocked = [(rank, s) for rank, s in enumerate(samples) if s and "gpu_sm_clock_mhz" in s]
