@@ -85,7 +85,7 @@ def step_times(args) -> dict:
 
     modes = {"precomputed": precomputed, "live reference": live}
     times = {name: [] for name in modes}
-    for name, fn in modes.items():
+    for fn in modes.values():
         fn()  # warm-up
     for _ in range(args.rounds):
         for name, fn in modes.items():

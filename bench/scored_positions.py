@@ -32,7 +32,7 @@ def main() -> None:
     times = {"whole vocabulary at every position": [], "scored positions only": []}
     sums = {}
     with torch.no_grad():
-        for repeat in range(7):
+        for _ in range(7):
             for name, extra in (("whole vocabulary at every position", {}),
                                 ("scored positions only", {"loss_positions": mask > 0})):
                 started = time.perf_counter()

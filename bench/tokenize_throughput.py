@@ -95,7 +95,7 @@ def main() -> None:
                                        "prepare-data --workers 1": [],
                                        f"prepare-data --workers {cores}": []}
     tokens = 0
-    for round_index in range(args.rounds):
+    for _ in range(args.rounds):
         seconds, tokens = upper_bound(texts, backend, tok.eos_token_id)
         results["upper bound (encode_batch_fast)"].append(tokens / seconds)
         for workers in (1, cores):

@@ -79,9 +79,9 @@ def reference() -> str:
     for name, hint, field in _section(RunConfig, top_hints):
         (sections if dataclasses.is_dataclass(hint) else plain).append((name, hint, field))
     out.append("## Top level\n\n| field | type | default | meaning |\n|---|---|---|---|")
-    for name, hint, field in plain:
+    for name, _, field in plain:
         out.append(f"| `{name}` | {_type(field)} | {_default(field)} | {top_docs.get(name, '')} |")
-    for name, hint, field in sections:
+    for name, hint, _ in sections:
         out.append(f"\n## `{name}`\n\n{top_docs.get(name, '')}\n")
         out.append("| field | type | default | meaning |\n|---|---|---|---|")
         docs = field_docs(hint)

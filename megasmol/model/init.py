@@ -18,7 +18,7 @@ def init_checkpoint(
     spec: ModelSpec,
     out: str | Path,
     *,
-    layout: ParallelLayout = ParallelLayout(),
+    layout: Optional[ParallelLayout] = None,
     seed: int = 1234,
     params_dtype: torch.dtype = torch.float32,
     cpu_initialization: bool = False,
@@ -26,7 +26,7 @@ def init_checkpoint(
 ) -> Path:
     """Collective under torchrun: each rank builds and saves its shard."""
     check_output_dir(out)
-    init_parallel(layout, spec, seed=seed)
+    init_parallel(layout or ParallelLayout(), spec, seed=seed)
     model = build_model(spec, params_dtype=params_dtype, cpu_initialization=cpu_initialization)
     metadata = {
         "model_spec": spec.to_dict(),

@@ -124,7 +124,7 @@ def describe_collective_failure(exc: BaseException) -> str | None:
     local = [(r, pid) for r, (h, pid) in enumerate(_peers) if h == host and pid != os.getpid()]
     named = []
     # A killed peer closes its sockets before it leaves /proc: give it a moment to show as gone.
-    for attempt in range(20 if lost and local else 1):
+    for _ in range(20 if lost and local else 1):
         named = [f"rank {r} ({state})" for r, pid in local if (state := _process_state(pid))]
         if named:
             break
