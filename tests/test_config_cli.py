@@ -3,6 +3,8 @@ from that file's folder (the rule every tool our users know)."""
 
 from pathlib import Path
 
+import pytest
+
 from megasmol.config.run import cli_override, load_run_config
 
 
@@ -113,3 +115,25 @@ def test_every_argument_that_names_an_input_is_checked_before_the_command_runs()
                 if getattr(action.type, "__name__", None) != "path":
                     unmarked.append(f"{name} {action.option_strings or action.metavar}")
     assert seen >= 15 and not unmarked, unmarked
+
+
+def test_an_object_store_url_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
+    """``checkpoint.dir: s3://bucket/run`` used to write a local folder named ``s3:``: the user
+    believed the checkpoints were in the bucket. Now it is one error naming the field, written in
+    the file or given with --set."""
+    from megasmol.config.typed import ConfigError
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: smollm3-tiny\ndata: {recipe: demo}\n"
+                      "training: {train_steps: 10, global_batch_size: 1, micro_batch_size: 1}\n"
+                      "schedule: {warmup_steps: 1}\ncheckpoint: {dir: 's3://bucket/run'}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^checkpoint.dir: s3://bucket/run is a URL"):
+        load_run_config(config)
+    plain = config.read_text().replace("checkpoint: {dir: 's3://bucket/run'}\n", "")
+    config.write_text(plain)
+    load_run_config(config)  # the same config without the URL loads
+    for item in ("checkpoint.init_from=gs://bucket/ckpt", "checkpoint.dir=s3://b/x"):
+        with pytest.raises(ConfigError, match=f"^{item.split('=')[0]}: "):
+            load_run_config(config, [cli_override(item)])
+    assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

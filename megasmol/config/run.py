@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal, Optional
@@ -158,6 +159,10 @@ class RopeSettings:
             raise ConfigError("rope.max_position_embeddings must be >= 1")
 
 
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+"""A value with a scheme (``s3://``, ``gs://``, ``https://``): not a path."""
+
+
 @dataclass
 class RunConfig:
     """A training run."""
@@ -203,6 +208,15 @@ class RunConfig:
     a section left at its defaults from one written out (``load_run_config`` sets it)."""
 
     def validate(self) -> None:
+        for key in path_fields(RunConfig):
+            value = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            if isinstance(value, str) and URL.match(value):
+                raise ConfigError(
+                    f"{key}: {value} is a URL, and megasmol reads and writes files on a file system "
+                    "only (it would make a local folder named after it): mount the bucket and give "
+                    "its path, or copy checkpoints out with checkpoint.post_save_command")
         start = self.checkpoint.init_from or self.checkpoint.branch_from
         if self.model is None and start is None:
             raise ConfigError("model is missing: name a preset, a spec YAML or a checkpoint "
@@ -272,8 +286,6 @@ def _set_path(tree: dict, dotted: str, raw: str) -> None:
         raise ConfigError(f"--set {dotted}: cannot parse value {raw!r}: {exc}") from None
 
 
-
-
 def cli_override(item: str) -> str:
     """One ``--set KEY=VALUE`` from a command line: a relative path in a path field is made
     absolute from the current directory, as every command-line tool does (paths written inside
@@ -282,8 +294,8 @@ def cli_override(item: str) -> str:
         return item  # load_run_config names the mistake
     key, raw = item.split("=", 1)
     value = raw.strip()
-    if not value or value in ("null", "~") or value.startswith(("/", "~", "[", "{", "$")):
-        return item
+    if not value or value in ("null", "~") or value.startswith(("/", "~", "[", "{", "$")) or URL.match(value):
+        return item  # (a URL is refused by RunConfig.validate, naming the field)
     kind = path_fields(RunConfig).get(key.strip())  # the fields marked PATH / NAME_OR_PATH
     if kind == "path" or (kind == "name_or_path" and Path(value).exists()):
         return f"{key}={os.path.abspath(value)}"
