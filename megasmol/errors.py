@@ -22,6 +22,11 @@ class InputError(UserError, ValueError):
     a config field: exit code 2. A ``ValueError`` too, so code that catches one still does."""
 
 
+class OutputExists(UserError, FileExistsError):
+    """An output location that is taken (a non-empty folder without ``--overwrite``, a file where
+    a folder should be, a checkpoint that would be written into): exit code 2."""
+
+
 class RunFailure(Exception):
     """A run that could not go on, said in one line: exit code 1. ``reported``: the line was
     already printed (by the rank that saw it first)."""

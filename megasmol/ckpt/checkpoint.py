@@ -25,7 +25,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from megasmol.ckpt import locate
-from megasmol.errors import UserError
+from megasmol.errors import OutputExists, UserError
 from megasmol.runtime.threads import one_intra_op_thread
 from megasmol.utils.faults import NO_FAULTS, FaultPlan
 from megasmol.utils.fs import atomic_write_text, fsync_directory
@@ -266,23 +266,23 @@ def check_output_dir(out: str | Path, *, sources: tuple = (), what: str = "--out
     a ``source`` the command reads from."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{what} {out} is a file, not a directory")
+        raise OutputExists(f"{what} {out} is a file, not a directory")
     inside = enclosing_iteration(out)
     if inside is not None:
-        raise FileExistsError(f"{what} {out} is inside checkpoint {inside}: what is written there "
+        raise OutputExists(f"{what} {out} is inside checkpoint {inside}: what is written there "
                               "would become part of that checkpoint; choose a directory outside it")
     holds_run = False
     if (out / LATEST_FILE).is_file():
         with contextlib.suppress(CheckpointError, OSError, ValueError):
             holds_run = "train_state" in read_metadata(out)
     if holds_run:
-        raise FileExistsError(
+        raise OutputExists(
             f"{what} {out} holds a training run's checkpoints; writing there would move its "
             "latest to a weights-only checkpoint: choose a new directory")
     for source in sources:
         source = Path(source).resolve()
         if source == out or out in source.parents:
-            raise FileExistsError(f"{what} {out} contains {source}, which this command reads: "
+            raise OutputExists(f"{what} {out} contains {source}, which this command reads: "
                                   "choose a directory outside it")
     return out
 

@@ -26,6 +26,7 @@ from megasmol.convert.mappings import mappings_for, split
 from megasmol.model.spec import YarnSpec, model_spec_from_dict
 from megasmol.tokenizer import record_decode_cleanup
 from megasmol.utils.progress import progress_bar
+from megasmol.errors import OutputExists
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,7 +120,7 @@ def export_hf(
         raise ConfigError("--max-shard-gb must be > 0")
     out = check_output_dir(out_dir, sources=(resolve(checkpoint),) + ((tokenizer,) if tokenizer else ()))
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        raise OutputExists(f"{out} exists and is not empty (pass --overwrite to replace it)")
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)

@@ -26,6 +26,7 @@ from megasmol.data.readers import ReadIssues, expand_inputs, read_documents
 from megasmol.utils.prefetch import prefetched
 from megasmol.utils.fs import shown
 from megasmol.utils.progress import progress_bar
+from megasmol.errors import OutputExists
 
 DTYPES = {"uint16": np.uint16, "int32": np.int32}
 BATCH_CHARS = 1 << 20  # documents are grouped into ~1 MB batches for the workers
@@ -175,7 +176,7 @@ def prepare_data(inputs: list[str], out_prefix: str, tokenizer: Optional[str] = 
     bin_path, idx_path = Path(get_bin_path(str(prefix))), Path(get_idx_path(str(prefix)))
     stats_path = prefix.with_name(prefix.name + ".stats.json")
     if (bin_path.exists() or idx_path.exists()) and not overwrite:
-        raise FileExistsError(f"{idx_path} already exists (use --overwrite to replace it)")
+        raise OutputExists(f"{idx_path} already exists (use --overwrite to replace it)")
     if not prefix.parent.is_dir():
         raise ConfigError(f"--out {out_prefix}: directory {prefix.parent} does not exist")
 

@@ -19,6 +19,7 @@ import numpy as np
 from megasmol.config.typed import ConfigError
 from megasmol.data.masked.layout import mask_prefix, prefix_files, stats_path
 from megasmol.data.masked.summary import MaskedSummary
+from megasmol.errors import OutputExists
 
 
 def check_out_folder(out_prefix: str) -> None:
@@ -48,7 +49,7 @@ def output_files(out_prefix: str, description: Path, overwrite: bool) -> tuple[P
     prefix.parent.mkdir(parents=True, exist_ok=True)
     finals = prefix_files(prefix, description)
     if any(p.exists() for p in finals) and not overwrite:
-        raise FileExistsError(f"{prefix}.* already exists (use --overwrite to replace it)")
+        raise OutputExists(f"{prefix}.* already exists (use --overwrite to replace it)")
     partial = {p: p.with_name(p.name + ".partial") for p in finals}
     remove_partial(partial)
     return prefix, partial
