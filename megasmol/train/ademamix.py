@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from megasmol.config.sections import OptimizerSettings
+from megasmol.config.typed import ConfigError
 
 STATES = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
 
@@ -34,8 +35,11 @@ def _init_states(optimizer, config=None) -> None:
 
 def library_optimizer(params, settings: OptimizerSettings):
     """The library's AdEMAMix with ``settings`` (decoupled weight decay, AdamW's)."""
-    from pytorch_optimizer import AdEMAMix
-
+    try:
+        from pytorch_optimizer import AdEMAMix
+    except ImportError as exc:
+        raise ConfigError("optim.name: ademamix needs the pytorch-optimizer package "
+                          "(pip install 'megasmol[ademamix]')") from exc
     ade = settings.ademamix
     return AdEMAMix(params, lr=1.0, betas=(settings.beta1, settings.beta2, ade.beta3),
                     weight_decay=settings.weight_decay, weight_decouple=True, alpha=ade.alpha,

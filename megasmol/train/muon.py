@@ -106,7 +106,8 @@ class Muon(torch.optim.Optimizer):
             rank = torch.distributed.get_rank(self.tp_group)
             out = self._orthogonalize_matrix(whole, None)
             return out.chunk(tp, dim=partition_dim)[rank]
-        return newton_schulz(u, self.settings.ns_steps) * update_scale(*u.shape, self.settings)
+        rows, cols = u.shape
+        return newton_schulz(u, self.settings.ns_steps) * update_scale(rows, cols, self.settings)
 
     def orthogonalize(self, param: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         partition_dim = None

@@ -48,7 +48,8 @@ def main():
         if name in sharded:
             whole = torch.randn(before[name].shape, generator=generator)
             grads[name] = whole
-            p.main_grad.copy_(whole.chunk(2, dim=p.partition_dim)[parallel_state.get_tensor_model_parallel_rank()])
+            rank = parallel_state.get_tensor_model_parallel_rank()
+            p.main_grad.copy_(whole.chunk(2, dim=p.partition_dim)[rank])
         else:
             p.main_grad.zero_()
     apply_learning_rate(optimizer, LR, WD)
@@ -75,7 +76,8 @@ def main():
             shards.append(piece.detach())
         blockwise[name] = float((after - torch.cat(shards, dim=p.partition_dim)).abs().max())
     if torch.distributed.get_rank() == 0:
-        Path(sys.argv[1]).write_text(json.dumps({"errors": errors, "changes": changes, "blockwise": blockwise}))
+        result = {"errors": errors, "changes": changes, "blockwise": blockwise}
+        Path(sys.argv[1]).write_text(json.dumps(result))
     shutdown()
 
 
