@@ -84,11 +84,20 @@ def reference() -> str:
     for name, hint, _ in sections:
         out.append(f"\n## `{name}`\n\n{top_docs.get(name, '')}\n")
         out.append("| field | type | default | meaning |\n|---|---|---|---|")
-        docs = field_docs(hint)
-        for sub_name, _, sub_field in _section(hint, typing.get_type_hints(hint)):
-            out.append(f"| `{name}.{sub_name}` | {_type(sub_field)} | {_default(sub_field)} | "
-                       f"{docs.get(sub_name, '')} |")
+        out.extend(_rows(name, hint))
     return "\n".join(out) + "\n"
+
+
+def _rows(prefix: str, cls) -> list:
+    """One row per field of ``cls``, and the fields of a nested section after its own row."""
+    rows = []
+    docs = field_docs(cls)
+    for sub_name, sub_hint, sub_field in _section(cls, typing.get_type_hints(cls)):
+        rows.append(f"| `{prefix}.{sub_name}` | {_type(sub_field)} | {_default(sub_field)} | "
+                    f"{docs.get(sub_name, '')} |")
+        if dataclasses.is_dataclass(sub_hint):
+            rows.extend(_rows(f"{prefix}.{sub_name}", sub_hint))
+    return rows
 
 
 if __name__ == "__main__":

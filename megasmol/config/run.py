@@ -180,7 +180,7 @@ class RunConfig:
     rope: RopeSettings = field(default_factory=RopeSettings)
     """RoPE base and position range for this run (long-context stages change them)."""
     optim: OptimizerSettings = field(default_factory=OptimizerSettings)
-    """AdamW hyper-parameters and weight-decay groups."""
+    """The optimizer (AdamW, Muon or AdEMAMix), its hyper-parameters and weight-decay groups."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     """Learning rate and its schedule over this run's steps (a new run is a fresh schedule)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -25,9 +25,72 @@ class WeightDecayPolicy:
 
 
 @dataclass
-class OptimizerSettings:
-    """AdamW through Megatron-Core's (distributed) optimizer; the LR lives in ``schedule``."""
+class MuonSettings:
+    """Muon (``optim.name: muon``): momentum orthogonalized by a Newton-Schulz iteration, on the
+    2-D hidden matrices; embeddings, the output layer, norms and biases stay on AdamW with
+    ``optim``'s betas, eps and weight decay (as Moonlight and Megatron-Core do)."""
 
+    momentum: float = 0.95
+    """Momentum of the gradient before it is orthogonalized (Moonlight, Megatron-Core: 0.95)."""
+    nesterov: bool = True
+    """Nesterov momentum: orthogonalize ``grad + momentum * buffer`` rather than the buffer."""
+    ns_steps: int = 5
+    """Newton-Schulz iterations (quintic coefficients of Keller Jordan's Muon, as
+    emerging-optimizers' ``quintic`` set)."""
+    scale_mode: Literal["spectral", "shape_scaling", "unit_rms_norm"] = "spectral"
+    """Scale of the orthogonalized update of an ``m x n`` matrix: ``spectral`` sqrt(max(m, n))
+    (Moonlight), ``shape_scaling`` sqrt(max(1, m/n)) (Keller Jordan), ``unit_rms_norm``
+    sqrt(m/n) (Scion)."""
+    extra_scale: float = 0.2
+    """Multiplies the scale above. ``0.2`` with ``spectral`` gives an update RMS of about 0.2,
+    AdamW's typical one (Moonlight), so AdamW's learning rate and weight decay carry over."""
+    split_qkv: bool = True
+    """Orthogonalize the query, key and value blocks of the fused QKV matrix separately
+    (Megatron-Core's default)."""
+    matmul_precision: Literal["highest", "high", "medium"] = "medium"
+    """``torch.set_float32_matmul_precision`` during the iteration: ``medium`` runs it in bf16
+    (Muon's usual choice, fast on GPUs), ``highest`` in fp32."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"optim.muon.momentum must be in [0, 1), got {self.momentum}")
+        if self.ns_steps < 1:
+            raise ConfigError(f"optim.muon.ns_steps must be >= 1, got {self.ns_steps}")
+        if not self.extra_scale > 0:
+            raise ConfigError(f"optim.muon.extra_scale must be > 0, got {self.extra_scale}")
+
+
+@dataclass
+class AdEMAMixSettings:
+    """AdEMAMix (``optim.name: ademamix``): AdamW plus a slow EMA of the gradient (beta3) added to
+    the fast one with weight alpha (Pagliardini et al., 2024). beta1, beta2, eps and weight decay
+    are ``optim``'s. From the ``pytorch-optimizer`` library."""
+
+    beta3: float = 0.9999
+    """Decay of the slow momentum (paper: 0.9999)."""
+    alpha: float = 5.0
+    """Weight of the slow momentum in the update (paper: 5 to 8)."""
+    warmup_steps: int = 0
+    """Steps over which alpha rises linearly from 0 and beta3 from beta1 (the paper's
+    T_alpha = T_beta3, which it sets to the run's length); 0: no warm-up."""
+
+    def validate(self) -> None:
+        if not 0.0 <= self.beta3 < 1.0:
+            raise ConfigError(f"optim.ademamix.beta3 must be in [0, 1), got {self.beta3}")
+        if self.alpha < 0:
+            raise ConfigError(f"optim.ademamix.alpha must be >= 0, got {self.alpha}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.ademamix.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class OptimizerSettings:
+    """The optimizer, through Megatron-Core's optimizer wrappers; the LR lives in ``schedule``."""
+
+    name: Literal["adamw", "muon", "ademamix"] = "adamw"
+    """``adamw`` (SmolLM3's), ``muon`` (Megatron-Core's design: Muon on hidden matrices, AdamW on
+    the rest; see ``muon``) or ``ademamix`` (see ``ademamix``). Muon and AdEMAMix need
+    ``distributed: false``."""
     beta1: float = 0.9
     """Adam beta1 (SmolLM3: 0.9)."""
     beta2: float = 0.95
@@ -41,7 +104,12 @@ class OptimizerSettings:
     decay: WeightDecayPolicy = field(default_factory=WeightDecayPolicy)
     """Which parameter kinds are decayed (embeddings never, by default)."""
     distributed: bool = True
-    """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer)."""
+    """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer; AdamW
+    only)."""
+    muon: MuonSettings = field(default_factory=MuonSettings)
+    """Muon's own hyper-parameters (``name: muon``)."""
+    ademamix: AdEMAMixSettings = field(default_factory=AdEMAMixSettings)
+    """AdEMAMix's own hyper-parameters (``name: ademamix``)."""
 
     def validate(self) -> None:
         for name in ("beta1", "beta2"):
@@ -53,6 +121,13 @@ class OptimizerSettings:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         if self.clip_grad < 0:
             raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+        self.muon.validate()
+        self.ademamix.validate()
+        if self.name != "adamw" and self.distributed:
+            raise ConfigError(
+                f"optim.name: {self.name} cannot shard its states with optim.distributed: true "
+                "(Megatron-Core's distributed optimizer carries Adam's states only); set "
+                "optim.distributed=false")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The trainable model: Megatron-Core DDP around this rank's model chunk, and its optimizer.
+"""The trainable model: Megatron-Core DDP around this rank's model chunk, and its optimizer
+(``optim.name``: AdamW here, Muon in ``muon.py``, AdEMAMix in ``ademamix.py``).
 
 Megatron's DDP keeps gradients in contiguous (fp32) buffers and reduces them across data-parallel
 ranks; with ``optim.distributed`` the optimizer states are sharded over those ranks (ZeRO-1).
@@ -12,6 +13,9 @@ from __future__ import annotations
 import torch
 
 from megasmol.config.sections import OptimizerSettings
+from megasmol.train.ademamix import build_ademamix
+from megasmol.train.megatron_optim import megatron_config
+from megasmol.train.muon import build_muon
 from megasmol.train.param_groups import weight_decay_overrides
 
 
@@ -28,26 +32,21 @@ def wrap_ddp(model, distributed_optimizer: bool):
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
+def build_adamw(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     """Megatron-Core's AdamW (distributed when asked) with megasmol's weight-decay groups."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
-    config = OptimizerConfig(
-        optimizer="adam",
-        lr=1.0,  # placeholder: apply_learning_rate sets the real value before every step
-        min_lr=0.0,
-        weight_decay=settings.weight_decay,
-        adam_beta1=settings.beta1,
-        adam_beta2=settings.beta2,
-        adam_eps=settings.eps,
-        clip_grad=settings.clip_grad,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=False,
-        params_dtype=params_dtype,
-        use_distributed_optimizer=settings.distributed,
-    )
-    return get_megatron_optimizer(config, [ddp_model],
+    return get_megatron_optimizer(megatron_config(settings, params_dtype), [ddp_model],
                                   config_overrides=weight_decay_overrides(settings.decay))
+
+
+OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon, "ademamix": build_ademamix}
+"""``optim.name`` -> builder(ddp_model, settings, params_dtype) of a Megatron-Core optimizer."""
+
+
+def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
+    """The optimizer ``optim.name`` names, with megasmol's weight-decay groups."""
+    return OPTIMIZERS[settings.name](ddp_model, settings, params_dtype)
 
 
 def apply_learning_rate(optimizer, lr: float, weight_decay: float) -> None:

@@ -1,0 +1,182 @@
+"""``optim.name``: AdamW, Muon and AdEMAMix through Megatron-Core's optimizer wrappers.
+
+Muon's update equals the reference algorithm written here from its definition; under TP=2 each
+shard's update equals one process's update of the whole matrix; AdEMAMix's update equals the
+library's; each trains the tiny model and resumes from a checkpoint bit for bit.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from megasmol.config.run import load_run_config
+from megasmol.config.sections import ConfigError, MuonSettings, OptimizerSettings
+from tests.conftest import run_torchrun
+from tests.train_fixtures import step_losses, train, write_training_run
+
+WORKERS = Path(__file__).parent / "workers"
+
+# Keller Jordan's quintic Newton-Schulz coefficients as emerging-optimizers / Megatron-Core cycle them.
+COEFFICIENTS = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
+                (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)]
+
+
+def reference_orthogonalize(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """X0 = G / ||G||_F; X <- a X + b (X X^T) X + c (X X^T)^2 X on the wide side (float64)."""
+    x = g.double()
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm()
+    for k in range(steps):
+        a, b, c = COEFFICIENTS[k % 5]
+        gram = x @ x.T
+        x = a * x + b * gram @ x + c * gram @ gram @ x
+    return x.T if tall else x
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (48, 16)])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_update_equals_the_reference_algorithm(shape, nesterov):
+    from megasmol.train.muon import Muon
+
+    settings = MuonSettings(nesterov=nesterov, matmul_precision="highest")
+    lr, wd, mu = 0.02, 0.1, settings.momentum
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator)
+    param = torch.nn.Parameter(weight.clone())
+    optimizer = Muon([param], settings, lr=lr, weight_decay=wd)
+    expected, momentum = weight.double(), torch.zeros(shape, dtype=torch.float64)
+    for _ in range(3):
+        grad = torch.randn(shape, generator=generator)
+        param.grad = grad.clone()
+        optimizer.step()
+        momentum = mu * momentum + (1 - mu) * grad.double()
+        direction = (1 - mu) * grad.double() + mu * momentum if nesterov else momentum
+        scale = 0.2 * max(shape) ** 0.5  # Moonlight's update-RMS matching
+        expected = expected * (1 - lr * wd) - lr * scale * reference_orthogonalize(direction, 5)
+        assert torch.allclose(param.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    # The update is not the gradient step: orthogonalized directions move every singular value.
+    assert (param.detach().double() - weight.double()).abs().max() > 0.01
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest(megatron_runtime):
+    from megasmol.model.gpt import build_model
+    from megasmol.runtime.distributed import set_seed
+    from megasmol.train.muon import Muon
+    from megasmol.train.optimizer import build_optimizer, wrap_ddp
+    from tests.specs import tiny_smollm3
+
+    set_seed(1)
+    ddp = wrap_ddp(build_model(tiny_smollm3(tie_embeddings=False)), distributed_optimizer=False)
+    optimizer = build_optimizer(ddp, OptimizerSettings(name="muon", distributed=False),
+                                torch.float32)
+    names = {id(p): n.removeprefix("module.") for n, p in ddp.named_parameters()}
+    by_kind = {}
+    for inner in optimizer.chained_optimizers:
+        kind = "muon" if isinstance(inner.optimizer, Muon) else "adamw"
+        assert kind == "muon" or isinstance(inner.optimizer, torch.optim.AdamW)
+        for group in inner.optimizer.param_groups:
+            by_kind.setdefault(kind, set()).update(names[id(p)] for p in group["params"])
+    assert "decoder.layers.0.self_attention.linear_qkv.weight" in by_kind["muon"]
+    assert "decoder.layers.1.mlp.linear_fc2.weight" in by_kind["muon"]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight",
+                 "decoder.final_layernorm.weight"):
+        assert name in by_kind["adamw"]
+    assert all(p.dim() == 2 for n, p in ddp.named_parameters()
+               if n.removeprefix("module.") in by_kind["muon"])
+    assert by_kind["muon"] | by_kind["adamw"] == set(names.values())
+    assert not by_kind["muon"] & by_kind["adamw"]
+
+
+def test_ademamix_update_equals_the_library(megatron_runtime):
+    from pytorch_optimizer import AdEMAMix
+
+    from megasmol.config.sections import AdEMAMixSettings
+    from megasmol.model.gpt import build_model
+    from megasmol.runtime.distributed import set_seed
+    from megasmol.train.optimizer import apply_learning_rate, build_optimizer, wrap_ddp
+    from tests.specs import tiny_smollm3
+
+    set_seed(2)
+    ddp = wrap_ddp(build_model(tiny_smollm3()), distributed_optimizer=False)
+    settings = OptimizerSettings(name="ademamix", distributed=False, clip_grad=0.0,
+                                 ademamix=AdEMAMixSettings(warmup_steps=4))
+    optimizer = build_optimizer(ddp, settings, torch.float32)
+    params = [p for p in ddp.parameters() if p.requires_grad]
+    copies = {id(p): torch.nn.Parameter(p.detach().clone()) for p in params}
+    wd_mult = {id(p): g["wd_mult"] for g in optimizer.param_groups for p in g["params"]}
+    lr, wd = 3e-3, 0.1
+    library = AdEMAMix(
+        [{"params": [copies[id(p)] for p in params if wd_mult[id(p)] == m], "weight_decay": wd * m}
+         for m in sorted(set(wd_mult.values()))],
+        lr=lr, betas=(0.9, 0.95, 0.9999), weight_decouple=True, alpha=5.0, t_alpha_beta3=4,
+        eps=1e-8)
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p in params:
+            grad = torch.randn(p.shape, generator=generator)
+            p.main_grad.copy_(grad)
+            copies[id(p)].grad = grad.clone()
+        apply_learning_rate(optimizer, lr, wd)
+        optimizer.step()
+        library.step()
+        for p in params:
+            assert torch.equal(p.detach(), copies[id(p)].detach())
+    assert len({0.0, 1.0} & set(wd_mult.values())) == 2  # both decay groups were exercised
+
+
+def test_optimizer_fields_are_checked(tmp_path):
+    config = write_training_run(tmp_path, steps=20)
+    assert load_run_config(config).optim.name == "adamw"
+    with pytest.raises(ConfigError, match=r"optim\.name: muon .*optim\.distributed"):
+        load_run_config(config, ["optim.name=muon"])
+    with pytest.raises(ConfigError, match=r"optim\.name: ademamix .*optim\.distributed"):
+        load_run_config(config, ["optim.name=ademamix"])
+    with pytest.raises(ConfigError, match=r"optim\.name"):
+        load_run_config(config, ["optim.name=lion"])
+    with pytest.raises(ConfigError, match=r"optim\.muon\.ns_steps"):
+        load_run_config(config, ["optim.distributed=false", "optim.name=muon",
+                                 "optim.muon.ns_steps=0"])
+    with pytest.raises(ConfigError, match=r"optim\.ademamix\.beta3"):
+        load_run_config(config, ["optim.ademamix.beta3=1.0"])
+    ok = load_run_config(config, ["optim.name=muon", "optim.distributed=false",
+                                  "optim.muon.momentum=0.9"])
+    assert ok.optim.muon.momentum == 0.9
+
+
+@pytest.mark.parametrize("name", ["muon", "ademamix"])
+def test_trains_and_resumes_bit_for_bit(tmp_path, name):
+    steps = 6
+    sets = [f"optim.name={name}", "optim.distributed=false"]
+    reference = write_training_run(tmp_path / "reference", steps=steps,
+                                   checkpoint={"interval": 3, "keep_last": 0})
+    train(reference, *sets)
+    losses = step_losses(tmp_path / "reference" / "run")
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert (losses[5] + losses[6]) / 2 < (losses[1] + losses[2]) / 2 - 0.05, losses
+    resumed = write_training_run(tmp_path / "resumed", steps=steps,
+                                 checkpoint={"interval": 3, "keep_last": 0})
+    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    src = tmp_path / "reference" / "run" / "checkpoints" / "iter_0000003"
+    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
+    (ckpts / "latest").write_text("iter_0000003\n")
+    assert "resumed from" in train(resumed, *sets).stdout
+    resumed_losses = step_losses(tmp_path / "resumed" / "run")
+    assert resumed_losses == {s: losses[s] for s in range(4, steps + 1)}  # bit for bit
+
+
+def test_muon_tp2_shards_update_as_the_whole_matrix(tmp_path):
+    import json
+
+    run_torchrun([str(WORKERS / "muon_tp2.py"), str(tmp_path / "result.json")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len(result["errors"]) >= 8  # qkv, proj, fc1, fc2 of each layer
+    for name, error in result["errors"].items():
+        assert error < 1e-5, name
+        assert result["changes"][name] > 1e-3, name
+        # Orthogonalizing each shard alone is a different update: the test can tell.
+        assert result["blockwise"][name] > 1e-3, name
