@@ -1,10 +1,10 @@
 """A linear cross-entropy that never holds the ``[tokens, vocab]`` logits.
 
 The output layer and the loss in one autograd function, over chunks of positions: the forward
-keeps, per position, only the log-sum-exp of the logits; the backward recomputes each chunk's logits
-from the hidden states and the output weight and accumulates the gradients of both. Peak memory
-is one chunk of logits (``chunk_size x vocab/tp``) instead of all of them and their gradient,
-for one more output-layer GEMM per step (the recomputation).
+keeps only its inputs and, per position, the log-sum-exp of the logits; the backward recomputes
+each chunk's logits from the hidden states and the output weight and accumulates the gradients of
+both. Peak memory is one chunk of logits (``chunk_size x vocab/tp``) instead of all of them, for
+one more output-layer GEMM per step (the recomputation).
 
 Vocabulary-parallel under tensor parallelism like Megatron-Core's
 ``tensor_parallel.vocab_parallel_cross_entropy``: each rank holds ``vocab/tp`` rows of the output
@@ -19,13 +19,11 @@ contributes no target logit, as in Megatron-Core's.
 
 Why written here rather than taken:
 
-* Megatron-Core's ``cross_entropy_loss_fusion`` (``native`` and ``te``) fuses the softmax and the
-  loss but takes the logits as input, so they are still materialized; ``te`` is a Triton kernel
-  (GPU only).
-* ``cut-cross-entropy`` (Apple) computes the loss from embeddings and classifier with Triton
-  kernels: GPU only, and not vocabulary-parallel.
-* Liger Kernel's ``LigerFusedLinearCrossEntropyLoss`` chunks as this does, in Triton: GPU only,
-  not vocabulary-parallel, and it reduces to a mean loss rather than per-token losses.
+* Megatron-Core's ``cross_entropy_loss_fusion`` (``native``, ``te``) fuses softmax and loss on
+  logits already made by the output layer; ``te`` is Transformer Engine's Triton kernel (GPU only).
+* ``cut-cross-entropy`` (Apple): Triton kernels (GPU only); its ``torch_compile`` fallback forms
+  the logits.
+* Liger Kernel's fused linear cross-entropy: Triton kernels (GPU only).
 
 This is plain torch (matmuls and elementwise ops), so it runs on CPU and GPU alike.
 """
