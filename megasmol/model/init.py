@@ -26,7 +26,8 @@ def init_checkpoint(
 ) -> Path:
     """Collective under torchrun: each rank builds and saves its shard."""
     check_output_dir(out)
-    init_parallel(layout or ParallelLayout(), spec, seed=seed)
+    layout = layout or ParallelLayout()
+    init_parallel(layout, spec, seed=seed)
     model = build_model(spec, params_dtype=params_dtype, cpu_initialization=cpu_initialization)
     metadata = {
         "model_spec": spec.to_dict(),
