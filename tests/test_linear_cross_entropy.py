@@ -9,10 +9,10 @@ import torch
 from megasmol.config.run import TrainingConfig
 from megasmol.config.typed import ConfigError
 from megasmol.model.linear_cross_entropy import linear_cross_entropy
-from tests.conftest import WORKERS, run_torchrun
+from tests.conftest import WORKERS, run_cli, run_torchrun
 from tests.linear_ce_check import function_errors, model_errors, plain_token_loss
 from tests.specs import tiny_smollm3
-from tests.train_fixtures import step_losses, train, write_training_run
+from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
 TOL = 1e-6  # relative, fp32
 
@@ -87,16 +87,37 @@ def test_te_needs_transformer_engine():
     TrainingConfig(train_steps=1, global_batch_size=1, cross_entropy="chunked").validate()
 
 
-def test_training_with_chunked_cross_entropy_matches_plain(tmp_path):
-    losses = {}
-    for name in ("plain", "chunked"):
-        config = write_training_run(tmp_path / name, steps=4, checkpoint={"interval": 0},
-                                    schedule={"warmup_steps": 1}, eval={"interval": 0},
-                                    training={"cross_entropy": name})
-        train(config)
-        losses[name] = step_losses(tmp_path / name / "run")
-    assert sorted(losses["plain"]) == [1, 2, 3, 4]
-    for step, loss in losses["plain"].items():
-        assert losses["chunked"][step] == pytest.approx(loss, rel=1e-5)
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A 4-step single-process run from a saved initial checkpoint (same weights in any layout)."""
+    root = tmp_path_factory.mktemp("plain")
+    config = _short_run(root, "plain")
+    run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
+    train(config, f"checkpoint.init_from={root / 'init'}")
+    return root / "init", step_losses(root / "run")
+
+
+def _short_run(root, cross_entropy):
+    return write_training_run(root, steps=4, checkpoint={"interval": 0}, schedule={"warmup_steps": 1},
+                              eval={"interval": 0}, training={"cross_entropy": cross_entropy})
+
+
+def _assert_same_losses(losses, plain):
+    assert sorted(plain) == [1, 2, 3, 4]
+    for step, loss in plain.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5)
     # The chunked path did run: its sums go in another order, so the losses are not bit-identical.
-    assert losses["chunked"] != losses["plain"]
+    assert losses != plain
+
+
+def test_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
+    init, plain = plain_run
+    train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}")
+    _assert_same_losses(step_losses(tmp_path / "run"), plain)
+
+
+def test_tensor_parallel_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
+    init, plain = plain_run
+    torchrun_train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}",
+                   "parallel.tensor_parallel=2")
+    _assert_same_losses(step_losses(tmp_path / "run"), plain)
