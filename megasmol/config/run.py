@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
@@ -96,6 +97,12 @@ class TrainingConfig:
     newer). CPU runs use fp32."""
     recompute: Optional[Literal["selective", "full"]] = None
     """Activation recomputation: selective (attention core) or full (whole layers)."""
+    cross_entropy: Literal["plain", "chunked", "te"] = "plain"
+    """How the training loss is computed from the last hidden states: ``plain`` (the output
+    layer's ``[tokens, vocab]`` logits, then Megatron-Core's vocab-parallel cross-entropy),
+    ``chunked`` (output layer and loss in one function over chunks of positions, recomputed in the
+    backward: the logits are never held, same losses and gradients; any layout) or ``te``
+    (Megatron-Core's fused cross-entropy in Transformer Engine, on the logits; needs TE and a GPU)."""
     batch_rampup: Optional[BatchRampup] = None
     """Start with a smaller global batch and grow it (none: full batch from step 1)."""
     stop_after_step: Optional[int] = None
@@ -128,6 +135,9 @@ class TrainingConfig:
         if ramp is not None and ramp.start >= self.global_batch_size:
             raise ConfigError(f"training.batch_rampup.start={ramp.start} must be below "
                               f"training.global_batch_size={self.global_batch_size}")
+        if self.cross_entropy == "te" and importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("training.cross_entropy=te needs Transformer Engine (pip install "
+                              "'megasmol[gpu]', on a GPU); use chunked or plain")
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"training.global_batch_size={self.global_batch_size} is not a "
                               f"multiple of training.micro_batch_size={self.micro_batch_size}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,28 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megasmol.model.layer_specs import forward_only, layer_spec, resolve_attention_backend
+from megasmol.model.linear_cross_entropy import output_layer_loss
 from megasmol.model.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class CrossEntropyImpl:
+    """How the model's training loss goes from the last hidden states to per-token losses."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    """TransformerConfig fields it sets (Megatron-Core's own fused cross-entropy)."""
+    from_hidden_states: bool = False
+    """The output layer and the loss in one chunked function (``model/linear_cross_entropy.py``),
+    which never holds the ``[tokens, vocab]`` logits; else the output layer's logits, then the loss."""
+
+
+CROSS_ENTROPY = {
+    "plain": CrossEntropyImpl(),
+    "chunked": CrossEntropyImpl(from_hidden_states=True),
+    "te": CrossEntropyImpl(config={"cross_entropy_loss_fusion": True,
+                                   "cross_entropy_fusion_impl": "te"}),
+}
+"""``training.cross_entropy``: the implementations by name (``te`` needs Transformer Engine)."""
 
 
 def vocab_parallel_logsumexp(logits: torch.Tensor) -> torch.Tensor:
@@ -38,9 +60,13 @@ class SmolGPTModel(GPTModel):
     The per-token loss returned with labels is ``CE + z_loss_coeff * logsumexp(logits)^2``.
     """
 
-    def __init__(self, *args, z_loss_coeff: float = 0.0, attention_backend: str = "local", **kwargs):
+    def __init__(self, *args, z_loss_coeff: float = 0.0, attention_backend: str = "local",
+                 loss_from_hidden_states: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.z_loss_coeff = z_loss_coeff
+        self.loss_from_hidden_states = loss_from_hidden_states
+        """With labels, the loss comes from the hidden states and the output weight in chunks
+        (``CrossEntropyImpl.from_hidden_states``): no logits are made."""
         self.attention_backend = attention_backend
         """The layer spec's backend (``layer_specs.LAYER_SPECS``), resolved."""
         self._logit_positions = None  # [s, b] bool while a forward scores only those positions
@@ -69,14 +95,29 @@ class SmolGPTModel(GPTModel):
         hidden = args[0][self._logit_positions]  # [s, b, h] -> [n, h]
         return (hidden.unsqueeze(1), *args[1:]), kwargs
 
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, **kwargs):
+        if (not self.loss_from_hidden_states or labels is None or not self.post_process
+                or kwargs.get("inference_context") is not None):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args, **kwargs)
+        weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
+                  else self.output_layer.weight)
+
+        def token_loss(hidden, labels):
+            return output_layer_loss(hidden, weight, labels, z_loss_coeff=self.z_loss_coeff,
+                                     sequence_parallel=self.output_layer.sequence_parallel,
+                                     tp_group=self.pg_collection.tp)
+
+        positions = self._logit_positions
+        if positions is not None:  # score the selected positions only
+            return _scattered(positions, token_loss(hidden_states[positions].unsqueeze(1),
+                                                    labels.t()[positions].unsqueeze(0))[0])
+        return token_loss(hidden_states, labels)
+
     def compute_language_model_loss(self, labels, logits):
         positions = self._logit_positions
         if positions is not None:  # logits are [n, 1, v/tp] for the n selected positions
             picked = labels.t()[positions].unsqueeze(0)  # [1, n]
-            loss = self._token_loss(picked, logits)[0]
-            full = loss.new_zeros(positions.shape)
-            full[positions] = loss
-            return full.t()
+            return _scattered(positions, self._token_loss(picked, logits)[0])
         return self._token_loss(labels, logits)
 
     def _token_loss(self, labels, logits):
@@ -87,6 +128,13 @@ class SmolGPTModel(GPTModel):
         lse = vocab_parallel_logsumexp(logits).transpose(0, 1)
         loss = super().compute_language_model_loss(labels, logits)
         return loss + self.z_loss_coeff * lse.square()
+
+
+def _scattered(positions: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """The loss ``[n]`` at the ``[s, b]`` selected positions as ``[b, s]`` (zeros elsewhere)."""
+    full = loss.new_zeros(positions.shape)
+    full[positions] = loss
+    return full.t()
 
 
 @contextlib.contextmanager
@@ -114,6 +162,7 @@ def transformer_config(
     recompute: Optional[str] = None,
     initialize: bool = True,
     fp8: Optional[str] = None,
+    cross_entropy: str = "plain",
 ) -> TransformerConfig:
     """The Megatron-Core TransformerConfig for ``spec`` under the current parallel layout."""
     backend = resolve_attention_backend(spec.attention_backend)
@@ -121,7 +170,7 @@ def transformer_config(
     te = backend == "te"
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rope_skipped = spec.rope_skipped()
-    kwargs = {}
+    kwargs: dict[str, Any] = {"cross_entropy_loss_fusion": False, **CROSS_ENTROPY[cross_entropy].config}
     if fp8:
         # Transformer Engine FP8 GEMMs: "hybrid" = E4M3 forward, E5M2 gradients.
         kwargs.update(fp8=fp8)
@@ -166,7 +215,6 @@ def transformer_config(
         apply_rope_fusion=te,
         persist_layer_norm=False,
         gradient_accumulation_fusion=te,
-        cross_entropy_loss_fusion=False,
         **kwargs,
     )
 
@@ -175,9 +223,10 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
     """This rank's pipeline stage of the model (parallel_state must be initialized).
 
     ``config_options`` go to :func:`transformer_config` (params_dtype, cpu_initialization,
-    sequence_parallel, recompute, fp8, and initialize=False for inference models loaded right after:
-    Megatron-Core sets the tensor-parallel attributes of weights only while initializing them,
-    and training needs those for the gradient norm).
+    sequence_parallel, recompute, fp8, cross_entropy (a ``CROSS_ENTROPY`` name), and
+    initialize=False for inference models loaded right after: Megatron-Core sets the
+    tensor-parallel attributes of weights only while initializing them, and training needs those
+    for the gradient norm).
     """
     config = transformer_config(spec, **config_options)
     use_yarn = spec.yarn is not None and spec.yarn.factor > 1.0
@@ -200,6 +249,8 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
         position_embedding_type="yarn" if use_yarn else "rope",
         rotary_base=spec.rope_theta,
         z_loss_coeff=spec.z_loss_coeff,
+        loss_from_hidden_states=CROSS_ENTROPY[
+            config_options.get("cross_entropy", "plain")].from_hidden_states,
         attention_backend=resolve_attention_backend(spec.attention_backend),
     )
     return model

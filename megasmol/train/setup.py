@@ -206,6 +206,7 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
     model = build_model(spec, params_dtype=params_dtype,
                         sequence_parallel=config.parallel.sequence_parallel,
                         recompute=config.training.recompute,
+                        cross_entropy=config.training.cross_entropy,
                         fp8="hybrid" if config.training.precision == "fp8" else None)
     if config.checkpoint.init_from and not resuming:
         source = config.path(config.checkpoint.init_from)

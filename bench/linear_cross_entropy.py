@@ -1,0 +1,82 @@
+"""Peak memory and time of the output layer + loss, forward and backward: plain vs chunked.
+
+``plain`` is what ``training.cross_entropy: plain`` runs: the output layer's matmul (the
+``[tokens, vocab]`` logits), then Megatron-Core's ``vocab_parallel_cross_entropy``. ``chunked``
+is ``model/linear_cross_entropy.py`` (``training.cross_entropy: chunked``). Each variant runs
+once, in a fresh process, from the same inputs (fp32, SmolLM3-3B's hidden size and vocabulary);
+its peak memory is the growth of the process's peak RSS (``getrusage`` maxrss) over the
+forward and backward, the inputs already allocated, so it includes the weight's gradient
+(``vocab x hidden``) in both.
+
+    python bench/linear_cross_entropy.py --tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+VARIANT = """
+import gc, json, resource, sys, time
+import torch
+from megatron.core import tensor_parallel
+from megasmol.config.parallel import ParallelLayout
+from megasmol.model.linear_cross_entropy import output_layer_loss
+from megasmol.runtime.distributed import init_parallel
+
+variant, tokens, vocab, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+init_parallel(ParallelLayout())
+gen = torch.Generator().manual_seed(0)
+h = torch.empty(tokens, 1, hidden).normal_(generator=gen).requires_grad_()
+w = torch.empty(vocab, hidden).normal_(std=0.02, generator=gen).requires_grad_()
+labels = torch.randint(0, vocab, (1, tokens), generator=gen)
+gc.collect()
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = rss()
+start = time.perf_counter()
+if variant == "plain":
+    logits = torch.matmul(h, w.t())  # the output layer: [s, b, v]
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t()).t()
+    del logits
+else:
+    loss = output_layer_loss(h, w, labels)
+loss.sum().backward()
+seconds = time.perf_counter() - start
+print("RESULT " + json.dumps({"peak_bytes": rss() - before, "seconds": seconds,
+                              "mean_loss": loss.mean().item()}))
+"""
+
+
+def run(variant: str, tokens: int, vocab: int, hidden: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
+    line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--hidden", type=int, default=2048)
+    args = parser.parse_args()
+    results = {v: run(v, args.tokens, args.vocab, args.hidden) for v in ("plain", "chunked")}
+    logits_bytes = args.tokens * args.vocab * 4
+    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}: "
+          f"logits {logits_bytes / 1e9:.3f} GB (fp32)")
+    print("| variant | peak RSS growth | time (forward + backward) | mean loss |")
+    print("|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['peak_bytes'] / 1e9:.3f} GB | {r['seconds']:.1f} s | {r['mean_loss']:.6f} |")
+    saved = results["plain"]["peak_bytes"] - results["chunked"]["peak_bytes"]
+    print(f"peak saved: {saved / 1e9:.3f} GB = {saved / logits_bytes:.2f} x the logits; "
+          f"time chunked / plain: {results['chunked']['seconds'] / results['plain']['seconds']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

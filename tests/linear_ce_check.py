@@ -1,0 +1,80 @@
+"""The chunked linear cross-entropy against the plain path (logits, then cross-entropy), at any
+tensor-parallel size: used in-process (TP=1) and by ``workers/linear_ce_tp2.py`` (TP=2)."""
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+
+from megasmol.model.gpt import build_model
+from megasmol.model.linear_cross_entropy import output_layer_loss
+from megasmol.runtime.distributed import set_seed
+
+
+def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def plain_token_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: float) -> torch.Tensor:
+    """Per-token CE + z * lse^2 from full logits ``[n, v]``; a label outside the vocabulary has
+    no target logit (Megatron-Core's vocab-parallel CE): its loss is the lse."""
+    lse = torch.logsumexp(logits, dim=-1)
+    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return torch.where(labels < 0, lse, ce) + z_loss_coeff * lse.square()
+
+
+def function_errors(z_loss_coeff: float, chunk_size: int, seq: int = 13, batch: int = 3,
+                    hidden: int = 24, vocab: int = 200) -> dict:
+    """``output_layer_loss`` on this rank's vocabulary shard vs the plain loss on the whole
+    vocabulary in one process: relative errors of the loss and both gradients (fp32)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(seq, batch, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) * 0.5
+    labels = torch.randint(0, vocab, (batch, seq), generator=gen)
+    labels[0, 2] = labels[2, 7] = -100  # ignored positions: outside the vocabulary
+    mask = (torch.rand(batch, seq, generator=gen) > 0.3).float()  # masked positions: no gradient
+    shard = vocab // tp
+
+    h_c = h.clone().requires_grad_()
+    w_c = w[rank * shard:(rank + 1) * shard].clone().requires_grad_()
+    loss = output_layer_loss(h_c, w_c, labels, z_loss_coeff=z_loss_coeff, chunk_size=chunk_size,
+                             tp_group=parallel_state.get_tensor_model_parallel_group())
+    (loss * mask).sum().backward()
+    grad_w = w_c.grad
+    if tp > 1:
+        grad_w = tensor_parallel.gather_from_tensor_model_parallel_region(grad_w.t()).t()
+
+    h_p, w_p = h.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = torch.einsum("sbh,vh->bsv", h_p, w_p)
+    expected = plain_token_loss(logits.flatten(0, 1), labels.flatten(), z_loss_coeff).view(batch, seq)
+    (expected * mask).sum().backward()
+    assert loss.shape == expected.shape
+    return {"loss": rel(loss.detach(), expected.detach()), "grad_hidden": rel(h_c.grad, h_p.grad),
+            "grad_weight": rel(grad_w, w_p.grad)}
+
+
+def model_errors(spec, z_loss_coeff: float) -> dict:
+    """The model built with ``cross_entropy="chunked"`` vs ``"plain"`` (same weights): relative
+    errors of the per-token loss, of every parameter's gradient, and of the loss at selected
+    positions (``loss_positions``, forward-only scoring)."""
+    spec = spec.replace(z_loss_coeff=z_loss_coeff)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, spec.vocab_size, (2, 16), generator=gen)
+    labels = torch.randint(0, spec.vocab_size, (2, 16), generator=gen)
+    mask = (torch.rand(2, 16, generator=gen) > 0.25).float()
+    positions = torch.arange(16).unsqueeze(0).expand(2, -1)
+    results = {}
+    for name in ("plain", "chunked"):
+        set_seed(3)
+        model = build_model(spec, cross_entropy=name)
+        loss = model(ids, positions, None, labels=labels)
+        (loss * mask).sum().backward()
+        with torch.no_grad():
+            scored = model(ids, positions, None, labels=labels, loss_positions=mask > 0)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        results[name] = (loss.detach(), grads, scored)
+    (loss, grads, scored), (loss_ref, grads_ref, scored_ref) = results["chunked"], results["plain"]
+    assert grads.keys() == grads_ref.keys()
+    return {"loss": rel(loss, loss_ref), "scored": rel(scored, scored_ref),
+            "grads": max(rel(grads[n], grads_ref[n]) for n in grads_ref)}

@@ -1,0 +1,123 @@
+"""The chunked linear cross-entropy (``training.cross_entropy: chunked``): the same per-token
+losses and gradients as the plain path, without holding the ``[tokens, vocab]`` logits."""
+
+import json
+
+import pytest
+import torch
+
+from megasmol.config.run import TrainingConfig
+from megasmol.config.typed import ConfigError
+from megasmol.model.linear_cross_entropy import linear_cross_entropy
+from tests.conftest import WORKERS, run_cli, run_torchrun
+from tests.linear_ce_check import function_errors, model_errors, plain_token_loss
+from tests.specs import tiny_smollm3
+from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
+
+TOL = 1e-6  # relative, fp32
+
+
+def small_spec():
+    return tiny_smollm3(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.mark.parametrize("z_loss_coeff", [0.0, 1e-2])
+@pytest.mark.parametrize("chunk_size", [5, 16, 1000])  # 39 positions: 5 and 16 do not divide it
+def test_loss_and_gradients_equal_the_plain_path(megatron_runtime, z_loss_coeff, chunk_size):
+    errors = function_errors(z_loss_coeff, chunk_size)
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("z_loss_coeff", [0.0, 1e-2])
+def test_chunked_model_equals_plain_model(megatron_runtime, z_loss_coeff):
+    errors = model_errors(small_spec(), z_loss_coeff)
+    assert max(errors.values()) < TOL, errors
+
+
+def test_z_loss_and_ignored_labels_change_the_loss():
+    gen = torch.Generator().manual_seed(1)
+    h, w = torch.randn(6, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    labels = torch.tensor([3, -100, 7, 49, 0, 12])
+    with_z = linear_cross_entropy(h, w, labels, z_loss_coeff=0.1, chunk_size=4)
+    without = linear_cross_entropy(h, w, labels, chunk_size=4)
+    assert torch.allclose(with_z, plain_token_loss(h @ w.t(), labels, 0.1), rtol=TOL)
+    assert (with_z - without).abs().min() > 1e-3
+    assert torch.allclose(without[1], torch.logsumexp(h[1] @ w.t(), dim=-1), rtol=TOL)
+
+
+def _largest_saved(fn) -> int:
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return max(sizes)
+
+
+def test_forward_saves_no_tokens_by_vocab_tensor():
+    tokens, hidden, vocab = 96, 16, 3000
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,))
+    chunked = _largest_saved(lambda: linear_cross_entropy(h, w, labels, z_loss_coeff=1e-2, chunk_size=32))
+    plain = _largest_saved(lambda: plain_token_loss(h @ w.t(), labels, 1e-2))
+    assert plain >= tokens * vocab  # what is measured: the plain path keeps the logits
+    assert chunked < tokens * vocab
+    assert chunked == vocab * hidden  # the largest it keeps is the output weight
+
+
+def test_tensor_parallel_chunked_equals_single_process_plain(tmp_path):
+    proc = run_torchrun([str(WORKERS / "linear_ce_tp2.py"), str(tmp_path / "result.json")])
+    results = json.loads((tmp_path / "result.json").read_text())
+    assert len(results) == 4
+    for case, errors in results.items():
+        assert max(errors.values()) < TOL, (case, errors, proc.stdout)
+
+
+def test_te_needs_transformer_engine():
+    import importlib.util
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    with pytest.raises(ConfigError, match="training.cross_entropy=te"):
+        TrainingConfig(train_steps=1, global_batch_size=1, cross_entropy="te").validate()
+    TrainingConfig(train_steps=1, global_batch_size=1, cross_entropy="chunked").validate()
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A 4-step single-process run from a saved initial checkpoint (same weights in any layout)."""
+    root = tmp_path_factory.mktemp("plain")
+    config = _short_run(root, "plain")
+    run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
+    train(config, f"checkpoint.init_from={root / 'init'}")
+    return root / "init", step_losses(root / "run")
+
+
+def _short_run(root, cross_entropy):
+    return write_training_run(root, steps=4, checkpoint={"interval": 0}, schedule={"warmup_steps": 1},
+                              eval={"interval": 0}, training={"cross_entropy": cross_entropy})
+
+
+def _assert_same_losses(losses, plain):
+    assert sorted(plain) == [1, 2, 3, 4]
+    for step, loss in plain.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5)
+    # The chunked path did run: its sums go in another order, so the losses are not bit-identical.
+    assert losses != plain
+
+
+def test_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
+    init, plain = plain_run
+    train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}")
+    _assert_same_losses(step_losses(tmp_path / "run"), plain)
+
+
+def test_tensor_parallel_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
+    init, plain = plain_run
+    torchrun_train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}",
+                   "parallel.tensor_parallel=2")
+    _assert_same_losses(step_losses(tmp_path / "run"), plain)
