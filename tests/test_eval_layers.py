@@ -1,6 +1,7 @@
 """``megasmol/eval/`` is layered: no module of it imports, directly or through others, a module
 that imports it back (imports under ``if TYPE_CHECKING:`` do not count; imports inside functions
-do). One formulation name is compared nowhere outside ``formulations/``."""
+do). One formulation name is compared nowhere outside ``formulations/``, and both scorers are
+``api.Scorer``s."""
 
 import ast
 import re
@@ -89,3 +90,19 @@ def test_no_formulation_name_is_compared_outside_the_formulations():
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if compared.search(line)]
     assert offenders == []
+
+
+def test_both_scorers_implement_the_scorer_protocol_with_keyword_constructors():
+    import pytest
+
+    from megasmol.eval.api import Scorer
+    from megasmol.eval.scoring.parallel_scorer import PipelineScorer
+    from megasmol.eval.scoring.scorers import ProcessScorer
+
+    settings = dict(max_length=8, vocab_size=8, tokenizer=object(), name="t")
+    one = ProcessScorer(hidden=lambda ids: ids, head=None, **settings)
+    split = PipelineScorer(None, None, micro_batch_size=1, **settings)
+    assert isinstance(one, Scorer) and isinstance(split, Scorer)
+    assert not isinstance(object(), Scorer)
+    with pytest.raises(TypeError):
+        ProcessScorer(lambda ids: ids, None, 8, 8, object(), "t")  # keywords only
