@@ -100,10 +100,10 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
         caps = [c for c in (limit, task.limit) if c is not None]
         examples = sample(task.examples(), min(caps) if caps else None, seed)
         pool = task.fewshot_pool() if k else []
-        built = []
+        built, kind = [], task.formulation
         for index, example in enumerate(examples):
             shots = _shots(task, pool, index, k, seed, example)
-            prompt, pairs, shown = task.formulation.build(example, task.spec, shots)
+            prompt, pairs, shown = kind.build(example, task.spec, shots)
             built.append((example, *_with_description(example.description, prompt, pairs), shown))
         plans.append((task, built, k))
     requests = [encode_pair(scorer.tokenizer, context, continuation)
@@ -127,14 +127,14 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
                     else None for (task, built, _), done in zip(plans, completions)]
     results, cursor = [], 0
     for (task, built, k), done, ran, gens in zip(plans, completions, outcomes, generated):
-        scored = []
+        scored, kind = [], task.formulation
         for index, (example, prompt, pairs, shown) in enumerate(built):
             answer = Answer(lls[cursor:cursor + len(pairs)],
                             [len(r.continuation) for r in requests[cursor:cursor + len(pairs)]],
                             None if gens is None else gens[index],
                             None if done is None else done[index],
                             None if ran is None else ran[index])
-            scored.append(task.formulation.judge(index, example, prompt, shown, answer, task.spec))
+            scored.append(kind.judge(index, example, prompt, shown, answer, task.spec))
             cursor += len(pairs)
         chance = task.spec.chance
         if chance is None and task.formulation.has_chance and built:

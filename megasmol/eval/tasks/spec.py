@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
 from megasmol.config.typed import ConfigError
-from megasmol.eval.formulations.registry import formulation
+from megasmol.eval.formulations.registry import FORMULATIONS, formulation
 from megasmol.eval.formulations.registry import validate as validate_formulation
 from megasmol.eval.tasks.shipped import ShippedData
 
@@ -122,7 +122,7 @@ class TaskSpec:
     @property
     def kind(self) -> "Formulation":
         """The formulation object named by ``formulation``."""
-        return formulation(self.formulation, f"task {self.name}")
+        return FORMULATIONS.get(self.formulation) or formulation(self.formulation, f"task {self.name}")
 
     @property
     def primary(self) -> str:
