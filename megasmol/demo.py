@@ -110,8 +110,8 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool, steps: int)
 def _downstream(checkpoint: Path, workdir: Path, config) -> None:
     """The demo's tasks on the random initialization and on the trained model, offline."""
     from megasmol.eval.runner import evaluate
-    from megasmol.eval.scorers import megatron_scorer
-    from megasmol.eval.tasks import load_task
+    from megasmol.eval.scoring.scorers import megatron_scorer
+    from megasmol.eval.tasks.registry import load_task
     from megasmol.model.init import init_checkpoint
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer

@@ -51,7 +51,7 @@ def test_the_configuration_reference_is_current():
 def test_the_task_catalog_in_the_evaluation_guide_is_current():
     """docs/evaluation.md lists every built-in task and suite as `megasmol eval list` prints them
     (data source and version, split, size, chance), so a new task or split cannot go unlisted."""
-    from megasmol.eval.catalog import catalog
+    from megasmol.eval.tasks.catalog import catalog
 
     text = (REPO / "docs" / "evaluation.md").read_text()
     listed = text.split("<!-- megasmol eval list: start -->\n")[1]

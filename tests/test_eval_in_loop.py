@@ -91,6 +91,24 @@ def _assert_same_samples(got, expected):
         assert a["prediction"] == b["prediction"]
 
 
+def _assert_same_document(got, expected, where="results.json"):
+    """The same keys and values everywhere; floats within 1e-5 (the loop's sums run in another
+    order)."""
+    assert type(got) is type(expected) or {type(got), type(expected)} == {int, float}, where
+    if isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_same_document(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            _assert_same_document(a, b, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-5), where
+    else:
+        assert got == expected, where
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, vocab_tokenizer):
     root = tmp_path_factory.mktemp("single")
@@ -120,13 +138,13 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
                                                              abs=1e-9)
         in_loop = run / "downstream" / f"iter_{step:07d}"
         _assert_same_samples(_samples(in_loop), _samples(out))
-        in_loop_results = json.loads((in_loop / "results.json").read_text())["results"]
-        assert in_loop_results.keys() == offline.keys()
-        for task, metrics in offline.items():  # the same numbers (float sums in another order)
-            assert in_loop_results[task].keys() == metrics.keys()
-            for key, value in metrics.items():
-                got = in_loop_results[task][key]
-                assert got == (pytest.approx(value, abs=1e-5) if isinstance(value, float) else value), key
+        in_loop_document = json.loads((in_loop / "results.json").read_text())
+        # The whole file, settings and suites included; only the model's name differs (a
+        # checkpoint path against the training model at that step).
+        assert document.pop("model") == str(run / "checkpoints" / f"iter_{step:07d}")
+        assert in_loop_document.pop("model") == f"training model at step {step}"
+        assert document["settings"]["tasks"] == ["cloze", "gen", "copa"]
+        _assert_same_document(in_loop_document, document)
         assert scores[step]["cloze/acc"] == offline["cloze"]["acc"]
         assert scores[step]["cloze/gold_loglik"] == pytest.approx(offline["cloze"]["gold_loglik"], abs=1e-4)
         assert scores[step]["gen/exact_match"] == offline["gen"]["exact_match"]

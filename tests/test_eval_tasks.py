@@ -17,8 +17,10 @@ import yaml
 from megasmol.config.typed import ConfigError
 from megasmol.convert.export import export_hf
 from megasmol.eval.runner import evaluate
-from megasmol.eval.scorers import hf_scorer, megatron_scorer
-from megasmol.eval.tasks import TaskSpec, Task, load_task
+from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
+from megasmol.eval.tasks.registry import load_task
+from megasmol.eval.tasks.spec import TaskSpec
+from megasmol.eval.tasks.task import Task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import run_cli
@@ -121,7 +123,7 @@ def test_winogrande_partial_scoring_equals_lm_eval(model, tmp_path, monkeypatch,
     from lm_eval.tasks import TaskManager
 
     from megasmol.config.typed import from_dict, load_yaml
-    from megasmol.eval.tasks import TASK_DIR
+    from megasmol.eval.tasks.registry import TASK_DIR
 
     (tmp_path / "tasks").mkdir()
     reference = Path(lm_eval.__file__).parent / "tasks" / "winogrande" / "default.yaml"
@@ -149,7 +151,7 @@ def test_winogrande_partial_scoring_equals_lm_eval(model, tmp_path, monkeypatch,
         "The suitcase would not fit in the car trunk because the trunk was too large."]
     assert result.chance == 0.5 and set(result.metrics) == {"acc", "gold_loglik"}
     # Few-shot: a shot is written with its right option filled in, as lm-eval writes one.
-    from megasmol.eval.formulations import scoring_pairs
+    from megasmol.eval.formulations.registry import scoring_pairs
 
     first, second = task.examples()[:2]
     prompt, pairs, _ = scoring_pairs(second, "partial", " ", [first])
@@ -194,7 +196,8 @@ def test_an_evaluation_never_replaces_an_earlier_ones_results(tmp_path):
     import sys
     from datetime import datetime
 
-    from megasmol.eval.runner import TaskResult, model_dirname, write_new_outputs
+    from megasmol.eval.outputs import model_dirname, write_new_outputs
+    from megasmol.eval.runner import TaskResult
 
     def result(acc):
         return [TaskResult("t", "cf", {"acc": (acc, 0.1)}, 2, 0.25, 0)]
@@ -257,7 +260,7 @@ def test_an_out_under_a_file_is_refused_before_anything_is_read(tmp_path):
 def test_task_definitions_render_records_like_lm_eval(tmp_path):
     """The built-in YAMLs map dataset records with Jinja; offline they read a local copy
     (rows here in ARC's schema, as ``datasets`` gives them)."""
-    spec = yaml.safe_load((Path("megasmol/eval/task_defs/arc_easy.yaml")).read_text())
+    spec = yaml.safe_load((Path("megasmol/eval/tasks/task_defs/arc_easy.yaml")).read_text())
     spec.update(data_files=str(ITEMS.parent / "arc_rows.jsonl"), hf_dataset=None)
     (tmp_path / "arc_local.yaml").write_text(yaml.safe_dump(spec))
     examples = load_task(str(tmp_path / "arc_local.yaml")).examples()
@@ -302,8 +305,8 @@ def test_the_pipeline_scorer_runs_a_shared_context_once_where_a_rank_holds_the_w
     in-loop and torchrun scorer runs each question's context once, with the log-likelihoods of
     each pair scored whole. An attention backend that would not see the padding masks (Transformer
     Engine's) scores each pair whole."""
-    from megasmol.eval.parallel_scorer import PipelineScorer
-    from megasmol.eval.requests import encode_pair
+    from megasmol.eval.scoring.parallel_scorer import PipelineScorer
+    from megasmol.eval.scoring.requests import encode_pair
     from megasmol.model.load import load_checkpoint_model
     from megasmol.runtime.distributed import shutdown
 
@@ -336,7 +339,7 @@ def test_the_pipeline_scorer_runs_a_shared_context_once_where_a_rank_holds_the_w
 
 def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(model, tmp_path,
                                                                                 llama_tokenizer_dir):
-    from megasmol.eval.formulations import extract_answer, normalize_answer
+    from megasmol.eval.formulations.generation import extract_answer, normalize_answer
 
     pattern = TaskSpec(name="x", data_files="-").answer_pattern
     assert extract_answer("so 3 + 4 = 7, then $1,250.", pattern) == "$1,250."
@@ -365,7 +368,7 @@ def test_hellaswag_preprocessing_matches_lm_eval(tmp_path):
     from lm_eval.tasks.hellaswag.utils import preprocess
 
     record = json.loads((ITEMS.parent / "hellaswag_rows.jsonl").read_text())
-    spec = yaml.safe_load(Path("megasmol/eval/task_defs/hellaswag.yaml").read_text())
+    spec = yaml.safe_load(Path("megasmol/eval/tasks/task_defs/hellaswag.yaml").read_text())
     spec.update(data_files=str(ITEMS.parent / "hellaswag_rows.jsonl"), hf_dataset=None)
     (tmp_path / "hs.yaml").write_text(yaml.safe_dump(spec))
     [example] = load_task(str(tmp_path / "hs.yaml")).examples()

@@ -64,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from megasmol.eval.runner import evaluate
-    from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.tasks import Task, TaskSpec, load_task, sample
+    from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
+    from megasmol.eval.tasks.registry import load_task
+    from megasmol.eval.tasks.spec import TaskSpec
+    from megasmol.eval.tasks.task import Task, sample
     from megasmol.tokenizer import load_tokenizer
     from megasmol.utils.table import format_table
 

@@ -29,21 +29,20 @@ def cmd_eval_tasks(args) -> int:
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names:
         raise ConfigError("--tasks names no task")
-    from megasmol.eval.suites import expand
+    from megasmol.eval.api import Evaluation
 
-    tasks, suites = expand(names)  # a mistyped name (hellaswg) is one line before torch loads
+    # A mistyped name (hellaswg) is one line before torch loads.
+    evaluation = Evaluation(names, limit=args.limit, num_fewshot=args.num_fewshot, seed=args.seed)
 
     from tqdm import tqdm
 
     from megasmol.ckpt.checkpoint import tokenizer_dir
-    from megasmol.eval.runner import evaluate, table, write_new_outputs, write_outputs
-    from megasmol.eval.scorers import hf_scorer, megatron_scorer
-    from megasmol.eval.suites import suite_table, summarize
+    from megasmol.eval.outputs import write_new_report, write_report
+    from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer
 
-    for task in tasks:
-        task.examples()  # so does data that cannot be read (a bad row, an offline hub dataset)
+    evaluation.read()  # so is data that cannot be read (a bad row, an offline hub dataset)
     source = args.tokenizer or (tokenizer_dir(args.checkpoint) if args.checkpoint else args.hf)
     if source is None:
         raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
@@ -59,26 +58,17 @@ def cmd_eval_tasks(args) -> int:
             scorer = megatron_scorer(args.checkpoint, tokenizer, args.batch_tokens)
         else:
             scorer = hf_scorer(args.hf, tokenizer, args.batch_tokens)
-        results = evaluate(tasks, scorer, limit=args.limit, num_fewshot=args.num_fewshot,
-                           seed=args.seed, progress_factory=lambda n, desc, unit: tqdm(
-                               total=n, unit=unit, desc=desc, disable=args.quiet or not rank0))
+        report = evaluation.run(scorer, model=str(args.checkpoint or args.hf),
+                                progress_factory=lambda n, desc, unit: tqdm(
+                                    total=n, unit=unit, desc=desc, disable=args.quiet or not rank0))
     finally:
         shutdown()
     if not rank0:
         return 0
-    print(table(results))
-    for result in results:  # a split other than the reference's is said, not hidden
-        if result.source.get("note"):
-            print(f"note: {result.name}: {result.source['note']}")
-    summaries = summarize(suites, results)
-    if summaries:
-        print(suite_table(summaries))
-    settings = {"tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
-                "seed": args.seed}
-    write = write_outputs if args.overwrite else write_new_outputs  # lm-eval's: one per evaluation
-    report, samples = write(results, Path(args.out), str(args.checkpoint or args.hf), settings,
-                            summaries)
-    print(f"results: {shown(report)}\nsamples: {shown(samples)}")
+    print(report.table())  # a split other than the reference's is said, not hidden
+    write = write_report if args.overwrite else write_new_report  # lm-eval's: one per evaluation
+    results, samples = write(report, Path(args.out))
+    print(f"results: {shown(results)}\nsamples: {shown(samples)}")
     return 0
 
 
@@ -107,7 +97,7 @@ def _check_out(out: str) -> None:
 
 
 def cmd_eval_list(args) -> int:
-    from megasmol.eval.catalog import catalog
+    from megasmol.eval.tasks.catalog import catalog
 
     print(catalog(), end="")
     return 0
@@ -115,7 +105,7 @@ def cmd_eval_list(args) -> int:
 
 def _parallel_scorer(args, tokenizer):
     """The checkpoint's model split over the torchrun job (TP x PP x CP, DP for the rest)."""
-    from megasmol.eval.parallel_scorer import PipelineScorer
+    from megasmol.eval.scoring.parallel_scorer import PipelineScorer
     from megasmol.model.load import load_checkpoint_model
     from megasmol.config.parallel import ParallelLayout
 
@@ -129,9 +119,8 @@ def _parallel_scorer(args, tokenizer):
 
 
 def add_eval_parser(sub) -> None:
-    from megasmol.eval.embedded import EMBEDDED
-    from megasmol.eval.suites import suite_names
-    from megasmol.eval.tasks import task_names
+    from megasmol.eval.tasks.embedded import EMBEDDED
+    from megasmol.eval.tasks.registry import suite_names, task_names
     from megasmol.longctx.commands import add_passkey_parser
 
     p = sub.add_parser(

@@ -1,34 +1,24 @@
-"""Score a model on tasks: build every request, run them in one batched pass, judge, write.
+"""Score a model on tasks: build every request, run them in one batched pass, judge.
 
-Outputs (in ``--out``): ``results.json`` (per task: each metric, its standard error, the example
-count, the chance level; for generative tasks, how many generations were cut at ``max_gen_tokens``)
-and ``samples.jsonl`` (per example: prompt, continuations, log-likelihoods, prediction, gold), both
-written to a temporary name and renamed when complete. Progress: one bar per phase (scoring,
-generation, code execution), the generation one with tokens generated and tokens/s.
-``megasmol eval tasks`` writes them to a new ``OUT/MODEL/TIMESTAMP/`` (:func:`write_new_outputs`),
-never over an earlier evaluation's; into ``OUT`` itself only with ``--overwrite``.
+Each task's formulation (``formulations/``) builds its requests and judges the answers; the
+runner only batches them: every log-likelihood request of every task in one pass, then every
+generation, then every program a formulation runs. Progress: one bar per phase (scoring,
+generation, code execution), the generation one with tokens generated and tokens/s. The results
+are written by ``outputs.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
-import re
-import shutil
-from datetime import datetime
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
-from megasmol.eval.code_exec import execute, judge_program
-from megasmol.eval.gen_progress import GenerationProgress
-from megasmol.eval.formulations import (GENERATIVE, Scored, aggregate, cut_at_stop, judge,
-                                        judge_generation, scoring_pairs)
-from megasmol.eval.requests import GenerationRequest, encode_pair
-from megasmol.eval.tasks import Task, sample
+from megasmol.eval.formulations.base import Answer, Scored
+from megasmol.eval.scoring.gen_progress import GenerationProgress
+from megasmol.eval.scoring.requests import GenerationRequest, encode_pair
+from megasmol.eval.tasks.task import Task, sample
 from megasmol.utils.table import format_table
 
 
@@ -100,68 +90,60 @@ def _phase(progress_factory, total: int, description: str, unit: str):
 
 def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fewshot: int = 0,
              seed: int = 1234, progress_factory=None) -> list[TaskResult]:
-    """Score ``tasks`` with ``scorer`` (see scorers.py); every request of every task goes
-    through one batched pass so that lengths sort well. ``progress_factory(total, description,
-    unit)`` makes a tqdm bar for each phase."""
+    """Score ``tasks`` with ``scorer`` (an ``api.Scorer``); every request of every task goes
+    through one batched pass so that lengths sort well. Each task's formulation builds its
+    requests and judges the answers. ``progress_factory(total, description, unit)`` makes a tqdm
+    bar for each phase."""
     plans = []
     for task in tasks:
         k = task.shots(num_fewshot)
         caps = [c for c in (limit, task.limit) if c is not None]
         examples = sample(task.examples(), min(caps) if caps else None, seed)
         pool = task.fewshot_pool() if k else []
-        built = []
+        built, kind = [], task.formulation
         for index, example in enumerate(examples):
             shots = _shots(task, pool, index, k, seed, example)
-            prompt, pairs, shown = scoring_pairs(
-                example, task.spec.formulation, task.spec.target_delimiter, shots,
-                unconditional="acc_mutual_info" in task.spec.metrics)
+            prompt, pairs, shown = kind.build(example, task.spec, shots)
             built.append((example, *_with_description(example.description, prompt, pairs), shown))
         plans.append((task, built, k))
     requests = [encode_pair(scorer.tokenizer, context, continuation)
                 for _, built, _ in plans for _, _, pairs, _ in built for context, continuation in pairs]
     generations = [GenerationRequest(prompt, tuple(task.spec.until), task.spec.max_gen_tokens, task.name)
-                   for task, built, _ in plans if task.spec.formulation in GENERATIVE
+                   for task, built, _ in plans if task.formulation.generative
                    for _, prompt, _, _ in built]
-    programs = sum(len(built) for task, built, _ in plans if task.spec.formulation == "code")
+    programs = sum(len(built) for task, built, _ in plans if task.formulation.runs_programs)
     with _phase(progress_factory, len(requests), "score", "req") as bar:
         lls = scorer.loglikelihoods(requests, bar) if requests else []
     with _phase(progress_factory, len(generations), "generate", "prompt") as bar:
         made = (scorer.generations(generations, GenerationProgress(bar, len(generations)))
                 if generations else [])
     made.reverse()
-    generated = [[made.pop() for _ in built] if task.spec.formulation in GENERATIVE else None
+    generated = [[made.pop() for _ in built] if task.formulation.generative else None
                  for task, built, _ in plans]
-    completions = [None if gens is None else [cut_at_stop(g.text, task.spec.until) for g in gens]
+    completions = [None if gens is None else [task.formulation.completion(g.text, task.spec) for g in gens]
                    for (task, _, _), gens in zip(plans, generated)]
     with _phase(progress_factory, programs, "execute", "program") as bar:
-        outcomes = [execute(task, built, done, bar) if task.spec.formulation == "code" else None
-                    for (task, built, _), done in zip(plans, completions)]
+        outcomes = [task.formulation.execute(task, built, done, bar) if task.formulation.runs_programs
+                    else None for (task, built, _), done in zip(plans, completions)]
     results, cursor = [], 0
     for (task, built, k), done, ran, gens in zip(plans, completions, outcomes, generated):
-        scored = []
+        scored, kind = [], task.formulation
         for index, (example, prompt, pairs, shown) in enumerate(built):
-            if task.spec.formulation == "fg":
-                scored.append(judge_generation(index, example, prompt, done[index],
-                                               task.spec.answer_pattern))
-                scored[-1].truncated = gens[index].truncated
-                continue
-            if task.spec.formulation == "code":
-                scored.append(judge_program(index, example, prompt, done[index], ran[index]))
-                scored[-1].truncated = gens[index].truncated
-                continue
-            scored.append(judge(index, example, task.spec.formulation, prompt, shown,
-                                lls[cursor:cursor + len(pairs)],
-                                [len(r.continuation) for r in requests[cursor:cursor + len(pairs)]],
-                                tuple(task.spec.metrics)))
+            answer = Answer(lls[cursor:cursor + len(pairs)],
+                            [len(r.continuation) for r in requests[cursor:cursor + len(pairs)]],
+                            None if gens is None else gens[index],
+                            None if done is None else done[index],
+                            None if ran is None else ran[index])
+            scored.append(kind.judge(index, example, prompt, shown, answer, task.spec))
             cursor += len(pairs)
         chance = task.spec.chance
-        if chance is None and task.spec.formulation not in ("bpb", "fg", "code") and built:
+        if chance is None and task.formulation.has_chance and built:
             chance = sum(1 / len(e.choices) for e, _, _, _ in built) / len(built)
         truncated = None if gens is None else sum(g.truncated for g in gens)
-        results.append(TaskResult(task.name, task.spec.formulation, aggregate(scored, task.spec.formulation)
-                                  if scored else {}, len(scored), chance, k, scored, task.source(),
-                                  task.metric or task.spec.primary, truncated,
-                                  None if gens is None else task.spec.max_gen_tokens))
+        results.append(TaskResult(task.name, task.spec.formulation,
+                                  task.formulation.aggregate(scored) if scored else {}, len(scored),
+                                  chance, k, scored, task.source(), task.metric or task.spec.primary,
+                                  truncated, None if gens is None else task.spec.max_gen_tokens))
     return results
 
 
@@ -190,69 +172,3 @@ def _chance(result: TaskResult, metric: str) -> str:
     if result.chance is None or not metric.startswith("acc"):
         return "-"
     return f"{result.chance:.4f}"
-
-
-def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
-                  settings: dict, suites: list = ()) -> tuple[Path, Path]:
-    """``suites``: ``suites.SuiteResult`` of the suites asked for (their averages)."""
-    from megasmol.utils.fs import atomic_write_text
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"model": model, "settings": settings, "results": {r.name: r.to_json() for r in results}}
-    if suites:
-        doc["suites"] = {s.name: s.to_json() for s in suites}
-    results_path, samples_path = out_dir / "results.json", out_dir / "samples.jsonl"
-    lines = []
-    for r in results:
-        for s in r.samples:
-            lines.append(json.dumps({"task": r.name, "index": s.index, "prompt": s.prompt,
-                                     "continuations": s.continuations,
-                                     "loglikelihoods": s.loglikelihoods, "gold": s.gold,
-                                     "prediction": s.prediction, "prediction_norm": s.prediction_norm,
-                                     **({"result" if r.formulation == "code" else "extracted": s.extracted}
-                                        if s.extracted is not None else {}),
-                                     **({"unconditional_loglikelihoods": s.unconditional}
-                                        if s.unconditional is not None else {}),
-                                     **({"truncated": s.truncated} if s.truncated is not None else {}),
-                                     **s.metrics}))
-    atomic_write_text(samples_path, "\n".join(lines) + ("\n" if lines else ""))
-    atomic_write_text(results_path, json.dumps(doc, indent=2))
-    return results_path, samples_path
-
-
-def model_dirname(model: str) -> str:
-    """The per-model directory name, as lm-eval makes it from the model's name: the path (relative
-    to the current directory when beneath it) with ``/`` and the characters a file name cannot
-    hold replaced by ``__`` (``runs/demo/hf`` -> ``runs__demo__hf``)."""
-    from megasmol.utils.fs import shown
-
-    name = re.sub(r"[\"<>:/|\\?*\[\]\s]+", "__", shown(model).strip("/")).strip("_")
-    if name in ("", ".", ".."):
-        name = Path(model).resolve().name or "model"
-    return name[:200]
-
-
-def write_new_outputs(results: list[TaskResult], out: Path, model: str, settings: dict,
-                      suites: list = (), now: Optional[datetime] = None) -> tuple[Path, Path]:
-    """``megasmol eval tasks``'s outputs, never replacing an earlier evaluation's (lm-eval's
-    layout): :func:`write_outputs` into a new ``OUT/MODEL/TIMESTAMP/`` (``-2``, ``-3``... when
-    one of that second exists), written as a hidden temporary directory beside it and renamed
-    into place once both files are complete. ``--overwrite`` writes into ``OUT`` itself instead."""
-    parent = Path(out) / model_dirname(model)
-    parent.mkdir(parents=True, exist_ok=True)
-    stamp = (now or datetime.now()).strftime("%Y-%m-%dT%H-%M-%S")
-    staging = parent / f".{stamp}.tmp-{os.getpid()}"
-    try:
-        write_outputs(results, staging, model, settings, suites)
-        for attempt in range(1, 1000):
-            final = parent / (stamp if attempt == 1 else f"{stamp}-{attempt}")
-            if final.exists():
-                continue
-            try:
-                os.rename(staging, final)  # refused if one was made meanwhile and holds files
-            except OSError:
-                continue
-            return final / "results.json", final / "samples.jsonl"
-        raise FileExistsError(f"{parent}: no free name for the results of {stamp}")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

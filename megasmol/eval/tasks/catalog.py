@@ -4,13 +4,13 @@ current)."""
 
 from __future__ import annotations
 
-from megasmol.eval.embedded import EMBEDDED
-from megasmol.eval.suites import load_suite, suite_names
-from megasmol.eval.tasks import load_task, task_names
+from megasmol.eval.tasks.embedded import EMBEDDED
+from megasmol.eval.tasks.registry import load_task, suite_names, task_names
+from megasmol.eval.tasks.suites import load_suite
 
 
 def _chance(task) -> str:
-    if task.spec.formulation in ("fg", "code", "bpb"):
+    if not task.formulation.has_chance:
         return "-"
     if task.spec.chance is not None:
         return f"{task.spec.chance:.3f}"

@@ -23,7 +23,12 @@ import functools
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
-from megasmol.eval.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.scoring.parallel_generate import parallel_generations
+from megasmol.eval.scoring.pipeline_shapes import all_max, padded_length
+from megasmol.eval.scoring.log_probs import LogProbs
+from megasmol.eval.scoring.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.scoring.scorers import megatron_head, megatron_prefix
+from megasmol.eval.scoring.shared_context import score_shared
 from megasmol.runtime.distributed import current_device
 
 
@@ -42,8 +47,9 @@ def _scoring(model_chunk, forward_model):
 
 
 class PipelineScorer:
-    """``model_chunk``: this rank's SmolGPTModel; ``forward_model``: what the schedule runs (the
-    DDP wrapper during training, the chunk itself offline)."""
+    """A Megatron-Core model split over the job (``api.Scorer``; a collective). ``model_chunk``:
+    this rank's SmolGPTModel; ``forward_model``: what the schedule runs (the DDP wrapper during
+    training, the chunk itself offline)."""
 
     def __init__(self, model_chunk, forward_model, *, micro_batch_size: int, max_length: int,
                  vocab_size: int, tokenizer, name: str):
@@ -59,26 +65,21 @@ class PipelineScorer:
         check_vocabulary(requests, self.vocab_size, self.name)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         totals = torch.zeros(len(requests), dtype=torch.float64)
-        rest = list(range(len(requests)))
-        if self._shared_path is not None:
-            from megasmol.eval.shared_context import score_groups, shared_groups
-
-            prefix, log_probs = self._shared_path
-            groups, rest = shared_groups(requests, self.max_length)
-            with _scoring(self.model_chunk, self.forward_model):
-                found = score_groups(prefix, groups[dp_rank::dp], requests, log_probs,
-                                     SHARED_BATCH_TOKENS, _Scaled(progress, dp))
-            for index, value in found.items():
-                totals[index] = value
+        prefix, log_probs = self._shared_path or (None, None)
+        with _scoring(self.model_chunk, self.forward_model):
+            found, rest = score_shared(prefix, log_probs, requests, self.max_length,
+                                       SHARED_BATCH_TOKENS, _Scaled(progress, dp), dp_rank, dp)
+        for index, value in found.items():
+            totals[index] = value
         mine = rest[dp_rank::dp]
         windows = {i: requests[i].window(self.max_length) for i in mine}
         mine.sort(key=lambda i: -len(windows[i][0]))
-        rounds = _all_max(len(mine))
+        rounds = all_max(len(mine))
         per_group = self.micro * 16  # micro-batches per schedule call (pipelines fill better)
         with _scoring(self.model_chunk, self.forward_model):
             for start in range(0, rounds, per_group):
                 group = mine[start:start + per_group]
-                length = _padded(_all_max(max((len(windows[i][0]) for i in group), default=1)),
+                length = padded_length(all_max(max((len(windows[i][0]) for i in group), default=1)),
                                  self.model_chunk)
                 micro = [_inputs([windows[i] for i in group[k:k + self.micro]], self.micro, length)
                          for k in range(0, per_group, self.micro)]
@@ -94,17 +95,17 @@ class PipelineScorer:
         return totals.cpu().tolist()
 
     def generations(self, requests: list[GenerationRequest], progress=None) -> list[Generation]:
-        from megasmol.eval.parallel_generate import parallel_generations
-
         return parallel_generations(self, requests, progress)
+
+    def scoring(self):
+        """This scorer's model in forward-only mode while the block runs (``_scoring``)."""
+        return _scoring(self.model_chunk, self.forward_model)
 
     @functools.cached_property
     def _shared_path(self):
         """(``MegatronPrefix``, ``LogProbs``) where each rank holds the whole model and its
         attention backend takes padding masks; None otherwise. Built once: the output layer
         keeps its logits buffer."""
-        from megasmol.eval.scorers import LogProbs, megatron_head, megatron_prefix
-
         prefix = megatron_prefix(self.model_chunk) if _whole_model_per_rank() else None
         return None if prefix is None else (prefix, LogProbs(megatron_head(self.model_chunk)))
 
@@ -132,12 +133,6 @@ class _Scaled:
             self.progress.update(n * self.factor)
 
 
-def _all_max(value: int) -> int:
-    local = torch.tensor([value], dtype=torch.long, device=current_device())
-    torch.distributed.all_reduce(local, op=torch.distributed.ReduceOp.MAX)
-    return int(local.item())
-
-
 def _inputs(windows: list, micro: int, length: int) -> ModelInputs:
     tokens = torch.zeros(micro, length, dtype=torch.long)
     labels = torch.zeros(micro, length, dtype=torch.long)
@@ -150,16 +145,3 @@ def _inputs(windows: list, micro: int, length: int) -> ModelInputs:
         mask[row, n - len(continuation):n] = 1.0
     positions = torch.arange(length).unsqueeze(0).expand(micro, length).contiguous()
     return context_parallel_share(ModelInputs(tokens, positions, labels, mask)).to(current_device())
-
-
-def _padded(length: int, model_chunk) -> int:
-    """Sequence length a forward pass accepts: a multiple of 2 x CP (Megatron-Core's load-balanced
-    split) and of TP under sequence parallelism."""
-    from megatron.core import parallel_state as ps
-
-    multiple = 1
-    if ps.get_context_parallel_world_size() > 1:
-        multiple *= 2 * ps.get_context_parallel_world_size()
-    if getattr(model_chunk.config, "sequence_parallel", False):
-        multiple *= ps.get_tensor_model_parallel_world_size()
-    return -(-length // multiple) * multiple

@@ -26,16 +26,15 @@ from functools import partial
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
-from megasmol.eval.parallel_scorer import _all_max, _padded, _scoring
-from megasmol.eval.requests import Generation, GenerationRequest
+from megasmol.eval.scoring.gen_progress import GenerationProgress
+from megasmol.eval.scoring.pipeline_shapes import all_max, padded_length
+from megasmol.eval.scoring.requests import Generation, GenerationRequest
 from megasmol.runtime.distributed import current_device
 
 
 def parallel_generations(scorer, requests: list[GenerationRequest], progress=None) -> list[Generation]:
     """``scorer``: a ``PipelineScorer``; every rank calls this and gets every generation."""
     from megatron.core import parallel_state as ps
-
-    from megasmol.eval.gen_progress import GenerationProgress
 
     progress = progress if progress is not None else GenerationProgress()
     tokenizer = scorer.tokenizer
@@ -45,12 +44,12 @@ def parallel_generations(scorer, requests: list[GenerationRequest], progress=Non
     per_group = scorer.micro * 16
     longest_new = max(r.max_new_tokens for r in requests)
     new_ids = torch.full((len(requests), longest_new), -1, dtype=torch.long)
-    for start in range(0, _all_max(len(mine)), per_group):
+    for start in range(0, all_max(len(mine)), per_group):
         group = mine[start:start + per_group]
         progress.task(", ".join(dict.fromkeys(requests[i].task for i in group)))
         rows = {i: list(prompts[i]) for i in group}
         active = list(group)
-        while _all_max(len(active)):
+        while all_max(len(active)):
             picked, generated = _next_tokens(scorer, [rows[i] for i in active], per_group, dp, dp_rank)
             finished = 0
             for index, token in zip(list(active), picked.tolist()):
@@ -79,12 +78,12 @@ def _next_tokens(scorer, rows: list[list[int]], per_group: int, dp: int,
     from megasmol.runtime.pipeline import StepGeometry
 
     found = torch.full((dp, per_group), -1, dtype=torch.long)
-    length = _padded(_all_max(max((len(r) for r in rows), default=1)), scorer.model_chunk)
+    length = padded_length(all_max(max((len(r) for r in rows), default=1)), scorer.model_chunk)
     if rows:
         micro = [_inputs(rows[k:k + scorer.micro], scorer.micro, length)
                  for k in range(0, len(rows), scorer.micro)]
         geometry = StepGeometry.of(micro[0][0])
-        with _scoring(scorer.model_chunk, scorer.forward_model):
+        with scorer.scoring():
             outputs = get_forward_backward_func()(
                 forward_step_func=_forward_step, data_iterator=iter(micro),
                 model=[scorer.forward_model], num_microbatches=len(micro),

@@ -29,8 +29,8 @@ from typing import Protocol
 
 import torch
 
-from megasmol.eval.requests import TokenRequest
-from megasmol.eval.scorers import HEAD_POSITIONS
+from megasmol.eval.scoring.log_probs import HEAD_POSITIONS
+from megasmol.eval.scoring.requests import TokenRequest
 
 
 WASTE = 1.25
@@ -83,6 +83,19 @@ def _right_pad(rows: list[list[int]], width: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         ids[i, :len(row)] = torch.tensor(row, dtype=torch.long)
     return ids
+
+
+def score_shared(prefix: "PrefixModel | None", pick, requests: list[TokenRequest], max_length: int,
+                 batch_tokens: int, progress=None, rank: int = 0,
+                 ranks: int = 1) -> tuple[dict[int, float], list[int]]:
+    """The scoring path every scorer takes first: the requests that share a context, scored
+    against one pass over it (this rank's ``rank::ranks`` share of the groups, whole questions
+    each), and the indices of every request left to score whole (all of them without a
+    ``prefix``: a model that cannot take the padding masks)."""
+    if prefix is None:
+        return {}, list(range(len(requests)))
+    groups, rest = shared_groups(requests, max_length)
+    return score_groups(prefix, groups[rank::ranks], requests, pick, batch_tokens, progress), rest
 
 
 def score_groups(model: PrefixModel, groups: list[Group], requests: list[TokenRequest],

@@ -24,7 +24,9 @@ import random
 import re
 from pathlib import Path
 
-from megasmol.eval.tasks import Example, Task, TaskSpec
+from megasmol.eval.tasks.example import Example
+from megasmol.eval.tasks.spec import TaskSpec
+from megasmol.eval.tasks.task import Task
 
 SEED = 20251129
 COUNT = 500

@@ -18,7 +18,10 @@ from typing import Callable, Optional
 
 import torch
 
-from megasmol.eval.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.scoring.gen_progress import GenerationProgress
+from megasmol.eval.scoring.log_probs import LinearInto, LogProbs
+from megasmol.eval.scoring.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
+from megasmol.eval.scoring.shared_context import HFPrefix, MegatronPrefix, score_shared
 
 Hidden = Callable[[torch.Tensor], torch.Tensor]  # [batch, seq] ids -> [batch, seq, hidden]
 
@@ -29,13 +32,13 @@ Generator = Callable[[list[list[int]], list[GenerationRequest], Callable[[int, i
 length limit; the third argument hears of each decoding step (ids generated, rows finished)."""
 
 
-class Scorer:
+class ProcessScorer:
     """Computes ``sum log p(continuation | context)`` for token requests, and greedy generations
-    with a batched ``generator``."""
+    with a batched ``generator``, with the whole model in this process (``api.Scorer``)."""
 
-    def __init__(self, hidden: Hidden, head: LinearInto, max_length: int, vocab_size: int, tokenizer,
-                 name: str, batch_tokens: int = 8192, generator: Optional[Generator] = None,
-                 prefix=None):
+    def __init__(self, *, hidden: Hidden, head: LinearInto, max_length: int, vocab_size: int,
+                 tokenizer, name: str, batch_tokens: int = 8192,
+                 generator: Optional[Generator] = None, prefix=None):
         self.generator = generator
         self.prefix = prefix
         """A ``shared_context.PrefixModel``: requests that share their context score it once."""
@@ -46,16 +49,11 @@ class Scorer:
     def loglikelihoods(self, requests: list[TokenRequest], progress=None) -> list[float]:
         check_vocabulary(requests, self.vocab_size, self.name)
         results: list[Optional[float]] = [None] * len(requests)
-        plain = list(range(len(requests)))
-        if self.prefix is not None:
-            from megasmol.eval.shared_context import score_groups, shared_groups
-
-            groups, plain = shared_groups(requests, self.max_length)
-            with torch.no_grad():
-                found = score_groups(self.prefix, groups, requests, self.log_probs,
-                                     self.batch_tokens, progress)
-            for index, value in found.items():
-                results[index] = value
+        with torch.no_grad():
+            found, plain = score_shared(self.prefix, self.log_probs, requests, self.max_length,
+                                        self.batch_tokens, progress)
+        for index, value in found.items():
+            results[index] = value
         windows = {i: requests[i].window(self.max_length) for i in plain}
         order = sorted(plain, key=lambda i: -len(windows[i][0]))
         start = 0
@@ -76,8 +74,6 @@ class Scorer:
         prompt first, at most ``batch_tokens`` prompt-and-new tokens a batch (similar lengths
         share a batch, so little of it is spent feeding the longer prompts).
         ``progress``: a ``gen_progress.GenerationProgress``, told of every decoding step."""
-        from megasmol.eval.gen_progress import GenerationProgress
-
         progress = progress if progress is not None else GenerationProgress()
         prompts = [r.prompt_ids(self.tokenizer, self.max_length) for r in requests]
         groups: dict[tuple, list[int]] = {}
@@ -119,56 +115,6 @@ class Scorer:
         return sums.tolist()
 
 
-class LogProbs:
-    """log p(target) at each row of hidden states: the output layer in slices of positions, each
-    written into the same [slice, vocab] buffer (a whole batch's logits would be gigabytes; a
-    fresh slice each time, 128 MB for a 128k vocabulary, cost a page fault per 4 KiB on a CPU).
-    log p = logit - logsumexp(logits), the log-sum-exp in place."""
-
-    def __init__(self, head: LinearInto):
-        self.head = head
-        self._logits: Optional[torch.Tensor] = None
-
-    def __call__(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        picked = torch.empty(len(targets), dtype=torch.float64)
-        for start in range(0, len(targets), HEAD_POSITIONS):
-            states = hidden[start:start + HEAD_POSITIONS]
-            if self._logits is None:  # one buffer for every slice (the head's shape and dtype)
-                weight = self.head.weight
-                self._logits = torch.empty(HEAD_POSITIONS, weight.shape[0], dtype=weight.dtype,
-                                           device=weight.device)
-            logits = self.head(states, self._logits[:len(states)]).float()
-            chosen = targets[start:start + len(states), None].to(logits.device)
-            picked[start:start + len(states)] = (logits.gather(-1, chosen).squeeze(-1)
-                                                 - logsumexp_(logits)).double()
-        return picked
-
-
-def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """``torch.logsumexp(logits, -1)``, bit for bit (the same operations in the same order), with
-    ``logits`` itself as the scratch space: its values are overwritten."""
-    peak = logits.amax(-1, keepdim=True)
-    peak.masked_fill_(peak.abs() == float("inf"), 0)
-    return logits.sub_(peak).exp_().sum(-1).log_().add_(peak.squeeze(-1))
-
-
-class LinearInto:
-    """The output layer, ``states @ weight.T (+ bias)``, written into a buffer the caller keeps."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        self.weight, self.bias = weight, bias
-
-    def __call__(self, states: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return torch.mm(states, self.weight.t(), out=out)
-        return torch.addmm(self.bias, states, self.weight.t(), out=out)
-
-
-HEAD_POSITIONS = 256
-"""Positions per output-layer call while scoring (x the vocabulary: 128 MB of fp32 logits for
-SmolLM3's 128k)."""
-
-
 @contextlib.contextmanager
 def _hidden_states_out(model):
     """GPTModel returns its last hidden states instead of logits while this is active (its output
@@ -194,7 +140,6 @@ def megatron_prefix(model):
     """``shared_context.MegatronPrefix`` on a Megatron-Core model held whole by one process; None
     where its attention backend would not apply the padding masks the prefix passes need (then
     each pair is scored whole)."""
-    from megasmol.eval.shared_context import MegatronPrefix
     from megasmol.model.layer_specs import EXPLICIT_MASK_BACKENDS
 
     if model.attention_backend not in EXPLICIT_MASK_BACKENDS:
@@ -210,7 +155,7 @@ def megatron_prefix(model):
     return MegatronPrefix(model, hidden_of)
 
 
-def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192) -> Scorer:
+def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192) -> ProcessScorer:
     """The checkpoint's Megatron-Core model in one process (any layout that wrote it)."""
     from megasmol.model.load import load_checkpoint_model
 
@@ -233,8 +178,10 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
                                      stop=lambda row, new: requests[row].stopped(tokenizer, new),
                                      on_step=on_step)
 
-    return Scorer(hidden, megatron_head(model), spec.max_position_embeddings, spec.vocab_size,
-                  tokenizer, str(checkpoint), batch_tokens, generator, megatron_prefix(model))
+    return ProcessScorer(hidden=hidden, head=megatron_head(model),
+                         max_length=spec.max_position_embeddings, vocab_size=spec.vocab_size,
+                         tokenizer=tokenizer, name=str(checkpoint), batch_tokens=batch_tokens,
+                         generator=generator, prefix=megatron_prefix(model))
 
 
 class _StepCounter:
@@ -257,7 +204,7 @@ class _StepCounter:
 
 
 def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
-              dtype: torch.dtype = torch.float32) -> Scorer:
+              dtype: torch.dtype = torch.float32) -> ProcessScorer:
     """A Hugging Face causal LM directory through transformers."""
     from megasmol.convert.hf_dir import load_hf_causal_lm
 
@@ -286,7 +233,6 @@ def hf_scorer(hf_dir: str | Path, tokenizer, batch_tokens: int = 8192,
                                  streamer=None if on_step is None else _StepCounter(eos, on_step))
         return [new[:new.index(eos)] if eos in new else new for new in out[:, width:].tolist()]
 
-    from megasmol.eval.shared_context import HFPrefix
-
-    return Scorer(hidden, head, model.config.max_position_embeddings, model.config.vocab_size,
-                  tokenizer, str(hf_dir), batch_tokens, generator, HFPrefix(trunk))
+    return ProcessScorer(hidden=hidden, head=head, max_length=model.config.max_position_embeddings,
+                         vocab_size=model.config.vocab_size, tokenizer=tokenizer, name=str(hf_dir),
+                         batch_tokens=batch_tokens, generator=generator, prefix=HFPrefix(trunk))

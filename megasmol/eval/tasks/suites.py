@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from megasmol.config.typed import ConfigError, from_dict, load_yaml
-from megasmol.eval.tasks import TASK_DIR, Task, load_task
-
-SUITE_DIR = TASK_DIR / "suites"
+from megasmol.eval.tasks.registry import SUITE_DIR, is_suite, load_task
+from megasmol.eval.tasks.task import Task
 
 
 @dataclass
@@ -70,14 +69,6 @@ class Suite:
     tasks: list[Task]
     missing: list[str]
     """The reference suite's missing parts and the entries whose data could not be read."""
-
-
-def suite_names() -> list[str]:
-    return sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
-
-
-def is_suite(name: str) -> bool:
-    return name in suite_names() or name.endswith(".suite.yaml")
 
 
 def load_suite(name: str) -> Suite:
