@@ -34,9 +34,6 @@ LAYERING_EXCEPTIONS = {
 
 CIRCLE_EXCEPTIONS = [
     {"megasmol.ckpt.checkpoint", "megasmol.ckpt.storage"},
-    {"megasmol.eval.embedded", "megasmol.eval.formulations", "megasmol.eval.suites", "megasmol.eval.tasks"},
-    {"megasmol.eval.scorers", "megasmol.eval.shared_context"},
-    {"megasmol.eval.parallel_generate", "megasmol.eval.parallel_scorer"},
     {"megasmol.preflight.dcgm", "megasmol.preflight.dcgm_bindings"},
 ]
 """Import circles (strongly connected modules) that exist today."""
@@ -45,11 +42,6 @@ PRIVATE_EXCEPTIONS = {
     ("megasmol.preflight.collectives", "megasmol.preflight.compute._sync"),
     ("megasmol.chat.preference_demo", "megasmol.chat.demo._held_out_scores"),
     ("megasmol.train.reference", "megasmol.data.loader._collate"),
-    ("megasmol.eval.embedded", "megasmol.data.demo_corpus._problem"),
-    ("megasmol.eval.embedded", "megasmol.data.demo_corpus._stdlib_sources"),
-    ("megasmol.eval.parallel_generate", "megasmol.eval.parallel_scorer._all_max"),
-    ("megasmol.eval.parallel_generate", "megasmol.eval.parallel_scorer._padded"),
-    ("megasmol.eval.parallel_generate", "megasmol.eval.parallel_scorer._scoring"),
 }
 """(importer, imported module + private name) pairs that exist today."""
 

@@ -36,7 +36,7 @@ class DemoCorpus:
         return self.root / "tokens" / f"{domain}_text_document"
 
 
-def _stdlib_sources() -> list[Path]:
+def stdlib_sources() -> list[Path]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     skipped = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
     return sorted(p for p in stdlib.rglob("*.py") if not skipped & set(p.relative_to(stdlib).parts))
@@ -47,7 +47,7 @@ def stdlib_docstrings() -> tuple[str, ...]:
     """Every module, class and function docstring of the standard library, in source order
     (parsed once per process: the corpus and the held-out evaluation tasks both read them)."""
     found = []
-    for path in _stdlib_sources():
+    for path in stdlib_sources():
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -66,7 +66,7 @@ def prose_documents() -> list[str]:
 
 
 def code_documents(budget_bytes: int, seed: int) -> list[str]:
-    paths = _stdlib_sources()
+    paths = stdlib_sources()
     random.Random(seed).shuffle(paths)
     documents, used = [], 0
     for path in paths:
@@ -84,7 +84,7 @@ _ITEMS = [("apples", "basket"), ("pencils", "box"), ("stickers", "sheet"), ("mar
           ("cookies", "tray"), ("books", "shelf"), ("stamps", "album"), ("eggs", "carton")]
 
 
-def _problem(rng: random.Random) -> str:
+def math_problem(rng: random.Random) -> str:
     name, other = rng.sample(_NAMES, 2)
     item, container = rng.choice(_ITEMS)
     kind = rng.randrange(5)
@@ -129,7 +129,7 @@ def _problem(rng: random.Random) -> str:
 
 def math_documents(count: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [_problem(rng) for _ in range(count)]
+    return [math_problem(rng) for _ in range(count)]
 
 
 def build_demo_corpus(out_dir: str | Path, code_mb: float = 3.0, math_problems: int = 20000,

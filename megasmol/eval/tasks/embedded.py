@@ -34,13 +34,13 @@ DEMO_SEED, DEMO_PROBLEMS, DEMO_CODE_BYTES = 1234, 20000, int(3.0 * 1e6)  # the d
 
 
 def arithmetic_examples(count: int, seed: int) -> list[Example]:
-    from megasmol.data.demo_corpus import _problem, math_documents
+    from megasmol.data.demo_corpus import math_problem, math_documents
 
     seen = set(math_documents(DEMO_PROBLEMS, DEMO_SEED))
     rng, pick = random.Random(seed), random.Random(seed + 1)
     examples = []
     while len(examples) < count:
-        text = _problem(rng)
+        text = math_problem(rng)
         if text in seen or "The answer is " not in text:
             continue
         head, _, tail = text.rpartition("The answer is ")
@@ -54,11 +54,11 @@ def arithmetic_examples(count: int, seed: int) -> list[Example]:
 
 
 def code_examples(count: int, seed: int) -> list[Example]:
-    from megasmol.data.demo_corpus import _stdlib_sources, code_documents
+    from megasmol.data.demo_corpus import stdlib_sources, code_documents
 
     used = set(code_documents(DEMO_CODE_BYTES, DEMO_SEED))
     files = []
-    for path in _stdlib_sources():
+    for path in stdlib_sources():
         text = path.read_text(encoding="utf-8", errors="replace")
         lines = [line.rstrip() for line in text.splitlines()]
         if text not in used and sum(bool(x.strip()) for x in lines) > 40:
