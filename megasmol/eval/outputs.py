@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from megasmol.errors import OutputExists
 from megasmol.eval.formulations.registry import formulation
 from megasmol.eval.runner import TaskResult
 
@@ -92,7 +93,7 @@ def write_new_outputs(results: list[TaskResult], out: Path, model: str, settings
             except OSError:
                 continue
             return final / "results.json", final / "samples.jsonl"
-        raise FileExistsError(f"{parent}: no free name for the results of {stamp}")
+        raise OutputExists(f"{parent}: no free name for the results of {stamp}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -34,16 +34,15 @@ from megasmol.runtime.distributed import current_device
 
 @contextlib.contextmanager
 def _scoring(model_chunk, forward_model):
-    z_loss = getattr(model_chunk, "z_loss_coeff", 0.0)
-    model_chunk.z_loss_coeff = 0.0
+    from megasmol.model.gpt import plain_cross_entropy
+
     was_training = forward_model.training
     forward_model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_cross_entropy(model_chunk):
             yield
     finally:
         forward_model.train(was_training)
-        model_chunk.z_loss_coeff = z_loss
 
 
 class PipelineScorer:

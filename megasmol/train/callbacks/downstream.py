@@ -12,7 +12,6 @@ from megasmol.train.callbacks.base import Callback, LoopContext
 
 
 class DownstreamCallback(Callback):
-    priority = 60
     name = "downstream"
 
     def __init__(self, ctx: LoopContext, evaluation):
