@@ -471,8 +471,9 @@ def test_cli_scores_a_suite_and_writes_its_average(model, tmp_path):
 
 def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tmp_path, monkeypatch):
     """GSM8K offline: the test split's rows from the OLMES request file, lm-eval's own gsm8k YAML
-    on the same rows giving the same 0-shot prompt, and lm-eval's flexible-extract filter and
-    exact_match metric (with its target) agreeing with megasmol's judgement of each generation."""
+    on the same rows giving the same 0-shot and few-shot prompts (worked answers as targets), and
+    lm-eval's flexible-extract filter and exact_match metric (with its target) agreeing with
+    megasmol's judgement of each generation."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import lm_eval
@@ -480,7 +481,7 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
     from lm_eval.filters.extraction import RegexFilter
     from lm_eval.tasks import TaskManager
 
-    from megasmol.eval.formulations.generation import judge_generation
+    from megasmol.eval.formulations.generation import FreeGeneration, judge_generation
 
     task = load_task("gsm8k")
     examples = task.examples()
@@ -501,15 +502,22 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
     extract = RegexFilter(**{k: v for k, v in flexible["filter"][0].items() if k != "function"})
     [metric] = reference.config.metric_list
     options = {k: metric[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation")}
+    shots = examples[1:3]
+    theirs_fewshot = "".join(reference.doc_to_text(d) + reference.config.target_delimiter
+                             + reference.doc_to_target(d) + reference.config.fewshot_delimiter
+                             for d in docs[1:3]) + reference.doc_to_text(docs[0])
+    spec = task.spec
+    assert FreeGeneration().prompt(examples[0], spec.target_delimiter, shots) == theirs_fewshot
     checked = 0
     for index, (example, doc) in enumerate(zip(examples, docs)):
         assert example.context == reference.doc_to_text(doc)  # the same question, the same prompt
-        gold = example.choices[0]
+        gold = doc["answer"].split("####")[-1].strip()
         for generation in (f" {doc['answer']}", f" So the answer is ${int(gold):,}.", f" It is {gold}",
                            f" {int(gold) + 1}", " I do not know", f" {gold} apples, not {int(gold) * 2}"):
             [[theirs]] = extract.apply([[generation]], [doc])
             expected = exact_match_hf_evaluate([theirs], [reference.doc_to_target(doc)], **options)
-            mine = judge_generation(index, example, example.context, generation, task.spec.answer_pattern)
+            mine = judge_generation(index, example, example.context, generation, spec.answer_pattern,
+                                    spec.answer_ignore, spec.ignore_case)
             assert mine.metrics["exact_match"] == expected["exact_match"], (generation, theirs, gold)
             checked += expected["exact_match"] == 1.0
     assert checked >= 3 * ROWS  # the matching answers were recognized, not only the wrong ones

@@ -1,11 +1,12 @@
 """``fg`` (free generation): greedy decoding with the KV cache until a stop string, the answer
 extracted with the task's regular expression (the last match, as lm-eval's GSM8K
-"flexible-extract") and compared after dropping ``$``, thousands commas and a final period;
-``exact_match``."""
+"flexible-extract") and compared with the reference after removing the task's ``answer_ignore``
+expressions (by default ``$``, thousands commas and a final period); ``exact_match``."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from megasmol.eval.formulations.base import Answer, Formulation, Scored
 from megasmol.eval.tasks.example import Example
@@ -20,10 +21,17 @@ def extract_answer(generation: str, pattern: str) -> str:
     return found
 
 
-def normalize_answer(text: str) -> str:
-    """Exact match compares numbers as written, without $, thousands commas or a final period."""
-    text = text.strip().replace(",", "").replace("$", "")
-    return text[:-1] if text.endswith(".") else text
+DEFAULT_IGNORE = (",", r"\$", r"\.$")
+"""What exact match drops unless a task says otherwise: thousands commas, ``$``, a final period."""
+
+
+def normalize_answer(text: str, ignore: Sequence[str] = DEFAULT_IGNORE, ignore_case: bool = False) -> str:
+    """The text exact match compares: stripped, each of ``ignore``'s regular expressions removed
+    in order, then lower-cased with ``ignore_case`` (lm-eval's ``exact_match`` options)."""
+    text = text.strip()
+    for pattern in ignore:
+        text = re.sub(pattern, "", text)
+    return text.lower() if ignore_case else text
 
 
 def cut_at_stop(generation: str, until: list[str]) -> str:
@@ -31,10 +39,11 @@ def cut_at_stop(generation: str, until: list[str]) -> str:
     return generation if cut < 0 else generation[:cut]
 
 
-def judge_generation(index: int, example: Example, prompt: str, generation: str,
-                     pattern: str) -> Scored:
+def judge_generation(index: int, example: Example, prompt: str, generation: str, pattern: str,
+                     ignore: Sequence[str] = DEFAULT_IGNORE, ignore_case: bool = False) -> Scored:
     extracted = extract_answer(generation, pattern)
-    hit = normalize_answer(extracted) == normalize_answer(example.choices[0])
+    hit = (normalize_answer(extracted, ignore, ignore_case)
+           == normalize_answer(example.choices[0], ignore, ignore_case))
     return Scored(index, prompt, [generation], [], 0, 0 if hit else -1, 0 if hit else -1,
                   {"exact_match": float(hit)}, extracted)
 
@@ -71,6 +80,7 @@ class FreeGeneration(Generative):
 
     def judge(self, index: int, example: Example, prompt: str, shown: list[str], answer: Answer,
               spec) -> Scored:
-        scored = judge_generation(index, example, prompt, answer.completion, spec.answer_pattern)
+        scored = judge_generation(index, example, prompt, answer.completion, spec.answer_pattern,
+                                  spec.answer_ignore, spec.ignore_case)
         scored.truncated = answer.generation.truncated
         return scored

@@ -40,6 +40,12 @@ class TaskSpec:
     answer_pattern: str = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
     """fg: regular expression for the answer in the generation; the last match counts (lm-eval's
     GSM8K "flexible-extract")."""
+    answer_ignore: list[str] = field(default_factory=lambda: [",", r"\$", r"\.$"])
+    """fg: regular expressions removed, in order, from the extracted answer and from the reference
+    before they are compared (lm-eval's ``regexes_to_ignore``): by default thousands commas, ``$``
+    and a final period."""
+    ignore_case: bool = False
+    """fg: compare the answer and the reference in lower case (lm-eval's ``ignore_case``)."""
     source: str = ""
     """Where the examples come from, for the reader: a URL or a citation."""
     data_files: Optional[str] = None
@@ -113,6 +119,7 @@ class TaskSpec:
             if len(pair) != 2:
                 raise ConfigError(f"task {self.name}: replacements[{i}] must be [pattern, replacement]")
         for what, pattern in [("answer_pattern", self.answer_pattern)] + [
+                (f"answer_ignore[{i}]", ignored) for i, ignored in enumerate(self.answer_ignore)] + [
                 (f"replacements[{i}]", pair[0]) for i, pair in enumerate(self.replacements)]:
             try:
                 re.compile(pattern)
