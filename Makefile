@@ -39,7 +39,8 @@ FAST_TESTS ?= tests/test_spec.py tests/test_schedules.py tests/test_param_groups
 	tests/test_preference_data.py tests/test_plan.py tests/test_cpu_compat.py \
 	tests/test_demo_corpus.py tests/test_throughput_watch.py tests/test_checkpoint_safety.py \
 	tests/test_eval_embedded.py tests/test_generate_cache.py tests/test_callbacks.py \
-	tests/test_threads.py tests/test_import_guard.py tests/test_sandbox.py
+	tests/test_threads.py tests/test_import_guard.py tests/test_sandbox.py tests/test_layers.py \
+	tests/test_eval_layers.py tests/test_data_layers.py tests/test_lm_eval_fidelity.py
 test-fast: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(FAST_TESTS) $(PYTEST_ARGS)
 

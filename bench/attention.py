@@ -69,8 +69,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
-    from megasmol.runtime.distributed import init_parallel
     from megasmol.config.parallel import ParallelLayout
+    from megasmol.runtime.distributed import init_parallel
 
     init_parallel(ParallelLayout())
     results = [measure(b, args.seq, args.batch, args.iters) for b in ("local", "sdpa")]

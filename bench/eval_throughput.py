@@ -60,10 +60,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     from megasmol.convert.export import export_hf
-    from megasmol.eval.tasks.embedded import arithmetic_examples
     from megasmol.eval.formulations.registry import prompt_and_continuations
     from megasmol.eval.runner import evaluate
     from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
+    from megasmol.eval.tasks.embedded import arithmetic_examples
     from megasmol.eval.tasks.registry import load_task
     from megasmol.eval.tasks.task import file_task
     from megasmol.model.init import init_checkpoint

@@ -17,8 +17,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from functools import partial
 import warnings
+from functools import partial
 from pathlib import Path
 
 import yaml

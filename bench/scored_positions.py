@@ -15,10 +15,10 @@ import torch
 
 
 def main() -> None:
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.model.gpt import build_model
     from megasmol.model.spec import load_model_spec
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.config.parallel import ParallelLayout
 
     init_parallel(ParallelLayout())
     torch.manual_seed(0)

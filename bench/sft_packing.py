@@ -63,10 +63,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from megasmol.data.masked.dataset import open_chat_dataset
     from megasmol.data.chat.prepare import prepare_chat
     from megasmol.data.chat.synthetic import write_jsonl
     from megasmol.data.loader import TokenIds
+    from megasmol.data.masked.dataset import open_chat_dataset
 
     work = Path(tempfile.mkdtemp(prefix="sftbench-"))
     write_jsonl(conversations(args.conversations, seed=3), work / "chat.jsonl")

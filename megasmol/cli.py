@@ -67,10 +67,10 @@ def cmd_info(args) -> int:
 
 
 def cmd_init(args) -> int:
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.model.init import init_checkpoint
     from megasmol.model.spec import load_model_spec
     from megasmol.runtime.distributed import shutdown
-    from megasmol.config.parallel import ParallelLayout
 
     spec = load_model_spec(args.spec)
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from megasmol.utils.fs import shown
 from megasmol.data.run_tokenizer import run_tokenizer_dir
 from megasmol.model.run_spec import run_model_spec
+from megasmol.utils.fs import shown
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "demo.yaml"
 PROMPTS = ("Question: Tom has 12 apples and buys 7 more. How many apples does he have now?\nAnswer:",
@@ -162,9 +162,9 @@ def scaled_plan(steps: int, workdir: Path, write: bool = True) -> list[str]:
     if write:
         import yaml
 
-        from megasmol.utils.fs import atomic_write_text
         from megasmol.config.typed import load_yaml
         from megasmol.data.recipe import REPO_RECIPES
+        from megasmol.utils.fs import atomic_write_text
 
         data = load_yaml(REPO_RECIPES / "demo.yaml")
         data["stages"][1]["start_step"] = steps * 2 // 3 + 1

@@ -19,7 +19,8 @@ finished), for a progress bar.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 

@@ -6,8 +6,8 @@ Shared by the single-process test and the TP=2 / PP=2 torchrun worker.
 
 import torch
 
-from megasmol.data.masked.dataset import open_chat_dataset
 from megasmol.data.loader import TokenIds, _collate
+from megasmol.data.masked.dataset import open_chat_dataset
 from megasmol.data.masking import context_parallel_share, model_inputs
 from megasmol.model.gpt import build_model
 from megasmol.runtime.distributed import set_seed

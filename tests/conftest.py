@@ -68,8 +68,8 @@ def _subprocess_tmpdir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def megatron_runtime():
     """Single-process gloo runtime with Megatron parallel_state (TP=PP=1) for in-process tests."""
-    from megasmol.runtime.distributed import init_parallel
     from megasmol.config.parallel import ParallelLayout
+    from megasmol.runtime.distributed import init_parallel
 
     init_parallel(ParallelLayout())
     yield

@@ -12,11 +12,11 @@ import yaml
 from megasmol.ablate.compare import load_comparison
 from megasmol.ablate.grid import Variation, closest_depth, parse_vary, plan_grid
 from megasmol.ablate.task_quality import task_quality
+from megasmol.cli import main
 from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.model.flops import parameter_count
 from megasmol.model.spec import load_model_spec
-from megasmol.cli import main
 from tests.conftest import REPO, run_cli
 from tests.train_fixtures import step_losses, write_training_run
 

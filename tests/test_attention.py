@@ -43,8 +43,8 @@ def test_zloss_is_added_to_the_lm_loss(megatron_runtime):
 
 def test_sdpa_thd_layout_matches_sbhd(megatron_runtime):
     """Transformer Engine's THD layout ([t, heads, d]) gives the sbhd result with b = 1."""
-    from megatron.core.packed_seq_params import PackedSeqParams
     import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
 
     from megasmol.model.gpt import build_model
 

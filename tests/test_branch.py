@@ -101,9 +101,9 @@ def test_a_branch_resumes_exactly(source, anneal):
 
 
 def test_bad_branch_sources_are_named(source):
-    from megasmol.train.branch import branch_point
     from megasmol.config.run import load_run_config
     from megasmol.config.typed import ConfigError
+    from megasmol.train.branch import branch_point
 
     with pytest.raises(ConfigError, match=r"no checkpoint at step 7 \(it has steps \[5, 10, 15, 20\]\)"):
         branch_point(load_run_config(_branch_config(source, "bad1", "run@7", steps=2)))

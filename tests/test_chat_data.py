@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.masked.packing import first_fit_decreasing, plan_packing
 from megasmol.data.chat.prepare import prepare_chat, read_description
+from megasmol.data.loader import TokenIds
+from megasmol.data.masked.packing import first_fit_decreasing, plan_packing
 from megasmol.data.messages.special_tokens import single_token_id, write_chat_tokenizer
 from megasmol.data.messages.template import load_template, token_mask
-from megasmol.data.loader import TokenIds
 
 FIXED = datetime(2025, 7, 8)
 TOOLS = [{"name": "get_weather", "description": "Weather in a city",

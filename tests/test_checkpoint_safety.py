@@ -16,8 +16,13 @@ import pytest
 import torch
 
 from megasmol.ckpt import trust
-from megasmol.ckpt.checkpoint import (CheckpointError, check_output_dir, latest_iteration,
-                                      read_metadata, recover_interrupted_saves)
+from megasmol.ckpt.checkpoint import (
+    CheckpointError,
+    check_output_dir,
+    latest_iteration,
+    read_metadata,
+    recover_interrupted_saves,
+)
 from megasmol.ckpt.reader import CheckpointReader
 from megasmol.ckpt.train_state import capture_rng, prune_checkpoints, restore_rng
 from megasmol.convert.export import export_hf

@@ -136,8 +136,8 @@ def test_other_missing_data_points_to_the_prepare_commands(tmp_path):
 # --- 3. a layout in one process, pairs for prepare-chat, in-loop scoring off ------------------
 
 def test_a_layout_one_process_cannot_hold_says_how_to_start_enough(monkeypatch):
-    from megasmol.config.typed import ConfigError
     from megasmol.config.parallel import ParallelLayout
+    from megasmol.config.typed import ConfigError
 
     for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from megasmol.data.masking import (BACKEND_MASK_FORMAT, cu_seqlens, document_ids, model_inputs,
-                                   pad_documents, restarted_positions)
+from megasmol.data.masking import (
+    BACKEND_MASK_FORMAT,
+    cu_seqlens,
+    document_ids,
+    model_inputs,
+    pad_documents,
+    restarted_positions,
+)
 from megasmol.model.gpt import build_model
 from megasmol.runtime.distributed import set_seed
 from tests.specs import tiny_smollm3

@@ -28,9 +28,9 @@ from megasmol.convert.export import export_hf
 from megasmol.eval.runner import TaskResult, evaluate
 from megasmol.eval.sandbox import Limits, run_test, run_tests
 from megasmol.eval.scoring.scorers import hf_scorer, megatron_scorer
+from megasmol.eval.tasks.registry import load_task
 from megasmol.eval.tasks.shipped import locate
 from megasmol.eval.tasks.suites import expand, load_suite, summarize
-from megasmol.eval.tasks.registry import load_task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import run_cli
@@ -191,8 +191,8 @@ def test_shared_context_batches_contexts_of_similar_lengths_and_heads_in_full_sl
     on a few rows streams the whole vocabulary weight); every row still reaches its request."""
     import random
 
-    from megasmol.eval.scoring.requests import TokenRequest
     from megasmol.eval.scoring.log_probs import HEAD_POSITIONS
+    from megasmol.eval.scoring.requests import TokenRequest
     from megasmol.eval.scoring.shared_context import WASTE, score_groups, shared_groups
 
     rng = random.Random(0)
@@ -235,7 +235,7 @@ def test_the_output_layer_writes_every_slice_into_one_buffer_with_exact_log_prob
         head = LinearInto(weight, head_bias)
         buffers = []
 
-        def recording(states, out, head=head):
+        def recording(states, out, head=head, buffers=buffers):
             buffers.append(out)  # kept alive: fresh buffers could not share an address
             return head(states, out)
 

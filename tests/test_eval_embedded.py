@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from megasmol.data.demo_corpus import prose_documents
-from megasmol.eval.tasks.embedded import COUNT, SEED, word_order_examples
 from megasmol.eval.runner import evaluate
+from megasmol.eval.tasks.embedded import COUNT, SEED, word_order_examples
 from megasmol.eval.tasks.registry import load_task
 from megasmol.tokenizer import load_tokenizer
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megasmol.eval.scoring.gen_progress import GenerationProgress
-from megasmol.eval.scoring.requests import Generation, GenerationRequest
 from megasmol.eval.outputs import write_outputs
 from megasmol.eval.runner import evaluate, table
+from megasmol.eval.scoring.gen_progress import GenerationProgress
+from megasmol.eval.scoring.requests import Generation, GenerationRequest
 from megasmol.eval.scoring.scorers import megatron_scorer
 from megasmol.eval.tasks.spec import TaskSpec
 from megasmol.eval.tasks.task import Task

@@ -19,11 +19,17 @@ from megasmol.ckpt.checkpoint import read_metadata
 from megasmol.config.post_save import shell_line
 from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
+from megasmol.model.run_spec import run_model_spec
 from megasmol.train.callbacks.post_save import run_command
 from tests.conftest import REPO, free_port, run_cli, run_torchrun
-from megasmol.model.run_spec import run_model_spec
-from tests.train_fixtures import (kill_session, start_train, step_losses, train, wait_for_step,
-                                  write_training_run)
+from tests.train_fixtures import (
+    kill_session,
+    start_train,
+    step_losses,
+    train,
+    wait_for_step,
+    write_training_run,
+)
 
 # The tests marked ``serial`` wait on signals, timeouts or a running peer, or share the module's
 # reference run with those: they run alone (see Makefile). The injected non-finite gradients, the

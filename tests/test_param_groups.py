@@ -2,8 +2,7 @@
 
 from megasmol.model.gpt import build_model
 from megasmol.runtime.distributed import set_seed
-from megasmol.train.param_groups import (WeightDecayPolicy, decayed_parameter_names,
-                                          weight_decay_overrides)
+from megasmol.train.param_groups import WeightDecayPolicy, decayed_parameter_names, weight_decay_overrides
 from tests.specs import tiny_smollm3
 
 

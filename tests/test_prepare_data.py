@@ -34,7 +34,7 @@ def _write_inputs(root):
         + json.dumps({"content": "no text key"}) + "\n"
         + json.dumps({"text": "   "}) + "\n"
         + json.dumps({"text": "a dog ran far"}) + "\n")
-    (root / "b.txt").write_bytes("the mat\n".encode() + b"\xff\xfe on a cat")  # invalid UTF-8
+    (root / "b.txt").write_bytes(b"the mat\n" + b"\xff\xfe on a cat")  # invalid UTF-8
     (root / "empty.jsonl").write_text("")
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -23,8 +23,8 @@ from megasmol.eval.formulations.code import code_test, judge_program
 from megasmol.eval.sandbox import CodeTest, Limits, run_test, run_tests
 from megasmol.eval.sandbox.child import decode, encode
 from megasmol.eval.sandbox.confine import _NR, seccomp_program
-from megasmol.eval.tasks.shipped import locate
 from megasmol.eval.tasks.registry import load_task
+from megasmol.eval.tasks.shipped import locate
 
 LIMITS = Limits(timeout_s=2.0)
 

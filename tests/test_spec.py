@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from megasmol.config.parallel import ParallelLayout
 from megasmol.config.typed import ConfigError
 from megasmol.model.flops import flops_per_token, parameter_count
 from megasmol.model.spec import load_model_spec, model_spec_from_dict, preset_names
-from megasmol.config.parallel import ParallelLayout
 from tests.specs import tiny_llama, tiny_smollm3
 
 

@@ -13,8 +13,15 @@ import pytest
 
 from megasmol.ckpt.checkpoint import read_metadata
 from tests.conftest import run_cli
-from tests.train_fixtures import (kill_session, start_train, step_losses, torchrun_train, train,
-                                  wait_for_step, write_training_run)
+from tests.train_fixtures import (
+    kill_session,
+    start_train,
+    step_losses,
+    torchrun_train,
+    train,
+    wait_for_step,
+    write_training_run,
+)
 
 STEPS = 20
 

@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import yaml
 
-from megasmol.utils.fs import atomic_write_text
 from megasmol.config.typed import ConfigError, load_yaml
 from megasmol.model.run_spec import model_reference
+from megasmol.utils.fs import atomic_write_text
 
 MANIFEST = "manifest.json"
 CONFIG_LIST = "configs.txt"
@@ -228,7 +228,6 @@ def plan_grid(base_config: str | Path, varies: list[Variation], out: str | Path,
 def is_finished(run: GridRun) -> bool:
     """The run reached its last step (``result.json`` says so, with no stop signal)."""
     from megasmol.config.run import load_run_config
-
     from megasmol.runtime.run_dir import RunDir
 
     result = RunDir(run.run_dir).result

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from megasmol.ablate.compare import Comparison
 from megasmol.ablate.runlog import RunLog

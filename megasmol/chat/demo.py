@@ -22,7 +22,7 @@ SFT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "sft.ya
 def _held_out_scores(checkpoint: Path, tokenizer_dir: Path, questions, max_new_tokens: int = 16):
     """(format share, operands-echoed share, accuracy, an example) over the held-out questions."""
     from megasmol.chat.session import ChatSession
-    from megasmol.data.chat.synthetic import SYSTEM, QUESTION, grade
+    from megasmol.data.chat.synthetic import QUESTION, SYSTEM, grade
     from megasmol.utils.progress import progress_bar
 
     session = ChatSession.from_checkpoint(checkpoint, tokenizer=str(tokenizer_dir), template="smollm3",
@@ -47,8 +47,8 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
                  train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.prepare import prepare_chat
-    from megasmol.data.masked.layout import tokenizer_path
     from megasmol.data.chat.synthetic import SYSTEM, arithmetic_record, split_arithmetic, write_jsonl
+    from megasmol.data.masked.layout import tokenizer_path
     from megasmol.demo import run_demo
     from megasmol.runtime.distributed import init_distributed, shutdown
     from megasmol.train.loop import train

@@ -48,8 +48,8 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
                         train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
     from megasmol.chat.demo import _held_out_scores, run_sft_demo
     from megasmol.config.run import load_run_config
-    from megasmol.data.masked.layout import tokenizer_path
     from megasmol.data.chat.synthetic import split_arithmetic, write_jsonl
+    from megasmol.data.masked.layout import tokenizer_path
     from megasmol.data.preference.prepare import prepare_preferences
     from megasmol.runtime.distributed import init_distributed, shutdown
     from megasmol.train.loop import train

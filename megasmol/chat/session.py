@@ -35,7 +35,7 @@ class ChatSession:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, *, tokenizer: Optional[str] = None,
-                        template: Optional[str] = None, **kwargs) -> "ChatSession":
+                        template: Optional[str] = None, **kwargs) -> ChatSession:
         from megasmol.ckpt.checkpoint import tokenizer_dir
         from megasmol.model.load import load_checkpoint_model
         from megasmol.tokenizer import load_tokenizer
@@ -52,7 +52,7 @@ class ChatSession:
 
     @classmethod
     def from_hf(cls, hf_dir: str | Path, *, tokenizer: Optional[str] = None,
-                template: Optional[str] = None, **kwargs) -> "ChatSession":
+                template: Optional[str] = None, **kwargs) -> ChatSession:
         """A Hugging Face model directory (``megasmol export-hf --chat-template ...``, or any)."""
         from megasmol.chat.hf_decoder import HFDecoder, load_hf_chat_model
         from megasmol.tokenizer import load_tokenizer

@@ -16,14 +16,21 @@ release: a soup of preference-tuned checkpoints at 0.9 with the mid-training che
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from megasmol.ckpt.checkpoint import (CheckpointError, check_output_dir, read_metadata, resolve,
-                                      save_checkpoint, tokenizer_dir)
+from megasmol.ckpt.checkpoint import (
+    CheckpointError,
+    check_output_dir,
+    read_metadata,
+    resolve,
+    save_checkpoint,
+    tokenizer_dir,
+)
 from megasmol.ckpt.reader import CheckpointReader
 from megasmol.ckpt.weights import check_weights
 from megasmol.config.typed import ConfigError
@@ -92,8 +99,8 @@ class _OwnedShards:
         self.model = model
 
     def sharded_state_dict(self) -> dict:
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
         from megatron.core.dist_checkpointing.dict_utils import nested_values
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
         sharded = self.model.sharded_state_dict()
         apply_factories(sharded)

@@ -21,9 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megasmol.ckpt.checkpoint import (CheckpointError, describe_error, describe_load_error,
-                                      latest_iteration, load_errors, read_metadata, resolve,
-                                      save_checkpoint)
+from megasmol.ckpt.checkpoint import (
+    CheckpointError,
+    describe_error,
+    describe_load_error,
+    latest_iteration,
+    load_errors,
+    read_metadata,
+    resolve,
+    save_checkpoint,
+)
 from megasmol.utils.faults import NO_FAULTS
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,8 @@ so ``megasmol average`` refuses bad weights at once)."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from megasmol.config.typed import ConfigError
 

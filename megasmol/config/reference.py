@@ -11,7 +11,7 @@ import inspect
 import sys
 import textwrap
 import typing
-from functools import lru_cache
+from functools import cache
 
 HEADER = """# Run configuration reference
 
@@ -24,7 +24,7 @@ current directory. "(name or path)" fields take a built-in name, or a path where
 """
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls) -> dict[str, str]:
     """``{field: docstring}`` from the string literal under each field of ``cls``."""
     source = textwrap.dedent(inspect.getsource(cls))

@@ -11,12 +11,18 @@ from typing import ClassVar, Literal, Optional
 
 import yaml
 
-from megasmol.config.sections import (CheckpointConfig, EvalConfig, LoggingConfig,
-                                      OptimizerSettings, SpikeConfig, WatchdogConfig)
+from megasmol.config.parallel import ParallelLayout
 from megasmol.config.preference import PreferenceConfig
 from megasmol.config.schedule import ScheduleConfig
+from megasmol.config.sections import (
+    CheckpointConfig,
+    EvalConfig,
+    LoggingConfig,
+    OptimizerSettings,
+    SpikeConfig,
+    WatchdogConfig,
+)
 from megasmol.config.typed import NAME_OR_PATH, PATH, ConfigError, from_dict, load_yaml, path_fields, to_dict
-from megasmol.config.parallel import ParallelLayout
 
 
 @dataclass

@@ -17,16 +17,22 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from megasmol.ckpt.checkpoint import (check_output_dir, copy_tokenizer, read_metadata, replace_directory,
-                                      resolve, tokenizer_dir)
+from megasmol.ckpt.checkpoint import (
+    check_output_dir,
+    copy_tokenizer,
+    read_metadata,
+    replace_directory,
+    resolve,
+    tokenizer_dir,
+)
 from megasmol.ckpt.reader import CheckpointReader
 from megasmol.config.typed import ConfigError
 from megasmol.convert.hf_config import hf_config
 from megasmol.convert.mappings import mappings_for, split
+from megasmol.errors import OutputExists
 from megasmol.model.spec import YarnSpec, model_spec_from_dict
 from megasmol.tokenizer import record_decode_cleanup
 from megasmol.utils.progress import progress_bar
-from megasmol.errors import OutputExists
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

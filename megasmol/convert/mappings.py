@@ -7,8 +7,9 @@ local spec maps its norms onto); layer-stacked keys hold ``[num_layers, ...]``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 

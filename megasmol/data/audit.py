@@ -21,9 +21,9 @@ from typing import Optional
 import numpy as np
 
 from megasmol.data.recipe import DataRecipe, StagePlan, batch_schedule
-from megasmol.utils.table import format_table
 from megasmol.data.tokenize import missing_parts, read_stats
 from megasmol.model.run_spec import run_model_spec
+from megasmol.utils.table import format_table
 
 SCAN_CHUNK = 1 << 26  # tokens per numpy pass of the full-dataset id scan
 

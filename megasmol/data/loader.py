@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class TokenIds:
     pad: int
 
     @classmethod
-    def from_spec(cls, spec) -> "TokenIds":
+    def from_spec(cls, spec) -> TokenIds:
         # Megatron masks the loss where labels equal pad: a pad id that never occurs in text
         # (-1 when the spec has none) keeps every real token trained.
         return cls(spec.vocab_size, spec.eos_token_id,

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
 
 from megasmol.model.attention import block_causal_mask
 
@@ -54,7 +53,7 @@ class ModelInputs:
         """The per-token tensors ([b, s] or [1, t]) that every split of the sequence must carry."""
         return {k: getattr(self, k) for k in TOKEN_FIELDS if getattr(self, k) is not None}
 
-    def to(self, device) -> "ModelInputs":
+    def to(self, device) -> ModelInputs:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v)
                  for k, v in vars(self).items() if k != "packed_seq_params"}
         params = self.packed_seq_params

@@ -10,9 +10,9 @@ import glob
 import gzip
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from megasmol.config.typed import ConfigError
 

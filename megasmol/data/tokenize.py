@@ -15,18 +15,19 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from megasmol.config.typed import ConfigError
 from megasmol.data.readers import ReadIssues, expand_inputs, read_documents
-from megasmol.utils.prefetch import prefetched
-from megasmol.utils.fs import shown
-from megasmol.utils.progress import progress_bar
 from megasmol.errors import OutputExists
+from megasmol.utils.fs import shown
+from megasmol.utils.prefetch import prefetched
+from megasmol.utils.progress import progress_bar
 
 DTYPES = {"uint16": np.uint16, "int32": np.int32}
 BATCH_CHARS = 1 << 20  # documents are grouped into ~1 MB batches for the workers

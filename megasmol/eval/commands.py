@@ -105,9 +105,9 @@ def cmd_eval_list(args) -> int:
 
 def _parallel_scorer(args, tokenizer):
     """The checkpoint's model split over the torchrun job (TP x PP x CP, DP for the rest)."""
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.eval.scoring.parallel_scorer import PipelineScorer
     from megasmol.model.load import load_checkpoint_model
-    from megasmol.config.parallel import ParallelLayout
 
     layout = ParallelLayout(tensor_parallel=args.tensor_parallel,
                             pipeline_parallel=args.pipeline_parallel,

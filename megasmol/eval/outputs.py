@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from megasmol.eval.api import Report
 
 
-def write_report(report: "Report", out_dir: Path) -> tuple[Path, Path]:
+def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
     """``report``'s results.json and samples.jsonl in ``out_dir`` (the one way both the command
     and the loop write them)."""
     return write_outputs(report.results, out_dir, report.model, report.settings, report.suites)
@@ -98,6 +98,6 @@ def write_new_outputs(results: list[TaskResult], out: Path, model: str, settings
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_new_report(report: "Report", out: Path, now: Optional[datetime] = None) -> tuple[Path, Path]:
+def write_new_report(report: Report, out: Path, now: Optional[datetime] = None) -> tuple[Path, Path]:
     """:func:`write_report` into a new ``OUT/MODEL/TIMESTAMP/`` (:func:`write_new_outputs`)."""
     return write_new_outputs(report.results, out, report.model, report.settings, report.suites, now)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megasmol.utils.argtypes import add_model_choice
 from megasmol.errors import InputError
+from megasmol.utils.argtypes import add_model_choice
 
 
 def cmd_eval_passkey(args) -> int:

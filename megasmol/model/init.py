@@ -8,10 +8,10 @@ from typing import Optional
 import torch
 
 from megasmol.ckpt.checkpoint import check_output_dir, save_checkpoint
+from megasmol.config.parallel import ParallelLayout
 from megasmol.model.gpt import build_model
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import init_parallel
-from megasmol.config.parallel import ParallelLayout
 
 
 def init_checkpoint(

@@ -162,8 +162,10 @@ def output_layer_loss(
     ``ColumnParallelLinear`` without bias, ``weight`` ``[vocab/tp, h]``) on ``hidden_states``
     ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism) with ``labels`` ``[b, s]``: what
     ``GPTModel`` returns with labels, computed by :func:`linear_cross_entropy`."""
-    from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                        gather_from_sequence_parallel_region)
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
 
     tp = _group_size(tp_group)
     if sequence_parallel and tp > 1:

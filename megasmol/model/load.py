@@ -10,10 +10,10 @@ import torch
 
 from megasmol.ckpt.checkpoint import load_model_weights, read_metadata
 from megasmol.ckpt.reader import CheckpointReader
+from megasmol.config.parallel import ParallelLayout
 from megasmol.model.gpt import SmolGPTModel, build_model
 from megasmol.model.spec import ModelSpec, model_spec_from_dict
 from megasmol.runtime.distributed import init_parallel
-from megasmol.config.parallel import ParallelLayout
 
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 

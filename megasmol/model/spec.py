@@ -139,7 +139,7 @@ class ModelSpec:
         skipped = set(self.nope_layers or [])
         return [i in skipped for i in range(self.num_layers)]
 
-    def replace(self, **changes) -> "ModelSpec":
+    def replace(self, **changes) -> ModelSpec:
         data = dataclasses.asdict(self)
         data.update(changes)
         return from_dict(ModelSpec, data)

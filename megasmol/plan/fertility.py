@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 WORD = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
 

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from megasmol.preflight.compute import _sync, timed_matmuls
-from megasmol.runtime.distributed import current_device as device
 from megasmol.preflight.report import CheckResult, skipped, slow_outliers
+from megasmol.runtime.distributed import current_device as device
 
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
               "reduce_scatter": lambda n: (n - 1) / n}

@@ -28,15 +28,15 @@ Memory per GPU, for the busiest rank:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from megasmol.model.flops import parameter_count
-from megasmol.preflight.report import CheckResult
 from megasmol.model.run_spec import run_model_spec
+from megasmol.preflight.report import CheckResult
 
 GB = 1024 ** 3
 FRAMEWORK_OVERHEAD_GB = 3.0
@@ -67,9 +67,9 @@ def meta_parameter_count(spec) -> int:
     """Parameters of the real Megatron-Core model, built on the meta device (TP=PP=1)."""
     from megatron.core import parallel_state
 
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.model.gpt import build_model
     from megasmol.runtime.distributed import init_parallel
-    from megasmol.config.parallel import ParallelLayout
 
     if not parallel_state.model_parallel_is_initialized():
         init_parallel(ParallelLayout(), spec)

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from megasmol.preflight.report import CheckResult
 from megasmol.model.run_spec import run_model_spec
+from megasmol.preflight.report import CheckResult
 
 PARITY_LAYERS = 4
 PARITY_SEQ = 256
@@ -115,11 +115,11 @@ def copy_weights(source, target) -> None:
 
 
 def model_parity(config) -> CheckResult:
+    from megasmol.config.parallel import ParallelLayout
     from megasmol.data.masking import BACKEND_MASK_FORMAT, model_inputs
     from megasmol.model.gpt import build_model
     from megasmol.model.layer_specs import resolve_attention_backend
     from megasmol.runtime.distributed import current_device, init_parallel
-    from megasmol.config.parallel import ParallelLayout
 
     spec = _parity_spec(run_model_spec(config))
     backend = resolve_attention_backend(spec.attention_backend)

@@ -9,19 +9,27 @@ returns the same exit code and ``srun megasmol preflight && srun megasmol train`
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from megasmol.preflight import (collectives, compute, data_check, dcgm, dryrun, nvml_health, storage,
-                                visibility)
+from megasmol.errors import InputError
+from megasmol.preflight import (
+    collectives,
+    compute,
+    data_check,
+    dcgm,
+    dryrun,
+    nvml_health,
+    storage,
+    visibility,
+)
 from megasmol.preflight.report import PreflightReport, skipped
 from megasmol.runtime.distributed import current_device
-from megasmol.errors import InputError
-
 
 
 @dataclass(frozen=True)

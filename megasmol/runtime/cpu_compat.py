@@ -39,7 +39,7 @@ from megasmol.errors import InputError
 
 ENV_VAR = "MEGASMOL_CPU_COMPAT"
 
-_mode: "_CudaToCpuMode | None" = None
+_mode: _CudaToCpuMode | None = None
 
 
 def is_active() -> bool:

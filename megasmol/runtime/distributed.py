@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from megasmol.config.parallel import ParallelLayout
 from megasmol.errors import RunFailure
 from megasmol.runtime import cpu_compat
-from megasmol.config.parallel import ParallelLayout
 
 
 @dataclass

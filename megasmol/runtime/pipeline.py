@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -68,7 +67,7 @@ class StepGeometry:
     micro_batch_size: int
 
     @classmethod
-    def of(cls, inputs: ModelInputs) -> "StepGeometry":
+    def of(cls, inputs: ModelInputs) -> StepGeometry:
         from megatron.core import parallel_state
 
         b, s = inputs.tokens.shape

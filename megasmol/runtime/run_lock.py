@@ -53,7 +53,7 @@ class RunLock:
         self._fd = fd
         return None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         verdict = [self._try_lock() if self._rank() == 0 else None]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(verdict, src=0)

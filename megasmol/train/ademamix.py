@@ -49,8 +49,12 @@ def library_optimizer(params, settings: OptimizerSettings):
 def build_ademamix(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     from megatron.core.optimizer import ChainedOptimizer
 
-    from megasmol.train.megatron_optim import (megatron_config, model_parallel_group,
-                                               trainable_param_groups, wrap)
+    from megasmol.train.megatron_optim import (
+        megatron_config,
+        model_parallel_group,
+        trainable_param_groups,
+        wrap,
+    )
 
     config = megatron_config(settings, params_dtype)
     groups = trainable_param_groups(ddp_model, config, settings)

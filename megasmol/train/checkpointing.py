@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from megasmol.ckpt import train_state
-from megasmol.ckpt.checkpoint import (describe_error, disk_full, iteration_dirname, latest_iteration,
-                                      load_errors, recover_interrupted_saves)
+from megasmol.ckpt.checkpoint import (
+    describe_error,
+    disk_full,
+    iteration_dirname,
+    latest_iteration,
+    load_errors,
+    recover_interrupted_saves,
+)
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure
 from megasmol.utils.fs import shown

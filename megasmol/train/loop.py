@@ -18,6 +18,7 @@ import time
 from typing import Optional
 
 from megasmol.config.run import RunConfig
+from megasmol.data.run_tokenizer import run_tokenizer_dir
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import PeerLost, describe_collective_failure, init_distributed
 from megasmol.runtime.run_dir import RunDir
@@ -33,7 +34,6 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text, shown, shown_paths
-from megasmol.data.run_tokenizer import run_tokenizer_dir
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 

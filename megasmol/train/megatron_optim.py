@@ -10,7 +10,7 @@ optimizer keeps. Only the distributed optimizer is tied to Adam's two states.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

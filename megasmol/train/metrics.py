@@ -242,7 +242,7 @@ def open_metrics(setup: TrainingSetup, run_dir: Path) -> MetricsLog:
 
 def _utc_now() -> str:
     """When a record was written: ISO 8601, UTC, to the second (``2026-12-03T13:12:00+00:00``)."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def strict_json_record(record: dict) -> dict:

@@ -165,8 +165,12 @@ def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype
     from megatron.core import parallel_state
     from megatron.core.optimizer import ChainedOptimizer, get_megatron_optimizer
 
-    from megasmol.train.megatron_optim import (megatron_config, model_parallel_group,
-                                               trainable_param_groups, wrap)
+    from megasmol.train.megatron_optim import (
+        megatron_config,
+        model_parallel_group,
+        trainable_param_groups,
+        wrap,
+    )
     from megasmol.train.param_groups import weight_decay_overrides
 
     config = megatron_config(settings, params_dtype)

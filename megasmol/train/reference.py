@@ -23,8 +23,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -187,12 +188,12 @@ def compute_reference_logps(model, prefix: str, seq_length: int, token_ids, *, p
     """
     from megatron.core import parallel_state
 
-    from megasmol.data.masked.dataset import open_chat_dataset
     from megasmol.data.loader import _collate
+    from megasmol.data.masked.dataset import open_chat_dataset
     from megasmol.data.masking import device_inputs
     from megasmol.runtime.distributed import current_device
-    from megasmol.train.objectives.segments import document_logps
     from megasmol.runtime.pipeline import forward_only_outputs
+    from megasmol.train.objectives.segments import document_logps
     from megasmol.utils.progress import progress_bar
 
     data = open_chat_dataset(prefix, seq_length, token_ids, packing=packing, cache_dir=cache_dir)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ContextManager, Optional, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar
 
 import torch
 
-from megasmol.train.branch import BranchPoint, apply_to_schedule, branch_point
 from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
 from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
@@ -28,6 +28,7 @@ from megasmol.model.layer_specs import resolve_attention_backend
 from megasmol.model.run_spec import run_model_spec
 from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
+from megasmol.train.branch import BranchPoint, apply_to_schedule, branch_point
 from megasmol.train.objectives import Objective, ObjectiveKind, TokenLoss, objective_kind
 from megasmol.train.optimizer import build_optimizer, wrap_ddp
 from megasmol.utils.faults import NO_FAULTS, FaultPlan, fault_plan
@@ -74,7 +75,7 @@ class TrainingSetup:
     def is_logging_rank(self) -> bool:
         return self.rank.rank == 0
 
-    def hold(self, context: ContextManager[T]) -> T:
+    def hold(self, context: AbstractContextManager[T]) -> T:
         """Enter ``context`` for the rest of the run."""
         return self.scopes.enter_context(context)
 

@@ -10,9 +10,10 @@ validation callback's, in ``metrics.jsonl``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 LOSS_WINDOW = 10
 """Losses kept at each end of a run for the summary line (``TrainResult.first_and_last_loss``)."""
@@ -47,7 +48,7 @@ class TrainState:
 
     @classmethod
     def from_json(cls, data: dict, *, skip_batches: list[list[int]],
-                  tokens_through: Callable[[int], int]) -> "TrainState":
+                  tokens_through: Callable[[int], int]) -> TrainState:
         """The state saved in a checkpoint. ``skip_batches``: the config's ranges (kept, with
         the saved ones added); ``tokens_through(step)``: the tokens of steps 1..step, for
         checkpoints written before ``consumed_tokens`` was recorded."""

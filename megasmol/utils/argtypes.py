@@ -5,8 +5,8 @@ argument that takes them and checked right after parsing."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 LOG_SPAN = 3.0
 """A y axis whose positive values span more than this factor is drawn on a log scale."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def prefetched(items: Iterator, depth: int) -> Iterator:

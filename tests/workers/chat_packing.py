@@ -8,8 +8,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
 from megasmol.config.parallel import ParallelLayout  # noqa: E402
+from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
 from tests.chat_check import summed_losses  # noqa: E402
 from tests.specs import tiny_smollm3  # noqa: E402
 

@@ -9,10 +9,10 @@ import torch  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 
 from megasmol.ckpt.checkpoint import load_model_weights, read_metadata  # noqa: E402
+from megasmol.config.parallel import ParallelLayout  # noqa: E402
 from megasmol.model.gpt import build_model  # noqa: E402
 from megasmol.model.spec import model_spec_from_dict  # noqa: E402
 from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
-from megasmol.config.parallel import ParallelLayout  # noqa: E402
 
 
 def main():

@@ -8,9 +8,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megasmol.ckpt.checkpoint import read_metadata, save_checkpoint  # noqa: E402
+from megasmol.config.parallel import ParallelLayout  # noqa: E402
 from megasmol.model.load import load_checkpoint_model  # noqa: E402
 from megasmol.runtime.distributed import shutdown  # noqa: E402
-from megasmol.config.parallel import ParallelLayout  # noqa: E402
 
 
 def resave(checkpoint: str, out: str, tp: int, pp: int) -> None:

@@ -6,8 +6,9 @@ says what makes a record a conversation ``prepare-chat`` can train on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 from megasmol.data.messages.records import check_messages, read_records, template_extras
 from megasmol.data.readers import ReadIssues

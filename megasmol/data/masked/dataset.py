@@ -29,7 +29,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 

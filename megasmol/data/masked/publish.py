@@ -27,7 +27,6 @@ def check_out_folder(out_prefix: str) -> None:
     in a checkpoint's iteration directory (refused as ``init``, ``import-hf`` and ``average``
     refuse it: the data would become part of that checkpoint)."""
     from megasmol.ckpt.checkpoint import enclosing_iteration
-
     from megasmol.utils.fs import existing_ancestor
 
     existing = existing_ancestor(Path(out_prefix).absolute().parent)
@@ -102,7 +101,7 @@ class MaskedDocuments:
         self.tokens.add_document(ids.astype(self.token_dtype), lengths)
         self.masks.add_document(mask.astype(np.uint8), lengths)
 
-    def __enter__(self) -> "MaskedDocuments":
+    def __enter__(self) -> MaskedDocuments:
         return self
 
     def __exit__(self, kind, value, traceback) -> bool:

@@ -12,12 +12,19 @@ reason with its first location (``ReadIssues``), never dropped silently.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from megasmol.config.typed import ConfigError
-from megasmol.data.readers import (JSONL_SUFFIXES, PARQUET_SUFFIXES, ReadIssues, decode_text, open_binary,
-                                   expand_inputs)
+from megasmol.data.readers import (
+    JSONL_SUFFIXES,
+    PARQUET_SUFFIXES,
+    ReadIssues,
+    decode_text,
+    expand_inputs,
+    open_binary,
+)
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -16,10 +16,11 @@ replies marked) and ``chatml``. A path to a ``.jinja`` file, or ``tokenizer`` (t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 

@@ -16,8 +16,9 @@ under a named reason with its first location, never dropped silently.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Union
+from typing import Optional, Union
 
 from megasmol.data.messages.records import Messages, check_messages, read_records, template_extras
 from megasmol.data.readers import ReadIssues

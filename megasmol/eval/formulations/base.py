@@ -48,7 +48,7 @@ class Answer:
 
     loglikelihoods: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    generation: Optional["Generation"] = None
+    generation: Optional[Generation] = None
     completion: Optional[str] = None
     outcome: object = None
 

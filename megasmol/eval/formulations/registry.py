@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.formulations.base import Formulation
-from megasmol.eval.formulations.choice import (BitsPerByte, Cloze, MultipleChoice, Partial,
-                                               Requests)
+from megasmol.eval.formulations.choice import BitsPerByte, Cloze, MultipleChoice, Partial, Requests
 from megasmol.eval.formulations.code import Code
 from megasmol.eval.formulations.generation import FreeGeneration
 from megasmol.eval.tasks.example import Example

@@ -23,9 +23,9 @@ import functools
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
+from megasmol.eval.scoring.log_probs import LogProbs
 from megasmol.eval.scoring.parallel_generate import parallel_generations
 from megasmol.eval.scoring.pipeline_shapes import all_max, padded_length
-from megasmol.eval.scoring.log_probs import LogProbs
 from megasmol.eval.scoring.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
 from megasmol.eval.scoring.scorers import megatron_head, megatron_prefix
 from megasmol.eval.scoring.shared_context import score_shared

@@ -88,7 +88,7 @@ class GenerationRequest:
             new = new[:-1]
         return tokenizer.decode(new, skip_special_tokens=True)
 
-    def result(self, tokenizer, new: list[int]) -> "Generation":
+    def result(self, tokenizer, new: list[int]) -> Generation:
         truncated = len(new) >= self.max_new_tokens and not self._ended(tokenizer, new)
         return Generation(self.text(tokenizer, new), len(new), truncated)
 

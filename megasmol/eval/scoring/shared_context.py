@@ -32,7 +32,6 @@ import torch
 from megasmol.eval.scoring.log_probs import HEAD_POSITIONS
 from megasmol.eval.scoring.requests import TokenRequest
 
-
 WASTE = 1.25
 """Most padded tokens a pass may run per real token (prefill contexts, extension chunks)."""
 
@@ -85,7 +84,7 @@ def _right_pad(rows: list[list[int]], width: int) -> torch.Tensor:
     return ids
 
 
-def score_shared(prefix: "PrefixModel | None", pick, requests: list[TokenRequest], max_length: int,
+def score_shared(prefix: PrefixModel | None, pick, requests: list[TokenRequest], max_length: int,
                  batch_tokens: int, progress=None, rank: int = 0,
                  ranks: int = 1) -> tuple[dict[int, float], list[int]]:
     """The scoring path every scorer takes first: the requests that share a context, scored

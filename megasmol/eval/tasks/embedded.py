@@ -34,7 +34,7 @@ DEMO_SEED, DEMO_PROBLEMS, DEMO_CODE_BYTES = 1234, 20000, int(3.0 * 1e6)  # the d
 
 
 def arithmetic_examples(count: int, seed: int) -> list[Example]:
-    from megasmol.data.demo_corpus import math_problem, math_documents
+    from megasmol.data.demo_corpus import math_documents, math_problem
 
     seen = set(math_documents(DEMO_PROBLEMS, DEMO_SEED))
     rng, pick = random.Random(seed), random.Random(seed + 1)
@@ -54,7 +54,7 @@ def arithmetic_examples(count: int, seed: int) -> list[Example]:
 
 
 def code_examples(count: int, seed: int) -> list[Example]:
-    from megasmol.data.demo_corpus import stdlib_sources, code_documents
+    from megasmol.data.demo_corpus import code_documents, stdlib_sources
 
     used = set(code_documents(DEMO_CODE_BYTES, DEMO_SEED))
     files = []

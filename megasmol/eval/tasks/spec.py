@@ -127,7 +127,7 @@ class TaskSpec:
                 raise ConfigError(f"task {self.name}: {what}: {exc}") from None
 
     @property
-    def kind(self) -> "Formulation":
+    def kind(self) -> Formulation:
         """The formulation object named by ``formulation``."""
         return FORMULATIONS.get(self.formulation) or formulation(self.formulation, f"task {self.name}")
 

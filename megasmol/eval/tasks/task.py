@@ -91,7 +91,7 @@ class Task:
         return self.spec.name
 
     @property
-    def formulation(self) -> "Formulation":
+    def formulation(self) -> Formulation:
         """How the task's examples are asked and judged (``spec.formulation``'s object)."""
         return self.spec.kind
 

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from megasmol.train.callbacks.base import Callback, Callbacks, Console, LoopContext
 

@@ -14,8 +14,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from megasmol.config.post_save import command_env, shell_line
 from megasmol.train.callbacks.base import Callback

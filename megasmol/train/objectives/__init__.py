@@ -4,8 +4,8 @@
 from megasmol.train.objectives.base import LossReport, Objective, ObjectiveKind
 from megasmol.train.objectives.next_token import TokenLoss
 from megasmol.train.objectives.preference import PreferenceLoss
-from megasmol.train.objectives.segments import document_logps
 from megasmol.train.objectives.registry import OBJECTIVES, objective_kind
+from megasmol.train.objectives.segments import document_logps
 
 __all__ = ["LossReport", "OBJECTIVES", "Objective", "ObjectiveKind", "PreferenceLoss", "TokenLoss",
            "document_logps", "objective_kind"]
