@@ -44,11 +44,11 @@ FAST_TESTS ?= tests/test_spec.py tests/test_schedules.py tests/test_param_groups
 test-fast: setup
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(FAST_TESTS) $(PYTEST_ARGS)
 
-# ruff and mypy (settings in pyproject.toml; mypy on the training package) and shellcheck on the
-# launch scripts.
+# ruff and mypy (settings in pyproject.toml; mypy on the training and eval packages) and
+# shellcheck on the launch scripts.
 lint: setup
 	$(VENV)/bin/ruff check megasmol tests bench tools
-	$(VENV)/bin/mypy megasmol/train
+	$(VENV)/bin/mypy megasmol/train megasmol/eval
 	$(VENV)/bin/shellcheck -x examples/*/*.sh examples/*/*.sbatch
 
 demo: setup

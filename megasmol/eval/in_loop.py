@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Optional
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.api import Evaluation, Report
@@ -61,7 +62,7 @@ class InLoopEvaluation:
 
     def record(self, step: int, report: Report) -> dict:
         """``TASK/METRIC`` (and ``_stderr``, ``TASK/chance``) per task, ``SUITE/average`` per suite."""
-        record = {"step": step}
+        record: dict[str, Optional[float]] = {"step": step}
         for r in report.results:
             for name, (value, err) in r.metrics.items():
                 record[f"{r.name}/{name}"] = value

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -24,6 +25,7 @@ from megasmol.eval.runner import TaskResult
 
 if TYPE_CHECKING:
     from megasmol.eval.api import Report
+    from megasmol.eval.tasks.suites import SuiteResult
 
 
 def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
@@ -33,7 +35,7 @@ def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
 
 
 def write_outputs(results: list[TaskResult], out_dir: Path, model: str,
-                  settings: dict, suites: list = ()) -> tuple[Path, Path]:
+                  settings: dict, suites: Sequence[SuiteResult] = ()) -> tuple[Path, Path]:
     """``suites``: ``suites.SuiteResult`` of the suites asked for (their averages)."""
     from megasmol.utils.fs import atomic_write_text
 
@@ -73,7 +75,8 @@ def model_dirname(model: str) -> str:
 
 
 def write_new_outputs(results: list[TaskResult], out: Path, model: str, settings: dict,
-                      suites: list = (), now: Optional[datetime] = None) -> tuple[Path, Path]:
+                      suites: Sequence[SuiteResult] = (),
+                      now: Optional[datetime] = None) -> tuple[Path, Path]:
     """``megasmol eval tasks``'s outputs, never replacing an earlier evaluation's (lm-eval's
     layout): :func:`write_outputs` into a new ``OUT/MODEL/TIMESTAMP/`` (``-2``, ``-3``... when
     one of that second exists), written as a hidden temporary directory beside it and renamed

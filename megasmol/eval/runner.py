@@ -122,9 +122,16 @@ def evaluate(tasks: list[Task], scorer, *, limit: Optional[int] = None, num_fews
                  for task, built, _ in plans]
     completions = [None if gens is None else [task.formulation.completion(g.text, task.spec) for g in gens]
                    for (task, _, _), gens in zip(plans, generated)]
+    outcomes: list[Optional[list]] = []
     with _phase(progress_factory, programs, "execute", "program") as bar:
-        outcomes = [task.formulation.execute(task, built, done, bar) if task.formulation.runs_programs
-                    else None for (task, built, _), done in zip(plans, completions)]
+        for (task, built, _), done in zip(plans, completions):
+            if not task.formulation.runs_programs:
+                outcomes.append(None)
+                continue
+            if done is None:  # runs_programs formulations are generative
+                raise TypeError(f"task {task.name}: formulation {task.spec.formulation} runs "
+                                "programs but generated nothing")
+            outcomes.append(task.formulation.execute(task, built, done, bar))
     results, cursor = [], 0
     for (task, built, k), done, ran, gens in zip(plans, completions, outcomes, generated):
         scored, kind = [], task.formulation

@@ -87,6 +87,16 @@ class Formulation:
         """The metric a suite averages when the task names none."""
         return "acc"
 
+    def prompt_and_continuations(self, example: Example, delimiter: str,
+                                 shots: list[Example]) -> tuple[str, list[str]]:
+        """The full prompt (few-shot examples first) and the continuations scored (none for
+        generative formulations)."""
+        raise NotImplementedError
+
+    def completion(self, text: str, spec) -> str:
+        """``generative``: the generation as judged (cut at the first of the task's stop strings)."""
+        raise NotImplementedError
+
     def build(self, example: Example, spec, shots: list[Example]) -> tuple[str, list[tuple[str, str]],
                                                                            list[str]]:
         """(the prompt, the (context, continuation) pairs to score, what each pair adds to the

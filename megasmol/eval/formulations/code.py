@@ -38,7 +38,9 @@ def execute(task: Task, built: list, completions: list[str], progress=None) -> l
         return run_tests(tests, limits, progress=progress)
     box = [run_tests(tests, limits, progress=progress) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    outcomes = box[0]
+    assert outcomes is not None  # rank 0's, broadcast to every rank
+    return outcomes
 
 
 def judge_program(index: int, example: Example, prompt: str, completion: str,
@@ -68,6 +70,10 @@ class Code(Generative):
 
     def judge(self, index: int, example: Example, prompt: str, shown: list[str], answer: Answer,
               spec) -> Scored:
+        if answer.completion is None or answer.generation is None:
+            raise TypeError(f"formulation {self.name}: example {index} has no generation")
+        if not isinstance(answer.outcome, Outcome):
+            raise TypeError(f"formulation {self.name}: example {index} was not executed")
         scored = judge_program(index, example, prompt, answer.completion, answer.outcome)
         scored.truncated = answer.generation.truncated
         return scored

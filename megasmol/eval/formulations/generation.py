@@ -80,6 +80,8 @@ class FreeGeneration(Generative):
 
     def judge(self, index: int, example: Example, prompt: str, shown: list[str], answer: Answer,
               spec) -> Scored:
+        if answer.completion is None or answer.generation is None:
+            raise TypeError(f"formulation {self.name}: example {index} has no generation")
         scored = judge_generation(index, example, prompt, answer.completion, spec.answer_pattern,
                                   spec.answer_ignore, spec.ignore_case)
         scored.truncated = answer.generation.truncated

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.formulations.base import Formulation
-from megasmol.eval.formulations.choice import BitsPerByte, Cloze, MultipleChoice, Partial, Requests
+from megasmol.eval.formulations.choice import BitsPerByte, Choice, Cloze, MultipleChoice, Partial, Requests
 from megasmol.eval.formulations.code import Code
 from megasmol.eval.formulations.generation import FreeGeneration
 from megasmol.eval.tasks.example import Example
@@ -48,4 +48,7 @@ def scoring_pairs(example: Example, name: str, delimiter: str, shots: list[Examp
                   unconditional: bool = False) -> tuple[str, list[tuple[str, str]], list[str]]:
     """(the prompt shown in samples.jsonl, the (context, continuation) pairs to score, what each
     pair adds to the prompt) under formulation ``name``; see ``choice.Choice.pairs``."""
-    return formulation(name).pairs(example, delimiter, shots, unconditional)
+    kind = formulation(name)
+    if not isinstance(kind, Choice):
+        raise TypeError(f"formulation {name!r} scores no (context, continuation) pairs")
+    return kind.pairs(example, delimiter, shots, unconditional)

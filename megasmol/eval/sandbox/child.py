@@ -18,6 +18,8 @@ the tests process. Both confine themselves first (``confine.py``). Only the stan
 used.
 """
 
+from __future__ import annotations
+
 import builtins
 import json
 import os
@@ -110,7 +112,8 @@ class Candidate:
 
     def __init__(self, requests, answers, entry_point: str):
         self.requests, self.answers, self.__name__ = requests, answers, entry_point
-        self.ended = None
+        self.ended: str | None = None
+        """Why the solution process can no longer be trusted (None while it can)."""
 
     def __call__(self, *args, **kwargs):
         if self.ended is not None:
@@ -159,7 +162,7 @@ def tests(work: str, requests_fd: int, answers_fd: int, report_fd: int, spec: di
     requests = os.fdopen(requests_fd, "w", encoding="utf-8")
     answers = os.fdopen(answers_fd, "r", encoding="utf-8")
     candidate = Candidate(requests, answers, spec["entry_point"])
-    namespace = {"__name__": "tests"}
+    namespace: dict[str, object] = {"__name__": "tests"}
     try:
         exec(compile(spec["setup"], "prompt", "exec"), namespace)
         namespace[spec["entry_point"]] = candidate
@@ -215,6 +218,7 @@ def main(argv: list) -> None:
             sys.stderr.flush()
             os._exit(1)
     else:
+        assert spec is not None  # role "tests": read from tests.json above
         tests(work, fds[0], fds[1], fds[2], spec)
 
 

@@ -175,7 +175,7 @@ def seccomp_program(machine: str, pid: int) -> list[tuple[int, int, int, int]]:
     """The filter as (code, jt, jf, k) instructions; every rule's body ends in a return, so the
     accumulator holds the call's number whenever the next rule is tested."""
     column, arch = _ARCH[machine]
-    number = {name: pair[column] for name, pair in _NR.items() if pair[column] is not None}
+    number = {name: nr for name, pair in _NR.items() if (nr := pair[column]) is not None}
     refuse = (_RET, 0, 0, _ERRNO | errno.EPERM)
     allow = (_RET, 0, 0, _ALLOW)
 

@@ -89,20 +89,27 @@ class ProcessScorer:
                 size = max(1, self.batch_tokens // (len(prompts[group[start]]) + max_new))
                 batch = group[start:start + size]
                 finished = progress.prompts
+                if self.generator is None:
+                    raise TypeError(f"scorer {self.name} was built without a generator")
                 new = self.generator([prompts[i] for i in batch], [requests[i] for i in batch],
                                      progress.step)
+                truncated = 0
                 for index, ids in zip(batch, new, strict=True):
-                    results[index] = requests[index].result(self.tokenizer, ids)
+                    generation = requests[index].result(self.tokenizer, ids)
+                    results[index] = generation
+                    truncated += generation.truncated
                 # Rows the generator did not report as finished (transformers reports none).
-                progress.done(len(batch) - (progress.prompts - finished),
-                              sum(results[i].truncated for i in batch))
+                progress.done(len(batch) - (progress.prompts - finished), truncated)
                 start += len(batch)
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
     def _score(self, windows: list[tuple[list[int], list[int]]], length: int) -> list[float]:
         ids = torch.zeros(len(windows), length, dtype=torch.long)
-        rows, cols, targets, owner = [], [], [], []
+        rows: list[int] = []
+        cols: list[int] = []
+        targets: list[int] = []
+        owner: list[int] = []
         for row, (tokens, continuation) in enumerate(windows):
             ids[row, :len(tokens)] = torch.tensor(tokens)
             n = len(continuation)
@@ -190,13 +197,17 @@ class _StepCounter:
     not yet written EOS (a finished row is padded with EOS), EOS itself not counted."""
 
     def __init__(self, eos: int, on_step: Callable[[int, int], None]):
-        self.eos, self.on_step, self.ended = eos, on_step, None
+        self.eos, self.on_step = eos, on_step
+        self.ended: Optional[torch.Tensor] = None
+        """Each row has written EOS (set by the prompts, streamed first)."""
 
     def put(self, value: torch.Tensor) -> None:
         if value.dim() == 2:  # the prompts, streamed first
             self.ended = torch.zeros(value.shape[0], dtype=torch.bool)
             return
         is_eos = value == self.eos
+        if self.ended is None:
+            raise TypeError("the streamer was sent a step before the prompts")
         self.on_step(int((~self.ended & ~is_eos).sum()), 0)
         self.ended |= is_eos
 

@@ -109,7 +109,8 @@ def score_groups(model: PrefixModel, groups: list[Group], requests: list[TokenRe
     start = 0
     while start < len(groups):
         width = len(groups[start].context)
-        batch, longest, used, real = [], 0, 0, 0
+        batch: list[Group] = []
+        longest, used, real = 0, 0, 0
         for group in groups[start:]:
             tail = max(len(requests[i].continuation) for i in group.members) - 1
             cost = (len(batch) + 1) * width + (used + len(group.members)) * max(longest, tail, 1)
@@ -172,7 +173,9 @@ def _score_batch(model: PrefixModel, batch: list[Group], requests, picks: _Picks
 def _similar_lengths(extending: list, requests, waste: float = WASTE) -> list[list]:
     """Continuations longest first, cut where right-padding to the chunk's longest would cost more
     than ``waste`` x the chunk's real tokens (HellaSwag's endings range from a few to 60+ tokens)."""
-    chunks, chunk, real = [], [], 0
+    chunks: list[list] = []
+    chunk: list = []
+    real = 0
     for member in extending:
         n = len(requests[member[1]].continuation) - 1
         if chunk and (len(chunk) + 1) * (len(requests[chunk[0][1]].continuation) - 1) > waste * (real + n):
@@ -187,7 +190,10 @@ def _extend_chunk(model: PrefixModel, cache, extending: list, requests, picks: _
     inputs = [list(requests[i].continuation[:-1]) for _, i in extending]
     hidden = model.extend(cache, torch.tensor([slot for slot, _ in extending]),
                           _right_pad(inputs, len(inputs[0])), [len(x) for x in inputs])
-    rows, cols, targets, owners = [], [], [], []
+    rows: list[int] = []
+    cols: list[int] = []
+    targets: list[int] = []
+    owners: list[int] = []
     for r, (_, i) in enumerate(extending):
         rest = requests[i].continuation[1:]
         rows += [r] * len(rest)

@@ -20,13 +20,14 @@ def _chance(task) -> str:
 
 def task_rows() -> tuple[list[tuple[str, ...]], list[str]]:
     """The table's rows and the notes its ``*`` marks (a split other than the reference's)."""
-    rows = [("task", "formulation", "metric", "data (offline: megasmol[evaldata])", "split", "size",
-             "chance")]
+    rows: list[tuple[str, ...]] = [("task", "formulation", "metric",
+                                    "data (offline: megasmol[evaldata])", "split", "size", "chance")]
     notes = []
     for name in task_names() + sorted(EMBEDDED):
         task = load_task(name)
         if task.origin == "hub":  # never downloaded to be listed
             spec = task.spec
+            assert spec.hf_dataset is not None  # origin "hub"
             data, split, size, chance = "hub: " + "/".join(spec.hf_dataset), spec.split, "-", "-"
         else:
             source = task.source()
@@ -40,7 +41,7 @@ def task_rows() -> tuple[list[tuple[str, ...]], list[str]]:
 
 
 def suite_rows() -> list[tuple[str, ...]]:
-    rows = [("suite", "tasks", "per task", "not covered")]
+    rows: list[tuple[str, ...]] = [("suite", "tasks", "per task", "not covered")]
     for name in suite_names():
         suite = load_suite(name)
         tasks = ", ".join(f"{e.task}" + (f" ({e.num_fewshot}-shot)" if e.num_fewshot else "")

@@ -38,7 +38,7 @@ def arithmetic_examples(count: int, seed: int) -> list[Example]:
 
     seen = set(math_documents(DEMO_PROBLEMS, DEMO_SEED))
     rng, pick = random.Random(seed), random.Random(seed + 1)
-    examples = []
+    examples: list[Example] = []
     while len(examples) < count:
         text = math_problem(rng)
         if text in seen or "The answer is " not in text:
@@ -65,7 +65,7 @@ def code_examples(count: int, seed: int) -> list[Example]:
             files.append((path, lines))
     rng = random.Random(seed)
     rng.shuffle(files)
-    examples = []
+    examples: list[Example] = []
     for path, lines in files:
         if len(examples) == count:
             break
@@ -73,7 +73,7 @@ def code_examples(count: int, seed: int) -> list[Example]:
         if not candidates:
             continue
         at = rng.choice(candidates)
-        others = []
+        others: list[str] = []
         while len(others) < 3:
             _, other_lines = rng.choice(files)
             line = rng.choice(other_lines)
@@ -109,7 +109,7 @@ def word_order_examples(count: int, seed: int) -> list[Example]:
     rng = random.Random(seed)
     docs = _short_docstrings()
     rng.shuffle(docs)
-    examples = []
+    examples: list[Example] = []
     for doc in docs:
         if len(examples) == count:
             break

@@ -154,7 +154,7 @@ def summarize(suites: list[Suite], results) -> list[SuiteResult]:
             chances.append(result.chance if metric.startswith("acc") else None)
         average = sum(v for _, v in scores.values()) / len(scores)
         stderr = math.sqrt(sum(e * e for e in errors)) / len(errors)
-        chance = None if None in chances else sum(chances) / len(chances)
+        chance = None if None in chances else sum(c for c in chances if c is not None) / len(chances)
         out.append(SuiteResult(suite.spec.name, average, stderr, scores, suite.missing, chance))
     return out
 

