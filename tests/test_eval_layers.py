@@ -3,83 +3,23 @@ that imports it back (imports under ``if TYPE_CHECKING:`` do not count; imports 
 do). One formulation name is compared nowhere outside ``formulations/``, and both scorers are
 ``api.Scorer``s."""
 
-import ast
 import re
 from pathlib import Path
+
+from tests.test_layers import circles, module_graph
 
 EVAL = Path(__file__).parents[1] / "megasmol" / "eval"
 
 
-def _module(path: Path) -> str:
-    parts = path.relative_to(EVAL.parents[1]).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _graph() -> dict[str, set[str]]:
-    modules = {_module(p): p for p in EVAL.rglob("*.py")}
-
-    def owner(name: str):
-        while name and name not in modules:
-            name = name.rpartition(".")[0]
-        return name or None
-
-    graph = {}
-    for name, path in modules.items():
-        tree = ast.parse(path.read_text())
-        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                       and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
-        edges = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.Import):
-                targets = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-            else:
-                continue
-            edges |= {owner(t) for t in targets if owner(t) not in (None, name)}
-        graph[name] = edges
-    return graph
-
-
-def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one module (Tarjan's algorithm)."""
-    index, low, stack, on, found = {}, {}, [], set(), []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return found
-
-
 def test_the_eval_package_has_no_import_circle():
-    graph = _graph()
+    """(The whole package's import graph and circle finder are tests/test_layers.py's.)"""
+    graph = {m: [t for t in targets if t.startswith("megasmol.eval")]
+             for m, targets in module_graph().items() if m.startswith("megasmol.eval")}
     assert "megasmol.eval.tasks.registry" in graph and "megasmol.eval.api" in graph
-    assert _cycles(graph) == []
+    assert circles(graph) == []
     # the check finds a circle when there is one
-    assert _cycles({**graph, "megasmol.eval.tasks.example": {"megasmol.eval.api"}})
+    graph["megasmol.eval.tasks.example"] = graph["megasmol.eval.tasks.example"] + ["megasmol.eval.api"]
+    assert circles(graph)
 
 
 def test_no_formulation_name_is_compared_outside_the_formulations():
