@@ -29,7 +29,8 @@ from torch import Tensor
 from megasmol.model.attention import block_causal_mask
 
 BACKEND_MASK_FORMAT = {"te": "thd", "sdpa": "sbhd", "local": "dense"}
-TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask", "segments", "ref_logps")
+TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask", "segments", "ref_logps",
+                "rollout_logps", "old_logps", "ref_token_logps", "advantages")
 
 
 @dataclass
@@ -48,6 +49,16 @@ class ModelInputs:
     ref_logps: Optional[Tensor] = None
     """Preference pairs: each document's reference log-probability (float64), held at one of its
     label positions (zeros elsewhere), so a sum per segment gives it on any split."""
+    rollout_logps: Optional[Tensor] = None
+    """RL completions: each completion token's log-prob as the decoder sampled it (the on-policy
+    check compares the trainer's with it); only in a rollout batch's first update."""
+    old_logps: Optional[Tensor] = None
+    """RL completions: each token's log-prob before the rollout batch's first update (present
+    when ``rl.num_iterations`` > 1; else the current ones, detached, are the old ones)."""
+    ref_token_logps: Optional[Tensor] = None
+    """RL completions: each token's log-prob under the reference model (``rl.beta`` > 0)."""
+    advantages: Optional[Tensor] = None
+    """RL completions: the completion's advantage at each of its tokens."""
 
     def token_fields(self) -> dict[str, Tensor]:
         """The per-token tensors ([b, s] or [1, t]) that every split of the sequence must carry."""

@@ -64,6 +64,9 @@ class SmolGPTModel(GPTModel):
                  loss_from_hidden_states: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.z_loss_coeff = z_loss_coeff
+        self.logit_temperature = 1.0
+        """The per-token loss is that of ``logits / logit_temperature`` (RL's sampling temperature,
+        :func:`sampling_temperature`); 1 otherwise."""
         self.loss_from_hidden_states = loss_from_hidden_states
         """With labels, the loss comes from the hidden states and the output weight in chunks
         (``CrossEntropyImpl.from_hidden_states``): no logits are made."""
@@ -103,6 +106,8 @@ class SmolGPTModel(GPTModel):
                   else self.output_layer.weight)
 
         def token_loss(hidden, labels):
+            if self.logit_temperature != 1.0:  # no bias: (h / T) W^T = logits / T
+                hidden = hidden / self.logit_temperature
             return output_layer_loss(hidden, weight, labels, z_loss_coeff=self.z_loss_coeff,
                                      sequence_parallel=self.output_layer.sequence_parallel,
                                      tp_group=self.pg_collection.tp)
@@ -121,6 +126,8 @@ class SmolGPTModel(GPTModel):
         return self._token_loss(labels, logits)
 
     def _token_loss(self, labels, logits):
+        if self.logit_temperature != 1.0:  # a new tensor: Megatron's CE shifts its input in place
+            logits = logits / self.logit_temperature
         if not self.z_loss_coeff:
             return super().compute_language_model_loss(labels, logits)
         # Before the cross-entropy: Megatron's vocab-parallel CE shifts the logits in place.
@@ -151,6 +158,18 @@ def plain_cross_entropy(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         model.z_loss_coeff = coeff
+
+
+@contextlib.contextmanager
+def sampling_temperature(model: torch.nn.Module, temperature: float) -> Iterator[None]:
+    """Within it, ``model``'s per-token loss is the cross-entropy of ``logits / temperature``: the
+    log-probabilities of a decoder sampling at that temperature (RL's policy loss, as TRL's)."""
+    previous = model.logit_temperature
+    model.logit_temperature = float(temperature)
+    try:
+        yield
+    finally:
+        model.logit_temperature = previous
 
 
 def transformer_config(

@@ -35,14 +35,16 @@ def forward_step(data_iterator, model, loss_func, scored_only: bool = False):
     return output, partial(loss_func, inputs)
 
 
-def forward_only_outputs(model, micro_batches: list[ModelInputs], loss_func) -> list[dict]:
+def forward_only_outputs(model, micro_batches: list[ModelInputs], loss_func,
+                         scored_only: bool = True) -> list[dict]:
     """Forward only with ``loss_func``; on the last pipeline stage, what it reported for each
-    micro-batch (an empty list on other stages)."""
+    micro-batch (an empty list on other stages). ``scored_only=False``: the output layer runs
+    everywhere, exactly as in a training step (same GEMM shapes, same rounding)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     geometry = StepGeometry.of(micro_batches[0])
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, loss_func=loss_func, scored_only=True),
+        forward_step_func=partial(forward_step, loss_func=loss_func, scored_only=scored_only),
         data_iterator=iter(micro_batches), model=[model], num_microbatches=len(micro_batches),
         seq_length=geometry.seq_length, micro_batch_size=geometry.micro_batch_size,
         forward_only=True)

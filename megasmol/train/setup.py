@@ -15,7 +15,7 @@ import logging
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, TypeVar
+from typing import TYPE_CHECKING, Optional, TypeVar, Union
 
 import torch
 
@@ -39,8 +39,11 @@ if TYPE_CHECKING:
     from megatron.core.optimizer import MegatronOptimizer
 
     from megasmol.model.gpt import SmolGPTModel
+    from megasmol.rl.batches import RolloutBatches
 
 T = TypeVar("T")
+Batches = Union[TrainingBatches, "RolloutBatches"]
+"""A run's batch source: dataset micro-batches, or RL rollouts (``rl.batches``)."""
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class TrainingSetup:
     config: RunConfig
     spec: ModelSpec
     rank: RankInfo
-    batches: TrainingBatches
+    batches: Batches
     model: SmolGPTModel
     """This rank's model chunk."""
     ddp_model: DistributedDataParallel
@@ -191,14 +194,7 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
                   timeout_s=config.training.collective_timeout_s)
     _audit_on_rank0(config, spec, rank.rank)
 
-    stages = build_stage_data(
-        recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
-        cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
-        document_masking=config.data.document_masking,
-        validation_fraction=config.data.validation_fraction, packing=config.data.packing,
-        validation_samples=config.eval.steps * config.training.global_batch_size)
-    batches = TrainingBatches(stages, config.training.micro_batch_size,
-                              parallel_state.get_data_parallel_rank(), dp)
+    batches = kind.batches(config, recipe, plans, spec, parallel_state.get_data_parallel_rank(), dp)
 
     params_dtype = PARAMS_DTYPE[config.training.precision]
     resuming = config.checkpoint.resume and (config.checkpoint_dir / "latest").is_file()
@@ -226,6 +222,19 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
                           params_dtype=params_dtype, branch=branch, faults=fault_plan())
     setup.objective = kind.build(setup, resuming=resuming, needed=reference_logps)
     return setup
+
+
+def recipe_batches(config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
+                   dp_rank: int, dp: int) -> TrainingBatches:
+    """The recipe's datasets, built (or loaded from the cache) for every planned stage, as this
+    data-parallel rank's micro-batches: the batches of the objectives that train on datasets."""
+    stages = build_stage_data(
+        recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
+        cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
+        document_masking=config.data.document_masking,
+        validation_fraction=config.data.validation_fraction, packing=config.data.packing,
+        validation_samples=config.eval.steps * config.training.global_batch_size)
+    return TrainingBatches(stages, config.training.micro_batch_size, dp_rank, dp)
 
 
 def check_objective_data(kind: ObjectiveKind, config: RunConfig, recipe: DataRecipe,

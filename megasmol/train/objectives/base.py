@@ -16,7 +16,9 @@ from torch import Tensor
 if TYPE_CHECKING:
     from megasmol.config.run import RunConfig
     from megasmol.data.masking import ModelInputs
-    from megasmol.train.setup import TrainingSetup
+    from megasmol.data.recipe import DataRecipe, StagePlan
+    from megasmol.model.spec import ModelSpec
+    from megasmol.train.setup import Batches, TrainingSetup
 
 LossReport = tuple[Tensor, Tensor, dict[str, Tensor]]
 """``(loss, count, {"loss": [loss_sum, count], "metrics": [...]})``: what Megatron-Core's schedule
@@ -55,6 +57,22 @@ class ObjectiveKind(Protocol):
         naming the field). ``needed=False``: a pre-flight's timed steps (no reference model)."""
         ...
 
+    def batches(self, config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
+                dp_rank: int, dp: int) -> Batches:
+        """This data-parallel rank's batch source for the planned stages (collective): the
+        recipe's datasets (``setup.recipe_batches``), or what the objective makes itself."""
+        ...
+
     def build(self, setup: TrainingSetup, *, resuming: bool, needed: bool) -> Objective:
         """The objective for the built ``setup`` (collective: it may score the data first)."""
         ...
+
+
+class RecipeData:
+    """For objectives that train on the data recipe's datasets: their batches."""
+
+    def batches(self, config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
+                dp_rank: int, dp: int) -> Batches:
+        from megasmol.train.setup import recipe_batches
+
+        return recipe_batches(config, recipe, plans, spec, dp_rank, dp)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from megasmol.train.objectives.base import LossReport
+from megasmol.train.objectives.base import LossReport, RecipeData
 
 if TYPE_CHECKING:
     from megasmol.config.run import RunConfig
@@ -37,7 +37,7 @@ class TokenLoss:
         return {}
 
 
-class NextToken:
+class NextToken(RecipeData):
     """Token data (``prepare-data``) and chat data (``prepare-chat``)."""
 
     name = "next_token"

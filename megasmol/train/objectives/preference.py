@@ -18,7 +18,7 @@ from torch import Tensor
 
 from megasmol.config.preference import PreferenceConfig
 from megasmol.config.typed import ConfigError
-from megasmol.train.objectives.base import LossReport
+from megasmol.train.objectives.base import LossReport, RecipeData
 from megasmol.train.objectives.segments import segment_sums
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class PreferenceLoss:
         return {name: value / count for name, value in zip(self.metric_names, sums)}
 
 
-class Preference:
+class Preference(RecipeData):
     """Preference pairs (``prepare-preferences``), scored against a reference model."""
 
     name = "preference"

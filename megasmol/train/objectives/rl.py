@@ -1,0 +1,167 @@
+"""Reinforcement learning with verifiable rewards (the GRPO family): ``training.objective: rl``.
+
+The data recipe's datasets are prompt sets (``megasmol prepare-prompts``). Each step's batch is
+made by :class:`megasmol.rl.batches.RolloutBatches`: the run's own model samples
+``rl.num_generations`` completions per prompt (:mod:`megasmol.decode`, no second model, no weight
+copy), the rewards (``rewards:``) score them, group advantages are computed, and the completions
+are packed as documents. :class:`PolicyLoss` turns the per-token output (the cross-entropy of
+``logits / rl.temperature``, plain: no z-loss) into the policy loss of ``rl.loss_type``
+(:mod:`megasmol.rl.policy_loss`) and checks that the run is exactly on-policy: in a rollout
+batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from megasmol.config.typed import ConfigError
+from megasmol.train.objectives.base import LossReport
+
+if TYPE_CHECKING:
+    from megasmol.config.run import RunConfig
+    from megasmol.data.masking import ModelInputs
+    from megasmol.data.recipe import DataRecipe, StagePlan
+    from megasmol.model.spec import ModelSpec
+    from megasmol.rl.batches import RolloutBatches
+    from megasmol.train.setup import TrainingSetup
+
+ON_POLICY = "logps/rollout_max_diff"
+"""The largest |trainer - decoder| log-prob of a sampled token in a rollout batch's first update."""
+
+
+class PolicyLoss:
+    """The ``rl.loss_type`` loss of a micro-batch of packed completions, with TRL's metrics."""
+
+    def __init__(self, rl: Any):
+        from megasmol.rl.policy_loss import METRIC_NAMES, loss_count_unit
+
+        self.rl = rl
+        self.metric_names: tuple[str, ...] = tuple(METRIC_NAMES)
+        self.unit = loss_count_unit(rl.loss_type)
+        self.rollout_metrics: dict[str, float] = {}
+        self._max_diff = 0.0
+
+    def set_rollout(self, metrics: dict[str, float]) -> None:
+        """The metrics of the rollout batch the next step trains on (the same on every rank)."""
+        self.rollout_metrics = metrics
+
+    def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport:
+        from megasmol.rl.policy_loss import policy_loss
+
+        if inputs.advantages is None or inputs.segments is None:
+            raise TypeError("the RL objective got micro-batches that are not packed completions")
+        logps = -output_tensor.reshape(-1).float()
+        segments = inputs.segments.reshape(-1)
+        mask = inputs.loss_mask.reshape(-1).float() * (segments >= 0)
+        old = inputs.old_logps.reshape(-1).float() if inputs.old_logps is not None else None
+        ref = inputs.ref_token_logps.reshape(-1).float() if inputs.ref_token_logps is not None else None
+        if inputs.rollout_logps is not None:
+            picked = mask > 0
+            if bool(picked.any()):
+                diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[picked].abs().max()
+                self._max_diff = max(self._max_diff, float(diff))
+        result = policy_loss(self.rl, logps=logps, old_logps=old, ref_logps=ref,
+                             advantages=inputs.advantages.reshape(-1).float(), mask=mask,
+                             seq_ids=segments)
+        loss_sum, count = result.loss_sum, result.count
+        metrics = torch.stack([result.metrics[name].double() for name in self.metric_names]) \
+            if self.metric_names else torch.zeros(0, dtype=torch.float64)
+        report = torch.stack([loss_sum.detach().double(), count.double()])
+        return loss_sum, count.to(torch.int), {"loss": report, "metrics": metrics.detach()}
+
+    def means(self, sums: list[float], count: float) -> dict[str, float]:
+        """Collective (every rank calls it after the step's all-reduce): the policy metrics,
+        the rollout's, and the on-policy check's maximum over every rank."""
+        from megasmol.rl.policy_loss import metric_means
+        from megasmol.runtime.distributed import current_device
+
+        out = metric_means(dict(zip(self.metric_names, sums)), count)
+        largest = torch.tensor([self._max_diff], dtype=torch.float64, device=current_device())
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+        self._max_diff = 0.0
+        out.update(self.rollout_metrics)
+        if "time/generation_s" in self.rollout_metrics:  # the step's first update only
+            out[ON_POLICY] = largest.item()
+        self.rollout_metrics = {k: v for k, v in self.rollout_metrics.items()
+                                if k not in ("time/generation_s", "rollout/tokens_per_s")}
+        return out
+
+
+class ReinforcementLearning:
+    """Prompt sets (``prepare-prompts``), completions sampled by the model being trained."""
+
+    name = "rl"
+    data = "prompt sets (`megasmol prepare-prompts` output)"
+
+    def takes(self, prefix: Path) -> bool:
+        from megasmol.data.prompts.store import is_prompt_set
+
+        return is_prompt_set(prefix)
+
+    def check(self, config: RunConfig, needed: bool) -> None:
+        rl = config.rl
+        if config.parallel.context_parallel > 1:
+            raise ConfigError("training.objective=rl does not run under parallel.context_parallel > 1 "
+                              "yet (completions are short; use data or tensor parallelism)")
+        batch = config.training.global_batch_size
+        if batch % rl.num_generations:
+            raise ConfigError(f"training.global_batch_size ({batch}) counts completions per step and "
+                              f"must be a multiple of rl.num_generations ({rl.num_generations})")
+        if config.training.batch_rampup:
+            raise ConfigError("training.batch_rampup is not supported with training.objective=rl")
+        if rl.beta > 0 and needed and config.checkpoint.init_from is None:
+            raise ConfigError("rl.beta > 0 needs a reference model: set checkpoint.init_from (the "
+                              "policy's starting checkpoint, also the reference)")
+
+    def batches(self, config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
+                dp_rank: int, dp: int) -> RolloutBatches:
+        from megasmol.rl.batches import RolloutBatches
+        from megasmol.train.setup import run_directory
+
+        for plan in plans:
+            if len(plan.stage.datasets) != 1:
+                raise ConfigError(f"data recipe {recipe.name}: stage {plan.stage.name} lists "
+                                  f"{len(plan.stage.datasets)} datasets; an RL stage reads one prompt set")
+        return RolloutBatches(plans, config.training.micro_batch_size, dp_rank, dp,
+                              config.rl.num_iterations, config.rewards.mask_truncated_completions,
+                              spec.eos_token_id, run_directory(config) / "rollouts")
+
+    def build(self, setup: TrainingSetup, *, resuming: bool, needed: bool) -> PolicyLoss:
+        from megasmol.model.gpt import plain_cross_entropy, sampling_temperature
+        from megasmol.rl.batches import RolloutBatches
+        from megasmol.train.objectives.rollout_setup import rollout_context
+
+        config = setup.config
+        setup.hold(plain_cross_entropy(setup.model))
+        setup.hold(sampling_temperature(setup.model, config.rl.temperature))
+        loss = PolicyLoss(config.rl)
+        batches = setup.batches
+        assert isinstance(batches, RolloutBatches)
+        batches.context = rollout_context(setup)
+        batches.on_rollout = loss.set_rollout
+        batches.old_logps = old_logps_pass(setup, needed)
+        return loss
+
+
+def old_logps_pass(setup: TrainingSetup, needed: bool):
+    """The forward-only pass that attaches ``old_logps`` (``rl.num_iterations`` > 1) and the
+    reference model's ``ref_token_logps`` (``rl.beta`` > 0) to a rollout batch's micro-batches,
+    in the packing it trains in; None when neither is needed."""
+    from megasmol.train.objectives.rollout_setup import attach_token_logps, reference_model
+
+    rl = setup.config.rl
+    reference = reference_model(setup) if rl.beta > 0 and needed else None
+    if rl.num_iterations == 1 and reference is None:
+        return None
+
+    def attach(micro: list[dict]) -> None:
+        if rl.num_iterations > 1:
+            attach_token_logps(setup, setup.ddp_model, micro, "old_logps")
+        if reference is not None:
+            attach_token_logps(setup, reference, micro, "ref_token_logps")
+
+    return attach
