@@ -13,6 +13,7 @@ from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
 from megasmol.config.run import cli_override
 from megasmol.data.preference.commands import add_preference_parsers
+from megasmol.data.prompts.commands import add_prompts_parsers
 from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
@@ -449,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_parsers(sub)
     add_chat_parsers(sub)
     add_preference_parsers(sub)
+    add_prompts_parsers(sub)
 
     p = sub.add_parser(
         "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",
