@@ -26,8 +26,7 @@ def test_defaults_are_trls():
     for name in shared:
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.clip_high == ours.epsilon
-    assert _rl(prompts_per_step=3, num_generations=4).completions_per_step == 12
-    assert path_fields(RLConfig) == {"prompts": "path"}
+    assert path_fields(RLConfig) == {}
 
 
 def test_field_docs_present():
@@ -48,7 +47,6 @@ def test_field_docs_present():
     ({"beta": -0.1}, "rl.beta must be >= 0"),
     ({"top_p": 0.0}, r"rl.top_p must be in \(0, 1\]"),
     ({"top_k": -1}, "rl.top_k must be >= 0"),
-    ({"prompts_per_step": 0}, "rl.prompts_per_step must be >= 1"),
     ({"num_iterations": 0}, "rl.num_iterations must be >= 1"),
     ({"max_completion_length": 0}, "rl.max_completion_length must be >= 1"),
     ({"sapo_temperature_neg": 0.0}, "rl.sapo_temperature_neg must be > 0"),

@@ -5,10 +5,10 @@ docstring says otherwise; the loss itself is :mod:`megasmol.rl.policy_loss`, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Optional
 
-from megasmol.config.typed import PATH, ConfigError
+from megasmol.config.typed import ConfigError
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
 """The ``rl.loss_type`` values (:data:`megasmol.rl.policy_loss.LOSSES` has one entry for each)."""
@@ -19,20 +19,18 @@ sequence`` each completion then weighs as much as it has tokens (TRL warns, see 
 
 @dataclass
 class RLConfig:
-    """How completions are sampled, scored into advantages and turned into a policy loss."""
+    """How completions are sampled, scored into advantages and turned into a policy loss.
 
-    prompts: Optional[str] = field(default=None, metadata=PATH)
-    """Prepared prompts (``megasmol prepare-prompts`` output) the run samples from; an RL run needs
-    them (checked when the run is set up, not here: the section exists in every run config)."""
-    prompts_per_step: int = 8
-    """Prompts per optimizer step over all data-parallel ranks (TRL: ``per_device_train_batch_size
-    * num_processes * gradient_accumulation_steps / num_generations``); the step trains on
-    ``prompts_per_step * num_generations`` completions. One rollout batch is one optimizer step
-    (TRL's ``steps_per_generation`` = gradient accumulation steps, its default), used
-    ``num_iterations`` times."""
+    The prompts are the data recipe's datasets (``megasmol prepare-prompts`` output), and
+    ``training.global_batch_size`` counts the completions of one optimizer step over every rank
+    (TRL's generation batch): ``global_batch_size / num_generations`` prompts per step, each
+    rollout batch one optimizer step (TRL's ``steps_per_generation`` = gradient accumulation
+    steps, its default), used ``num_iterations`` times."""
+
     num_generations: int = 8
     """Completions sampled per prompt: a group, whose rewards give each completion its advantage.
-    At least 2 (one completion has no group variance to learn from)."""
+    At least 2 (one completion has no group variance to learn from); divides
+    ``training.global_batch_size``."""
     max_completion_length: int = 512
     """Most tokens generated per completion; a completion stopped here is truncated. Also the
     constant ``dr_grpo`` divides by."""
@@ -88,7 +86,7 @@ class RLConfig:
     on-policy, the old log-probs are the current ones detached."""
     dynamic_sampling: bool = False
     """DAPO's dynamic sampling: groups whose rewards are all equal (zero advantage, no gradient)
-    are dropped and more prompts are sampled until the step has ``prompts_per_step`` groups with
+    are dropped and more prompts are sampled until the step has its number of groups with
     signal, or ``max_refills`` more rollout rounds were run (then the step trains on the groups
     it has and says so). Not in TRL."""
     max_refills: int = 4
@@ -100,13 +98,8 @@ class RLConfig:
         """``epsilon_high``, or ``epsilon`` when unset (TRL's ``epsilon_high`` default)."""
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
-    @property
-    def completions_per_step(self) -> int:
-        """Completions per optimizer step over all ranks."""
-        return self.prompts_per_step * self.num_generations
-
     def validate(self) -> None:
-        for name in ("prompts_per_step", "max_completion_length", "num_iterations"):
+        for name in ("max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_generations < 2:

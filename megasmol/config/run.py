@@ -13,6 +13,8 @@ import yaml
 
 from megasmol.config.parallel import ParallelLayout
 from megasmol.config.preference import PreferenceConfig
+from megasmol.config.rewards import RewardsConfig
+from megasmol.config.rl import RLConfig
 from megasmol.config.schedule import ScheduleConfig
 from megasmol.config.sections import (
     CheckpointConfig,
@@ -121,10 +123,12 @@ class TrainingConfig:
     attention_backend: Optional[Literal["auto", "te", "sdpa", "local"]] = None
     """Attention implementation for this run, instead of the model spec's (checkpoints are the
     same for all three): e.g. sdpa for all-gather-KV context parallelism without TE."""
-    objective: Optional[Literal["next_token", "preference"]] = None
-    """What the run trains: ``next_token`` (token or chat data: pretraining, mid-training, SFT) or
-    ``preference`` (``prepare-preferences`` pairs, with the ``preference:`` section's loss).
-    Default: ``preference`` when the config has a ``preference:`` section, else ``next_token``.
+    objective: Optional[Literal["next_token", "preference", "rl"]] = None
+    """What the run trains: ``next_token`` (token or chat data: pretraining, mid-training, SFT),
+    ``preference`` (``prepare-preferences`` pairs, with the ``preference:`` section's loss) or
+    ``rl`` (``prepare-prompts`` prompt sets: completions sampled by the model, scored by the
+    ``rewards:``, trained with the ``rl:`` section's policy loss). Default: the objective whose
+    section the config gives (``preference:``; ``rl:`` or ``rewards:``), else ``next_token``.
     Every dataset of the recipe must be data the objective trains on."""
 
     def validate(self) -> None:
@@ -179,6 +183,10 @@ URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 """A value with a scheme (``s3://``, ``gs://``, ``https://``): not a path."""
 
 
+SECTION_OBJECTIVES = {"preference": "preference", "rl": "rl", "rewards": "rl"}
+"""Config sections that belong to one objective (and make it the default)."""
+
+
 @dataclass
 class RunConfig:
     """A training run."""
@@ -212,6 +220,11 @@ class RunConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """The loss on preference pairs (DPO / IPO / APO) of ``training.objective: preference``
     (its default when this section is given; refused with ``next_token``)."""
+    rl: RLConfig = field(default_factory=RLConfig)
+    """Sampling, advantages and the policy loss (GRPO family, TRL's names) of
+    ``training.objective: rl`` (its default when this section is given)."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """What scores an RL completion (``training.objective: rl``)."""
     run_dir: str = field(default="runs/default", metadata=PATH)
     """Where checkpoints, logs and caches go (relative to the config file)."""
     paths_from: Optional[str] = field(default=None, metadata=PATH)
@@ -247,19 +260,21 @@ class RunConfig:
 
     @property
     def objective(self) -> str:
-        """``training.objective``, or its default: ``preference`` when the config gives a
-        ``preference:`` section, else ``next_token``."""
+        """``training.objective``, or its default: the objective whose section the config gives
+        (:data:`SECTION_OBJECTIVES`), else ``next_token``."""
         if self.training.objective is not None:
             return self.training.objective
-        return "preference" if "preference" in self.given_sections else "next_token"
+        given = [SECTION_OBJECTIVES[s] for s in SECTION_OBJECTIVES if s in self.given_sections]
+        return given[0] if given else "next_token"
 
     def check_objective(self) -> None:
-        """A ``preference:`` section is the preference objective's: with ``next_token`` it would
-        go unused without a word."""
-        if "preference" in self.given_sections and self.objective != "preference":
-            raise ConfigError(f"preference: is set but training.objective is {self.objective}, which "
-                              "does not use it: set training.objective: preference, or remove the "
-                              "preference: section")
+        """A section of one objective (``preference:``, ``rl:``, ``rewards:``) with another
+        objective would go unused without a word."""
+        for section, objective in SECTION_OBJECTIVES.items():
+            if section in self.given_sections and self.objective != objective:
+                raise ConfigError(f"{section}: is set but training.objective is {self.objective}, "
+                                  f"which does not use it: set training.objective: {objective}, or "
+                                  f"remove the {section}: section")
 
     def to_dict(self) -> dict:
         """The resolved config (saved with every checkpoint; ``training.objective`` resolved)."""

@@ -7,8 +7,10 @@ from __future__ import annotations
 from megasmol.train.objectives.base import ObjectiveKind
 from megasmol.train.objectives.next_token import NextToken
 from megasmol.train.objectives.preference import Preference
+from megasmol.train.objectives.rl import ReinforcementLearning
 
-OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (NextToken(), Preference())}
+OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in
+                                        (NextToken(), Preference(), ReinforcementLearning())}
 
 
 def objective_kind(name: str) -> ObjectiveKind:
