@@ -66,9 +66,11 @@ class RolloutBatches:
         if self._batch is None or self._batch[0] != first:
             self._batch = (self._load(first) if step != first else None) or self._make(first)
         _, micro, metrics = self._batch
-        self.on_rollout(metrics)
         if step == first:
+            self.on_rollout(metrics)
             return micro
+        # Later updates on the same batch report its rewards again, not its sampling.
+        self.on_rollout({k: v for k, v in metrics.items() if not k.startswith(("time/", "rollout/"))})
         return [{k: v for k, v in mb.items() if k != "rollout_logps"} for mb in micro]
 
     def _make(self, step: int) -> tuple[int, list[dict], dict[str, float]]:

@@ -103,6 +103,9 @@ class IntervalStats:
     metric_sums: dict = field(default_factory=dict)
     """The objective's metrics (e.g. ``rewards/margins``) summed over the steps that had them."""
     metric_steps: int = 0
+    metric_extremes: dict = field(default_factory=dict)
+    """Metrics named as a maximum or minimum (``clip_ratio/high_max``, ``logps/rollout_max_diff``):
+    the interval's extreme."""
 
     def exclude(self, seconds: float) -> None:
         """Time spent outside the steps (validation, evaluation, saving): not step time."""
@@ -115,13 +118,21 @@ class IntervalStats:
         if metrics:
             self.metric_steps += 1
             for key, value in metrics.items():
-                self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
+                if key.endswith(_EXTREME):  # the interval's largest / smallest, not a mean
+                    pick = max if key.endswith(_MAX) else min
+                    self.metric_extremes[key] = pick(self.metric_extremes.get(key, value), value)
+                else:
+                    self.metric_sums[key] = self.metric_sums.get(key, 0.0) + value
         if loss is not None and math.isfinite(loss):
             self.loss_sum += loss
             self.loss_steps += 1
         if grad_norm is not None and math.isfinite(grad_norm):
             self.grad_norm_sum += grad_norm
             self.grad_norm_steps += 1
+
+
+_MAX = ("_max", "_max_diff", "max_length")
+_EXTREME = _MAX + ("_min", "min_length")
 
 
 def _mean(total: float, count: int) -> Optional[float]:
@@ -171,6 +182,9 @@ class MetricsLog:
             "skipped_steps": stats.skipped, "nan_steps": stats.nan, "spikes": stats.spikes,
         }
         record.update({k: v / stats.metric_steps for k, v in stats.metric_sums.items()})
+        record.update(stats.metric_extremes)
+        if "time/generation_s" in record:  # RL: the share of the step spent sampling
+            record["time/generation_share"] = record["time/generation_s"] / max(record["step_time_s"], 1e-9)
         if self.peak_tflops:
             achieved = tokens_per_s / self.world_size * self.flops_per_token
             record["mfu"] = achieved / (self.peak_tflops * 1e12)
@@ -188,6 +202,13 @@ class MetricsLog:
             parts.append(f"loss {record['loss']:.4f}")
         if record.get("grad_norm") is not None:
             parts.append(f"grad {record['grad_norm']:.3f}")
+        if record.get("reward") is not None:
+            parts.append(f"reward {record['reward']:.3f} (std {record['reward_std']:.3f}) len "
+                         f"{record['completions/mean_length']:.0f}")
+            if record.get("logps/rollout_max_diff") is not None:
+                parts.append(f"on-policy {record['logps/rollout_max_diff']:.1e}")
+            if record.get("time/generation_share") is not None:
+                parts.append(f"gen {100 * record['time/generation_share']:.0f}%")
         if record.get("rewards/accuracies") is not None:
             parts.append(f"reward acc {record['rewards/accuracies']:.2f} "
                          f"margin {record['rewards/margins']:.3f}")

@@ -37,58 +37,82 @@ class PolicyLoss:
     """The ``rl.loss_type`` loss of a micro-batch of packed completions, with TRL's metrics."""
 
     def __init__(self, rl: Any):
-        from megasmol.rl.policy_loss import METRIC_NAMES, loss_count_unit
+        from megasmol.rl.policy_loss import LOSSES
 
         self.rl = rl
-        self.metric_names: tuple[str, ...] = tuple(METRIC_NAMES)
-        self.unit = loss_count_unit(rl.loss_type)
+        self.unit = LOSSES[rl.loss_type].unit
+        probe = self._loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
+                           1, None, torch.zeros(1) if rl.beta > 0 else None)
+        self.metric_names: tuple[str, ...] = tuple(probe.sums)
+        """The summed metrics this configuration reports (``tokens``, ``completions``, ``kl``...)."""
         self.rollout_metrics: dict[str, float] = {}
-        self._max_diff = 0.0
+        self._extremes = {how: [metric for _, metric, kind in LOSSES[rl.loss_type].min_max if kind == how]
+                          for how in ("min", "max")}
+        self._mins, self._maxs = self._fresh_extremes()
+
+    def _fresh_extremes(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Every rank reduces the same names (inf / -inf where it saw none)."""
+        return ({name: float("inf") for name in self._extremes["min"]},
+                {ON_POLICY: 0.0, **{name: float("-inf") for name in self._extremes["max"]}})
+
+    def _loss(self, logps, advantages, mask, seq_id, n, old, ref):
+        from megasmol.rl.policy_loss import policy_loss
+
+        return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref)
 
     def set_rollout(self, metrics: dict[str, float]) -> None:
         """The metrics of the rollout batch the next step trains on (the same on every rank)."""
         self.rollout_metrics = metrics
 
     def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport:
-        from megasmol.rl.policy_loss import policy_loss
-
         if inputs.advantages is None or inputs.segments is None:
             raise TypeError("the RL objective got micro-batches that are not packed completions")
         logps = -output_tensor.reshape(-1).float()
         segments = inputs.segments.reshape(-1)
+        ids, seq_id = torch.unique(segments, return_inverse=True)
+        present = ids >= 0
+        first = int((~present).sum())  # -1 (no completion) sorts first: ids start after it
+        seq_id = (seq_id - first).clamp(min=0)
         mask = inputs.loss_mask.reshape(-1).float() * (segments >= 0)
-        old = inputs.old_logps.reshape(-1).float() if inputs.old_logps is not None else None
-        ref = inputs.ref_token_logps.reshape(-1).float() if inputs.ref_token_logps is not None else None
-        if inputs.rollout_logps is not None:
-            picked = mask > 0
-            if bool(picked.any()):
-                diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[picked].abs().max()
-                self._max_diff = max(self._max_diff, float(diff))
-        result = policy_loss(self.rl, logps=logps, old_logps=old, ref_logps=ref,
-                             advantages=inputs.advantages.reshape(-1).float(), mask=mask,
-                             seq_ids=segments)
-        loss_sum, count = result.loss_sum, result.count
-        metrics = torch.stack([result.metrics[name].double() for name in self.metric_names]) \
-            if self.metric_names else torch.zeros(0, dtype=torch.float64)
-        report = torch.stack([loss_sum.detach().double(), count.double()])
-        return loss_sum, count.to(torch.int), {"loss": report, "metrics": metrics.detach()}
+        old = inputs.old_logps.reshape(-1) if inputs.old_logps is not None else None
+        ref = inputs.ref_token_logps.reshape(-1) if inputs.ref_token_logps is not None else None
+        if inputs.rollout_logps is not None and bool((mask > 0).any()):
+            diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[mask > 0].abs().max()
+            self._maxs[ON_POLICY] = max(self._maxs[ON_POLICY], float(diff))
+        result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, int(present.sum()), old, ref)
+        for name, value in result.mins.items():
+            self._mins[name] = min(self._mins[name], float(value))
+        for name, value in result.maxs.items():
+            self._maxs[name] = max(self._maxs[name], float(value))
+        metrics = torch.stack([result.sums[name] for name in self.metric_names])
+        report = torch.stack([result.loss_sum.detach().double(), result.count.double()])
+        return result.loss_sum, result.count.to(torch.int), {"loss": report, "metrics": metrics}
 
     def means(self, sums: list[float], count: float) -> dict[str, float]:
-        """Collective (every rank calls it after the step's all-reduce): the policy metrics,
-        the rollout's, and the on-policy check's maximum over every rank."""
+        """Collective (every rank calls it after the step's all-reduce): the policy metrics, the
+        rollout's, and the minima and maxima over every rank (the on-policy check's included)."""
         from megasmol.rl.policy_loss import metric_means
+
+        mins = self._reduce(self._mins, torch.distributed.ReduceOp.MIN)
+        maxs = self._reduce(self._maxs, torch.distributed.ReduceOp.MAX)
+        self._mins, self._maxs = self._fresh_extremes()
+        on_policy = maxs.pop(ON_POLICY)
+        out = metric_means(self.rl, dict(zip(self.metric_names, sums)), mins, maxs)
+        out.update(self.rollout_metrics)
+        if "time/generation_s" in self.rollout_metrics:  # a rollout batch's first update
+            out[ON_POLICY] = on_policy
+        return out
+
+    @staticmethod
+    def _reduce(values: dict[str, float], op) -> dict[str, float]:
         from megasmol.runtime.distributed import current_device
 
-        out = metric_means(dict(zip(self.metric_names, sums)), count)
-        largest = torch.tensor([self._max_diff], dtype=torch.float64, device=current_device())
-        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
-        self._max_diff = 0.0
-        out.update(self.rollout_metrics)
-        if "time/generation_s" in self.rollout_metrics:  # the step's first update only
-            out[ON_POLICY] = largest.item()
-        self.rollout_metrics = {k: v for k, v in self.rollout_metrics.items()
-                                if k not in ("time/generation_s", "rollout/tokens_per_s")}
-        return out
+        if not values:
+            return {}
+        names = sorted(values)
+        packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=current_device())
+        torch.distributed.all_reduce(packed, op=op)
+        return dict(zip(names, packed.tolist()))
 
 
 class ReinforcementLearning:
