@@ -143,10 +143,32 @@ def _bin_size_error(prefix: str, indexed) -> Optional[str]:
     return None
 
 
+def _check_prompts(report: AuditReport, row: DatasetRow, prefix: str, vocab_size: int,
+                   eos_id: int) -> None:
+    """A prompt set's prompts fit the model: ids inside its vocabulary, and no EOS, which would
+    end the document a completion is packed in before the completion starts."""
+    from megasmol.data.prompts.store import read_prompts
+
+    prompts = read_prompts(prefix)
+    row.documents = len(prompts)
+    for index, record in enumerate(prompts):
+        if record.prompt_ids and max(record.prompt_ids) >= vocab_size:
+            report.errors.append(f"{prefix}: prompt {index} ({record.where}) has token id "
+                                 f"{max(record.prompt_ids)}, outside the model's vocabulary of {vocab_size}")
+            return
+        if eos_id in record.prompt_ids:
+            report.errors.append(f"{prefix}: prompt {index} ({record.where}) contains the model's EOS "
+                                 f"(id {eos_id}), which ends a packed document; prepare the prompts "
+                                 "with a template or tokenizer whose EOS differs from the end of a turn")
+            return
+
+
 def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, eos_id: int,
                root: Optional[str] = None, max_epochs: float = 4.0,
                validation_fraction: float = 0.0, scan_cache: Optional[Path] = None) -> AuditReport:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megasmol.data.prompts.store import is_prompt_set
 
     report = AuditReport()
     drawn_total: dict[str, int] = defaultdict(int)
@@ -172,6 +194,9 @@ def audit_plan(recipe: DataRecipe, plans: list[StagePlan], *, vocab_size: int, e
             row = DatasetRow(stage.name, entry.label, key, entry.weight / total_weight)
             row.tokens_drawn = int(round(plan.tokens * row.weight))
             report.rows.append(row)
+            if is_prompt_set(key):  # RL prompts: no tokens drawn, each prompt checked once
+                _check_prompts(report, row, key, vocab_size, eos_id)
+                continue
             missing = missing_parts(key)
             if missing:
                 absent.setdefault(key, (missing, []))[1].append(stage.name)

@@ -81,13 +81,24 @@ def stop_ids(tokenizer, eos_token_id: int) -> set[int]:
 
 def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: list[int],
                        stops: set[int]) -> list:
-    """Completions of ``prompts`` sampled by the run's model in its training layout."""
+    """Completions of ``prompts`` sampled by the run's model in its training layout: with the KV
+    cache when one process holds the whole model (any data parallelism), else through the
+    pipeline schedule, recomputing the prefix (tensor or pipeline parallelism)."""
+    from megatron.core import parallel_state
+
     from megasmol.decode import SamplingParams, generate
+    from megasmol.decode.parallel import generate_parallel
 
     rl = setup.config.rl
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
-    return generate(setup.model, prompts, rl.max_completion_length, sampling=sampling, seeds=seeds,
-                    stop_ids=stops)
+    options = dict(sampling=sampling, seeds=seeds, eos_token_id=setup.spec.eos_token_id,
+                   stop=lambda row, ids: ids[-1] in stops)
+    whole = (parallel_state.get_tensor_model_parallel_world_size() == 1
+             and parallel_state.get_pipeline_model_parallel_world_size() == 1)
+    if whole:
+        return generate(setup.model, prompts, rl.max_completion_length, **options)
+    return generate_parallel(setup.model, setup.ddp_model, prompts, rl.max_completion_length,
+                             micro_batch_size=setup.config.training.micro_batch_size, **options)
 
 
 def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list[dict], name: str) -> None:
