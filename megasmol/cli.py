@@ -186,6 +186,10 @@ def cmd_demo(args) -> int:
         from megasmol.chat.preference_demo import run_preference_demo
 
         return run_preference_demo(Path(args.workdir), steps=args.steps or 60, overrides=args.set)
+    if args.rl:
+        from megasmol.chat.rl_demo import run_rl_demo
+
+        return run_rl_demo(Path(args.workdir), steps=args.steps or 30, overrides=args.set)
     return run_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
 
 
@@ -460,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="where to write (default runs/demo)")
     p.add_argument("--steps", type=at_least(10),
                    help="training steps, 10 or more (default 150; 60 per run with --ablation; 150 "
-                        "with --sft; 60 with --preference); the schedule, the checkpoints and "
+                        "with --sft; 60 with --preference; 30 with --rl); the schedule, the checkpoints and "
                         "the pass criterion scale with it")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--ablation", action="store_true",
@@ -474,9 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the SFT demo (run first if missing): APO-zero on generated pairs "
                            "(correct sum chosen over a wrong one), held-out reward accuracy and "
                            "arithmetic accuracy before and after")
+    mode.add_argument("--rl", action="store_true",
+                      help="after the SFT demo (run first if missing): GRPO on verifiable arithmetic "
+                           "prompts (completions sampled by the model being trained, the math reward), "
+                           "the reward over training and held-out accuracy before and after")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft, "
-                        "tiny/apo.yaml with --preference; repeatable)")
+                        "tiny/apo.yaml with --preference, tiny/grpo.yaml with --rl; repeatable)")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -29,6 +29,8 @@ def prompt_sets(setup: TrainingSetup) -> list:
 
 
 def _tokenizer(setup: TrainingSetup, prompts) -> Any:
+    """The run's tokenizer (``data.tokenizer``; ``auto``: the prompt set's), which decodes
+    completions for the rewards."""
     from transformers import AutoTokenizer
 
     from megasmol.data.run_tokenizer import run_tokenizer_dir
