@@ -77,9 +77,10 @@ def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = No
     third = max(1, len(rewards) // 3)
     early = sum(r for _, r in rewards[:third]) / third
     late = sum(r for _, r in rewards[-third:]) / third
-    rows = [("model", "train reward", "sum right", "answer format"),
-            ("SFT (start)", f"{early:.2f} (first third)", f"{100 * before[2]:.0f}%", f"{100 * before[0]:.0f}%"),
-            ("after GRPO", f"{late:.2f} (last third)", f"{100 * after[2]:.0f}%", f"{100 * after[0]:.0f}%")]
+    rows = [("model", "train reward", "sum right", "answer format")]
+    for label, reward, scores in (("SFT (start)", f"{early:.2f} (first third)", before),
+                                  ("after GRPO", f"{late:.2f} (last third)", after)):
+        rows.append((label, reward, f"{100 * scores[2]:.0f}%", f"{100 * scores[0]:.0f}%"))
     print(f"[5/5] training reward and held-out questions ({held_out}):")
     print("      " + format_table(rows).replace("\n", "\n      "))
     learned = late > early and after[2] >= before[2]
