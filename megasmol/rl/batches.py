@@ -23,6 +23,9 @@ from megasmol.rl.pack import pack_rows
 from megasmol.rl.rollout import RolloutContext, run_rollout
 from megasmol.utils.fs import atomic_write_bytes
 
+FLAT_STEPS = 5
+"""Rollout batches in a row without reward variance before the run says so."""
+
 
 class RolloutBatches:
     """Micro-batches of packed completions, one rollout batch per ``rl.num_iterations`` steps."""
@@ -40,6 +43,7 @@ class RolloutBatches:
         """Set by the objective: attaches ``old_logps`` (and reference ones) to micro-batches."""
         self.on_rollout: Callable[[dict[str, float]], None] = lambda metrics: None
         self._batch: Optional[tuple[int, list[dict], dict[str, float]]] = None
+        self._flat_since: Optional[int] = None  # first of the latest run of steps with no signal
 
     @property
     def last_step(self) -> int:
@@ -83,10 +87,26 @@ class RolloutBatches:
                           rows_per_micro=self.micro_batch_size, at_least_one=True)
         if self.old_logps is not None:
             self.old_logps(micro)
+        self._watch_signal(step, rollout.metrics)
         batch = (step, micro, rollout.metrics)
         if self.num_iterations > 1:
             self._save(batch)
         return batch
+
+    def _watch_signal(self, step: int, metrics: dict[str, float]) -> None:
+        """Say so once when every group of :data:`FLAT_STEPS` rollout batches in a row had equal
+        rewards: their advantages are all 0, so those steps train nothing."""
+        if metrics.get("frac_reward_zero_std", 0.0) < 1.0:
+            self._flat_since = None
+            return
+        if self._flat_since is None:
+            self._flat_since = step
+        flat = (step - self._flat_since) // self.num_iterations + 1
+        if flat == FLAT_STEPS and self.context is not None:
+            self.context.say(f"steps {self._flat_since}-{step}: every group's completions got equal "
+                             f"rewards ({metrics.get('reward', float('nan')):.3f}), so the advantages "
+                             "are 0 and nothing is learned: check the rewards against a few "
+                             "completions, raise rl.temperature, or use rl.dynamic_sampling")
 
     def _path(self) -> Path:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

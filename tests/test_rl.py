@@ -1,0 +1,81 @@
+"""RL with verifiable rewards end to end: ``megasmol train`` with ``training.objective: rl`` on the
+tiny spec (tests/rl_fixtures.py): completions sampled by the model being trained, a user's reward
+function, GRPO's loss; exactly on-policy, learning, resume bit for bit, parallel layouts."""
+
+import json
+
+import pytest
+
+from tests.rl_fixtures import write_rl_run
+from tests.train_fixtures import step_losses, torchrun_train, train
+
+TRL_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+             "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
+             "clip_ratio/region_mean", "rewards/even_tokens/mean", "rewards/even_tokens/std")
+
+
+def _records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def rl_run(tmp_path_factory):
+    config = write_rl_run(tmp_path_factory.mktemp("rl"), steps=10)
+    proc = train(config)
+    return config, proc
+
+
+def test_the_reward_rises_and_every_step_is_exactly_on_policy(rl_run):
+    config, proc = rl_run
+    records = _records(config.parent / "run")
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for record in records:
+        for name in TRL_NAMES:
+            assert name in record, name
+        # the trainer's log-probs of the sampled tokens are the decoder's (fp32 on CPU)
+        assert record["logps/rollout_max_diff"] <= 1e-5
+        assert 0 < record["time/generation_share"] < 1
+    rewards = [r["reward"] for r in records]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
+    assert "reward" in proc.stdout and "on-policy" in proc.stdout
+
+
+def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(rl_run, tmp_path):
+    config, _ = rl_run
+    whole = step_losses(config.parent / "run")
+    rewards = step_losses(config.parent / "run", "reward")
+    again = write_rl_run(tmp_path / "again", steps=10)
+    train(again, "training.stop_after_step=6")
+    train(again)
+    assert step_losses(tmp_path / "again" / "run") == whole
+    assert step_losses(tmp_path / "again" / "run", "reward") == rewards
+
+
+def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path):
+    sets = ("rl.num_iterations=2", "checkpoint.interval=1")
+    first = write_rl_run(tmp_path / "whole", steps=4)
+    train(first, *sets)
+    second = write_rl_run(tmp_path / "split", steps=4)
+    train(second, *sets, "training.stop_after_step=3")  # step 3 sampled a batch step 4 reuses
+    train(second, *sets)
+    whole, split = _records(tmp_path / "whole" / "run"), _records(tmp_path / "split" / "run")
+    assert [r["loss"] for r in whole] == [r["loss"] for r in split]
+    # the second update of a batch is off-policy: its importance weights differ from 1
+    assert whole[1]["reward"] == whole[0]["reward"] and "logps/rollout_max_diff" not in whole[1]
+    assert "logps/rollout_max_diff" in whole[2]
+
+
+@pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2",), ("parallel.pipeline_parallel=2",),
+                                    ()], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_sample_and_train_as_one_process(rl_run, tmp_path, layout):
+    config, _ = rl_run
+    one = _records(config.parent / "run")[:2]
+    parallel = write_rl_run(tmp_path / "p", steps=10)
+    torchrun_train(parallel, *layout, "training.stop_after_step=2")
+    two = _records(tmp_path / "p" / "run")
+    for a, b in zip(one, two):
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["logps/rollout_max_diff"] <= 1e-5
