@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from megasmol.config.rl import RLConfig
+from megasmol.config.rl import LOSS_TYPES, RLConfig
 from megasmol.config.typed import ConfigError, from_dict, path_fields
 
 
@@ -34,6 +34,12 @@ def test_field_docs_present():
 
     docs = field_docs(RLConfig)
     assert set(docs) == {f.name for f in dataclasses.fields(RLConfig)}
+
+
+def test_loss_types_each_have_a_loss():
+    from megasmol.rl.policy_loss import LOSSES
+
+    assert set(LOSSES) == set(LOSS_TYPES)
 
 
 @pytest.mark.parametrize("fields, message", [
