@@ -52,7 +52,7 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/pretraining.md", "docs/data.md", "docs/evaluation.md",
-         "docs/ablations.md", "docs/sft.md", "docs/preference.md", "docs/long-context.md",
+         "docs/ablations.md", "docs/sft.md", "docs/preference.md", "docs/rl.md", "docs/long-context.md",
          "docs/preflight.md", "docs/checkpoints.md", "docs/training-loop.md", "docs/architecture.md",
          "docs/configuration.md", "docs/tests.md", "examples/README.md"]
 """The README's reading order (its guide table); the check runs pages in this order."""

@@ -23,6 +23,7 @@ def template_kwarg(raw: str) -> tuple[str, object]:
 def cmd_prepare_prompts(args) -> int:
     from megasmol.data.prompts.prepare import prepare_prompts
     from megasmol.data.prompts.records import Fields
+    from megasmol.utils.fs import shown_paths
 
     fields = Fields(args.prompt_key, args.answer_key, args.tests_key, args.entry_point_key)
     summary = prepare_prompts(args.input, args.out, template=args.template, tokenizer=args.tokenizer,
@@ -30,7 +31,7 @@ def cmd_prepare_prompts(args) -> int:
                               system=args.system, fields=fields, max_length=args.max_length,
                               on_overflow=args.on_overflow, split=args.split, overwrite=args.overwrite,
                               show_progress=not args.quiet)
-    print("\n".join(summary.lines()))
+    print(shown_paths("\n".join(summary.lines())))
     if summary.rejected.get("too_long"):
         print(f"  {summary.rejected['too_long']:,} prompt(s) exceed --max-length {args.max_length} "
               "(--on-overflow error): left out")

@@ -12,13 +12,16 @@ from megasmol.eval.formulations.base import Answer, Formulation, Scored
 from megasmol.eval.tasks.example import Example
 
 
-def extract_answer(generation: str, pattern: str) -> str:
-    """The last match of ``pattern`` in ``generation`` (its first non-empty group), or ""."""
-    found = ""
-    for match in re.finditer(pattern, generation):
-        groups = [g for g in match.groups() if g] if match.groups() else [match.group(0)]
-        found = groups[0] if groups else match.group(0)
-    return found
+def extract_answer(generation: str, pattern: str, select: int = -1) -> str:
+    """Match ``select`` of ``pattern`` in ``generation`` (its first non-empty group), or "":
+    the last by default (lm-eval's ``group_select: -1``, GSM8K "flexible-extract"), the first
+    with 0 (its default, "strict-match")."""
+    matches = list(re.finditer(pattern, generation))
+    if not matches:
+        return ""
+    match = matches[select]
+    groups = [g for g in match.groups() if g] if match.groups() else [match.group(0)]
+    return groups[0] if groups else match.group(0)
 
 
 DEFAULT_IGNORE = (",", r"\$", r"\.$")
