@@ -27,7 +27,7 @@ def main() -> None:
                         help="their lengths are drawn uniformly from this range")
     args = parser.parse_args()
 
-    from megasmol.generate import greedy_generate, greedy_generate_batch
+    from megasmol.decode.cached import greedy_generate, greedy_generate_batch
     from megasmol.model.load import single_process_model
     from megasmol.model.spec import load_model_spec
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megasmol.generate import Decoder, greedy_generate, greedy_generate_batch
+from megasmol.decode.cached import Decoder, greedy_generate, greedy_generate_batch
 from megasmol.model.load import single_process_model
 from tests.specs import tiny_smollm3
 

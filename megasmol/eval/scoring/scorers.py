@@ -179,7 +179,7 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
 
     def generator(prompts: list[list[int]], requests: list[GenerationRequest],
                   on_step=None) -> list[list[int]]:
-        from megasmol.generate import greedy_generate_batch
+        from megasmol.decode.cached import greedy_generate_batch
 
         return greedy_generate_batch(model, prompts, [r.max_new_tokens for r in requests],
                                      tokenizer.eos_token_id,
