@@ -27,7 +27,7 @@ def main() -> None:
                         help="their lengths are drawn uniformly from this range")
     args = parser.parse_args()
 
-    from megasmol.generate import greedy_generate, greedy_generate_batch
+    from megasmol.decode.cached import generate, greedy_generate
     from megasmol.model.load import single_process_model
     from megasmol.model.spec import load_model_spec
 
@@ -57,7 +57,7 @@ def main() -> None:
                  for p in prompts]
         one_by_one = time.perf_counter() - started
         started = time.perf_counter()
-        together = greedy_generate_batch(model, prompts, [args.new_tokens] * len(prompts))
+        together = [c.tokens for c in generate(model, prompts, args.new_tokens)]
         batched = time.perf_counter() - started
         assert together == alone, "batched decoding disagrees with one prompt at a time"
         tokens = args.new_tokens * len(prompts)

@@ -126,7 +126,7 @@ def cmd_import_hf(args) -> int:
 def cmd_generate(args) -> int:
     from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.config.typed import ConfigError
-    from megasmol.generate import greedy_generate
+    from megasmol.decode.cached import greedy_generate
     from megasmol.model.load import load_checkpoint_model, yarn_overrides
     from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer

@@ -99,7 +99,7 @@ def _sample(checkpoint: Path, workdir: Path, compare_megatron: bool, steps: int)
         text = tokenizer.decode(out[0, ids.shape[1]:], clean_up_tokenization_spaces=False)
         print(f"      transformers sample: {prompt!r} -> {text!r}")
         if megatron is not None:
-            from megasmol.generate import greedy_generate
+            from megasmol.decode.cached import greedy_generate
 
             same = greedy_generate(megatron, ids, 24).tolist() == out.tolist()
             agree &= same

@@ -10,7 +10,7 @@ from megasmol.ckpt.checkpoint import CheckpointError
 from megasmol.config.typed import ConfigError
 from megasmol.convert.export import export_hf
 from megasmol.convert.import_hf import import_hf
-from megasmol.generate import greedy_generate
+from megasmol.decode.cached import greedy_generate
 from megasmol.model.init import init_checkpoint
 from megasmol.model.load import load_checkpoint_model
 from tests.conftest import run_cli

@@ -3,9 +3,13 @@
 import pytest
 import torch
 
-from megasmol.generate import Decoder, greedy_generate, greedy_generate_batch
+from megasmol.decode.cached import Decoder, generate, greedy_generate
 from megasmol.model.load import single_process_model
 from tests.specs import tiny_smollm3
+
+
+def _new_tokens(model, prompts, limits, **kwargs):
+    return [completion.tokens for completion in generate(model, prompts, limits, **kwargs)]
 
 
 def _teacher_forced(model, prompt, tokens, use_cache):
@@ -56,10 +60,10 @@ def test_a_batch_of_prompts_decodes_as_each_prompt_alone(megatron_runtime, chang
              .tolist() for row, (p, n) in enumerate(zip(prompts, limits))]
     assert [len(a) for a in alone] == [12, 5, 30, 4, 1] and len({tuple(a) for a in alone}) == 5
     for use_cache in (True, False):
-        assert greedy_generate_batch(model, prompts, limits, use_cache=use_cache, stop=stop) == alone
+        assert _new_tokens(model, prompts, limits, use_cache=use_cache, stop=stop) == alone
     # An end-of-sequence id ends a row: the first token row 2 generates, used as EOS.
     eos = alone[2][0]
-    cut = greedy_generate_batch(model, prompts, limits, eos_token_id=eos, stop=stop)
+    cut = _new_tokens(model, prompts, limits, eos_token_id=eos, stop=stop)
     assert cut[2] == [eos]
     assert cut == [a[:a.index(eos) + 1] if eos in a else a for a in alone]
 
@@ -74,9 +78,8 @@ def test_a_finished_row_leaves_the_batch_at_once(megatron_runtime):
     hook = model.embedding.register_forward_hook(
         lambda module, args, kwargs, out: fed.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
     try:
-        new = greedy_generate_batch(model, prompts, [10, 10],
-                                    stop=lambda row, ids: row == 0 and len(ids) == 2,
-                                    on_step=lambda tokens, finished: steps.append((tokens, finished)))
+        new = _new_tokens(model, prompts, [10, 10], stop=lambda row, ids: row == 0 and len(ids) == 2,
+                          on_step=lambda tokens, finished: steps.append((tokens, finished)))
     finally:
         hook.remove()
     assert [len(ids) for ids in new] == [2, 10]

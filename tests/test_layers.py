@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megasmol"
 
 LAYERS = [
     ["errors"], ["utils"], ["megasmol"], ["config"], ["runtime", "tokenizer"], ["model"], ["data"],
-    ["ckpt"], ["generate", "convert"], ["longctx"], ["eval"], ["rl"], ["train"], ["demo", "preflight"],
+    ["ckpt"], ["decode", "convert"], ["longctx"], ["eval"], ["rl"], ["train"], ["demo", "preflight"],
     ["chat", "ablate", "plan"], ["cli"], ["__main__"],
 ]
 """Rooms from the bottom up (``megasmol`` is the package's own ``__init__``). A room imports only

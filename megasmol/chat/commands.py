@@ -23,8 +23,8 @@ def cmd_prepare_chat(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from megasmol.chat.sampling import Sampling
     from megasmol.chat.session import ChatSession
+    from megasmol.decode.sampling import SamplingParams
     from megasmol.runtime.distributed import shutdown
 
     think = True if args.think else (False if args.no_think else None)
@@ -32,7 +32,8 @@ def cmd_chat(args) -> int:
         build = ChatSession.from_hf if args.hf else ChatSession.from_checkpoint
         session = build(args.hf or args.checkpoint, tokenizer=args.tokenizer, template=args.template,
                         system=args.system, think=think, max_new_tokens=args.max_new_tokens,
-                        sampling=Sampling(args.temperature, args.top_p, args.seed))
+                        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p),
+                        seed=args.seed)
         if args.message is not None:
             for message in args.message:
                 print(f"user> {message}")

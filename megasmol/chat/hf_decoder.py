@@ -1,5 +1,5 @@
 """``megasmol chat --hf DIR``: a Hugging Face model (an export, or any causal LM directory) behind
-the same incremental-decoding interface as :class:`megasmol.generate.Decoder`, so a chat session
+the same incremental-decoding interface as :class:`megasmol.decode.cached.Decoder`, so a chat session
 talks to it exactly as to a checkpoint: transformers' KV cache, [1, vocab] logits out."""
 
 from __future__ import annotations

@@ -9,25 +9,30 @@ from typing import Optional
 
 import torch
 
-from megasmol.chat.sampling import Sampling
 from megasmol.config.typed import ConfigError
+from megasmol.decode.sampling import SamplingParams, choose
 
 
 class ChatSession:
     def __init__(self, model, spec, tokenizer, template, *, system: Optional[str] = None,
                  think: Optional[bool] = None, max_new_tokens: int = 256,
-                 sampling: Optional[Sampling] = None, decoder=None):
+                 sampling: Optional[SamplingParams] = None, seed: Optional[int] = None,
+                 decoder=None):
         """``decoder(model, max_length)``: incremental decoding (Megatron-Core's by default;
-        :class:`megasmol.chat.hf_decoder.HFDecoder` for a transformers model)."""
+        :class:`megasmol.chat.hf_decoder.HFDecoder` for a transformers model). ``seed``: the
+        sampling generator's (the whole session draws from one; None: one drawn from torch's
+        global generator)."""
         from megasmol.data.messages.special_tokens import single_token_id
-        from megasmol.generate import Decoder
+        from megasmol.decode.cached import Decoder
 
         self.model, self.spec, self.tokenizer, self.template = model, spec, tokenizer, template
         self.decoder = decoder or Decoder
         self.think, self.max_new_tokens = think, max_new_tokens
-        self.sampling = sampling or Sampling()
+        self.sampling = sampling or SamplingParams()
         self.sampling.validate()
-        self.generator = self.sampling.generator()
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        self.generator = torch.Generator().manual_seed(seed)
         end_of_turn = single_token_id(tokenizer, "<|im_end|>")
         self.stop_ids = {i for i in (end_of_turn, spec.eos_token_id) if i is not None}
         self.system = system
@@ -87,12 +92,13 @@ class ChatSession:
         logits = decoder.start(ids)
         new: list[int] = []
         for index in range(self.max_new_tokens):
-            token = self.sampling.choose(logits, self.generator)
-            if token.item() in self.stop_ids:
+            tokens, _ = choose(logits, self.sampling, [self.generator])
+            token = int(tokens[0])
+            if token in self.stop_ids:
                 break
-            new.append(token.item())
+            new.append(token)
             if index < self.max_new_tokens - 1:
-                logits = decoder.step(token)
+                logits = decoder.step(tokens.view(1, 1).to(ids.device))
         return new
 
     def reply(self, message: str) -> str:

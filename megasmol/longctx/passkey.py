@@ -113,7 +113,7 @@ def evaluate(generate: Generate, tokenizer, lengths: Sequence[int], depths: Sequ
 
 def megatron_generator(checkpoint: str | Path, max_new_tokens: int, yarn_factor: float | None = None):
     """Greedy decoding with a checkpoint's Megatron-Core model (optionally with YaRN)."""
-    from megasmol.generate import greedy_generate
+    from megasmol.decode.cached import greedy_generate
     from megasmol.model.load import load_checkpoint_model, yarn_overrides
 
     model, _, _ = load_checkpoint_model(checkpoint, overrides=yarn_overrides(checkpoint, yarn_factor))

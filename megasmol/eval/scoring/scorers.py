@@ -179,12 +179,12 @@ def megatron_scorer(checkpoint: str | Path, tokenizer, batch_tokens: int = 8192)
 
     def generator(prompts: list[list[int]], requests: list[GenerationRequest],
                   on_step=None) -> list[list[int]]:
-        from megasmol.generate import greedy_generate_batch
+        from megasmol.decode.cached import generate
 
-        return greedy_generate_batch(model, prompts, [r.max_new_tokens for r in requests],
-                                     tokenizer.eos_token_id,
-                                     stop=lambda row, new: requests[row].stopped(tokenizer, new),
-                                     on_step=on_step)
+        done = generate(model, prompts, [r.max_new_tokens for r in requests],
+                        eos_token_id=tokenizer.eos_token_id,
+                        stop=lambda row, new: requests[row].stopped(tokenizer, new), on_step=on_step)
+        return [completion.tokens for completion in done]
 
     return ProcessScorer(hidden=hidden, head=megatron_head(model),
                          max_length=spec.max_position_embeddings, vocab_size=spec.vocab_size,

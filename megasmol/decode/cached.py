@@ -1,4 +1,4 @@
-"""Greedy decoding with the Megatron model (no conversion needed), with a KV cache.
+"""Decoding with the whole model in one process (no conversion needed), with a KV cache.
 
 The cache is Megatron-Core's own: a ``StaticInferenceContext`` passed to ``GPTModel.forward``
 keeps every layer's keys and values, so the prompt is run once (prefill) and then one token per
@@ -7,24 +7,25 @@ too, through any of megasmol's attention backends, NoPE layers and YaRN included
 the uncached path, which recomputes the whole prefix each step and stays available as
 ``use_cache=False``).
 
-``greedy_generate_batch`` decodes several prompts of different lengths together, as Megatron-LM's
+``generate`` decodes several prompts of different lengths together, as Megatron-LM's
 static-batch generation does: all rows share one cache offset, the prefill runs up to the
 shortest prompt, and from there each step feeds every row its next token, the prompt's own while
-the row is still inside its prompt and the model's argmax after. Rows that have finished are
-moved behind the others in the cache (``swap_key_value_dict``) and leave the batch: the stop rule
-(EOS, ``stop``, the length limit) is checked on every row after every token, so a row that writes
-its stop string costs nothing more. ``on_step`` hears of each step (the new tokens, the rows that
-finished), for a progress bar.
+the row is still inside its prompt and the chosen one after (greedy, or sampled with the row's own
+generator: ``sampling.choose``). Rows that have finished are moved behind the others in the cache
+(``swap_key_value_dict``) and leave the batch: the stop rule (EOS, ``stop``, the length limit) is
+checked on every row after every token, so a row that writes its stop string costs nothing more.
+``on_step`` hears of each step (the new tokens, the rows that finished), for a progress bar.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
 
-from megasmol.errors import InputError
+from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits, request_seeds
+from megasmol.decode.sampling import SamplingParams, choose, row_generators
 
 
 class Decoder:
@@ -61,65 +62,71 @@ class Decoder:
 
 
 @torch.no_grad()
-def greedy_generate_batch(model, prompts: list[list[int]], max_new_tokens: list[int],
-                          eos_token_id: int | None = None, use_cache: bool = True,
-                          stop: Optional[Callable[[int, list[int]], bool]] = None,
-                          on_step: Optional[Callable[[int, int], None]] = None) -> list[list[int]]:
-    """The argmax continuation of each prompt: at most ``max_new_tokens[i]`` ids, ending after EOS
-    or once ``stop(i, new ids so far)`` says so. Rows never see each other (a causal model, no
-    padding inside what any row attends to), so each gets what it would get alone. After each
-    step, ``on_step(ids generated, rows finished)``."""
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+             sampling: Optional[SamplingParams] = None, seeds: Optional[Sequence[int]] = None,
+             eos_token_id: Optional[int] = None, stop: Optional[Stop] = None,
+             on_step: Optional[OnStep] = None, use_cache: bool = True) -> list[Completion]:
+    """The continuation of each prompt: at most ``max_new_tokens`` ids (one number, or one per
+    prompt), ending after EOS or once ``stop(row, new ids so far)`` says so, with the log-probability
+    of each. ``sampling``: greedy by default; a sampled row draws from
+    ``torch.Generator().manual_seed(seeds[row])`` (``seeds`` None: drawn from torch's global
+    generator). Rows never see each other (a causal model, no padding inside what any row attends
+    to, a generator each), so each gets what it would get alone. After each step,
+    ``on_step(ids generated, rows finished)``."""
+    sampling = sampling or SamplingParams()
+    sampling.validate()
+    limits = request_limits(prompts, max_new_tokens)
     rows = len(prompts)
+    generators = row_generators(request_seeds(rows, seeds, not sampling.greedy))
     lengths = [len(p) for p in prompts]
-    if rows == 0:
-        return []
-    if min(lengths) == 0:
-        raise InputError("every prompt needs at least one token")
-    total = max(n + m for n, m in zip(lengths, max_new_tokens))
+    out = [Completion([], [], "length") for _ in prompts]
+    active = [row for row in range(rows) if limits[row] > 0]  # cache order: active first
+    if not active:
+        return out
+    total = max(n + m for n, m in zip(lengths, limits))
     tokens = torch.zeros(rows, total, dtype=torch.long, device=next(model.parameters()).device)
     for row, prompt in enumerate(prompts):
-        tokens[row, :len(prompt)] = torch.tensor(prompt)
-    new: list[list[int]] = [[] for _ in prompts]
-    active = [row for row in range(rows) if max_new_tokens[row] > 0]  # cache order: active first
+        tokens[row, :len(prompt)] = torch.tensor(list(prompt))
     context = None
     if use_cache:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         context = StaticInferenceContext(rows, total)
     position = min(lengths)
-    logits = _last_logits(model, tokens[active, :position], 0, context) if active else None
-    while active:
-        picked = logits.float().argmax(dim=-1).tolist()
-        finished, generated = [], 0
-        for slot, row in enumerate(active):
-            if position < lengths[row]:
-                continue  # still inside its prompt: the prompt's token goes in
-            token = picked[slot]
-            tokens[row, position] = token
-            new[row].append(token)
-            generated += 1
-            if (len(new[row]) >= max_new_tokens[row] or token == eos_token_id
-                    or (stop is not None and stop(row, new[row]))):
-                finished.append(row)
+    logits = _last_logits(model, tokens[active, :position], 0, context)
+    while True:
+        slots = [slot for slot, row in enumerate(active) if position >= lengths[row]]
+        finished = []
+        if slots:  # the rows past their prompt choose; the others are fed their prompt's token
+            picked, picked_log_probs = choose(logits[slots], sampling,
+                                              [generators[active[slot]] for slot in slots])
+            for slot, token, log_prob in zip(slots, picked.tolist(), picked_log_probs.tolist()):
+                row = active[slot]
+                tokens[row, position] = token
+                out[row].tokens.append(token)
+                out[row].logprobs.append(log_prob)
+                reason = finish_reason(row, out[row].tokens, limits[row], eos_token_id, stop)
+                if reason is not None:
+                    out[row].finish_reason = reason
+                    finished.append(row)
         if on_step is not None:
-            on_step(generated, len(finished))
+            on_step(len(slots), len(finished))
         if finished:
             done = set(finished)
             kept = [row for row in active if row not in done]
             if context is not None and kept:
-                slots = {row: slot for slot, row in enumerate(active)}
-                order = [slots[row] for row in kept] + [slots[row] for row in finished]
+                where = {row: slot for slot, row in enumerate(active)}
+                order = [where[row] for row in kept] + [where[row] for row in finished]
                 order += range(len(order), rows)
                 context.swap_key_value_dict(order)
             active = kept
             if not active:
-                break
+                return out
         if context is None:
             logits = _last_logits(model, tokens[active, :position + 1], 0, None)
         else:
             logits = _last_logits(model, tokens[active, position:position + 1], position, context)
         position += 1
-    return new
 
 
 def _last_logits(model, ids: torch.Tensor, first_position: int, context) -> torch.Tensor:
@@ -139,9 +146,10 @@ def greedy_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
                     eos_token_id: int | None = None, use_cache: bool = True,
                     stop: Optional[Callable[[list[int]], bool]] = None) -> torch.Tensor:
     """Append up to ``max_new_tokens`` argmax tokens to ``input_ids`` ([1, s]); stop after EOS,
-    or once ``stop`` (given the new ids so far) says so."""
+    or once ``stop`` (given the new ids so far) says so. ``generate`` takes several prompts."""
     if input_ids.shape[0] != 1:
-        raise ValueError("greedy_generate takes one sequence; greedy_generate_batch takes several")
-    [new] = greedy_generate_batch(model, [input_ids[0].tolist()], [max_new_tokens], eos_token_id,
-                                  use_cache, None if stop is None else (lambda _, ids: stop(ids)))
-    return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+        raise ValueError("greedy_generate takes one sequence; generate takes several")
+    [done] = generate(model, [input_ids[0].tolist()], max_new_tokens, eos_token_id=eos_token_id,
+                      use_cache=use_cache, stop=None if stop is None else (lambda _, ids: stop(ids)))
+    new = torch.tensor([done.tokens], dtype=input_ids.dtype, device=input_ids.device)
+    return torch.cat([input_ids, new], dim=1)

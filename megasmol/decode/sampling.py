@@ -1,0 +1,101 @@
+"""How the next token is chosen from the logits: greedy, or sampled at a temperature from the
+``top_k`` / ``top_p`` restriction of the distribution, with one ``torch.Generator`` per row.
+
+``choose`` returns the chosen tokens and their log-probabilities under the model's distribution
+at that temperature, ``log_softmax(logits / T)[token]`` (``T = 1`` when greedy): the quantity a
+trainer recomputes from the same logits (as TRL's ``GRPOTrainer`` does). ``top_k`` and ``top_p``
+only restrict which tokens may be drawn, they do not change the log-probability, and they apply in
+transformers' and vLLM's order: the ``top_k`` largest logits first, then the smallest set of
+those whose probability (renormalized over them) reaches ``top_p``.
+
+A sampled row draws exactly one uniform number from its own generator per token (inverse
+transform over the restricted distribution in vocabulary order) and a greedy row draws none, so a
+row's tokens depend only on its logits and its generator: not on the other rows in the batch, the
+data-parallel split or the tensor-parallel layout (where every rank holds the whole vocabulary's
+logits of the rows it samples and chooses the same token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megasmol.config.typed import ConfigError
+
+
+@dataclass
+class SamplingParams:
+    """The rule that picks each next token (the same for every row of a batch)."""
+
+    temperature: float = 0.0
+    """0: greedy (the argmax; log-probabilities at temperature 1); above 0: sample from
+    ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``."""
+    top_p: float = 1.0
+    """Nucleus sampling: draw only from the smallest set of tokens (most likely first) whose
+    probability reaches ``top_p``; 1 keeps every token."""
+    top_k: int = 0
+    """Draw only from the ``top_k`` most likely tokens (ties at the k-th logit kept); 0: off."""
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:  # NaN fails too
+            raise ConfigError(f"sampling temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"sampling top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per row, ``torch.Generator().manual_seed(seed)``."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def log_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[rows, vocab] -> ``log_softmax(logits.float() / T)`` (T = 1 when greedy), the distribution
+    whose log-probabilities ``choose`` reports."""
+    logits = logits.float()
+    return torch.log_softmax(logits if params.greedy else logits / params.temperature, dim=-1)
+
+
+def restrict(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """[rows, vocab] temperature-scaled logits with every token outside the ``top_k`` / ``top_p``
+    set at -inf (top_k first, then top_p over what it kept)."""
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1:
+        probs, order = torch.sort(torch.softmax(scaled, dim=-1), descending=True, dim=-1)
+        drop = torch.cumsum(probs, dim=-1) - probs >= top_p  # the most likely token always stays
+        scaled = scaled.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scaled
+
+
+def choose(logits: torch.Tensor, params: SamplingParams,
+           generators: Optional[Sequence[torch.Generator]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, vocab] logits -> ([rows] token ids, [rows] float32 log-probabilities of them,
+    ``log_softmax(logits / T)[token]``). Greedy needs no generators (the lowest id on a tie, as
+    ``argmax``); sampling takes one per row and draws one number from each."""
+    all_log_probs = log_probs(logits, params)
+    if params.greedy:
+        tokens = logits.float().argmax(dim=-1)  # the logits' own argmax (no rounding in between)
+    else:
+        if generators is None or len(generators) != logits.shape[0]:
+            raise ValueError(f"sampling {logits.shape[0]} row(s) needs one generator per row, got "
+                             f"{None if generators is None else len(generators)}")
+        allowed = restrict(all_log_probs, params.top_k, params.top_p)
+        cdf = torch.cumsum(torch.softmax(allowed.double(), dim=-1), dim=-1)
+        uniform = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in generators])
+        total = cdf[:, -1:]
+        target = torch.minimum(uniform.to(cdf.device).unsqueeze(-1) * total,
+                               torch.nextafter(total, torch.zeros_like(total)))
+        # The first token whose cumulative probability exceeds the target: never one of zero
+        # probability (its cumulative sum equals the one before it).
+        tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return tokens, all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

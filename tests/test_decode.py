@@ -1,0 +1,113 @@
+"""The shared decoder (``megasmol.decode``): seeded sampling per row, log-probabilities of what it
+chose that equal a fresh forward pass (what RL's trainer recomputes), top_k / top_p restrictions."""
+
+import pytest
+import torch
+
+from megasmol.config.typed import ConfigError
+from megasmol.decode import Completion, SamplingParams, choose, generate
+from megasmol.model.load import single_process_model
+from tests.specs import tiny_llama
+
+SAMPLED = SamplingParams(temperature=0.8, top_k=40, top_p=0.95)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return single_process_model(tiny_llama(init_std=0.1)).eval()
+
+
+def _prompts(*lengths):
+    g = torch.Generator().manual_seed(sum(lengths))
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_a_seeded_row_is_the_same_alone_or_in_any_batch(model):
+    prompts, seeds, limits = _prompts(5, 11, 3, 8), [7, 8, 9, 10], [6, 9, 7, 4]
+    batch = generate(model, prompts, limits, sampling=SAMPLED, seeds=seeds)
+    assert [len(c.tokens) for c in batch] == limits
+    assert all(c.finish_reason == "length" for c in batch)
+    for row, (prompt, seed, limit) in enumerate(zip(prompts, seeds, limits)):
+        [alone] = generate(model, [prompt], limit, sampling=SAMPLED, seeds=[seed])
+        assert alone.tokens == batch[row].tokens
+        # float32 rounding only: other batch shapes, the prompt fed token by token past the
+        # shortest one instead of in the prefill
+        torch.testing.assert_close(alone.logprobs, batch[row].logprobs, rtol=1e-6, atol=1e-6)
+    # The same prompt with another seed (and greedily) goes elsewhere: the check can fail.
+    [other] = generate(model, prompts[:1], limits[0], sampling=SAMPLED, seeds=[11])
+    [greedy] = generate(model, prompts[:1], limits[0])
+    assert len({tuple(batch[0].tokens), tuple(other.tokens), tuple(greedy.tokens)}) == 3
+
+
+@pytest.mark.parametrize("sampling", [SAMPLED, SamplingParams()], ids=["sampled", "greedy"])
+def test_log_probs_equal_a_fresh_full_forward_pass(model, sampling):
+    """RL's on-policy check: the trainer's uncached pass over prompt + completion gives each
+    completion token log_softmax(logits / T) (T = 1 when greedy) within 1e-5 of the decoder's."""
+    prompts = _prompts(4, 9)
+    done = generate(model, prompts, 8, sampling=sampling, seeds=[1, 2])
+    for prompt, completion in zip(prompts, done):
+        ids = torch.tensor([prompt + completion.tokens])
+        with torch.no_grad(), model.forward_only():
+            logits = model(ids, torch.arange(ids.shape[1]).unsqueeze(0), None)[0].float()
+        scale = sampling.temperature or 1.0
+        fresh = torch.log_softmax(logits / scale, dim=-1)[len(prompt) - 1:-1]
+        expected = fresh.gather(-1, torch.tensor(completion.tokens).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-5)
+        assert min(completion.logprobs) < -0.5  # not a certain distribution: the check can fail
+        if sampling.temperature == 0:
+            assert completion.tokens == fresh.argmax(-1).tolist()
+
+
+def test_top_k_1_is_greedy(model):
+    prompts = _prompts(6, 2, 10)
+    greedy = generate(model, prompts, 6)
+    top1 = generate(model, prompts, 6, sampling=SamplingParams(temperature=1.0, top_k=1), seeds=[3, 4, 5])
+    assert top1 == greedy
+
+
+def test_rows_end_at_eos_a_stop_rule_or_their_limit(model):
+    prompts = _prompts(5, 7, 4)
+    free = generate(model, prompts, 6, sampling=SAMPLED, seeds=[1, 2, 3])
+    eos = free[0].tokens[2]
+    done = generate(model, prompts, [6, 6, 0], sampling=SAMPLED, seeds=[1, 2, 3], eos_token_id=eos,
+                    stop=lambda row, new: row == 1 and len(new) == 2)
+    assert done[0] == Completion(free[0].tokens[:3], free[0].logprobs[:3], "eos")
+    assert done[1].tokens == free[1].tokens[:2] and done[1].finish_reason == "stop"
+    assert done[2] == Completion([], [], "length")
+
+
+def _allowed(probs: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """The tokens transformers' top-k then top-p warpers keep (no ties in random logits)."""
+    order = probs.argsort(descending=True)[:top_k or None]
+    kept = probs[order] / probs[order].sum()
+    before = kept.cumsum(0) - kept
+    return set(order[before < top_p].tolist())
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 1.0), (0, 0.6), (12, 0.8), (1, 0.3)])
+def test_sampling_draws_only_inside_the_top_k_top_p_set_in_proportion(top_k, top_p):
+    """4,000 rows with the same logits and a generator each: every draw is in the restricted set,
+    the frequencies follow the renormalized probabilities, and the log-probability reported is the
+    unrestricted one at the temperature."""
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 2
+    params = SamplingParams(temperature=0.7, top_k=top_k, top_p=top_p)
+    rows = 4000
+    tokens, log_probs = choose(logits.expand(rows, -1), params,
+                               [torch.Generator().manual_seed(i) for i in range(rows)])
+    probs = torch.softmax(logits / 0.7, dim=-1)
+    allowed = _allowed(probs, top_k, top_p)
+    assert set(tokens.tolist()) == allowed
+    inside = torch.tensor(sorted(allowed))
+    frequencies = torch.bincount(tokens, minlength=50)[inside].float() / rows
+    torch.testing.assert_close(frequencies, probs[inside] / probs[inside].sum(), rtol=0, atol=0.03)
+    torch.testing.assert_close(log_probs, probs.log()[tokens], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes,field", [({"temperature": -1.0}, "temperature"),
+                                           ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                           ({"top_k": -2}, "top_k"), ({"top_k": 2.5}, "top_k")])
+def test_bad_sampling_parameters_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=field):
+        SamplingParams(**changes).validate()
+
