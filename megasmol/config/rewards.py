@@ -25,7 +25,7 @@ BUILTIN_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """{reward name: {option: default}}: the options a built-in reward takes (any other option set on
 it is refused, naming the field)."""
-USER_OPTIONS = {"kwargs": {}}
+USER_OPTIONS: dict[str, Any] = {"kwargs": {}}
 """The options of a ``module:function`` reward."""
 OVERLONG = "overlong"
 """The overlong penalty's name in the per-reward values and metrics."""

@@ -103,7 +103,7 @@ def check_record(record, where: str, fields: Fields) -> tuple[Optional[PromptSou
     source = PromptSource(prompt, where, tools=tools, kwargs=kwargs)
     if record.get(fields.answer) is not None:
         answer, reason = _text(record[fields.answer])
-        if reason:
+        if answer is None:
             return None, reason
         source.answer = final_answer(answer)
     if record.get(fields.tests) is not None:
@@ -124,7 +124,7 @@ def read_prompt_records(inputs: list[str], issues: ReadIssues, fields: Optional[
     fields = fields or Fields()
     for record, where in read_records(inputs, issues, split):
         source, reason = check_record(record, where, fields)
-        if reason:
-            issues.add(reason, where)
+        if source is None:
+            issues.add(reason or "unusable", where)
         else:
             yield source
