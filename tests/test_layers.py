@@ -40,7 +40,6 @@ CIRCLE_EXCEPTIONS = [
 
 PRIVATE_EXCEPTIONS = {
     ("megasmol.preflight.collectives", "megasmol.preflight.compute._sync"),
-    ("megasmol.chat.preference_demo", "megasmol.chat.demo._held_out_scores"),
     ("megasmol.train.reference", "megasmol.data.loader._collate"),
 }
 """(importer, imported module + private name) pairs that exist today."""

@@ -43,7 +43,8 @@ def test_each_completion_is_one_document_with_the_loss_on_its_tokens_only():
     for index, item in enumerate(_items()):
         at = rows["segments"] == index
         assert rows["labels"][at].tolist() == item.completion  # every completion token, once
-        assert torch.allclose(rows["rollout_logps"][at], torch.tensor(item.rollout_logps, dtype=torch.float64))
+        expected = torch.tensor(item.rollout_logps, dtype=torch.float64)
+        assert torch.allclose(rows["rollout_logps"][at], expected)
         assert set(rows["advantages"][at].tolist()) == {item.advantage}
         assert rows["loss_mask"][at].tolist() == [float(item.trained)] * len(item.completion)
     assert rows["loss_mask"][rows["segments"] < 0].sum() == 0  # prompts, added EOS, padding

@@ -19,7 +19,7 @@ from megasmol.utils.fs import shown
 SFT_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "sft.yaml"
 
 
-def _held_out_scores(checkpoint: Path, tokenizer_dir: Path, questions, max_new_tokens: int = 16):
+def held_out_scores(checkpoint: Path, tokenizer_dir: Path, questions, max_new_tokens: int = 16):
     """(format share, operands-echoed share, accuracy, an example) over the held-out questions."""
     from megasmol.chat.session import ChatSession
     from megasmol.data.chat.synthetic import QUESTION, SYSTEM, grade
@@ -75,7 +75,7 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
           f"{100 * summary.supervised_share:.0f}% supervised (assistant replies + <|im_end|>); "
           f"{held_out} held-out questions")
     chat_tokenizer = tokenizer_path(sft / "tokens" / "arithmetic")
-    before = _held_out_scores(pretrained, chat_tokenizer, test_pairs)
+    before = held_out_scores(pretrained, chat_tokenizer, test_pairs)
     print(f"[3/5] before SFT: {100 * before[2]:.0f}% correct, {100 * before[0]:.0f}% in the answer format; "
           f"e.g. {before[3][0]!r} -> {before[3][1]!r}")
     init_distributed()
@@ -89,7 +89,7 @@ def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = 
         result = train(config)
     finally:
         shutdown()
-    after = _held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
+    after = held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
     rows = [("model", "answer format", "operands right", "sum right")]
     for label, scores in (("pretrained", before), ("after SFT", after)):
         rows.append((label, *(f"{100 * share:.0f}%" for share in scores[:3])))

@@ -46,7 +46,7 @@ def _last_validation(run_dir: Path) -> dict:
 
 def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | None = None,
                         train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
-    from megasmol.chat.demo import _held_out_scores, run_sft_demo
+    from megasmol.chat.demo import held_out_scores, run_sft_demo
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.synthetic import split_arithmetic, write_jsonl
     from megasmol.data.masked.layout import tokenizer_path
@@ -75,7 +75,7 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
     print(f"[2/5] {summary.pairs} preference pairs (correct sum chosen, one 10-30 too large rejected), "
           f"{summary.tokens:,} tokens; {held_out} held-out questions never trained on")
     chat_tokenizer = tokenizer_path(pref / "tokens" / "arithmetic-pairs")
-    before = _held_out_scores(sft, chat_tokenizer, test_pairs)
+    before = held_out_scores(sft, chat_tokenizer, test_pairs)
     print(f"[3/5] SFT model on the held-out questions: {100 * before[2]:.0f}% right sums, "
           f"{100 * before[0]:.0f}% in the answer format")
     init_distributed()
@@ -91,7 +91,7 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
     finally:
         shutdown()
     held = _last_validation(pref / "run")
-    after = _held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
+    after = held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
     rows = [("model", "held-out reward acc", "reward margin", "sum right", "answer format"),
             ("SFT (reference)", "0.00 (all rewards 0)", "0.000", f"{100 * before[2]:.0f}%",
              f"{100 * before[0]:.0f}%"),

@@ -28,7 +28,7 @@ def _rewards(run_dir: Path) -> list[tuple[int, float]]:
 
 def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = None,
                 train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
-    from megasmol.chat.demo import _held_out_scores, run_sft_demo
+    from megasmol.chat.demo import held_out_scores, run_sft_demo
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.synthetic import split_arithmetic
     from megasmol.data.masked.layout import tokenizer_path
@@ -58,7 +58,7 @@ def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = No
     print(f"[2/5] {summary.prompts} arithmetic prompts with their sums as reference answers; "
           f"{held_out} held-out questions never trained on")
     chat_tokenizer = tokenizer_path(rl / "prompts" / "arithmetic")
-    before = _held_out_scores(sft, chat_tokenizer, test_pairs)
+    before = held_out_scores(sft, chat_tokenizer, test_pairs)
     print(f"[3/5] SFT model on the held-out questions: {100 * before[2]:.0f}% right sums, "
           f"{100 * before[0]:.0f}% in the answer format")
     init_distributed()
@@ -73,7 +73,7 @@ def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = No
     finally:
         shutdown()
     rewards = _rewards(rl / "run")
-    after = _held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
+    after = held_out_scores(result.checkpoint, chat_tokenizer, test_pairs)
     third = max(1, len(rewards) // 3)
     early = sum(r for _, r in rewards[:third]) / third
     late = sum(r for _, r in rewards[-third:]) / third

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -30,6 +30,10 @@ from megasmol.config.typed import ConfigError
 from megasmol.data.recipe import DataRecipe, StagePlan, stage_for_step
 from megasmol.data.tokenize import missing_parts
 from megasmol.utils.prefetch import prefetched
+
+if TYPE_CHECKING:
+    from megasmol.config.run import RunConfig
+    from megasmol.model.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +257,16 @@ class TrainingBatches:
                 rows = [dataset[(start + i) % len(dataset)] for i in range(self.micro_batch_size)]
                 batches.append(_collate(rows))
         return batches
+
+
+def recipe_batches(config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
+                   dp_rank: int, dp: int) -> TrainingBatches:
+    """The recipe's datasets, built (or loaded from the cache) for every planned stage, as this
+    data-parallel rank's micro-batches: the batches of the objectives that train on datasets."""
+    stages = build_stage_data(
+        recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
+        cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
+        document_masking=config.data.document_masking,
+        validation_fraction=config.data.validation_fraction, packing=config.data.packing,
+        validation_samples=config.eval.steps * config.training.global_batch_size)
+    return TrainingBatches(stages, config.training.micro_batch_size, dp_rank, dp)

@@ -21,7 +21,7 @@ import torch
 
 from megasmol.config.run import RunConfig
 from megasmol.config.typed import ConfigError
-from megasmol.data.loader import TokenIds, TrainingBatches, build_stage_data
+from megasmol.data.loader import TrainingBatches
 from megasmol.data.masking import BACKEND_MASK_FORMAT
 from megasmol.data.recipe import DataRecipe, StagePlan, batch_schedule, load_recipe, plan_stages
 from megasmol.model.layer_specs import resolve_attention_backend
@@ -222,19 +222,6 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
                           params_dtype=params_dtype, branch=branch, faults=fault_plan())
     setup.objective = kind.build(setup, resuming=resuming, needed=reference_logps)
     return setup
-
-
-def recipe_batches(config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
-                   dp_rank: int, dp: int) -> TrainingBatches:
-    """The recipe's datasets, built (or loaded from the cache) for every planned stage, as this
-    data-parallel rank's micro-batches: the batches of the objectives that train on datasets."""
-    stages = build_stage_data(
-        recipe, plans, TokenIds.from_spec(spec), seed=config.training.seed,
-        cache_dir=config.cache_dir, root=config.data.root and str(config.path(config.data.root)),
-        document_masking=config.data.document_masking,
-        validation_fraction=config.data.validation_fraction, packing=config.data.packing,
-        validation_samples=config.eval.steps * config.training.global_batch_size)
-    return TrainingBatches(stages, config.training.micro_batch_size, dp_rank, dp)
 
 
 def check_objective_data(kind: ObjectiveKind, config: RunConfig, recipe: DataRecipe,

@@ -73,6 +73,6 @@ class RecipeData:
 
     def batches(self, config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
                 dp_rank: int, dp: int) -> Batches:
-        from megasmol.train.setup import recipe_batches
+        from megasmol.data.loader import recipe_batches
 
         return recipe_batches(config, recipe, plans, spec, dp_rank, dp)

@@ -144,7 +144,6 @@ class ReinforcementLearning:
     def batches(self, config: RunConfig, recipe: DataRecipe, plans: list[StagePlan], spec: ModelSpec,
                 dp_rank: int, dp: int) -> RolloutBatches:
         from megasmol.rl.batches import RolloutBatches
-        from megasmol.train.setup import run_directory
 
         for plan in plans:
             if len(plan.stage.datasets) != 1:
@@ -152,7 +151,7 @@ class ReinforcementLearning:
                                   f"{len(plan.stage.datasets)} datasets; an RL stage reads one prompt set")
         return RolloutBatches(plans, config.training.micro_batch_size, dp_rank, dp,
                               config.rl.num_iterations, config.rewards.mask_truncated_completions,
-                              spec.eos_token_id, run_directory(config) / "rollouts")
+                              spec.eos_token_id, config.path(config.run_dir) / "rollouts")
 
     def build(self, setup: TrainingSetup, *, resuming: bool, needed: bool) -> PolicyLoss:
         from megasmol.model.gpt import plain_cross_entropy, sampling_temperature

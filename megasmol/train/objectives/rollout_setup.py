@@ -106,14 +106,17 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
 def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list[dict], name: str) -> None:
     """``micro[i][name]``: every position's log-prob of its label under ``model``, from one
     forward-only pass in the training packing (on the last pipeline stage, the one that needs it)."""
+    from megasmol.data.masking import device_inputs
     from megasmol.runtime.pipeline import forward_only_outputs
-    from megasmol.train.step import step_inputs
 
     def collect(inputs, output_tensor):
         zero = output_tensor.new_zeros(())
         return zero, torch.tensor(0, dtype=torch.int), {"logps": (-output_tensor).detach().float()}
 
-    outputs = forward_only_outputs(model, step_inputs(setup, micro), collect, scored_only=False)
+    data = setup.config.data
+    inputs = device_inputs(micro, setup.spec.eos_token_id, data.document_masking, setup.mask_format,
+                           data.reset_position_ids)
+    outputs = forward_only_outputs(model, inputs, collect, scored_only=False)
     for mb, item in zip(micro, outputs):
         mb[name] = item["logps"].cpu().reshape(mb["tokens"].shape).double()
 
