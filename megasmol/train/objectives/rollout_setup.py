@@ -55,7 +55,13 @@ def rollout_context(setup: TrainingSetup) -> RolloutContext:
                               "completions")
     tokenizer = _tokenizer(setup, sets[0])
     stops = stop_ids(tokenizer, setup.spec.eos_token_id)
-    rewards = build_rewards(config.rewards, config=config)
+    rewards = setup.hold(build_rewards(config.rewards))
+    def say(line: str) -> None:
+        if setup.is_logging_rank:
+            print(shown_paths(line), flush=True)
+
+    for line in rl.cautions():
+        say(f"note: {line}")
 
     def generate(prompts: list[list[int]], seeds: list[int]) -> list:
         return sample_completions(setup, prompts, seeds, stops)
@@ -63,13 +69,15 @@ def rollout_context(setup: TrainingSetup) -> RolloutContext:
     def score(records: list, completions: list[list[int]], truncated: list[bool]):
         texts = [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=False)
                  for ids in completions]
-        return rewards.score(records, texts, [len(ids) for ids in completions], truncated)
+        result = rewards.score(records, texts, [len(ids) for ids in completions], truncated)
+        for line in result.notes:
+            say(line)
+        return result
 
     return RolloutContext(
         generate=generate, prompt_sets=sets, score=score, rl=rl, seed=config.training.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        say=lambda line: print(shown_paths(line), flush=True) if setup.is_logging_rank else None)
+        dp_size=parallel_state.get_data_parallel_world_size(), say=say)
 
 
 def stop_ids(tokenizer, eos_token_id: int) -> set[int]:
@@ -89,7 +97,6 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
     from megatron.core import parallel_state
 
     from megasmol.decode import SamplingParams, generate
-    from megasmol.decode.parallel import generate_parallel
 
     rl = setup.config.rl
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
@@ -97,8 +104,15 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
                    stop=lambda row, ids: ids[-1] in stops)
     whole = (parallel_state.get_tensor_model_parallel_world_size() == 1
              and parallel_state.get_pipeline_model_parallel_world_size() == 1)
-    if whole:
-        return generate(setup.model, prompts, rl.max_completion_length, **options)
+    if whole:  # eval mode while decoding (Megatron-Core's KV-cache path asks for it)
+        training = setup.model.training
+        setup.model.eval()
+        try:
+            return generate(setup.model, prompts, rl.max_completion_length, **options)
+        finally:
+            setup.model.train(training)
+    from megasmol.decode.parallel import generate_parallel
+
     return generate_parallel(setup.model, setup.ddp_model, prompts, rl.max_completion_length,
                              micro_batch_size=setup.config.training.micro_batch_size, **options)
 
