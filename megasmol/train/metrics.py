@@ -183,8 +183,10 @@ class MetricsLog:
         }
         record.update({k: v / stats.metric_steps for k, v in stats.metric_sums.items()})
         record.update(stats.metric_extremes)
-        if "time/generation_s" in record:  # RL: the share of the step spent sampling
-            record["time/generation_share"] = record["time/generation_s"] / max(record["step_time_s"], 1e-9)
+        generation = stats.metric_sums.get("time/generation_s")
+        if generation is not None:  # RL: the share of the step spent sampling
+            step_time = elapsed / max(stats.steps, 1)
+            record["time/generation_share"] = generation / stats.metric_steps / max(step_time, 1e-9)
         if self.peak_tflops:
             achieved = tokens_per_s / self.world_size * self.flops_per_token
             record["mfu"] = achieved / (self.peak_tflops * 1e12)

@@ -100,21 +100,25 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
 
     rl = setup.config.rl
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
-    options = dict(sampling=sampling, seeds=seeds, eos_token_id=setup.spec.eos_token_id,
-                   stop=lambda row, ids: ids[-1] in stops)
+    def stop(row: int, ids: list[int]) -> bool:
+        return ids[-1] in stops
+
     whole = (parallel_state.get_tensor_model_parallel_world_size() == 1
              and parallel_state.get_pipeline_model_parallel_world_size() == 1)
     if whole:  # eval mode while decoding (Megatron-Core's KV-cache path asks for it)
         training = setup.model.training
         setup.model.eval()
         try:
-            return generate(setup.model, prompts, rl.max_completion_length, **options)
+            return generate(setup.model, prompts, rl.max_completion_length, sampling=sampling,
+                            seeds=seeds, eos_token_id=setup.spec.eos_token_id, stop=stop)
         finally:
             setup.model.train(training)
     from megasmol.decode.parallel import generate_parallel
 
     return generate_parallel(setup.model, setup.ddp_model, prompts, rl.max_completion_length,
-                             micro_batch_size=setup.config.training.micro_batch_size, **options)
+                             micro_batch_size=setup.config.training.micro_batch_size,
+                             sampling=sampling, seeds=seeds, eos_token_id=setup.spec.eos_token_id,
+                             stop=stop)
 
 
 def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list[dict], name: str) -> None:
@@ -142,6 +146,7 @@ def reference_model(setup: TrainingSetup) -> torch.nn.Module:
     from megasmol.model.gpt import build_model
 
     config = setup.config
+    assert config.checkpoint.init_from is not None, "checked by the objective's check()"
     source = Path(config.path(config.checkpoint.init_from))
     model = build_model(setup.spec, params_dtype=setup.params_dtype,
                         sequence_parallel=config.parallel.sequence_parallel,
