@@ -18,3 +18,15 @@ def raises(completions, records, **kwargs):
 
 def nan_reward(completions, records, **kwargs):
     return [float("nan")] * len(completions)
+
+
+def prompt_parity(completions, records, **kwargs):
+    """Depends on the prompt alone: every group's completions get equal rewards (no signal)."""
+    return [float(record.prompt_ids[0] % 2) for record in records]
+
+
+def even_tokens_on_even_prompts(completions, records, **kwargs):
+    """``even_tokens`` for prompts whose first id is even; a constant for the others (groups
+    without signal, which dynamic sampling drops)."""
+    scores = even_tokens(completions, records)
+    return [s if r.prompt_ids[0] % 2 == 0 else 0.5 for s, r in zip(scores, records)]

@@ -79,3 +79,18 @@ def test_parallel_layouts_sample_and_train_as_one_process(rl_run, tmp_path, layo
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["logps/rollout_max_diff"] <= 1e-5
+
+
+def test_dynamic_sampling_refills_groups_without_signal_and_flat_rewards_are_said(tmp_path):
+    mixed = write_rl_run(tmp_path / "mixed", steps=3, rl={"num_generations": 4, "dynamic_sampling": True,
+                                                         "max_refills": 3},
+                         rewards={"functions": [{"name": "tests.rl_rewards:even_tokens_on_even_prompts"}]})
+    train(mixed)
+    records = _records(tmp_path / "mixed" / "run")
+    assert any(r["dynamic_sampling/rounds"] > 1 for r in records)
+    flat = write_rl_run(tmp_path / "flat", steps=5, rl={"dynamic_sampling": True, "max_refills": 1},
+                        rewards={"functions": [{"name": "tests.rl_rewards:prompt_parity"}]})
+    proc = train(flat)
+    assert "dynamic sampling found 0 of 4 groups with different rewards after 1 refills" in proc.stdout
+    assert "steps 1-5: every group's completions got equal rewards" in proc.stdout
+    assert all(r["frac_reward_zero_std"] == 1.0 for r in _records(tmp_path / "flat" / "run"))

@@ -79,6 +79,11 @@ class PolicyLoss:
         if inputs.rollout_logps is not None and bool((mask > 0).any()):
             diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[mask > 0].abs().max()
             self._maxs[ON_POLICY] = max(self._maxs[ON_POLICY], float(diff))
+        if not bool(present.any()):  # padding only (a rank whose groups were all dropped)
+            zero = logps.sum() * 0.0
+            report = torch.zeros(2, dtype=torch.float64)
+            metrics = torch.zeros(len(self.metric_names), dtype=torch.float64)
+            return zero, torch.tensor(0, dtype=torch.int), {"loss": report, "metrics": metrics}
         result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, int(present.sum()), old, ref)
         for name, value in result.mins.items():
             self._mins[name] = min(self._mins[name], float(value))
