@@ -149,3 +149,28 @@ def test_parallel_layouts_sample_what_one_process_does(tmp_path):
                 assert (have["tokens"], have["finish_reason"]) == (want.tokens, want.finish_reason), \
                     (layout, label, row)
                 torch.testing.assert_close(have["logprobs"], want.logprobs, rtol=0, atol=1e-5)
+
+
+def test_chat_samples_with_the_decode_rooms_rule(tmp_path, llama_tokenizer_dir):
+    """``megasmol chat``'s session: a seed repeats a sampled reply, top_k=1 is the greedy reply."""
+    from megasmol.chat.session import ChatSession
+    from megasmol.model.init import init_checkpoint
+    from megasmol.runtime.distributed import shutdown
+    from tests.specs import tiny_smollm3
+
+    init_checkpoint(tiny_smollm3(init_std=0.1), tmp_path / "ckpt", seed=5, tokenizer=llama_tokenizer_dir)
+
+    def reply(sampling, seed=None):
+        session = ChatSession.from_checkpoint(tmp_path / "ckpt", template="chatml", max_new_tokens=8,
+                                              sampling=sampling, seed=seed)
+        session.messages.append({"role": "user", "content": "hello"})
+        return session.generate(session.prompt_ids())
+
+    try:
+        greedy = reply(SamplingParams())
+        sampled = [reply(SamplingParams(temperature=1.0), seed) for seed in (1, 1, 2)]
+        top1 = reply(SamplingParams(temperature=1.0, top_k=1), seed=3)
+    finally:
+        shutdown()
+    assert sampled[0] == sampled[1] != sampled[2] and sampled[0] != greedy
+    assert top1 == greedy and len(greedy) == 8
