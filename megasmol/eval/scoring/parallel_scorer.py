@@ -120,7 +120,7 @@ class PipelineScorer:
                 self.model_chunk, self.forward_model, [prompts[i] for i in group],
                 [requests[i].max_new_tokens for i in group], micro_batch_size=self.micro,
                 eos_token_id=tokenizer.eos_token_id,
-                stop=lambda row, new, group=group: requests[group[row]].stopped(tokenizer, new),
+                stop=functools.partial(_stopped, [requests[i] for i in group], tokenizer),
                 on_step=lambda generated, finished: progress.step(generated, finished * dp))
             for index, completion in zip(group, done):
                 new_ids[index, :len(completion.tokens)] = torch.tensor(completion.tokens, dtype=torch.long)
@@ -155,6 +155,10 @@ def _whole_model_per_rank() -> bool:
     return (ps.get_tensor_model_parallel_world_size() == 1
             and ps.get_pipeline_model_parallel_world_size() == 1
             and ps.get_context_parallel_world_size() == 1)
+
+
+def _stopped(requests: list[GenerationRequest], tokenizer, row: int, new: list[int]) -> bool:
+    return requests[row].stopped(tokenizer, new)
 
 
 class _Scaled:
