@@ -1,6 +1,8 @@
 """The shared decoder (``megasmol.decode``): seeded sampling per row, log-probabilities of what it
 chose that equal a fresh forward pass (what RL's trainer recomputes), top_k / top_p restrictions."""
 
+import json
+
 import pytest
 import torch
 
@@ -111,3 +113,64 @@ def test_bad_sampling_parameters_name_the_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         SamplingParams(**changes).validate()
 
+
+def test_parallel_layouts_sample_what_one_process_does(tmp_path):
+    """``decode.parallel`` under TP=2 (the whole vocabulary gathered before sampling), PP=2 (the
+    last stage chooses), CP=2 and DP=2 (a replica's own prompts), 2 gloo processes: the same
+    tokens and finish reasons as the one-process KV-cache decoder, log-probabilities within 1e-5,
+    sampled with seeds and greedy."""
+    from megasmol.model.init import init_checkpoint
+    from megasmol.model.load import load_checkpoint_model
+    from megasmol.runtime.distributed import shutdown
+    from tests.conftest import WORKERS, run_torchrun
+
+    init_checkpoint(tiny_llama(init_std=0.1), tmp_path / "ckpt", seed=4)
+    prompts, limits, seeds = _prompts(5, 11, 3), [6, 4, 7], [21, 22, 23]
+    try:
+        model, _, _ = load_checkpoint_model(tmp_path / "ckpt")
+        eos = generate(model, prompts, limits)[2].tokens[3]  # greedy row 2 ends at its 4th token
+        expected = {label: generate(model, prompts, limits, sampling=sampling, seeds=seeds, eos_token_id=eos)
+                    for label, sampling in (("sampled", SAMPLED), ("greedy", SamplingParams()))}
+    finally:
+        shutdown()
+    assert expected["greedy"][2].finish_reason == "eos"
+    assert expected["sampled"][0].tokens != expected["greedy"][0].tokens
+    case = {"prompts": prompts, "limits": limits, "seeds": seeds, "eos": eos,
+            "sampling": {"temperature": SAMPLED.temperature, "top_k": SAMPLED.top_k, "top_p": SAMPLED.top_p}}
+    (tmp_path / "case.json").write_text(json.dumps(case))
+    run_torchrun([str(WORKERS / "decode_layouts.py"), str(tmp_path / "ckpt"), str(tmp_path / "case.json"),
+                  str(tmp_path / "out.json")])
+    results = json.loads((tmp_path / "out.json").read_text())
+    for layout in ("tp2", "pp2", "cp2", "dp2"):
+        for label, completions in expected.items():
+            got = results[f"{layout}-{label}"]
+            for row, want in enumerate(completions):
+                have = got[str(row)]
+                assert (have["tokens"], have["finish_reason"]) == (want.tokens, want.finish_reason), \
+                    (layout, label, row)
+                torch.testing.assert_close(have["logprobs"], want.logprobs, rtol=0, atol=1e-5)
+
+
+def test_chat_samples_with_the_decode_rooms_rule(tmp_path, llama_tokenizer_dir):
+    """``megasmol chat``'s session: a seed repeats a sampled reply, top_k=1 is the greedy reply."""
+    from megasmol.chat.session import ChatSession
+    from megasmol.model.init import init_checkpoint
+    from megasmol.runtime.distributed import shutdown
+    from tests.specs import tiny_smollm3
+
+    init_checkpoint(tiny_smollm3(init_std=0.1), tmp_path / "ckpt", seed=5, tokenizer=llama_tokenizer_dir)
+
+    def reply(sampling, seed=None):
+        session = ChatSession.from_checkpoint(tmp_path / "ckpt", template="chatml", max_new_tokens=8,
+                                              sampling=sampling, seed=seed)
+        session.messages.append({"role": "user", "content": "hello"})
+        return session.generate(session.prompt_ids())
+
+    try:
+        greedy = reply(SamplingParams())
+        sampled = [reply(SamplingParams(temperature=1.0), seed) for seed in (1, 1, 2)]
+        top1 = reply(SamplingParams(temperature=1.0, top_k=1), seed=3)
+    finally:
+        shutdown()
+    assert sampled[0] == sampled[1] != sampled[2] and sampled[0] != greedy
+    assert top1 == greedy and len(greedy) == 8

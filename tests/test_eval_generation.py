@@ -91,7 +91,7 @@ def test_the_command_shows_generation_progress_and_the_truncated_count(checkpoin
 
 def test_the_pipeline_path_drops_finished_rows_and_generates_what_one_process_does(
         checkpoint, llama_tokenizer_dir):
-    """torchrun's and the training loop's decoding (``parallel_generate``, here on one rank, one
+    """torchrun's and the training loop's decoding (``decode.parallel``, here on one rank, one
     row per micro-batch): a row that stops after its first token is not fed again, so the model
     runs 1 + 6 + 6 rows, not 3 x 6, and the tokens, texts and truncation are the one-process
     path's."""

@@ -32,7 +32,8 @@ def cmd_chat(args) -> int:
         build = ChatSession.from_hf if args.hf else ChatSession.from_checkpoint
         session = build(args.hf or args.checkpoint, tokenizer=args.tokenizer, template=args.template,
                         system=args.system, think=think, max_new_tokens=args.max_new_tokens,
-                        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p),
+                        sampling=SamplingParams(temperature=args.temperature, top_p=args.top_p,
+                                                top_k=args.top_k),
                         seed=args.seed)
         if args.message is not None:
             for message in args.message:
@@ -94,7 +95,7 @@ def add_chat_parsers(sub) -> None:
     p = sub.add_parser(
         "chat", help="chat with a checkpoint or a Hugging Face model in the terminal (or one --message)",
         description="Each turn is rendered with the model's chat template (or --template) and "
-                    "answered greedily (or sampled with --temperature/--top-p) with a KV cache, up "
+                    "answered greedily (or sampled with --temperature/--top-k/--top-p) with a KV cache, up "
                     "to --max-new-tokens or the end-of-turn token. Interactive: /reset clears the "
                     "history, /exit or Ctrl-D leaves; with --message, each one is sent in turn and "
                     "the replies printed.")
@@ -111,6 +112,8 @@ def add_chat_parsers(sub) -> None:
                    help="reply length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1)")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample only from the K most likely tokens (default 0: off)")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--template", help="chat template instead of the checkpoint's (smollm3, chatml, FILE)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's or the model's)")

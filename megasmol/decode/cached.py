@@ -20,7 +20,7 @@ checked on every row after every token, so a row that writes its stop string cos
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -33,8 +33,8 @@ class Decoder:
 
     def __init__(self, model, max_length: int, use_cache: bool = True):
         self.model, self.max_length, self.use_cache = model, max_length, use_cache
-        self.context = None
-        self.ids = None
+        self.context: Optional[Any] = None
+        self.ids = torch.zeros(1, 0, dtype=torch.long)
 
     def _forward(self, ids: torch.Tensor, first_position: int) -> torch.Tensor:
         return _last_logits(self.model, ids, first_position, self.context)

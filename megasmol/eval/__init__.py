@@ -16,8 +16,8 @@ One layer per sub-package; a module imports only from its own layer or the layer
 * ``scoring/``: what a model answers. ``requests`` (token and generation requests),
   ``log_probs`` (the output layer and log-softmax), ``shared_context`` (one pass over a context
   the choices share), ``scorers`` (one process: Megatron-Core or transformers),
-  ``parallel_scorer`` / ``parallel_generate`` (a Megatron-Core model in any TP / PP / CP / DP
-  layout), ``gen_progress``.
+  ``parallel_scorer`` (a Megatron-Core model in any TP / PP / CP / DP layout; it generates with
+  ``decode.parallel``), ``gen_progress``.
 * ``runner`` (requests of every task in one batched pass, judged by each task's formulation),
   ``outputs`` (``results.json`` and ``samples.jsonl``) and ``api`` (the ``Scorer`` protocol and
   ``Evaluation``: suites expanded, examples read, scored, summarized once, one ``Report``).

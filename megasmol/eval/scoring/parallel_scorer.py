@@ -11,8 +11,15 @@ forward-only mode: the model returns per-token cross-entropy (vocabulary-paralle
 the last stage sums it over each continuation. Under CP each rank holds its share of every
 sequence (Megatron-Core's load-balanced split, lengths padded to a multiple of 2 x CP) and sums
 its part. One all-reduce gives every rank every result; TP ranks hold the same sums and only TP
-rank 0 contributes. Greedy generations: ``parallel_generate``. The z-loss term is off while scoring,
-the model is in eval mode and back in train mode afterwards, and nothing is drawn from an RNG.
+rank 0 contributes. The z-loss term is off while scoring, the model is in eval mode and back in
+train mode afterwards, and nothing is drawn from an RNG.
+
+Greedy generations: the decode room's parallel decoder (``decode.parallel``, the same tokens as
+the one-process KV-cache path) over this rank's share of the prompts (shared out over
+data-parallel ranks, longest first, in groups of 16 micro-batches); one all-reduce at the end gives
+every rank every generation. The progress (``gen_progress.GenerationProgress``) counts every
+replica's tokens (each rank sees them all); finished prompts are this rank's times the
+data-parallel size.
 """
 
 from __future__ import annotations
@@ -23,13 +30,13 @@ import functools
 import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
+from megasmol.eval.scoring.gen_progress import GenerationProgress
 from megasmol.eval.scoring.log_probs import LogProbs
-from megasmol.eval.scoring.parallel_generate import parallel_generations
-from megasmol.eval.scoring.pipeline_shapes import all_max, padded_length
 from megasmol.eval.scoring.requests import Generation, GenerationRequest, TokenRequest, check_vocabulary
 from megasmol.eval.scoring.scorers import megatron_head, megatron_prefix
 from megasmol.eval.scoring.shared_context import score_shared
 from megasmol.runtime.distributed import current_device
+from megasmol.runtime.pipeline_shapes import all_max, padded_length
 
 
 @contextlib.contextmanager
@@ -94,7 +101,36 @@ class PipelineScorer:
         return totals.cpu().tolist()
 
     def generations(self, requests: list[GenerationRequest], progress=None) -> list[Generation]:
-        return parallel_generations(self, requests, progress)
+        """Every rank calls this and gets every (greedy) generation."""
+        from megatron.core import parallel_state as ps
+
+        from megasmol.decode.parallel import generate_parallel
+
+        progress = progress if progress is not None else GenerationProgress()
+        tokenizer = self.tokenizer
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        prompts = [r.prompt_ids(tokenizer, self.max_length) for r in requests]
+        mine = sorted((i for i in range(len(requests)) if i % dp == dp_rank), key=lambda i: -len(prompts[i]))
+        per_group = self.micro * 16
+        new_ids = torch.full((len(requests), max(r.max_new_tokens for r in requests)), -1, dtype=torch.long)
+        for start in range(0, all_max(len(mine)), per_group):
+            group = mine[start:start + per_group]
+            progress.task(", ".join(dict.fromkeys(requests[i].task for i in group)))
+            done = generate_parallel(
+                self.model_chunk, self.forward_model, [prompts[i] for i in group],
+                [requests[i].max_new_tokens for i in group], micro_batch_size=self.micro,
+                eos_token_id=tokenizer.eos_token_id,
+                stop=functools.partial(_stopped, [requests[i] for i in group], tokenizer),
+                on_step=lambda generated, finished: progress.step(generated, finished * dp))
+            for index, completion in zip(group, done):
+                new_ids[index, :len(completion.tokens)] = torch.tensor(completion.tokens, dtype=torch.long)
+        new_ids = new_ids.to(current_device())
+        torch.distributed.all_reduce(new_ids, op=torch.distributed.ReduceOp.MAX)  # -1: not mine
+        results = [request.result(tokenizer, [t for t in ids if t >= 0])
+                   for request, ids in zip(requests, new_ids.cpu().tolist())]
+        progress.done(0, sum(r.truncated for r in results))
+        progress.finish()
+        return results
 
     def scoring(self):
         """This scorer's model in forward-only mode while the block runs (``_scoring``)."""
@@ -119,6 +155,10 @@ def _whole_model_per_rank() -> bool:
     return (ps.get_tensor_model_parallel_world_size() == 1
             and ps.get_pipeline_model_parallel_world_size() == 1
             and ps.get_context_parallel_world_size() == 1)
+
+
+def _stopped(requests: list[GenerationRequest], tokenizer, row: int, new: list[int]) -> bool:
+    return requests[row].stopped(tokenizer, new)
 
 
 class _Scaled:
