@@ -82,15 +82,19 @@ class RemoteCheckpoints:
     def download(self, name: str, root: Path) -> Path:
         """Download iteration ``name`` into ``root/name`` (via ``name.download``, renamed once
         every file is checked); returns the directory."""
-        from megasmol.ckpt.checkpoint import replace_directory
-
         root.mkdir(parents=True, exist_ok=True)
         staging = root / f"{name}.download"
         shutil.rmtree(staging, ignore_errors=True)
         self.store.download_dir(name, staging)
         (staging / MANIFEST).unlink(missing_ok=True)
         final = root / name
-        replace_directory(staging, final)
+        if final.exists():  # an older or partial copy: set aside, removed once the new one is in
+            aside = root / f"{name}.replaced-{os.getpid()}"
+            os.replace(final, aside)
+            os.replace(staging, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(staging, final)
         return final
 
 
@@ -102,9 +106,8 @@ def fetch(value: str, what: str = "--checkpoint") -> Path:
     """A local copy of the checkpoint at ``value`` (an ``s3://`` checkpoint root, whose ``latest``
     is taken, or an iteration), downloaded into the cache unless it is there already (complete:
     the cache's copy is only renamed into place once every file is checked). Read-only on the
-    bucket. Raises StoreError / CheckpointError naming ``what``."""
-    from megasmol.ckpt.checkpoint import CheckpointError
-
+    bucket. Raises StoreError naming ``what`` (without importing torch: the CLI calls it while
+    it checks its arguments)."""
     url = parse(value, what)
     remote = RemoteCheckpoints(url, what)
     try:
@@ -116,7 +119,7 @@ def fetch(value: str, what: str = "--checkpoint") -> Path:
             if name is None:
                 done = remote.complete()
                 hint = f"; complete ones: {', '.join(done[-3:])}" if done else ""
-                raise CheckpointError(f"{what}: {url}: no complete checkpoint (no {LATEST} naming "
+                raise StoreError(f"{what}: {url}: no complete checkpoint (no {LATEST} naming "
                                       f"an iteration with its {MANIFEST}){hint}")
         local_root = cache_root() / url.bucket / root.url.prefix
         local = local_root / name
@@ -125,7 +128,7 @@ def fetch(value: str, what: str = "--checkpoint") -> Path:
             root.download(name, local_root)
         return local
     except UploadFailed as exc:
-        raise CheckpointError(f"{what}: {exc}") from None
+        raise StoreError(f"{what}: {exc}") from None
     except remote.store._errors() as exc:
         raise StoreError(f"{what}: {url}: {remote.store.describe(exc)}") from None
 
