@@ -101,3 +101,26 @@ def test_access_errors_are_one_line(s3, s3_server, monkeypatch):
     with pytest.raises(StoreError, match="cannot reach the endpoint http://127.0.0.1:9"):
         ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
     assert time.monotonic() - started < 15
+
+
+def test_multi_storage_client_stays_off_whatever_is_installed(tmp_path, megatron_runtime):
+    """Megatron-Core turns multi-storage-client on when the package is installed: megasmol turns it
+    off before every checkpoint write and read (as if it were installed here: enabled first)."""
+    import torch
+    from megatron.core.msc_utils import MultiStorageClientFeature
+
+    from megasmol.ckpt import trust
+    from megasmol.ckpt.checkpoint import save_checkpoint
+
+    class Tiny(torch.nn.Module):
+        def sharded_state_dict(self):
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+            return {"w": ShardedTensor.from_rank_offsets("w", torch.ones(2))}
+
+    MultiStorageClientFeature.enable()
+    save_checkpoint(Tiny(), tmp_path, 1, {})
+    assert not MultiStorageClientFeature._enabled
+    MultiStorageClientFeature.enable()
+    trust.install()
+    assert not MultiStorageClientFeature._enabled
