@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from megasmol.ckpt.object_store import MANIFEST, ObjectStore, S3Url, StoreError, UploadFailed, parse
+from megasmol.utils.fs import shown
 
 LATEST = "latest"
 ITERATION = re.compile(r"^iter_\d{7}$")
@@ -124,7 +125,7 @@ def fetch(value: str, what: str = "--checkpoint") -> Path:
         local_root = cache_root() / url.bucket / root.url.prefix
         local = local_root / name
         if not (local / "megasmol.json").is_file():
-            print(f"downloading {root.url.child(name)} to {local}", flush=True)
+            print(f"downloading {root.url.child(name)} to {shown(local)}", flush=True)
             root.download(name, local_root)
         return local
     except UploadFailed as exc:
