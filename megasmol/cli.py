@@ -11,6 +11,7 @@ from pathlib import Path
 
 from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
+from megasmol.ckpt.object_store import is_url
 from megasmol.config.run import cli_override
 from megasmol.data.preference.commands import add_preference_parsers
 from megasmol.data.prompts.commands import add_prompts_parsers
@@ -512,6 +513,21 @@ def _quiet_import_warnings() -> None:
 CHECKPOINT_FLAGS = ("--checkpoint", "--checkpoints")
 
 
+def _local_checkpoints(value):
+    """``value`` (one checkpoint argument or a list) with each ``s3://`` item replaced by its
+    local copy (downloaded once into the cache: ``ckpt/remote.py``)."""
+    from megasmol.ckpt.remote import fetch
+
+    def local(item):
+        if not is_url(item):
+            return item
+        copy = InputPath(fetch(item, item.flag))
+        copy.flag = item.flag
+        return copy
+
+    return [local(v) for v in value] if isinstance(value, list) else local(value)
+
+
 def _check_inputs(args) -> None:
     """Every argument typed ``input_path`` names something that exists, and every checkpoint
     argument a checkpoint (or a run directory that keeps one): checked before any command imports
@@ -521,6 +537,9 @@ def _check_inputs(args) -> None:
     from megasmol.convert.hf_dir import check_hf_model_dir
 
     for name, value in vars(args).items():
+        if any(isinstance(v, InputPath) and v.flag in CHECKPOINT_FLAGS and is_url(v)
+               for v in (value if isinstance(value, list) else [value])):
+            value = _local_checkpoints(value)  # s3:// checkpoints: their local copies
         items = value if isinstance(value, list) else [value]
         for item in items:
             if isinstance(item, InputPath) and item.missing():

@@ -80,3 +80,7 @@ def llama_tokenizer_dir():
     from megasmol.tokenizer import default_tokenizer_dir
 
     return default_tokenizer_dir()
+
+
+# A real S3 server on the loopback interface, for the tests of checkpoints in a bucket.
+from tests.s3_fixtures import s3, s3_server  # noqa: E402,F401

@@ -119,8 +119,9 @@ def test_every_argument_that_names_an_input_is_checked_before_the_command_runs()
 
 def test_an_object_store_url_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
     """``checkpoint.dir: s3://bucket/run`` used to write a local folder named ``s3:``: the user
-    believed the checkpoints were in the bucket. Now it is one error naming the field, written in
-    the file or given with --set."""
+    believed the checkpoints were in the bucket. Now s3:// is a bucket in the fields that take one
+    (checkpoint.dir and checkpoint.init_from: ckpt/remote.py), and any other URL, or a URL in any
+    other path field, is one error naming the field, written in the file or given with --set."""
     from megasmol.config.typed import ConfigError
 
     config = tmp_path / "run.yaml"
@@ -128,12 +129,17 @@ def test_an_object_store_url_is_refused_not_made_a_local_folder(tmp_path, monkey
                       "training: {train_steps: 10, global_batch_size: 1, micro_batch_size: 1}\n"
                       "schedule: {warmup_steps: 1}\ncheckpoint: {dir: 's3://bucket/run'}\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"^checkpoint.dir: s3://bucket/run is a URL"):
-        load_run_config(config)
+    loaded = load_run_config(config)
+    assert loaded.checkpoint_url == "s3://bucket/run"
+    assert loaded.checkpoint_dir == tmp_path / "runs" / "default" / "checkpoints"  # the staging copy
+    staged = load_run_config(config, [cli_override("checkpoint.staging_dir=stage")])
+    assert staged.checkpoint_dir == tmp_path / "stage"
     plain = config.read_text().replace("checkpoint: {dir: 's3://bucket/run'}\n", "")
     config.write_text(plain)
     load_run_config(config)  # the same config without the URL loads
-    for item in ("checkpoint.init_from=gs://bucket/ckpt", "checkpoint.dir=s3://b/x"):
+    for item in ("checkpoint.init_from=gs://bucket/ckpt", "checkpoint.dir=s3://b/x",
+                 "run_dir=s3://bucket/run", "checkpoint.dir=https://host/run",
+                 "checkpoint.staging_dir=stage"):
         with pytest.raises(ConfigError, match=f"^{item.split('=')[0]}: "):
             load_run_config(config, [cli_override(item)])
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

@@ -213,6 +213,9 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    from megasmol.ckpt.trust import msc_off
+
+    msc_off()
     root = Path(root)
     final = root / (name or iteration_dirname(step))
     partial = root / (final.name + ".partial")

@@ -37,7 +37,10 @@ def run_checkpoints(run_dir: Path) -> Optional[Path]:
         saved = json.loads((run_dir / "run_config.json").read_text())
     except (OSError, ValueError):
         saved = None
-    custom = saved.get("checkpoint", {}).get("dir") if isinstance(saved, dict) else None
+    section = saved.get("checkpoint", {}) if isinstance(saved, dict) else {}
+    custom = section.get("dir") if isinstance(section, dict) else None
+    if isinstance(custom, str) and custom.startswith("s3://"):  # its local (staging) copy
+        custom = section.get("staging_dir")
     if isinstance(custom, str) and custom:
         root = Path(custom).expanduser()
         return root if root.is_absolute() else (Path(saved.get("config_dir") or run_dir) / root).resolve()

@@ -60,6 +60,16 @@ class MetadataUnpickler(pickle.Unpickler):
         raise UntrustedCheckpoint(f"refuses to load {module}.{name}")
 
 
+def msc_off() -> None:
+    """Megatron-Core reads and writes checkpoints through multi-storage-client whenever that package
+    is installed; megasmol never does (an ``s3://`` checkpoint is staged on local disk:
+    ``ckpt/remote.py``), so a package that happens to be present changes nothing, and every
+    checkpoint file is read through the restricted loaders above."""
+    from megatron.core.msc_utils import MultiStorageClientFeature
+
+    MultiStorageClientFeature.disable()
+
+
 def load_metadata(stream) -> object:
     return MetadataUnpickler(stream).load()
 
@@ -67,6 +77,7 @@ def load_metadata(stream) -> object:
 def install() -> None:
     """Route DCP's metadata and byte-item loading through the restricted loaders (idempotent)."""
     global _installed
+    msc_off()
     if _installed:
         return
     from torch.distributed.checkpoint import FileSystemReader

@@ -10,6 +10,7 @@ WHAT_THE_STEPS_DO = ("model", "data", "training", "optim", "schedule", "spikes",
 """Sections whose change alters what a resumed step computes."""
 
 NOT_WHAT_IT_TRAINS = ("run_dir", "paths_from", "config_dir", "logging", "checkpoint.dir",
+                      "checkpoint.staging_dir",
                       "checkpoint.post_save_command", "data.cache_dir", "training.stop_after_step",
                       "training.collective_timeout_s")
 """Fields (``section`` or ``section.field``) that say where a run writes or when it stops."""

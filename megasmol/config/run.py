@@ -181,6 +181,8 @@ class RopeSettings:
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 """A value with a scheme (``s3://``, ``gs://``, ``https://``): not a path."""
+BUCKET_FIELDS = ("checkpoint.dir", "checkpoint.init_from")
+"""The path fields that also take ``s3://bucket/prefix`` (``ckpt/remote.py``)."""
 
 
 SECTION_OBJECTIVES = {"preference": "preference", "rl": "rl", "rewards": "rl"}
@@ -241,11 +243,18 @@ class RunConfig:
             value = self
             for part in key.split("."):
                 value = getattr(value, part)
-            if isinstance(value, str) and URL.match(value):
+            if isinstance(value, str) and key in BUCKET_FIELDS and value.startswith("s3://"):
+                from megasmol.ckpt.object_store import StoreError, parse
+
+                try:
+                    parse(value, key)
+                except StoreError as exc:
+                    raise ConfigError(str(exc)) from None
+            elif isinstance(value, str) and URL.match(value):
                 raise ConfigError(
-                    f"{key}: {value} is a URL, and megasmol reads and writes files on a file system "
-                    "only (it would make a local folder named after it): mount the bucket and give "
-                    "its path, or copy checkpoints out with checkpoint.post_save_command")
+                    f"{key}: {value} is a URL, and this field takes a path on a file system (it "
+                    "would make a local folder named after it); s3:// URLs are taken by "
+                    f"{' and '.join(BUCKET_FIELDS)}")
         start = self.checkpoint.init_from or self.checkpoint.branch_from
         if self.model is None and start is None:
             raise ConfigError("model is missing: name a preset, a spec YAML or a checkpoint "
@@ -284,9 +293,20 @@ class RunConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        if self.checkpoint.dir:
+        """Where checkpoints are written on this machine: ``checkpoint.dir``, or with an ``s3://``
+        one its ``checkpoint.staging_dir``."""
+        if self.checkpoint_url:
+            if self.checkpoint.staging_dir:
+                return self.path(self.checkpoint.staging_dir)
+        elif self.checkpoint.dir:
             return self.path(self.checkpoint.dir)
         return self.path(self.run_dir) / "checkpoints"
+
+    @property
+    def checkpoint_url(self) -> Optional[str]:
+        """``checkpoint.dir`` when it is in a bucket (``s3://``)."""
+        value = self.checkpoint.dir
+        return value if value and value.startswith("s3://") else None
 
     def path(self, value: str) -> Path:
         p = Path(value).expanduser()

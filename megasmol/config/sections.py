@@ -135,7 +135,15 @@ class CheckpointConfig:
     """When and where checkpoints are written, and where a run starts from."""
 
     dir: Optional[str] = field(default=None, metadata=PATH)
-    """Checkpoint root (default: ``<run_dir>/checkpoints``)."""
+    """Checkpoint root (default: ``<run_dir>/checkpoints``): a directory, or ``s3://bucket/prefix``
+    in S3-compatible storage (endpoint, credentials and retries from the standard AWS settings:
+    ``AWS_ENDPOINT_URL_S3``, ``AWS_PROFILE``, ...; needs ``pip install 'megasmol[s3]'``). A bucket
+    checkpoint is written to ``staging_dir`` first, then uploaded in the background; the bucket's
+    ``latest`` moves once every object is uploaded and verified."""
+    staging_dir: Optional[str] = field(default=None, metadata=PATH)
+    """With an ``s3://`` ``dir``: the local directory checkpoints are written to before their upload,
+    and downloaded to for a resume when the bucket's are newer (default:
+    ``<run_dir>/checkpoints``). Every rank must see it (one node, or a shared file system)."""
     interval: int = 1000
     """Save every this many steps (0: only at the end and on signals)."""
     keep_last: int = 3
@@ -190,6 +198,9 @@ class CheckpointConfig:
         if self.branch_from is not None and self.init_from is not None:
             raise ConfigError("checkpoint.branch_from and checkpoint.init_from exclude each other "
                               "(a branch takes weights and optimizer state; init_from weights only)")
+        if self.staging_dir is not None and not (self.dir or "").startswith("s3://"):
+            raise ConfigError("checkpoint.staging_dir: only for an s3:// checkpoint.dir; a local "
+                              "checkpoint.dir is written in place")
         if self.delete_after_upload and not self.post_save_command:
             raise ConfigError("checkpoint.delete_after_upload needs checkpoint.post_save_command")
 

@@ -9,6 +9,7 @@ on rank 0 once its files are complete (with async saves, when the background wri
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,12 @@ class Checkpointer:
         self.tokenizer_dir = tokenizer_dir
         self.hooks: Optional[Callbacks] = None
         """The run's ``Callbacks`` (set once they are built)."""
+        self.uploads = None
+        """Rank 0's uploads to the bucket of an ``s3://`` ``checkpoint.dir`` (``train/bucket.py``)."""
+        if config.checkpoint_url is not None and setup.is_logging_rank:
+            from megasmol.train.bucket import BucketUploads
+
+            self.uploads = BucketUploads(config.checkpoint_url, self.config.keep_last, self.faults)
         self.async_queue = None
         if self.config.async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -103,10 +110,14 @@ class Checkpointer:
         started = time.perf_counter()
 
         def committed(path: Path) -> None:  # rank 0, once the checkpoint is complete
+            if self.uploads is not None:
+                self.uploads.wait()  # the staging copy being uploaded is not pruned under it
             train_state.prune_checkpoints(self.root, self.config.keep_last)
             if self.hooks is not None:
                 self.hooks.on_checkpoint_committed(path, step)
             self.console.print(f"saved checkpoint {shown(path)} ({time.perf_counter() - started:.1f}s)")
+            if self.uploads is not None:
+                self.uploads.submit(path, step)
 
         with _save_errors(self.root, step):
             return train_state.save_training_checkpoint(
@@ -139,3 +150,8 @@ class Checkpointer:
         would only time out again)."""
         if self.async_queue is not None and not peers_lost:
             self.async_queue.close()
+        if self.uploads is not None:
+            if sys.exc_info()[0] is None:
+                self.uploads.close()  # the newest checkpoint not in the bucket: the run failed
+            else:
+                self.uploads.wait()  # closing after an error: that error is the one to report

@@ -23,6 +23,7 @@ from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import PeerLost, describe_collective_failure, init_distributed
 from megasmol.runtime.run_dir import RunDir
 from megasmol.runtime.run_lock import RunLock
+from megasmol.train.bucket import prepare as prepare_bucket
 from megasmol.train.callbacks import Console, LoopContext, build_callbacks
 from megasmol.train.checkpointing import Checkpointer, SaveFailed
 from megasmol.train.guard import StepGuard, TrainingDiverged
@@ -201,6 +202,7 @@ def train(config: RunConfig) -> TrainResult:
     """Run (or resume) the training described by ``config``; collective under torchrun."""
     init_distributed(config.training.collective_timeout_s)
     with RunLock(run_directory(config), config.checkpoint_dir):
+        prepare_bucket(config)  # an s3:// checkpoint.dir or init_from: checked before anything loads
         setup = build_setup(config)
         trainer = Trainer(setup)
         try:

@@ -9,6 +9,8 @@ each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
 * ``full_disk_in_async_save:N``: with ``checkpoint.async_save``, fail checkpoint N's background
   write the way torch's zip writer does on a full disk (``unexpected pos``, no errno), reported
   when the trainer collects the finished save;
+* ``kill_in_upload:N``: with an ``s3://`` ``checkpoint.dir``, SIGKILL this process halfway
+  through checkpoint N's upload (after its first object, before the rest and ``latest``);
 * ``corrupt_batch:N``: replace the tokens of step N with uniformly random ids (a planted
   loss spike);
 * ``inf_grad:N``: after step N's backward pass, put an inf into this rank's gradients while the
@@ -88,6 +90,9 @@ class FaultPlan:
     def before_commit(self, step: int) -> None:
         """Checkpoint ``step``: its files are written, not yet renamed into place."""
 
+    def before_upload(self, step: int, index: int) -> None:
+        """Checkpoint ``step``'s upload to a bucket: before its ``index``-th file (from 0)."""
+
 
 NO_FAULTS = FaultPlan()
 
@@ -125,6 +130,10 @@ class PlannedFaults(FaultPlan):
 
     def before_commit(self, step):
         kill_if_planned("kill_in_save", step)
+
+    def before_upload(self, step, index):
+        if index == 1:
+            kill_if_planned("kill_in_upload", step)
 
 
 def _rank() -> int:

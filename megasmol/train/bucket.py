@@ -1,0 +1,177 @@
+"""A run whose ``checkpoint.dir`` is ``s3://bucket/prefix`` (``ckpt/remote.py`` has the layout).
+
+Checkpoints are written exactly as a local run writes them, into ``checkpoint.staging_dir``
+(at disk speed; with ``async_save``, in the background), and rank 0 uploads each committed one on
+a thread of its own, one at a time, so training goes on while it uploads. The bucket's ``latest``
+moves once every object is uploaded and verified; an upload that fails or is cut short leaves the
+previous one, and says so in one line.
+
+Before the model is built, :func:`prepare` checks the bucket (it exists, is reachable, these
+credentials may write there, it holds no other run's checkpoints: one line naming
+``checkpoint.dir`` within seconds), brings the bucket's latest checkpoint into the staging
+directory when the local copy is missing or older (so the resume reads it as a local one), and
+uploads a local checkpoint that is newer than the bucket's (a previous upload did not finish).
+An ``s3://`` ``checkpoint.init_from`` is downloaded there too (``remote.fetch``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from megasmol.ckpt.checkpoint import is_complete
+from megasmol.ckpt.object_store import StoreError, UploadFailed, is_url
+from megasmol.ckpt.remote import RemoteCheckpoints, fetch
+from megasmol.errors import UserError
+from megasmol.utils.faults import NO_FAULTS, FaultPlan
+from megasmol.utils.fs import atomic_write_text, shown
+
+if TYPE_CHECKING:
+    from megasmol.config.run import RunConfig
+
+WHAT = "checkpoint.dir"
+IDENTITY = (("model",), ("data", "recipe"))
+"""What a prefix's checkpoints must share with this run to be its own (else: another run's)."""
+
+
+def _step(name: Optional[str]) -> int:
+    return int(name.removeprefix("iter_")) if name and name.startswith("iter_") else -1
+
+
+def _field(tree: dict, path: tuple[str, ...]):
+    for part in path:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _say(line: str) -> None:
+    print(f"checkpoints: {line}", flush=True)
+
+
+def _on_rank0(config: RunConfig) -> Optional[str]:
+    """Rank 0's part of :func:`prepare`; returns the local path of an ``s3://`` init_from."""
+    init_from = config.checkpoint.init_from
+    local_init = str(fetch(init_from, "checkpoint.init_from")) if is_url(init_from) else None
+    url = config.checkpoint_url
+    if url is None:
+        return local_init
+    remote = RemoteCheckpoints(url, WHAT)
+    store = remote.store
+    store.check_access(WHAT, write=True)
+    try:
+        named = (store.read_text("latest") or "").strip() or None
+        latest = remote.latest()
+        staging = config.checkpoint_dir
+        local_file = staging / "latest"
+        local = local_file.read_text().strip() if local_file.is_file() else None
+        local = local if local and is_complete(staging / local) else None
+        if named is not None and latest is None and _step(local) < _step(named):
+            done = remote.complete()
+            raise StoreError(f"{WHAT}: {url}: latest names {named}, whose upload did not finish (no "
+                             f"manifest){'; complete ones: ' + ', '.join(done[-3:]) if done else ''}: "
+                             "point latest at a complete one, or give this run a new prefix")
+        if latest is not None:
+            meta = json.loads(store.read_text(f"{latest}/megasmol.json") or "{}")
+            _check_same_run(url, latest, meta.get("run_config") or {}, config.to_dict())
+        if config.checkpoint.resume and latest is not None and _step(latest) > _step(local):
+            started = time.perf_counter()
+            remote.download(latest, staging)
+            atomic_write_text(local_file, latest + "\n")
+            _say(f"downloaded {latest} from {url} to {shown(staging)} (the local copy was "
+                 f"{'older: ' + local if local else 'missing'}; {time.perf_counter() - started:.1f}s)")
+        elif local is not None and _step(local) > _step(latest):
+            _say(f"the local {local} is newer than the bucket's latest ({latest or 'none'}): uploading it")
+            remote.upload(staging / local)
+    except store._errors() as exc:
+        raise StoreError(f"{WHAT}: {url}: {store.describe(exc)}") from None
+    return local_init
+
+
+def _check_same_run(url: str, latest: str, saved: dict, current: dict) -> None:
+    differ = [(".".join(path), _field(saved, path), _field(current, path)) for path in IDENTITY
+              if _field(saved, path) != _field(current, path)]
+    if differ:
+        said = "; ".join(f"{name} {old!r} there, {new!r} here" for name, old, new in differ)
+        raise StoreError(f"{WHAT}: {url} holds another run's checkpoints ({latest}: {said}): give "
+                         "this run its own prefix")
+
+
+def prepare(config: RunConfig) -> None:
+    """Collective, before the model is built (module docstring). Every rank raises the same
+    error. An ``s3://`` ``checkpoint.init_from`` is replaced by its local copy."""
+    if config.checkpoint_url is None and not is_url(config.checkpoint.init_from):
+        return
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    verdict: list = [None]
+    if rank0:
+        try:
+            verdict = [("ok", _on_rank0(config))]
+        except (UserError, UploadFailed) as exc:
+            verdict = [("user" if isinstance(exc, UserError) else "failed", str(exc))]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(verdict, src=0)
+    kind, value = verdict[0]
+    if kind == "user":
+        raise StoreError(value)
+    if kind == "failed":
+        raise UploadFailed(value)
+    if value is not None:
+        config.checkpoint.init_from = value  # the downloaded copy, read like a local checkpoint
+
+
+class BucketUploads:
+    """Rank 0's uploads of committed checkpoints to the bucket, one at a time on a thread."""
+
+    def __init__(self, url: str, keep_last: int, faults: FaultPlan = NO_FAULTS):
+        self.remote = RemoteCheckpoints(url, WHAT)
+        self.keep_last, self.faults = keep_last, faults
+        self._thread: Optional[threading.Thread] = None
+        self.uploaded: Optional[str] = None
+        """The newest iteration this run uploaded."""
+        self.failure: Optional[str] = None
+        """The line that said the newest upload failed (None once one succeeds)."""
+
+    def submit(self, iteration: Path, step: int) -> None:
+        """Upload ``iteration`` in the background, after the upload in flight."""
+        self.wait()
+        self._thread = threading.Thread(target=self._upload, args=(iteration, step),
+                                        name="megasmol-upload", daemon=True)
+        self._thread.start()
+
+    def _upload(self, iteration: Path, step: int) -> None:
+        started, store = time.perf_counter(), self.remote.store
+        files = iter(range(1 << 30))
+        try:
+            self.remote.upload(iteration, on_file=lambda _: self.faults.before_upload(step, next(files)))
+            pruned = self.remote.prune(self.keep_last)
+        except (UploadFailed, *store._errors()) as exc:
+            cause = str(exc) if isinstance(exc, UploadFailed) else store.describe(exc)
+            self.failure = (f"uploading {iteration.name} to {self.remote} failed: {cause}; the "
+                            f"bucket's latest stays {self.uploaded or self._bucket_latest()}")
+            _say(self.failure)
+            return
+        self.uploaded, self.failure = iteration.name, None
+        gone = f", removed {', '.join(pruned)}" if pruned else ""
+        _say(f"uploaded {iteration.name} to {self.remote} ({time.perf_counter() - started:.1f}s{gone})")
+
+    def _bucket_latest(self) -> str:
+        try:
+            return self.remote.latest() or "none"
+        except Exception:  # the bucket is what failed: say what is known
+            return "as it was"
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Wait for the upload in flight; raise when the newest checkpoint is not in the bucket."""
+        self.wait()
+        if self.failure is not None:
+            raise UploadFailed(f"{self.failure} (the local copy is complete: run again to upload it)")

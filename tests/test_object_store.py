@@ -1,0 +1,126 @@
+"""The storage layer against a real S3 server on the loopback interface (tests/s3_fixtures.py)."""
+
+import time
+
+import pytest
+
+from megasmol.ckpt.object_store import MANIFEST, ObjectStore, StoreError, UploadFailed, parse
+from megasmol.ckpt.remote import RemoteCheckpoints, fetch
+
+
+def _iteration(root, name, size=1000, extra=b""):
+    it = root / name
+    (it / "tokenizer").mkdir(parents=True)
+    (it / "__0_0.distcp").write_bytes(bytes(range(256)) * (size // 256) + extra)
+    (it / "megasmol.json").write_text('{"format": 1}')
+    (it / "tokenizer" / "tokenizer.json").write_text("{}")
+    return it
+
+
+def test_parse():
+    url = parse("s3://my-bucket/runs/a/")
+    assert (url.bucket, url.prefix, str(url), url.key("latest")) == ("my-bucket", "runs/a", "s3://my-bucket/runs/a",
+                                                                      "runs/a/latest")
+    assert str(parse("s3://my-bucket")) == "s3://my-bucket"
+    with pytest.raises(StoreError, match="checkpoint.dir: s3://A_B/x: 'A_B' is not a valid bucket"):
+        parse("s3://A_B/x", "checkpoint.dir")
+    with pytest.raises(StoreError, match="'..' parts"):
+        parse("s3://bucket/a/../b")
+
+
+def test_upload_verify_download_and_prune(s3, tmp_path):
+    remote = RemoteCheckpoints(s3.url("run"))
+    for step in (1, 2, 3):
+        remote.upload(_iteration(tmp_path / "local", f"iter_000000{step}", size=1000 * step))
+    assert s3.text("run/latest") == "iter_0000003\n"
+    keys = s3.keys("run/iter_0000002/")
+    assert keys["run/iter_0000002/__0_0.distcp"] == 2000 - 2000 % 256
+    assert f"run/iter_0000002/{MANIFEST}" in keys and "run/iter_0000002/tokenizer/tokenizer.json" in keys
+    assert remote.prune(keep_last=2) == ["iter_0000001"]
+    assert remote.complete() == ["iter_0000002", "iter_0000003"]
+    assert not s3.keys("run/iter_0000001/")
+
+    local = remote.download("iter_0000003", tmp_path / "back")
+    original = tmp_path / "local" / "iter_0000003"
+    assert (local / "__0_0.distcp").read_bytes() == (original / "__0_0.distcp").read_bytes()
+    assert not (local / MANIFEST).exists()
+    # A changed object no longer matches its manifest: the download says so and leaves no copy.
+    s3.server.client().put_object(Bucket=s3.name, Key="run/iter_0000002/__0_0.distcp", Body=b"x")
+    with pytest.raises(UploadFailed, match="does not match its manifest"):
+        remote.download("iter_0000002", tmp_path / "back")
+    assert not (tmp_path / "back" / "iter_0000002").exists()
+
+
+def test_interrupted_upload_leaves_previous_latest(s3, tmp_path):
+    remote = RemoteCheckpoints(s3.url("run"))
+    remote.upload(_iteration(tmp_path, "iter_0000001"))
+
+    def die(rel):
+        if rel == "megasmol.json":
+            raise UploadFailed("killed halfway")
+
+    with pytest.raises(UploadFailed):
+        remote.upload(_iteration(tmp_path, "iter_0000002"), on_file=die)
+    assert remote.latest() == "iter_0000001"
+    assert remote.iterations() == ["iter_0000001", "iter_0000002"]  # objects of the cut upload
+    assert remote.complete() == ["iter_0000001"]
+    remote.upload(_iteration(tmp_path, "iter_0000003"))
+    assert remote.prune(keep_last=5) == ["iter_0000002"]  # incomplete, older than latest
+
+
+def test_fetch_downloads_latest_once(s3, tmp_path, capsys):
+    remote = RemoteCheckpoints(s3.url("a/b"))
+    remote.upload(_iteration(tmp_path, "iter_0000004"))
+    local = fetch(s3.url("a/b"))
+    assert local.name == "iter_0000004" and (local / "megasmol.json").is_file()
+    assert "downloading" in capsys.readouterr().out
+    assert fetch(s3.url("a/b/iter_0000004")) == local
+    assert "downloading" not in capsys.readouterr().out  # the cached copy
+    with pytest.raises(Exception, match="no complete checkpoint"):
+        fetch(s3.url("elsewhere"))
+
+
+def test_access_errors_are_one_line(s3, s3_server, monkeypatch):
+    store = ObjectStore(parse(s3.url("run")))
+    store.check_access("checkpoint.dir")
+    with pytest.raises(StoreError, match=r"^checkpoint.dir: s3://no-such-bucket/x: bucket no-such-bucket "
+                                         "does not exist"):
+        ObjectStore(parse("s3://no-such-bucket/x")).check_access("checkpoint.dir")
+    for key, value in s3_server.reader.items():
+        monkeypatch.setenv(key, value)
+    ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir", write=False)
+    with pytest.raises(StoreError, match="access denied"):
+        ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StoreError, match="wrong credentials") as caught:
+        ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+    assert "wrong" not in str(caught.value).replace("wrong credentials", "")  # no secret shown
+    # Nothing listens there: refused within seconds, naming the endpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="cannot reach the endpoint http://127.0.0.1:9"):
+        ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+    assert time.monotonic() - started < 15
+
+
+def test_multi_storage_client_stays_off_whatever_is_installed(tmp_path, megatron_runtime):
+    """Megatron-Core turns multi-storage-client on when the package is installed: megasmol turns it
+    off before every checkpoint write and read (as if it were installed here: enabled first)."""
+    import torch
+    from megatron.core.msc_utils import MultiStorageClientFeature
+
+    from megasmol.ckpt import trust
+    from megasmol.ckpt.checkpoint import save_checkpoint
+
+    class Tiny(torch.nn.Module):
+        def sharded_state_dict(self):
+            from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+            return {"w": ShardedTensor.from_rank_offsets("w", torch.ones(2))}
+
+    MultiStorageClientFeature.enable()
+    save_checkpoint(Tiny(), tmp_path, 1, {})
+    assert not MultiStorageClientFeature._enabled
+    MultiStorageClientFeature.enable()
+    trust.install()
+    assert not MultiStorageClientFeature._enabled
