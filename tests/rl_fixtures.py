@@ -46,10 +46,22 @@ def write_prompt_set(prefix: Path, count: int = 16, seed: int = 0) -> Path:
     return prefix
 
 
-def write_rl_run(root: Path, steps: int = 6, **sections) -> Path:
-    """Spec, prompts, recipe and an RL config under ``root``; returns the config path."""
+def write_rl_run(root: Path, steps: int = 6, initialized: bool = False, **sections) -> Path:
+    """Spec, prompts, recipe and an RL config under ``root``; returns the config path.
+    ``initialized``: the run starts from a checkpoint of initial weights saved at ``root/init``
+    (the same for every parallel layout, which a random initialization is not)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    if initialized:
+        from megasmol.model.init import init_checkpoint
+        from megasmol.model.spec import load_model_spec
+        from megasmol.runtime.distributed import shutdown
+
+        try:
+            init_checkpoint(load_model_spec(root / "spec.yaml"), root / "init", seed=7)
+        finally:
+            shutdown()
+        sections.setdefault("checkpoint", {})["init_from"] = "init"
     write_prompt_set(root / "prompts" / "words")
     (root / "recipe.yaml").write_text(yaml.safe_dump({
         "name": "words", "root": "prompts",

@@ -21,7 +21,9 @@ def _records(run_dir):
 
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
-    config = write_rl_run(tmp_path_factory.mktemp("rl"), steps=10)
+    """Ten steps from a saved initialization (random initialization differs by layout; the
+    layout tests start from the same one)."""
+    config = write_rl_run(tmp_path_factory.mktemp("rl"), steps=10, initialized=True)
     proc = train(config)
     return config, proc
 
@@ -72,7 +74,8 @@ def test_parallel_layouts_sample_and_train_as_one_process(rl_run, tmp_path, layo
     config, _ = rl_run
     one = _records(config.parent / "run")[:2]
     parallel = write_rl_run(tmp_path / "p", steps=10)
-    torchrun_train(parallel, *layout, "training.stop_after_step=2")
+    torchrun_train(parallel, *layout, "training.stop_after_step=2",
+                   f"checkpoint.init_from={config.parent / 'init'}")
     two = _records(tmp_path / "p" / "run")
     for a, b in zip(one, two):
         assert b["reward"] == pytest.approx(a["reward"], abs=1e-6)

@@ -81,11 +81,13 @@ def run_rollout(ctx: RolloutContext, step: int, stage: int, prompts_per_step: in
     wanted = prompts_per_step
     positions = list(enumerate(drawn))
     stream = 0
-    generated_tokens, next_group = 0, 0
+    generated_tokens, next_group, first_round = 0, 0, 0
     while True:
         mine = [(pos, index) for pos, index in positions if pos % ctx.dp_size == ctx.dp_rank]
         samples = _sample(ctx, prompts, step, stream, mine, next_group)
         next_group += len(mine)
+        if stream == 0:
+            first_round = next_group
         generated_tokens += sum(len(s.completion) for s in samples)
         _score(ctx, prompts, samples)
         scored.extend(samples)
@@ -97,8 +99,10 @@ def run_rollout(ctx: RolloutContext, step: int, stage: int, prompts_per_step: in
         have = _all_sum(len({s.group for s in kept}), ctx)
         if have >= wanted or rounds >= rl.max_refills:
             if have < wanted:
-                ctx.say(f"step {step}: dynamic sampling found {have} of {wanted} groups with "
+                ctx.say(f"step {step}: dynamic sampling found {have:.0f} of {wanted} groups with "
                         f"different rewards after {rounds} refills (rl.max_refills); training on those")
+            if not have:  # nothing to learn from: the first round's groups, whose advantages are 0
+                kept = [s for s in scored if s.group < first_round]
             break
         rounds += 1
         stream = rounds
