@@ -97,3 +97,26 @@ def test_dynamic_sampling_refills_groups_without_signal_and_flat_rewards_are_sai
     assert "dynamic sampling found 0 of 4 groups with different rewards after 1 refills" in proc.stdout
     assert "steps 1-5: every group's completions got equal rewards" in proc.stdout
     assert all(r["frac_reward_zero_std"] == 1.0 for r in _records(tmp_path / "flat" / "run"))
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("training.global_batch_size=10",), "training.global_batch_size (10) counts completions per step "
+                                         "and must be a multiple of rl.num_generations (4)"),
+    (("rl.beta=0.04",), "rl.beta > 0 needs a reference model: set checkpoint.init_from"),
+    (("rl.num_generations=1",), "rl.num_generations must be >= 2"),
+    (("parallel.context_parallel=2",), "training.objective=rl does not run under parallel.context_parallel"),
+], ids=["batch", "beta", "group", "cp"])
+def test_bad_rl_settings_are_refused_before_anything_runs(tmp_path, sets, message):
+    from megasmol.config.run import load_run_config
+    from megasmol.config.typed import ConfigError
+    from megasmol.train.objectives import objective_kind
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config = load_run_config(write_rl_run(tmp_path, steps=2), list(sets))
+        objective_kind(config.objective).check(config, True)
+
+
+def test_completions_longer_than_a_row_are_one_line_naming_the_field(tmp_path):
+    proc = train(write_rl_run(tmp_path, steps=2), "rl.max_completion_length=30", check=False)
+    assert proc.returncode != 0 and "rl.max_completion_length (30) plus the longest prompt" in proc.stderr
+    assert "Traceback" not in proc.stderr
