@@ -126,3 +126,19 @@ def test_tiny_flow_runs_end_to_end(tmp_path):
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf["rope_parameters"]["rope_theta"] == 500000.0 and hf["max_position_embeddings"] == 1024
     assert json.loads((tmp_path / "passkey" / "passkey.json").read_text())["trials"]
+
+
+def test_the_optimizer_ablation_script_plans_a_loadable_grid(tmp_path):
+    """examples/smollm3/optimizer_ablation.sh: AdamW vs AdEMAMix vs Muon x an LR sweep x 2 seeds,
+    every generated config accepted (Muon and AdEMAMix without the distributed optimizer)."""
+    from megasmol.ablate.grid import parse_vary, plan_grid
+    from megasmol.config.run import load_run_config
+
+    [cmd] = _dry("examples/smollm3/optimizer_ablation.sh", CKPT_DIR=tmp_path, STEPS=1000)
+    varies = [parse_vary(cmd[i + 1]) for i, arg in enumerate(cmd) if arg == "--vary"]
+    grid = plan_grid(REPO / cmd[cmd.index("--config") + 1], varies, tmp_path / "grid",
+                     seeds=int(cmd[cmd.index("--seeds") + 1]), sets=_sets(cmd))
+    configs = [load_run_config(run.config) for run in grid.runs]
+    assert len(configs) == 3 * 4 * 2
+    assert {c.optim.name for c in configs} == {"adamw", "ademamix", "muon"}
+    assert {c.training.train_steps for c in configs} == {1000}
