@@ -43,6 +43,20 @@ def held_out_scores(checkpoint: Path, tokenizer_dir: Path, questions, max_new_to
     return formatted / n, echoed / n, correct / n, example
 
 
+def sft_model(workdir: Path, role: str) -> Path | None:
+    """The SFT demo's checkpoint under ``workdir`` (``megasmol demo --sft`` run first when
+    missing), said as step 1 of a demo that starts from it; None when the SFT demo failed."""
+    sft = workdir / "sft" / "run" / "checkpoints"
+    if (sft / "latest").is_file():
+        print(f"[1/5] SFT demo model ({role}): {shown(sft)}")
+        return sft
+    print(f"[1/5] no SFT demo model in {shown(sft)}: running `megasmol demo --sft` first")
+    if run_sft_demo(workdir) != 0:
+        print("the SFT demo failed; stopping")
+        return None
+    return sft
+
+
 def run_sft_demo(workdir: Path, steps: int = 150, overrides: list[str] | None = None,
                  train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
     from megasmol.config.run import load_run_config

@@ -17,8 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-from megasmol.utils.fs import shown
-
 APO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "apo.yaml"
 
 
@@ -46,7 +44,7 @@ def _last_validation(run_dir: Path) -> dict:
 
 def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | None = None,
                         train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
-    from megasmol.chat.demo import held_out_scores, run_sft_demo
+    from megasmol.chat.demo import held_out_scores, sft_model
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.synthetic import split_arithmetic, write_jsonl
     from megasmol.data.masked.layout import tokenizer_path
@@ -57,14 +55,9 @@ def run_preference_demo(workdir: Path, steps: int = 60, overrides: list[str] | N
 
     started = time.time()
     workdir = Path(workdir).resolve()
-    sft = workdir / "sft" / "run" / "checkpoints"
-    if not (sft / "latest").is_file():
-        print(f"[1/5] no SFT demo model in {shown(sft)}: running `megasmol demo --sft` first")
-        if run_sft_demo(workdir) != 0:
-            print("the SFT demo failed; stopping")
-            return 1
-    else:
-        print(f"[1/5] SFT demo model (the policy's start and the reference): {shown(sft)}")
+    sft = sft_model(workdir, "the policy's start and the reference")
+    if sft is None:
+        return 1
     pref = workdir / "pref"
     shutil.rmtree(pref, ignore_errors=True)
     (pref / "tokens").mkdir(parents=True)

@@ -15,8 +15,6 @@ import shutil
 import time
 from pathlib import Path
 
-from megasmol.utils.fs import shown
-
 GRPO_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "tiny" / "grpo.yaml"
 
 
@@ -28,7 +26,7 @@ def _rewards(run_dir: Path) -> list[tuple[int, float]]:
 
 def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = None,
                 train_questions: int = 360, held_out: int = 40, high: int = 20) -> int:
-    from megasmol.chat.demo import held_out_scores, run_sft_demo
+    from megasmol.chat.demo import held_out_scores, sft_model
     from megasmol.config.run import load_run_config
     from megasmol.data.chat.synthetic import split_arithmetic
     from megasmol.data.masked.layout import tokenizer_path
@@ -40,14 +38,9 @@ def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = No
 
     started = time.time()
     workdir = Path(workdir).resolve()
-    sft = workdir / "sft" / "run" / "checkpoints"
-    if not (sft / "latest").is_file():
-        print(f"[1/5] no SFT demo model in {shown(sft)}: running `megasmol demo --sft` first")
-        if run_sft_demo(workdir) != 0:
-            print("the SFT demo failed; stopping")
-            return 1
-    else:
-        print(f"[1/5] SFT demo model (the policy's start): {shown(sft)}")
+    sft = sft_model(workdir, "the policy's start")
+    if sft is None:
+        return 1
     rl = workdir / "rl"
     shutil.rmtree(rl, ignore_errors=True)
     (rl / "prompts").mkdir(parents=True)
