@@ -19,8 +19,12 @@ are ``t0`` .. ``tV-1``) is written as a megasmol checkpoint and exported to HF
    transformers' ``generate``), the same prompts per step, ``num_generations``,
    ``max_completion_length``, temperature, learning rate and reward (the share of even ``tN``
    words in the completion, ``tests.rl_rewards:even_tokens``). Each side runs one warm-up step,
-   then ``--steps`` timed steps; median seconds per step, and the share of it spent generating
-   (megasmol: ``time/generation_s`` from its metrics; TRL: a timer around ``_generate``).
+   then ``--steps`` timed steps, the two alternating step by step (a TRL step, then a megasmol
+   step) so machine noise hits both alike; median seconds per step, and the share of it spent
+   generating (megasmol: ``time/generation_s`` from its metrics, i.e. drawing prompts, sampling
+   and rewards; TRL: a timer around ``GRPOTrainer._generate``). TRL 1.16 with one update per
+   rollout batch computes no separate old log-probs (its loss's forward gives them); megasmol
+   takes the decoder's.
 """
 
 from __future__ import annotations
@@ -168,30 +172,37 @@ def rollout_throughput(args, model, hf, prompts: list[list[int]]) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()} | {"rounds": rates}
 
 
-def megasmol_steps(work: Path, args) -> dict:
-    from megasmol.config.run import load_run_config
-    from megasmol.train.loop import Trainer
-    from megasmol.train.setup import build_setup
+class MegasmolSteps:
+    """megasmol's training loop on the RL run, one step per call."""
 
-    config = load_run_config(work / "run.yaml")
-    setup = build_setup(config)
-    trainer = Trainer(setup)
-    times = []
-    for step in range(1, args.steps + 2):
+    def __init__(self, work: Path):
+        from megasmol.config.run import load_run_config
+        from megasmol.train.loop import Trainer
+        from megasmol.train.setup import build_setup
+
+        self.work = work
+        self.setup = build_setup(load_run_config(work / "run.yaml"))
+        self.trainer = Trainer(self.setup)
+        self.times: list[float] = []
+
+    def step(self) -> None:
         started = time.perf_counter()
-        trainer.run_steps(until=step)
-        times.append(time.perf_counter() - started)
-    trainer.close()
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    generation = {r["step"]: r["time/generation_s"] for r in records if r.get("kind") == "train"}
-    timed = times[1:]
-    return {"step_s": statistics.median(timed), "steps": timed,
-            "generation_s": statistics.median(generation[s] for s in range(2, args.steps + 2)),
-            "reward": [r["reward"] for r in records if r.get("kind") == "train"],
-            "setup": setup}
+        self.trainer.run_steps(until=len(self.times) + 1)
+        self.times.append(time.perf_counter() - started)
+
+    def close(self) -> dict:
+        self.trainer.close()
+        lines = (self.work / "run" / "metrics.jsonl").read_text().splitlines()
+        records = [r for r in map(json.loads, lines) if r.get("kind") == "train"]
+        timed = self.times[1:]
+        return {"step_s": statistics.median(timed), "steps": timed,
+                "generation_s": statistics.median(r["time/generation_s"] for r in records[1:]),
+                "reward": [r["reward"] for r in records]}
 
 
-def trl_steps(work: Path, args, tokenizer, prompts: list[list[int]]) -> dict:
+def grpo_steps(work: Path, args, tokenizer, prompts: list[list[int]], ours: MegasmolSteps) -> dict:
+    """TRL's ``GRPOTrainer`` for ``1 + args.steps`` steps; after each of its steps (its timer
+    stopped), one step of megasmol's, so machine noise hits both alike."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -202,7 +213,7 @@ def trl_steps(work: Path, args, tokenizer, prompts: list[list[int]]) -> dict:
     def reward(prompts, completions, **kwargs):
         return even_tokens(completions, None)
 
-    class Timer(TrainerCallback):
+    class Alternate(TrainerCallback):
         def __init__(self):
             self.steps: list[float] = []
             self.started = 0.0
@@ -212,6 +223,7 @@ def trl_steps(work: Path, args, tokenizer, prompts: list[list[int]]) -> dict:
 
         def on_step_end(self, *a, **k):
             self.steps.append(time.perf_counter() - self.started)
+            ours.step()
 
     config = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, report_to="none", bf16=False, save_strategy="no",
@@ -223,7 +235,7 @@ def trl_steps(work: Path, args, tokenizer, prompts: list[list[int]]) -> dict:
         disable_tqdm=True)
     data = Dataset.from_list([{"prompt": " ".join(f"t{i}" for i in ids)} for ids in prompts])
     model = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32)
-    timer = Timer()
+    timer = Alternate()
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
                           processing_class=tokenizer, callbacks=[timer])
     generation: list[float] = []
@@ -270,39 +282,37 @@ def main() -> None:
           f"{args.vocab}; {args.prompts} prompts x {args.generations} generations, "
           f"{args.completion} completion tokens; torch threads {torch.get_num_threads()}; {work}")
 
-    ours = megasmol_steps(work, args) if args.skip != "steps" else None
+    # megasmol's run first: it owns the process's parallel state; its model (the checkpoint's
+    # weights, as the HF export) also serves the rollout comparison before any step trains it.
+    ours = MegasmolSteps(work)
     if args.skip != "rollouts":
         from transformers import AutoModelForCausalLM
 
-        if ours is not None:
-            model = ours["setup"].model
-        else:
-            from megasmol.model.load import load_checkpoint_model
-
-            model = load_checkpoint_model(work / "ckpt")[0]
-        from megasmol.ckpt.checkpoint import load_model_weights
-
-        load_model_weights(model, work / "ckpt")  # the exported weights, not the trained ones
+        model = ours.setup.model
         model.eval()
         hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32).eval()
         rates = rollout_throughput(args, model, hf, inputs["prompts"])
+        model.train()
+        del hf
         base = rates["megasmol generate (log-probs)"]
         print("\n| decoder | completion tokens/s (median) | rounds | megasmol / this |")
         print("|---|---|---|---|")
         for name, rounds in rates["rounds"].items():
             print(f"| {name} | {rates[name]:.0f} | {' '.join(f'{r:.0f}' for r in rounds)} | "
                   f"{base / rates[name]:.2f}x |")
-    if ours is not None:
-        theirs = trl_steps(work, args, inputs["tokenizer"], inputs["prompts"])
+    if args.skip != "steps":
+        theirs = grpo_steps(work, args, inputs["tokenizer"], inputs["prompts"], ours)
+        mine = ours.close()
         print("\n| GRPO step | median s/step | steps (s) | generation share | TRL / this |")
         print("|---|---|---|---|---|")
-        for name, side in (("megasmol (training.objective: rl)", ours), ("TRL GRPOTrainer", theirs)):
+        for name, side in (("megasmol (training.objective: rl)", mine), ("TRL GRPOTrainer", theirs)):
             print(f"| {name} | {side['step_s']:.3f} | {' '.join(f'{s:.3f}' for s in side['steps'])} | "
                   f"{100 * side['generation_s'] / side['step_s']:.0f}% | "
                   f"{theirs['step_s'] / side['step_s']:.2f}x |")
-        print(f"rewards per step: megasmol {[round(r, 3) for r in ours['reward']]}, "
+        print(f"rewards per step: megasmol {[round(r, 3) for r in mine['reward']]}, "
               f"TRL {[round(r, 3) for r in theirs['reward']]}")
-
+    else:
+        ours.trainer.close()
 
 if __name__ == "__main__":
     main()
