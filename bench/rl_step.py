@@ -192,6 +192,8 @@ class MegasmolSteps:
 
     def close(self) -> dict:
         self.trainer.close()
+        if not self.times:
+            return {}
         lines = (self.work / "run" / "metrics.jsonl").read_text().splitlines()
         records = [r for r in map(json.loads, lines) if r.get("kind") == "train"]
         timed = self.times[1:]
@@ -282,27 +284,15 @@ def main() -> None:
           f"{args.vocab}; {args.prompts} prompts x {args.generations} generations, "
           f"{args.completion} completion tokens; torch threads {torch.get_num_threads()}; {work}")
 
-    # megasmol's run first: it owns the process's parallel state; its model (the checkpoint's
-    # weights, as the HF export) also serves the rollout comparison before any step trains it.
+    # megasmol's run first: it owns the process's parallel state. Its model serves the rollout
+    # comparison after the steps, reloaded with the checkpoint's (= the HF export's) weights:
+    # decoding before the run's first training step was found 20-60x slower on both sides on
+    # the loaded 2-core VM (not explained yet, see bench/RESULTS.md).
     ours = MegasmolSteps(work)
-    if args.skip != "rollouts":
-        from transformers import AutoModelForCausalLM
-
-        model = ours.setup.model
-        model.eval()
-        hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32).eval()
-        rates = rollout_throughput(args, model, hf, inputs["prompts"])
-        model.train()
-        del hf
-        base = rates["megasmol generate (log-probs)"]
-        print("\n| decoder | completion tokens/s (median) | rounds | megasmol / this |")
-        print("|---|---|---|---|")
-        for name, rounds in rates["rounds"].items():
-            print(f"| {name} | {rates[name]:.0f} | {' '.join(f'{r:.0f}' for r in rounds)} | "
-                  f"{base / rates[name]:.2f}x |")
     if args.skip != "steps":
         theirs = grpo_steps(work, args, inputs["tokenizer"], inputs["prompts"], ours)
-        mine = ours.close()
+    mine = ours.close()
+    if args.skip != "steps":
         print("\n| GRPO step | median s/step | steps (s) | generation share | TRL / this |")
         print("|---|---|---|---|---|")
         for name, side in (("megasmol (training.objective: rl)", mine), ("TRL GRPOTrainer", theirs)):
@@ -311,8 +301,23 @@ def main() -> None:
                   f"{theirs['step_s'] / side['step_s']:.2f}x |")
         print(f"rewards per step: megasmol {[round(r, 3) for r in mine['reward']]}, "
               f"TRL {[round(r, 3) for r in theirs['reward']]}")
-    else:
-        ours.trainer.close()
+    if args.skip != "rollouts":
+        from transformers import AutoModelForCausalLM
+
+        from megasmol.ckpt.checkpoint import load_model_weights
+
+        model = ours.setup.model
+        load_model_weights(model, work / "ckpt")  # the exported weights, not the trained ones
+        model.eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.float32).eval()
+        rates = rollout_throughput(args, model, hf, inputs["prompts"])
+        base = rates["megasmol generate (log-probs)"]
+        print("\n| decoder | completion tokens/s (median) | rounds | megasmol / this |")
+        print("|---|---|---|---|")
+        for name, rounds in rates["rounds"].items():
+            print(f"| {name} | {rates[name]:.0f} | {' '.join(f'{r:.0f}' for r in rounds)} | "
+                  f"{base / rates[name]:.2f}x |")
+
 
 if __name__ == "__main__":
     main()
