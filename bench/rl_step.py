@@ -203,8 +203,9 @@ class MegasmolSteps:
 
 
 def grpo_steps(work: Path, args, tokenizer, prompts: list[list[int]], ours: MegasmolSteps) -> dict:
-    """TRL's ``GRPOTrainer`` for ``1 + args.steps`` steps; after each of its steps (its timer
-    stopped), one step of megasmol's, so machine noise hits both alike."""
+    """megasmol's warm-up step, then TRL's ``GRPOTrainer`` for ``1 + args.steps`` steps, with one
+    megasmol step after each but the last (TRL's timer stopped), so machine noise hits both
+    alike."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -225,7 +226,8 @@ def grpo_steps(work: Path, args, tokenizer, prompts: list[list[int]], ours: Mega
 
         def on_step_end(self, *a, **k):
             self.steps.append(time.perf_counter() - self.started)
-            ours.step()
+            if len(ours.times) < 1 + args.steps:
+                ours.step()
 
     config = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, report_to="none", bf16=False, save_strategy="no",
@@ -251,6 +253,7 @@ def grpo_steps(work: Path, args, tokenizer, prompts: list[list[int]], ours: Mega
             generation.append(time.perf_counter() - started)
 
     trainer._generate = timed_generate
+    ours.step()  # megasmol's warm-up first: see main()
     trainer.train()
     timed = timer.steps[1:]
     return {"step_s": statistics.median(timed), "steps": timed,
@@ -286,8 +289,9 @@ def main() -> None:
 
     # megasmol's run first: it owns the process's parallel state. Its model serves the rollout
     # comparison after the steps, reloaded with the checkpoint's (= the HF export's) weights:
-    # decoding before the run's first training step was found 20-60x slower on both sides on
-    # the loaded 2-core VM (not explained yet, see bench/RESULTS.md).
+    # decoding before the run's first training step was found 20-60x slower on both sides (TRL's
+    # too) on the loaded 2-core VM (not explained yet, see bench/RESULTS.md), so megasmol's
+    # warm-up step runs before anything else is timed.
     ours = MegasmolSteps(work)
     if args.skip != "steps":
         theirs = grpo_steps(work, args, inputs["tokenizer"], inputs["prompts"], ours)
