@@ -48,3 +48,56 @@ def test_the_cross_section_checks_apply_only_with_in_process_restart(tmp_path):
     config = _load(tmp_path, "resilience.in_process_restart=false", "training.collective_timeout_s=600",
                    "watchdog.min_s=5")
     assert config.training.collective_timeout_s == 600
+
+
+# ----- under torchrun: 2 gloo ranks, the 4-layer test model ------------------------------------
+
+STEPS = 12
+FAST = {"in_process_restart": True, "soft_timeout_s": 25, "hard_timeout_s": 35,
+        "heartbeat_timeout_s": 20, "barrier_timeout_s": 90}
+"""Short timeouts: on gloo the healthy rank learns of the fault when its collective with the failed
+rank times out (``training.collective_timeout_s``, below the soft timeout)."""
+
+
+def _run(root, resilience, env_extra=None, check=True):
+    from tests.conftest import run_torchrun
+    from tests.train_fixtures import write_training_run
+
+    config = write_training_run(root, steps=STEPS, checkpoint={"interval": 3, "keep_last": 0},
+                                training={"collective_timeout_s": 15}, resilience=resilience)
+    args = ["-m", "megasmol", "train", "--config", str(config)]
+    if check:
+        return run_torchrun(args, env_extra=env_extra)
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+
+
+@pytest.mark.serial
+def test_an_exception_on_rank_1_is_healed_in_process_with_the_losses_of_a_resumed_run(tmp_path):
+    import re
+
+    from tests.train_fixtures import step_losses
+
+    healed = _run(tmp_path / "healed", FAST, {"MEGASMOL_FAULT": "raise:8", "MEGASMOL_FAULT_RANK": "1"})
+    lines = [line for line in healed.stdout.splitlines() if "in-process restart" in line]
+    assert len(lines) == 1, healed.stdout
+    assert re.fullmatch(r"in-process restart 1 of at most 3: rank 1 raised \(PlannedFault: planned fault "
+                        r"\(MEGASMOL_FAULT=raise:8\) on rank 1\); resumed from step 6; step 7 done "
+                        r"[\d.]+ s after the fault", lines[0]), lines[0]
+    assert "trained to step 12" in healed.stdout
+    assert "audit: OK" in healed.stdout and healed.stdout.count("audit: OK") == 1  # not again
+
+    # The same job without the fault: Megatron's resume from a checkpoint is exact (test_resume), so
+    # this is also the run resumed from step 6.
+    plain = _run(tmp_path / "plain", {"in_process_restart": False})
+    after, before = step_losses(tmp_path / "healed" / "run"), step_losses(tmp_path / "plain" / "run")
+    assert sorted(after) == list(range(1, STEPS + 1))
+    assert after == before  # bit for bit: JSON floats of every step, 7 (rerun) to 12 included
+    assert plain.stdout.count("in-process restart") == 0
