@@ -101,3 +101,4 @@ def test_an_exception_on_rank_1_is_healed_in_process_with_the_losses_of_a_resume
     assert sorted(after) == list(range(1, STEPS + 1))
     assert after == before  # bit for bit: JSON floats of every step, 7 (rerun) to 12 included
     assert plain.stdout.count("in-process restart") == 0
+
