@@ -230,7 +230,14 @@ def cmd_train(args) -> int:
     config.parallel.check(job_world_size())  # so is a layout this many processes cannot hold
 
     from megasmol.runtime.distributed import shutdown
-    from megasmol.train.loop import train
+
+    if config.resilience.in_process_restart:
+        # Before torch loads (it reads this once): NVRx polls its store with waits that time out
+        # by design, and torch's C++ side would log a warning for each one.
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+        from megasmol.train.inprocess import train_in_process as train
+    else:
+        from megasmol.train.loop import train
 
     _training_process()
     try:

@@ -13,6 +13,7 @@ import yaml
 
 from megasmol.config.parallel import ParallelLayout
 from megasmol.config.preference import PreferenceConfig
+from megasmol.config.resilience import ResilienceConfig
 from megasmol.config.rewards import RewardsConfig
 from megasmol.config.rl import RLConfig
 from megasmol.config.schedule import ScheduleConfig
@@ -219,6 +220,8 @@ class RunConfig:
     """Loss-spike detection, policy and data ranges to skip."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """The hang watchdog: stack dumps and a requeue-able exit when a step hangs."""
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    """In-process restart (NVRx): heal a failed or frozen rank without restarting the job."""
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     """The loss on preference pairs (DPO / IPO / APO) of ``training.objective: preference``
     (its default when this section is given; refused with ``next_token``)."""
@@ -263,6 +266,8 @@ class RunConfig:
             raise ConfigError("schedule.kind=decay decays from the LR of the run this one branches "
                               "from: set checkpoint.branch_from (RUN_DIR@STEP)")
         self.schedule.check_against(self.training.train_steps)
+        self.resilience.check_against(self.training.collective_timeout_s, self.watchdog.enabled,
+                                      self.watchdog.min_s)
         if self.eval.interval and self.eval.steps and not self.data.validation_fraction:
             raise ConfigError("eval.interval is set but data.validation_fraction is 0: there is no "
                               "held-out split to evaluate on (set eval.interval=0 or a fraction)")

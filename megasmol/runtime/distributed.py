@@ -41,17 +41,43 @@ def rank_info_from_env(env=os.environ) -> RankInfo:
     return RankInfo(0, 1, 0)
 
 
-def init_distributed(timeout_s: float | None = None) -> RankInfo:
+_launcher_store = None
+"""The launcher's rendezvous store, kept for the process's later process groups (in-process
+restarts: each one's group takes its own prefix in it)."""
+
+
+def _attempt_store(info: RankInfo, prefix: str, timeout: datetime.timedelta):
+    """A store for one attempt's default process group: the launcher's (torchrun's agent store, or
+    rank 0's TCP store under srun, made once per process and kept) under ``prefix``, so a group
+    rebuilt in the same processes never reads the keys of the one before."""
+    global _launcher_store
+    if _launcher_store is None:
+        if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+            _launcher_store = torch.distributed.HashStore()
+        else:
+            addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+            url = f"tcp://{addr}:{port}"
+            _launcher_store, _, _ = next(torch.distributed.rendezvous(
+                url, rank=info.rank, world_size=info.world_size, timeout=timeout))
+    return torch.distributed.PrefixStore(prefix, _launcher_store)
+
+
+def init_distributed(timeout_s: float | None = None, store_prefix: str | None = None) -> RankInfo:
     """Initialize torch.distributed once (idempotent).
 
     ``timeout_s`` bounds every collective: a peer that froze makes the others fail with an
-    error after that long instead of waiting forever (torch's default is 10 or 30 minutes)."""
+    error after that long instead of waiting forever (torch's default is 10 or 30 minutes).
+    ``store_prefix``: the group's keys go under this prefix of the launcher's store, kept for the
+    process (in-process restart gives each attempt its own)."""
     cpu_compat.activate_if_needed()
     info = rank_info_from_env()
     if torch.distributed.is_initialized():
         return RankInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(),
                         info.local_rank)
-    if info.world_size == 1 and "MASTER_ADDR" not in os.environ:
+    if store_prefix is not None:
+        rendezvous = {"store": _attempt_store(info, store_prefix, datetime.timedelta(
+            seconds=timeout_s if timeout_s is not None else 300))}
+    elif info.world_size == 1 and "MASTER_ADDR" not in os.environ:
         # A lone process: an in-memory store, no port to race for, and nothing set in the
         # environment that child processes (e.g. a torchrun launched from here) inherit.
         rendezvous = {"store": torch.distributed.HashStore()}

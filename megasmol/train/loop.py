@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megasmol.config.run import RunConfig
 from megasmol.data.run_tokenizer import run_tokenizer_dir
@@ -35,6 +35,9 @@ from megasmol.train.signals import StopRequest
 from megasmol.train.state import TrainResult, TrainState
 from megasmol.train.step import StepOutcome, skip_step, train_step
 from megasmol.utils.fs import atomic_write_text, shown, shown_paths
+
+if TYPE_CHECKING:
+    from megasmol.train.inprocess import Attempt
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -198,17 +201,28 @@ class Trainer:
             self.s.close()
 
 
-def train(config: RunConfig) -> TrainResult:
-    """Run (or resume) the training described by ``config``; collective under torchrun."""
-    init_distributed(config.training.collective_timeout_s)
-    with RunLock(run_directory(config), config.checkpoint_dir):
+def train(config: RunConfig, attempt: Optional[Attempt] = None) -> TrainResult:
+    """Run (or resume) the training described by ``config``; collective under torchrun.
+
+    ``attempt``: one attempt of an in-process restart (``train/inprocess.py``): its process group
+    gets its own store prefix, what it holds is handed over so a fault's clean-up can free it, and a
+    failure is left to NVRx to report and heal (nothing here waits for a peer then)."""
+    init_distributed(config.training.collective_timeout_s,
+                     store_prefix=None if attempt is None else attempt.store_prefix)
+    with RunLock(run_directory(config), config.checkpoint_dir) as lock:
         prepare_bucket(config)  # an s3:// checkpoint.dir or init_from: checked before anything loads
-        setup = build_setup(config)
+        setup = build_setup(config, audit=attempt is None or attempt.iteration == 0)
         trainer = Trainer(setup)
+        if attempt is not None:
+            attempt.hold(trainer, lock)
         try:
             result = trainer.run()
         except BaseException as exc:
             trainer.callbacks.on_error(exc)
+            if attempt is not None:
+                trainer.close(peers_lost=True)
+                attempt.released()
+                raise
             lost = (describe_collective_failure(exc)
                     if isinstance(exc, RuntimeError) and not isinstance(exc, RunFailure) else None)
             if lost is not None:
@@ -220,6 +234,8 @@ def train(config: RunConfig) -> TrainResult:
                 raise PeerLost(lost, reported=True) from None
             raise
         trainer.close()
+        if attempt is not None:
+            attempt.released()
     if setup.is_logging_rank and result.trained:
         atomic_write_text(RunDir(run_directory(config)).result, json.dumps(result.to_json(), indent=2))
     return result

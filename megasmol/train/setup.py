@@ -160,9 +160,10 @@ def _half_precision(model: SmolGPTModel, params_dtype: torch.dtype) -> torch.nn.
     return Float16Module(model.config, model)
 
 
-def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetup:
+def build_setup(config: RunConfig, reference_logps: bool = True, audit: bool = True) -> TrainingSetup:
     """``reference_logps=False`` (pre-flight's timed steps): preference data train against zero
-    reference log-probs, so no reference model is needed or scored."""
+    reference log-probs, so no reference model is needed or scored. ``audit=False`` (an in-process
+    restart, whose first attempt audited the same data): no data audit and no plan table again."""
     from megatron.core import parallel_state
     from megatron.core.distributed import finalize_model_grads
 
@@ -192,7 +193,8 @@ def build_setup(config: RunConfig, reference_logps: bool = True) -> TrainingSetu
     _check_precision(config, spec)
     init_parallel(config.parallel, spec, seed=config.training.seed, seq_length=longest,
                   timeout_s=config.training.collective_timeout_s)
-    _audit_on_rank0(config, spec, rank.rank)
+    if audit:
+        _audit_on_rank0(config, spec, rank.rank)
 
     batches = kind.batches(config, recipe, plans, spec, parallel_state.get_data_parallel_rank(), dp)
 

@@ -17,7 +17,9 @@ each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
   loss stays finite;
 * ``sigterm_after_reduce:N``: send SIGTERM to this process right after step N's all-reduce (a
   signal that reaches one rank later than the others);
-* ``hang:N``: block forever in step N before its forward pass (a stuck kernel or file system).
+* ``hang:N``: block forever in step N before its forward pass (a stuck kernel or file system);
+* ``raise:N``: raise ``PlannedFault`` in step N before its forward pass, once per process (a
+  rank's bug or a transient error; the in-process restart that follows runs step N again).
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def kill_if_planned(kind: str, step: int) -> None:
 def signal_if_planned(kind: str, step: int, sig: int = signal.SIGTERM) -> None:
     if planned_at(kind, step):
         os.kill(os.getpid(), sig)
+
+
+class PlannedFault(RuntimeError):
+    """The exception ``raise:N`` raises."""
+
+
+_raised: set[tuple[str, int]] = set()
+
+
+def raise_once_if_planned(kind: str, step: int) -> None:
+    if planned_at(kind, step) and (kind, step) not in _raised:
+        _raised.add((kind, step))
+        raise PlannedFault(f"planned fault ({ENV_VAR}={kind}:{step}) on rank {os.environ.get('RANK', '0')}")
 
 
 def hang_if_planned(kind: str, step: int) -> None:
@@ -110,6 +125,7 @@ class PlannedFaults(FaultPlan):
 
     def before_forward(self, step):
         hang_if_planned("hang", step)
+        raise_once_if_planned("raise", step)
 
     def after_backward(self, step, ddp_model):
         if planned_at("inf_grad", step):
