@@ -11,7 +11,6 @@ from pathlib import Path
 
 from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
-from megasmol.ckpt.object_store import is_url
 from megasmol.config.run import cli_override
 from megasmol.data.preference.commands import add_preference_parsers
 from megasmol.data.prompts.commands import add_prompts_parsers
@@ -21,6 +20,7 @@ from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_int
 from megasmol.utils.fs import shown, shown_paths
+from megasmol.utils.s3_url import is_url
 
 # One line instead of a traceback (megasmol/errors.py): a run that could not go on (exit 1), bad
 # input (exit 2); Python's own errors for a missing or existing file are input too. Any other

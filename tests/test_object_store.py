@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from megasmol.ckpt.object_store import MANIFEST, ObjectStore, StoreError, UploadFailed, parse
+from megasmol.ckpt.object_store import MANIFEST, ObjectStore, UploadFailed
 from megasmol.ckpt.remote import RemoteCheckpoints, fetch
+from megasmol.utils.s3_url import StoreError, parse
 
 
 def _iteration(root, name, size=1000, extra=b""):

@@ -19,69 +19,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from megasmol.errors import RunFailure, UserError
+from megasmol.errors import RunFailure
+from megasmol.utils.s3_url import S3Url, StoreError
 
-SCHEME = "s3://"
 MANIFEST = "megasmol-manifest.json"
 """Written last into an uploaded directory: its files' sizes and sha256. A directory without it
 is incomplete (an upload was interrupted)."""
 MULTIPART_BYTES = 64 * 2**20
 CONNECT_TIMEOUT_S = 5.0
 DEFAULT_ATTEMPTS = 3
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-
-
-class StoreError(UserError):
-    """The bucket cannot be used as given (missing, no access, unreachable): exit code 2."""
 
 
 class UploadFailed(RunFailure):
     """An upload or download did not complete (the previous ``latest`` stays as it was)."""
-
-
-def is_url(value: object) -> bool:
-    return isinstance(value, str) and value.startswith(SCHEME)
-
-
-@dataclass(frozen=True)
-class S3Url:
-    bucket: str
-    prefix: str
-    """Without leading or trailing ``/`` (empty: the bucket's top)."""
-
-    def __str__(self) -> str:
-        return f"{SCHEME}{self.bucket}/{self.prefix}".rstrip("/")
-
-    def key(self, *parts: str) -> str:
-        return "/".join(p.strip("/") for p in (self.prefix, *parts) if p.strip("/"))
-
-    def child(self, *parts: str) -> S3Url:
-        return S3Url(self.bucket, self.key(*parts))
-
-    def parent(self) -> S3Url:
-        return S3Url(self.bucket, self.prefix.rpartition("/")[0])
-
-    @property
-    def name(self) -> str:
-        return self.prefix.rpartition("/")[2]
-
-
-def parse(url: str, what: str = "URL") -> S3Url:
-    """``s3://bucket/prefix`` (``what``: the field or option it came from, for the error)."""
-    if not is_url(url):
-        raise StoreError(f"{what}: {url} is not an s3:// URL")
-    bucket, _, prefix = url[len(SCHEME):].partition("/")
-    if not _BUCKET.match(bucket):
-        raise StoreError(f"{what}: {url}: {bucket!r} is not a valid bucket name")
-    prefix = prefix.strip("/")
-    if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
-        raise StoreError(f"{what}: {url}: empty, '.' or '..' parts in the prefix")
-    return S3Url(bucket, prefix)
 
 
 def make_client():

@@ -24,8 +24,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from megasmol.ckpt.object_store import MANIFEST, ObjectStore, S3Url, StoreError, UploadFailed, parse
+from megasmol.ckpt.object_store import MANIFEST, ObjectStore, UploadFailed
 from megasmol.utils.fs import shown
+from megasmol.utils.s3_url import S3Url, StoreError, parse
 
 LATEST = "latest"
 ITERATION = re.compile(r"^iter_\d{7}$")
@@ -136,7 +137,7 @@ def fetch(value: str, what: str = "--checkpoint") -> Path:
 
 def local_checkpoint(value: str | Path, what: str = "--checkpoint") -> Path:
     """``value`` itself when it is a local path, else :func:`fetch`'s local copy."""
-    from megasmol.ckpt.object_store import is_url
+    from megasmol.utils.s3_url import is_url
 
     return fetch(str(value), what) if is_url(str(value)) else Path(value)
 

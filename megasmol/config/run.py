@@ -247,7 +247,7 @@ class RunConfig:
             for part in key.split("."):
                 value = getattr(value, part)
             if isinstance(value, str) and key in BUCKET_FIELDS and value.startswith("s3://"):
-                from megasmol.ckpt.object_store import StoreError, parse
+                from megasmol.utils.s3_url import StoreError, parse
 
                 try:
                     parse(value, key)

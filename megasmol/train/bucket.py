@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from megasmol.ckpt.checkpoint import is_complete
-from megasmol.ckpt.object_store import StoreError, UploadFailed, is_url
+from megasmol.ckpt.object_store import UploadFailed
 from megasmol.ckpt.remote import RemoteCheckpoints, fetch
 from megasmol.errors import UserError
 from megasmol.utils.faults import NO_FAULTS, FaultPlan
 from megasmol.utils.fs import atomic_write_text, shown
+from megasmol.utils.s3_url import StoreError, is_url
 
 if TYPE_CHECKING:
     from megasmol.config.run import RunConfig
