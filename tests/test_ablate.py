@@ -269,8 +269,9 @@ def test_compare_shows_rl_rewards_and_completion_lengths(tmp_path, capsys):
     assert by_name["lmax=8_seed=1"].columns["completion length"].values == [7.0]
     assert "reward" not in by_name["pretrain"].columns
     header = comparison.table_rows()[0]
-    assert header[header.index("final loss"):] == ["final loss", "best loss", "reward", "reward math",
-                                                  "reward overlong", "completion length", "tokens", "tokens/s"]
+    assert header[header.index("final loss"):] == [
+        "final loss", "best loss", "reward", "reward math", "reward overlong", "completion length",
+        "tokens", "tokens/s"]
     out = _cli(capsys, "compare", *map(str, runs), "--out", str(tmp_path / "cmp"), "--x", "steps")
     assert "completion length" in out and "13.5000 ± 0.7071" in out
     assert "reward.png" in out and "completion_length.png" in out
