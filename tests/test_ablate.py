@@ -231,3 +231,50 @@ def test_compare_names_what_it_cannot_read(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text("")
     with pytest.raises(ConfigError, match="no run has logged a step yet"):
         load_comparison([tmp_path / "empty"])
+
+
+def _synthetic_rl_run(path, l_max, seed, lengths):
+    """An RL run directory as the trainer leaves it: per step the rollout metrics (TRL's names)."""
+    path.mkdir(parents=True)
+    (path / "run_config.json").write_text(json.dumps(
+        {"rewards": {"overlong": {"l_max": l_max}}, "training": {"seed": seed}, "run_dir": str(path)}))
+    records = []
+    for step, length in enumerate(lengths, start=1):
+        math_mean = 0.1 * step + 0.01 * seed
+        penalty = -0.5 if length > l_max else 0.0
+        records.append({"kind": "train", "step": step, "loss": 0.01 * step, "consumed_tokens": 100 * step,
+                        "tokens_per_s": 50.0, "reward": math_mean + penalty, "reward_std": 0.3,
+                        "rewards/math/mean": math_mean, "rewards/overlong/mean": penalty,
+                        "completions/mean_length": float(length), "completions/min_length": length - 5.0,
+                        "completions/max_length": length + 5.0})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_compare_shows_rl_rewards_and_completion_lengths(tmp_path, capsys):
+    """RL runs get the last step's reward, each reward's mean and the mean completion length as
+    columns (seeds folded), and reward and completion-length plots; a run without rollouts has none."""
+    runs = [tmp_path / "lmax=16_seed=1", tmp_path / "lmax=16_seed=2", tmp_path / "lmax=8_seed=1"]
+    _synthetic_rl_run(runs[0], 16, 1, [10, 12, 14])
+    _synthetic_rl_run(runs[1], 16, 2, [10, 12, 13])
+    _synthetic_rl_run(runs[2], 8, 1, [10, 9, 7])
+    _synthetic_run(tmp_path / "pretrain", 0.001, 1, {})
+    comparison = load_comparison([*runs, tmp_path / "pretrain"])
+    by_name = {e.name: e for e in comparison.experiments}
+    assert set(by_name) == {"lmax=16", "lmax=8_seed=1", "pretrain"}
+    wide = by_name["lmax=16"].columns
+    assert wide["reward"].values == pytest.approx([0.31, 0.32])
+    assert wide["reward math"].values == pytest.approx([0.31, 0.32])
+    assert wide["reward overlong"].values == [0.0, 0.0]
+    assert wide["completion length"].values == [14.0, 13.0]
+    assert by_name["lmax=8_seed=1"].columns["completion length"].values == [7.0]
+    assert "reward" not in by_name["pretrain"].columns
+    header = comparison.table_rows()[0]
+    assert header[header.index("final loss"):] == [
+        "final loss", "best loss", "reward", "reward math", "reward overlong", "completion length",
+        "tokens", "tokens/s"]
+    out = _cli(capsys, "compare", *map(str, runs), "--out", str(tmp_path / "cmp"), "--x", "steps")
+    assert "completion length" in out and "13.5000 ± 0.7071" in out
+    assert "reward.png" in out and "completion_length.png" in out
+    assert (tmp_path / "cmp" / "completion_length.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert summary["experiments"][0]["reward math"]["values"] == pytest.approx([0.31, 0.32])

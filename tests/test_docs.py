@@ -165,7 +165,8 @@ _MEASURE = re.compile(
     r"|\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d"  # a time stamp
     r"|\d+m\d+s|[\d.]+m?s\b"  # a duration
     r"|[\d.,]+k?(?: ?(?:s/step|tok/s|GB/s|TFLOP/s|GB|s\b|/dev\))))"  # with its unit
-    r"|(?<=(?:min|std) )≈[\d.]+|(?<=torch\.matmul )≈[\d.]+")  # a measurement's spread, a baseline
+    r"|(?<=(?:min|std) )≈[\d.]+|(?<=torch\.matmul )≈[\d.]+"  # a measurement's spread, a baseline
+    r"|(?<=gen )≈\d+%")  # the share of an RL step's time spent generating
 
 
 def test_only_measured_figures_carry_the_tolerance_mark():

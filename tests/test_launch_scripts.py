@@ -142,3 +142,37 @@ def test_the_optimizer_ablation_script_plans_a_loadable_grid(tmp_path):
     assert len(configs) == 3 * 4 * 2
     assert {c.optim.name for c in configs} == {"adamw", "ademamix", "muon"}
     assert {c.training.train_steps for c in configs} == {1000}
+
+
+def test_grpo_no_think_recipe_and_its_l_max_sweep(tmp_path):
+    """The post-release RL run: /no_think prompts, math reward, DAPO's loss with clip-higher and
+    overlong penalty, from the APO run; GRID=1 sweeps rewards.overlong.l_max 1,536-4,096 by 512,
+    and the grid's configs load with each its own l_max."""
+    import yaml
+
+    from megasmol.config.run import load_run_config
+    from megasmol.data.recipe import load_recipe
+
+    config = load_run_config(REPO / "examples" / "smollm3" / "grpo_no_think.yaml")
+    assert config.training.objective == "rl"
+    assert (config.rl.loss_type, config.rl.epsilon, config.rl.clip_high) == ("dapo", 0.2, 0.28)
+    assert [f.name for f in config.rewards.functions] == ["math"]
+    assert (config.rewards.overlong.l_max, config.rewards.overlong.l_cache) == (3072, 512)
+    assert config.training.global_batch_size % config.rl.num_generations == 0
+    assert config.rl.max_completion_length >= 4096  # the sweep's largest l_max fits
+    assert load_recipe(config.recipe_reference()).name == "smollm3-grpo-no-think"
+    _, train = _dry("examples/smollm3/grpo_no_think.sh", CKPT_DIR=tmp_path)
+    assert cmd_config(train).endswith("examples/smollm3/grpo_no_think.yaml")
+    assert f"checkpoint.init_from={tmp_path}/smollm3-3b-apo/checkpoints" in _sets(train)
+    [grid] = _dry("examples/smollm3/grpo_no_think.sh", CKPT_DIR=tmp_path, GRID=1, STEPS=50)
+    vary = grid[grid.index("--vary") + 1]
+    assert vary == "rewards.overlong.l_max=" + ",".join(str(n) for n in range(1536, 4097, 512))
+    # The grid as ablate writes it (the model spec named, since no APO checkpoint is here).
+    out = tmp_path / "grid"
+    subprocess.run([sys.executable, "-m", "megasmol", "ablate", "--config", cmd_config(grid),
+                    "--set", "model=smollm3-3b", "--vary", vary, "--out", str(out)],
+                   check=True, capture_output=True, cwd=REPO)
+    manifest = json.loads((out / "manifest.json").read_text())
+    l_max = [yaml.safe_load(Path(run["config"]).read_text())["rewards"]["overlong"]["l_max"]
+             for run in manifest["runs"]]
+    assert sorted(l_max) == list(range(1536, 4097, 512))

@@ -2,8 +2,10 @@
 
 The summary has one row per experiment (a group of runs that differ only by seed): final and
 best training loss, validation loss, every downstream metric at its last evaluation, training
-tokens and throughput. With a baseline, each experiment's difference from it is given in units
-of the seed noise, so a difference can be judged against noise.
+tokens and throughput; for preference runs the held-out reward accuracy and margin, for RL runs
+the final reward, each reward function's mean and the completions' mean length. With a
+baseline, each experiment's difference from it is given in units of the seed noise, so a
+difference can be judged against noise.
 """
 
 from __future__ import annotations
@@ -55,6 +57,23 @@ class Experiment:
 
 # Preference runs (DPO / APO): the held-out reward metrics, TRL's names, at the last validation.
 PREFERENCE_COLUMNS = {"val reward acc": "rewards/accuracies", "val reward margin": "rewards/margins"}
+# RL runs (GRPO family): the last logged step's rollout metrics, TRL's names; each reward
+# function's own mean (``rewards/NAME/mean``) gets a ``reward NAME`` column after ``reward``.
+RL_COLUMNS = {"reward": "reward", "completion length": "completions/mean_length"}
+RL_REWARD_PREFIX = "reward "
+
+
+def _rl_values(run: RunLog) -> dict[str, float]:
+    """An RL run's final rollout metrics by column (nothing for other runs)."""
+    rollouts = [r for r in run.train if r.get("reward") is not None]
+    if not rollouts:
+        return {}
+    last = rollouts[-1]
+    values = {column: last[key] for column, key in RL_COLUMNS.items() if last.get(key) is not None}
+    for key, value in last.items():
+        if key.startswith("rewards/") and key.endswith("/mean") and value is not None:
+            values[RL_REWARD_PREFIX + key[len("rewards/"):-len("/mean")]] = value
+    return values
 
 
 def _final_values(run: RunLog, metrics: list[str]) -> dict[str, float]:
@@ -72,6 +91,7 @@ def _final_values(run: RunLog, metrics: list[str]) -> dict[str, float]:
         last = [r[metric] for r in run.downstream if r.get(metric) is not None]
         if last:
             values[metric] = last[-1]
+    values.update(_rl_values(run))
     tokens = [r["consumed_tokens"] for r in run.train if "consumed_tokens" in r]
     if tokens:
         values["tokens"] = tokens[-1]
@@ -88,7 +108,10 @@ class Comparison:
     baseline: Optional[str] = None
 
     def column_names(self) -> list[str]:
-        names = ["final loss", "best loss", "val loss", *PREFERENCE_COLUMNS, "tokens", "tokens/s"]
+        per_reward = sorted({c for e in self.experiments for c in e.columns
+                             if c.startswith(RL_REWARD_PREFIX)})
+        names = ["final loss", "best loss", "val loss", *PREFERENCE_COLUMNS, "reward", *per_reward,
+                 "completion length", "tokens", "tokens/s"]
         return [n for n in names if any(n in e.columns for e in self.experiments)]
 
     def chance(self, metric: str) -> Optional[float]:
