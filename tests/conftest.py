@@ -7,6 +7,13 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread per process (the pytest workers and every process they start) unless
+# OMP_NUM_THREADS is set: `make test` runs two workers on two cores, and a two-thread team in a
+# process whose cores the other worker keeps busy waits at each barrier for its descheduled
+# thread. On the loaded 2-core VM a step of the tests' small training model took 2.5-3.7 s with
+# two threads and 0.17-0.24 s with one (docs/tests.md). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = Path(__file__).resolve().parent / "workers"
 
@@ -44,9 +51,8 @@ def run_torchrun(args: list[str], nproc: int = 2, timeout: int = 600,
 
 
 def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "megasmol", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
+                          text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"megasmol {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

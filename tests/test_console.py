@@ -12,7 +12,7 @@ from tests.conftest import REPO
 
 
 def _cli(cwd, *args, code=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = ["-c", code] if code else ["-m", "megasmol", *args]
     return subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=600)

@@ -112,7 +112,7 @@ def test_tiny_flow_runs_end_to_end(tmp_path):
     parallelism under torchrun are what test_train.py and test_longctx.py check; the script's
     NPROC=2 command lines are checked with DRY_RUN below)."""
     env = {**os.environ, "WORKDIR": str(tmp_path), "STEPS": "8", "STAGE1_STEPS": "4", "LC_STEPS": "2",
-           "NPROC": "1", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2",
+           "NPROC": "1", "PYTHON": sys.executable,  # OMP_NUM_THREADS: the suite's (tests/conftest.py)
            "CORPUS_ARGS": "--code-mb 0.5 --math-problems 2000"}
     proc = subprocess.run(["bash", str(REPO / "examples/tiny/run_all.sh")], capture_output=True,
                           text=True, env=env, cwd=REPO, timeout=900)

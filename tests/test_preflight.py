@@ -280,7 +280,7 @@ def test_dry_run_checks_the_attention_layout_and_counts_all_gathered_kv():
 
 def _preflight_with(tmp_path, *args, path_prefix=None):
     out = tmp_path / "report.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = dict(os.environ)
     if path_prefix:
         env["PATH"] = f"{path_prefix}:{env['PATH']}"
     cmd = [sys.executable, "-m", "megasmol", "preflight", "--json", str(out),

@@ -13,15 +13,19 @@ from tests.specs import tiny_smollm3
 
 
 def test_one_intra_op_thread_restores_the_count_even_on_error(monkeypatch):
-    before = torch.get_num_threads()
-    with pytest.raises(KeyError):
-        with one_intra_op_thread():
-            assert torch.get_num_threads() == 1
-            raise KeyError("boom")
-    assert torch.get_num_threads() == before
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with one_intra_op_thread():  # a GPU machine keeps its threads
-        assert torch.get_num_threads() == before
+    suite_threads = torch.get_num_threads()  # 1 under the suite (tests/conftest.py)
+    torch.set_num_threads(2)  # a count the block changes, so that restoring it shows
+    try:
+        with pytest.raises(KeyError):
+            with one_intra_op_thread():
+                assert torch.get_num_threads() == 1
+                raise KeyError("boom")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        with one_intra_op_thread():  # a GPU machine keeps its threads
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(suite_threads)
 
 
 # Every gloo process group runs two worker threads (pt_gloo_runloop) and one TCP loop thread; an

@@ -87,7 +87,7 @@ def step_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
 def train(config, *sets, check=True, env_extra=None):
     args = ["train", "--config", str(config)] + [a for s in sets for a in ("--set", s)]
     if env_extra:
-        env = {**os.environ, "OMP_NUM_THREADS": "2", **env_extra}
+        env = {**os.environ, **env_extra}
         return subprocess.run([sys.executable, "-m", "megasmol", *args], capture_output=True,
                               text=True, timeout=600, env=env, cwd=REPO)
     return run_cli(*args, check=check)
@@ -97,7 +97,7 @@ def start_train(config, *sets, env_extra=None):
     """A training process in its own session, so a kill can take all its children too."""
     cmd = [sys.executable, "-m", "megasmol", "train", "--config", str(config),
            *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **(env_extra or {})}
+    env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
