@@ -45,9 +45,10 @@ def _step(name: Optional[str]) -> int:
 
 
 def _field(tree: dict, path: tuple[str, ...]):
+    node: object = tree
     for part in path:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def _say(line: str) -> None:
@@ -57,7 +58,8 @@ def _say(line: str) -> None:
 def _on_rank0(config: RunConfig) -> Optional[str]:
     """Rank 0's part of :func:`prepare`; returns the local path of an ``s3://`` init_from."""
     init_from = config.checkpoint.init_from
-    local_init = str(fetch(init_from, "checkpoint.init_from")) if is_url(init_from) else None
+    local_init = (str(fetch(init_from, "checkpoint.init_from"))
+                  if init_from is not None and is_url(init_from) else None)
     url = config.checkpoint_url
     if url is None:
         return local_init

@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -123,8 +123,8 @@ class _RecoveryReport(Callback):
 
     def __init__(self, attempt: Attempt, console: Console):
         self.attempt, self.console = attempt, console
-        self.line = None
-        self.fault_at = None
+        self.line: Optional[str] = None
+        self.fault_at: Optional[float] = None
 
     def on_train_start(self, step: int) -> None:
         if self.line is not None:  # after a rollback: said already
@@ -216,7 +216,9 @@ def train_in_process(config: RunConfig) -> TrainResult:
         completion_timeout=_seconds(resilience.barrier_timeout_s),
     )
 
-    def attempt(call_wrapper: Optional[inprocess.CallWrapper] = None) -> TrainResult:
+    def attempt(call_wrapper: Any = None) -> TrainResult:
+        """NVRx passes its ``inprocess.CallWrapper`` (the attempt's iteration)."""
+        assert call_wrapper is not None, "inprocess.Wrapper passes its CallWrapper"
         run.attempt = Attempt(call_wrapper.iteration, run.history, resilience.max_restarts)
         return train(run.config, run.attempt)
 
