@@ -272,12 +272,13 @@ def test_hostile_completions_score_zero_and_leave_nothing_behind(sandbox_tmp, tm
     rewards = _rewards(functions=[{"name": "code", "timeout_s": 1.0, "workers": 2, "memory_mb": 512}])
     records = [_record(tests=TESTS, entry_point="add", text=PROMPT, chat=False)] * len(body)
     records.append(_record(tests=TESTS, entry_point="add", text="<|im_start|>user\nWrite add.", chat=True))
+    before = set(_children())  # other tests' session servers (moto) may be this worker's children
     started = time.monotonic()
     result = rewards.score(records, [*body.values(), chat], [10] * len(records), [False] * len(records))
     assert time.monotonic() - started < 60
     scores = dict(zip([*body, "chat"], result.per_reward["code"]))
     assert scores == {name: float(name in ("right", "chat")) for name in scores}
-    assert not outside.exists() and _children() == [] and result.notes == []
+    assert not outside.exists() and set(_children()) <= before and result.notes == []
 
 
 def test_the_batch_budget_scores_programs_not_started_in_time_zero(sandbox_tmp):

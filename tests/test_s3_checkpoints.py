@@ -99,19 +99,31 @@ def _fails_before_step_1(config, tmp_path, env, expect):
     return elapsed
 
 
-def test_bad_buckets_fail_before_step_1_in_one_line(s3, s3_server, tmp_path):
+def test_bad_buckets_fail_before_step_1_in_one_line(s3, s3_server, tmp_path, monkeypatch):
+    """Through the CLI once (one line, exit 2, no step trained), then each case through the check
+    the trainer runs first (``train.bucket.prepare``), in this process."""
+    from megasmol.config.run import load_run_config
+    from megasmol.train.bucket import prepare
+    from megasmol.utils.s3_url import StoreError
+
     config = write_training_run(tmp_path, steps=5, eval={"interval": 0},
                                 checkpoint={"dir": s3.url("run")})
     _fails_before_step_1(config, tmp_path, {"AWS_SECRET_ACCESS_KEY": "wrong"}, "wrong credentials")
+
+    def refused(env: dict, expect: str, url: str = s3.url("run")) -> float:
+        with monkeypatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=f"checkpoint.dir: {url}.*{expect}"):
+                prepare(load_run_config(config, [f"checkpoint.dir={url}"]))
+            return time.monotonic() - started
+
     # Nothing listens on port 9: the connect is refused, retried 3 times, within seconds.
-    slow = _fails_before_step_1(config, tmp_path, {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
-                                "cannot reach the endpoint http://127.0.0.1:9")
-    baseline = _fails_before_step_1(config, tmp_path, {"AWS_SECRET_ACCESS_KEY": "wrong"}, "wrong")
-    assert slow < baseline + 10  # the check itself takes seconds; the rest is the imports
-    _fails_before_step_1(config, tmp_path, s3_server.reader, "access denied")
-    other = config.read_text().replace(s3.url("run"), "s3://no-such-bucket/run")
-    config.write_text(other)
-    _fails_before_step_1(config, tmp_path, {}, "bucket no-such-bucket does not exist")
+    assert refused({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
+                   "cannot reach the endpoint http://127.0.0.1:9") < 10
+    refused(s3_server.reader, "access denied")
+    refused({}, "bucket no-such-bucket does not exist", "s3://no-such-bucket/run")
 
 
 def test_a_prefix_with_another_runs_checkpoints_is_refused(reference, s3, tmp_path):

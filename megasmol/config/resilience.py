@@ -31,7 +31,7 @@ class ResilienceConfig:
     ``--max-restarts 0`` or srun (docs/training-loop.md, "In-process restart")."""
     soft_timeout_s: float = 60.0
     """A rank whose main thread runs no Python for this long (stuck in one call: a collective, a
-    kernel, a file read) is interrupted and the job restarts in-process; longer than any single
+    kernel, a read from disk) is interrupted and the job restarts in-process; longer than any single
     blocking call of a healthy step, save or validation."""
     hard_timeout_s: float = 90.0
     """A rank still stuck this long (the interruption could not reach it) is terminated by NVRx's
