@@ -71,13 +71,21 @@ def _subprocess_tmpdir(tmp_path_factory):
         os.environ["TMPDIR"] = previous
 
 
-@pytest.fixture(scope="session")
-def megatron_runtime():
-    """Single-process gloo runtime with Megatron parallel_state (TP=PP=1) for in-process tests."""
+def ensure_megatron_runtime() -> None:
+    """Single-process gloo runtime with Megatron parallel_state (TP=PP=1) for in-process tests:
+    set up once, and again when a test that ran before in this worker shut it down."""
+    from megatron.core import parallel_state
+
     from megasmol.config.parallel import ParallelLayout
     from megasmol.runtime.distributed import init_parallel
 
-    init_parallel(ParallelLayout())
+    if not parallel_state.model_parallel_is_initialized():
+        init_parallel(ParallelLayout())
+
+
+@pytest.fixture
+def megatron_runtime():
+    ensure_megatron_runtime()
     yield
 
 

@@ -52,15 +52,10 @@ def write_rl_run(root: Path, steps: int = 6, initialized: bool = False, **sectio
     (the same for every parallel layout, which a random initialization is not)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    if initialized:
-        from megasmol.model.init import init_checkpoint
-        from megasmol.model.spec import load_model_spec
-        from megasmol.runtime.distributed import shutdown
+    if initialized:  # in a process of its own: this one's Megatron runtime stays as it is
+        from tests.conftest import run_cli
 
-        try:
-            init_checkpoint(load_model_spec(root / "spec.yaml"), root / "init", seed=7)
-        finally:
-            shutdown()
+        run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "7")
         sections.setdefault("checkpoint", {})["init_from"] = "init"
     write_prompt_set(root / "prompts" / "words")
     (root / "recipe.yaml").write_text(yaml.safe_dump({

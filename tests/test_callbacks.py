@@ -47,11 +47,13 @@ def context(tmp_path, setup=None, total_steps=20):
 
 
 @pytest.fixture(scope="module")
-def tiny_setup(megatron_runtime, tmp_path_factory):
+def tiny_setup(tmp_path_factory):
     """A real ``TrainingSetup``: the tiny spec, two random datasets, validation batches."""
     from megasmol.config.run import load_run_config
     from megasmol.train.setup import build_setup
+    from tests.conftest import ensure_megatron_runtime
 
+    ensure_megatron_runtime()
     root = tmp_path_factory.mktemp("setup")
     config = load_run_config(write_training_run(root, steps=6, checkpoint={"interval": 2, "keep_last": 2}))
     return build_setup(config)
