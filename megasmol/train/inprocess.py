@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -216,8 +216,8 @@ def train_in_process(config: RunConfig) -> TrainResult:
         completion_timeout=_seconds(resilience.barrier_timeout_s),
     )
 
-    def attempt(call_wrapper: Any = None) -> TrainResult:
-        """NVRx passes its ``inprocess.CallWrapper`` (the attempt's iteration)."""
+    # NVRx passes its CallWrapper to the parameter annotated with that type (keep the annotation).
+    def attempt(call_wrapper: Optional[inprocess.CallWrapper] = None) -> TrainResult:  # type: ignore[name-defined]
         assert call_wrapper is not None, "inprocess.Wrapper passes its CallWrapper"
         run.attempt = Attempt(call_wrapper.iteration, run.history, resilience.max_restarts)
         return train(run.config, run.attempt)
