@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from megasmol.utils.argtypes import add_model_choice, input_path, positive_int
+from megasmol.data.prepare_flags import add_output_flags, add_source_flags, add_template_flags
+from megasmol.utils.argtypes import add_model_choice, positive_int
 
 
 def cmd_prepare_chat(args) -> int:
@@ -69,16 +70,9 @@ def add_chat_parsers(sub) -> None:
                     "template set) beside them. Records that cannot be used are counted by reason, "
                     "never dropped silently. Preference pairs (chosen/rejected): "
                     "prepare-preferences.")
-    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
-                   help="JSONL / Parquet files, directories or globs of {messages: [{role, content}]} "
-                        "records; a datasets save_to_disk directory; or hf:DATASET_ID where a hub is "
-                        "reachable")
-    p.add_argument("--out", required=True,
-                   help="output prefix: PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, "
-                        "PREFIX.chat.json")
-    p.add_argument("--template", default="smollm3",
-                   help="smollm3 (default), chatml, a .jinja file, or tokenizer (its own chat_template)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2, SmolLM3's)")
+    add_source_flags(p, records=" of {messages: [{role, content}]} records",
+                     writes="PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, PREFIX.chat.json")
+    add_template_flags(p)
     p.add_argument("--max-length", type=int, help="longest conversation in tokens (EOS included)")
     p.add_argument("--on-overflow", default="error", choices=["error", "truncate", "drop"],
                    help="a conversation over --max-length: error (default: left out, reported as an "
@@ -87,9 +81,7 @@ def add_chat_parsers(sub) -> None:
                    help="assistant (default, SFT): replies and their end-of-turn token; "
                         "all (mid-training): every token")
     p.add_argument("--messages-key", default="messages", help="record field with the messages")
-    p.add_argument("--split", default="train", help="split of a datasets input (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     p.set_defaults(func=cmd_prepare_chat)
 
     p = sub.add_parser(

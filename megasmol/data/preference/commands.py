@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megasmol.utils.argtypes import input_path
+from megasmol.data.prepare_flags import add_output_flags, add_source_flags, add_template_flags
 
 
 def cmd_prepare_preferences(args) -> int:
@@ -28,25 +28,15 @@ def add_preference_parsers(sub) -> None:
                                    "indexed datasets) and the tokenizer beside them: the data of a "
                                    "run with a preference: section (DPO, APO). Conversations for "
                                    "SFT: prepare-chat.")
-    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
-                   help="JSONL / Parquet files, directories or globs in TRL's preference formats "
-                        "({prompt, chosen, rejected} as messages or strings; or implicit {chosen, "
-                        "rejected} conversations); a datasets save_to_disk directory; or hf:DATASET_ID "
-                        "where a hub is reachable")
-    p.add_argument("--out", required=True,
-                   help="output prefix: PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, "
-                        "PREFIX.pref.json (its folder is created)")
-    p.add_argument("--template", default="smollm3",
-                   help="smollm3 (default), chatml, a .jinja file, or tokenizer (its own chat_template); "
-                        "plain-string records use no template")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2, SmolLM3's)")
+    add_source_flags(p, records=" in TRL's preference formats ({prompt, chosen, rejected} as messages "
+                                "or strings; or implicit {chosen, rejected} conversations)",
+                     writes="PREFIX.bin/.idx, PREFIX_lossmask.bin/.idx, PREFIX.tokenizer/, PREFIX.pref.json")
+    add_template_flags(p, note="; plain-string records use no template")
     p.add_argument("--max-length", type=int,
                    help="longest half (prompt + completion + EOS) in tokens")
     p.add_argument("--on-overflow", default="error", choices=["error", "truncate", "drop"],
                    help="a half over --max-length: error (default: the pair is left out, reported as an "
                         "error count), truncate (keep the prompt, cut the completion), drop (left out, "
                         "counted)")
-    p.add_argument("--split", default="train", help="split of a datasets input (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     p.set_defaults(func=cmd_prepare_preferences)

@@ -6,7 +6,8 @@ import argparse
 
 import yaml
 
-from megasmol.utils.argtypes import input_path, positive_int
+from megasmol.data.prepare_flags import add_output_flags, add_source_flags, add_template_flags
+from megasmol.utils.argtypes import positive_int
 
 
 def template_kwarg(raw: str) -> tuple[str, object]:
@@ -49,15 +50,8 @@ def add_prompts_parsers(sub) -> None:
                     "PREFIX.prompts.jsonl, PREFIX.tokenizer/ and PREFIX.prompts.json under .partial "
                     "names, renamed when complete. Records that cannot be used are counted by "
                     "reason, never dropped silently.")
-    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
-                   help="JSONL / Parquet files, directories or globs; a datasets save_to_disk "
-                        "directory; or hf:DATASET_ID where a hub is reachable")
-    p.add_argument("--out", required=True,
-                   help="output prefix: PREFIX.prompts.jsonl, PREFIX.tokenizer/, PREFIX.prompts.json "
-                        "(its folder is created)")
-    p.add_argument("--template", default="smollm3",
-                   help="smollm3 (default), chatml, a .jinja file, or tokenizer (its own chat_template)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2, SmolLM3's)")
+    add_source_flags(p, records="", writes="PREFIX.prompts.jsonl, PREFIX.tokenizer/, PREFIX.prompts.json")
+    add_template_flags(p)
     p.add_argument("--template-kwarg", action="append", default=[], type=template_kwarg,
                    metavar="KEY=VALUE",
                    help="a chat template variable for every prompt, e.g. enable_thinking=false "
@@ -77,7 +71,5 @@ def add_prompts_parsers(sub) -> None:
     p.add_argument("--on-overflow", default="error", choices=["error", "drop"],
                    help="a prompt over --max-length is left out: error (default: reported as an "
                         "error count) or drop (counted)")
-    p.add_argument("--split", default="train", help="split of a datasets input (default train)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_flags(p)
     p.set_defaults(func=cmd_prepare_prompts)
