@@ -145,7 +145,8 @@ def hf_sample(hf, prompts: list[list[int]], new_tokens: int, scores: bool) -> in
 def rollout_throughput(args, model, hf, prompts: list[list[int]]) -> dict:
     import torch
 
-    from megasmol.decode import SamplingParams, generate
+    from megasmol.decode.cached import generate
+    from megasmol.decode.sampling import SamplingParams
 
     batch = [p for p in prompts[:args.prompts] for _ in range(args.generations)]
     sampling = SamplingParams(temperature=1.0)

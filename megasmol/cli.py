@@ -12,13 +12,16 @@ from pathlib import Path
 from megasmol.ablate.commands import add_ablate_parsers
 from megasmol.chat.commands import add_chat_parsers
 from megasmol.config.run import cli_override
+from megasmol.convert.commands import add_convert_parsers
+from megasmol.data.commands import add_data_parsers
 from megasmol.data.preference.commands import add_preference_parsers
 from megasmol.data.prompts.commands import add_prompts_parsers
+from megasmol.decode.commands import add_decode_parsers
 from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
-from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_int
+from megasmol.utils.argtypes import InputPath, at_least, input_path
 from megasmol.utils.fs import shown, shown_paths
 from megasmol.utils.s3_url import is_url
 
@@ -92,67 +95,6 @@ def cmd_init(args) -> int:
     return 0
 
 
-def cmd_export_hf(args) -> int:
-    from megasmol.convert.export import export_hf
-    from megasmol.model.spec import YarnSpec
-
-    yarn = None
-    if args.yarn_factor is not None:
-        yarn = YarnSpec(factor=args.yarn_factor,
-                        original_max_position_embeddings=args.yarn_original_max_positions)
-        yarn.validate()
-    report = export_hf(
-        args.checkpoint, args.out, dtype=args.dtype, yarn=yarn, tokenizer=args.tokenizer,
-        chat_template=args.chat_template, max_shard_bytes=int(args.max_shard_gb * 1024**3),
-        overwrite=args.overwrite,
-        show_progress=not args.quiet,
-    )
-    print(f"wrote {shown(report.out_dir)}: {report.tensors} tensors in {report.shards} shard(s), "
-          f"{report.total_bytes / 1e6:.1f} MB, tokenizer {'included' if report.tokenizer else 'not given'}")
-    return 0
-
-
-def cmd_import_hf(args) -> int:
-    from megasmol.convert.import_hf import import_hf
-    from megasmol.runtime.distributed import shutdown
-
-    try:
-        path = import_hf(args.hf, args.out, name=args.name, show_progress=not args.quiet)
-    finally:
-        shutdown()
-    print(f"wrote {shown(path)}")
-    return 0
-
-
-def cmd_generate(args) -> int:
-    from megasmol.ckpt.checkpoint import tokenizer_dir
-    from megasmol.config.typed import ConfigError
-    from megasmol.decode.cached import greedy_generate
-    from megasmol.model.load import load_checkpoint_model, yarn_overrides
-    from megasmol.runtime.distributed import shutdown
-    from megasmol.tokenizer import load_tokenizer
-
-    source = args.tokenizer or tokenizer_dir(args.checkpoint)
-    if source is None:
-        raise ConfigError(f"{args.checkpoint}: no tokenizer stored with it; pass --tokenizer DIR")
-    tokenizer = load_tokenizer(source)
-    try:
-        model, spec, _ = load_checkpoint_model(
-            args.checkpoint, overrides=yarn_overrides(args.checkpoint, args.yarn_factor))
-        prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
-        if prompt_ids.max() >= spec.vocab_size:
-            raise ConfigError("the tokenizer's ids exceed the model's vocabulary: wrong tokenizer?")
-        ids = greedy_generate(model, prompt_ids, args.max_new_tokens, spec.eos_token_id)
-    finally:
-        shutdown()
-    continuation = tokenizer.decode(ids[0, prompt_ids.shape[1]:], skip_special_tokens=True)
-    print(f"prompt:       {args.prompt}")
-    print(f"continuation: {continuation}")
-    if args.show_ids:
-        print("token ids:    " + " ".join(str(t) for t in ids[0].tolist()))
-    return 0
-
-
 def _training_process() -> None:
     """Logging and warning setup shared by the commands that train."""
     import logging
@@ -194,33 +136,6 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
 
 
-def cmd_prepare_data(args) -> int:
-    from megasmol.data.tokenize import prepare_data
-
-    summary = prepare_data(args.input, args.out, tokenizer=args.tokenizer, text_key=args.text_key,
-                           workers=args.workers, dtype=args.dtype, overwrite=args.overwrite,
-                           skip_bad_files=args.skip_bad_files, show_progress=not args.quiet)
-    print("\n".join(summary.lines()))
-    print(f"  stats      {shown(args.out)}.stats.json")
-    return 0
-
-
-def cmd_demo_corpus(args) -> int:
-    from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
-
-    manifest = build_demo_corpus(args.out, code_mb=args.code_mb, math_problems=args.math_problems,
-                                 seed=args.seed)
-    print(f"demo corpus in {shown(args.out)} (Python {manifest['python']}, seed {manifest['seed']})")
-    for domain, info in manifest["domains"].items():
-        print(f"  {domain:<6} {info['documents']:>7,} documents  {info['characters']:>11,} characters")
-    if args.tokenize:
-        for domain, summary in tokenize_demo_corpus(args.out, tokenizer=args.tokenizer,
-                                                    workers=args.workers, overwrite=True,
-                                                    show_progress=not args.quiet).items():
-            print(f"  {domain:<6} {summary.tokens:>11,} tokens -> {shown(summary.output_prefix)}")
-    return 0
-
-
 def cmd_train(args) -> int:
     from megasmol.config.run import load_run_config
 
@@ -259,15 +174,6 @@ def cmd_train(args) -> int:
                         else ("training.train_steps", config.training.train_steps))
         print(f"nothing to train: the run is at step {result.resumed_from} and {field} is {limit}")
     return 0
-
-
-def cmd_data_audit(args) -> int:
-    from megasmol.config.run import load_run_config
-    from megasmol.data.audit import audit_run
-
-    report = audit_run(load_run_config(args.config, args.set))
-    print(shown_paths(report.render()))
-    return 0 if report.ok else 1
 
 
 class Parser(argparse.ArgumentParser):
@@ -312,7 +218,7 @@ class _Version(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="megasmol",
-        description="SmolLM3-style pretraining and post-training (SFT, DPO / APO) on Megatron-Core.",
+        description="SmolLM3-style pretraining and post-training (SFT, DPO / APO, GRPO) on Megatron-Core.",
         epilog="Start with `megasmol demo`; every command has --help; the guides are in docs/.")
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -343,107 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer directory to store with the checkpoint")
     p.set_defaults(func=cmd_init)
 
-    p = sub.add_parser(
-        "export-hf", help="convert a checkpoint to a Hugging Face model directory",
-        description="Writes config.json, safetensors shards, generation_config.json and the "
-                    "tokenizer (with its chat template), a directory transformers loads with "
-                    "AutoModelForCausalLM. Reads a checkpoint of any TP/PP layout one tensor at a "
-                    "time and writes OUT.partial, renamed to OUT when complete.")
-    p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
-                   help="checkpoint root, iteration directory or run directory")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="output dtype (default: as stored)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    p.add_argument("--chat-template", metavar="NAME|FILE",
-                   help="give the exported tokenizer this chat template (smollm3, chatml or a .jinja "
-                        "file); a checkpoint trained on chat data already carries its own")
-    p.add_argument("--yarn-factor", type=float, help="write a YaRN rope_scaling block with this factor")
-    p.add_argument("--yarn-original-max-positions", type=int, default=65536,
-                   help="YaRN original_max_position_embeddings (default 65536)")
-    p.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_export_hf)
-
-    p = sub.add_parser(
-        "import-hf", help="convert a Hugging Face SmolLM3/Llama model to a checkpoint",
-        description="Reads a Hugging Face model directory's safetensors (never a pickle) one tensor "
-                    "at a time, checks every name and shape against its config.json, and writes a "
-                    "megasmol checkpoint with the tokenizer files found there: a start for "
-                    "checkpoint.init_from, eval tasks or chat.")
-    p.add_argument("--hf", required=True, type=input_path("--hf"),
-                   help="HF model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="checkpoint root directory to write")
-    p.add_argument("--name", help="model name recorded in the spec (default: directory name)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_import_hf)
-
-    p = sub.add_parser(
-        "generate", help="greedy decoding with a checkpoint's Megatron model",
-        description="Continues --prompt greedily with the checkpoint's Megatron-Core model itself "
-                    "(no conversion; KV cache), up to --max-new-tokens or the EOS token, and prints "
-                    "the prompt and the continuation.")
-    p.add_argument("--checkpoint", required=True, type=input_path("--checkpoint"),
-                   help="checkpoint root, iteration directory or run directory")
-    p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate (default 32)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
-    p.add_argument("--show-ids", action="store_true", help="also print the token ids")
-    p.add_argument("--yarn-factor", type=float,
-                   help="run with YaRN scaling by this factor over the trained length (e.g. 2)")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "prepare-data", help="tokenize JSONL / text / Parquet into a Megatron indexed dataset",
-        description="Tokenizes every document (a JSONL field, a text file, a Parquet column), "
-                    "appends EOS and writes PREFIX.bin/.idx in Megatron-Core's indexed format (what "
-                    "a data recipe's entries name) and PREFIX.stats.json; files are written under "
-                    ".partial names and renamed when complete. Conversations: prepare-chat; "
-                    "preference pairs: prepare-preferences.")
-    p.add_argument("--input", required=True, nargs="+", type=input_path("input", patterns=True),
-                   help="files, directories or globs")
-    p.add_argument("--out", required=True,
-                   help="output prefix: writes PREFIX.bin, PREFIX.idx and PREFIX.stats.json")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub id (default: Llama-3.2, SmolLM3's)")
-    p.add_argument("--text-key", default="text", help="JSONL field / Parquet column (default text)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="1 (default): one process, the tokenizer's own threads on all cores; "
-                        "N>1: N single-threaded tokenizer processes")
-    p.add_argument("--dtype", default="auto", help="auto (default), uint16 or int32")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX")
-    p.add_argument("--skip-bad-files", action="store_true",
-                   help="count and report unreadable files instead of stopping")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare_data)
-
-    p = sub.add_parser(
-        "demo-corpus", help="build the embedded prose/code/math demo corpus",
-        description="Writes OUT/prose.jsonl (Python's language reference and standard-library "
-                    "docstrings), OUT/code.jsonl (standard-library sources) and OUT/math.jsonl "
-                    "(seeded word problems), from what Python ships: nothing is downloaded. With "
-                    "--tokenize, also OUT/tokens/{prose,code,math}_text_document.bin/.idx, the "
-                    "data of examples/tiny/*.yaml.")
-    p.add_argument("--out", default="runs/demo/corpus", help="directory (default runs/demo/corpus)")
-    p.add_argument("--tokenize", action="store_true", help="also tokenize it into OUT/tokens/")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--code-mb", type=float, default=3.0, help="standard-library code budget (default 3 MB)")
-    p.add_argument("--math-problems", type=int, default=20000, help="word problems (default 20000)")
-    p.add_argument("--seed", type=int, default=1234, help="seed for code sampling and problems")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_demo_corpus)
-
-    p = sub.add_parser(
-        "data-audit", help="tokens available / drawn / epochs per stage and dataset",
-        description="Checks a run config's data as training would before it starts: per stage and "
-                    "dataset, the tokens available and drawn and the epochs that implies; errors "
-                    "for missing or truncated files, token ids outside the model's vocabulary and "
-                    "a wrong EOS. Exit code 1 on any error.")
-    p.add_argument("--config", required=True, type=input_path("--config"), help="run config YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
-                   help="override a config field, e.g. training.train_steps=1000 (repeatable)")
-    p.set_defaults(func=cmd_data_audit)
+    add_convert_parsers(sub)
+    add_decode_parsers(sub)
+    add_data_parsers(sub)
 
     p = sub.add_parser(
         "train", help="train (or resume) a run from its YAML config; under torchrun for TP/PP/DP",

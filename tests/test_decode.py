@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from megasmol.config.typed import ConfigError
-from megasmol.decode import Completion, SamplingParams, choose, generate
+from megasmol.decode.cached import generate
+from megasmol.decode.completion import Completion
+from megasmol.decode.sampling import SamplingParams, choose
 from megasmol.model.load import single_process_model
 from tests.specs import tiny_llama
 

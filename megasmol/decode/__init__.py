@@ -6,10 +6,3 @@
   token by token, for chat) and the batched decoding of many prompts.
 * ``parallel``: any TP / PP / CP / DP layout, no KV cache (the training layout).
 """
-
-from megasmol.decode.cached import Decoder, generate, greedy_generate
-from megasmol.decode.completion import Completion, FinishReason
-from megasmol.decode.sampling import SamplingParams, choose
-
-__all__ = ["Completion", "Decoder", "FinishReason", "SamplingParams", "choose", "generate",
-           "greedy_generate"]

@@ -96,7 +96,8 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
     pipeline schedule, recomputing the prefix (tensor or pipeline parallelism)."""
     from megatron.core import parallel_state
 
-    from megasmol.decode import SamplingParams, generate
+    from megasmol.decode.cached import generate
+    from megasmol.decode.sampling import SamplingParams
 
     rl = setup.config.rl
     sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
