@@ -43,6 +43,20 @@ class S3Server:
     def env(self, keys: dict) -> dict:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1", **keys}
 
+    def user(self, policy: dict) -> dict:
+        """A new user with ``policy`` (an IAM policy document, checked by the server on every
+        request): its keys, as ``writer`` and ``reader`` are."""
+        import boto3
+
+        iam = boto3.client("iam", endpoint_url=self.endpoint, region_name="us-east-1",
+                           aws_access_key_id=self.writer["AWS_ACCESS_KEY_ID"],
+                           aws_secret_access_key=self.writer["AWS_SECRET_ACCESS_KEY"])
+        name = f"user-{uuid.uuid4().hex[:12]}"
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
     def client(self, keys: dict | None = None):
         import boto3
 

@@ -120,7 +120,7 @@ def test_every_argument_that_names_an_input_is_checked_before_the_command_runs()
 def test_an_object_store_url_is_refused_not_made_a_local_folder(tmp_path, monkeypatch):
     """``checkpoint.dir: s3://bucket/run`` used to write a local folder named ``s3:``: the user
     believed the checkpoints were in the bucket. Now s3:// is a bucket in the fields that take one
-    (checkpoint.dir and checkpoint.init_from: ckpt/remote.py), and any other URL, or a URL in any
+    (checkpoint.dir, init_from and branch_from: ckpt/remote.py), and any other URL, or a URL in any
     other path field, is one error naming the field, written in the file or given with --set."""
     from megasmol.config.typed import ConfigError
 
@@ -137,9 +137,11 @@ def test_an_object_store_url_is_refused_not_made_a_local_folder(tmp_path, monkey
     plain = config.read_text().replace("checkpoint: {dir: 's3://bucket/run'}\n", "")
     config.write_text(plain)
     load_run_config(config)  # the same config without the URL loads
+    branch = load_run_config(config, [cli_override("checkpoint.branch_from=s3://bucket/run@5")])
+    assert branch.checkpoint.branch_from == "s3://bucket/run@5"  # fetched by train/bucket.py
     for item in ("checkpoint.init_from=gs://bucket/ckpt", "checkpoint.dir=s3://b/x",
                  "run_dir=s3://bucket/run", "checkpoint.dir=https://host/run",
-                 "checkpoint.staging_dir=stage"):
+                 "checkpoint.staging_dir=stage", "checkpoint.branch_from=s3://b/run@5"):
         with pytest.raises(ConfigError, match=f"^{item.split('=')[0]}: "):
             load_run_config(config, [cli_override(item)])
     assert not any(p.name.endswith(":") for p in tmp_path.rglob("*"))

@@ -1,5 +1,7 @@
 """The storage layer against a real S3 server on the loopback interface (tests/s3_fixtures.py)."""
 
+import json
+import shutil
 import time
 
 import pytest
@@ -125,3 +127,66 @@ def test_multi_storage_client_stays_off_whatever_is_installed(tmp_path, megatron
     MultiStorageClientFeature.enable()
     trust.install()
     assert not MultiStorageClientFeature._enabled
+
+
+def test_a_resume_takes_whichever_copy_is_complete_and_newer(s3, tmp_path, capsys):
+    """``train.bucket.prepare`` with a staging directory and a bucket that each hold checkpoints:
+    the bucket's newer one is downloaded, a newer local one uploaded, an incomplete copy on either
+    side never taken, and two copies of the same step left as they are."""
+    from megasmol.config.run import load_run_config
+    from megasmol.train.bucket import prepare
+    from tests.train_fixtures import write_training_run
+
+    path = write_training_run(tmp_path / "run", steps=10, checkpoint={"dir": s3.url("run")})
+    config = load_run_config(path)
+    staging = config.checkpoint_dir
+    remote = RemoteCheckpoints(s3.url("run"))
+
+    def checkpoint(root, step):  # complete as a save leaves it (megasmol.json and metadata.json)
+        it = _iteration(root, f"iter_{step:07d}", extra=bytes([step]))
+        (it / "megasmol.json").write_text(json.dumps({"run_config": config.to_dict()}))
+        (it / "metadata.json").write_text("{}")
+        return it
+
+    def local_latest(name):
+        staging.mkdir(parents=True, exist_ok=True)
+        (staging / "latest").write_text(name + "\n")
+
+    # The bucket's is newer than the local one: downloaded into the staging directory.
+    checkpoint(staging, 2)
+    local_latest("iter_0000002")
+    remote.upload(checkpoint(tmp_path / "elsewhere", 4))
+    prepare(config)
+    assert (staging / "latest").read_text() == "iter_0000004\n"
+    assert (staging / "iter_0000004" / "__0_0.distcp").read_bytes().endswith(bytes([4]))
+    assert "downloaded iter_0000004 from " in capsys.readouterr().out
+
+    # The local one is newer (its upload did not finish): uploaded, and the bucket's latest moves.
+    checkpoint(staging, 6)
+    local_latest("iter_0000006")
+    prepare(config)
+    said = capsys.readouterr().out
+    assert "the local iter_0000006 is newer than the bucket's latest (iter_0000004)" in said
+    assert remote.latest() == "iter_0000006" and remote.store.manifest("iter_0000006") is not None
+
+    # An incomplete newer copy on either side is not taken: the bucket's cut upload of step 8
+    # (no manifest), and a local step 10 without its megasmol.json; the same step 6 on both: as is.
+    def cut(rel):
+        if rel == "megasmol.json":
+            raise UploadFailed("killed halfway")
+
+    with pytest.raises(UploadFailed):
+        remote.upload(checkpoint(tmp_path / "elsewhere", 8), on_file=cut)
+    (checkpoint(staging, 10) / "megasmol.json").unlink()
+    local_latest("iter_0000010")
+    prepare(config)
+    assert capsys.readouterr().out == ""  # nothing to download or upload
+    assert remote.latest() == "iter_0000006" and s3.text("run/latest") == "iter_0000006\n"
+
+    # The newest local copies lost: the newest complete one left (step 4) is older than the
+    # bucket's latest, which comes back.
+    for name in ("iter_0000006", "iter_0000010"):
+        shutil.rmtree(staging / name)
+    prepare(config)
+    assert (staging / "latest").read_text() == "iter_0000006\n" and (staging / "iter_0000006").is_dir()
+    assert "(the local copy was older: iter_0000004;" in capsys.readouterr().out

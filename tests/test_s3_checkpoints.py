@@ -137,3 +137,72 @@ def test_a_prefix_with_another_runs_checkpoints_is_refused(reference, s3, tmp_pa
     (tmp_path / "b" / "other.yaml").write_text((tmp_path / "b" / "recipe.yaml").read_text())
     _fails_before_step_1(second, tmp_path / "b", {}, "holds another run's checkpoints (iter_0000005: "
                          "data.recipe")
+
+
+def test_a_refused_upload_is_one_line_and_the_bucket_keeps_the_last_complete_latest(s3, s3_server,
+                                                                                   tmp_path):
+    """The endpoint refuses the objects of the checkpoints at steps 4 and 6 (a policy denying
+    those writes, checked by the server as a real one checks it): each refusal is one line saying
+    the bucket's latest stays the last complete checkpoint; training goes on to its last step; the
+    run then ends with exit 1 (its newest checkpoint is not in the bucket), its local copy complete."""
+    denied = [f"arn:aws:s3:::{s3.name}/run/iter_000000{step}/*" for step in (4, 6)]
+    keys = s3_server.user({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "s3:PutObject", "Resource": denied}]})
+    config = write_training_run(tmp_path, steps=6, eval={"interval": 0},
+                                checkpoint={"dir": s3.url("run"), "interval": 2, "keep_last": 0})
+    proc = train(config, check=False, env_extra=keys)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    said = [line for line in out.splitlines() if "failed" in line]
+    assert len(said) == 3, said  # one line per refused upload, and the run's last line
+    for line, step in zip(said, (4, 6)):
+        assert line.startswith(f"checkpoints: uploading iter_000000{step} to {s3.url('run')} failed: "
+                               f"{s3.url('run')}/iter_000000{step}/"), line
+        assert "was not written: access denied" in line and line.endswith(
+            "; the bucket's latest stays iter_0000002"), line
+    assert said[2].startswith("megasmol train: error: uploading iter_0000006") and said[2].endswith(
+        "(the local copy is complete: run again to upload it)"), said[2]
+    assert max(step_losses(tmp_path / "run")) == 6  # training went on after the first refusal
+    assert s3.text("run/latest") == "iter_0000002\n"
+    assert f"run/iter_0000002/{MANIFEST}" in s3.keys("run/iter_0000002/")
+    assert not any(key.endswith(MANIFEST) for key in s3.keys("run/iter_0000004/"))
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "iter_0000006\n"
+
+
+def test_a_branch_starts_from_a_checkpoint_in_the_bucket(s3, tmp_path, monkeypatch):
+    """``checkpoint.branch_from: s3://bucket/prefix@STEP``: the source's model and optimizer
+    state, downloaded from the bucket (a branch whose one step is skipped saves exactly them)."""
+    import yaml
+
+    from megasmol.ckpt.reader import CheckpointReader
+    from megasmol.config.run import load_run_config
+    from megasmol.train.bucket import prepare
+    from megasmol.utils.s3_url import StoreError
+
+    source = write_training_run(tmp_path, steps=5, eval={"interval": 0},
+                                checkpoint={"dir": s3.url("src"), "keep_last": 0})
+    train(source)
+    assert s3.text("src/latest") == "iter_0000005\n"
+    config = yaml.safe_load(source.read_text())
+    config.pop("model")  # the branch's spec is its source's
+    config["run_dir"] = "branch"
+    config["training"]["train_steps"] = 1
+    config["schedule"] = {"kind": "decay", "warmup_steps": 0, "min_lr": 0.0}
+    config["checkpoint"] = {"branch_from": s3.url("src") + "@5", "keep_last": 0}
+    config["spikes"] = {"skip_batches": [[1, 1]]}
+    branch = tmp_path / "branch.yaml"
+    branch.write_text(yaml.safe_dump(config))
+    out = train(branch).stdout
+    assert f"downloading {s3.url('src')}/iter_0000005 to " in out and "its step 5" in out, out
+    src = CheckpointReader(tmp_path / "run" / "checkpoints" / "iter_0000005")  # the staging copy
+    got = CheckpointReader(tmp_path / "branch" / "checkpoints")
+    assert any(k.startswith("optimizer.state.exp_avg") for k in src.keys())
+    assert set(got.keys()) == set(src.keys())
+    for key in src.keys():
+        assert src.read(key).equal(got.read(key)), key
+
+    # A step the bucket does not hold: one line naming the field and the steps it has.
+    with pytest.raises(StoreError, match=r"^checkpoint.branch_from: s3://.*/src has no complete "
+                                         r"checkpoint at step 7 \(complete ones at steps \[5\]\)"):
+        prepare(load_run_config(branch, [f"checkpoint.branch_from={s3.url('src')}@7"]))

@@ -1,5 +1,8 @@
 """``checkpoint.branch_from`` resolved to a training checkpoint's iteration directory (the branch
-point itself, its step and learning rate, is ``train/branch.py``'s)."""
+point itself, its step and learning rate, is ``train/branch.py``'s). An ``s3://`` source
+(``s3://bucket/prefix@STEP``, its latest without ``@STEP``, or an iteration) is first downloaded
+into the local cache by :func:`fetch_source` (``train/bucket.py`` calls it before the model is
+built) and read from there like a local one."""
 
 from __future__ import annotations
 
@@ -8,6 +11,32 @@ from pathlib import Path
 from megasmol.ckpt.checkpoint import iteration_dirname, resolve
 from megasmol.ckpt.locate import checkpoint_root
 from megasmol.config.typed import ConfigError
+
+WHAT = "checkpoint.branch_from"
+
+
+def fetch_source(text: str) -> str:
+    """The local copy of the ``s3://`` source ``text`` (``ROOT@STEP``, a root or an iteration),
+    downloaded into the cache unless it is there; raises StoreError naming the field."""
+    from megasmol.ckpt.remote import RemoteCheckpoints, fetch
+    from megasmol.utils.s3_url import StoreError, parse
+
+    where, _, step = text.rpartition("@") if "@" in text else (text, "", "")
+    if not step:
+        return str(fetch(where, WHAT))
+    if not step.isdigit():
+        raise ConfigError(f"{WHAT}: {text!r}: the part after @ must be a step")
+    root = RemoteCheckpoints(parse(where, WHAT), WHAT)
+    name = iteration_dirname(int(step))
+    try:
+        complete = root.store.manifest(name) is not None
+        have = [] if complete else [int(n.removeprefix("iter_")) for n in root.complete()]
+    except root.store._errors() as exc:
+        raise StoreError(f"{WHAT}: {where}: {root.store.describe(exc)}") from None
+    if not complete:
+        raise StoreError(f"{WHAT}: {where} has no complete checkpoint at step {step} (complete ones "
+                         f"at steps {have or 'none'})")
+    return str(fetch(str(root.url.child(name)), WHAT))
 
 
 def locate_source(config) -> Path:

@@ -105,13 +105,19 @@ class ObjectStore:
             return "no AWS credentials found (AWS_ACCESS_KEY_ID / AWS_PROFILE / an instance role)"
         if isinstance(exc, ProfileNotFound):
             return f"AWS_PROFILE: {exc}"
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(exc, self._errors()) and isinstance(cause, self._errors()):
+            return self.describe(cause)  # boto3's transfer errors wrap the service's answer
         text = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
     def _errors(self):
+        """What a call to the bucket raises when it fails: botocore's errors, and boto3's
+        transfer errors (an upload the service refused is ``S3UploadFailedError``)."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
-        return (BotoCoreError, ClientError)
+        return (BotoCoreError, ClientError, Boto3Error)
 
     def check_access(self, what: str, write: bool = True) -> None:
         """Raise a StoreError naming ``what`` unless the bucket exists, is reachable with these
@@ -191,7 +197,7 @@ class ObjectStore:
             try:
                 self.client.upload_file(str(path), self.url.bucket, self.url.key(name, rel), Config=transfer)
             except (*self._errors(), OSError) as exc:
-                raise UploadFailed(f"uploading {path} to {self.url.child(name, rel)} failed: "
+                raise UploadFailed(f"{self.url.child(name, rel)} was not written: "
                                    f"{self.describe(exc)}") from None
             manifest["files"][rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
         stored = self.list(name)

@@ -182,8 +182,9 @@ class RopeSettings:
 
 URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 """A value with a scheme (``s3://``, ``gs://``, ``https://``): not a path."""
-BUCKET_FIELDS = ("checkpoint.dir", "checkpoint.init_from")
-"""The path fields that also take ``s3://bucket/prefix`` (``ckpt/remote.py``)."""
+BUCKET_FIELDS = ("checkpoint.dir", "checkpoint.init_from", "checkpoint.branch_from")
+"""The path fields that also take ``s3://bucket/prefix`` (``ckpt/remote.py``; ``branch_from``
+with its ``@STEP``)."""
 
 
 SECTION_OBJECTIVES = {"preference": "preference", "rl": "rl", "rewards": "rl"}
@@ -249,15 +250,16 @@ class RunConfig:
             if isinstance(value, str) and key in BUCKET_FIELDS and value.startswith("s3://"):
                 from megasmol.utils.s3_url import StoreError, parse
 
+                where = value.rpartition("@")[0] if key == "checkpoint.branch_from" else ""
                 try:
-                    parse(value, key)
+                    parse(where or value, key)
                 except StoreError as exc:
                     raise ConfigError(str(exc)) from None
             elif isinstance(value, str) and URL.match(value):
                 raise ConfigError(
                     f"{key}: {value} is a URL, and this field takes a path on a file system (it "
                     "would make a local folder named after it); s3:// URLs are taken by "
-                    f"{' and '.join(BUCKET_FIELDS)}")
+                    f"{', '.join(BUCKET_FIELDS)}")
         start = self.checkpoint.init_from or self.checkpoint.branch_from
         if self.model is None and start is None:
             raise ConfigError("model is missing: name a preset, a spec YAML or a checkpoint "

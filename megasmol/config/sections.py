@@ -164,7 +164,9 @@ class CheckpointConfig:
     optimizer, schedule and data position. Ignored when resuming this run's own checkpoint."""
     branch_from: Optional[str] = field(default=None, metadata=PATH)
     """Start as a branch of another run: ``RUN_DIR@STEP`` (that run's checkpoint at STEP; without
-    ``@STEP``, its latest) or a checkpoint directory. Model AND optimizer state come from it; the
+    ``@STEP``, its latest) or a checkpoint directory; in a bucket, ``s3://bucket/prefix@STEP``
+    (or a root or an iteration there), downloaded once into the local cache. Model AND optimizer
+    state come from it; the
     data, the run directory and the step counter are this run's own, and ``schedule.kind:
     decay`` starts from the LR the source had at that step (annealing experiments, SmolLM3's
     stage 2/3 data choice, decaying a WSD run to compare it with a cosine one). The source is only

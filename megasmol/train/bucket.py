@@ -11,7 +11,8 @@ credentials may write there, it holds no other run's checkpoints: one line namin
 ``checkpoint.dir`` within seconds), brings the bucket's latest checkpoint into the staging
 directory when the local copy is missing or older (so the resume reads it as a local one), and
 uploads a local checkpoint that is newer than the bucket's (a previous upload did not finish).
-An ``s3://`` ``checkpoint.init_from`` is downloaded there too (``remote.fetch``).
+An ``s3://`` ``checkpoint.init_from`` or ``branch_from`` is downloaded there too (into the
+local cache: ``remote.fetch``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from megasmol.ckpt.branch import fetch_source
 from megasmol.ckpt.checkpoint import is_complete
 from megasmol.ckpt.object_store import UploadFailed
 from megasmol.ckpt.remote import RemoteCheckpoints, fetch
@@ -55,14 +57,33 @@ def _say(line: str) -> None:
     print(f"checkpoints: {line}", flush=True)
 
 
-def _on_rank0(config: RunConfig) -> Optional[str]:
-    """Rank 0's part of :func:`prepare`; returns the local path of an ``s3://`` init_from."""
-    init_from = config.checkpoint.init_from
-    local_init = (str(fetch(init_from, "checkpoint.init_from"))
-                  if init_from is not None and is_url(init_from) else None)
+def _local_starts(config: RunConfig) -> dict[str, str]:
+    """The local copies of an ``s3://`` ``checkpoint.init_from`` or ``branch_from`` (downloaded
+    into the cache unless they are there): field name -> local path."""
+    starts = {}
+    if is_url(config.checkpoint.init_from):
+        starts["init_from"] = str(fetch(config.checkpoint.init_from, "checkpoint.init_from"))
+    if is_url(config.checkpoint.branch_from):
+        starts["branch_from"] = fetch_source(config.checkpoint.branch_from)
+    return starts
+
+
+def _local_latest(staging: Path) -> Optional[str]:
+    """The staging directory's checkpoint a resume takes: the one ``latest`` names when it is
+    complete, else the newest complete one (what the local recovery moves ``latest`` to)."""
+    named = (staging / "latest").read_text().strip() if (staging / "latest").is_file() else ""
+    if named and is_complete(staging / named):
+        return named
+    complete = [p.name for p in staging.glob("iter_???????") if is_complete(p)]
+    return max(complete, key=_step) if complete else None
+
+
+def _on_rank0(config: RunConfig) -> dict[str, str]:
+    """Rank 0's part of :func:`prepare`; returns :func:`_local_starts`."""
+    local_starts = _local_starts(config)
     url = config.checkpoint_url
     if url is None:
-        return local_init
+        return local_starts
     remote = RemoteCheckpoints(url, WHAT)
     store = remote.store
     store.check_access(WHAT, write=True)
@@ -71,8 +92,7 @@ def _on_rank0(config: RunConfig) -> Optional[str]:
         latest = remote.latest()
         staging = config.checkpoint_dir
         local_file = staging / "latest"
-        local = local_file.read_text().strip() if local_file.is_file() else None
-        local = local if local and is_complete(staging / local) else None
+        local = _local_latest(staging)
         if named is not None and latest is None and _step(local) < _step(named):
             done = remote.complete()
             raise StoreError(f"{WHAT}: {url}: latest names {named}, whose upload did not finish (no "
@@ -89,10 +109,14 @@ def _on_rank0(config: RunConfig) -> Optional[str]:
                  f"{'older: ' + local if local else 'missing'}; {time.perf_counter() - started:.1f}s)")
         elif local is not None and _step(local) > _step(latest):
             _say(f"the local {local} is newer than the bucket's latest ({latest or 'none'}): uploading it")
-            remote.upload(staging / local)
+            try:
+                remote.upload(staging / local)
+            except UploadFailed as exc:
+                raise UploadFailed(f"{WHAT}: uploading the local {local} failed: {exc}; the bucket's "
+                                   f"latest stays {latest or 'none'}") from None
     except store._errors() as exc:
         raise StoreError(f"{WHAT}: {url}: {store.describe(exc)}") from None
-    return local_init
+    return local_starts
 
 
 def _check_same_run(url: str, latest: str, saved: dict, current: dict) -> None:
@@ -106,8 +130,10 @@ def _check_same_run(url: str, latest: str, saved: dict, current: dict) -> None:
 
 def prepare(config: RunConfig) -> None:
     """Collective, before the model is built (module docstring). Every rank raises the same
-    error. An ``s3://`` ``checkpoint.init_from`` is replaced by its local copy."""
-    if config.checkpoint_url is None and not is_url(config.checkpoint.init_from):
+    error. An ``s3://`` ``checkpoint.init_from`` or ``branch_from`` is replaced by its local
+    copy."""
+    if config.checkpoint_url is None and not any(
+            is_url(v) for v in (config.checkpoint.init_from, config.checkpoint.branch_from)):
         return
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     verdict: list = [None]
@@ -123,8 +149,8 @@ def prepare(config: RunConfig) -> None:
         raise StoreError(value)
     if kind == "failed":
         raise UploadFailed(value)
-    if value is not None:
-        config.checkpoint.init_from = value  # the downloaded copy, read like a local checkpoint
+    for field, local in value.items():  # the downloaded copies, read like local checkpoints
+        setattr(config.checkpoint, field, local)
 
 
 class BucketUploads:

@@ -210,7 +210,7 @@ def train(config: RunConfig, attempt: Optional[Attempt] = None) -> TrainResult:
     init_distributed(config.training.collective_timeout_s,
                      store_prefix=None if attempt is None else attempt.store_prefix)
     with RunLock(run_directory(config), config.checkpoint_dir) as lock:
-        prepare_bucket(config)  # an s3:// checkpoint.dir or init_from: checked before anything loads
+        prepare_bucket(config)  # an s3:// checkpoint.dir, init_from or branch_from: checked first
         setup = build_setup(config, audit=attempt is None or attempt.iteration == 0)
         trainer = Trainer(setup)
         if attempt is not None:
