@@ -2,7 +2,9 @@
 
 Muon's update equals the reference algorithm written here from its definition; under TP=2 each
 shard's update equals one process's update of the whole matrix; AdEMAMix's update equals the
-library's; each trains the tiny model and resumes from a checkpoint bit for bit.
+library's; each trains the tiny model and resumes from a checkpoint bit for bit, also with its
+states sharded over DP=2 (``optim.distributed``: the layer-wise optimizer), where each rank holds
+the states of the parameters it owns and no others.
 """
 
 import subprocess
@@ -14,7 +16,7 @@ import torch
 from megasmol.config.run import load_run_config
 from megasmol.config.sections import ConfigError, MuonSettings, OptimizerSettings
 from tests.conftest import run_torchrun
-from tests.train_fixtures import step_losses, train, write_training_run
+from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -131,10 +133,7 @@ def test_ademamix_update_equals_the_library(megatron_runtime):
 def test_optimizer_fields_are_checked(tmp_path):
     config = write_training_run(tmp_path, steps=20)
     assert load_run_config(config).optim.name == "adamw"
-    with pytest.raises(ConfigError, match=r"optim\.name: muon .*optim\.distributed"):
-        load_run_config(config, ["optim.name=muon"])
-    with pytest.raises(ConfigError, match=r"optim\.name: ademamix .*optim\.distributed"):
-        load_run_config(config, ["optim.name=ademamix"])
+    assert load_run_config(config, ["optim.name=muon"]).optim.distributed  # layer-wise sharding
     with pytest.raises(ConfigError, match=r"optim\.name"):
         load_run_config(config, ["optim.name=lion"])
     with pytest.raises(ConfigError, match=r"optim\.muon\.ns_steps"):
@@ -180,3 +179,45 @@ def test_muon_tp2_shards_update_as_the_whole_matrix(tmp_path):
         assert result["changes"][name] > 1e-3, name
         # Orthogonalizing each shard alone is a different update: the test can tell.
         assert result["blockwise"][name] > 1e-3, name
+
+
+@pytest.mark.parametrize("name,tp", [("muon", 1), ("ademamix", 1), ("muon", 2)])
+def test_distributed_states_are_sharded_by_parameter(tmp_path, name, tp):
+    """``optim.distributed`` (layer-wise): the same weights as the unsharded optimizer, each
+    parameter's states on exactly one data-parallel rank (the same one for every TP rank)."""
+    import json
+
+    run_torchrun([str(WORKERS / "layer_wise_dp2.py"), name, str(tmp_path), str(tp)], nproc=2 * tp)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2 * tp)]
+    for rank in ranks:
+        assert max(rank["errors"].values()) < 1e-6, rank["errors"]  # gradient-norm order only
+        assert rank["changed"] > 1e-3  # the steps moved the weights
+        assert rank["with_state"] == rank["owned"]  # states for owned parameters, and only those
+        assert 0 < rank["state_values"] < rank["unsharded_state_values"]
+    for tp_rank in range(tp):
+        replicas = [r for r in ranks if r["tp_rank"] == tp_rank]
+        owned = [set(r["owned"]) for r in replicas]
+        assert not owned[0] & owned[1]
+        assert owned[0] | owned[1] == set(replicas[0]["all"])
+        assert sum(r["state_values"] for r in replicas) == replicas[0]["unsharded_state_values"]
+    for dp_rank in (0, 1):
+        assert len({tuple(r["owned"]) for r in ranks if r["dp_rank"] == dp_rank}) == 1
+
+
+@pytest.mark.parametrize("name", ["muon", "ademamix"])
+def test_distributed_trains_and_resumes_bit_for_bit_on_dp2(tmp_path, name):
+    steps = 4
+    sections = {"checkpoint": {"interval": 2, "keep_last": 0}, "eval": {"interval": 0}}
+    reference = write_training_run(tmp_path / "reference", steps=steps, **sections)
+    sets = [f"optim.name={name}", "optim.distributed=true"]
+    torchrun_train(reference, *sets)
+    losses = step_losses(tmp_path / "reference" / "run")
+    assert sorted(losses) == list(range(1, steps + 1))
+    resumed = write_training_run(tmp_path / "resumed", steps=steps, **sections)
+    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    src = tmp_path / "reference" / "run" / "checkpoints" / "iter_0000002"
+    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
+    (ckpts / "latest").write_text("iter_0000002\n")
+    assert "resumed from" in torchrun_train(resumed, *sets).stdout
+    assert step_losses(tmp_path / "resumed" / "run") == {s: losses[s] for s in (3, 4)}

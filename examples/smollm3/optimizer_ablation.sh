@@ -24,6 +24,6 @@ run "${PYTHON}" -m megasmol ablate --config "${HERE}/pretrain.yaml" \
     --vary schedule.lr=1.0e-4,2.0e-4,4.0e-4,8.0e-4 \
     --seeds 2 \
     --set "training.train_steps=${STEPS}" --set "schedule.warmup_steps=$((STEPS / 10))" \
-    --set "schedule.decay_steps=$((STEPS / 10))" --set "optim.distributed=false" \
+    --set "schedule.decay_steps=$((STEPS / 10))" \
     --set "data.tokenizer=${TOKENIZER}" \
     --out "${CKPT_DIR}/optimizer-grid" "${mode[@]}"

@@ -72,6 +72,9 @@ def cmd_compare(args) -> int:
     comparison = load_comparison(runs, baseline=args.baseline)
     out = args.out or default_out(runs)
     print(format_table(comparison.table_rows(), left=1))
+    for dotted in args.by:
+        print(f"\nruns diverged, by {dotted}")
+        print(format_table(comparison.divergence_rows(dotted), left=1))
     if comparison.metrics:
         print("\ndownstream metrics at the last in-loop evaluation")
         print(format_table(comparison.metric_rows(), left=1))
@@ -83,6 +86,7 @@ def cmd_compare(args) -> int:
     summary = {
         "baseline": comparison.baseline,
         "experiments": [{"name": e.name, "runs": [str(r.path) for r in e.runs],
+                         "diverged": {str(r.path): r.diverged for r in e.runs if r.diverged},
                          **{c: {"mean": s.mean, "std": s.std, "values": s.values}
                             for c, s in sorted(e.columns.items())}} for e in comparison.experiments],
         "task_quality": [{**q.__dict__, "verdict": q.verdict(len(comparison.experiments))}
@@ -130,6 +134,9 @@ def add_ablate_parsers(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", type=input_path("RUN_DIR"),
                    help="run directories, or an ablation grid's --out directory for all its runs")
     p.add_argument("--baseline", help="run directory or experiment name to compare against")
+    p.add_argument("--by", action="append", default=[], metavar="FIELD",
+                   help="also count the runs that diverged per value of a config field, e.g. "
+                        "optim.name (repeatable)")
     p.add_argument("--x", choices=("tokens", "steps"), default="tokens",
                    help="x axis of the plots (default tokens)")
     p.add_argument("--out", type=Path,

@@ -5,7 +5,10 @@ best training loss, validation loss, every downstream metric at its last evaluat
 tokens and throughput; for preference runs the held-out reward accuracy and margin, for RL runs
 the final reward, each reward function's mean and the completions' mean length. With a
 baseline, each experiment's difference from it is given in units of the seed noise, so a
-difference can be judged against noise.
+difference can be judged against noise. Divergences are counted beside them: per experiment
+(``diverged`` k/n over its seeds, shown once any run diverged) and, with ``--by FIELD``, per value
+of a config field across everything else that varies (per optimizer across its LRs and seeds).
+A run counts as diverged by its own ``diverged`` marker or a non-finite loss (``runlog.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,25 @@ class Experiment:
     name: str
     runs: list[RunLog]
     columns: dict[str, Spread] = field(default_factory=dict)
+
+    @property
+    def diverged(self) -> int:
+        """How many of its runs diverged."""
+        return sum(run.diverged is not None for run in self.runs)
+
+
+def config_value(run: RunLog, dotted: str):
+    """``section.field`` of the run's resolved config (``model.FIELD``: of its spec when the
+    config names a spec file); ``KeyError`` when it has none."""
+    from megasmol.config.identity import _model_identity
+
+    node = dict(run.config or {})
+    node["model"] = _model_identity(node.get("model"))
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
 
 
 # Preference runs (DPO / APO): the held-out reward metrics, TRL's names, at the last validation.
@@ -145,9 +167,29 @@ class Comparison:
         diff = experiment.columns[column].mean - base.columns[column].mean
         return (-diff if lower_is_better(column) else diff) / noise if noise > 0 else None
 
+    def any_diverged(self) -> bool:
+        return any(e.diverged for e in self.experiments)
+
+    def divergence_rows(self, dotted: str) -> list[list[str]]:
+        """Runs and diverged runs per value of config field ``dotted``, over all compared runs."""
+        by_value: dict[str, list[RunLog]] = {}
+        for run in (r for e in self.experiments for r in e.runs):
+            try:
+                value = config_value(run, dotted)
+            except KeyError:
+                raise ConfigError(f"--by {dotted}: run {run.path} has no such config field "
+                                  "(give section.field, e.g. optim.name)") from None
+            by_value.setdefault(str(value), []).append(run)
+        rows = [[dotted, "runs", "diverged"]]
+        for value, runs in by_value.items():
+            rows.append([value, str(len(runs)), str(sum(r.diverged is not None for r in runs))])
+        return rows
+
     def table_rows(self) -> list[list[str]]:
         columns = self.column_names()
         header = ["experiment", "seeds", *columns]
+        if self.any_diverged():
+            header.append("diverged")
         if self.baseline:
             header.append("vs baseline: final loss in seed-noise σ (+ better, * 2σ+)")
         rows = [header]
@@ -162,6 +204,8 @@ class Comparison:
                     row.append(f"{spread.mean:,.0f}")
                 else:
                     row.append(spread.text())
+            if self.any_diverged():
+                row.append(f"{experiment.diverged}/{len(experiment.runs)}")
             if self.baseline:
                 units = (None if experiment.name == self.baseline
                          else self.noise_units(experiment, "final loss"))

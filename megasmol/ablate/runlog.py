@@ -1,10 +1,12 @@
 """What ``compare`` knows about a run: its ``metrics.jsonl`` (train, validation and downstream
-records) and its resolved config (``run_config.json``), read from the run directory only."""
+records, and whether it diverged) and its resolved config (``run_config.json``), read from the
+run directory only."""
 
 from __future__ import annotations
 
 import bisect
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,9 @@ class RunLog:
     train: list[dict] = field(default_factory=list)
     validation: list[dict] = field(default_factory=list)
     downstream: list[dict] = field(default_factory=list)
+    diverged: Optional[str] = None
+    """Why the run counts as diverged (None: it did not): its own ``diverged`` marker (stopped
+    after too many non-finite steps or spike rollbacks), or a non-finite training loss."""
 
     @property
     def seed(self) -> Optional[int]:
@@ -72,13 +77,31 @@ def _last_per_step(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def _divergence(records: list[dict]) -> Optional[str]:
+    """The first sign in ``records`` that the run diverged (see ``RunLog.diverged``)."""
+    from megasmol.runtime.run_dir import Kind
+
+    for record in records:
+        if record.get("kind") == Kind.DIVERGED:
+            return f"stopped at step {record.get('step')}: {record.get('reason', 'diverged')}"
+    for record in records:
+        loss = record.get("loss")
+        # The metrics log writes a non-finite value as null and names it in ``nonfinite_keys``.
+        nonfinite = ("loss" in (record.get("nonfinite_keys") or ())
+                     or (isinstance(loss, float) and not math.isfinite(loss)))
+        if record.get("kind") in (Kind.TRAIN, Kind.SKIPPED_UPDATE) and nonfinite:
+            return f"non-finite loss at step {record.get('step')}"
+    return None
+
+
 def read_run(path: str | Path) -> RunLog:
     from megasmol.runtime.run_dir import Kind, RunDir
 
     path = Path(path)
     run = RunDir(path)
     kinds: dict[str, list[dict]] = {Kind.TRAIN: [], Kind.VALIDATION: [], Kind.DOWNSTREAM: []}
-    for record in run.records():
+    records = run.records()
+    for record in records:
         if record.get("kind") in kinds and isinstance(record.get("step"), int):
             kinds[record["kind"]].append(record)
     config = None
@@ -91,7 +114,8 @@ def read_run(path: str | Path) -> RunLog:
     return RunLog(path=path, name=path.name, config=config,
                   train=_last_per_step(kinds[Kind.TRAIN]),
                   validation=_last_per_step(kinds[Kind.VALIDATION]),
-                  downstream=_last_per_step(kinds[Kind.DOWNSTREAM]))
+                  downstream=_last_per_step(kinds[Kind.DOWNSTREAM]),
+                  diverged=_divergence(records))
 
 
 def group_by_seed(runs: list[RunLog]) -> dict[str, list[RunLog]]:

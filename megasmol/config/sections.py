@@ -89,8 +89,7 @@ class OptimizerSettings:
 
     name: Literal["adamw", "muon", "ademamix"] = "adamw"
     """``adamw`` (SmolLM3's), ``muon`` (Megatron-Core's design: Muon on hidden matrices, AdamW on
-    the rest; see ``muon``) or ``ademamix`` (see ``ademamix``). Muon and AdEMAMix need
-    ``distributed: false``."""
+    the rest; see ``muon``) or ``ademamix`` (see ``ademamix``)."""
     beta1: float = 0.9
     """Adam beta1 (SmolLM3: 0.9)."""
     beta2: float = 0.95
@@ -104,8 +103,8 @@ class OptimizerSettings:
     decay: WeightDecayPolicy = field(default_factory=WeightDecayPolicy)
     """Which parameter kinds are decayed (embeddings never, by default)."""
     distributed: bool = True
-    """Shard optimizer states over data-parallel ranks (Megatron's distributed optimizer; AdamW
-    only)."""
+    """Shard optimizer states over data-parallel ranks: AdamW's with Megatron-Core's distributed
+    optimizer (ZeRO-1), Muon's and AdEMAMix's by whole parameter with its layer-wise one."""
     muon: MuonSettings = field(default_factory=MuonSettings)
     """Muon's own hyper-parameters (``name: muon``)."""
     ademamix: AdEMAMixSettings = field(default_factory=AdEMAMixSettings)
@@ -123,11 +122,6 @@ class OptimizerSettings:
             raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
         self.muon.validate()
         self.ademamix.validate()
-        if self.name != "adamw" and self.distributed:
-            raise ConfigError(
-                f"optim.name: {self.name} cannot shard its states with optim.distributed: true "
-                "(Megatron-Core's distributed optimizer carries Adam's states only); set "
-                "optim.distributed=false")
 
 
 @dataclass

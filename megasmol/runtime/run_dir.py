@@ -26,6 +26,8 @@ class Kind:
     SPIKE = "spike"
     SKIPPED_UPDATE = "skipped_update"
     """A step whose loss or gradient was not finite: no update."""
+    DIVERGED = "diverged"
+    """The run stopped as diverged (too many non-finite steps, or spike rollbacks): ``reason``."""
     THROUGHPUT_WARNING = "throughput_warning"
 
 

@@ -8,8 +8,8 @@ The update is AdamW's plus a slow gradient EMA: ``m1 = lerp(m1, g, 1 - b1)``,
 and beta3 from beta1 to its value over T steps (the library's ``t_alpha_beta3``).
 
 All parameters (embeddings and norms included, with megasmol's weight-decay groups) use it.
-Megatron-Core's distributed optimizer only carries Adam's two states, so AdEMAMix needs
-``optim.distributed: false`` (its third state would be lost at a checkpoint).
+Megatron-Core's distributed optimizer only carries Adam's two states, so ``optim.distributed``
+shards AdEMAMix's three by parameter with the layer-wise optimizer instead (``layer_wise.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def library_optimizer(params, settings: OptimizerSettings):
 def build_ademamix(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     from megatron.core.optimizer import ChainedOptimizer
 
+    from megasmol.train.layer_wise import layer_wise
     from megasmol.train.megatron_optim import (
         megatron_config,
         model_parallel_group,
@@ -56,7 +57,9 @@ def build_ademamix(ddp_model, settings: OptimizerSettings, params_dtype: torch.d
         wrap,
     )
 
-    config = megatron_config(settings, params_dtype)
+    config = megatron_config(settings, params_dtype, megatron_distributed=False)
     groups = trainable_param_groups(ddp_model, config, settings)
     inner = library_optimizer(groups, settings)
+    if settings.distributed:
+        return layer_wise([(inner, _init_states)], config)
     return ChainedOptimizer([wrap(inner, config, _init_states, model_parallel_group())])

@@ -21,7 +21,7 @@ from megasmol.config.run import RunConfig
 from megasmol.data.run_tokenizer import run_tokenizer_dir
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import PeerLost, describe_collective_failure, init_distributed
-from megasmol.runtime.run_dir import RunDir
+from megasmol.runtime.run_dir import Kind, RunDir
 from megasmol.runtime.run_lock import RunLock
 from megasmol.train.bucket import prepare as prepare_bucket
 from megasmol.train.callbacks import Console, LoopContext, build_callbacks
@@ -95,13 +95,17 @@ class Trainer:
             atomic_write_text(RunDir(self.ctx.run_dir).run_config,
                               json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
         stop_after = self.config.training.stop_after_step
-        while True:
-            try:
-                if stop_after is None or self.state.step < stop_after:
-                    self.run_steps(until=stop_after)
-                break
-            except RollbackNeeded as spike:
-                self._rollback(spike.step)
+        try:
+            while True:
+                try:
+                    if stop_after is None or self.state.step < stop_after:
+                        self.run_steps(until=stop_after)
+                    break
+                except RollbackNeeded as spike:
+                    self._rollback(spike.step)
+        except TrainingDiverged as exc:  # the run's own marker, which compare counts
+            self.ctx.emit(Kind.DIVERGED, {"step": self.state.step, "reason": str(exc)})
+            raise
         self.result.last_step = self.state.step
         self.checkpoints.finish()
         if (self.config.checkpoint.save_at_end and self.result.stopped_by is None

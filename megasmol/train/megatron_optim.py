@@ -5,7 +5,8 @@ Megatron-Core's wrappers (``FP32Optimizer``, or ``Float16OptimizerWithFloat16Par
 master weights for bf16 models) take any ``torch.optim.Optimizer``: they copy the DDP's main
 gradients in, clip by the global norm (reduced over the model-parallel group), step, copy bf16
 weights back, and build the sharded checkpoint state from whatever per-parameter states the inner
-optimizer keeps. Only the distributed optimizer is tied to Adam's two states.
+optimizer keeps. Only the distributed optimizer is tied to Adam's two states; Muon and
+AdEMAMix shard theirs with the layer-wise one instead (``layer_wise.py``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from megasmol.config.sections import OptimizerSettings
 from megasmol.train.param_groups import weight_decay_overrides
 
 
-def megatron_config(settings: OptimizerSettings, params_dtype: torch.dtype):
+def megatron_config(settings: OptimizerSettings, params_dtype: torch.dtype,
+                    megatron_distributed: bool):
     """Megatron-Core's ``OptimizerConfig`` for ``settings`` (Adam's fields; ``lr`` a placeholder:
-    ``apply_learning_rate`` sets the real value before every step)."""
+    ``apply_learning_rate`` sets the real value before every step). ``megatron_distributed``:
+    Megatron-Core's own distributed optimizer (AdamW's ``optim.distributed``)."""
     from megatron.core.optimizer import OptimizerConfig
 
     return OptimizerConfig(
@@ -35,7 +38,7 @@ def megatron_config(settings: OptimizerSettings, params_dtype: torch.dtype):
         bf16=params_dtype == torch.bfloat16,
         fp16=False,
         params_dtype=params_dtype,
-        use_distributed_optimizer=settings.distributed,
+        use_distributed_optimizer=megatron_distributed,
     )
 
 
@@ -70,3 +73,4 @@ def model_parallel_group():
     from megatron.core import parallel_state
 
     return parallel_state.get_model_parallel_group()
+

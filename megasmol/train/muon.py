@@ -28,7 +28,9 @@ the full matrix (the same on every rank) and keeps its own slice, so the update 
 single process computes. Muon's states are per parameter shard, like the weights.
 
 Megatron-Core refuses Muon with its distributed optimizer (the DDP gradient buffers are laid out
-for Adam's sharding), and so does megasmol (``optim.distributed`` must be false).
+for Adam's element-wise sharding); ``optim.distributed`` shards Muon's and its AdamW's states by
+whole parameter with Megatron-Core's layer-wise optimizer instead (``layer_wise.py``), as
+Megatron-Core's ``get_megatron_muon_optimizer(layer_wise_distributed_optimizer=True)`` does.
 """
 
 from __future__ import annotations
@@ -162,9 +164,12 @@ def is_muon_matrix(param: torch.Tensor) -> bool:
 
 def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     """Muon on the hidden matrices and Megatron-Core's AdamW on the rest, chained."""
+    import dataclasses
+
     from megatron.core import parallel_state
     from megatron.core.optimizer import ChainedOptimizer, get_megatron_optimizer
 
+    from megasmol.train.layer_wise import layer_wise
     from megasmol.train.megatron_optim import (
         megatron_config,
         model_parallel_group,
@@ -173,7 +178,7 @@ def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype
     )
     from megasmol.train.param_groups import weight_decay_overrides
 
-    config = megatron_config(settings, params_dtype)
+    config = megatron_config(settings, params_dtype, megatron_distributed=False)
     model_config = ddp_model.config
     kv = model_config.kv_channels
     qkv_split = (model_config.num_attention_heads // model_config.num_query_groups * kv, kv, kv)
@@ -190,16 +195,21 @@ def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype
         groups = trainable_param_groups(ddp_model, config, settings)
         muon = Muon(groups, settings.muon, weight_decay=settings.weight_decay,
                     tp_group=parallel_state.get_tensor_model_parallel_group(), qkv_split=qkv_split)
-        chained = [wrap(muon, config, _init_momentum, model_parallel_group())]
         for p in others:
             p.requires_grad_(True)
         for p in matrices:
             p.requires_grad_(False)
+        adam = []
         if others:
-            adam = get_megatron_optimizer(config, [ddp_model],
-                                          config_overrides=weight_decay_overrides(settings.decay))
-            chained += adam.chained_optimizers
+            # Sharded: fp32 wrappers, which the layer-wise optimizer replaces after its deal.
+            adam_config = dataclasses.replace(config, bf16=False) if settings.distributed else config
+            adam = get_megatron_optimizer(adam_config, [ddp_model],
+                                          config_overrides=weight_decay_overrides(settings.decay)
+                                          ).chained_optimizers
     finally:
         for p in matrices + others:
             p.requires_grad_(True)
-    return ChainedOptimizer(chained)
+    if settings.distributed:
+        return layer_wise([(muon, _init_momentum)]
+                          + [(inner.optimizer, inner.init_state_fn) for inner in adam], config)
+    return ChainedOptimizer([wrap(muon, config, _init_momentum, model_parallel_group())] + adam)

@@ -2,13 +2,18 @@
 (``optim.name``: AdamW here, Muon in ``muon.py``, AdEMAMix in ``ademamix.py``).
 
 Megatron's DDP keeps gradients in contiguous (fp32) buffers and reduces them across data-parallel
-ranks; with ``optim.distributed`` the optimizer states are sharded over those ranks (ZeRO-1).
+ranks; with ``optim.distributed`` the optimizer states are sharded over those ranks: AdamW's by
+Megatron-Core's distributed optimizer (ZeRO-1, ranges of the DDP buffers, which DDP lays out for
+it), Muon's and AdEMAMix's by whole parameter (``layer_wise.py``, plain all-reduced buffers).
 Learning rate and weight decay are set on the optimizer's parameter groups every step by
 :func:`apply_learning_rate` from megasmol's own schedule, honouring each group's ``lr_mult`` and
 ``wd_mult`` (the weight-decay overrides of ``param_groups.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -36,17 +41,36 @@ def build_adamw(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtyp
     """Megatron-Core's AdamW (distributed when asked) with megasmol's weight-decay groups."""
     from megatron.core.optimizer import get_megatron_optimizer
 
-    return get_megatron_optimizer(megatron_config(settings, params_dtype), [ddp_model],
+    config = megatron_config(settings, params_dtype, megatron_distributed=settings.distributed)
+    return get_megatron_optimizer(config, [ddp_model],
                                   config_overrides=weight_decay_overrides(settings.decay))
 
 
-OPTIMIZERS = {"adamw": build_adamw, "muon": build_muon, "ademamix": build_ademamix}
-"""``optim.name`` -> builder(ddp_model, settings, params_dtype) of a Megatron-Core optimizer."""
+@dataclass(frozen=True)
+class OptimizerKind:
+    """How megasmol builds one ``optim.name``."""
+
+    build: Callable
+    """builder(ddp_model, settings, params_dtype) of a Megatron-Core optimizer."""
+    megatron_distributed: bool
+    """Whether ``optim.distributed`` means Megatron-Core's distributed optimizer, for which DDP
+    lays out its gradient buffers (else the layer-wise one, on plain all-reduced buffers)."""
+
+
+OPTIMIZERS = {"adamw": OptimizerKind(build_adamw, megatron_distributed=True),
+              "muon": OptimizerKind(build_muon, megatron_distributed=False),
+              "ademamix": OptimizerKind(build_ademamix, megatron_distributed=False)}
+"""``optim.name`` -> how it is built."""
+
+
+def ddp_distributed_optimizer(settings: OptimizerSettings) -> bool:
+    """``wrap_ddp``'s ``distributed_optimizer`` for ``settings``."""
+    return settings.distributed and OPTIMIZERS[settings.name].megatron_distributed
 
 
 def build_optimizer(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     """The optimizer ``optim.name`` names, with megasmol's weight-decay groups."""
-    return OPTIMIZERS[settings.name](ddp_model, settings, params_dtype)
+    return OPTIMIZERS[settings.name].build(ddp_model, settings, params_dtype)
 
 
 def apply_learning_rate(optimizer, lr: float, weight_decay: float) -> None:

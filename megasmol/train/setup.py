@@ -30,7 +30,7 @@ from megasmol.model.spec import ModelSpec
 from megasmol.runtime.distributed import RankInfo, init_distributed, init_parallel
 from megasmol.train.branch import BranchPoint, apply_to_schedule, branch_point
 from megasmol.train.objectives import Objective, ObjectiveKind, TokenLoss, objective_kind
-from megasmol.train.optimizer import build_optimizer, wrap_ddp
+from megasmol.train.optimizer import build_optimizer, ddp_distributed_optimizer, wrap_ddp
 from megasmol.utils.faults import NO_FAULTS, FaultPlan, fault_plan
 from megasmol.utils.fs import shown_paths
 
@@ -214,7 +214,7 @@ def build_setup(config: RunConfig, reference_logps: bool = True, audit: bool = T
                  source, meta.get("step"))
     # Token-weighted loss over the global batch (see step.py); set before DDP reads it.
     model.config.calculate_per_token_loss = True
-    ddp_model = wrap_ddp(_half_precision(model, params_dtype), config.optim.distributed)
+    ddp_model = wrap_ddp(_half_precision(model, params_dtype), ddp_distributed_optimizer(config.optim))
     model.config.no_sync_func = ddp_model.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     optimizer = build_optimizer(ddp_model, config.optim, params_dtype)
