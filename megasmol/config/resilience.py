@@ -28,7 +28,7 @@ class ResilienceConfig:
     """Run training inside NVRx's ``inprocess.Wrapper``: after a rank raises, freezes or stops
     answering, the healthy ranks rebuild their process groups in the same processes, resume from
     the latest checkpoint and continue (one console line per fault). Launch with torchrun
-    ``--max-restarts 0`` or srun (docs/training-loop.md, "In-process restart")."""
+    ``--max-restarts 0`` or srun (docs/pretraining.md, "In-process restart")."""
     soft_timeout_s: float = 60.0
     """A rank whose main thread runs no Python for this long (stuck in one call: a collective, a
     kernel, a read from disk) is interrupted and the job restarts in-process; longer than any single
