@@ -142,7 +142,8 @@ def cmd_train(args) -> int:
     config = load_run_config(args.config, args.set)  # a config mistake is reported before torch loads
     from megasmol.config.parallel import job_world_size
 
-    config.parallel.check(job_world_size())  # so is a layout this many processes cannot hold
+    # so is a layout this many processes (less the spare ones) cannot hold
+    config.parallel.check(config.resilience.training_world_size(job_world_size()))
 
     from megasmol.runtime.distributed import shutdown
 

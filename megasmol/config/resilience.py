@@ -28,7 +28,7 @@ class ResilienceConfig:
     """Run training inside NVRx's ``inprocess.Wrapper``: after a rank raises, freezes or stops
     answering, the healthy ranks rebuild their process groups in the same processes, resume from
     the latest checkpoint and continue (one console line per fault). Launch with torchrun
-    ``--max-restarts 0`` or srun (docs/training-loop.md, "In-process restart")."""
+    ``--max-restarts 0`` or srun (docs/pretraining.md, "In-process restart")."""
     soft_timeout_s: float = 60.0
     """A rank whose main thread runs no Python for this long (stuck in one call: a collective, a
     kernel, a read from disk) is interrupted and the job restarts in-process; longer than any single
@@ -45,6 +45,13 @@ class ResilienceConfig:
     (a rank that does not arrive ends the job)."""
     max_restarts: int = 3
     """In-process restarts allowed in one job; one more fault ends it as without this section."""
+    spare_ranks: int = 0
+    """Processes launched beyond the ranks that train, idle until a rank is lost (terminated by
+    the hard timeout, killed, or its host gone): one then takes its place, and training resumes on
+    as many ranks as before (NVRx's ``MaxActiveWorldSize`` after ``ShiftRanks``). Launch the
+    training world size plus this many. Without a spare, a lost rank ends the job with one line
+    naming it. Needs a launcher that keeps the other processes when one exits (srun
+    ``--kill-on-bad-exit=0``); torchrun stops every worker when one exits (docs/pretraining.md)."""
     store_port: Optional[int] = None
     """TCP port of the store NVRx's ranks coordinate through, hosted by rank 0 (default:
     ``MASTER_PORT + 1``); it must be free on rank 0's host."""
@@ -67,8 +74,20 @@ class ResilienceConfig:
                               f"resilience.barrier_timeout_s={self.barrier_timeout_s:g} (NVRx)")
         if self.max_restarts < 0:
             raise ConfigError(f"resilience.max_restarts must be >= 0, got {self.max_restarts}")
+        if self.spare_ranks < 0:
+            raise ConfigError(f"resilience.spare_ranks must be >= 0, got {self.spare_ranks}")
+        if self.spare_ranks and not self.in_process_restart:
+            raise ConfigError("resilience.spare_ranks needs resilience.in_process_restart: true")
         if self.store_port is not None and not 0 < self.store_port < 65536:
             raise ConfigError(f"resilience.store_port must be a TCP port (1-65535), got {self.store_port}")
+
+    def training_world_size(self, launched: int) -> int:
+        """The ranks that train when the launcher started ``launched`` processes."""
+        if self.spare_ranks and launched - self.spare_ranks < 1:
+            raise ConfigError(f"resilience.spare_ranks={self.spare_ranks} leaves no rank to train: the "
+                              f"launcher started {launched} processes (launch the training world size "
+                              "plus resilience.spare_ranks)")
+        return launched - self.spare_ranks if self.in_process_restart else launched
 
     def check_against(self, collective_timeout_s: float, watchdog_enabled: bool,
                       watchdog_min_s: float) -> None:

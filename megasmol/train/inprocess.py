@@ -23,18 +23,20 @@ import gc
 import logging
 import os
 import re
+import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from megasmol.config.run import RunConfig
 from megasmol.errors import RunFailure
-from megasmol.runtime.distributed import shutdown
+from megasmol.runtime.distributed import describe_collective_failure, rank_info_from_env, shutdown
 from megasmol.train.callbacks import Callback, Console
 from megasmol.train.state import TrainResult
+from megasmol.utils import faults  # noqa: F401  (reads the launcher's RANK before NVRx rewrites it)
 
 NVRX_LOGGER = "nvidia_resiliency_ext"
 
@@ -43,6 +45,8 @@ NVRX_LOGGER = "nvidia_resiliency_ext"
 class FaultNote:
     """What one rank saw of a fault, kept across attempts and gathered by the next one."""
 
+    rank: int
+    """This rank's rank in the attempt that failed (NVRx's records name ranks so)."""
     at: float
     """``time.time()`` when this rank's clean-up began (the fault was noticed)."""
     raised: str
@@ -50,6 +54,12 @@ class FaultNote:
     nvrx: str
     """NVRx's attribution: which ranks caused the restart and how (``Interruption.EXCEPTION on
     ranks={1}``)."""
+    peer: bool = False
+    """This rank's own error was a collective failing for a peer (the peer is the fault)."""
+    lost: list[int] = field(default_factory=list)
+    """The ranks NVRx lost (terminated after the hard timeout, or their process ended): known
+    after the restart barrier, and not always in ``nvrx`` (NVRx keeps only the records made
+    before the first rank acted on them)."""
 
 
 class Attempt:
@@ -61,6 +71,10 @@ class Attempt:
         self.max_restarts = max_restarts
         self.trainer = None
         self.lock = None
+        self.raised: Optional[Exception] = None
+        """The first error ``loop.train`` caught in this attempt (NVRx's own record of it,
+        ``state.fn_exception``, is lost when its interruption reaches this rank while the error
+        is still being handled)."""
 
     @property
     def store_prefix(self) -> str:
@@ -73,6 +87,11 @@ class Attempt:
         if self.iteration > 0:
             trainer.callbacks.items.append(_RecoveryReport(self, trainer.console))
 
+    def failed(self, exc: BaseException) -> None:
+        """``loop.train`` caught ``exc``; NVRx's interruptions (``BaseException``) are not faults."""
+        if self.raised is None and isinstance(exc, Exception):
+            self.raised = exc
+
     def released(self) -> None:
         """``loop.train`` closed the trainer itself."""
         self.trainer = None
@@ -82,6 +101,8 @@ class Attempt:
         trainer, self.trainer = self.trainer, None
         if trainer is not None:
             try:
+                if self.raised is not None:
+                    trainer.callbacks.on_error(self.raised)
                 trainer.close(peers_lost=True)
             except Exception as exc:  # a half-closed trainer: the rest goes with the process
                 logging.getLogger(__name__).debug("closing the failed attempt's trainer: %r", exc)
@@ -90,28 +111,47 @@ class Attempt:
             lock.release()
 
 
-_KINDS = {
+_KINDS = {  # the most telling first: a rank is described by the first kind recorded for it
+    "HARD_TIMEOUT": "was terminated after resilience.hard_timeout_s (frozen)",
+    "LOST": ("was lost (its process ended: killed, or terminated by NVRx after "
+             "resilience.hard_timeout_s without progress)"),
+    "UNRESPONSIVE": "stopped answering (no heartbeat for resilience.heartbeat_timeout_s)",
+    "TERMINATED": "was terminated (its process ended)",
+    "MONITOR_PROCESS_EXCEPTION": "lost its NVRx monitor process",
+    "SOFT_TIMEOUT": "made no progress for resilience.soft_timeout_s",
     "EXCEPTION": "raised",
     "BASE_EXCEPTION": "was interrupted",
-    "SOFT_TIMEOUT": "made no progress for resilience.soft_timeout_s",
-    "HARD_TIMEOUT": "was terminated after resilience.hard_timeout_s",
-    "TERMINATED": "was terminated",
-    "UNRESPONSIVE": "stopped answering (no heartbeat for resilience.heartbeat_timeout_s)",
-    "MONITOR_PROCESS_EXCEPTION": "lost its NVRx monitor process",
 }
 
 
 def describe_fault(notes: list[FaultNote]) -> str:
-    """The fault in words, from every rank's note: NVRx names the ranks and how; a rank that
-    raised says what."""
-    nvrx = next((n.nvrx for n in notes if n.nvrx), "")
-    parts = []
+    """The fault in words, from every rank's note: NVRx names the ranks and how (each rank once,
+    by the most telling record); a rank that raised says what, and a rank whose collective only
+    failed for that peer is left out."""
+    nvrx = max((n.nvrx for n in notes), key=len, default="")  # the fullest record
+    raised = {n.rank: n.raised for n in notes if n.raised}
+    secondary = {n.rank for n in notes if n.peer}
+    order = list(_KINDS)
+
+    def weight(kind: str) -> int:
+        return order.index(kind) if kind in order else len(order)
+
+    kinds: dict[int, str] = {}
     for kind, ranks in re.findall(r"Interruption\.(\w+) on ranks=\{([\d, ]*)\}", nvrx):
-        for rank in sorted(int(r) for r in ranks.split(",") if r.strip()):
-            what = f"rank {rank} {_KINDS.get(kind, kind.lower())}"
-            if kind == "EXCEPTION" and rank < len(notes) and notes[rank].raised:
-                what += f" {notes[rank].raised}"
-            parts.append(what)
+        for rank in (int(r) for r in ranks.split(",") if r.strip()):
+            if rank not in kinds or weight(kind) < weight(kinds[rank]):
+                kinds[rank] = kind
+    lost = sorted({r for n in notes for r in n.lost})
+    for rank in lost:
+        if weight(kinds.get(rank, "EXCEPTION")) >= weight("EXCEPTION"):
+            kinds[rank] = "LOST"
+    primary = {r: k for r, k in kinds.items() if k != "EXCEPTION" or r not in secondary}
+    parts = []
+    for rank, kind in sorted((primary or kinds).items(), key=lambda rk: (weight(rk[1]), rk[0])):
+        what = f"rank {rank} {_KINDS.get(kind, kind.lower())}"
+        if kind == "EXCEPTION" and raised.get(rank):
+            what += f" {raised[rank]}"
+        parts.append(what)
     return "; ".join(parts) or nvrx or "a rank failed"
 
 
@@ -154,11 +194,15 @@ def _nvrx():
 
 def _hooks(inprocess, run: "_Run"):
     class _AbortGroups(inprocess.abort.Abort):
-        """NVRx's monitor thread, on a fault: tear down Megatron's and torch's groups, which makes a
-        peer's gloo collective with this rank fail instead of waiting."""
+        """NVRx's monitor thread, on a fault, while the main thread may be inside a collective:
+        with NCCL, tear the groups down, which aborts it. A gloo collective cannot be aborted (its
+        ``abort()`` in torch 2.13 neither closes the connections nor wakes the call), and
+        destroying torch's group registry from this thread while the main thread reads it is a
+        race, so on CPU the groups are left to :class:`_FreeAttempt`, on the main thread."""
 
         def __call__(self, state):
-            shutdown(peers_reachable=False)
+            if torch.cuda.is_available():
+                shutdown(peers_reachable=False)
             return state
 
     class _FreeAttempt(inprocess.finalize.Finalize):
@@ -166,25 +210,110 @@ def _hooks(inprocess, run: "_Run"):
 
         def __call__(self, state):
             interruption = sys.exc_info()[1]  # NVRx calls this while handling RankShouldRestart
-            exc = state.fn_exception
-            raised = "" if exc is None else f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-            run.history.append(FaultNote(time.time(), raised, str(interruption or "")))
+            exc = state.fn_exception or (run.attempt.raised if run.attempt is not None else None)
+            raised = "" if exc is None else f"({type(exc).__name__}: {_first_line(exc)})"
+            peer = (isinstance(exc, RuntimeError) and not isinstance(exc, RunFailure)
+                    and describe_collective_failure(exc) is not None)
+            run.history.append(FaultNote(state.rank, time.time(), raised, str(interruption or ""), peer))
             if run.attempt is not None:
                 run.attempt.free()
             shutdown(peers_reachable=False)
             gc.collect()
             return state
 
-    return _AbortGroups(), _FreeAttempt()
+    class _NoteLost(inprocess.rank_assignment.RankAssignment):
+        """Before the ranks are reassigned after a fault: every interruption NVRx recorded (the
+        first note has only those known when it was raised) and the ranks it lost."""
+
+        def __call__(self, ctx):
+            if run.history and ctx.state.iteration == len(run.history) - 1:
+                records = ctx.store.get_interruption_records()
+                if records:
+                    run.history[-1].nvrx = inprocess.attribution.format_interruption_records(records)
+                run.history[-1].lost = sorted(ctx.terminated_ranks)
+            return ctx
+
+    class _Continue(inprocess.initialize.Initialize):
+        """Before each attempt: end the job when no restart is left, or when a lost rank leaves
+        fewer ranks than training needs (no spare took its place)."""
+
+        def __call__(self, state):
+            if state.iteration > run.max_restarts:
+                run.end = (f"no restart left (resilience.max_restarts={run.max_restarts}) after: "
+                           f"{_last_fault(run)}")
+            elif state.active_world_size < run.world_size:
+                run.end = (f"{_last_fault(run)}; no spare rank takes its place (resilience.spare_ranks="
+                           f"{run.config.resilience.spare_ranks}): the job ends; run it again to resume "
+                           "from the latest checkpoint")
+            if run.end is not None:
+                raise inprocess.exception.RestartAbort(run.end)
+            return state
+
+    ranks = inprocess.compose.Compose(inprocess.rank_assignment.MaxActiveWorldSize(run.world_size),
+                                      inprocess.rank_assignment.ShiftRanks(), _NoteLost())
+    return _AbortGroups(), _FreeAttempt(), ranks, _Continue()
+
+
+def _last_fault(run: "_Run") -> str:
+    return describe_fault(run.history[-1:]) if run.history else "a rank failed"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return lines[0][:200] if lines else repr(exc)[:200]
 
 
 class _Run:
     """The state of one ``train_in_process`` call across its attempts."""
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, launched: int):
         self.config = config
+        self.max_restarts = config.resilience.max_restarts
+        self.world_size = config.resilience.training_world_size(launched)
+        """The ranks that train; the other processes launched are spares."""
         self.history: list[FaultNote] = []
         self.attempt: Optional[Attempt] = None
+        self.end: Optional[str] = None
+        """Why no attempt follows (``_Continue``)."""
+        self.store = None
+        """NVRx's store (its ``CallWrapper``'s), for what a launcher's SIGTERM should say."""
+
+
+def _stopped_by_launcher(inprocess, run: _Run) -> Optional[str]:
+    """What to say when the launcher ends this rank during a restart (torchrun ends every worker
+    once one exits): the fault with every record NVRx has of it, the lost ranks included (a killed
+    rank's monitor records it within a second: wait that long for it)."""
+    if not run.history or run.store is None:
+        return None
+    note = run.history[-1]
+    try:
+        store = inprocess.store.PrefixStore(len(run.history) - 1, run.store)
+        deadline = time.monotonic() + 3.0
+        while not store.get_terminated_ranks() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        note.lost = sorted(store.get_terminated_ranks())
+        records = store.get_interruption_records()
+        if records:
+            note.nvrx = inprocess.attribution.format_interruption_records(records)
+    except Exception:  # the store's host is gone: say what this rank knows
+        pass
+    return (f"{describe_fault([note])}; the launcher stopped this rank (SIGTERM) before it could "
+            "restart: torchrun ends every worker when one exits (a spare rank needs a launcher that "
+            "keeps the others, docs/pretraining.md)")
+
+
+def _on_launcher_stop(inprocess, run: _Run):
+    """SIGTERM while NVRx restarts (the trainer's own handler covers the attempts): one line naming
+    the fault, then the end the signal asks for; before any fault, SIGTERM's default."""
+    def handle(signum, frame):
+        line = _stopped_by_launcher(inprocess, run)
+        if line is None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        print(f"megasmol train: error: in-process restart: {line}", file=sys.stderr, flush=True)
+        os._exit(RunFailure.exit_code)
+    return handle
 
 
 def _seconds(value: float) -> datetime.timedelta:
@@ -198,13 +327,14 @@ def train_in_process(config: RunConfig) -> TrainResult:
     inprocess = _nvrx()
     resilience = config.resilience
     logging.getLogger(NVRX_LOGGER).setLevel(logging.CRITICAL)  # megasmol says one line per fault
-    run = _Run(config)
-    abort, finalize = _hooks(inprocess, run)
+    run = _Run(config, rank_info_from_env().world_size)
+    abort, finalize, rank_assignment, initialize = _hooks(inprocess, run)
     port = resilience.store_port or int(os.environ.get("MASTER_PORT", "29500")) + 1
     health = inprocess.health_check.CudaHealthCheck() if torch.cuda.is_available() else None
     wrapper = inprocess.Wrapper(
         store_kwargs={"port": port, "timeout": _seconds(resilience.barrier_timeout_s)},
-        initialize=inprocess.initialize.RetryController(max_iterations=resilience.max_restarts + 1),
+        initialize=initialize,
+        rank_assignment=rank_assignment,
         abort=abort,
         finalize=finalize,
         health_check=health,
@@ -219,12 +349,14 @@ def train_in_process(config: RunConfig) -> TrainResult:
     # NVRx passes its CallWrapper to the parameter annotated with that type (keep the annotation).
     def attempt(call_wrapper: Optional[inprocess.CallWrapper] = None) -> TrainResult:  # type: ignore[name-defined]
         assert call_wrapper is not None, "inprocess.Wrapper passes its CallWrapper"
+        run.store = call_wrapper.base_store
         run.attempt = Attempt(call_wrapper.iteration, run.history, resilience.max_restarts)
         return train(run.config, run.attempt)
 
+    previous = signal.signal(signal.SIGTERM, _on_launcher_stop(inprocess, run))
     try:
         return wrapper(attempt)()
     except inprocess.exception.RestartAbort as exc:
-        last = (run.history[-1].nvrx or run.history[-1].raised) if run.history else str(exc)
-        raise RunFailure(f"in-process restart: no restart left (resilience.max_restarts="
-                         f"{resilience.max_restarts}) after: {last}") from None
+        raise RunFailure(f"in-process restart: {run.end or exc}") from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

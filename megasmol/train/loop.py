@@ -210,7 +210,7 @@ def train(config: RunConfig, attempt: Optional[Attempt] = None) -> TrainResult:
 
     ``attempt``: one attempt of an in-process restart (``train/inprocess.py``): its process group
     gets its own store prefix, what it holds is handed over so a fault's clean-up can free it, and a
-    failure is left to NVRx to report and heal (nothing here waits for a peer then)."""
+    failure is left to NVRx to report and heal (nothing here closes or waits for a peer then)."""
     init_distributed(config.training.collective_timeout_s,
                      store_prefix=None if attempt is None else attempt.store_prefix)
     with RunLock(run_directory(config), config.checkpoint_dir) as lock:
@@ -222,11 +222,13 @@ def train(config: RunConfig, attempt: Optional[Attempt] = None) -> TrainResult:
         try:
             result = trainer.run()
         except BaseException as exc:
-            trainer.callbacks.on_error(exc)
             if attempt is not None:
-                trainer.close(peers_lost=True)
-                attempt.released()
+                # Nothing closed here: NVRx may raise its interruption into this thread at any
+                # line until the attempt has left this function; the trainer is closed by NVRx's
+                # finalize hook (``Attempt.free``), where no interruption arrives.
+                attempt.failed(exc)
                 raise
+            trainer.callbacks.on_error(exc)
             lost = (describe_collective_failure(exc)
                     if isinstance(exc, RuntimeError) and not isinstance(exc, RunFailure) else None)
             if lost is not None:

@@ -1,7 +1,9 @@
 """Fault injection for the tests that prove recovery works (never set in real runs).
 
 ``MEGASMOL_FAULT=kind:step[,kind:first-last...]`` makes the process misbehave at a step (or at
-each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
+each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to the process launched as global rank
+R (its ``RANK`` when this module is imported: an in-process restart may give it another rank
+later, and a spare that takes rank R's place must not fail again):
 
 * ``kill_in_save:N``: SIGKILL this process after checkpoint N's files are written and before it
   is renamed into place (the worst moment for a crash during a save);
@@ -18,6 +20,7 @@ each step of a range); ``MEGASMOL_FAULT_RANK=R`` limits it to global rank R:
 * ``sigterm_after_reduce:N``: send SIGTERM to this process right after step N's all-reduce (a
   signal that reaches one rank later than the others);
 * ``hang:N``: block forever in step N before its forward pass (a stuck kernel or file system);
+* ``kill:N``: SIGKILL this process in step N before its forward pass (a rank or its host lost);
 * ``raise:N``: raise ``PlannedFault`` in step N before its forward pass, once per process (a
   rank's bug or a transient error; the in-process restart that follows runs step N again).
 """
@@ -32,9 +35,13 @@ ENV_VAR = "MEGASMOL_FAULT"
 RANK_VAR = "MEGASMOL_FAULT_RANK"
 
 
+LAUNCHED_AS = os.environ.get("RANK", "0")
+"""The rank the launcher gave this process (``MEGASMOL_FAULT_RANK`` is compared with it)."""
+
+
 def _planned() -> dict[str, tuple[int, int]]:
     rank = os.environ.get(RANK_VAR)
-    if rank is not None and rank != os.environ.get("RANK", "0"):
+    if rank is not None and rank != LAUNCHED_AS:
         return {}
     plan = {}
     for item in filter(None, os.environ.get(ENV_VAR, "").split(",")):
@@ -125,6 +132,7 @@ class PlannedFaults(FaultPlan):
 
     def before_forward(self, step):
         hang_if_planned("hang", step)
+        kill_if_planned("kill", step)
         raise_once_if_planned("raise", step)
 
     def after_backward(self, step, ddp_model):
