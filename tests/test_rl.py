@@ -3,6 +3,7 @@ tiny spec (tests/rl_fixtures.py): completions sampled by the model being trained
 function, GRPO's loss; exactly on-policy, learning, resume bit for bit, parallel layouts."""
 
 import json
+import math
 
 import pytest
 
@@ -11,7 +12,7 @@ from tests.train_fixtures import step_losses, torchrun_train, train
 
 TRL_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
              "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
-             "clip_ratio/region_mean", "rewards/even_tokens/mean", "rewards/even_tokens/std")
+             "clip_ratio/region_mean", "rewards/even_tokens/mean", "rewards/even_tokens/std", "entropy")
 
 
 def _records(run_dir):
@@ -38,9 +39,12 @@ def test_the_reward_rises_and_every_step_is_exactly_on_policy(rl_run):
         # the trainer's log-probs of the sampled tokens are the decoder's (fp32 on CPU)
         assert record["logps/rollout_max_diff"] <= 1e-5
         assert 0 < record["time/generation_share"] < 1
+        assert 0 < record["entropy"] < math.log(512)  # nats over the 512-token vocabulary
     rewards = [r["reward"] for r in records]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert "reward" in proc.stdout and "on-policy" in proc.stdout
+    assert "reward" in proc.stdout and "on-policy" in proc.stdout and "entropy" in proc.stdout
+    # the policy sharpens as it learns (the sampled entropy falls)
+    assert records[-1]["entropy"] < records[0]["entropy"], [r["entropy"] for r in records]
 
 
 def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(rl_run, tmp_path):
@@ -66,6 +70,8 @@ def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path)
     # the second update of a batch is off-policy: its importance weights differ from 1
     assert whole[1]["reward"] == whole[0]["reward"] and "logps/rollout_max_diff" not in whole[1]
     assert "logps/rollout_max_diff" in whole[2]
+    # the decoder's entropies are the policy's only for the weights that sampled the batch
+    assert "entropy" not in whole[1] and "entropy" in whole[2]
 
 
 @pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2",), ("parallel.pipeline_parallel=2",),

@@ -7,7 +7,10 @@ copy), the rewards (``rewards:``) score them, group advantages are computed, and
 are packed as documents. :class:`PolicyLoss` turns the per-token output (the cross-entropy of
 ``logits / rl.temperature``, plain: no z-loss) into the policy loss of ``rl.loss_type``
 (:mod:`megasmol.rl.policy_loss`) and checks that the run is exactly on-policy: in a rollout
-batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's.
+batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's. The
+``entropy`` metric (TRL's: the policy's mean per-token entropy over the trained completion tokens)
+comes from the decoder's logits, which are the trainer's in that first update; later updates of a
+rollout batch (``rl.num_iterations`` > 1) do not report it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class PolicyLoss:
         self.rl = rl
         self.unit = LOSSES[rl.loss_type].unit
         probe = self._loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                           1, None, torch.zeros(1) if rl.beta > 0 else None)
+                           1, None, torch.zeros(1) if rl.beta > 0 else None, torch.zeros(1))
         self.metric_names: tuple[str, ...] = tuple(probe.sums)
         """The summed metrics this configuration reports (``tokens``, ``completions``, ``kl``...)."""
         self.rollout_metrics: dict[str, float] = {}
@@ -55,10 +58,11 @@ class PolicyLoss:
         return ({name: float("inf") for name in self._extremes["min"]},
                 {ON_POLICY: 0.0, **{name: float("-inf") for name in self._extremes["max"]}})
 
-    def _loss(self, logps, advantages, mask, seq_id, n, old, ref):
+    def _loss(self, logps, advantages, mask, seq_id, n, old, ref, entropies):
         from megasmol.rl.policy_loss import policy_loss
 
-        return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref)
+        return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref,
+                           entropies=entropies)
 
     def set_rollout(self, metrics: dict[str, float]) -> None:
         """The metrics of the rollout batch the next step trains on (the same on every rank)."""
@@ -76,6 +80,11 @@ class PolicyLoss:
         mask = inputs.loss_mask.reshape(-1).float() * (segments >= 0)
         old = inputs.old_logps.reshape(-1) if inputs.old_logps is not None else None
         ref = inputs.ref_token_logps.reshape(-1) if inputs.ref_token_logps is not None else None
+        # The decoder's entropies are the trainer's in a rollout batch's first update (the same
+        # weights, the same logits to float rounding: the on-policy check); later updates report
+        # none (zeros here, left out by ``means``).
+        entropies = (inputs.rollout_entropies.reshape(-1) if inputs.rollout_entropies is not None
+                     else torch.zeros_like(logps))
         if inputs.rollout_logps is not None and bool((mask > 0).any()):
             diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[mask > 0].abs().max()
             self._maxs[ON_POLICY] = max(self._maxs[ON_POLICY], float(diff))
@@ -84,7 +93,8 @@ class PolicyLoss:
             report = torch.zeros(2, dtype=torch.float64)
             metrics = torch.zeros(len(self.metric_names), dtype=torch.float64)
             return zero, torch.tensor(0, dtype=torch.int), {"loss": report, "metrics": metrics}
-        result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, int(present.sum()), old, ref)
+        result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, int(present.sum()), old, ref,
+                            entropies)
         for name, value in result.mins.items():
             self._mins[name] = min(self._mins[name], float(value))
         for name, value in result.maxs.items():
@@ -106,6 +116,8 @@ class PolicyLoss:
         out.update(self.rollout_metrics)
         if "time/generation_s" in self.rollout_metrics:  # a rollout batch's first update
             out[ON_POLICY] = on_policy
+        else:
+            out.pop("entropy", None)
         return out
 
     @staticmethod
