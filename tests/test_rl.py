@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.rl_fixtures import write_rl_run
+from tests.rl_fixtures import write_eval_suite, write_rl_run
 from tests.train_fixtures import step_losses, torchrun_train, train
 
 TRL_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
@@ -23,8 +23,11 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
     """Ten steps from a saved initialization (random initialization differs by layout; the
-    layout tests start from the same one)."""
-    config = write_rl_run(tmp_path_factory.mktemp("rl"), steps=10, initialized=True)
+    layout tests start from the same one), with an in-loop evaluation suite every 5 steps."""
+    root = tmp_path_factory.mktemp("rl")
+    suite = write_eval_suite(root / "tasks")
+    config = write_rl_run(root, steps=10, initialized=True,
+                          eval={"tasks": [str(suite)], "tasks_interval": 5, "tasks_limit": None})
     proc = train(config)
     return config, proc
 
@@ -51,7 +54,7 @@ def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(rl_run
     config, _ = rl_run
     whole = step_losses(config.parent / "run")
     rewards = step_losses(config.parent / "run", "reward")
-    again = write_rl_run(tmp_path / "again", steps=10)
+    again = write_rl_run(tmp_path / "again", steps=10)  # no in-loop evaluation: it changes nothing
     train(again, "training.stop_after_step=6")
     train(again)
     assert step_losses(tmp_path / "again" / "run") == whole
@@ -126,3 +129,22 @@ def test_completions_longer_than_a_row_are_one_line_naming_the_field(tmp_path):
     proc = train(write_rl_run(tmp_path, steps=2), "rl.max_completion_length=30", check=False)
     assert proc.returncode != 0 and "rl.max_completion_length (30) plus the longest prompt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_in_loop_evaluation_suite_runs_at_its_interval_during_rl(rl_run):
+    """``eval.tasks`` during RL, as during pretraining: the suite scored by the policy being
+    trained at steps 5 and 10, its records in metrics.jsonl and its reports under downstream/."""
+    config, proc = rl_run
+    run = config.parent / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    downstream = {r["step"]: r for r in records if r["kind"] == "downstream"}
+    assert sorted(downstream) == [5, 10]
+    for step, record in downstream.items():
+        assert 0 <= record["cloze/acc"] <= 1 and record["cloze/gold_loglik"] < 0
+        assert record["words/average"] == pytest.approx((record["cloze/acc"] + record["gen/exact_match"]) / 2)
+        report = json.loads((run / "downstream" / f"iter_{step:07d}" / "results.json").read_text())
+        assert report["settings"]["tasks"] == ["cloze", "gen"]
+        assert (run / "downstream" / f"iter_{step:07d}" / "samples.jsonl").stat().st_size > 0
+        assert f"downstream at step {step}: cloze acc" in proc.stdout
+    # the policy changed between the two: the gold answers' log-likelihood moved
+    assert downstream[5]["cloze/gold_loglik"] != downstream[10]["cloze/gold_loglik"]
