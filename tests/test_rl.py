@@ -78,7 +78,7 @@ def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path)
 
 
 @pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2",), ("parallel.pipeline_parallel=2",),
-                                    ()], ids=["tp2", "pp2", "dp2"])
+                                    ("parallel.context_parallel=2",), ()], ids=["tp2", "pp2", "cp2", "dp2"])
 def test_parallel_layouts_sample_and_train_as_one_process(rl_run, tmp_path, layout):
     config, _ = rl_run
     one = _records(config.parent / "run")[:2]
@@ -113,7 +113,8 @@ def test_dynamic_sampling_refills_groups_without_signal_and_flat_rewards_are_sai
                                          "and must be a multiple of rl.num_generations (4)"),
     (("rl.beta=0.04",), "rl.beta > 0 needs a reference model: set checkpoint.init_from"),
     (("rl.num_generations=1",), "rl.num_generations must be >= 2"),
-    (("parallel.context_parallel=2",), "training.objective=rl does not run under parallel.context_parallel"),
+    (("parallel.context_parallel=2", "rl.num_iterations=2"),
+     "rl.num_iterations > 1 does not run under parallel.context_parallel > 1 yet"),
 ], ids=["batch", "beta", "group", "cp"])
 def test_bad_rl_settings_are_refused_before_anything_runs(tmp_path, sets, message):
     from megasmol.config.run import load_run_config
