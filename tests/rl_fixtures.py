@@ -46,6 +46,31 @@ def write_prompt_set(prefix: Path, count: int = 16, seed: int = 0) -> Path:
     return prefix
 
 
+def write_eval_suite(root: Path) -> Path:
+    """An in-loop evaluation suite in the word tokenizer's ids: a cloze task (contexts shared
+    by the choices) and a free-generation one (greedy, by the model being trained), averaged."""
+    def jsonl(name: str, records: list[dict]) -> str:
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+        return name
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "cloze.yaml").write_text(yaml.safe_dump({
+        "name": "cloze", "target_delimiter": "", "primary_metric": "acc", "data_files": jsonl("items.jsonl", [
+            {"context": "t10 t11", "choices": [" t12", " t13"], "gold": 0},
+            {"context": "t20 t21 t22", "choices": [" t23", " t24", " t25"], "gold": 1},
+            {"context": "t30", "choices": [" t31", " t32 t33"], "gold": 1}])}))
+    (root / "gen.yaml").write_text(yaml.safe_dump({
+        "name": "gen", "formulation": "fg", "context": "{{question}}", "answer": "{{answer}}",
+        "until": ["t0"], "max_gen_tokens": 4, "answer_pattern": "(\\w+)",
+        "data_files": jsonl("questions.jsonl", [{"question": "t40 t41", "answer": "t42"},
+                                                {"question": "t50", "answer": "t51"}])}))
+    suite = root / "words.suite.yaml"
+    suite.write_text(yaml.safe_dump({"name": "words", "description": "in-loop scoring during RL",
+                                     "source": "tests", "tasks": [{"task": str(root / "cloze.yaml")},
+                                                                  {"task": str(root / "gen.yaml")}]}))
+    return suite
+
+
 def write_rl_run(root: Path, steps: int = 6, initialized: bool = False, **sections) -> Path:
     """Spec, prompts, recipe and an RL config under ``root``; returns the config path.
     ``initialized``: the run starts from a checkpoint of initial weights saved at ``root/init``

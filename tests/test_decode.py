@@ -2,6 +2,7 @@
 chose that equal a fresh forward pass (what RL's trainer recomputes), top_k / top_p restrictions."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -47,7 +48,11 @@ def test_a_seeded_row_is_the_same_alone_or_in_any_batch(model):
 @pytest.mark.parametrize("sampling", [SAMPLED, SamplingParams()], ids=["sampled", "greedy"])
 def test_log_probs_equal_a_fresh_full_forward_pass(model, sampling):
     """RL's on-policy check: the trainer's uncached pass over prompt + completion gives each
-    completion token log_softmax(logits / T) (T = 1 when greedy) within 1e-5 of the decoder's."""
+    completion token log_softmax(logits / T) (T = 1 when greedy) within 1e-5 of the decoder's; the
+    decoder's entropies are TRL's ``entropy_from_logits(logits / T)`` of the same pass (the whole
+    vocabulary, before top_k / top_p)."""
+    from trl.trainer.utils import entropy_from_logits
+
     prompts = _prompts(4, 9)
     done = generate(model, prompts, 8, sampling=sampling, seeds=[1, 2])
     for prompt, completion in zip(prompts, done):
@@ -59,6 +64,10 @@ def test_log_probs_equal_a_fresh_full_forward_pass(model, sampling):
         expected = fresh.gather(-1, torch.tensor(completion.tokens).unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, rtol=0, atol=1e-5)
         assert min(completion.logprobs) < -0.5  # not a certain distribution: the check can fail
+        entropies = entropy_from_logits(logits / scale)[len(prompt) - 1:-1]
+        torch.testing.assert_close(torch.tensor(completion.entropies), entropies, rtol=0, atol=1e-5)
+        if sampling.top_k:  # the whole vocabulary's, not that of the top_k set (at most log top_k)
+            assert max(completion.entropies) > math.log(sampling.top_k)
         if sampling.temperature == 0:
             assert completion.tokens == fresh.argmax(-1).tolist()
 
@@ -76,7 +85,7 @@ def test_rows_end_at_eos_a_stop_rule_or_their_limit(model):
     eos = free[0].tokens[2]
     done = generate(model, prompts, [6, 6, 0], sampling=SAMPLED, seeds=[1, 2, 3], eos_token_id=eos,
                     stop=lambda row, new: row == 1 and len(new) == 2)
-    assert done[0] == Completion(free[0].tokens[:3], free[0].logprobs[:3], "eos")
+    assert done[0] == Completion(free[0].tokens[:3], free[0].logprobs[:3], "eos", free[0].entropies[:3])
     assert done[1].tokens == free[1].tokens[:2] and done[1].finish_reason == "stop"
     assert done[2] == Completion([], [], "length")
 
@@ -134,8 +143,9 @@ def test_bad_sampling_parameters_name_the_field(changes, field):
 def test_parallel_layouts_sample_what_one_process_does(tmp_path):
     """``decode.parallel`` under TP=2 (the whole vocabulary gathered before sampling), PP=2 (the
     last stage chooses), CP=2 and DP=2 (a replica's own prompts), 2 gloo processes: the same
-    tokens and finish reasons as the one-process KV-cache decoder, log-probabilities within 1e-5,
-    sampled with seeds and greedy."""
+    tokens and finish reasons as the one-process KV-cache decoder, log-probabilities and entropies
+    (over the whole vocabulary: under TP, the gathered one) within 1e-5, sampled with seeds and
+    greedy."""
     from megasmol.model.init import init_checkpoint
     from megasmol.model.load import load_checkpoint_model
     from megasmol.runtime.distributed import shutdown
@@ -166,6 +176,7 @@ def test_parallel_layouts_sample_what_one_process_does(tmp_path):
                 assert (have["tokens"], have["finish_reason"]) == (want.tokens, want.finish_reason), \
                     (layout, label, row)
                 torch.testing.assert_close(have["logprobs"], want.logprobs, rtol=0, atol=1e-5)
+                torch.testing.assert_close(have["entropies"], want.entropies, rtol=0, atol=1e-5)
 
 
 def test_chat_samples_with_the_decode_rooms_rule(tmp_path, llama_tokenizer_dir):

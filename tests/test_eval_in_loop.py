@@ -190,3 +190,29 @@ def test_few_shot_without_a_few_shot_split_fails_before_training(tmp_path, vocab
     proc = train(config, check=False)
     assert proc.returncode == 2 and "task items: few-shot prompts need fewshot_split" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_in_loop_log_likelihoods_ignore_rl_sampling_temperature(megatron_runtime):
+    """During RL the model's per-token loss is the cross-entropy of ``logits / rl.temperature``;
+    the in-loop scorer's log-likelihoods stay those of the model itself (temperature 1), as the
+    offline command's on the same weights, on the plain path (contexts not shared: every request
+    scored whole, through the model's loss)."""
+    import torch
+
+    from megasmol.eval.scoring.parallel_scorer import PipelineScorer
+    from megasmol.eval.scoring.requests import TokenRequest
+    from megasmol.model.gpt import sampling_temperature
+    from megasmol.model.load import single_process_model
+    from tests.specs import tiny_llama
+
+    torch.manual_seed(0)
+    model = single_process_model(tiny_llama(init_std=0.1))
+    requests = [TokenRequest((5, 6, 7), (8, 9)), TokenRequest((10, 11), (12,)), TokenRequest((3,), (4, 5, 6))]
+    scorer = PipelineScorer(model, model, micro_batch_size=2, max_length=64, vocab_size=512,
+                            tokenizer=None, name="test")
+    plain = scorer.loglikelihoods(requests)
+    with sampling_temperature(model, 0.5):
+        during_rl = scorer.loglikelihoods(requests)
+        assert model.logit_temperature == 0.5  # the run's temperature is back after scoring
+    assert during_rl == pytest.approx(plain, abs=1e-6)
+    assert min(plain) < -5  # a random model: the temperature would change these

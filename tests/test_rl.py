@@ -3,15 +3,16 @@ tiny spec (tests/rl_fixtures.py): completions sampled by the model being trained
 function, GRPO's loss; exactly on-policy, learning, resume bit for bit, parallel layouts."""
 
 import json
+import math
 
 import pytest
 
-from tests.rl_fixtures import write_rl_run
+from tests.rl_fixtures import write_eval_suite, write_rl_run
 from tests.train_fixtures import step_losses, torchrun_train, train
 
 TRL_NAMES = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
              "completions/clipped_ratio", "clip_ratio/low_mean", "clip_ratio/high_mean",
-             "clip_ratio/region_mean", "rewards/even_tokens/mean", "rewards/even_tokens/std")
+             "clip_ratio/region_mean", "rewards/even_tokens/mean", "rewards/even_tokens/std", "entropy")
 
 
 def _records(run_dir):
@@ -22,8 +23,11 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
     """Ten steps from a saved initialization (random initialization differs by layout; the
-    layout tests start from the same one)."""
-    config = write_rl_run(tmp_path_factory.mktemp("rl"), steps=10, initialized=True)
+    layout tests start from the same one), with an in-loop evaluation suite every 5 steps."""
+    root = tmp_path_factory.mktemp("rl")
+    suite = write_eval_suite(root / "tasks")
+    config = write_rl_run(root, steps=10, initialized=True,
+                          eval={"tasks": [str(suite)], "tasks_interval": 5, "tasks_limit": None})
     proc = train(config)
     return config, proc
 
@@ -38,16 +42,19 @@ def test_the_reward_rises_and_every_step_is_exactly_on_policy(rl_run):
         # the trainer's log-probs of the sampled tokens are the decoder's (fp32 on CPU)
         assert record["logps/rollout_max_diff"] <= 1e-5
         assert 0 < record["time/generation_share"] < 1
+        assert 0 < record["entropy"] < math.log(512)  # nats over the 512-token vocabulary
     rewards = [r["reward"] for r in records]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
-    assert "reward" in proc.stdout and "on-policy" in proc.stdout
+    assert "reward" in proc.stdout and "on-policy" in proc.stdout and "entropy" in proc.stdout
+    # the policy sharpens as it learns (the sampled entropy falls)
+    assert records[-1]["entropy"] < records[0]["entropy"], [r["entropy"] for r in records]
 
 
 def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(rl_run, tmp_path):
     config, _ = rl_run
     whole = step_losses(config.parent / "run")
     rewards = step_losses(config.parent / "run", "reward")
-    again = write_rl_run(tmp_path / "again", steps=10)
+    again = write_rl_run(tmp_path / "again", steps=10)  # no in-loop evaluation: it changes nothing
     train(again, "training.stop_after_step=6")
     train(again)
     assert step_losses(tmp_path / "again" / "run") == whole
@@ -66,10 +73,12 @@ def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path)
     # the second update of a batch is off-policy: its importance weights differ from 1
     assert whole[1]["reward"] == whole[0]["reward"] and "logps/rollout_max_diff" not in whole[1]
     assert "logps/rollout_max_diff" in whole[2]
+    # the decoder's entropies are the policy's only for the weights that sampled the batch
+    assert "entropy" not in whole[1] and "entropy" in whole[2]
 
 
 @pytest.mark.parametrize("layout", [("parallel.tensor_parallel=2",), ("parallel.pipeline_parallel=2",),
-                                    ()], ids=["tp2", "pp2", "dp2"])
+                                    ("parallel.context_parallel=2",), ()], ids=["tp2", "pp2", "cp2", "dp2"])
 def test_parallel_layouts_sample_and_train_as_one_process(rl_run, tmp_path, layout):
     config, _ = rl_run
     one = _records(config.parent / "run")[:2]
@@ -104,7 +113,8 @@ def test_dynamic_sampling_refills_groups_without_signal_and_flat_rewards_are_sai
                                          "and must be a multiple of rl.num_generations (4)"),
     (("rl.beta=0.04",), "rl.beta > 0 needs a reference model: set checkpoint.init_from"),
     (("rl.num_generations=1",), "rl.num_generations must be >= 2"),
-    (("parallel.context_parallel=2",), "training.objective=rl does not run under parallel.context_parallel"),
+    (("parallel.context_parallel=2", "rl.num_iterations=2"),
+     "rl.num_iterations > 1 does not run under parallel.context_parallel > 1 yet"),
 ], ids=["batch", "beta", "group", "cp"])
 def test_bad_rl_settings_are_refused_before_anything_runs(tmp_path, sets, message):
     from megasmol.config.run import load_run_config
@@ -120,3 +130,22 @@ def test_completions_longer_than_a_row_are_one_line_naming_the_field(tmp_path):
     proc = train(write_rl_run(tmp_path, steps=2), "rl.max_completion_length=30", check=False)
     assert proc.returncode != 0 and "rl.max_completion_length (30) plus the longest prompt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_in_loop_evaluation_suite_runs_at_its_interval_during_rl(rl_run):
+    """``eval.tasks`` during RL, as during pretraining: the suite scored by the policy being
+    trained at steps 5 and 10, its records in metrics.jsonl and its reports under downstream/."""
+    config, proc = rl_run
+    run = config.parent / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    downstream = {r["step"]: r for r in records if r["kind"] == "downstream"}
+    assert sorted(downstream) == [5, 10]
+    for step, record in downstream.items():
+        assert 0 <= record["cloze/acc"] <= 1 and record["cloze/gold_loglik"] < 0
+        assert record["words/average"] == pytest.approx((record["cloze/acc"] + record["gen/exact_match"]) / 2)
+        report = json.loads((run / "downstream" / f"iter_{step:07d}" / "results.json").read_text())
+        assert report["settings"]["tasks"] == ["cloze", "gen"]
+        assert (run / "downstream" / f"iter_{step:07d}" / "samples.jsonl").stat().st_size > 0
+        assert f"downstream at step {step}: cloze acc" in proc.stdout
+    # the policy changed between the two: the gold answers' log-likelihood moved
+    assert downstream[5]["cloze/gold_loglik"] != downstream[10]["cloze/gold_loglik"]

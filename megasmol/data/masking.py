@@ -30,7 +30,7 @@ from megasmol.model.attention import block_causal_mask
 
 BACKEND_MASK_FORMAT = {"te": "thd", "sdpa": "sbhd", "local": "dense"}
 TOKEN_FIELDS = ("tokens", "position_ids", "labels", "loss_mask", "segments", "ref_logps",
-                "rollout_logps", "old_logps", "ref_token_logps", "advantages")
+                "rollout_logps", "rollout_entropies", "old_logps", "ref_token_logps", "advantages")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class ModelInputs:
     rollout_logps: Optional[Tensor] = None
     """RL completions: each completion token's log-prob as the decoder sampled it (the on-policy
     check compares the trainer's with it); only in a rollout batch's first update."""
+    rollout_entropies: Optional[Tensor] = None
+    """RL completions: the entropy of the decoder's distribution at each completion token, the
+    trainer's own in a rollout batch's first update (the ``entropy`` metric); only there."""
     old_logps: Optional[Tensor] = None
     """RL completions: each token's log-prob before the rollout batch's first update (present
     when ``rl.num_iterations`` > 1; else the current ones, detached, are the old ones)."""

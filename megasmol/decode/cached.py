@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits, request_seeds
-from megasmol.decode.sampling import SamplingParams, choose, row_generators
+from megasmol.decode.sampling import SamplingParams, choose_scored, row_generators
 
 
 class Decoder:
@@ -68,10 +68,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
              on_step: Optional[OnStep] = None, use_cache: bool = True) -> list[Completion]:
     """The continuation of each prompt: at most ``max_new_tokens`` ids (one number, or one per
     prompt), ending after EOS or once ``stop(row, new ids so far)`` says so, with the log-probability
-    of each. ``sampling``: greedy by default; a sampled row draws from
-    ``torch.Generator().manual_seed(seeds[row])`` (``seeds`` None: drawn from torch's global
-    generator). Rows never see each other (a causal model, no padding inside what any row attends
-    to, a generator each), so each gets what it would get alone. After each step,
+    of each and the entropy of the distribution it was drawn from. ``sampling``: greedy by default;
+    a sampled row draws from ``torch.Generator().manual_seed(seeds[row])`` (``seeds`` None: drawn
+    from torch's global generator). Rows never see each other (a causal model, no padding inside
+    what any row attends to, a generator each), so each gets what it would get alone. After each step,
     ``on_step(ids generated, rows finished)``."""
     sampling = sampling or SamplingParams()
     sampling.validate()
@@ -98,13 +98,14 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
         slots = [slot for slot, row in enumerate(active) if position >= lengths[row]]
         finished = []
         if slots:  # the rows past their prompt choose; the others are fed their prompt's token
-            picked, picked_log_probs = choose(logits[slots], sampling,
-                                              [generators[active[slot]] for slot in slots])
-            for slot, token, log_prob in zip(slots, picked.tolist(), picked_log_probs.tolist()):
+            choice = choose_scored(logits[slots], sampling, [generators[active[slot]] for slot in slots])
+            for slot, token, log_prob, entropy in zip(slots, choice.tokens.tolist(),
+                                                      choice.log_probs.tolist(), choice.entropies.tolist()):
                 row = active[slot]
                 tokens[row, position] = token
                 out[row].tokens.append(token)
                 out[row].logprobs.append(log_prob)
+                out[row].entropies.append(entropy)
                 reason = finish_reason(row, out[row].tokens, limits[row], eos_token_id, stop)
                 if reason is not None:
                     out[row].finish_reason = reason

@@ -4,7 +4,7 @@ and the parallel-layout decoders)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -32,6 +32,9 @@ class Completion:
     finish_reason: FinishReason
     """``eos``: it wrote the EOS id; ``stop``: the ``stop`` rule ended it; ``length``: it reached
     its ``max_new_tokens`` (checked in that order after each token)."""
+    entropies: list[float] = field(default_factory=list)
+    """The entropy (nats) of ``softmax(logits / T)`` over the whole vocabulary at each of
+    ``tokens`` (before ``top_k`` / ``top_p``): TRL's per-token ``entropy``, from the same logits."""
 
 
 def finish_reason(row: int, new: list[int], limit: int, eos_token_id: Optional[int],

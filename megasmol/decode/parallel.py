@@ -15,7 +15,8 @@ one-process decoder (``cached.generate``) uses, so both give the same tokens and
   agree (the same logits, the same generator state); the other stages never draw.
 
 One all-reduce per step (the largest value wins: -1 / -inf where a rank has nothing) gives every
-rank of the job every replica's new tokens and log-probabilities. Data-parallel replicas decode
+rank of the job every replica's new tokens, their log-probabilities and the entropies of the
+distributions they were drawn from. Data-parallel replicas decode
 their own prompts, in step with each other (a replica with fewer rows runs empty steps). The stop
 rules (EOS, ``stop``, the length limit) are checked after every token, and a finished row leaves
 the next step's batch.
@@ -23,7 +24,7 @@ the next step's batch.
 What each layout costs per new token, beyond one forward pass over every unfinished prefix (no
 cache: O(length^2) work over a completion): TP gathers [rows, vocabulary] logits (fp32) and CP
 sums them; PP runs the micro-batches through the pipeline's bubbles; everything ends in one
-all-reduce of 2 x DP x rows numbers over the job.
+all-reduce of 3 x DP x rows numbers over the job.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 
 from megasmol.data.masking import ModelInputs, context_parallel_share
 from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits
-from megasmol.decode.sampling import SamplingParams, choose, row_generators
+from megasmol.decode.sampling import SamplingParams, choose_scored, row_generators
 from megasmol.errors import InputError
 from megasmol.runtime.distributed import current_device
 from megasmol.runtime.pipeline_shapes import all_max, padded_length
@@ -72,12 +73,13 @@ def generate_parallel(model_chunk, forward_model, prompts: Sequence[Sequence[int
     step = _Step(model_chunk, forward_model, micro_batch_size, sampling, dp, dp_rank, width)
     with _decoding(forward_model):
         while all_max(len(active)):
-            tokens, log_probs, generated = step([list(prompts[row]) + out[row].tokens for row in active],
-                                                [generators[row] for row in active])
+            tokens, log_probs, entropies, generated = step(
+                [list(prompts[row]) + out[row].tokens for row in active], [generators[row] for row in active])
             finished = []
-            for row, token, log_prob in zip(list(active), tokens, log_probs):
+            for row, token, log_prob, entropy in zip(list(active), tokens, log_probs, entropies):
                 out[row].tokens.append(token)
                 out[row].logprobs.append(log_prob)
+                out[row].entropies.append(entropy)
                 reason = finish_reason(row, out[row].tokens, limits[row], eos_token_id, stop)
                 if reason is not None:
                     out[row].finish_reason = reason
@@ -109,15 +111,16 @@ class _Step:
         self.sampling, self.dp, self.dp_rank, self.width = sampling, dp, dp_rank, width
 
     def __call__(self, rows: list[list[int]],
-                 generators: list[torch.Generator]) -> tuple[list[int], list[float], int]:
-        """The next token after each of ``rows`` (this replica's, possibly none) and its
-        log-probability, and how many tokens every replica together chose."""
+                 generators: list[torch.Generator]) -> tuple[list[int], list[float], list[float], int]:
+        """The next token after each of ``rows`` (this replica's, possibly none), its
+        log-probability and the distribution's entropy, and how many tokens every replica together
+        chose."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megasmol.runtime.pipeline import StepGeometry
 
-        found = torch.full((2, self.dp, self.width), -1.0, dtype=torch.float64)
-        found[1] = float("-inf")
+        found = torch.full((len(_CHOSEN), self.dp, self.width), -1.0, dtype=torch.float64)
+        found[1:] = float("-inf")
         length = padded_length(all_max(max((len(r) for r in rows), default=1)), self.model_chunk)
         if rows:
             micro = [_inputs(rows[k:k + self.micro], generators[k:k + self.micro], self.micro, length)
@@ -129,14 +132,18 @@ class _Step:
                 seq_length=geometry.seq_length, micro_batch_size=geometry.micro_batch_size,
                 forward_only=True)
             if outputs:  # the last pipeline stage
-                for k, key in enumerate(("next", "logprob")):
+                for k, key in enumerate(_CHOSEN):
                     chosen = torch.cat([o[key].cpu() for o in outputs])
                     found[k, self.dp_rank, :len(rows)] = chosen[:len(rows)]
         found = found.to(current_device())
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
         found = found.cpu()
         mine = found[:, self.dp_rank, :len(rows)]
-        return mine[0].long().tolist(), mine[1].tolist(), int((found[0] >= 0).sum())
+        return mine[0].long().tolist(), mine[1].tolist(), mine[2].tolist(), int((found[0] >= 0).sum())
+
+
+_CHOSEN = ("next", "logprob", "entropy")
+"""What the last stage reports per row (all-reduced with MAX: -1 / -inf where a rank has none)."""
 
 
 def _forward_step(sampling: SamplingParams, data_iterator, model):
@@ -147,8 +154,9 @@ def _forward_step(sampling: SamplingParams, data_iterator, model):
 
 def _choose(sampling: SamplingParams, positions: torch.Tensor, targets: torch.Tensor,
             generators: list[torch.Generator], logits: torch.Tensor):
-    """Last stage, every TP and CP rank: [b] chosen ids at each row's ``targets`` position and
-    their log-probabilities (-1 and -inf for a padding row)."""
+    """Last stage, every TP and CP rank: [b] chosen ids at each row's ``targets`` position, their
+    log-probabilities and the entropies over the whole vocabulary (-1, -inf, -inf for a padding
+    row)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -161,12 +169,15 @@ def _choose(sampling: SamplingParams, positions: torch.Tensor, targets: torch.Te
         torch.distributed.all_reduce(last, group=ps.get_context_parallel_group())
     chosen = torch.full((logits.shape[0],), -1.0, dtype=torch.float64, device=logits.device)
     log_probs = torch.full_like(chosen, float("-inf"))
+    entropies = torch.full_like(chosen, float("-inf"))
     real = len(generators)
     if real:
-        tokens, token_log_probs = choose(last[:real], sampling, generators)
-        chosen[:real], log_probs[:real] = tokens.double(), token_log_probs.double()
+        choice = choose_scored(last[:real], sampling, generators)
+        chosen[:real], log_probs[:real] = choice.tokens.double(), choice.log_probs.double()
+        entropies[:real] = choice.entropies.double()
     zero = torch.zeros((), device=logits.device)
-    return zero, torch.ones((), dtype=torch.int, device=logits.device), {"next": chosen, "logprob": log_probs}
+    return zero, torch.ones((), dtype=torch.int, device=logits.device), {
+        "next": chosen, "logprob": log_probs, "entropy": entropies}
 
 
 def _inputs(rows: list[list[int]], generators: list[torch.Generator], micro: int, length: int):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -81,11 +81,38 @@ def restrict(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return scaled
 
 
+class Choice(NamedTuple):
+    """What :func:`choose_scored` picks for each row, with the distribution's measures."""
+
+    tokens: torch.Tensor
+    """[rows] the chosen ids."""
+    log_probs: torch.Tensor
+    """[rows] float32 ``log_softmax(logits / T)[token]``."""
+    entropies: torch.Tensor
+    """[rows] float32 entropy (nats) of ``softmax(logits / T)``, the whole vocabulary (before
+    ``top_k`` / ``top_p``): TRL's per-token ``entropy`` (``trl.trainer.utils.entropy_from_logits``
+    of the logits divided by the temperature)."""
+
+
+def entropy(all_log_probs: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] log-probabilities -> [rows] entropy ``-sum p log p`` (a token of probability 0
+    adds 0)."""
+    return -(all_log_probs.exp() * all_log_probs.masked_fill(torch.isinf(all_log_probs), 0.0)).sum(-1)
+
+
 def choose(logits: torch.Tensor, params: SamplingParams,
            generators: Optional[Sequence[torch.Generator]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, vocab] logits -> ([rows] token ids, [rows] float32 log-probabilities of them,
     ``log_softmax(logits / T)[token]``). Greedy needs no generators (the lowest id on a tie, as
     ``argmax``); sampling takes one per row and draws one number from each."""
+    choice = choose_scored(logits, params, generators, with_entropy=False)
+    return choice.tokens, choice.log_probs
+
+
+def choose_scored(logits: torch.Tensor, params: SamplingParams,
+                  generators: Optional[Sequence[torch.Generator]] = None,
+                  with_entropy: bool = True) -> Choice:
+    """:func:`choose`, with each row's entropy (zeros when not ``with_entropy``)."""
     all_log_probs = log_probs(logits, params)
     if params.greedy:
         tokens = logits.float().argmax(dim=-1)  # the logits' own argmax (no rounding in between)
@@ -102,4 +129,6 @@ def choose(logits: torch.Tensor, params: SamplingParams,
         # The first token whose cumulative probability exceeds the target: never one of zero
         # probability (its cumulative sum equals the one before it).
         tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens, all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    chosen = all_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    entropies = entropy(all_log_probs) if with_entropy else torch.zeros_like(chosen)
+    return Choice(tokens, chosen, entropies)

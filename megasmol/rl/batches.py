@@ -23,6 +23,9 @@ from megasmol.rl.pack import pack_rows
 from megasmol.rl.rollout import RolloutContext, run_rollout
 from megasmol.utils.fs import atomic_write_bytes
 
+ROLLOUT_ONLY = ("rollout_logps", "rollout_entropies")
+"""Micro-batch fields that hold for the weights that sampled the batch: its first update only."""
+
 FLAT_STEPS = 5
 """Rollout batches in a row without reward variance before the run says so."""
 
@@ -75,7 +78,7 @@ class RolloutBatches:
             return micro
         # Later updates on the same batch report its rewards again, not its sampling.
         self.on_rollout({k: v for k, v in metrics.items() if not k.startswith(("time/", "rollout/"))})
-        return [{k: v for k, v in mb.items() if k != "rollout_logps"} for mb in micro]
+        return [{k: v for k, v in mb.items() if k not in ROLLOUT_ONLY} for mb in micro]
 
     def _make(self, step: int) -> tuple[int, list[dict], dict[str, float]]:
         assert self.context is not None, "the RL objective binds the rollout context at set-up"

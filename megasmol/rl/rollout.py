@@ -32,6 +32,8 @@ class Sample:
     completion: list[int]
     logps: list[float]
     truncated: bool
+    entropies: list[float] = field(default_factory=list)
+    """The entropy of the decoder's distribution at each completion token (the ``entropy`` metric)."""
     reward: float = 0.0
     per_reward: dict[str, float] = field(default_factory=dict)
     """Each named reward's value (before weighting), for ``rewards/NAME/mean``."""
@@ -47,7 +49,8 @@ class Rollout:
 
     def packed(self, mask_truncated: bool) -> list[PackedCompletion]:
         return [PackedCompletion(s.prompt, s.completion, s.logps, s.advantage,
-                                 trained=not (mask_truncated and s.truncated)) for s in self.samples]
+                                 trained=not (mask_truncated and s.truncated), entropies=s.entropies)
+                for s in self.samples]
 
 
 @dataclass
@@ -134,7 +137,8 @@ def _sample(ctx: RolloutContext, prompts: Any, step: int, stream: int, mine: lis
             seeds.append(completion_seed(ctx.seed, step, stream, position, j))
             owners.append((group, index))
     completions = ctx.generate(inputs, seeds) if inputs else []
-    return [Sample(index, group, prompt, list(c.tokens), list(c.logprobs), c.finish_reason == "length")
+    return [Sample(index, group, prompt, list(c.tokens), list(c.logprobs), c.finish_reason == "length",
+                   list(c.entropies))
             for (group, index), prompt, c in zip(owners, inputs, completions)]
 
 

@@ -207,6 +207,8 @@ class MetricsLog:
         if record.get("reward") is not None:
             parts.append(f"reward {record['reward']:.3f} (std {record['reward_std']:.3f}) len "
                          f"{record['completions/mean_length']:.0f}")
+            if record.get("entropy") is not None:
+                parts.append(f"entropy {record['entropy']:.2f}")
             if record.get("logps/rollout_max_diff") is not None:
                 parts.append(f"on-policy {record['logps/rollout_max_diff']:.1e}")
             if record.get("time/generation_share") is not None:

@@ -41,12 +41,14 @@ from megasmol.runtime.pipeline_shapes import all_max, padded_length
 
 @contextlib.contextmanager
 def _scoring(model_chunk, forward_model):
-    from megasmol.model.gpt import plain_cross_entropy
+    """Log-likelihoods of the model itself: no z-loss term, and temperature 1 (an RL run's loss
+    divides the logits by ``rl.temperature``; in-loop scores must equal the offline command's)."""
+    from megasmol.model.gpt import plain_cross_entropy, sampling_temperature
 
     was_training = forward_model.training
     forward_model.eval()
     try:
-        with torch.no_grad(), plain_cross_entropy(model_chunk):
+        with torch.no_grad(), plain_cross_entropy(model_chunk), sampling_temperature(model_chunk, 1.0):
             yield
     finally:
         forward_model.train(was_training)

@@ -7,7 +7,10 @@ copy), the rewards (``rewards:``) score them, group advantages are computed, and
 are packed as documents. :class:`PolicyLoss` turns the per-token output (the cross-entropy of
 ``logits / rl.temperature``, plain: no z-loss) into the policy loss of ``rl.loss_type``
 (:mod:`megasmol.rl.policy_loss`) and checks that the run is exactly on-policy: in a rollout
-batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's.
+batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's. The
+``entropy`` metric (TRL's: the policy's mean per-token entropy over the trained completion tokens)
+comes from the decoder's logits, which are the trainer's in that first update; later updates of a
+rollout batch (``rl.num_iterations`` > 1) do not report it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class PolicyLoss:
         self.rl = rl
         self.unit = LOSSES[rl.loss_type].unit
         probe = self._loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
-                           1, None, torch.zeros(1) if rl.beta > 0 else None)
+                           1, None, torch.zeros(1) if rl.beta > 0 else None, torch.zeros(1))
         self.metric_names: tuple[str, ...] = tuple(probe.sums)
         """The summed metrics this configuration reports (``tokens``, ``completions``, ``kl``...)."""
         self.rollout_metrics: dict[str, float] = {}
@@ -55,10 +58,19 @@ class PolicyLoss:
         return ({name: float("inf") for name in self._extremes["min"]},
                 {ON_POLICY: 0.0, **{name: float("-inf") for name in self._extremes["max"]}})
 
-    def _loss(self, logps, advantages, mask, seq_id, n, old, ref):
+    def _loss(self, logps, advantages, mask, seq_id, n, old, ref, entropies, cp_group=None):
         from megasmol.rl.policy_loss import policy_loss
 
-        return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref)
+        reduce, reporting = None, True
+        if cp_group is not None:  # each context-parallel rank holds a share of each completion
+            from torch.distributed.nn.functional import all_reduce
+
+            def reduce(sums):
+                return all_reduce(sums, group=cp_group)
+
+            reporting = torch.distributed.get_rank(cp_group) == 0
+        return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref,
+                           entropies=entropies, reduce_segments=reduce, reporting=reporting)
 
     def set_rollout(self, metrics: dict[str, float]) -> None:
         """The metrics of the rollout batch the next step trains on (the same on every rank)."""
@@ -69,22 +81,25 @@ class PolicyLoss:
             raise TypeError("the RL objective got micro-batches that are not packed completions")
         logps = -output_tensor.reshape(-1).float()
         segments = inputs.segments.reshape(-1)
-        ids, seq_id = torch.unique(segments, return_inverse=True)
-        present = ids >= 0
-        first = int((~present).sum())  # -1 (no completion) sorts first: ids start after it
-        seq_id = (seq_id - first).clamp(min=0)
+        seq_id, count, cp_group = _completion_ids(segments)
         mask = inputs.loss_mask.reshape(-1).float() * (segments >= 0)
         old = inputs.old_logps.reshape(-1) if inputs.old_logps is not None else None
         ref = inputs.ref_token_logps.reshape(-1) if inputs.ref_token_logps is not None else None
+        # The decoder's entropies are the trainer's in a rollout batch's first update (the same
+        # weights, the same logits to float rounding: the on-policy check); later updates report
+        # none (zeros here, left out by ``means``).
+        entropies = (inputs.rollout_entropies.reshape(-1) if inputs.rollout_entropies is not None
+                     else torch.zeros_like(logps))
         if inputs.rollout_logps is not None and bool((mask > 0).any()):
             diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[mask > 0].abs().max()
             self._maxs[ON_POLICY] = max(self._maxs[ON_POLICY], float(diff))
-        if not bool(present.any()):  # padding only (a rank whose groups were all dropped)
+        if not count:  # padding only (a rank whose groups were all dropped)
             zero = logps.sum() * 0.0
             report = torch.zeros(2, dtype=torch.float64)
             metrics = torch.zeros(len(self.metric_names), dtype=torch.float64)
             return zero, torch.tensor(0, dtype=torch.int), {"loss": report, "metrics": metrics}
-        result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, int(present.sum()), old, ref)
+        result = self._loss(logps, inputs.advantages.reshape(-1), mask, seq_id, count, old, ref, entropies,
+                            cp_group)
         for name, value in result.mins.items():
             self._mins[name] = min(self._mins[name], float(value))
         for name, value in result.maxs.items():
@@ -106,6 +121,8 @@ class PolicyLoss:
         out.update(self.rollout_metrics)
         if "time/generation_s" in self.rollout_metrics:  # a rollout batch's first update
             out[ON_POLICY] = on_policy
+        else:
+            out.pop("entropy", None)
         return out
 
     @staticmethod
@@ -118,6 +135,30 @@ class PolicyLoss:
         packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=current_device())
         torch.distributed.all_reduce(packed, op=op)
         return dict(zip(names, packed.tolist()))
+
+
+def _completion_ids(segments: Tensor) -> tuple[Tensor, int, Any]:
+    """Each token's completion index in ``[0, count)`` (0 where it belongs to none), the
+    micro-batch's number of completions, and the context-parallel group (None without CP). Under
+    CP each rank holds a share of the micro-batch: the completions are numbered over the union of
+    the group's shares, so that every rank gives a completion the same index."""
+    from megatron.core import parallel_state
+
+    group = None
+    present_ids = segments[segments >= 0]
+    size = int(present_ids.max()) + 1 if present_ids.numel() else 0
+    if parallel_state.get_context_parallel_world_size() > 1:
+        group = parallel_state.get_context_parallel_group()
+        size_t = torch.tensor([size], device=segments.device)
+        torch.distributed.all_reduce(size_t, op=torch.distributed.ReduceOp.MAX, group=group)
+        size = int(size_t.item())
+    present = torch.zeros(size, dtype=torch.long, device=segments.device)
+    present[present_ids] = 1
+    if group is not None:
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX, group=group)
+    index = torch.cumsum(present, 0) - 1  # completion id -> its place among those present
+    seq_id = index[segments.clamp(min=0)] if size else torch.zeros_like(segments)
+    return seq_id.clamp(min=0), int(present.sum()), group
 
 
 class ReinforcementLearning:
@@ -133,9 +174,10 @@ class ReinforcementLearning:
 
     def check(self, config: RunConfig, needed: bool) -> None:
         rl = config.rl
-        if config.parallel.context_parallel > 1:
-            raise ConfigError("training.objective=rl does not run under parallel.context_parallel > 1 "
-                              "yet (completions are short; use data or tensor parallelism)")
+        if config.parallel.context_parallel > 1 and (rl.num_iterations > 1 or rl.beta > 0):
+            raise ConfigError(f"rl.{'num_iterations > 1' if rl.num_iterations > 1 else 'beta > 0'} does "
+                              "not run under parallel.context_parallel > 1 yet (the old and reference "
+                              "log-prob passes keep whole rows; use data or tensor parallelism)")
         batch = config.training.global_batch_size
         if batch % rl.num_generations:
             raise ConfigError(f"training.global_batch_size ({batch}) counts completions per step and "

@@ -93,7 +93,7 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
                        stops: set[int]) -> list:
     """Completions of ``prompts`` sampled by the run's model in its training layout: with the KV
     cache when one process holds the whole model (any data parallelism), else through the
-    pipeline schedule, recomputing the prefix (tensor or pipeline parallelism)."""
+    pipeline schedule, recomputing the prefix (tensor, pipeline or context parallelism)."""
     from megatron.core import parallel_state
 
     from megasmol.decode.cached import generate
@@ -105,7 +105,8 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
         return ids[-1] in stops
 
     whole = (parallel_state.get_tensor_model_parallel_world_size() == 1
-             and parallel_state.get_pipeline_model_parallel_world_size() == 1)
+             and parallel_state.get_pipeline_model_parallel_world_size() == 1
+             and parallel_state.get_context_parallel_world_size() == 1)
     if whole:  # eval mode while decoding (Megatron-Core's KV-cache path asks for it)
         training = setup.model.training
         setup.model.eval()
