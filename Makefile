@@ -25,10 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Two phases: most test files run on PYTEST_WORKERS processes (pytest-xdist, one file per
-# worker at a time); the tests marked `serial` (hang, kill and straggler timing) run alone after.
+# worker at a time, longest first: tests/file_order.py); the tests marked `serial` (hang, kill and
+# straggler timing) run alone after.
 PYTEST_WORKERS ?= 2
+XDIST = -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not serial" $(PYTEST_ARGS)
 	$(PY) -m pytest -m serial $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
 
 # Unit-level files for iterating (no training runs in subprocesses): under 5 minutes on 2 cores.
@@ -42,7 +44,7 @@ FAST_TESTS ?= tests/test_spec.py tests/test_schedules.py tests/test_param_groups
 	tests/test_threads.py tests/test_import_guard.py tests/test_sandbox.py tests/test_layers.py \
 	tests/test_eval_layers.py tests/test_data_layers.py tests/test_lm_eval_fidelity.py
 test-fast: setup
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not serial" $(FAST_TESTS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) -m "not serial" $(FAST_TESTS) $(PYTEST_ARGS)
 
 # ruff and mypy (settings in pyproject.toml; mypy on the training and eval packages) and
 # shellcheck on the launch scripts.

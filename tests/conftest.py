@@ -96,5 +96,12 @@ def llama_tokenizer_dir():
     return default_tokenizer_dir()
 
 
+# Files are handed to the xdist workers longest first (tests/file_order.py).
+from tests.file_order import (  # noqa: E402,F401
+    pytest_collection_modifyitems,
+    pytest_runtest_logreport,
+    pytest_sessionfinish,
+)
+
 # A real S3 server on the loopback interface, for the tests of checkpoints in a bucket.
 from tests.s3_fixtures import s3, s3_server  # noqa: E402,F401

@@ -24,6 +24,11 @@ print(json.dumps({
     "swiglu_matches": bool(torch.equal(fused_bias_swiglu.swiglu(x),
                                        torch.nn.functional.silu(x[:, :3]) * x[:, 3:]))
                       if sys.argv[1] == "cpu" else None,
+    "loggers": sorted(m for m in ("wandb", "torch.utils.tensorboard", "tensorboard", "boto3")
+                      if m in sys.modules),
+    # megasmol's tracker and user code still import them (from a module outside megatron.*)
+    "writer": __import__("torch.utils.tensorboard", fromlist=["SummaryWriter"]).SummaryWriter.__name__,
+    "wandb": __import__("wandb").__name__,
 }))
 """
 
@@ -40,6 +45,14 @@ def test_without_cuda_megatrons_fusions_are_plain_functions_and_inductor_is_not_
     assert seen["fuser"] == "noop_decorator"  # Megatron-Core's own disable_jit_fuser()
     assert not seen["inductor"]  # torch.compile at decoration time imported TorchInductor (~0.9 s)
     assert seen["swiglu_plain"] and seen["swiglu_matches"]
+
+
+def test_megatron_imports_neither_wandb_nor_tensorboard_and_everyone_else_still_can():
+    """Megatron-Core's timers import both for logging megasmol never asks of them (about 0.3 s
+    of CPU for TensorBoard, with boto3 behind it, and 0.6 s for W&B in every process)."""
+    seen = _probe("cpu")
+    assert seen["loggers"] == []
+    assert seen["writer"] == "SummaryWriter" and seen["wandb"] == "wandb"
 
 
 def test_with_cuda_megatrons_fusions_are_left_compiled():

@@ -1,11 +1,16 @@
-"""Two start-up costs of importing Megatron-Core that megasmol does not need.
+"""Three start-up costs of importing Megatron-Core that megasmol does not need.
 
 * W&B. Megatron-Core imports ``wandb`` at module level wherever it is installed (its timers and its
 inference engine log to it), which costs every megasmol process about 0.6 s although megasmol
 never uses Megatron's W&B logging: runs that log to W&B do so through ``train/trackers.py``.
-This finder answers ``ImportError`` to an ``import wandb`` made by a ``megatron.*`` module, so
-Megatron takes its no-W&B path; every other importer, megasmol's tracker or user code, imports
-``wandb`` as usual.
+* TensorBoard. ``megatron.core.timers`` imports ``torch.utils.tensorboard`` (which imports
+``tensorboard`` and, through its file layer, ``boto3``) for one ``isinstance`` check in
+``Timers.write``, which megasmol never calls: about 0.3 s of CPU in every process (3.4-3.6 s
+instead of 3.7-3.8 s of user time to import the training loop, 2-core VM, 2026-12-07). Runs that
+log to TensorBoard import it through ``train/trackers.py``.
+This finder answers ``ImportError`` to those two imports when a ``megatron.*`` module makes them,
+so Megatron takes its path without them; every other importer, megasmol's tracker or user code,
+imports them as usual.
 * Compiling its fusions on a machine without CUDA. ``megatron.core.jit`` decorates its fused
   elementwise functions (bias-GeLU, SwiGLU, dropout-add, ...) with ``torch.compile``, which
   imports TorchInductor (and networkx) at decoration time: about 0.9 s of every ``import
@@ -20,16 +25,18 @@ from __future__ import annotations
 import sys
 
 
-class _MegatronWandbGuard:
+class _MegatronLoggerGuard:
+    NAMES = ("wandb", "torch.utils.tensorboard")
+
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "wandb":
+        if fullname not in self.NAMES:
             return None
         frame = sys._getframe(1)
         while frame is not None:
             module = frame.f_globals.get("__name__", "")
             if not module.startswith(("importlib", "_frozen_importlib")) and module != __name__:
                 if module.startswith("megatron."):
-                    raise ImportError("wandb is not loaded for Megatron-Core's own logging (megasmol)")
+                    raise ImportError(f"{fullname} is not loaded for Megatron-Core's own logging (megasmol)")
                 return None
             frame = frame.f_back
         return None
@@ -74,6 +81,6 @@ class _ThenDisableFuser:
 
 
 def install() -> None:
-    for finder in (_MegatronWandbGuard, _PlainFusionsWithoutCuda):
+    for finder in (_MegatronLoggerGuard, _PlainFusionsWithoutCuda):
         if not any(isinstance(f, finder) for f in sys.meta_path):
             sys.meta_path.insert(0, finder())
