@@ -23,9 +23,12 @@ def plain_token_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss_coeff: f
 
 
 def function_errors(z_loss_coeff: float, chunk_size: int, seq: int = 13, batch: int = 3,
-                    hidden: int = 24, vocab: int = 200) -> dict:
+                    hidden: int = 24, vocab: int = 200, in_forward: bool = True,
+                    scale: float = 1.0) -> dict:
     """``output_layer_loss`` on this rank's vocabulary shard vs the plain loss on the whole
-    vocabulary in one process: relative errors of the loss and both gradients (fp32)."""
+    vocabulary in one process: relative errors of the loss and both gradients (fp32) of
+    ``scale * sum(mask * loss)``. ``in_forward``: the mask is given as the loss weights (the
+    gradients are made in the forward); else the backward recomputes the logits."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     gen = torch.Generator().manual_seed(5)
@@ -39,8 +42,9 @@ def function_errors(z_loss_coeff: float, chunk_size: int, seq: int = 13, batch: 
     h_c = h.clone().requires_grad_()
     w_c = w[rank * shard:(rank + 1) * shard].clone().requires_grad_()
     loss = output_layer_loss(h_c, w_c, labels, z_loss_coeff=z_loss_coeff, chunk_size=chunk_size,
-                             tp_group=parallel_state.get_tensor_model_parallel_group())
-    (loss * mask).sum().backward()
+                             tp_group=parallel_state.get_tensor_model_parallel_group(),
+                             loss_weights=mask if in_forward else None)
+    (scale * (loss * mask).sum()).backward()
     grad_w = w_c.grad
     if tp > 1:
         grad_w = tensor_parallel.gather_from_tensor_model_parallel_region(grad_w.t()).t()
@@ -48,16 +52,17 @@ def function_errors(z_loss_coeff: float, chunk_size: int, seq: int = 13, batch: 
     h_p, w_p = h.clone().requires_grad_(), w.clone().requires_grad_()
     logits = torch.einsum("sbh,vh->bsv", h_p, w_p)
     expected = plain_token_loss(logits.flatten(0, 1), labels.flatten(), z_loss_coeff).view(batch, seq)
-    (expected * mask).sum().backward()
+    (scale * (expected * mask).sum()).backward()
     assert loss.shape == expected.shape
     return {"loss": rel(loss.detach(), expected.detach()), "grad_hidden": rel(h_c.grad, h_p.grad),
             "grad_weight": rel(grad_w, w_p.grad)}
 
 
-def model_errors(spec, z_loss_coeff: float) -> dict:
+def model_errors(spec, z_loss_coeff: float, in_forward: bool = True) -> dict:
     """The model built with ``cross_entropy="chunked"`` vs ``"plain"`` (same weights): relative
     errors of the per-token loss, of every parameter's gradient, and of the loss at selected
-    positions (``loss_positions``, forward-only scoring)."""
+    positions (``loss_positions``, forward-only scoring). ``in_forward``: the mask goes to the
+    model as ``loss_weights``."""
     spec = spec.replace(z_loss_coeff=z_loss_coeff)
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, spec.vocab_size, (2, 16), generator=gen)
@@ -68,7 +73,8 @@ def model_errors(spec, z_loss_coeff: float) -> dict:
     for name in ("plain", "chunked"):
         set_seed(3)
         model = build_model(spec, cross_entropy=name)
-        loss = model(ids, positions, None, labels=labels)
+        weights = {"loss_weights": mask} if in_forward else {}
+        loss = model(ids, positions, None, labels=labels, **weights)
         (loss * mask).sum().backward()
         with torch.no_grad():
             scored = model(ids, positions, None, labels=labels, loss_positions=mask > 0)
@@ -78,3 +84,62 @@ def model_errors(spec, z_loss_coeff: float) -> dict:
     assert grads.keys() == grads_ref.keys()
     return {"loss": rel(loss, loss_ref), "scored": rel(scored, scored_ref),
             "grads": max(rel(grads[n], grads_ref[n]) for n in grads_ref)}
+
+
+def _micro_batch(spec, gen, objective: str, batch: int = 2, seq: int = 32) -> dict:
+    """One collated micro-batch for ``objective``: ``pretraining`` (every label counts), ``sft``
+    (a prompt's labels masked out) or ``preference`` (two pairs per micro-batch: each row a
+    chosen then a rejected completion, with reference log-probs)."""
+    tokens = torch.randint(3, spec.vocab_size, (batch, seq + 1), generator=gen)
+    out = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:].clone(),
+           "position_ids": torch.arange(seq).expand(batch, -1).clone(),
+           "loss_mask": torch.ones(batch, seq)}
+    if objective == "sft":
+        out["loss_mask"][:, :seq // 3] = 0  # the prompt
+        out["loss_mask"][1, -3:] = 0  # padding
+    elif objective == "preference":
+        half = seq // 2
+        out["segments"] = torch.cat([torch.zeros(batch, half, dtype=torch.long),
+                                     torch.ones(batch, seq - half, dtype=torch.long)], dim=1)
+        out["loss_mask"][:, :4] = out["loss_mask"][:, half:half + 4] = 0  # each half's prompt
+        out["ref_logps"] = torch.zeros(batch, seq, dtype=torch.float64)
+        out["ref_logps"][:, 5] = -40.0 - torch.rand(batch, generator=gen, dtype=torch.float64)
+        out["ref_logps"][:, half + 5] = -40.0 - torch.rand(batch, generator=gen, dtype=torch.float64)
+    return out
+
+
+def objective_errors(spec, objective: str, micro_batches: int = 2) -> dict:
+    """One training step's forward and backward through Megatron-Core's schedule (this rank's
+    share of the current layout: a pipeline stage, a context-parallel share) with the model built
+    ``chunked`` vs ``plain`` (same weights), for the pretraining, SFT or preference loss: relative
+    errors of the step's loss sum and of every parameter's gradient on this rank."""
+    from megasmol.config.preference import PreferenceConfig
+    from megasmol.data.masking import context_parallel_share, model_inputs
+    from megasmol.model.gpt import plain_cross_entropy
+    from megasmol.train.objectives import PreferenceLoss, TokenLoss
+    from megasmol.train.step import forward_backward
+
+    gen = torch.Generator().manual_seed(11)
+    batches = [context_parallel_share(model_inputs(_micro_batch(spec, gen, objective), spec.eos_token_id,
+                                                   False, "sbhd"))
+               for _ in range(micro_batches)]
+    loss = (PreferenceLoss(PreferenceConfig(loss_type="sigmoid", beta=0.1, sft_weight=0.5))
+            if objective == "preference" else TokenLoss())
+    results = {}
+    for name in ("plain", "chunked"):
+        set_seed(3)
+        model = build_model(spec, cross_entropy=name)
+        model.config.calculate_per_token_loss = True  # as the trainer sets it
+        if objective == "preference":
+            with plain_cross_entropy(model):
+                totals = forward_backward(model, batches, objective=loss)
+        else:
+            totals = forward_backward(model, batches, objective=loss)
+        results[name] = (totals, {n: p.grad.clone() for n, p in model.named_parameters()
+                                  if p.grad is not None})
+    (totals, grads), (totals_ref, grads_ref) = results["chunked"], results["plain"]
+    assert grads.keys() == grads_ref.keys() and grads_ref
+    last_stage = parallel_state.is_pipeline_last_stage()
+    return {"loss": rel(totals[0], totals_ref[0]) if last_stage else 0.0,
+            "grads": max(rel(grads[n], grads_ref[n]) for n in grads_ref),
+            "loss_sum": float(totals_ref[0]) if last_stage else 0.0}

@@ -10,7 +10,7 @@ from megasmol.config.run import TrainingConfig
 from megasmol.config.typed import ConfigError
 from megasmol.model.linear_cross_entropy import linear_cross_entropy
 from tests.conftest import WORKERS, run_cli, run_torchrun
-from tests.linear_ce_check import function_errors, model_errors, plain_token_loss
+from tests.linear_ce_check import function_errors, model_errors, objective_errors, plain_token_loss
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
@@ -21,16 +21,45 @@ def small_spec():
     return tiny_smollm3(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grads-in-forward", "recompute"])
 @pytest.mark.parametrize("z_loss_coeff", [0.0, 1e-2])
 @pytest.mark.parametrize("chunk_size", [5, 16, 1000])  # 39 positions: 5 and 16 do not divide it
-def test_loss_and_gradients_equal_the_plain_path(megatron_runtime, z_loss_coeff, chunk_size):
-    errors = function_errors(z_loss_coeff, chunk_size)
+def test_loss_and_gradients_equal_the_plain_path(megatron_runtime, z_loss_coeff, chunk_size, in_forward):
+    errors = function_errors(z_loss_coeff, chunk_size, in_forward=in_forward)
     assert max(errors.values()) < TOL, errors
 
 
+def test_gradients_made_in_the_forward_are_scaled_by_the_upstream_scalar(megatron_runtime):
+    """Megatron-Core's schedule back-propagates the loss times a scalar (loss scale, 1 / the
+    number of micro-batches): the stored gradients follow it."""
+    errors = function_errors(1e-2, 16, scale=0.37)
+    assert max(errors.values()) < TOL, errors
+
+
+def test_an_upstream_gradient_unlike_the_weights_is_refused():
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(10, 8, generator=gen, requires_grad=True)
+    w = torch.randn(40, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 40, (10,), generator=gen)
+    loss = linear_cross_entropy(h, w, labels, chunk_size=3, loss_weights=torch.ones(10))
+    with pytest.raises(RuntimeError, match="not proportional to the loss weights"):
+        loss.square().sum().backward()  # not linear in the per-token loss
+
+
+def test_all_zero_weights_give_zero_gradients():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 8, generator=gen, requires_grad=True)
+    w = torch.randn(40, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 40, (6,), generator=gen)
+    weights = torch.zeros(6)
+    (linear_cross_entropy(h, w, labels, loss_weights=weights) * weights).sum().backward()
+    assert not h.grad.any() and not w.grad.any()
+
+
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grads-in-forward", "recompute"])
 @pytest.mark.parametrize("z_loss_coeff", [0.0, 1e-2])
-def test_chunked_model_equals_plain_model(megatron_runtime, z_loss_coeff):
-    errors = model_errors(small_spec(), z_loss_coeff)
+def test_chunked_model_equals_plain_model(megatron_runtime, z_loss_coeff, in_forward):
+    errors = model_errors(small_spec(), z_loss_coeff, in_forward)
     assert max(errors.values()) < TOL, errors
 
 
@@ -72,7 +101,7 @@ def test_forward_saves_no_tokens_by_vocab_tensor():
 def test_tensor_parallel_chunked_equals_single_process_plain(tmp_path):
     proc = run_torchrun([str(WORKERS / "linear_ce_tp2.py"), str(tmp_path / "result.json")])
     results = json.loads((tmp_path / "result.json").read_text())
-    assert len(results) == 4
+    assert len(results) == 8
     for case, errors in results.items():
         assert max(errors.values()) < TOL, (case, errors, proc.stdout)
 
@@ -121,3 +150,35 @@ def test_tensor_parallel_training_with_chunked_cross_entropy_matches_plain(plain
     torchrun_train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}",
                    "parallel.tensor_parallel=2")
     _assert_same_losses(step_losses(tmp_path / "run"), plain)
+
+
+@pytest.mark.parametrize("objective, path", [("pretraining", "_GradientsInForward"),
+                                             ("sft", "_GradientsInForward"),
+                                             ("preference", "_RecomputeInBackward")])
+def test_a_training_step_takes_the_path_its_objective_allows(megatron_runtime, monkeypatch, objective, path):
+    """Token-weighted losses (pretraining, SFT) give the chunked output layer their weights, so
+    it makes its gradients in the forward; the preference loss does not (the logits are
+    recomputed in the backward). Either way, the step equals the plain path's."""
+    from megasmol.model import linear_cross_entropy as module
+
+    taken = []
+    for cls in (module._GradientsInForward, module._RecomputeInBackward):
+        def forward(ctx, *args, _forward=cls.forward, _name=cls.__name__):
+            taken.append(_name)
+            return _forward(ctx, *args)
+        monkeypatch.setattr(cls, "forward", staticmethod(forward))
+    errors = objective_errors(small_spec().replace(z_loss_coeff=1e-2), objective)
+    assert set(taken) == {path} and len(taken) == 2  # one per micro-batch
+    assert errors["loss_sum"] > 0 and max(errors["loss"], errors["grads"]) < TOL, errors
+
+
+def test_pipeline_and_context_parallel_steps_equal_the_plain_path(tmp_path):
+    """PP=2 and CP=2 (2 gloo processes): a training step's loss and every rank's gradients, for
+    the pretraining, SFT and preference losses, chunked vs plain."""
+    proc = run_torchrun([str(WORKERS / "linear_ce_layouts.py"), str(tmp_path / "result.json")])
+    results = json.loads((tmp_path / "result.json").read_text())
+    assert sorted(results) == sorted(f"{layout} {objective}" for layout in ("pp2", "cp2")
+                                     for objective in ("pretraining", "sft", "preference"))
+    for case, errors in results.items():
+        assert errors["loss_sum"] > 0, (case, errors)
+        assert max(errors["loss"], errors["grads"]) < TOL, (case, errors, proc.stdout)

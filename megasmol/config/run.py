@@ -109,8 +109,10 @@ class TrainingConfig:
     cross_entropy: Literal["plain", "chunked", "te"] = "plain"
     """How the training loss is computed from the last hidden states: ``plain`` (the output
     layer's ``[tokens, vocab]`` logits, then Megatron-Core's vocab-parallel cross-entropy),
-    ``chunked`` (output layer and loss in one function over chunks of positions, recomputed in the
-    backward: the logits are never held, same losses and gradients; any layout) or ``te``
+    ``chunked`` (output layer and loss in one function over chunks of positions: the logits are
+    never held, same losses and gradients, any layout; for token-weighted losses (pretraining,
+    SFT) the gradients are made in the forward, for the preference and RL losses the backward
+    recomputes the logits) or ``te``
     (Megatron-Core's fused cross-entropy in Transformer Engine, on the logits; needs TE and a GPU)."""
     batch_rampup: Optional[BatchRampup] = None
     """Start with a smaller global batch and grow it (none: full batch from step 1)."""

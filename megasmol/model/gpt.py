@@ -73,6 +73,7 @@ class SmolGPTModel(GPTModel):
         self.attention_backend = attention_backend
         """The layer spec's backend (``layer_specs.LAYER_SPECS``), resolved."""
         self._logit_positions = None  # [s, b] bool while a forward scores only those positions
+        self._loss_weights = None  # [b, s] while a training forward knows its loss's token weights
         if self.post_process:
             self.output_layer.register_forward_pre_hook(self._only_scored_positions, with_kwargs=True)
 
@@ -80,17 +81,25 @@ class SmolGPTModel(GPTModel):
         """Context for forward passes that train nothing (``layer_specs.forward_only``)."""
         return forward_only(self.attention_backend)
 
-    def forward(self, *args, loss_positions: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, *args, loss_positions: Optional[torch.Tensor] = None,
+                loss_weights: Optional[torch.Tensor] = None, **kwargs):
         """``loss_positions`` ([b, s] bool, forward-only scoring): the output layer and the loss
         run at those positions only (zeros elsewhere), instead of the whole vocabulary at every
-        position. Ignored under sequence parallelism, whose output layer gathers the sequence."""
+        position. Ignored under sequence parallelism, whose output layer gathers the sequence.
+
+        ``loss_weights`` ([b, s], training): the returned per-token loss will be back-propagated
+        as ``c * sum(loss_weights * loss)`` for some scalar ``c`` (the objective's
+        ``token_weights``); the chunked cross-entropy then computes the output layer's gradients
+        in the forward instead of recomputing its logits in the backward. The plain path ignores it."""
         use = (loss_positions is not None and self.post_process and bool(loss_positions.any())
                and not self.output_layer.sequence_parallel)
         self._logit_positions = loss_positions.t() if use else None
+        self._loss_weights = loss_weights
         try:
             return super().forward(*args, **kwargs)
         finally:
             self._logit_positions = None
+            self._loss_weights = None
 
     def _only_scored_positions(self, module, args, kwargs):
         if self._logit_positions is None:
@@ -105,18 +114,18 @@ class SmolGPTModel(GPTModel):
         weight = (self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights
                   else self.output_layer.weight)
 
-        def token_loss(hidden, labels):
+        def token_loss(hidden, labels, loss_weights=None):
             if self.logit_temperature != 1.0:  # no bias: (h / T) W^T = logits / T
                 hidden = hidden / self.logit_temperature
             return output_layer_loss(hidden, weight, labels, z_loss_coeff=self.z_loss_coeff,
                                      sequence_parallel=self.output_layer.sequence_parallel,
-                                     tp_group=self.pg_collection.tp)
+                                     tp_group=self.pg_collection.tp, loss_weights=loss_weights)
 
         positions = self._logit_positions
         if positions is not None:  # score the selected positions only
             return _scattered(positions, token_loss(hidden_states[positions].unsqueeze(1),
                                                     labels.t()[positions].unsqueeze(0))[0])
-        return token_loss(hidden_states, labels)
+        return token_loss(hidden_states, labels, self._loss_weights)
 
     def compute_language_model_loss(self, labels, logits):
         positions = self._logit_positions

@@ -1,31 +1,50 @@
 """A linear cross-entropy that never holds the ``[tokens, vocab]`` logits.
 
-The output layer and the loss in one autograd function, over chunks of positions: the forward
-keeps only its inputs and, per position, the log-sum-exp of the logits; the backward recomputes
-each chunk's logits from the hidden states and the output weight and accumulates the gradients of
-both. Peak memory is one chunk of logits (``chunk_size x vocab/tp``) instead of all of them, for
-one more output-layer GEMM per step (the recomputation).
+The output layer and the loss in one autograd function, over chunks of positions; peak memory is
+one chunk of logits (``chunk_size x vocab/tp``) instead of all of them. Two ways to get the
+gradients, chosen by whether the loss's upstream gradient is known in the forward:
+
+* **In the forward** (``loss_weights`` given: the objective's loss is ``c * sum(w_i * loss_i)``
+  with ``w`` known before the forward and ``c`` a scalar, as for pretraining and SFT, where ``w``
+  is the loss mask and ``c`` the division by the global token count): each chunk's logits are
+  made once, turned in place into ``w_i * d loss_i / d logits`` and multiplied into the gradients
+  of the hidden states and of the output weight right away; the backward only scales the stored
+  gradients by ``c`` (read from the gradient it gets, and checked to be ``c * w``). Three
+  ``tokens x hidden x vocab`` matmuls per step, as the plain path, and fewer passes over each
+  chunk than the plain path's softmax over all logits. This is the approach of Liger Kernel's
+  fused linear cross-entropy.
+* **Recomputed in the backward** (no ``loss_weights``: the per-token losses feed a loss that is
+  not linear in them, the preference and RL objectives' log-probs): the forward keeps its inputs
+  and each position's log-sum-exp; the backward makes each chunk's logits again. One more matmul
+  (four instead of three).
 
 Vocabulary-parallel under tensor parallelism like Megatron-Core's
 ``tensor_parallel.vocab_parallel_cross_entropy``: each rank holds ``vocab/tp`` rows of the output
-weight; the log-sum-exp is combined over the TP group (max, then sum of exponentials,
-all-reduced), the target logit is summed from the one rank that holds it, and the hidden
-states' gradient is all-reduced by the caller's ``copy_to_tensor_model_parallel_region`` (as
-``ColumnParallelLinear`` does for its input).
+weight; the maximum and the sum of exponentials are all-reduced over the TP group (per chunk,
+before the softmax, when the gradients are made in the forward), and the target logit is summed
+from the one rank that holds it. Each rank's hidden-state gradient is its vocabulary shard's
+share; the caller's ``copy_to_tensor_model_parallel_region`` (or the sequence-parallel gather)
+sums the shares in the backward, as ``ColumnParallelLinear`` does for its input.
 
 Per-token loss, as ``SmolGPTModel`` returns it: ``lse - logit[target] + z * lse^2`` (the
 z-loss of ``ModelSpec.z_loss_coeff``); a target outside the vocabulary (an ignored position)
 contributes no target logit, as in Megatron-Core's.
 
-Why written here rather than taken:
+Why written here rather than taken (what the registry and Megatron-Core 0.16.1 hold):
 
-* Megatron-Core's ``cross_entropy_loss_fusion`` (``native``, ``te``) fuses softmax and loss on
-  logits already made by the output layer; ``te`` is Transformer Engine's Triton kernel (GPU only).
-* ``cut-cross-entropy`` (Apple): Triton kernels (GPU only); its ``torch_compile`` fallback forms
-  the logits.
-* Liger Kernel's fused linear cross-entropy: Triton kernels (GPU only).
+* Megatron-Core's ``cross_entropy_loss_fusion`` (``native``: ``fusions/fused_cross_entropy.py``;
+  ``te``: Transformer Engine's Triton kernel, GPU only) fuses softmax and loss on logits the
+  output layer has already made: it saves passes, not the logits. It is ``training.cross_entropy:
+  te``. Megatron-Core has no linear (output layer + loss) cross-entropy.
+* ``cut-cross-entropy`` (Apple, 25.1.1): Triton kernels (GPU only); its ``torch_compile``
+  fallback forms the logits; no vocabulary parallelism.
+* Liger Kernel's ``LigerFusedLinearCrossEntropyLoss`` (0.8.5): gradients in the forward, in
+  chunks, with a z-loss (``lse_square_scale``), in Triton kernels (GPU only); its gradients are
+  made for a reduced (mean or sum) loss, with the reduction's weights fixed by its own
+  ``ignore_index`` rather than by the objective's mask, and it has no vocabulary parallelism.
 
-This is plain torch (matmuls and elementwise ops), so it runs on CPU and GPU alike.
+This is plain torch (matmuls and in-place elementwise ops), so it runs on CPU and GPU alike,
+returns the per-token losses megasmol's objectives consume, and is vocabulary-parallel.
 """
 
 from __future__ import annotations
@@ -59,7 +78,7 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(hidden, weight.t()).to(_loss_dtype(hidden.dtype))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class _RecomputeInBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, z_loss_coeff, chunk_size, vocab_start, group):
         # hidden [n, h], weight [v_local, h], labels [n] (global ids).
@@ -121,6 +140,87 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+class _GradientsInForward(torch.autograd.Function):
+    """The loss and, in the same pass over each chunk, its gradients with respect to the hidden
+    states and the output weight for an upstream gradient ``c * loss_weights`` (``c`` a scalar
+    known only in the backward): three matmuls per chunk, nothing recomputed."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, loss_weights, z_loss_coeff, chunk_size, vocab_start, group):
+        n, v_local = hidden.shape[0], weight.shape[0]
+        dtype = _loss_dtype(hidden.dtype)
+        tp = _group_size(group)
+        lse = torch.empty(n, dtype=dtype, device=hidden.device)
+        target_logit = torch.zeros(n, dtype=dtype, device=hidden.device)
+        local_target = labels - vocab_start
+        in_range = (local_target >= 0) & (local_target < v_local)
+        weights = loss_weights.to(dtype)
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            logits = _chunk_logits(hidden[start:end], weight)
+            rows = in_range[start:end].nonzero().squeeze(-1)
+            cols = local_target[start:end][rows]
+            target_logit[start + rows] = logits[rows, cols]
+            # softmax over the whole vocabulary: max and sum of exponentials reduced over TP.
+            row_max = logits.amax(dim=-1)
+            if tp > 1:
+                torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
+            exp = torch.exp_(logits.sub_(row_max[:, None]))  # in place: the chunk's one buffer
+            sum_exp = exp.sum(dim=-1)
+            if tp > 1:
+                torch.distributed.all_reduce(sum_exp, group=group)
+            chunk_lse = row_max + torch.log(sum_exp)
+            lse[start:end] = chunk_lse
+            # d loss_i / d logit_j = softmax_j * (1 + 2 z lse) - [j == target], times weight_i
+            w = weights[start:end]
+            grad_logits = exp.mul_((w * (1.0 + 2.0 * z_loss_coeff * chunk_lse) / sum_exp)[:, None])
+            grad_logits[rows, cols] -= w[rows]
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t().to(dtype), hidden[start:end].to(dtype))
+            del logits, exp, grad_logits
+        if tp > 1:
+            torch.distributed.all_reduce(target_logit, group=group)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.gradients = (grad_hidden, grad_weight)
+        ctx.save_for_backward(weights)
+        return lse - target_logit + z_loss_coeff * lse.square()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (weights,) = ctx.saved_tensors
+        if ctx.gradients is None:
+            raise RuntimeError("the chunked cross-entropy computed its gradients in the forward; "
+                               "they can be back-propagated once only (no retain_graph)")
+        grad_hidden, grad_weight = ctx.gradients
+        ctx.gradients = None
+        scale = upstream_scale(grad_loss, weights)
+        if scale != 1.0:  # in place: the stored gradients are used once
+            grad_hidden = grad_hidden.mul_(scale) if grad_hidden is not None else None
+            grad_weight = grad_weight.mul_(scale) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def upstream_scale(grad_loss: torch.Tensor, weights: torch.Tensor, rtol: float = 1e-5) -> float:
+    """The scalar ``c`` with ``grad_loss == c * weights`` (the gradient the per-token loss got
+    from the objective); a ``RuntimeError`` when it is not of that form (the objective's
+    ``token_weights`` did not describe its loss)."""
+    g, w = grad_loss.to(torch.float64), weights.to(torch.float64)
+    norm = torch.dot(w, w)
+    scale = (torch.dot(g, w) / norm).item() if norm > 0 else 0.0
+    if (g - scale * w).abs().max() > rtol * max(g.abs().max().item(), scale * w.abs().max().item()):
+        raise RuntimeError("the per-token loss's gradient is not proportional to the loss weights given "
+                           "to the chunked cross-entropy in the forward: the objective's loss is not "
+                           "the weighted sum its token_weights declared")
+    return scale
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -130,10 +230,17 @@ def linear_cross_entropy(
     chunk_size: Optional[int] = None,
     tp_group=None,
     vocab_start: int = 0,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-position loss ``[n]`` of ``hidden`` ``[n, h]`` against ``labels`` ``[n]`` through the
     output ``weight`` ``[vocab/tp, h]`` (this rank's rows, from ``vocab_start``), without ever
     holding the ``[n, vocab]`` logits.
+
+    ``loss_weights`` ``[n]``: the loss this output feeds is ``c * sum(loss_weights * output)``
+    with ``c`` a scalar (a token-weighted mean: pretraining, SFT); the gradients are then
+    computed in the forward, with no recomputation, and the backward only scales them by ``c``
+    (a ``RuntimeError`` there if the gradient it gets is not of that form). Without them (a loss
+    not linear in the output: preference, RL) the backward recomputes each chunk's logits.
 
     Under tensor parallelism (``tp_group`` of more than one rank) ``hidden`` must be the same on
     every rank and its gradient is this rank's share: route it through Megatron-Core's
@@ -144,8 +251,15 @@ def linear_cross_entropy(
         chunk_size = default_chunk_size(weight.shape[0])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, float(z_loss_coeff), int(chunk_size),
-                                     int(vocab_start), tp_group)
+    training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if loss_weights is not None and training:
+        if loss_weights.shape != labels.shape:
+            raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the labels' shape "
+                             f"{tuple(labels.shape)}")
+        return _GradientsInForward.apply(hidden, weight, labels, loss_weights.detach(), float(z_loss_coeff),
+                                         int(chunk_size), int(vocab_start), tp_group)
+    return _RecomputeInBackward.apply(hidden, weight, labels, float(z_loss_coeff), int(chunk_size),
+                                      int(vocab_start), tp_group)
 
 
 def output_layer_loss(
@@ -157,11 +271,13 @@ def output_layer_loss(
     sequence_parallel: bool = False,
     tp_group=None,
     chunk_size: Optional[int] = None,
+    loss_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The per-token loss ``[b, s]`` of a vocabulary-parallel output layer (Megatron-Core's
     ``ColumnParallelLinear`` without bias, ``weight`` ``[vocab/tp, h]``) on ``hidden_states``
     ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism) with ``labels`` ``[b, s]``: what
-    ``GPTModel`` returns with labels, computed by :func:`linear_cross_entropy`."""
+    ``GPTModel`` returns with labels, computed by :func:`linear_cross_entropy` (``loss_weights``
+    ``[b, s]``: see there)."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
@@ -177,5 +293,6 @@ def output_layer_loss(
     loss = linear_cross_entropy(
         hidden_states.reshape(s * b, h), weight, labels.t().reshape(s * b),
         z_loss_coeff=z_loss_coeff, chunk_size=chunk_size, tp_group=tp_group if tp > 1 else None,
-        vocab_start=rank * weight.shape[0])
+        vocab_start=rank * weight.shape[0],
+        loss_weights=None if loss_weights is None else loss_weights.t().reshape(s * b))
     return loss.view(s, b).t()

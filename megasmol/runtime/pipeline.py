@@ -6,9 +6,10 @@ TP / PP / CP / DP layout. The training step (``train/step.py``) and evaluation (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
@@ -24,12 +25,18 @@ def per_sequence_loss_func(inputs: ModelInputs, output_tensor: Tensor):
     return sums.sum(), loss_mask.sum().to(torch.int), {"per_sequence": sums.detach()}
 
 
-def forward_step(data_iterator, model, loss_func, scored_only: bool = False):
+def forward_step(data_iterator, model, loss_func, scored_only: bool = False,
+                 token_weights: Optional[Callable[[ModelInputs], Optional[Tensor]]] = None):
     """One micro-batch's forward. ``scored_only`` (forward-only passes: validation, scoring,
     reference log-probs): the output layer runs only where the loss mask counts, which gives the
-    same masked losses without the whole vocabulary at every position."""
+    same masked losses without the whole vocabulary at every position. ``token_weights``
+    (training: the objective's): the weights of its loss in the per-token output, given to the
+    model (``SmolGPTModel.forward``'s ``loss_weights``) when the objective has them."""
     inputs = next(data_iterator)
-    extra = {"loss_positions": inputs.loss_mask > 0} if scored_only else {}
+    extra: dict[str, Tensor] = {"loss_positions": inputs.loss_mask > 0} if scored_only else {}
+    weights = token_weights(inputs) if token_weights is not None else None
+    if weights is not None:
+        extra["loss_weights"] = weights
     output = model(inputs.tokens, inputs.position_ids, inputs.attention_mask,
                    labels=inputs.labels, packed_seq_params=inputs.packed_seq_params, **extra)
     return output, partial(loss_func, inputs)

@@ -19,8 +19,10 @@ def main():
     init_parallel(ParallelLayout(tensor_parallel=2), spec)
     results = {}
     for z in (0.0, 1e-2):
-        results[f"function z={z}"] = function_errors(z, chunk_size=5)
-        results[f"model z={z}"] = model_errors(spec, z)
+        for in_forward in (True, False):
+            results[f"function z={z} in_forward={in_forward}"] = function_errors(
+                z, chunk_size=5, in_forward=in_forward)
+            results[f"model z={z} in_forward={in_forward}"] = model_errors(spec, z, in_forward)
     if torch.distributed.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(results))
     shutdown()

@@ -9,7 +9,7 @@ the global batch is split over micro-batches or ranks.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from torch import Tensor
 
@@ -34,6 +34,12 @@ class Objective(Protocol):
     """What ``count`` counts (``tokens``, ``pairs``): the step's log line names it."""
 
     def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport: ...
+
+    def token_weights(self, inputs: ModelInputs) -> Optional[Tensor]:
+        """``w`` ([b, s]) when the differentiable loss is ``sum(w * output_tensor)`` with ``w``
+        known before the forward (the chunked output layer then computes its gradients in the
+        forward); None when the loss is not linear in the per-token output."""
+        ...
 
     def means(self, sums: list[float], count: float) -> dict[str, float]:
         """The metrics averaged over the global batch, from their all-reduced sums."""

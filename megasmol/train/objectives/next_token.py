@@ -33,6 +33,10 @@ class TokenLoss:
         tokens = mask.sum().to(torch.int)
         return loss_sum, tokens, {"loss": torch.stack([loss_sum.detach(), tokens.detach().float()])}
 
+    def token_weights(self, inputs: ModelInputs) -> Tensor:
+        """The loss mask: the loss is the masked sum of the per-token output."""
+        return inputs.loss_mask.float()
+
     def means(self, sums: list[float], count: float) -> dict[str, float]:
         return {}
 

@@ -90,6 +90,10 @@ class PreferenceLoss:
         report = torch.stack([loss_sum.detach().double(), pairs.double()])
         return loss_sum, pairs, {"loss": report, "metrics": metrics.detach()}
 
+    def token_weights(self, inputs: ModelInputs) -> None:
+        """None: the pair loss is not linear in the per-token log-probs."""
+        return None
+
     def means(self, sums: list[float], count: float) -> dict[str, float]:
         if count <= 0:
             return {}

@@ -72,6 +72,10 @@ class PolicyLoss:
         return policy_loss(self.rl, logps, advantages, mask, seq_id, n, old_logps=old, ref_logps=ref,
                            entropies=entropies, reduce_segments=reduce, reporting=reporting)
 
+    def token_weights(self, inputs: ModelInputs) -> None:
+        """None: the policy loss is not linear in the per-token log-probs."""
+        return None
+
     def set_rollout(self, metrics: dict[str, float]) -> None:
         """The metrics of the rollout batch the next step trains on (the same on every rank)."""
         self.rollout_metrics = metrics

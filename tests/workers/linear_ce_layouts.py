@@ -1,0 +1,37 @@
+"""torchrun worker: the chunked cross-entropy vs the plain path under PP=2, then CP=2, for the
+pretraining, SFT and preference losses (each rank's share; the largest error over ranks)."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+
+from megasmol.config.parallel import ParallelLayout  # noqa: E402
+from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
+from tests.linear_ce_check import objective_errors  # noqa: E402
+from tests.specs import tiny_smollm3  # noqa: E402
+
+
+def main():
+    spec = tiny_smollm3(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        attention_backend="sdpa", z_loss_coeff=1e-2)
+    results = {}
+    for name, layout in (("pp2", ParallelLayout(pipeline_parallel=2)),
+                         ("cp2", ParallelLayout(context_parallel=2))):
+        init_parallel(layout, spec)
+        for objective in ("pretraining", "sft", "preference"):
+            errors = objective_errors(spec, objective)
+            packed = torch.tensor([errors["loss"], errors["grads"], errors["loss_sum"]], dtype=torch.float64)
+            torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+            results[f"{name} {objective}"] = dict(zip(("loss", "grads", "loss_sum"), packed.tolist()))
+        torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        Path(sys.argv[1]).write_text(json.dumps(results))
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
