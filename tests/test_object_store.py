@@ -190,3 +190,28 @@ def test_a_resume_takes_whichever_copy_is_complete_and_newer(s3, tmp_path, capsy
     prepare(config)
     assert (staging / "latest").read_text() == "iter_0000006\n" and (staging / "iter_0000006").is_dir()
     assert "(the local copy was older: iter_0000004;" in capsys.readouterr().out
+
+
+def test_an_upload_to_an_endpoint_that_stopped_answering_is_one_line(s3, tmp_path, monkeypatch, capsys):
+    """Rank 0's background uploads (``train.bucket.BucketUploads``): the first reaches the bucket;
+    then nothing answers at the endpoint any more (a connection refused, as from a stopped
+    server): one line naming the endpoint and the latest that stays, and closing the run says
+    the newest checkpoint is not in the bucket."""
+    from megasmol.ckpt.object_store import make_client
+    from megasmol.train.bucket import BucketUploads
+
+    uploads = BucketUploads(s3.url("run"), keep_last=0)
+    uploads.submit(_iteration(tmp_path, "iter_0000001"), 1)
+    uploads.wait()
+    assert s3.text("run/latest") == "iter_0000001\n" and uploads.failure is None
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    uploads.remote.store.client = make_client()
+    uploads.submit(_iteration(tmp_path, "iter_0000002"), 2)
+    with pytest.raises(UploadFailed, match="the local copy is complete: run again to upload it"):
+        uploads.close()
+    said = [line for line in capsys.readouterr().out.splitlines() if "failed" in line]
+    assert said == [f"checkpoints: uploading iter_0000002 to {s3.url('run')} failed: "
+                    f"{s3.url('run')}/iter_0000002/__0_0.distcp was not written: cannot reach the "
+                    "endpoint http://127.0.0.1:9 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or the "
+                    "profile's endpoint_url); the bucket's latest stays iter_0000001"], said
+    assert s3.text("run/latest") == "iter_0000001\n"
