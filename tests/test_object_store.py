@@ -215,3 +215,28 @@ def test_an_upload_to_an_endpoint_that_stopped_answering_is_one_line(s3, tmp_pat
                     "endpoint http://127.0.0.1:9 (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or the "
                     "profile's endpoint_url); the bucket's latest stays iter_0000001"], said
     assert s3.text("run/latest") == "iter_0000001\n"
+
+
+def test_an_upload_that_stops_on_a_bug_fails_the_run_and_keeps_latest(s3, tmp_path, monkeypatch, capsys):
+    """An exception the upload thread does not expect (a bug, not the bucket) is not lost with the
+    thread: its traceback is printed, one line says the bucket's latest stays, and the run's close
+    raises, so a run whose newest checkpoint is not in the bucket never ends with exit 0."""
+    from megasmol.train.bucket import BucketUploads
+
+    uploads = BucketUploads(s3.url("run"), keep_last=0)
+    uploads.submit(_iteration(tmp_path, "iter_0000001"), 1)
+    uploads.wait()
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the uploader")
+
+    monkeypatch.setattr(uploads.remote, "upload", broken)
+    uploads.submit(_iteration(tmp_path, "iter_0000002"), 2)
+    with pytest.raises(UploadFailed, match="unexpected ValueError: a bug in the uploader"):
+        uploads.close()
+    captured = capsys.readouterr()
+    assert "Traceback" in captured.err and "ValueError: a bug in the uploader" in captured.err
+    assert [line for line in captured.out.splitlines() if "unexpected" in line] == [
+        f"checkpoints: uploading iter_0000002 to {s3.url('run')} stopped on an unexpected ValueError: "
+        "a bug in the uploader; the bucket's latest stays iter_0000001"]
+    assert s3.text("run/latest") == "iter_0000001\n"

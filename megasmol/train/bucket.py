@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -182,6 +183,13 @@ class BucketUploads:
             cause = str(exc) if isinstance(exc, UploadFailed) else store.describe(exc)
             self.failure = (f"uploading {iteration.name} to {self.remote} failed: {cause}; the "
                             f"bucket's latest stays {self.uploaded or self._bucket_latest()}")
+            _say(self.failure)
+            return
+        except Exception as exc:  # a bug, not the bucket: keep its traceback, and fail the run's close
+            self.failure = (f"uploading {iteration.name} to {self.remote} stopped on an unexpected "
+                            f"{type(exc).__name__}: {exc}; the bucket's latest stays "
+                            f"{self.uploaded or self._bucket_latest()}")
+            traceback.print_exc()
             _say(self.failure)
             return
         self.uploaded, self.failure = iteration.name, None
