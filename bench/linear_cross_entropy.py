@@ -1,14 +1,18 @@
 """Peak memory and time of the output layer + loss, forward and backward: plain vs chunked.
 
-``plain`` is what ``training.cross_entropy: plain`` runs: the output layer's matmul (the
-``[tokens, vocab]`` logits), then Megatron-Core's ``vocab_parallel_cross_entropy``. ``chunked``
-is ``model/linear_cross_entropy.py`` (``training.cross_entropy: chunked``). Each variant runs
-once, in a fresh process, from the same inputs (fp32, SmolLM3-3B's hidden size and vocabulary);
-its peak memory is the growth of the process's peak RSS (``getrusage`` maxrss) over the
-forward and backward, the inputs already allocated, so it includes the weight's gradient
-(``vocab x hidden``) in both.
+One training step of the output layer and a token-weighted loss (``sum(mask * loss)``, the
+pretraining and SFT objective). ``plain`` is what ``training.cross_entropy: plain`` runs: the
+output layer's matmul (the ``[tokens, vocab]`` logits), then Megatron-Core's
+``vocab_parallel_cross_entropy``. ``chunked`` is ``model/linear_cross_entropy.py``
+(``training.cross_entropy: chunked``) as a training step runs it: the mask given as the loss
+weights, the gradients made in the forward. ``recompute`` (only when asked for: ``--variants``)
+is the chunked path without weights, as the preference and RL objectives run it: the backward
+recomputes the logits. Each variant runs once, in a fresh process, from the same inputs (fp32,
+SmolLM3-3B's hidden size and vocabulary); its peak memory is the growth of the process's peak
+RSS (``getrusage`` maxrss) over the forward and backward, the inputs already allocated, so it
+includes the weight's gradient (``vocab x hidden``) in all.
 
-    python bench/linear_cross_entropy.py --tokens 1024
+    python bench/linear_cross_entropy.py --tokens 4096
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from megasmol.model.linear_cross_entropy import output_layer_loss
 from megasmol.runtime.distributed import init_parallel
 
 variant, tokens, vocab, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+chunk_size = max(1, int(sys.argv[5]) // vocab) if int(sys.argv[5]) else None
 init_parallel(ParallelLayout())
 gen = torch.Generator().manual_seed(0)
 h = torch.empty(tokens, 1, hidden).normal_(generator=gen).requires_grad_()
 w = torch.empty(vocab, hidden).normal_(std=0.02, generator=gen).requires_grad_()
 labels = torch.randint(0, vocab, (1, tokens), generator=gen)
+mask = (torch.rand(1, tokens, generator=gen) > 0.1).float()  # a loss mask: 90% of the labels
 gc.collect()
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 before = rss()
@@ -41,17 +47,18 @@ if variant == "plain":
     loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t()).t()
     del logits
 else:
-    loss = output_layer_loss(h, w, labels)
-loss.sum().backward()
+    loss = output_layer_loss(h, w, labels, loss_weights=mask if variant == "chunked" else None,
+                             chunk_size=chunk_size)
+(loss * mask).sum().backward()
 seconds = time.perf_counter() - start
 print("RESULT " + json.dumps({"peak_bytes": rss() - before, "seconds": seconds,
                               "mean_loss": loss.mean().item()}))
 """
 
 
-def run(variant: str, tokens: int, vocab: int, hidden: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden)],
-                          capture_output=True, text=True)
+def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden),
+                           str(chunk_logits)], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
@@ -63,8 +70,14 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--variants", nargs="+", default=["plain", "chunked"],
+                        choices=["plain", "chunked", "recompute"])
+    parser.add_argument("--chunk-logits", type=int, default=0,
+                        help="logits per chunk (default 0: the module's, DEFAULT_CHUNK_LOGITS = 2^25)")
     args = parser.parse_args()
-    results = {v: run(v, args.tokens, args.vocab, args.hidden) for v in ("plain", "chunked")}
+    if "plain" not in args.variants:
+        parser.error("--variants must include plain (the ratios are to it)")
+    results = {v: run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits) for v in args.variants}
     logits_bytes = args.tokens * args.vocab * 4
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}: "
           f"logits {logits_bytes / 1e9:.3f} GB (fp32)")
@@ -72,9 +85,10 @@ def main() -> int:
     print("|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['peak_bytes'] / 1e9:.3f} GB | {r['seconds']:.1f} s | {r['mean_loss']:.6f} |")
-    saved = results["plain"]["peak_bytes"] - results["chunked"]["peak_bytes"]
-    print(f"peak saved: {saved / 1e9:.3f} GB = {saved / logits_bytes:.2f} x the logits; "
-          f"time chunked / plain: {results['chunked']['seconds'] / results['plain']['seconds']:.2f}")
+    for name in (v for v in args.variants if v != "plain"):
+        saved = results["plain"]["peak_bytes"] - results[name]["peak_bytes"]
+        print(f"{name}: peak saved {saved / 1e9:.3f} GB = {saved / logits_bytes:.2f} x the logits; "
+              f"time {name} / plain: {results[name]['seconds'] / results['plain']['seconds']:.2f}")
     return 0
 
 

@@ -145,10 +145,10 @@ def test_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
     _assert_same_losses(step_losses(tmp_path / "run"), plain)
 
 
-def test_tensor_parallel_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path):
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+def test_parallel_training_with_chunked_cross_entropy_matches_plain(plain_run, tmp_path, layout):
     init, plain = plain_run
-    torchrun_train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}",
-                   "parallel.tensor_parallel=2")
+    torchrun_train(_short_run(tmp_path, "chunked"), f"checkpoint.init_from={init}", layout)
     _assert_same_losses(step_losses(tmp_path / "run"), plain)
 
 
