@@ -1,5 +1,6 @@
 """The CPU compatibility layer: on only without CUDA, and what it redirects."""
 
+import json
 import subprocess
 import sys
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from megasmol.runtime import cpu_compat
+from tests.conftest import REPO
 
 
 def test_wanted_follows_cuda_and_the_environment(monkeypatch):
@@ -154,3 +156,32 @@ def test_one_process_shares_one_gloo_group_for_megatrons_parallel_state():
     assert first[1] == "1" and int(first[3]) <= 2 and first[5] == "True", out
     again = next(line.split() for line in out if line.startswith("again "))
     assert int(again[2]) <= 2 and again[4:] == ["[1.0,", "1.0]"], out
+
+
+SAVE = """
+import json, signal, sys
+import psutil
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megasmol.ckpt.checkpoint import read_metadata
+from megasmol.model.init import init_checkpoint
+from tests.specs import tiny_llama
+
+signal.signal(signal.SIGTERM, lambda *_: None)  # as the trainer's handler: the manager's is its own
+out = init_checkpoint(tiny_llama(), sys.argv[1])
+manager = psutil.Process(filesystem_async._results_queue._manager._process.pid)
+caught = int(next(line for line in open(f"/proc/{manager.pid}/status") if line.startswith("SigCgt"))
+             .split()[1], 16)
+print(json.dumps({"step": read_metadata(out)["step"], "parent": manager.ppid() == psutil.Process().pid,
+                  "same_program": manager.cmdline() == psutil.Process().cmdline(),
+                  "sigterm_caught": bool(caught >> (signal.SIGTERM - 1) & 1)}))
+"""
+
+
+def test_checkpoint_write_results_come_back_through_a_forked_manager(tmp_path):
+    """Megatron-Core spawns a fresh interpreter to serve the queue (it imports torch again, about
+    3 s of CPU per process that saves); on the CPU it is forked, with default signal handling."""
+    proc = subprocess.run([sys.executable, "-c", SAVE, str(tmp_path / "ckpt")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"step": 0, "parent": True, "same_program": True, "sigterm_caught": False}

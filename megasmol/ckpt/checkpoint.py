@@ -214,8 +214,10 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     from megasmol.ckpt.trust import msc_off
+    from megasmol.runtime import cpu_compat
 
     msc_off()
+    cpu_compat.forked_write_results_queue()
     root = Path(root)
     final = root / (name or iteration_dirname(step))
     partial = root / (final.name + ".partial")
