@@ -35,3 +35,26 @@ def test_word_problem_answers_are_right():
             found = re.search(r"(\d+) / (\d+) = (\d+) with remainder (\d+)", problem)
             total, parts, q, r = map(int, found.groups())
             assert divmod(total, parts) == (q, r) and answer == q
+
+
+def test_the_stdlib_docstrings_are_parsed_once_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    from megasmol.data import demo_corpus
+
+    monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path))
+    parsed = []
+    real_parse = demo_corpus._parse_docstrings
+    monkeypatch.setattr(demo_corpus, "_parse_docstrings", lambda sources: parsed.append(1) or real_parse(sources))
+
+    def fresh():
+        demo_corpus.stdlib_docstrings.cache_clear()
+        return demo_corpus.stdlib_docstrings()
+
+    first = fresh()
+    (cached,) = (tmp_path / "stdlib-docstrings").glob("*.json")
+    assert len(first) > 1000 and parsed == [1]
+    assert fresh() == first and parsed == [1]  # read from the cache, not parsed again
+    cached.write_text('["cut short')  # a damaged file: parsed again, and replaced
+    assert fresh() == first and parsed == [1, 1]
+    assert fresh() == first and parsed == [1, 1]
+    assert not list(tmp_path.rglob("*.partial"))
+    demo_corpus.stdlib_docstrings.cache_clear()

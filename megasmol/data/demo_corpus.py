@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
 import json
 import os
 import random
@@ -42,12 +43,19 @@ def stdlib_sources() -> list[Path]:
     return sorted(p for p in stdlib.rglob("*.py") if not skipped & set(p.relative_to(stdlib).parts))
 
 
-@functools.lru_cache(maxsize=1)
-def stdlib_docstrings() -> tuple[str, ...]:
-    """Every module, class and function docstring of the standard library, in source order
-    (parsed once per process: the corpus and the held-out evaluation tasks both read them)."""
+CACHE_ENV = "MEGASMOL_CACHE"
+"""Where derived data that is costly to rebuild is kept (default ``$XDG_CACHE_HOME/megasmol`` or
+``~/.cache/megasmol``); deleting it only costs the time to rebuild."""
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get(CACHE_ENV) or Path(base) / "megasmol").expanduser()
+
+
+def _parse_docstrings(sources: list[Path]) -> list[str]:
     found = []
-    for path in stdlib_sources():
+    for path in sources:
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
@@ -55,7 +63,37 @@ def stdlib_docstrings() -> tuple[str, ...]:
         nodes = [tree] + [n for n in ast.walk(tree)
                           if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
         found += [doc for doc in map(ast.get_docstring, nodes) if doc]
-    return tuple(found)
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """Every module, class and function docstring of the standard library, in source order.
+
+    Parsing the whole standard library costs about 4 s of CPU, and every process that builds the
+    demo corpus or its held-out tasks needs it, so the result is kept in :func:`cache_dir`, under
+    a key of the Python version and each source file's path, size and modification time (a
+    changed standard library is parsed again). An unreadable or damaged cache file is parsed
+    again and replaced; a cache folder that cannot be written is only not used."""
+    sources = stdlib_sources()
+    key = hashlib.sha256("\n".join([sys.version] + [f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                                       for p in sources]).encode()).hexdigest()[:20]
+    cached = cache_dir() / "stdlib-docstrings" / f"{key}.json"
+    try:
+        docs = json.loads(cached.read_text(encoding="utf-8"))
+        if isinstance(docs, list) and all(isinstance(d, str) for d in docs):
+            return tuple(docs)
+    except (OSError, ValueError):
+        pass
+    docs = _parse_docstrings(sources)
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(docs), encoding="utf-8")
+        os.replace(partial, cached)
+    except OSError:
+        partial.unlink(missing_ok=True)
+    return tuple(docs)
 
 
 def prose_documents() -> list[str]:
