@@ -5,9 +5,10 @@ queue (``filesystem_async._get_write_results_queue``, made at the first save, sy
 multiprocessing shuts down only at the rank's normal exit. A rank that ends otherwise (SIGKILL, the
 hard timeout of an in-process restart, torchrun's SIGKILL after its grace time, ``os._exit``) left
 it running: the manager does not watch its parent, and it inherits the SIGTERM that the trainer
-blocks (``train/signals.py``), so even a SIGTERM to the whole process group passes it by. It also
-holds the launcher's stdout, so whoever reads that output (a test, a bench, a log pipe) waited for
-it forever. Here that queue's manager is started by megasmol, with a parent-death signal.
+blocks (``train/signals.py``: a stop signal to the process group must let the save finish), so
+even a SIGTERM to the whole process group passes it by. It also holds the launcher's stdout, so
+whoever reads that output (a test, a bench, a log pipe) waited for it forever. Here that queue's
+manager is started by megasmol, with a parent-death signal.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def die_with_parent(parent: int) -> None:
     ended already (``parent`` is its pid before the helper started)."""
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    # SIGTERM and SIGUSR1 stay blocked as the trainer left them: a stop signal to the whole
+    # process group must not end this helper before the save that the signal asks for.
     if os.getppid() != parent:
         os._exit(0)
 
