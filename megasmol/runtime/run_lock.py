@@ -28,6 +28,11 @@ class RunLock:
     def __init__(self, run_dir: Path, checkpoint_dir: Path):
         self.run_dir, self.checkpoint_dir = Path(run_dir), Path(checkpoint_dir)
         self._fd = None
+        self.kept_on_error = False
+        """Leave the lock held when the ``with`` block raises: its owner releases it (an in-process
+        restart's attempt, in NVRx's finalize hook, where no interruption arrives; NVRx's
+        interruption can reach this thread at any line, e.g. right after ``os.close`` below, and
+        a second close then hit a descriptor no longer ours: "Bad file descriptor")."""
 
     def _rank(self) -> int:
         return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -64,9 +69,10 @@ class RunLock:
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
+        fd, self._fd = self._fd, None  # forgotten first: never closed twice
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the flock
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None or not self.kept_on_error:
+            self.release()

@@ -84,6 +84,7 @@ class Attempt:
         """``loop.train`` hands over its trainer and run lock; after a fault, the first attempt's
         line is reported by a callback of the trainer that resumes."""
         self.trainer, self.lock = trainer, lock
+        lock.kept_on_error = True  # released by free(), where NVRx's interruption cannot arrive
         if self.iteration > 0:
             trainer.callbacks.items.append(_RecoveryReport(self, trainer.console))
 
