@@ -214,10 +214,10 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     from megasmol.ckpt.trust import msc_off
-    from megasmol.runtime import cpu_compat
+    from megasmol.runtime.children import own_megatron_write_queue
 
     msc_off()
-    cpu_compat.forked_write_results_queue()
+    own_megatron_write_queue()  # its helper process ends with this rank, however it ends
     root = Path(root)
     final = root / (name or iteration_dirname(step))
     partial = root / (final.name + ".partial")

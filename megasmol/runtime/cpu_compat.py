@@ -25,7 +25,8 @@ What it does:
 3. In a single process, Megatron-Core's parallel state gets one shared gloo group for all its
    groups (:func:`one_group_for_one_process`, used by ``runtime.distributed.init_parallel``).
 4. The queue through which Megatron-Core's checkpoint writer returns its results is served by a
-   forked manager process instead of a spawned one (:func:`forked_write_results_queue`).
+   forked manager process instead of a spawned one (``runtime/children.py``, which asks
+   :func:`is_active`).
 """
 
 from __future__ import annotations
@@ -193,48 +194,6 @@ def _patch_megatron() -> None:
     mc_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
         torch.set_rng_state(new_state)
     )
-
-
-def _as_a_fresh_interpreter() -> None:
-    """In the forked manager: the signal handling a spawned interpreter starts with (the
-    trainer's SIGTERM/SIGUSR handlers and faulthandler's dumps are the trainer's alone)."""
-    import faulthandler
-    import signal
-
-    faulthandler.disable()
-    for sig in signal.valid_signals():
-        with contextlib.suppress(OSError, RuntimeError, ValueError):
-            faulthandler.unregister(sig)
-        if callable(signal.getsignal(sig)):
-            signal.signal(sig, signal.SIG_DFL)
-
-
-def _forked_manager_queue():
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        import multiprocessing as mp
-        from multiprocessing.managers import SyncManager
-
-        manager = SyncManager(ctx=mp.get_context("fork"))
-        manager.start(_as_a_fresh_interpreter)
-        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
-    return filesystem_async._results_queue
-
-
-def forked_write_results_queue() -> None:
-    """Megatron-Core's checkpoint writer (``filesystem_async``) returns its results through a
-    queue served by a manager process that it starts with ``spawn`` (safe with CUDA): a fresh
-    interpreter that imports torch again to unpickle the results, about 3 s of CPU in every
-    process that saves (a 3-step run of the tests' small model took 7.7 s of user time with its
-    one save and 4.4-4.7 s without; 2-core VM, 2026-12-07). Without CUDA the manager is forked
-    from the process that saves, as the writer's own processes already are, with a fresh
-    interpreter's signal handling. Called before each save; does nothing when the layer is off."""
-    if _mode is None:
-        return
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    filesystem_async._get_write_results_queue = _forked_manager_queue
 
 
 def wanted() -> bool:

@@ -27,7 +27,6 @@ from megasmol.ckpt.checkpoint import (
     recover_interrupted_saves,
 )
 from megasmol.errors import RunFailure
-from megasmol.runtime.children import own_megatron_write_queue
 from megasmol.runtime.distributed import describe_collective_failure
 from megasmol.utils.fs import shown
 
@@ -103,7 +102,6 @@ class Checkpointer:
         A step that already has the latest complete checkpoint (a rerun of a finished run or
         stage) is not written again: the complete copy is never touched."""
         self.finish()  # one save in flight at a time
-        own_megatron_write_queue()  # its helper process ends with this rank, however it ends
         latest = latest_iteration(self.root)
         if latest is not None and latest.name == iteration_dirname(step):
             return latest
