@@ -289,3 +289,17 @@ def test_the_batch_budget_scores_programs_not_started_in_time_zero(sandbox_tmp):
     assert values == [0.0, 0.0, 0.0]
     assert reward.notes() == ["reward code: 2 program(s) not run within batch_budget_s 0.5 s: scored 0 "
                               "(raise it, or workers)"]
+
+
+def test_the_rl_demos_form_reward_wants_the_questions_own_operands():
+    """``megasmol demo --rl``'s second reward: the answer form with the asked A and B (the sum
+    right or not), added to the math reward by weight."""
+    text = ("<|im_start|>system\nYou are a calculator.<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    rewards = _rewards(functions=[{"name": "math"},
+                                  {"name": "megasmol.data.prompts.synthetic:restates_question",
+                                   "weight": 0.5}])
+    replies = ["3 + 4 = 7.", "3 + 4 = 8.", "4 + 3 = 7.", "7", "3 + 4 is 7"]
+    result = rewards.score([_record(answer="7", text=text)] * 5, replies, [5] * 5, [False] * 5)
+    assert result.per_reward["restates_question"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert result.total == [1.5, 0.5, 1.0, 1.0, 1.0]

@@ -4,10 +4,14 @@ the sum as the reference answer a math reward checks."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from megasmol.data.chat.synthetic import arithmetic_pairs, arithmetic_record, write_jsonl
+from megasmol.data.chat.synthetic import arithmetic_pairs, arithmetic_record, grade, write_jsonl
+
+_QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 
 
 def arithmetic_prompt(a: int, b: int) -> dict:
@@ -22,3 +26,17 @@ def write_arithmetic_prompts(path: str | Path, pairs: Iterable[tuple[int, int]] 
     operands in [0, ``high``]. Written under a temporary name and renamed."""
     chosen = list(pairs) if pairs is not None else arithmetic_pairs(count, seed, high)
     return write_jsonl([arithmetic_prompt(a, b) for a, b in chosen], Path(path))
+
+
+def restates_question(completions: list[str], records: list[Any], **_: Any) -> list[float]:
+    """The RL demo's form reward (``module:function``): 1 when the reply is in the SFT demo's answer
+    form ``A + B = C.`` with the question's own A and B (C right or not: the ``math`` reward
+    scores it), else 0. The question is read from the rendered prompt (its last "What is A + B?")."""
+    scores = []
+    for completion, record in zip(completions, records):
+        asked = _QUESTION.findall(record.text)
+        if not asked:
+            raise ValueError(f"{record.where}: no 'What is A + B?' question in the prompt")
+        a, b = map(int, asked[-1])
+        scores.append(float(grade(completion, a, b)[1]))
+    return scores
