@@ -1,6 +1,6 @@
 """Step time of megasmol's training loop vs a bare Megatron-Core loop, same model and data.
 
-    python bench/loop_overhead.py [--spec smollm3-tiny] [--steps 20] [--rounds 4]
+    python bench/loop_overhead.py [--spec smollm3-tiny] [--steps 20] [--rounds 4] [--optim muon]
 
 The bare loop is what a minimal Megatron-Core script does per step: zero the DDP grad buffer,
 ``forward_backward_func`` over pre-built micro-batches, ``optimizer.step()``. megasmol's loop adds
@@ -8,6 +8,7 @@ the data pipeline (sample lookup, document masks, prefetch thread), the LR sched
 loss all-reduce, spike checks, metrics (JSONL, console line) and signal handling. Both run on the
 same model and optimizer in one process, alternating in rounds so machine noise hits both
 alike; the bare loop gets its batches for free (built before timing). Target: ratio <= 1.05.
+``--optim``: the optimizer both loops step (``optim.name``; the default AdamW).
 Data: the demo corpus, built in a temporary directory.
 """
 
@@ -35,6 +36,10 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=4)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=256)
+    from megasmol.train.optimizer import OPTIMIZERS
+
+    parser.add_argument("--optim", default="adamw", choices=sorted(OPTIMIZERS),
+                        help="optim.name of both loops (default adamw)")
     args = parser.parse_args()
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -59,6 +64,7 @@ def main() -> None:
         "training": {"train_steps": total, "global_batch_size": args.global_batch,
                      "micro_batch_size": args.micro_batch, "precision": "fp32"},
         "schedule": {"kind": "constant", "lr": 1e-3, "warmup_steps": 0},
+        "optim": {"name": args.optim},
         "checkpoint": {"interval": 0, "save_at_end": False, "resume": False},
         "logging": {"interval": 10, "tensorboard": False, "progress": False},
         "eval": {"interval": 0},
@@ -100,7 +106,7 @@ def main() -> None:
         step += args.steps
     trainer.close()
     b, o = statistics.median(bare_times), statistics.median(our_times)
-    print(f"\nspec {args.spec}, {args.global_batch} x {args.seq_length} tokens/step, "
+    print(f"\nspec {args.spec}, optim {args.optim}, {args.global_batch} x {args.seq_length} tokens/step, "
           f"{args.steps} steps x {args.rounds} rounds")
     print(f"{'loop':<10} {'median s/step':>14} {'rounds':>40}")
     print(f"{'bare':<10} {b:>14.4f} {' '.join(f'{t:.4f}' for t in bare_times):>40}")

@@ -1,6 +1,7 @@
 """megasmol preflight: DCGM parsing, exit codes, stragglers over gloo, the dry-run, the CPU run."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -431,6 +432,23 @@ def test_model_checks_run_the_configs_model_and_steps(tmp_path):
     quick = run_cli("preflight", "--config", str(config), "--allow-cpu", "--skip",
                     "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,dry_run")
     assert "runs at --level standard or long" in quick.stdout
+
+
+@pytest.mark.parametrize("name", ["muon", "ademamix"])
+def test_the_timed_steps_run_the_configs_optimizer(tmp_path, name):
+    from tests.train_fixtures import write_training_run
+
+    config = write_training_run(tmp_path, steps=20, eval={"interval": 0})
+    run_cli("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
+            "--set", f"optim.name={name}", "--json", str(tmp_path / "r.json"), "--skip",
+            "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,model_parity,data_audit,dry_run",
+            check=False)
+    rows = {r["check"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    speed = rows["training_throughput"]["details"]
+    assert speed["optim_name"] == name and speed["steps_timed"] == 3
+    # optim.distributed (the default): the layer-wise optimizer that shards Muon / AdEMAMix
+    assert "LayerWise" in speed["optimizer"]
+    assert speed["tokens_per_s_per_device"] > 0 and math.isfinite(speed["last_loss"])
 
 
 def test_model_parity_fails_when_the_implementations_disagree(tmp_path, monkeypatch):

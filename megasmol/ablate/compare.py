@@ -66,10 +66,10 @@ class Experiment:
 def config_value(run: RunLog, dotted: str):
     """``section.field`` of the run's resolved config (``model.FIELD``: of its spec when the
     config names a spec file); ``KeyError`` when it has none."""
-    from megasmol.config.identity import _model_identity
+    from megasmol.config.identity import model_identity
 
     node = dict(run.config or {})
-    node["model"] = _model_identity(node.get("model"))
+    node["model"] = model_identity(node.get("model"))
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
             raise KeyError(dotted)

@@ -35,7 +35,7 @@ def experiment_key(config: dict, also_ignore: tuple[str, ...] = ("training.seed"
     """The resolved config without ``NOT_WHAT_IT_TRAINS`` (and, by default, the seed): runs with
     the same key are one experiment."""
     tree = json.loads(json.dumps(config))
-    tree["model"] = _model_identity(tree.get("model"))
+    tree["model"] = model_identity(tree.get("model"))
     for dotted in NOT_WHAT_IT_TRAINS + also_ignore:
         node, *rest = dotted.split(".")
         if not rest:
@@ -45,7 +45,7 @@ def experiment_key(config: dict, also_ignore: tuple[str, ...] = ("training.seed"
     return json.dumps(tree, sort_keys=True)
 
 
-def _model_identity(model):
+def model_identity(model):
     """A model given as a spec file is the spec it holds, not where the file is: the seeds of a
     ``--vary model.FIELD`` ablation each have their own copy of the same spec."""
     if isinstance(model, str) and model.endswith((".yaml", ".yml")) and Path(model).is_file():

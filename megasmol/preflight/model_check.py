@@ -9,9 +9,10 @@
    BF16 within ``FP8_LOSS_TOLERANCE``); on a CPU it is SDPA against Megatron-Core's reference
    attention in fp32, so CI runs the same code.
 2. ``training_throughput``: a few real training steps of the run (its data, layout over this
-   job's ranks, precision, optimizer), timed after a warm-up, as tokens/s per device and MFU,
-   against ``logging.expected_tokens_per_s_per_gpu`` (FAIL below ``tolerance`` of it) and against
-   the GEMM burn measured in the same pre-flight (the share of the burn's FLOP/s the model gets).
+   job's ranks, precision, ``optim.name`` with its sharding), timed after a warm-up, as tokens/s
+   per device and MFU, against ``logging.expected_tokens_per_s_per_gpu`` (FAIL below
+   ``tolerance`` of it) and against the GEMM burn measured in the same pre-flight (the share of
+   the burn's FLOP/s the model gets).
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def training_throughput(config, *, tolerance: float, burn_tflops: Optional[float
     seq = max(p.seq_length for p in setup.batches.plans)
     achieved_tflops = per_device * flops_per_token(spec, seq) / 1e12
     details = {"tokens_per_s_per_device": per_device, "model_tflops_per_device": achieved_tflops,
-               "steps_timed": len(times), "world_size": world, "last_loss": totals.loss}
+               "steps_timed": len(times), "world_size": world, "last_loss": totals.loss,
+               "optimizer": type(setup.optimizer).__name__, "optim_name": config.optim.name}
     summary = (f"{len(times)} training step(s) after {WARMUP_STEPS} warm-up: "
                f"{per_device:,.0f} tokens/s per device, {achieved_tflops:.3g} model TFLOP/s per device")
     from megasmol.train.metrics import device_peak_tflops
