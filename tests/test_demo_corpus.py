@@ -43,7 +43,8 @@ def test_the_stdlib_docstrings_are_parsed_once_and_a_damaged_cache_is_rebuilt(tm
     monkeypatch.setenv(demo_corpus.CACHE_ENV, str(tmp_path))
     parsed = []
     real_parse = demo_corpus._parse_docstrings
-    monkeypatch.setattr(demo_corpus, "_parse_docstrings", lambda sources: parsed.append(1) or real_parse(sources))
+    monkeypatch.setattr(demo_corpus, "_parse_docstrings",
+                        lambda sources: parsed.append(1) or real_parse(sources))
 
     def fresh():
         demo_corpus.stdlib_docstrings.cache_clear()
