@@ -62,10 +62,11 @@ def _local_starts(config: RunConfig) -> dict[str, str]:
     """The local copies of an ``s3://`` ``checkpoint.init_from`` or ``branch_from`` (downloaded
     into the cache unless they are there): field name -> local path."""
     starts = {}
-    if is_url(config.checkpoint.init_from):
-        starts["init_from"] = str(fetch(config.checkpoint.init_from, "checkpoint.init_from"))
-    if is_url(config.checkpoint.branch_from):
-        starts["branch_from"] = fetch_source(config.checkpoint.branch_from)
+    init_from, branch_from = config.checkpoint.init_from, config.checkpoint.branch_from
+    if init_from is not None and is_url(init_from):
+        starts["init_from"] = str(fetch(init_from, "checkpoint.init_from"))
+    if branch_from is not None and is_url(branch_from):
+        starts["branch_from"] = fetch_source(branch_from)
     return starts
 
 
