@@ -240,3 +240,81 @@ def test_an_upload_that_stops_on_a_bug_fails_the_run_and_keeps_latest(s3, tmp_pa
         f"checkpoints: uploading iter_0000002 to {s3.url('run')} stopped on an unexpected ValueError: "
         "a bug in the uploader; the bucket's latest stays iter_0000001"]
     assert s3.text("run/latest") == "iter_0000001\n"
+
+
+def test_training_never_waits_for_an_upload(s3, tmp_path, monkeypatch, capsys):
+    """Rank 0's commit step (``Checkpointer.committed``, with ``keep_last: 1``) for three
+    checkpoints while the first one uploads slowly (held at its first file): each commit returns
+    at once; the second, superseded while it waited, is skipped with one line, never uploaded, and
+    pruned from staging as any older copy; the third is uploaded next; the bucket's ``latest``
+    names 1 then 3 (each complete when named); no staging copy goes before its upload ended."""
+    import threading
+    from types import SimpleNamespace
+
+    from megasmol.config.run import load_run_config
+    from megasmol.train.callbacks import Console
+    from megasmol.train.checkpointing import Checkpointer
+    from megasmol.utils.faults import FaultPlan
+    from tests.train_fixtures import write_training_run
+
+    config = load_run_config(write_training_run(tmp_path / "run", steps=10,
+                                                checkpoint={"dir": s3.url("run"), "keep_last": 1}))
+    staging = config.checkpoint_dir
+    release, began = threading.Event(), threading.Event()
+    uploading: list[int] = []  # the steps whose upload began, in order
+    gone: list[str] = []  # staging copies found missing while they uploaded
+
+    class SlowFirstUpload(FaultPlan):
+        def before_upload(self, step, index):
+            if not (staging / f"iter_{step:07d}").is_dir():
+                gone.append(f"iter_{step:07d}")
+            if index == 0:
+                uploading.append(step)
+            if step == 1:
+                began.set()
+                release.wait(60)
+
+    setup = SimpleNamespace(is_logging_rank=True, faults=SlowFirstUpload())
+    checkpointer = Checkpointer(config, setup, Console(True), None)
+    store = checkpointer.uploads.remote.store
+    named: list[tuple[str, bool]] = []  # each write of the bucket's latest: (name, complete then)
+    write_text = store.write_text
+
+    def recording(name, text):
+        if name == "latest":
+            named.append((text.strip(), store.manifest(text.strip()) is not None))
+        write_text(name, text)
+
+    monkeypatch.setattr(store, "write_text", recording)
+
+    def commit(step):  # what a save leaves before its commit hook: the files, then latest
+        it = _iteration(staging, f"iter_{step:07d}", extra=bytes([step]))
+        (it / "metadata.json").write_text("{}")
+        (staging / "latest").write_text(it.name + "\n")
+        started = time.perf_counter()
+        checkpointer.committed(it, step, started)
+        return time.perf_counter() - started
+
+    took = [commit(1)]
+    assert began.wait(30)
+    took += [commit(2), commit(3)]
+    assert max(took) < 2, took  # the upload holds for up to 60 s: nobody waited for it
+    local = sorted(p.name for p in staging.glob("iter_*"))
+    assert local == ["iter_0000001", "iter_0000003"], local  # 1 uploading; 2 skipped and pruned
+    said = capsys.readouterr().out
+    assert "checkpoints: skipped upload of iter_0000002: iter_0000003 is newer\n" in said, said
+    assert named == [] and not s3.keys("run/latest")  # nothing named while the first uploads
+
+    release.set()
+    checkpointer.close()  # waits for the newest to be in the bucket
+    assert uploading == [1, 3] and gone == []
+    assert named == [("iter_0000001", True), ("iter_0000003", True)]
+    remote = checkpointer.uploads.remote
+    assert remote.latest() == "iter_0000003" and remote.complete() == ["iter_0000003"]
+    assert not s3.keys("run/iter_0000002/")
+    said = capsys.readouterr().out
+    assert said.index("uploaded iter_0000001") < said.index("uploaded iter_0000003"), said
+    back = remote.download("iter_0000003", tmp_path / "back")
+    assert (back / "__0_0.distcp").read_bytes().endswith(bytes([3]))
+    # Once its upload is done, the first copy is pruned under keep_last like any other.
+    assert sorted(p.name for p in staging.glob("iter_*")) == ["iter_0000003"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -247,15 +248,16 @@ def _is_finite_checkpoint(path: Path) -> bool:
         return False
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` complete iterations; never the latest, and never
-    the newest one whose weights were finite when saved (the one to go back to after NaNs)."""
+def prune_checkpoints(root: Path, keep_last: int, keep: Collection[Path] = ()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` complete iterations; never the latest, never the
+    newest one whose weights were finite when saved (the one to go back to after NaNs), and never
+    one in ``keep`` (e.g. being uploaded)."""
     if keep_last < 1:
         return []
     latest = latest_iteration(root)
     complete = sorted(p for p in root.glob("iter_???????") if p.is_dir())
     kept = complete[-keep_last:]
-    protected = {latest}
+    protected = {latest, *(root / Path(p).name for p in keep)}
     if not any(_is_finite_checkpoint(p) for p in kept):
         finite = [p for p in complete if _is_finite_checkpoint(p)]
         protected.update(finite[-1:])

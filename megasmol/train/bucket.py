@@ -156,23 +156,59 @@ def prepare(config: RunConfig) -> None:
 
 
 class BucketUploads:
-    """Rank 0's uploads of committed checkpoints to the bucket, one at a time on a thread."""
+    """Rank 0's uploads of committed checkpoints to the bucket, one at a time on a thread.
+
+    Training never waits for an upload: a checkpoint committed while another uploads is queued,
+    and a newer one replaces it there (uploading a superseded checkpoint only costs bandwidth; one
+    line says it was skipped). So uploads go in the order of their steps and the bucket's
+    ``latest`` only moves forward. The staging copies being uploaded or queued are
+    :meth:`pinned`: pruning the staging directory leaves them."""
 
     def __init__(self, url: str, keep_last: int, faults: FaultPlan = NO_FAULTS):
         self.remote = RemoteCheckpoints(url, WHAT)
         self.keep_last, self.faults = keep_last, faults
+        self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._uploading: Optional[Path] = None
+        self._queued: Optional[tuple[Path, int]] = None
         self.uploaded: Optional[str] = None
         """The newest iteration this run uploaded."""
         self.failure: Optional[str] = None
         """The line that said the newest upload failed (None once one succeeds)."""
 
     def submit(self, iteration: Path, step: int) -> None:
-        """Upload ``iteration`` in the background, after the upload in flight."""
-        self.wait()
-        self._thread = threading.Thread(target=self._upload, args=(iteration, step),
+        """Upload ``iteration`` in the background; returns at once. With an upload in flight, it
+        waits in the queue, in place of any older one queued there (skipped)."""
+        with self._lock:
+            if self._uploading is not None:
+                skipped, self._queued = self._queued, (iteration, step)
+                if skipped is not None:
+                    _say(f"skipped upload of {skipped[0].name}: {iteration.name} is newer")
+                return
+            self._uploading = iteration
+        self._thread = threading.Thread(target=self._run, args=(iteration, step),
                                         name="megasmol-upload", daemon=True)
         self._thread.start()
+
+    def pinned(self) -> set[Path]:
+        """The staging copies being uploaded or queued (not to be pruned)."""
+        with self._lock:
+            return {p for p in (self._uploading, self._queued and self._queued[0]) if p is not None}
+
+    def _run(self, iteration: Path, step: int) -> None:
+        """The upload thread: ``iteration``, then whatever was queued meanwhile, until none is."""
+        job: Optional[tuple[Path, int]] = (iteration, step)
+        try:
+            while job is not None:
+                self._upload(*job)
+                with self._lock:
+                    job, self._queued = self._queued, None
+                    self._uploading = job[0] if job is not None else None
+        finally:
+            if job is not None:  # not an Exception (``_upload`` takes those): nothing uploads now
+                with self._lock:
+                    self._uploading = self._queued = None
+                self.failure = f"uploading {job[0].name} to {self.remote} was stopped"
 
     def _upload(self, iteration: Path, step: int) -> None:
         started, store = time.perf_counter(), self.remote.store
@@ -204,12 +240,14 @@ class BucketUploads:
             return "as it was"
 
     def wait(self) -> None:
+        """Wait for the upload in flight and the one queued after it."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
 
     def close(self) -> None:
-        """Wait for the upload in flight; raise when the newest checkpoint is not in the bucket."""
+        """Wait for the uploads in flight and queued; raise when the newest checkpoint is not in
+        the bucket."""
         self.wait()
         if self.failure is not None:
             raise UploadFailed(f"{self.failure} (the local copy is complete: run again to upload it)")

@@ -109,21 +109,29 @@ class Checkpointer:
             self.hooks.on_checkpoint(step, reason)
         started = time.perf_counter()
 
-        def committed(path: Path) -> None:  # rank 0, once the checkpoint is complete
-            if self.uploads is not None:
-                self.uploads.wait()  # the staging copy being uploaded is not pruned under it
-            train_state.prune_checkpoints(self.root, self.config.keep_last)
-            if self.hooks is not None:
-                self.hooks.on_checkpoint_committed(path, step)
-            self.console.print(f"saved checkpoint {shown(path)} ({time.perf_counter() - started:.1f}s)")
-            if self.uploads is not None:
-                self.uploads.submit(path, step)
-
         with _save_errors(self.root, step):
             return train_state.save_training_checkpoint(
                 self.setup.model, self.setup.optimizer, self.root, step, metadata(),
-                tokenizer_source=self.tokenizer_dir, async_queue=self.async_queue, on_commit=committed,
-                faults=self.faults)
+                tokenizer_source=self.tokenizer_dir, async_queue=self.async_queue,
+                on_commit=lambda path: self.committed(path, step, started), faults=self.faults)
+
+    def committed(self, path: Path, step: int, started: float) -> None:
+        """Rank 0, once checkpoint ``path`` of ``step`` is complete (a save began at ``started``,
+        ``time.perf_counter()``): the hooks, its line, its upload to the bucket (never waited
+        for), and pruning (after the upload's submission, so a queued upload it replaced is
+        pruned as any older copy; the copies uploading or queued stay)."""
+        if self.hooks is not None:
+            self.hooks.on_checkpoint_committed(path, step)
+        self.console.print(f"saved checkpoint {shown(path)} ({time.perf_counter() - started:.1f}s)")
+        if self.uploads is not None:
+            self.uploads.submit(path, step)
+        self.prune(self.config.keep_last)
+
+    def prune(self, keep_last: int) -> None:
+        """Rank 0: keep the newest ``keep_last`` local checkpoints (and the ones uploading or
+        queued for upload to the bucket)."""
+        pinned = self.uploads.pinned() if self.uploads is not None else set()
+        train_state.prune_checkpoints(self.root, keep_last, keep=pinned)
 
     def poll(self) -> None:
         """Collect a finished background save (its failure is raised here)."""
@@ -143,7 +151,7 @@ class Checkpointer:
 
     def prune_uploaded(self, path: Path) -> None:
         """Once a checkpoint is uploaded (``delete_after_upload``), only the newest stays local."""
-        train_state.prune_checkpoints(self.root, keep_last=1)
+        self.prune(keep_last=1)
 
     def close(self, peers_lost: bool = False) -> None:
         """Wait for pending saves; with ``peers_lost``, not (their commit is a collective that
@@ -153,5 +161,6 @@ class Checkpointer:
         if self.uploads is not None:
             if sys.exc_info()[0] is None:
                 self.uploads.close()  # the newest checkpoint not in the bucket: the run failed
+                self.prune(self.config.keep_last)  # the copies kept for their uploads
             else:
                 self.uploads.wait()  # closing after an error: that error is the one to report
