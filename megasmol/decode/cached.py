@@ -36,6 +36,7 @@ import torch
 from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits, request_seeds
 from megasmol.decode.sampling import SamplingParams, choose_scored, row_generators
 from megasmol.model.layer_specs import EXPLICIT_MASK_BACKENDS
+from megasmol.runtime import cpu_compat
 
 
 class Decoder:
@@ -113,7 +114,8 @@ class _Run:
     def choose(self, logits: torch.Tensor, rows: list[int]) -> tuple[list[int], list[int]]:
         """Each of ``rows`` chooses its next token from its ``logits``; returns the tokens and the
         rows that finished with them (``on_step`` hears of both)."""
-        choice = choose_scored(logits, self.sampling, [self.generators[row] for row in rows])
+        with cpu_compat.suspended():  # a few dozen torch calls per token, none naming a device
+            choice = choose_scored(logits, self.sampling, [self.generators[row] for row in rows])
         tokens, finished = choice.tokens.tolist(), []
         for row, token, log_prob, entropy in zip(rows, tokens, choice.log_probs.tolist(),
                                                  choice.entropies.tolist()):
