@@ -135,3 +135,33 @@ def test_attention_without_explicit_masks_shares_one_cache_offset(megatron_runti
         model.attention_backend = "sdpa"
     assert fed == [(2, 3)] + [(2, 1)] * 4 + [(1, 1)] * 6  # 6 passes more: 9 - 3 prompt tokens
     assert shared == padded and len(set(padded[0] + padded[1])) > 2
+
+
+def test_decoding_rotates_each_key_once_as_it_enters_the_cache(megatron_runtime, monkeypatch):
+    """``model/cached_rotary.py``: after the prefill a pass rotates its one new key and query per
+    rope layer, not the whole cache (Megatron-Core's static path re-rotates every cached key), and
+    decodes what recomputing the prefix decodes (the cached/uncached tests above, all specs)."""
+    import megatron.core.transformer.attention as mcore_attention
+
+    import megasmol.model.cached_rotary as cached_rotary
+
+    torch.manual_seed(5)
+    model = single_process_model(tiny_smollm3(init_std=0.5)).eval()
+    rotated = []
+
+    def recording(rotate):
+        def apply(t, freqs, *args, **kwargs):
+            rotated.append(t.shape[0])
+            return rotate(t, freqs, *args, **kwargs)
+        return apply
+
+    for module in (mcore_attention, cached_rotary):
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", recording(module.apply_rotary_pos_emb))
+    prompt = torch.randint(0, 5000, (1, 12))
+    out = greedy_generate(model, prompt, 6)
+    rope_layers = sum(not skip for skip in model.config.no_rope_freq)
+    prefill = 2 * rope_layers  # queries and keys of the 12 prompt tokens
+    assert rotated[:prefill] == [12] * prefill
+    assert rotated[prefill:] == [1] * (2 * rope_layers * 5)  # 5 passes after the prefill
+    monkeypatch.undo()
+    assert out.tolist() == greedy_generate(model, prompt, 6, use_cache=False).tolist()
