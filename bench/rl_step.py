@@ -278,6 +278,9 @@ def main() -> None:
     parser.add_argument("--workdir", help="where to write the model and runs (default: a new temp dir)")
     args = parser.parse_args()
 
+    from megasmol.runtime.openmp import passive_waits
+
+    passive_waits()  # as the megasmol command does, before torch loads: both sides run with it
     import torch
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rlbench-"))
@@ -289,10 +292,10 @@ def main() -> None:
           f"{args.completion} completion tokens; torch threads {torch.get_num_threads()}; {work}")
 
     # megasmol's run first: it owns the process's parallel state. Its model serves the rollout
-    # comparison after the steps, reloaded with the checkpoint's (= the HF export's) weights:
-    # decoding before the run's first training step was found 20-60x slower on both sides (TRL's
-    # too) on the loaded 2-core VM (not explained yet, see bench/RESULTS.md), so megasmol's
-    # warm-up step runs before anything else is timed.
+    # comparison after the steps, reloaded with the checkpoint's (= the HF export's) weights.
+    # megasmol's warm-up step runs before anything else is timed (one-time costs; before the
+    # passive OpenMP waits of runtime/openmp.py, decoding before that step also ran 20-60x slower
+    # on the loaded 2-core VM, on both sides).
     ours = MegasmolSteps(work)
     if args.skip != "steps":
         theirs = grpo_steps(work, args, inputs["tokenizer"], inputs["prompts"], ours)

@@ -21,6 +21,7 @@ from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
+from megasmol.runtime.openmp import passive_waits
 from megasmol.utils.argtypes import InputPath, at_least, input_path
 from megasmol.utils.fs import shown, shown_paths
 from megasmol.utils.s3_url import is_url
@@ -371,6 +372,7 @@ def _check_inputs(args) -> None:
 
 
 def main(argv=None) -> int:
+    passive_waits()  # before anything loads torch (runtime/openmp.py)
     _quiet_import_warnings()
     args = build_parser().parse_args(argv)
     try:

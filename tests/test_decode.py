@@ -117,6 +117,30 @@ def test_sampling_draws_only_inside_the_top_k_top_p_set_in_proportion(top_k, top
     torch.testing.assert_close(log_probs, probs.log()[tokens], rtol=0, atol=1e-5)
 
 
+def test_the_blockwise_draw_is_the_inverse_transform_and_never_picks_a_zero():
+    """``draw`` sums by blocks of the vocabulary, then inside one: the same tokens as one float64
+    cumulative sum over the whole vocabulary (a 5,000-entry vocabulary, 20 blocks, whole blocks and
+    block edges at probability 0), and at the extreme numbers the first and last possible token."""
+    from megasmol.decode.sampling import BLOCK, draw
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(5000, generator=g) ** 4
+    probs[:BLOCK + 3] = 0  # the first block and the next one's start
+    probs[3 * BLOCK - 5:5 * BLOCK] = 0  # whole blocks
+    probs[-7:] = 0
+    uniform = torch.cat([torch.rand(3000, dtype=torch.float64, generator=g),
+                         torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64)])
+    rows = probs.expand(len(uniform), -1)
+    tokens = draw(rows, uniform)
+    cdf = probs.double().cumsum(0)
+    reference = torch.searchsorted(cdf, (uniform * cdf[-1]).clamp(max=cdf[-1].item() * (1 - 2 ** -52)),
+                                   right=True)
+    assert tokens.tolist() == reference.tolist()
+    assert bool((probs[tokens] > 0).all())
+    assert tokens[-2].item() == BLOCK + 3 and tokens[-1].item() == 5000 - 8
+    assert len(set(tokens.tolist())) > 1000  # draws spread over the blocks: the check can fail
+
+
 @pytest.mark.parametrize("temperature", [None, 1.0, 0.7])
 def test_log_probs_over_a_large_vocabulary_are_exact_to_float_rounding(temperature):
     """On a SmolLM3-size vocabulary (128,256) with one dominant logit, as a trained model's, the

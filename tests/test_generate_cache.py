@@ -86,3 +86,82 @@ def test_a_finished_row_leaves_the_batch_at_once(megatron_runtime):
     assert steps == [(2, 0), (2, 1)] + [(1, 0)] * 7 + [(1, 1)]
     assert sum(tokens for tokens, _ in steps) == 12
     assert fed == [2, 2] + [1] * 8  # the prefill, the step both rows decode, then row 1 alone
+
+
+def _fed_shapes(model, run):
+    """The [rows, tokens] of every forward pass ``run()`` makes, and what it returns."""
+    fed = []
+    hook = model.embedding.register_forward_hook(
+        lambda module, args, kwargs, out: fed.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        return fed, run()
+    finally:
+        hook.remove()
+
+
+def test_uneven_prompts_and_copies_of_a_prompt_cost_no_extra_passes(megatron_runtime):
+    """Left padding: prompts of 4 and 20 tokens cost one prefill (each distinct prompt once, the 3
+    copies of the first sharing its keys and values) and one pass per new token, and every row
+    (seeded, so the copies differ) gets what it gets alone."""
+    from megasmol.decode.sampling import SamplingParams
+
+    torch.manual_seed(3)
+    model = single_process_model(tiny_smollm3(init_std=0.5)).eval()
+    short, long = torch.randint(0, 5000, (4,)).tolist(), torch.randint(0, 5000, (20,)).tolist()
+    prompts, seeds = [short, long, short, short], [1, 2, 3, 4]
+    sampling = SamplingParams(temperature=1.0)
+    fed, batch = _fed_shapes(model, lambda: generate(model, prompts, 6, sampling=sampling, seeds=seeds))
+    assert fed == [(2, 20)] + [(4, 1)] * 5
+    assert len({tuple(c.tokens) for c in batch}) == 4  # the copies sampled apart
+    for prompt, seed, done in zip(prompts, seeds, batch):
+        [alone] = generate(model, [prompt], 6, sampling=sampling, seeds=[seed])
+        assert alone.tokens == done.tokens
+        # float32 rounding of the shifted rotary angles, with weights this large (logits ~10)
+        torch.testing.assert_close(alone.logprobs, done.logprobs, rtol=0, atol=1e-4)
+
+
+def test_attention_without_explicit_masks_shares_one_cache_offset(megatron_runtime):
+    """Transformer Engine's attention would not apply a padding mask: for such a backend the rows
+    share one offset (the short prompt fed token by token), with the same tokens."""
+    torch.manual_seed(4)
+    model = single_process_model(tiny_smollm3(init_std=0.5)).eval()
+    prompts = [torch.randint(0, 5000, (n,)).tolist() for n in (3, 9)]
+    fed, padded = _fed_shapes(model, lambda: _new_tokens(model, prompts, 5))
+    assert fed == [(2, 9)] + [(2, 1)] * 4
+    model.attention_backend = "te"  # only what generate asks of it: the forward passes stay sdpa
+    try:
+        fed, shared = _fed_shapes(model, lambda: _new_tokens(model, prompts, 5))
+    finally:
+        model.attention_backend = "sdpa"
+    assert fed == [(2, 3)] + [(2, 1)] * 4 + [(1, 1)] * 6  # 6 passes more: 9 - 3 prompt tokens
+    assert shared == padded and len(set(padded[0] + padded[1])) > 2
+
+
+def test_decoding_rotates_each_key_once_as_it_enters_the_cache(megatron_runtime, monkeypatch):
+    """``model/cached_rotary.py``: after the prefill a pass rotates its one new key and query per
+    rope layer, not the whole cache (Megatron-Core's static path re-rotates every cached key), and
+    decodes what recomputing the prefix decodes (the cached/uncached tests above, all specs)."""
+    import megatron.core.transformer.attention as mcore_attention
+
+    import megasmol.model.cached_rotary as cached_rotary
+
+    torch.manual_seed(5)
+    model = single_process_model(tiny_smollm3(init_std=0.5)).eval()
+    rotated = []
+
+    def recording(rotate):
+        def apply(t, freqs, *args, **kwargs):
+            rotated.append(t.shape[0])
+            return rotate(t, freqs, *args, **kwargs)
+        return apply
+
+    for module in (mcore_attention, cached_rotary):
+        monkeypatch.setattr(module, "apply_rotary_pos_emb", recording(module.apply_rotary_pos_emb))
+    prompt = torch.randint(0, 5000, (1, 12))
+    out = greedy_generate(model, prompt, 6)
+    rope_layers = sum(not skip for skip in model.config.no_rope_freq)
+    prefill = 2 * rope_layers  # queries and keys of the 12 prompt tokens
+    assert rotated[:prefill] == [12] * prefill
+    assert rotated[prefill:] == [1] * (2 * rope_layers * 5)  # 5 passes after the prefill
+    monkeypatch.undo()
+    assert out.tolist() == greedy_generate(model, prompt, 6, use_cache=False).tolist()

@@ -56,3 +56,25 @@ def test_loading_a_checkpoint_leaves_gloos_threads_without_openmp_teams(tmp_path
     assert seen["groups"] >= 1  # Megatron-Core's parallel state is up
     assert seen["workers"] == 2 * seen["groups"], seen
     assert seen["threads"] == 2  # the load hands the threads back
+
+
+@pytest.mark.parametrize("chosen,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_cli_asks_for_passive_openmp_waits_before_torch_loads(chosen, expected):
+    """``megasmol`` sets OMP_WAIT_POLICY before torch (libgomp reads it once, when it loads) and
+    keeps a policy the user chose; its child processes inherit it."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if chosen:
+        env["OMP_WAIT_POLICY"] = chosen
+    code = ("import os, subprocess, sys\n"
+            "from megasmol.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "from megasmol.runtime.openmp import passive_waits\n"
+            "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
+            "import torch\n"
+            "child = 'import os; print(os.environ[\"OMP_WAIT_POLICY\"])'\n"
+            "print(passive_waits(), subprocess.run([sys.executable, '-c', child], capture_output=True,"
+            " text=True).stdout.strip())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-4:] == ["False", expected, "False", expected]  # after the help text

@@ -7,14 +7,23 @@ too, through any of megasmol's attention backends, NoPE layers and YaRN included
 the uncached path, which recomputes the whole prefix each step and stays available as
 ``use_cache=False``).
 
-``generate`` decodes several prompts of different lengths together, as Megatron-LM's
-static-batch generation does: all rows share one cache offset, the prefill runs up to the
-shortest prompt, and from there each step feeds every row its next token, the prompt's own while
-the row is still inside its prompt and the chosen one after (greedy, or sampled with the row's own
-generator: ``sampling.choose``). Rows that have finished are moved behind the others in the cache
-(``swap_key_value_dict``) and leave the batch: the stop rule (EOS, ``stop``, the length limit) is
-checked on every row after every token, so a row that writes its stop string costs nothing more.
-``on_step`` hears of each step (the new tokens, the rows that finished), for a progress bar.
+``generate`` decodes several prompts of different lengths together. With megasmol's attention
+backends that take an explicit mask (``sdpa``, ``local``: ``layer_specs.EXPLICIT_MASK_BACKENDS``)
+the prompts are left-padded to the longest and the padding is masked out, so every row chooses
+from the first pass on and a batch costs one prefill plus one pass per new token whatever its
+prompts' lengths; each distinct prompt is prefilled once and the copies of it (RL's
+``num_generations``) start from its keys and values. Left padding shifts a row's positions by its
+padding, which rotary embeddings do not see (they depend on distances): float rounding only, as
+in the trainer's packing, whose positions are not restarted either. Transformer Engine's attention
+follows its mask type instead, so there (and without a cache) all rows share one cache offset, as
+Megatron-LM's static-batch generation does: the prefill runs up to the shortest prompt and each
+step feeds the rows still inside their prompt their prompt's next token.
+
+Each row chooses greedily or samples with its own generator (``sampling.choose``). Rows that
+have finished leave the batch and the cache at once: the stop rule (EOS, ``stop``, the length
+limit) is checked on every row after every token, so a row that writes its stop string costs
+nothing more. ``on_step`` hears of each step (the new tokens, the rows that finished), for a
+progress bar.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import torch
 
 from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits, request_seeds
 from megasmol.decode.sampling import SamplingParams, choose_scored, row_generators
+from megasmol.model.layer_specs import EXPLICIT_MASK_BACKENDS
+from megasmol.runtime import cpu_compat
 
 
 class Decoder:
@@ -70,20 +81,134 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     prompt), ending after EOS or once ``stop(row, new ids so far)`` says so, with the log-probability
     of each and the entropy of the distribution it was drawn from. ``sampling``: greedy by default;
     a sampled row draws from ``torch.Generator().manual_seed(seeds[row])`` (``seeds`` None: drawn
-    from torch's global generator). Rows never see each other (a causal model, no padding inside
-    what any row attends to, a generator each), so each gets what it would get alone. After each step,
+    from torch's global generator). Rows never see each other (a causal model, padding masked out,
+    a generator each), so each gets what it would get alone (to float rounding: a left-padded row's
+    positions are shifted, which rotary embeddings do not see). After each step,
     ``on_step(ids generated, rows finished)``."""
     sampling = sampling or SamplingParams()
     sampling.validate()
     limits = request_limits(prompts, max_new_tokens)
     rows = len(prompts)
     generators = row_generators(request_seeds(rows, seeds, not sampling.greedy))
-    lengths = [len(p) for p in prompts]
     out = [Completion([], [], "length") for _ in prompts]
     active = [row for row in range(rows) if limits[row] > 0]  # cache order: active first
     if not active:
         return out
-    total = max(n + m for n, m in zip(lengths, limits))
+    run = _Run(sampling, generators, limits, eos_token_id, stop, on_step, out)
+    if use_cache and getattr(model, "attention_backend", None) in EXPLICIT_MASK_BACKENDS:
+        _generate_left_padded(model, prompts, active, run)
+    else:
+        _generate_shared_offset(model, prompts, active, run, use_cache)
+    return out
+
+
+class _Run:
+    """What one ``generate`` call chooses with and records into, shared by both batching rules."""
+
+    def __init__(self, sampling: SamplingParams, generators: list[torch.Generator], limits: list[int],
+                 eos_token_id: Optional[int], stop: Optional[Stop], on_step: Optional[OnStep],
+                 out: list[Completion]):
+        self.sampling, self.generators, self.limits = sampling, generators, limits
+        self.eos_token_id, self.stop, self.on_step, self.out = eos_token_id, stop, on_step, out
+
+    def choose(self, logits: torch.Tensor, rows: list[int]) -> tuple[list[int], list[int]]:
+        """Each of ``rows`` chooses its next token from its ``logits``; returns the tokens and the
+        rows that finished with them (``on_step`` hears of both)."""
+        with cpu_compat.suspended():  # a few dozen torch calls per token, none naming a device
+            choice = choose_scored(logits, self.sampling, [self.generators[row] for row in rows])
+        tokens, finished = choice.tokens.tolist(), []
+        for row, token, log_prob, entropy in zip(rows, tokens, choice.log_probs.tolist(),
+                                                 choice.entropies.tolist()):
+            done = self.out[row]
+            done.tokens.append(token)
+            done.logprobs.append(log_prob)
+            done.entropies.append(entropy)
+            reason = finish_reason(row, done.tokens, self.limits[row], self.eos_token_id, self.stop)
+            if reason is not None:
+                done.finish_reason = reason
+                finished.append(row)
+        if self.on_step is not None:
+            self.on_step(len(rows), len(finished))
+        return tokens, finished
+
+
+def _generate_left_padded(model, prompts: Sequence[Sequence[int]], active: list[int], run: _Run) -> None:
+    """Every prompt left-padded to the longest, so every row chooses from the first pass on: one
+    prefill of each distinct prompt (the copies of a prompt, e.g. RL's group, share its keys and
+    values), then one pass per new token, the padding hidden by an explicit mask."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    source = [distinct.setdefault(tuple(prompts[row]), len(distinct)) for row in active]
+    width = max(len(prompt) for prompt in distinct)
+    total = width + max(run.limits[row] for row in active)
+    ids = torch.zeros(len(distinct), width, dtype=torch.long)
+    hidden = torch.zeros(len(distinct), total, dtype=torch.bool)  # keys a row never sees: its padding
+    for index, prompt in enumerate(distinct):
+        ids[index, width - len(prompt):] = torch.tensor(prompt)
+        hidden[index, :width - len(prompt)] = True
+    padded = bool(hidden.any())
+    keys = torch.arange(width)
+    mask = None
+    if padded:  # causal | padding; a padding row still sees itself (no row without a key)
+        mask = (keys[None, :] > keys[:, None])[None] | hidden[:, None, :width]
+        mask = (mask & ~torch.eye(width, dtype=torch.bool)[None]).unsqueeze(1).to(device)
+    context = StaticInferenceContext(len(distinct), total)
+    logits = _masked_last_logits(model, ids.to(device), keys, mask, context)
+    slots = torch.tensor(source)
+    if len(distinct) < len(active):
+        logits = logits[slots.to(device)]
+    hidden = hidden[slots].to(device)
+    _keep_cache_rows(context, slots)
+    position = width
+    while True:
+        tokens, finished = run.choose(logits, active)
+        if finished:
+            done = set(finished)
+            kept = [slot for slot, row in enumerate(active) if row not in done]
+            if not kept:
+                return
+            active = [active[slot] for slot in kept]
+            tokens = [tokens[slot] for slot in kept]
+            kept_slots = torch.tensor(kept)
+            _keep_cache_rows(context, kept_slots)
+            hidden = hidden[kept_slots.to(device)]
+        step = torch.tensor(tokens, device=device).unsqueeze(1)
+        mask = hidden[:, None, None, :position + 1] if padded else None
+        logits = _masked_last_logits(model, step, torch.arange(position, position + 1), mask, context)
+        position += 1
+
+
+def _keep_cache_rows(context, slots: torch.Tensor) -> None:
+    """The cache's rows become ``slots`` (in that order; a slot may repeat)."""
+    for layer, (key, value) in context.key_value_memory_dict.items():
+        on = slots.to(key.device)
+        context.key_value_memory_dict[layer] = (key.index_select(1, on), value.index_select(1, on))
+
+
+def _masked_last_logits(model, ids: torch.Tensor, positions: torch.Tensor, mask: Optional[torch.Tensor],
+                        context) -> torch.Tensor:
+    """Logits after the last of ``ids`` ([b, s], at ``positions`` [s], the cache's offset on),
+    ``mask`` [b, 1, s, keys] True where a key is hidden (None: causal); the keys and values of
+    ``ids`` are added to the cache."""
+    with model.forward_only():
+        logits = model(ids, positions.to(ids.device).expand_as(ids), mask, inference_context=context,
+                       runtime_gather_output=True)
+    context.increment_sequence_len_offset(ids.shape[1])
+    return logits[:, -1]
+
+
+def _generate_shared_offset(model, prompts: Sequence[Sequence[int]], active: list[int], run: _Run,
+                            use_cache: bool) -> None:
+    """Megatron-LM's static batching, for attention that takes no explicit mask (Transformer
+    Engine's) and for the uncached path: all rows share one cache offset, the prefill runs up to
+    the shortest prompt, and from there each step feeds every row its next token, the prompt's own
+    while the row is still inside its prompt and the chosen one after. Finished rows are moved
+    behind the others in the cache (``swap_key_value_dict``) and leave the batch."""
+    rows = len(prompts)
+    lengths = [len(p) for p in prompts]
+    total = max(lengths[row] + run.limits[row] for row in active)
     tokens = torch.zeros(rows, total, dtype=torch.long, device=next(model.parameters()).device)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = torch.tensor(list(prompt))
@@ -95,23 +220,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
     position = min(lengths)
     logits = _last_logits(model, tokens[active, :position], 0, context)
     while True:
+        # the rows past their prompt choose; the others are fed their prompt's token
         slots = [slot for slot, row in enumerate(active) if position >= lengths[row]]
         finished = []
-        if slots:  # the rows past their prompt choose; the others are fed their prompt's token
-            choice = choose_scored(logits[slots], sampling, [generators[active[slot]] for slot in slots])
-            for slot, token, log_prob, entropy in zip(slots, choice.tokens.tolist(),
-                                                      choice.log_probs.tolist(), choice.entropies.tolist()):
-                row = active[slot]
-                tokens[row, position] = token
-                out[row].tokens.append(token)
-                out[row].logprobs.append(log_prob)
-                out[row].entropies.append(entropy)
-                reason = finish_reason(row, out[row].tokens, limits[row], eos_token_id, stop)
-                if reason is not None:
-                    out[row].finish_reason = reason
-                    finished.append(row)
-        if on_step is not None:
-            on_step(len(slots), len(finished))
+        if slots:
+            chosen, finished = run.choose(logits[slots], [active[slot] for slot in slots])
+            for slot, token in zip(slots, chosen):
+                tokens[active[slot], position] = token
+        elif run.on_step is not None:
+            run.on_step(0, 0)
         if finished:
             done = set(finished)
             kept = [row for row in active if row not in done]
@@ -122,7 +239,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequ
                 context.swap_key_value_dict(order)
             active = kept
             if not active:
-                return out
+                return
         if context is None:
             logits = _last_logits(model, tokens[active, :position + 1], 0, None)
         else:

@@ -4,7 +4,8 @@ Three backends, all saving the same checkpoint keys (Megatron-Core maps the loca
 Transformer Engine's fused-norm names), so a checkpoint moves freely between them:
 * ``te``:    Transformer Engine fused norm+linear and attention kernels (BF16/FP8);
 * ``sdpa``:  Megatron-Core local linears + megasmol's SDPA/FlexAttention core attention and its
-             MLP (``model/mlp.py``: the gated unit as two matmuls when there is no autograd);
+             MLP (``model/mlp.py``: the gated unit as two matmuls when there is no autograd),
+             keys rotated once as they enter a KV cache (``model/cached_rotary.py``);
 * ``local``: Megatron-Core's local spec as is (reference attention, materializes s x s scores).
 """
 
@@ -19,6 +20,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megasmol.config.typed import ConfigError
 from megasmol.model.attention import SDPACoreAttention
+from megasmol.model.cached_rotary import RotatedCacheSelfAttention
 from megasmol.model.mlp import SplitGateMLP
 
 
@@ -51,6 +53,7 @@ def local_layer_spec(qk_norm: bool) -> ModuleSpec:
 
 def sdpa_layer_spec(qk_norm: bool) -> ModuleSpec:
     spec = copy.deepcopy(local_layer_spec(qk_norm))
+    spec.submodules.self_attention.module = RotatedCacheSelfAttention  # model/cached_rotary.py
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     spec.submodules.mlp = SplitGateMLP  # a class, not a ModuleSpec (see model/mlp.py)
     return spec
