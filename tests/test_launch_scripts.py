@@ -95,6 +95,12 @@ def test_export_and_slurm_scripts(tmp_path):
     assert preflight[3:6] == ["-m", "megasmol", "preflight"]
     assert train[3:6] == ["-m", "megasmol", "train"]
     assert f"checkpoint.init_from={tmp_path}/smollm3-3b-pretrain/checkpoints" in _sets(train)
+    assert not any(s.startswith("resilience.") for s in _sets(train))
+    # In-process restart: srun keeps the other tasks when one exits, and the spares are named.
+    _, healing = _dry("examples/slurm/smollm3.sbatch", CKPT_DIR=tmp_path, IN_PROCESS_RESTART="1",
+                      SPARE_RANKS="8")
+    assert healing[:2] == ["srun", "--kill-on-bad-exit=0"]
+    assert {"resilience.in_process_restart=true", "resilience.spare_ranks=8"} <= set(_sets(healing))
     sbatch = (REPO / "examples/slurm/smollm3.sbatch").read_text()
     assert "#SBATCH --requeue" in sbatch and "#SBATCH --signal=USR1@300" in sbatch
     [check] = _dry("examples/slurm/preflight.sbatch", LEVEL="long")
