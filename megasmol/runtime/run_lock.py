@@ -71,7 +71,14 @@ class RunLock:
     def release(self) -> None:
         fd, self._fd = self._fd, None  # forgotten first: never closed twice
         if fd is not None:
-            os.close(fd)  # closing the descriptor releases the flock
+            # Unlocked explicitly: closing releases a flock only once every copy of the descriptor
+            # is closed, and a process forked from this one (Megatron-Core's checkpoint writers and
+            # their results manager) holds a copy for as long as it lives; an in-process restart
+            # takes the lock again in this same process.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is None or not self.kept_on_error:
