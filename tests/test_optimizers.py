@@ -146,6 +146,18 @@ def test_optimizer_fields_are_checked(tmp_path):
     assert ok.optim.muon.momentum == 0.9
 
 
+def _resumed_from(tmp_path, iteration, **sections):
+    """A run in ``tmp_path/resumed`` whose checkpoint directory holds the reference run's
+    ``iteration`` as its latest: training it resumes from there."""
+    resumed = write_training_run(tmp_path / "resumed", **sections)
+    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    src = tmp_path / "reference" / "run" / "checkpoints" / iteration
+    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
+    (ckpts / "latest").write_text(f"{iteration}\n")
+    return resumed
+
+
 @pytest.mark.parametrize("name", ["muon", "ademamix"])
 def test_trains_and_resumes_bit_for_bit(tmp_path, name):
     steps = 6
@@ -156,13 +168,8 @@ def test_trains_and_resumes_bit_for_bit(tmp_path, name):
     losses = step_losses(tmp_path / "reference" / "run")
     assert sorted(losses) == list(range(1, steps + 1))
     assert (losses[5] + losses[6]) / 2 < (losses[1] + losses[2]) / 2 - 0.05, losses
-    resumed = write_training_run(tmp_path / "resumed", steps=steps,
-                                 checkpoint={"interval": 3, "keep_last": 0})
-    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    src = tmp_path / "reference" / "run" / "checkpoints" / "iter_0000003"
-    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
-    (ckpts / "latest").write_text("iter_0000003\n")
+    resumed = _resumed_from(tmp_path, "iter_0000003", steps=steps,
+                            checkpoint={"interval": 3, "keep_last": 0})
     assert "resumed from" in train(resumed, *sets).stdout
     resumed_losses = step_losses(tmp_path / "resumed" / "run")
     assert resumed_losses == {s: losses[s] for s in range(4, steps + 1)}  # bit for bit
@@ -213,11 +220,6 @@ def test_distributed_trains_and_resumes_bit_for_bit_on_dp2(tmp_path, name):
     torchrun_train(reference, *sets)
     losses = step_losses(tmp_path / "reference" / "run")
     assert sorted(losses) == list(range(1, steps + 1))
-    resumed = write_training_run(tmp_path / "resumed", steps=steps, **sections)
-    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    src = tmp_path / "reference" / "run" / "checkpoints" / "iter_0000002"
-    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
-    (ckpts / "latest").write_text("iter_0000002\n")
+    resumed = _resumed_from(tmp_path, "iter_0000002", steps=steps, **sections)
     assert "resumed from" in torchrun_train(resumed, *sets).stdout
     assert step_losses(tmp_path / "resumed" / "run") == {s: losses[s] for s in (3, 4)}
