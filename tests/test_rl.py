@@ -41,6 +41,8 @@ def test_the_reward_rises_and_every_step_is_exactly_on_policy(rl_run):
             assert name in record, name
         # the trainer's log-probs of the sampled tokens are the decoder's (fp32 on CPU)
         assert record["logps/rollout_max_diff"] <= 1e-5
+        # NeMo-RL's mean exp|rollout - trainer| over the trained tokens: 1 to float rounding
+        assert 1.0 <= record["token_mult_prob_error"] <= math.exp(record["logps/rollout_max_diff"]) + 1e-12
         assert 0 < record["time/generation_share"] < 1
         assert 0 < record["entropy"] < math.log(512)  # nats over the 512-token vocabulary
     rewards = [r["reward"] for r in records]
@@ -73,6 +75,7 @@ def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path)
     # the second update of a batch is off-policy: its importance weights differ from 1
     assert whole[1]["reward"] == whole[0]["reward"] and "logps/rollout_max_diff" not in whole[1]
     assert "logps/rollout_max_diff" in whole[2]
+    assert "token_mult_prob_error" not in whole[1] and "token_mult_prob_error" in whole[2]
     # the decoder's entropies are the policy's only for the weights that sampled the batch
     assert "entropy" not in whole[1] and "entropy" in whole[2]
 

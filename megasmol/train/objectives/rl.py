@@ -7,7 +7,11 @@ copy), the rewards (``rewards:``) score them, group advantages are computed, and
 are packed as documents. :class:`PolicyLoss` turns the per-token output (the cross-entropy of
 ``logits / rl.temperature``, plain: no z-loss) into the policy loss of ``rl.loss_type``
 (:mod:`megasmol.rl.policy_loss`) and checks that the run is exactly on-policy: in a rollout
-batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's. The
+batch's first update, the trainer's log-probs of the sampled tokens must equal the decoder's
+(``logps/rollout_max_diff``, and NeMo-RL's ``token_mult_prob_error``: the mean of
+``exp(|rollout - trainer|)`` over the trained completion tokens, :mod:`megasmol.rl.logp_agreement`;
+later updates of the batch would compare the same rollout log-probs with the same old ones, so
+the first update's value is the batch's). The
 ``entropy`` metric (TRL's: the policy's mean per-token entropy over the trained completion tokens)
 comes from the decoder's logits, which are the trainer's in that first update; later updates of a
 rollout batch (``rl.num_iterations`` > 1) do not report it.
@@ -22,6 +26,7 @@ import torch
 from torch import Tensor
 
 from megasmol.config.typed import ConfigError
+from megasmol.rl.logp_agreement import TOKEN_MULT_PROB_ERROR, mult_prob_error_sum
 from megasmol.train.objectives.base import LossReport
 
 if TYPE_CHECKING:
@@ -52,6 +57,7 @@ class PolicyLoss:
         self._extremes = {how: [metric for _, metric, kind in LOSSES[rl.loss_type].min_max if kind == how]
                           for how in ("min", "max")}
         self._mins, self._maxs = self._fresh_extremes()
+        self._mult_prob = [0.0, 0.0]  # NeMo-RL's token_mult_prob_error as (sum, tokens)
 
     def _fresh_extremes(self) -> tuple[dict[str, float], dict[str, float]]:
         """Every rank reduces the same names (inf / -inf where it saw none)."""
@@ -97,6 +103,9 @@ class PolicyLoss:
         if inputs.rollout_logps is not None and bool((mask > 0).any()):
             diff = (logps.detach().double() - inputs.rollout_logps.reshape(-1))[mask > 0].abs().max()
             self._maxs[ON_POLICY] = max(self._maxs[ON_POLICY], float(diff))
+            total, tokens = mult_prob_error_sum(inputs.rollout_logps.reshape(-1), logps.detach(), mask)
+            self._mult_prob[0] += total
+            self._mult_prob[1] += tokens
         if not count:  # padding only (a rank whose groups were all dropped)
             zero = logps.sum() * 0.0
             report = torch.zeros(2, dtype=torch.float64)
@@ -119,12 +128,19 @@ class PolicyLoss:
 
         mins = self._reduce(self._mins, torch.distributed.ReduceOp.MIN)
         maxs = self._reduce(self._maxs, torch.distributed.ReduceOp.MAX)
+        # Summed over every rank: tensor-parallel peers hold the same tokens and add them to
+        # both the sum and the count, so the mean is the data-parallel union's.
+        mult = self._reduce({"sum": self._mult_prob[0], "tokens": self._mult_prob[1]},
+                            torch.distributed.ReduceOp.SUM)
         self._mins, self._maxs = self._fresh_extremes()
+        self._mult_prob = [0.0, 0.0]
         on_policy = maxs.pop(ON_POLICY)
         out = metric_means(self.rl, dict(zip(self.metric_names, sums)), mins, maxs)
         out.update(self.rollout_metrics)
         if "time/generation_s" in self.rollout_metrics:  # a rollout batch's first update
             out[ON_POLICY] = on_policy
+            if mult["tokens"] > 0:
+                out[TOKEN_MULT_PROB_ERROR] = mult["sum"] / mult["tokens"]
         else:
             out.pop("entropy", None)
         return out
