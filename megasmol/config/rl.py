@@ -27,6 +27,14 @@ class RLConfig:
     rollout batch one optimizer step (TRL's ``steps_per_generation`` = gradient accumulation
     steps, its default), used ``num_iterations`` times."""
 
+    engine: str = "megasmol"
+    """Which engine samples the rollouts (:data:`megasmol.rl.engines.ROLLOUT_ENGINES`), always
+    over the trainer's own model in the same process. ``megasmol`` (default): megasmol's decoder,
+    on any device and parallel layout, one seeded generator per completion, exactly on-policy.
+    ``megatron-dynamic``: Megatron-Core's ``DynamicInferenceEngine`` (continuous batching, paged
+    KV cache) for GPU speed: CUDA, flash-attn and data parallelism only, one generator per call,
+    no ``entropy`` metric; check it against ``megasmol`` on a GPU node with ``megasmol rl
+    check-engine`` (docs/rl.md). Not in TRL."""
     num_generations: int = 8
     """Completions sampled per prompt: a group, whose rewards give each completion its advantage.
     At least 2 (one completion has no group variance to learn from); divides
@@ -99,6 +107,9 @@ class RLConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def validate(self) -> None:
+        from megasmol.rl.engines import rollout_engine
+
+        rollout_engine(self.engine)
         for name in ("max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")

@@ -5,7 +5,8 @@ sampled with) and a trainer's (what the loss uses), or two engines'.
   micro-batches and ranks add up before the one division (NeMo-RL normalizes each micro-batch's
   terms by the step's number of valid tokens, which is the same mean).
 * :func:`compare_logps`: the whole comparison of ``megasmol rl check-engine``: the largest and
-  the mean absolute difference, ``token_mult_prob_error`` and the verdict against a threshold.
+  the mean absolute difference, ``token_mult_prob_error`` and the verdict against a threshold
+  on ``token_mult_prob_error`` (:data:`PASS_BELOW`: NeMo-RL's CI bound).
 
 ``token_mult_prob_error`` is the mean, over the trained completion tokens, of
 ``exp(|logp_rollout - logp_trainer|)``: the factor by which the two probabilities of a token
@@ -22,6 +23,10 @@ from torch import Tensor
 
 TOKEN_MULT_PROB_ERROR = "token_mult_prob_error"
 """The metric's name in ``metrics.jsonl`` (NeMo-RL's, without its ``train/`` prefix)."""
+
+PASS_BELOW = 1.05
+"""The engine check's default verdict: ``token_mult_prob_error`` at most this (NeMo-RL's CI runs
+assert ``max(train/token_mult_prob_error) < 1.05``)."""
 
 
 def mult_prob_error_sum(rollout: Tensor, trainer: Tensor, mask: Tensor) -> tuple[float, float]:
@@ -52,11 +57,12 @@ class LogpComparison:
     token_mult_prob_error: float
     """NeMo-RL's: the mean of exp(|logp_a - logp_b|) (1: identical)."""
     threshold: float
-    """The largest ``max_abs_diff`` that passes."""
+    """The largest ``token_mult_prob_error`` that passes (the mean, not the largest difference:
+    in bf16 a few unlikely tokens differ by tenths of a nat between two correct kernels)."""
 
     @property
     def passed(self) -> bool:
-        return self.tokens > 0 and self.max_abs_diff <= self.threshold
+        return self.tokens > 0 and self.token_mult_prob_error <= self.threshold
 
 
 def compare_logps(reference: Tensor, candidate: Tensor, mask: Tensor, threshold: float) -> LogpComparison:

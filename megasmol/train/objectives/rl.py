@@ -45,10 +45,13 @@ class PolicyLoss:
     """The ``rl.loss_type`` loss of a micro-batch of packed completions, with TRL's metrics."""
 
     def __init__(self, rl: Any):
+        from megasmol.rl.engines import rollout_engine
         from megasmol.rl.policy_loss import LOSSES
 
         self.rl = rl
         self.unit = LOSSES[rl.loss_type].unit
+        self.engine_entropy = rollout_engine(rl.engine).reports_entropy
+        """Whether the rollouts carry the policy's entropies (else no ``entropy`` is reported)."""
         probe = self._loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
                            1, None, torch.zeros(1) if rl.beta > 0 else None, torch.zeros(1))
         self.metric_names: tuple[str, ...] = tuple(probe.sums)
@@ -137,6 +140,8 @@ class PolicyLoss:
         on_policy = maxs.pop(ON_POLICY)
         out = metric_means(self.rl, dict(zip(self.metric_names, sums)), mins, maxs)
         out.update(self.rollout_metrics)
+        if not self.engine_entropy:
+            out.pop("entropy", None)
         if "time/generation_s" in self.rollout_metrics:  # a rollout batch's first update
             out[ON_POLICY] = on_policy
             if mult["tokens"] > 0:
@@ -193,7 +198,10 @@ class ReinforcementLearning:
         return is_prompt_set(prefix)
 
     def check(self, config: RunConfig, needed: bool) -> None:
+        from megasmol.rl.engines import rollout_engine
+
         rl = config.rl
+        rollout_engine(rl.engine).check(config)
         if config.parallel.context_parallel > 1 and (rl.num_iterations > 1 or rl.beta > 0):
             raise ConfigError(f"rl.{'num_iterations > 1' if rl.num_iterations > 1 else 'beta > 0'} does "
                               "not run under parallel.context_parallel > 1 yet (the old and reference "

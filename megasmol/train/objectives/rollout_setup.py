@@ -1,5 +1,5 @@
-"""What the RL objective wires at set-up: the rollout context (prompts, the decoder on the run's
-own model, the rewards) and the forward-only passes for old and reference log-probs."""
+"""What the RL objective wires at set-up: the rollout context (prompts, the ``rl.engine`` on the
+run's own model, the rewards) and the forward-only passes for old and reference log-probs."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ def _tokenizer(setup: TrainingSetup, prompts) -> Any:
 def rollout_context(setup: TrainingSetup) -> RolloutContext:
     from megatron.core import parallel_state
 
+    from megasmol.rl.engines import rollout_engine
     from megasmol.rl.rewards import build_rewards
 
     config, rl = setup.config, setup.config.rl
@@ -63,9 +64,6 @@ def rollout_context(setup: TrainingSetup) -> RolloutContext:
     for line in rl.cautions():
         say(f"note: {line}")
 
-    def generate(prompts: list[list[int]], seeds: list[int]) -> list:
-        return sample_completions(setup, prompts, seeds, stops)
-
     def score(records: list, completions: list[list[int]], truncated: list[bool]):
         texts = [tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=False)
                  for ids in completions]
@@ -75,7 +73,8 @@ def rollout_context(setup: TrainingSetup) -> RolloutContext:
         return result
 
     return RolloutContext(
-        generate=generate, prompt_sets=sets, score=score, rl=rl, seed=config.training.seed,
+        generate=rollout_engine(rl.engine).bind(setup, stops), prompt_sets=sets, score=score, rl=rl,
+        seed=config.training.seed,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(), say=say)
 

@@ -1,0 +1,116 @@
+"""``rl.engine``: the registry, what each engine refuses before anything runs, and the parts of the
+Megatron-Core adapter that do not need a GPU (its sampling settings, its seed, the temperature on
+the logits, how a finished request becomes a completion). The engine itself runs only on CUDA:
+``megasmol rl check-engine`` compares it with megasmol's decoder on a GPU node."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megasmol.config.rl import RLConfig
+from megasmol.config.typed import ConfigError, from_dict
+from megasmol.decode.megatron_dynamic import _completion, call_seed, divided_logits, megatron_sampling
+from megasmol.decode.sampling import SamplingParams
+from megasmol.errors import RunFailure
+from megasmol.rl.engines import ROLLOUT_ENGINES
+from tests.rl_fixtures import write_rl_run
+
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
+                              reason="checks the refusal on a machine without CUDA")
+
+
+def test_the_engines_are_a_registry_and_an_unknown_name_is_refused_naming_the_field():
+    assert list(ROLLOUT_ENGINES) == ["megasmol", "megatron-dynamic"]
+    assert RLConfig().engine == "megasmol"
+    assert ROLLOUT_ENGINES["megasmol"].reports_entropy
+    assert not ROLLOUT_ENGINES["megatron-dynamic"].reports_entropy
+    from_dict(RLConfig, {"engine": "megatron-dynamic"}, "rl").validate()  # a name it knows
+    with pytest.raises(ConfigError, match="rl.engine must be one of megasmol, megatron-dynamic, got 'vllm'"):
+        from_dict(RLConfig, {"engine": "vllm"}, "rl").validate()
+
+
+def _check(tmp_path, *sets):
+    from megasmol.config.run import load_run_config
+    from megasmol.train.objectives import objective_kind
+
+    config = load_run_config(write_rl_run(tmp_path, steps=2), list(sets))
+    objective_kind(config.objective).check(config, True)
+
+
+@CPU_ONLY
+def test_megatron_dynamic_is_refused_at_start_without_cuda(tmp_path):
+    _check(tmp_path / "default")  # megasmol's own engine runs here
+    refusal = r"^rl.engine megatron-dynamic needs CUDA .* use rl.engine: megasmol$"
+    with pytest.raises(ConfigError, match=refusal):
+        _check(tmp_path / "dynamic", "rl.engine=megatron-dynamic")
+
+
+def test_megasmol_sampling_becomes_megatron_cores():
+    sampled = megatron_sampling(SamplingParams(temperature=0.7, top_p=0.9), 12, 2, [5])
+    # the temperature divides the logits (divided_logits), so the engine's log-probs are at T
+    assert (sampled.temperature, sampled.top_k, sampled.top_p) == (1.0, 0, 0.9)
+    assert sampled.return_log_probs and sampled.skip_prompt_log_probs
+    assert (sampled.num_tokens_to_generate, sampled.termination_id, sampled.stop_words) == (12, 2, ["5"])
+    whole = megatron_sampling(SamplingParams(temperature=1.0, top_k=7), 3, None, [])
+    assert (whole.top_k, whole.top_p, whole.termination_id, whole.stop_words) == (7, 0.0, -1, None)
+    greedy = megatron_sampling(SamplingParams(temperature=0.0, top_p=0.5), 3, 2, [])
+    assert (greedy.top_k, greedy.top_p) == (1, 0.0)  # Megatron-Core's greedy is top_k 1
+    with pytest.raises(ValueError, match="top_k or top_p, not both"):
+        megatron_sampling(SamplingParams(temperature=1.0, top_k=5, top_p=0.9), 3, 2, [])
+
+
+def test_the_call_seed_repeats_for_the_same_seeds_and_changes_with_any_of_them():
+    assert call_seed([1, 2, 3]) == call_seed([1, 2, 3])
+    assert len({call_seed([1, 2, 3]), call_seed([1, 2, 4]), call_seed([3, 2, 1]), call_seed([1, 2])}) == 4
+    assert 0 <= call_seed([2**62, 7]) < 2**63
+
+
+class _Head(torch.nn.Module):
+    """The shape of Megatron-Core's output layer: ``(logits, bias)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, hidden):
+        return hidden @ self.weight.t(), None
+
+
+def test_the_logits_are_divided_by_the_temperature_only_inside():
+    model = torch.nn.Module()
+    model.output_layer = _Head()
+    hidden = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    plain = model.output_layer(hidden)[0]
+    with divided_logits(model, 0.5):
+        assert torch.allclose(model.output_layer(hidden)[0], plain / 0.5)
+    assert torch.equal(model.output_layer(hidden)[0], plain)
+    with divided_logits(model, 1.0):  # nothing to do
+        assert torch.equal(model.output_layer(hidden)[0], plain)
+
+
+def _request(tokens, logps, status=None):
+    from megatron.core.inference.inference_request import Status
+
+    return SimpleNamespace(generated_tokens=tokens, generated_log_probs=logps,
+                           status=status or Status.COMPLETED, events=[])
+
+
+def test_a_finished_request_becomes_a_completion():
+    eos, stops = 2, {9}
+    done = _completion(_request([4, 5, 2], [-0.1, -0.2, -0.3]), 0, 8, eos, stops)
+    assert (done.tokens, done.logprobs, done.finish_reason) == ([4, 5, 2], [-0.1, -0.2, -0.3], "eos")
+    # a stop word ends the request one engine step late: the extra log-prob goes
+    late = _completion(_request([4, 9], [-0.1, -0.2, -0.4]), 1, 8, eos, stops)
+    assert (late.tokens, late.logprobs, late.finish_reason) == ([4, 9], [-0.1, -0.2], "stop")
+    cut = _completion(_request([4, 5, 6], [-0.1, -0.2, -0.3]), 2, 3, eos, stops)
+    assert cut.finish_reason == "length" and cut.entropies == []
+
+
+def test_a_failed_or_short_request_is_a_run_failure():
+    from megatron.core.inference.inference_request import Status
+
+    with pytest.raises(RunFailure, match="failed request 3"):
+        _completion(_request([], [], Status.FAILED), 3, 8, 2, set())
+    with pytest.raises(RunFailure, match="returned 1 log-probs for 2 tokens of request 0"):
+        _completion(_request([4, 5], [-0.1]), 0, 8, 2, set())
