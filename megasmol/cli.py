@@ -21,6 +21,7 @@ from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
+from megasmol.rl.commands import add_rl_parsers
 from megasmol.runtime.openmp import passive_waits
 from megasmol.utils.argtypes import InputPath, at_least, input_path
 from megasmol.utils.fs import shown, shown_paths
@@ -273,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_chat_parsers(sub)
     add_preference_parsers(sub)
     add_prompts_parsers(sub)
+    add_rl_parsers(sub)
 
     p = sub.add_parser(
         "demo", help="the end-to-end CPU demo: corpus, tokenize, train smollm3-tiny, export, sample",

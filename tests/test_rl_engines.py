@@ -114,3 +114,53 @@ def test_a_failed_or_short_request_is_a_run_failure():
         _completion(_request([], [], Status.FAILED), 3, 8, 2, set())
     with pytest.raises(RunFailure, match="returned 1 log-probs for 2 tokens of request 0"):
         _completion(_request([4, 5], [-0.1]), 0, 8, 2, set())
+
+
+@CPU_ONLY
+def test_check_engine_without_cuda_is_one_line_and_has_help(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("rl", "check-engine", "--config", str(write_rl_run(tmp_path, steps=2)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "megasmol rl: error: check-engine needs CUDA (Megatron-Core's DynamicInferenceEngine runs on "
+        "GPUs only) and this machine has none: run it on a GPU node"]
+    shown = run_cli("rl", "check-engine", "--help")
+    assert "token_mult_prob_error" in shown.stdout and "--checkpoint" in shown.stdout
+
+
+def test_the_check_scores_completions_as_the_trainer_and_can_fail():
+    """The check's teacher-forced scoring (the RL loss's cross-entropy of logits / T) of megasmol's
+    own sampled completions gives back the decoder's log-probs (fp32, CPU), so the comparison
+    passes; scored at the wrong temperature, the same tokens fail it."""
+    from megasmol.decode.cached import generate
+    from megasmol.model.load import single_process_model
+    from megasmol.rl.engine_check import teacher_forced_logps
+    from megasmol.rl.logp_agreement import PASS_BELOW, compare_logps, padded
+    from tests.specs import tiny_llama
+
+    torch.manual_seed(0)
+    model = single_process_model(tiny_llama(init_std=0.1)).eval()
+    prompts = [[5, 17, 300, 41], [9, 8, 7, 6, 5, 4, 3]]
+    done = generate(model, prompts, 8, sampling=SamplingParams(temperature=0.7), seeds=[1, 2])
+    sampled, mask = padded([c.logprobs for c in done])
+    right, _ = padded([teacher_forced_logps(model, p, c.tokens, 0.7) for p, c in zip(prompts, done)])
+    result = compare_logps(right, sampled, mask, PASS_BELOW)
+    assert result.tokens == sum(len(c.tokens) for c in done) > 0
+    assert result.max_abs_diff <= 1e-5 and result.passed
+    wrong, _ = padded([teacher_forced_logps(model, p, c.tokens, 1.0) for p, c in zip(prompts, done)])
+    assert not compare_logps(wrong, sampled, mask, 1.0001).passed
+
+
+def test_the_table_shows_each_engine_and_the_verdict():
+    from megasmol.rl.engine_check import EngineTiming, table
+    from megasmol.rl.logp_agreement import LogpComparison
+
+    lines = table([EngineTiming("megatron-dynamic", 500, 2.0), EngineTiming("megasmol", 480, 6.0)],
+                  LogpComparison(500, 0.25, 0.01, 1.012, 1.05))
+    assert lines[1].split() == ["megatron-dynamic", "500", "2.00", "250.0"]
+    assert lines[2].split() == ["megasmol", "480", "6.00", "80.0"]
+    assert "  token_mult_prob_error    1.0120   (pass: <= 1.05)" in lines
+    assert lines[-1] == "verdict: PASS"
+    failed = table([], LogpComparison(500, 0.25, 0.05, 1.06, 1.05))
+    assert failed[-1] == "verdict: FAIL"

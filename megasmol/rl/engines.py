@@ -49,13 +49,13 @@ def _bind_megasmol(setup: TrainingSetup, stops: set[int]) -> Generate:
     return generate
 
 
-def needs_cuda(what: str) -> None:
+def needs_cuda(what: str, advice: str = "use rl.engine: megasmol") -> None:
     """One line when this machine has no CUDA device (``what``: the field or command asking)."""
     import torch
 
     if not torch.cuda.is_available():
         raise ConfigError(f"{what} needs CUDA (Megatron-Core's DynamicInferenceEngine runs on GPUs "
-                          "only) and this machine has none: use rl.engine: megasmol")
+                          f"only) and this machine has none: {advice}")
 
 
 def dynamic_engine_limits(config: RunConfig, name: str = "rl.engine megatron-dynamic") -> None:

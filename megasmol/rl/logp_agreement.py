@@ -17,9 +17,10 @@ inference engine drifting from the trainer; a healthy run stays within a few per
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported by the functions: the CLI imports this module's constants
+    from torch import Tensor
 
 TOKEN_MULT_PROB_ERROR = "token_mult_prob_error"
 """The metric's name in ``metrics.jsonl`` (NeMo-RL's, without its ``train/`` prefix)."""
@@ -82,6 +83,8 @@ def compare_logps(reference: Tensor, candidate: Tensor, mask: Tensor, threshold:
 
 def padded(rows: list[list[float]]) -> tuple[Tensor, Tensor]:
     """Ragged per-completion lists -> ([rows, longest] float64 values, [rows, longest] mask)."""
+    import torch
+
     longest = max((len(r) for r in rows), default=0)
     values = torch.zeros(len(rows), longest, dtype=torch.float64)
     mask = torch.zeros(len(rows), longest, dtype=torch.float64)
