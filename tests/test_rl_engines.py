@@ -46,6 +46,25 @@ def test_megatron_dynamic_is_refused_at_start_without_cuda(tmp_path):
         _check(tmp_path / "dynamic", "rl.engine=megatron-dynamic")
 
 
+def test_what_megatron_core_cannot_take_is_refused_naming_the_field(tmp_path):
+    """Whatever the machine: fp32, top_k with top_p, no flash-attn (the CUDA check comes first
+    at start; these are the limits behind it)."""
+    import importlib.util
+
+    from megasmol.config.run import load_run_config
+    from megasmol.rl.engines import dynamic_engine_limits
+
+    path = write_rl_run(tmp_path, steps=2)
+    for sets, message in ((["training.precision=fp32"], "needs training.precision bf16"),
+                          (["training.precision=bf16", "rl.top_k=5", "rl.top_p=0.9"],
+                           "takes rl.top_k or rl.top_p, not both")):
+        with pytest.raises(ConfigError, match=f"^rl.engine megatron-dynamic {message}"):
+            dynamic_engine_limits(load_run_config(path, sets))
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ConfigError, match="needs flash-attn >= 2.7.3"):
+            dynamic_engine_limits(load_run_config(path, ["training.precision=bf16"]))
+
+
 def test_megasmol_sampling_becomes_megatron_cores():
     sampled = megatron_sampling(SamplingParams(temperature=0.7, top_p=0.9), 12, 2, [5])
     # the temperature divides the logits (divided_logits), so the engine's log-probs are at T

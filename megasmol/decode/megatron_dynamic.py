@@ -141,13 +141,15 @@ def generate_dynamic(model, prompts: Sequence[Sequence[int]], max_new_tokens: in
     config = inner.config
     dtype = config.params_dtype
     longest = max(len(p) + n for p, n in zip(prompts, limits))
-    blocks = sum(math.ceil((len(p) + n) / BLOCK_TOKENS) for p, n in zip(prompts, limits)) + 2
     rounder = DynamicInferenceContext.REQUEST_ROUNDER
     requests = math.ceil(len(prompts) / rounder) * rounder
+    # every request's blocks at its full length, one more per request slot and the dummy block
+    # (the bytes are rounded down to whole blocks by the context)
+    blocks = sum(math.ceil((len(p) + n) / BLOCK_TOKENS) for p, n in zip(prompts, limits)) + requests + 2
     context = DynamicInferenceContext(
         params_dtype=dtype, num_layers=config.num_layers, kv_channels=config.kv_channels,
         num_attention_heads=config.num_query_groups or config.num_attention_heads,
-        max_sequence_length=longest, buffer_size_gb=blocks * kv_block_bytes(model, dtype) / 1024**3,
+        max_sequence_length=longest, buffer_size_gb=(blocks + 0.5) * kv_block_bytes(model, dtype) / 1024**3,
         block_size_tokens=BLOCK_TOKENS, max_requests=requests,
         max_tokens=max(DynamicInferenceContext.DEFAULT_MAX_TOKENS, requests,
                        math.ceil(max(len(p) for p in prompts) / 64) * 64),
