@@ -96,26 +96,33 @@ def restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _extra_to_save(optimizer, model_sharded: dict) -> dict:
+SAME_LAYOUT_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""The distributed optimizer's own buckets, each rank its shard: no gather on save, but loadable
+only under the same TP/PP layout (what a local copy needs: ``train/local_copies.py``)."""
+
+
+def _extra_to_save(optimizer, model_sharded: dict, optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
     """What a training checkpoint adds to the model's sharded state dict when it is written."""
-    return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=OPTIMIZER_FORMAT),
+    return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=optimizer_format),
             "rng_state": _rng_sharded_object([capture_rng()])}
 
 
-def training_state_to_save(model, optimizer) -> dict:
+def training_state_to_save(model, optimizer, optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
     """Collective: the sharded state dict of a training checkpoint (model, optimizer, RNG), as
-    ``save_training_checkpoint`` writes it; also what a local copy keeps (``train/local_copies.py``)."""
+    ``save_training_checkpoint`` writes it; also what a local copy keeps (``train/local_copies.py``,
+    with :data:`SAME_LAYOUT_OPTIMIZER_FORMAT`)."""
     sharded = model.sharded_state_dict()
-    sharded.update(_extra_to_save(optimizer, sharded))
+    sharded.update(_extra_to_save(optimizer, sharded, optimizer_format))
     return sharded
 
 
-def training_state_request(model, optimizer, with_rng: bool = True) -> dict:
+def training_state_request(model, optimizer, with_rng: bool = True,
+                           optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
     """The sharded state dict a load fills in (model, optimizer, and with ``with_rng`` the RNG)."""
     sharded = model.sharded_state_dict()
     _materialize_adam_state(optimizer)
     sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
-                                                        metadata=OPTIMIZER_FORMAT)
+                                                        metadata=optimizer_format)
     if with_rng:
         sharded["rng_state"] = _rng_sharded_object([None])
     return sharded

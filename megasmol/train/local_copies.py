@@ -4,7 +4,9 @@ streams, and in ``megasmol.json``'s place the step, data position and spike wind
 directory through NVIDIA Resiliency Extension's ``LocalCheckpointManager``, as Megatron-LM does
 with ``--non-persistent-ckpt-type local``: the state is Megatron-Core's
 ``MCoreTensorAwareStateDict`` of the training checkpoint's sharded state dict (``atomic``: each
-rank keeps every shard it holds, so no exchange is needed to load it back under the same layout).
+rank keeps every shard it holds, so no exchange is needed to load it back under the same layout),
+with the distributed optimizer's state in its own buckets (``dp_reshardable``: no gather across
+the data-parallel ranks, which the checkpoint's reshardable format needs).
 
 After a fault, the healed attempt asks every rank which copies it holds (the manager's
 ``find_latest``: the newest step that every rank of the rebuilt world has complete) and loads it
@@ -20,13 +22,21 @@ copies when the job ends (``remove``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from megasmol.ckpt.train_state import apply_training_state, training_state_request, training_state_to_save
+import torch
+
+from megasmol.ckpt.train_state import (
+    SAME_LAYOUT_OPTIMIZER_FORMAT,
+    apply_training_state,
+    training_state_request,
+    training_state_to_save,
+)
 
 if TYPE_CHECKING:
     from megasmol.config.run import RunConfig
@@ -75,6 +85,17 @@ def remove(config: RunConfig, launch: str) -> None:
         pass
 
 
+class _QuietNVRx(logging.Filter):
+    """NVRx's checkpoint manager logs each file it writes, renames and removes at INFO on the root
+    logger (``logging.info``), which would print four lines per rank per copy: kept below WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "nvidia_resiliency_ext" not in record.pathname
+
+
+_QUIET = _QuietNVRx()
+
+
 class LocalCopies:
     """One attempt's local copies (a new manager per attempt: its process groups are new)."""
 
@@ -83,6 +104,7 @@ class LocalCopies:
             LocalCheckpointManager,
         )
 
+        logging.getLogger().addFilter(_QUIET)  # once: a filter is added only if not there
         self.every = config.resilience.local_checkpoint_every
         self.setup = setup
         self.manager = LocalCheckpointManager(run_root(config), session_id=LAUNCH_PREFIX + launch)
@@ -97,7 +119,8 @@ class LocalCopies:
         hold); the manager removes this rank's older copies once every rank has this one."""
         from megatron.core.dist_checkpointing.tensor_aware_state_dict import MCoreTensorAwareStateDict
 
-        sharded = training_state_to_save(self.setup.model, self.setup.optimizer)
+        sharded = training_state_to_save(self.setup.model, self.setup.optimizer,
+                                         SAME_LAYOUT_OPTIMIZER_FORMAT)
         sharded[META_KEY] = metadata
         state, self._sharding = MCoreTensorAwareStateDict.from_state_dict(
             sharded, algo="atomic", cached_metadata=self._sharding)
@@ -112,10 +135,15 @@ class LocalCopies:
         """Collective, after :meth:`newest` found one: load the copy into the model, optimizer and
         RNG streams; returns its metadata."""
         held, _ = self.manager.load()
-        request = training_state_request(self.setup.model, self.setup.optimizer)
+        request = training_state_request(self.setup.model, self.setup.optimizer,
+                                         optimizer_format=SAME_LAYOUT_OPTIMIZER_FORMAT)
         state = held.to_state_dict(request, algo="atomic")
         meta = state.pop(META_KEY)
-        apply_training_state(self.setup.model, self.setup.optimizer, state)
+        # Megatron-Core 0.16.1 copies a dp_reshardable state into the main parameters with
+        # autograd on (its model-space loader has torch.no_grad, this one not): in fp32, where
+        # they are views of the model's leaf parameters, torch refuses the in-place copy.
+        with torch.no_grad():
+            apply_training_state(self.setup.model, self.setup.optimizer, state)
         return meta
 
     def drop_after(self, step: int) -> None:
