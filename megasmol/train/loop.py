@@ -114,11 +114,11 @@ class Trainer:
             self.restore(latest)
             self.result.resumed_from = self.state.step
             self.console.print(f"resumed from {shown(latest)} at step {self.state.step}")
-        if self.local is not None:
-            self.local.drop_after(self.state.step)  # a copy only some ranks made: made again
         elif self.s.branch is not None:
             self.state.consumed_tokens = branch(self.checkpoints, self.s.branch, self.s, self.console,
                                                 self.total_steps)
+        if self.local is not None:
+            self.local.drop_after(self.state.step)  # a copy only some ranks made: made again
         if self.s.is_logging_rank:  # what compare and ablate read to group runs
             atomic_write_text(RunDir(self.ctx.run_dir).run_config,
                               json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
