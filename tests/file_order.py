@@ -49,6 +49,7 @@ FILE_SECONDS = {
     "tests/test_faults.py": 50,
     "tests/test_average.py": 41,
     "tests/test_convert.py": 40,
+    "tests/test_local_copies.py": 39,  # measured alone on the loaded VM (not in a whole run)
     "tests/test_preference_trl.py": 34,
     "tests/test_trackers.py": 32,
     "tests/test_ablate.py": 31,

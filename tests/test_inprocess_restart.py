@@ -56,6 +56,41 @@ def test_spare_ranks_are_taken_from_the_launched_processes(tmp_path):
     assert _load(tmp_path).resilience.training_world_size(3) == 3
 
 
+@pytest.mark.parametrize("sets, named", [
+    (["resilience.local_checkpoint_every=-1"], "resilience.local_checkpoint_every must be >= 0"),
+    (["resilience.in_process_restart=false", "resilience.local_checkpoint_every=2",
+      "training.collective_timeout_s=600"],
+     "resilience.local_checkpoint_every needs resilience.in_process_restart"),
+    (["resilience.local_checkpoint_dir=/tmp"], "resilience.local_checkpoint_dir is set but "
+                                               "resilience.local_checkpoint_every is 0"),
+])
+def test_local_copy_settings_are_checked_at_load_time(tmp_path, sets, named):
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, *sets)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_local_copies_go_to_a_node_local_writable_place_outside_the_checkpoints(tmp_path):
+    config = _load(tmp_path, "resilience.local_checkpoint_every=1")
+    assert str(config.local_checkpoint_dir) in ("/dev/shm", __import__("tempfile").gettempdir())
+    inside = config.checkpoint_dir / "local"
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, "resilience.local_checkpoint_every=1", f"resilience.local_checkpoint_dir={inside}")
+    assert str(err.value) == (f"resilience.local_checkpoint_dir={inside} is inside the checkpoint directory "
+                              f"{config.checkpoint_dir}: choose a node-local directory outside it "
+                              "(default /dev/shm)")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, "resilience.local_checkpoint_every=1",
+              f"resilience.local_checkpoint_dir={blocked / 'copies'}")
+    assert str(err.value) == (f"resilience.local_checkpoint_dir={blocked / 'copies'}: {blocked} is not a "
+                              "directory here")
+    given = _load(tmp_path, "resilience.local_checkpoint_every=1",
+                  f"resilience.local_checkpoint_dir={tmp_path / 'fast' / 'disk'}")
+    assert given.local_checkpoint_dir == tmp_path / "fast" / "disk"  # made when the run starts
+
+
 def test_the_cross_section_checks_apply_only_with_in_process_restart(tmp_path):
     config = _load(tmp_path, "resilience.in_process_restart=false", "training.collective_timeout_s=600",
                    "watchdog.min_s=5")
@@ -155,7 +190,8 @@ def _left_behind(tag: str, wait_s: float = 10.0) -> list[str]:
 @pytest.fixture(scope="module")
 def plain_losses(tmp_path_factory):
     """Every step's loss of the job without a fault: Megatron's resume from a checkpoint is exact
-    (test_resume), so these are also a run's resumed from step 6."""
+    (test_resume), so these are also a run's resumed from step 6 (or from a local copy: the same
+    state)."""
     from tests.train_fixtures import step_losses
 
     root = tmp_path_factory.mktemp("plain")
@@ -166,25 +202,37 @@ def plain_losses(tmp_path_factory):
 
 
 @pytest.mark.serial
-def test_an_exception_on_rank_1_is_healed_in_process_with_the_losses_of_a_resumed_run(tmp_path,
-                                                                                      plain_losses):
+def test_an_exception_on_rank_1_is_healed_in_process_from_the_newer_local_copy_bit_for_bit(tmp_path,
+                                                                                          plain_losses):
+    """Checkpoints every 5 steps, local copies (``resilience.local_checkpoint_every``) every step:
+    the fault at step 8 resumes from the local copy of step 7, not the checkpoint of step 5, with
+    the losses of the run without a fault; the copies are gone once the job ends. (A heal from
+    the checkpoint, with no local copy: the spare-rank test below.)"""
     import re
 
+    from megasmol.config.run import load_run_config
+    from megasmol.train.local_copies import run_root
     from tests.train_fixtures import step_losses
 
+    local = tmp_path / "node-local"
+    config = _config(tmp_path, {**FAST, "local_checkpoint_every": 1, "local_checkpoint_dir": str(local)},
+                     interval=5)
     env, tag = _tagged({"MEGASMOL_FAULT": "raise:8", "MEGASMOL_FAULT_RANK": "1"})
-    healed = _torchrun(_config(tmp_path, FAST), env)
+    healed = _torchrun(config, env)
     assert healed.returncode == 0, healed.stdout[-3000:] + healed.stderr[-6000:]
     lines = [line for line in healed.stdout.splitlines() if "in-process restart" in line]
     assert len(lines) == 1, healed.stdout
     assert re.fullmatch(r"in-process restart 1 of at most 3: rank 1 raised \(PlannedFault: planned fault "
-                        r"\(MEGASMOL_FAULT=raise:8\) on rank 1\); resumed from step 6; step 7 done "
-                        r"[\d.]+ s after the fault", lines[0]), lines[0]
+                        r"\(MEGASMOL_FAULT=raise:8\) on rank 1\); resumed from step 7 \(local copy\); "
+                        r"step 8 done [\d.]+ s after the fault", lines[0]), lines[0]
+    assert "resumed from the local copy of step 7" in healed.stdout
     assert "trained to step 12" in healed.stdout
     assert "audit: OK" in healed.stdout and healed.stdout.count("audit: OK") == 1  # not again
     after = step_losses(tmp_path / "run")
     assert sorted(after) == list(range(1, STEPS + 1))
-    assert after == plain_losses  # bit for bit: JSON floats of every step, 7 (rerun) to 12 included
+    assert after == plain_losses  # bit for bit: JSON floats of every step, 8 (rerun) to 12 included
+    assert local.is_dir() and not run_root(load_run_config(config)).exists()  # removed at the end
+    assert ".dirty.pt" not in healed.stderr  # NVRx's INFO lines for each file are kept quiet
     assert _left_behind(tag) == []
 
 
@@ -242,3 +290,4 @@ def test_a_spare_rank_takes_a_killed_ranks_place_with_the_losses_of_a_resumed_ru
     assert "trained to step 12" in out
     assert step_losses(tmp_path / "run") == plain_losses  # the spare trains as rank 1 did
     assert _left_behind(tag) == []
+

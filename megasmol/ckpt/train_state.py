@@ -96,14 +96,57 @@ def restore_rng(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+SAME_LAYOUT_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""The distributed optimizer's own buckets, each rank its shard: no gather on save, but loadable
+only under the same TP/PP layout (what a local copy needs: ``train/local_copies.py``)."""
+
+
+def _extra_to_save(optimizer, model_sharded: dict, optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
+    """What a training checkpoint adds to the model's sharded state dict when it is written."""
+    return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=optimizer_format),
+            "rng_state": _rng_sharded_object([capture_rng()])}
+
+
+def training_state_to_save(model, optimizer, optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
+    """Collective: the sharded state dict of a training checkpoint (model, optimizer, RNG), as
+    ``save_training_checkpoint`` writes it; also what a local copy keeps (``train/local_copies.py``,
+    with :data:`SAME_LAYOUT_OPTIMIZER_FORMAT`)."""
+    sharded = model.sharded_state_dict()
+    sharded.update(_extra_to_save(optimizer, sharded, optimizer_format))
+    return sharded
+
+
+def training_state_request(model, optimizer, with_rng: bool = True,
+                           optimizer_format: dict = OPTIMIZER_FORMAT) -> dict:
+    """The sharded state dict a load fills in (model, optimizer, and with ``with_rng`` the RNG)."""
+    sharded = model.sharded_state_dict()
+    _materialize_adam_state(optimizer)
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
+                                                        metadata=optimizer_format)
+    if with_rng:
+        sharded["rng_state"] = _rng_sharded_object([None])
+    return sharded
+
+
+def apply_training_state(model, optimizer, state: dict) -> bool:
+    """Load a filled-in :func:`training_state_request` into the model, optimizer and RNG streams;
+    whether it held RNG streams."""
+    optimizer_state = state.pop("optimizer")
+    rng_state = state.pop("rng_state", None)
+    model.load_state_dict(state, strict=True)
+    _load_optimizer_state(optimizer, optimizer_state)
+    if rng_state is not None:
+        restore_rng(rng_state[0])
+    return rng_state is not None
+
+
 def save_training_checkpoint(model, optimizer, root: Path, step: int, metadata: dict, *,
                              tokenizer_source=None, async_queue=None, on_commit=None,
                              faults=NO_FAULTS) -> Path:
     """Collective. ``model`` is this rank's (unwrapped) model chunk; see ``save_checkpoint`` for
     ``async_queue``, ``on_commit`` and ``faults``."""
     def extra(model_sharded: dict) -> dict:
-        return {"optimizer": optimizer.sharded_state_dict(model_sharded, metadata=OPTIMIZER_FORMAT),
-                "rng_state": _rng_sharded_object([capture_rng()])}
+        return _extra_to_save(optimizer, model_sharded)
 
     metadata = {**metadata, "written_with": _layout_now()}
     return save_checkpoint(model, root, step, metadata, extra_sharded_state=extra,
@@ -185,16 +228,7 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
                               "resume from (use checkpoint.init_from for it)")
     same_layout = meta.get("written_with") == _layout_now()
 
-    def request(with_rng: bool) -> dict:
-        sharded = model.sharded_state_dict()
-        _materialize_adam_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True,
-                                                            metadata=OPTIMIZER_FORMAT)
-        if with_rng:
-            sharded["rng_state"] = _rng_sharded_object([None])
-        return sharded
-
-    sharded = request(same_layout)
+    sharded = training_state_request(model, optimizer, with_rng=same_layout)
     _check_shapes(iteration, sharded)
     try:
         try:
@@ -207,17 +241,12 @@ def load_training_checkpoint(model, optimizer, path: str | Path) -> dict:
             # than unpickle them (see trust.py).
             log.warning("%s: its RNG state is not plain data (an older megasmol?); RNG streams "
                         "start fresh", iteration)
-            state = dist_checkpointing.load(request(False), str(iteration))
+            state = dist_checkpointing.load(training_state_request(model, optimizer, with_rng=False),
+                                            str(iteration))
     except load_errors() as exc:  # Megatron and DCP raise several types
         raise CheckpointError(f"{iteration}: cannot resume from it: "
                               f"{describe_load_error(iteration, exc)}") from None
-    optimizer_state = state.pop("optimizer")
-    rng_state = state.pop("rng_state", None)
-    model.load_state_dict(state, strict=True)
-    _load_optimizer_state(optimizer, optimizer_state)
-    if rng_state is not None:
-        restore_rng(rng_state[0])
-    elif not same_layout:
+    if not apply_training_state(model, optimizer, state) and not same_layout:
         log.warning("%s was written under layout %s; RNG streams start fresh under %s",
                     iteration, meta.get("written_with"), _layout_now())
     return meta

@@ -10,10 +10,13 @@ config NVRx would refuse fails at load time with the field named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
-from megasmol.config.typed import ConfigError
+from megasmol.config.typed import PATH, ConfigError
 
 MONITOR_INTERVAL_S = 1.0
 """NVRx's monitor thread, monitor process and progress watchdog poll this often (the Wrapper's
@@ -52,6 +55,16 @@ class ResilienceConfig:
     training world size plus this many. Without a spare, a lost rank ends the job with one line
     naming it. Needs a launcher that keeps the other processes when one exits (srun
     ``--kill-on-bad-exit=0``); torchrun stops every worker when one exits (docs/pretraining.md)."""
+    local_checkpoint_every: int = 0
+    """Every this many steps, keep a copy of the training state (model, optimizer, RNG streams,
+    step and data position: what a checkpoint restores) in ``local_checkpoint_dir`` through NVRx's
+    ``LocalCheckpointManager``; an in-process restart resumes from it where it is newer than the
+    latest checkpoint. 0: off. Needs ``in_process_restart``; a fresh start never reads it, and the
+    run removes it when it ends (docs/pretraining.md, "Local copies")."""
+    local_checkpoint_dir: Optional[str] = field(default=None, metadata=PATH)
+    """Node-local directory the copies are kept under, in ``megasmol-<run key>/`` (default
+    ``/dev/shm``, a RAM disk: host memory; the system's temporary directory where there is none).
+    Writable, and not inside the checkpoint directory."""
     store_port: Optional[int] = None
     """TCP port of the store NVRx's ranks coordinate through, hosted by rank 0 (default:
     ``MASTER_PORT + 1``); it must be free on rank 0's host."""
@@ -78,6 +91,15 @@ class ResilienceConfig:
             raise ConfigError(f"resilience.spare_ranks must be >= 0, got {self.spare_ranks}")
         if self.spare_ranks and not self.in_process_restart:
             raise ConfigError("resilience.spare_ranks needs resilience.in_process_restart: true")
+        if self.local_checkpoint_every < 0:
+            raise ConfigError("resilience.local_checkpoint_every must be >= 0 (0: off), got "
+                              f"{self.local_checkpoint_every}")
+        if self.local_checkpoint_every and not self.in_process_restart:
+            raise ConfigError("resilience.local_checkpoint_every needs resilience.in_process_restart: "
+                              "true (only an in-process restart reads the local copies)")
+        if self.local_checkpoint_dir is not None and not self.local_checkpoint_every:
+            raise ConfigError("resilience.local_checkpoint_dir is set but resilience."
+                              "local_checkpoint_every is 0: no local copy would be kept there")
         if self.store_port is not None and not 0 < self.store_port < 65536:
             raise ConfigError(f"resilience.store_port must be a TCP port (1-65535), got {self.store_port}")
 
@@ -105,3 +127,25 @@ class ResilienceConfig:
             raise ConfigError(f"watchdog.min_s={watchdog_min_s:g} must be above resilience.hard_timeout_s="
                               f"{self.hard_timeout_s:g} with resilience.in_process_restart (the hang "
                               "watchdog ends the process; NVRx restarts it in place first)")
+
+    def check_local_dir(self, local_dir: Path, checkpoint_dir: Path) -> None:
+        """With local copies on: ``local_dir`` (resolved) is not inside ``checkpoint_dir`` (the
+        copies would sit among the checkpoints, and be pruned or uploaded as one), and this machine
+        can write there."""
+        if not self.local_checkpoint_every:
+            return
+        local, ckpt = local_dir.resolve(), checkpoint_dir.resolve()
+        if local == ckpt or ckpt in local.parents:
+            raise ConfigError(f"resilience.local_checkpoint_dir={local} is inside the checkpoint "
+                              f"directory {ckpt}: choose a node-local directory outside it (default "
+                              "/dev/shm)")
+        existing = next(p for p in (local, *local.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not a directory" if not existing.is_dir() else "is not writable"
+            raise ConfigError(f"resilience.local_checkpoint_dir={local}: {existing} {what} here")
+
+
+def default_local_dir() -> Path:
+    """Where local copies go by default: ``/dev/shm`` (RAM), else the temporary directory."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else Path(tempfile.gettempdir())

@@ -13,7 +13,7 @@ import yaml
 
 from megasmol.config.parallel import ParallelLayout
 from megasmol.config.preference import PreferenceConfig
-from megasmol.config.resilience import ResilienceConfig
+from megasmol.config.resilience import ResilienceConfig, default_local_dir
 from megasmol.config.rewards import RewardsConfig
 from megasmol.config.rl import RLConfig
 from megasmol.config.schedule import ScheduleConfig
@@ -312,6 +312,12 @@ class RunConfig:
         return self.path(self.run_dir) / "checkpoints"
 
     @property
+    def local_checkpoint_dir(self) -> Path:
+        """Where this machine keeps the local copies of ``resilience.local_checkpoint_every``."""
+        given = self.resilience.local_checkpoint_dir
+        return self.path(given) if given else default_local_dir()
+
+    @property
     def checkpoint_url(self) -> Optional[str]:
         """``checkpoint.dir`` when it is in a bucket (``s3://``)."""
         value = self.checkpoint.dir
@@ -376,6 +382,7 @@ def load_run_config(path: str | Path, overrides: Optional[list[str]] = None) -> 
     here = Path(path).resolve().parent
     config.config_dir = str((here / Path(config.paths_from).expanduser()).resolve()
                             if config.paths_from else here)
+    config.resilience.check_local_dir(config.local_checkpoint_dir, config.checkpoint_dir)
     if config.checkpoint.post_save_command:
         from megasmol.config.post_save import check_command
 

@@ -32,6 +32,7 @@ import torch
 from megasmol.config.run import RunConfig
 from megasmol.errors import RunFailure
 from megasmol.runtime.distributed import describe_collective_failure, rank_info_from_env, shutdown
+from megasmol.train import local_copies
 from megasmol.train.callbacks import Callback, Console
 from megasmol.train.fault_notes import FaultNote, describe_fault
 from megasmol.train.state import TrainResult
@@ -43,8 +44,12 @@ NVRX_LOGGER = "nvidia_resiliency_ext"
 class Attempt:
     """One call of the wrapped function: its store prefix, and what it holds until it ends."""
 
-    def __init__(self, iteration: int, history: list[FaultNote], max_restarts: int):
+    def __init__(self, iteration: int, history: list[FaultNote], max_restarts: int,
+                 config: Optional[RunConfig] = None, launch: Optional[str] = None):
+        """``launch``: the id the processes agreed on for their local copies (None: none kept)."""
         self.iteration = iteration
+        self.config = config
+        self.launch = launch
         self.history = history
         self.max_restarts = max_restarts
         self.trainer = None
@@ -57,6 +62,15 @@ class Attempt:
     @property
     def store_prefix(self) -> str:
         return f"megasmol/attempt{self.iteration}"
+
+    def open_local_copies(self, setup) -> Optional[local_copies.LocalCopies]:
+        """This attempt's local copies, where ``resilience.local_checkpoint_every`` keeps them (the
+        first attempt removes what an earlier launch of the run left on this node)."""
+        if self.launch is None or self.config is None:
+            return None
+        if self.iteration == 0:
+            local_copies.remove_stale(self.config, self.launch)
+        return local_copies.LocalCopies(self.config, setup, self.launch)
 
     def hold(self, trainer, lock) -> None:
         """``loop.train`` hands over its trainer and run lock; after a fault, the first attempt's
@@ -107,8 +121,10 @@ class _RecoveryReport(Callback):
         notes: list = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(notes, self.attempt.history[-1])
         self.fault_at = min(n.at for n in notes)
+        source = getattr(self.attempt.trainer, "resumed_source", "")
         self.line = (f"in-process restart {self.attempt.iteration} of at most "
-                     f"{self.attempt.max_restarts}: {describe_fault(notes)}; resumed from step {step}")
+                     f"{self.attempt.max_restarts}: {describe_fault(notes)}; resumed from step {step}"
+                     + (f" ({source})" if source else ""))
 
     def on_step_done(self, step: int) -> None:
         if self.fault_at is None:
@@ -212,6 +228,8 @@ class _Run:
         """Why no attempt follows (``_Continue``)."""
         self.store = None
         """NVRx's store (its ``CallWrapper``'s), for what a launcher's SIGTERM should say."""
+        self.launch: Optional[str] = None
+        """The id of this launch's local copies (``resilience.local_checkpoint_every``)."""
 
 
 def _stopped_by_launcher(inprocess, run: _Run) -> Optional[str]:
@@ -285,7 +303,10 @@ def train_in_process(config: RunConfig) -> TrainResult:
     def attempt(call_wrapper: Optional[inprocess.CallWrapper] = None) -> TrainResult:  # type: ignore[name-defined]
         assert call_wrapper is not None, "inprocess.Wrapper passes its CallWrapper"
         run.store = call_wrapper.base_store
-        run.attempt = Attempt(call_wrapper.iteration, run.history, resilience.max_restarts)
+        if resilience.local_checkpoint_every and run.launch is None:
+            run.launch = local_copies.agree_launch(run.store)
+        run.attempt = Attempt(call_wrapper.iteration, run.history, resilience.max_restarts,
+                              run.config, run.launch)
         return train(run.config, run.attempt)
 
     previous = signal.signal(signal.SIGTERM, _on_launcher_stop(inprocess, run))
@@ -295,3 +316,5 @@ def train_in_process(config: RunConfig) -> TrainResult:
         raise RunFailure(f"in-process restart: {run.end or exc}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if run.launch is not None:
+            local_copies.remove(config, run.launch)

@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from megasmol.ckpt.checkpoint import read_metadata
 from megasmol.config.run import RunConfig
 from megasmol.data.run_tokenizer import run_tokenizer_dir
 from megasmol.errors import RunFailure
@@ -28,7 +30,7 @@ from megasmol.train.callbacks import Console, LoopContext, build_callbacks
 from megasmol.train.checkpointing import Checkpointer, SaveFailed
 from megasmol.train.guard import StepGuard, TrainingDiverged
 from megasmol.train.metrics import IntervalStats, open_metrics
-from megasmol.train.resume import branch, checkpoint_metadata, resume
+from megasmol.train.resume import branch, checkpoint_metadata, resume, train_state_from
 from megasmol.train.schedules import lr_at
 from megasmol.train.setup import TrainingSetup, build_setup, run_directory
 from megasmol.train.signals import StopRequest
@@ -38,6 +40,7 @@ from megasmol.utils.fs import atomic_write_text, shown, shown_paths
 
 if TYPE_CHECKING:
     from megasmol.train.inprocess import Attempt
+    from megasmol.train.local_copies import LocalCopies
 
 __all__ = ["SaveFailed", "Trainer", "TrainingDiverged", "TrainResult", "train"]
 
@@ -48,8 +51,13 @@ class RollbackNeeded(Exception):
 
 
 class Trainer:
-    def __init__(self, setup: TrainingSetup):
+    def __init__(self, setup: TrainingSetup, local: Optional[LocalCopies] = None):
+        """``local``: an in-process restart's local copies (``resilience.local_checkpoint_every``)."""
         self.s, self.config = setup, setup.config
+        self.local = local
+        self.resumed_source = ""
+        """What the run resumed from, where local copies are kept: "local copy" or "latest
+        checkpoint" (the line of an in-process restart says it)."""
         self.total_steps = setup.batches.last_step
         self.state = TrainState(skip_batches=[list(r) for r in self.config.spikes.skip_batches])
         self.guard = StepGuard(self.config.spikes)
@@ -81,16 +89,36 @@ class Trainer:
                                self.state.skip_batches))
 
     # ----- the loop ----------------------------------------------------------------------
+    def _resume_from_local_copy(self, latest: Optional[Path]) -> bool:
+        """Collective: load the newest local copy where it is newer than ``latest``; whether it
+        was loaded."""
+        if self.local is None:
+            return False
+        newest = self.local.newest()
+        if newest is None or (latest is not None and newest <= read_metadata(latest)["step"]):
+            self.resumed_source = "latest checkpoint" if latest is not None else ""
+            return False
+        self._set_state(train_state_from(self.local.restore(), self.s, self.guard,
+                                         self.state.skip_batches))
+        self.resumed_source = "local copy"
+        self.console.print(f"resumed from the local copy of step {self.state.step} in "
+                           f"{shown(self.local.manager.local_ckpt_dir.parent)}")
+        return True
+
     def run(self) -> TrainResult:
         self.checkpoints.recover()
         latest = self.checkpoints.latest() if self.config.checkpoint.resume else None
-        if latest is not None:
+        if self._resume_from_local_copy(latest):
+            self.result.resumed_from = self.state.step
+        elif latest is not None:
             self.restore(latest)
             self.result.resumed_from = self.state.step
             self.console.print(f"resumed from {shown(latest)} at step {self.state.step}")
         elif self.s.branch is not None:
             self.state.consumed_tokens = branch(self.checkpoints, self.s.branch, self.s, self.console,
                                                 self.total_steps)
+        if self.local is not None:
+            self.local.drop_after(self.state.step)  # a copy only some ranks made: made again
         if self.s.is_logging_rank:  # what compare and ablate read to group runs
             atomic_write_text(RunDir(self.ctx.run_dir).run_config,
                               json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
@@ -129,6 +157,8 @@ class Trainer:
                                    "checkpoint yet (save earlier with checkpoint.interval, or use "
                                    "spikes.policy skip)")
         self.restore(latest)
+        if self.local is not None:
+            self.local.drop_after(self.state.step)  # the copies of the steps it redoes
         first = self.state.step + 1
         self.state.add_skip(first, spike_step)
         self.console.print(f"rolled back to {latest.name}; data of steps {first}..{spike_step} will "
@@ -175,6 +205,8 @@ class Trainer:
                 break
             if self.checkpoints.due(step):
                 self.save("interval")
+            if self.local is not None and self.local.due(step):
+                self.local.save(step, self._metadata())
             stats.exclude(time.perf_counter() - paused)
             if until is not None and step >= until:
                 break
@@ -216,7 +248,7 @@ def train(config: RunConfig, attempt: Optional[Attempt] = None) -> TrainResult:
     with RunLock(run_directory(config), config.checkpoint_dir) as lock:
         prepare_bucket(config)  # an s3:// checkpoint.dir, init_from or branch_from: checked first
         setup = build_setup(config, audit=attempt is None or attempt.iteration == 0)
-        trainer = Trainer(setup)
+        trainer = Trainer(setup, local=attempt.open_local_copies(setup) if attempt is not None else None)
         if attempt is not None:
             attempt.hold(trainer, lock)
         try:

@@ -45,6 +45,13 @@ def resume(checkpoints: Checkpointer, path: Path, setup: TrainingSetup, guard: S
     if changed:
         console.print(f"note: the config differs from the one {path.name} was written with: "
                       + ", ".join(changed))
+    return train_state_from(meta, setup, guard, skip_batches)
+
+
+def train_state_from(meta: dict, setup: TrainingSetup, guard: StepGuard,
+                     skip_batches: list[list[int]]) -> TrainState:
+    """The loop's state from a checkpoint's (or a local copy's) metadata; the step guard's spike
+    window restored with it."""
     saved = meta["train_state"]
     guard.load_state_dict({"spike_window": saved.get("spike_window")})
     return TrainState.from_json(saved, skip_batches=skip_batches,
