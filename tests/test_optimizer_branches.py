@@ -1,9 +1,10 @@
 """Muon and AdEMAMix runs (one process, ``optim.distributed`` as by default: the layer-wise
-optimizer on one rank): each trains, resumes bit for bit, branches and averages.
+optimizer on one rank): each trains, resumes bit for bit and averages; Muon's branches.
 
-A branch takes the source's model AND optimizer state (Muon's momentum and its AdamW's moments,
-AdEMAMix's three moments) tensor for tensor and decays from the source's LR; an average of two
-checkpoints of such a run starts a new one (weights only).
+Each checkpoint holds every state of its optimizer (Muon's momentum and its AdamW's moments,
+AdEMAMix's three moments). A branch takes the source's model AND optimizer state tensor for tensor
+and decays from the source's LR; an average of two checkpoints of such a run starts a new one
+(weights only).
 """
 
 import pytest
@@ -31,6 +32,9 @@ def source(request, tmp_path_factory):
 
 def test_it_trains_and_resumes_bit_for_bit(source):
     name, root = source
+    keys = CheckpointReader(root / "run" / "checkpoints" / "iter_0000004").keys()
+    for state in STATES[name]:
+        assert any(f"optimizer.state.{state}." in k for k in keys), state  # chained_i. prefix
     losses = step_losses(root / "run")
     assert sorted(losses) == list(range(1, 9))
     assert (losses[7] + losses[8]) / 2 < (losses[1] + losses[2]) / 2 - 0.05, losses
@@ -40,7 +44,10 @@ def test_it_trains_and_resumes_bit_for_bit(source):
     assert step_losses(root / "resumed" / "run") == {s: losses[s] for s in range(5, 9)}
 
 
+@pytest.mark.parametrize("source", ["muon"], indirect=True)
 def test_a_branch_carries_the_optimizer_state_and_anneals(source):
+    """Muon's run only: a branch loads the optimizer as a resume does (AdEMAMix's resume above),
+    and Muon's checkpoint holds both chained optimizers' states."""
     name, root = source
     # Its first step's data is skipped: no update, so its first checkpoint holds its start.
     out = train(_branch_config(root, "anneal", "run@6", steps=4, spikes={"skip_batches": [[1, 1]]},
@@ -48,8 +55,6 @@ def test_a_branch_carries_the_optimizer_state_and_anneals(source):
     assert "branched from" in out.stdout and "its step 6" in out.stdout
     src = CheckpointReader(root / "run" / "checkpoints" / "iter_0000006")
     got = CheckpointReader(root / "anneal" / "checkpoints" / "iter_0000001")
-    for state in STATES[name]:
-        assert any(f"optimizer.state.{state}." in k for k in src.keys()), state  # chained_i. prefix
     assert set(got.keys()) == set(src.keys())
     for key in src.keys():
         assert src.read(key).equal(got.read(key)), key

@@ -9,7 +9,8 @@ sharded optimizer over bf16 parameters (fp32 master weights on the owning rank).
 rank, one record per case: how far the weights drifted apart, which parameters this rank holds
 optimizer states for and how many state values, and whether the reloaded copies stepped bit for
 bit; and the sharded fp32 checkpoint loaded by an optimizer with Megatron-Core's ping-pong deal
-(how megasmol dealt before), which must step on as the continued copy did.
+(how megasmol dealt before), which must step on as the continued copy did. Under TP=2 x DP=2 also
+``muon_tp2.record`` (unsharded Muon's TP=2 update against the whole matrix's).
 
 argv: output directory.
 """
@@ -28,6 +29,7 @@ from megasmol.model.gpt import build_model  # noqa: E402
 from megasmol.runtime.distributed import init_parallel, set_seed, shutdown  # noqa: E402
 from megasmol.train.optimizer import apply_learning_rate, build_optimizer, wrap_ddp  # noqa: E402
 from tests.specs import tiny_smollm3  # noqa: E402
+from tests.workers import muon_tp2  # noqa: E402
 
 LR, WD = 0.01, 0.1
 SPEC = tiny_smollm3(tie_embeddings=False, vocab_size=1024, bos_token_id=1, eos_token_id=2,
@@ -181,6 +183,8 @@ def main():
         init_parallel(parallel, SPEC)
         for name in ("muon", "ademamix"):
             results[f"{layout}-{name}"] = case(layout, name, out)
+        if layout == "tp2":
+            results["muon_tp2"] = muon_tp2.record(SPEC)
     (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(results))
     shutdown()
 
