@@ -2,12 +2,15 @@
 
 Muon's update equals the reference algorithm written here from its definition; under TP=2 each
 shard's update equals one process's update of the whole matrix; AdEMAMix's update equals the
-library's; each trains the tiny model and resumes from a checkpoint bit for bit, also with its
-states sharded over DP=2 (``optim.distributed``: the layer-wise optimizer), where each rank holds
-the states of the parameters it owns and no others.
+library's. With their states sharded over DP=2 (``optim.distributed``: the layer-wise optimizer),
+under TP=2 and under PP=2, the weights equal the unsharded optimizer's, each rank holds the states
+of the parameters it owns and no others, the ranks' shares are balanced, and a saved optimizer
+(sharded or not, fp32 or bf16) steps on bit for bit after loading; a bf16 Muon run on DP=2 trains
+and resumes bit for bit. Training, resuming, branching and averaging single-process runs:
+``test_optimizer_branches.py``.
 """
 
-import subprocess
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 from megasmol.config.run import load_run_config
 from megasmol.config.sections import ConfigError, MuonSettings, OptimizerSettings
 from tests.conftest import run_torchrun
-from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
+from tests.train_fixtures import resumed_from, step_losses, torchrun_train, write_training_run
 
 WORKERS = Path(__file__).parent / "workers"
 
@@ -146,40 +149,9 @@ def test_optimizer_fields_are_checked(tmp_path):
     assert ok.optim.muon.momentum == 0.9
 
 
-def _resumed_from(tmp_path, iteration, **sections):
-    """A run in ``tmp_path/resumed`` whose checkpoint directory holds the reference run's
-    ``iteration`` as its latest: training it resumes from there."""
-    resumed = write_training_run(tmp_path / "resumed", **sections)
-    ckpts = tmp_path / "resumed" / "run" / "checkpoints"
-    ckpts.mkdir(parents=True)
-    src = tmp_path / "reference" / "run" / "checkpoints" / iteration
-    subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
-    (ckpts / "latest").write_text(f"{iteration}\n")
-    return resumed
-
-
-@pytest.mark.parametrize("name", ["muon", "ademamix"])
-def test_trains_and_resumes_bit_for_bit(tmp_path, name):
-    steps = 6
-    sets = [f"optim.name={name}", "optim.distributed=false"]
-    reference = write_training_run(tmp_path / "reference", steps=steps,
-                                   checkpoint={"interval": 3, "keep_last": 0})
-    train(reference, *sets)
-    losses = step_losses(tmp_path / "reference" / "run")
-    assert sorted(losses) == list(range(1, steps + 1))
-    assert (losses[5] + losses[6]) / 2 < (losses[1] + losses[2]) / 2 - 0.05, losses
-    resumed = _resumed_from(tmp_path, "iter_0000003", steps=steps,
-                            checkpoint={"interval": 3, "keep_last": 0})
-    assert "resumed from" in train(resumed, *sets).stdout
-    resumed_losses = step_losses(tmp_path / "resumed" / "run")
-    assert resumed_losses == {s: losses[s] for s in range(4, steps + 1)}  # bit for bit
-
-
-def test_muon_tp2_shards_update_as_the_whole_matrix(tmp_path):
-    import json
-
-    run_torchrun([str(WORKERS / "muon_tp2.py"), str(tmp_path / "result.json")])
-    result = json.loads((tmp_path / "result.json").read_text())
+def test_muon_tp2_shards_update_as_the_whole_matrix(layouts):
+    result = layouts[0]["muon_tp2"]
+    assert layouts[2]["muon_tp2"] == result  # the other data-parallel replica, the same
     assert len(result["errors"]) >= 8  # qkv, proj, fc1, fc2 of each layer
     for name, error in result["errors"].items():
         assert error < 1e-5, name
@@ -188,38 +160,88 @@ def test_muon_tp2_shards_update_as_the_whole_matrix(tmp_path):
         assert result["blockwise"][name] > 1e-3, name
 
 
-@pytest.mark.parametrize("name,tp", [("muon", 1), ("ademamix", 1), ("muon", 2)])
-def test_distributed_states_are_sharded_by_parameter(tmp_path, name, tp):
-    """``optim.distributed`` (layer-wise): the same weights as the unsharded optimizer, each
-    parameter's states on exactly one data-parallel rank (the same one for every TP rank)."""
+def test_the_deal_gives_the_heaviest_first_to_the_least_loaded_rank():
+    from megasmol.train.layer_wise import deal
+
+    # Two vocabulary-sized matrices and smaller ones, as in a small model: one of each per rank.
+    weights = [5, 100, 7, 100, 3, 40, 40, 9]
+    owners = deal(weights, 2)
+    assert owners[1] != owners[3]
+    loads = [sum(w for w, o in zip(weights, owners) if o == r) for r in (0, 1)]
+    assert loads == [152, 152]
+    assert owners == deal(weights, 2)  # deterministic: every rank computes the same deal
+    assert deal([4, 4, 4], 2) == [0, 1, 0]  # ties: the earlier item, the lower rank
+    assert sorted(set(deal(weights, 3))) == [0, 1, 2]
+    three = deal(weights, 3)
+    spread = [sum(w for w, o in zip(weights, three) if o == r) for r in range(3)]
+    assert max(spread) - min(spread) <= max(weights)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The layer-wise worker's records (TP=2 x DP=2 and PP=2 x DP=2; Muon and AdEMAMix)."""
     import json
 
-    run_torchrun([str(WORKERS / "layer_wise_dp2.py"), name, str(tmp_path), str(tp)], nproc=2 * tp)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2 * tp)]
+    out = tmp_path_factory.mktemp("layer_wise")
+    run_torchrun([str(WORKERS / "layer_wise_layouts.py"), str(out)], nproc=4)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("name", ["muon", "ademamix"])
+def test_distributed_states_are_sharded_by_parameter(layouts, layout, name):
+    """``optim.distributed`` (layer-wise): the same weights as the unsharded optimizer, each
+    parameter's states on exactly one data-parallel rank (the same one for every TP rank), the
+    ranks' state memory balanced to within one parameter."""
+    ranks = [rank[f"{layout}-{name}"] for rank in layouts]
     for rank in ranks:
         assert max(rank["errors"].values()) < 1e-6, rank["errors"]  # gradient-norm order only
         assert rank["changed"] > 1e-3  # the steps moved the weights
         assert rank["with_state"] == rank["owned"]  # states for owned parameters, and only those
         assert 0 < rank["state_values"] < rank["unsharded_state_values"]
-    for tp_rank in range(tp):
-        replicas = [r for r in ranks if r["tp_rank"] == tp_rank]
+    for mp_rank in (0, 1):
+        replicas = [r for r in ranks if r["mp_rank"] == mp_rank]
         owned = [set(r["owned"]) for r in replicas]
         assert not owned[0] & owned[1]
         assert owned[0] | owned[1] == set(replicas[0]["all"])
         assert sum(r["state_values"] for r in replicas) == replicas[0]["unsharded_state_values"]
-    for dp_rank in (0, 1):
-        assert len({tuple(r["owned"]) for r in ranks if r["dp_rank"] == dp_rank}) == 1
+        # Balanced: the states of the two replicas differ by at most the largest parameter's.
+        difference = abs(replicas[0]["state_values"] - replicas[1]["state_values"])
+        assert difference <= replicas[0]["largest_state_values"], difference
+    if layout == "tp2":
+        for dp_rank in (0, 1):
+            assert len({tuple(r["owned"]) for r in ranks if r["dp_rank"] == dp_rank}) == 1
 
 
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
 @pytest.mark.parametrize("name", ["muon", "ademamix"])
-def test_distributed_trains_and_resumes_bit_for_bit_on_dp2(tmp_path, name):
-    steps = 4
-    sections = {"checkpoint": {"interval": 2, "keep_last": 0}, "eval": {"interval": 0}}
-    reference = write_training_run(tmp_path / "reference", steps=steps, **sections)
-    sets = [f"optim.name={name}", "optim.distributed=true"]
-    torchrun_train(reference, *sets)
+def test_a_saved_optimizer_steps_on_bit_for_bit_after_loading(layouts, layout, name):
+    """Saved after three steps and loaded into a fresh copy, the optimizer's next step equals the
+    uninterrupted one's (weights, states, fp32 master weights, group settings): sharded and
+    unsharded in fp32, and sharded over bf16 parameters; and a checkpoint written under one deal
+    loads under another."""
+    ranks = [rank[f"{layout}-{name}"] for rank in layouts]
+    for rank in ranks:
+        assert rank["resumes"] == {"sharded": True, "unsharded": True, "sharded_bf16": True}
+    # A checkpoint does not depend on the deal: dealt ping-pong (Megatron-Core's way, megasmol's
+    # before), another owner loads each state and the next step is the same up to the order in
+    # which the gradient norm is summed.
+    assert any(rank["ping_pong"]["owned"] != rank["owned"] for rank in ranks)
+    for rank in ranks:
+        assert rank["ping_pong"]["error"] < 1e-6, rank["ping_pong"]
+
+
+def test_bf16_sharded_muon_trains_and_resumes_bit_for_bit_on_dp2(tmp_path):
+    """bf16 parameters, Muon's and its AdamW's states sharded over DP=2 (fp32 master weights on
+    the owning rank): the loss is finite and falls, and a resume repeats the steps bit for bit."""
+    steps, sets = 6, ["optim.name=muon", "optim.distributed=true", "training.precision=bf16"]
+    sections = {"checkpoint": {"interval": 3, "keep_last": 0}, "eval": {"interval": 0}}
+    torchrun_train(write_training_run(tmp_path / "reference", steps=steps, **sections), *sets)
     losses = step_losses(tmp_path / "reference" / "run")
     assert sorted(losses) == list(range(1, steps + 1))
-    resumed = _resumed_from(tmp_path, "iter_0000002", steps=steps, **sections)
+    assert all(math.isfinite(loss) for loss in losses.values())
+    assert (losses[5] + losses[6]) / 2 < (losses[1] + losses[2]) / 2 - 0.05, losses
+    resumed = resumed_from(tmp_path / "reference" / "run", "iter_0000003", tmp_path / "resumed",
+                           steps=steps, **sections)
     assert "resumed from" in torchrun_train(resumed, *sets).stdout
-    assert step_losses(tmp_path / "resumed" / "run") == {s: losses[s] for s in (3, 4)}
+    assert step_losses(tmp_path / "resumed" / "run") == {s: losses[s] for s in (4, 5, 6)}

@@ -72,6 +72,19 @@ def write_training_run(root: Path, steps: int = 20, **sections) -> Path:
     return path
 
 
+def resumed_from(source_run: Path, iteration: str, root: Path, **sections) -> Path:
+    """A run under ``root`` (``write_training_run(root, **sections)``) whose checkpoint directory
+    holds ``source_run``'s checkpoint ``iteration`` as its latest: training it resumes from there."""
+    import shutil
+
+    config = write_training_run(root, **sections)
+    ckpts = root / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / iteration, ckpts / iteration)
+    (ckpts / "latest").write_text(f"{iteration}\n")
+    return config
+
+
 def step_losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """Per-step training ``key`` from metrics.jsonl (a re-run step keeps its last value)."""
     import json

@@ -20,6 +20,7 @@ from megasmol.config.sections import OptimizerSettings
 from megasmol.config.typed import ConfigError
 
 STATES = ("exp_avg", "exp_avg_sq", "exp_avg_slow")
+"""The library's per-parameter state tensors (each the parameter's shape)."""
 
 
 def _init_states(optimizer, config=None) -> None:
@@ -49,7 +50,7 @@ def library_optimizer(params, settings: OptimizerSettings):
 def build_ademamix(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype):
     from megatron.core.optimizer import ChainedOptimizer
 
-    from megasmol.train.layer_wise import layer_wise
+    from megasmol.train.layer_wise import Part, layer_wise
     from megasmol.train.megatron_optim import (
         megatron_config,
         model_parallel_group,
@@ -61,5 +62,5 @@ def build_ademamix(ddp_model, settings: OptimizerSettings, params_dtype: torch.d
     groups = trainable_param_groups(ddp_model, config, settings)
     inner = library_optimizer(groups, settings)
     if settings.distributed:
-        return layer_wise([(inner, _init_states)], config)
+        return layer_wise([Part(inner, _init_states, state_tensors=len(STATES))], config)
     return ChainedOptimizer([wrap(inner, config, _init_states, model_parallel_group())])

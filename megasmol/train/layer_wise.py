@@ -12,7 +12,7 @@ shards by parameter instead, and is used here as shipped:
 * DDP all-reduces the gradients as without sharding (``use_distributed_optimizer`` off), so every
   rank has every reduced gradient;
 * the parameters of all the chained optimizers (Muon's matrices and AdamW's rest, or AdEMAMix's
-  single group) are sorted by size and dealt to the data-parallel ranks ping-pong; each rank's
+  single group) are dealt whole to the data-parallel ranks (:func:`deal`, below); each rank's
   optimizers keep only the parameters it owns, so the states (and, in bf16, the fp32 master
   weights) of a parameter live on one data-parallel rank: memory for states falls by about the
   data-parallel size, as with ZeRO-1;
@@ -22,7 +22,18 @@ shards by parameter instead, and is used here as shipped:
 Each rank sees whole parameters, so Muon orthogonalizes whole matrices (under TP it still
 gathers the TP shards, see ``muon.py``: the ranks of one TP group own the same parameters, because
 the deal depends only on shapes and order). The cost is an all-gather of the weights after the step
-instead of ZeRO-1's reduce-scatter/all-gather of buckets, and a balance by parameter count only.
+instead of ZeRO-1's reduce-scatter/all-gather of buckets, and a balance by whole parameters only.
+
+The deal is megasmol's (``_LayerWise.shard_params``). Megatron-Core sorts the parameters by size
+and deals them ping-pong (0, 1, 1, 0, ...), which can give one rank both vocabulary matrices of a
+small model, and counts elements only, although a Muon matrix keeps one state per element and an
+AdamW or AdEMAMix parameter two or three. megasmol weighs each parameter by the fp32 values its
+owner keeps for it (elements x (its optimizer's state tensors + 1 master copy in bf16)) and gives
+the largest first to the least-loaded rank (greedy bin-packing, ties to the earlier parameter and
+the lower rank): every rank computes the same deal from shapes and order alone, so the same model
+and layout deal the same way on resume, and the loads of any two ranks differ by at most one
+parameter's weight. A checkpoint does not depend on the deal (each state is stored under its
+parameter's key, whoever owned it), so one written with another deal loads too.
 
 Two changes, both for fp32 runs (the CPU path) and gloo:
 
@@ -34,7 +45,7 @@ Two changes, both for fp32 runs (the CPU path) and gloo:
 * Megatron-Core all-gathers the updated weights with one all-gather of unequal sizes
 (each rank's flattened parameters), which NCCL accepts and gloo (CPU) refuses. ``_LayerWise``
 pads every rank's flat buffer to the largest one, so one code path runs on both; the padding is
-at most the size difference the size-sorted ping-pong deal leaves between ranks.
+what the deal leaves between the ranks' sizes (at most about one parameter).
 
 Checkpoints: each rank writes the states of the parameters it owns (the data-parallel replica id
 is 0 for all of them); the state keys are the model's, so a checkpoint is read back under the same
@@ -43,13 +54,41 @@ layout (Megatron-Core supports only that: "fixed DP usage").
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 
-def layer_wise(parts: list[tuple[torch.optim.Optimizer, Callable]], config):
-    """``parts`` (torch optimizer, ``init_state_fn``) sharded by parameter over data parallelism.
+@dataclass(frozen=True)
+class Part:
+    """One torch optimizer of the chain the layer-wise optimizer shards."""
+
+    optimizer: torch.optim.Optimizer
+    """The torch optimizer, over all of its parameters (the deal removes the ones other ranks own)."""
+    init_state: Callable
+    """``init_state(optimizer, config)``: every parameter's (zero) states, before a checkpoint load."""
+    state_tensors: int
+    """Parameter-sized state tensors it keeps per parameter (AdamW 2, Muon 1, AdEMAMix 3): what a
+    parameter weighs in the deal."""
+
+
+def deal(weights: Sequence[int], ranks: int) -> list[int]:
+    """The owner (0 .. ``ranks - 1``) of each item: heaviest first (ties: the earlier item) to the
+    least-loaded rank (ties: the lower rank). Deterministic; any two ranks' loads differ by at most
+    the heaviest item."""
+    owners = [0] * len(weights)
+    loads = [(0, rank) for rank in range(ranks)]
+    for index in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        load, rank = heapq.heappop(loads)
+        owners[index] = rank
+        heapq.heappush(loads, (load + weights[index], rank))
+    return owners
+
+
+def layer_wise(parts: list[Part], config):
+    """``parts`` sharded by whole parameter over data parallelism.
 
     ``config``: Megatron-Core's ``OptimizerConfig`` (``use_distributed_optimizer`` off). The torch
     optimizers get Megatron's fp32 wrapper here; in bf16 the layer-wise optimizer wraps them
@@ -58,8 +97,38 @@ def layer_wise(parts: list[tuple[torch.optim.Optimizer, Callable]], config):
     from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
     from megatron.core.optimizer.optimizer import FP32Optimizer
     from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.utils import get_pg_rank, get_pg_size
+
+    master_copy = 1 if config.bf16 else 0
 
     class _LayerWise(LayerWiseDistributedOptimizer):
+        def shard_params(self, optimizers):
+            """Megatron-Core's ``shard_params`` with :func:`deal` instead of its ping-pong."""
+            self.dp_cp_params_list = self.expt_dp_params_list = None
+            if get_pg_size(self.pg_collection.dp_cp) == 1:
+                return
+            groups = [(group, part.state_tensors + master_copy)
+                      for part, optimizer in zip(parts, optimizers)
+                      for group in optimizer.param_groups]
+            for expert, pg in ((False, self.pg_collection.dp_cp),
+                               (True, self.pg_collection.expt_dp)):
+                entries = [(group, p, p.numel() * tensors) for group, tensors in groups
+                           if bool(group.get("is_expert_parallel", False)) == expert
+                           for p in group["params"]]
+                if not entries:
+                    continue
+                owners = deal([weight for _, _, weight in entries], get_pg_size(pg))
+                params_list = [[] for _ in range(get_pg_size(pg))]
+                for (_, p, _), owner in zip(entries, owners):
+                    params_list[owner].append(p)
+                mine = {id(p) for p in params_list[get_pg_rank(pg)]}
+                for group in {id(g): g for g, _, _ in entries}.values():
+                    group["params"] = [p for p in group["params"] if id(p) in mine]
+                if expert:
+                    self.expt_dp_params_list = params_list if len(params_list) > 1 else None
+                else:
+                    self.dp_cp_params_list = params_list
+
         @torch.no_grad()
         def allgather_params(self) -> None:
             for params_list, group in ((self.dp_cp_params_list, self.pg_collection.dp_cp),
@@ -80,9 +149,10 @@ def layer_wise(parts: list[tuple[torch.optim.Optimizer, Callable]], config):
         def load_state_dict(self, state_dict):
             super().load_state_dict(state_dict["optimizer"])
 
-    wrapped = [_Fp32Part(optimizer, config, init_fn) for optimizer, init_fn in parts]
+    wrapped = [_Fp32Part(part.optimizer, config, part.init_state) for part in parts]
     groups = ProcessGroupCollection.use_mpu_process_groups(["dp_cp", "expt_dp"])
-    return _LayerWise(wrapped, config, groups, init_state_fn_list=[fn for _, fn in parts])
+    return _LayerWise(wrapped, config, groups,
+                      init_state_fn_list=[part.init_state for part in parts])
 
 
 def allgather_padded(params_list: list[list[torch.Tensor]], group) -> None:

@@ -18,6 +18,9 @@ import torch
 from megasmol.config.sections import OptimizerSettings
 from megasmol.train.param_groups import weight_decay_overrides
 
+ADAM_STATE_TENSORS = 2
+"""Parameter-sized states of Megatron-Core's Adam(W) per parameter (``exp_avg``, ``exp_avg_sq``)."""
+
 
 def megatron_config(settings: OptimizerSettings, params_dtype: torch.dtype,
                     megatron_distributed: bool):

@@ -49,6 +49,10 @@ QUINTIC_COEFFICIENTS = (
 """(a, b, c) of ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, one set per iteration, cycled
 (emerging-optimizers' ``quintic`` set, which Megatron-Core uses; from modded-nanogpt)."""
 
+MOMENTUM = "momentum_buffer"
+STATES = (MOMENTUM,)
+"""Muon's per-parameter state tensors (each the parameter's shape)."""
+
 
 def newton_schulz(x: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """An approximately orthogonal ``U V^T`` for ``x = U S V^T`` (2-D, fp32 in and out).
@@ -139,10 +143,10 @@ class Muon(torch.optim.Optimizer):
                         continue
                     state = self.state[p]
                     if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
+                        state[MOMENTUM] = torch.zeros_like(p)
                     if group["weight_decay"]:
                         p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                    buf = state["momentum_buffer"]
+                    buf = state[MOMENTUM]
                     buf.lerp_(p.grad, 1.0 - mu)
                     u = p.grad.lerp(buf, mu) if self.settings.nesterov else buf
                     p.add_(self.orthogonalize(p, u), alpha=-group["lr"])
@@ -154,7 +158,7 @@ def _init_momentum(optimizer, config=None) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
-                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                optimizer.state[p][MOMENTUM] = torch.zeros_like(p)
 
 
 def is_muon_matrix(param: torch.Tensor) -> bool:
@@ -169,8 +173,9 @@ def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype
     from megatron.core import parallel_state
     from megatron.core.optimizer import ChainedOptimizer, get_megatron_optimizer
 
-    from megasmol.train.layer_wise import layer_wise
+    from megasmol.train.layer_wise import Part, layer_wise
     from megasmol.train.megatron_optim import (
+        ADAM_STATE_TENSORS,
         megatron_config,
         model_parallel_group,
         trainable_param_groups,
@@ -210,6 +215,7 @@ def build_muon(ddp_model, settings: OptimizerSettings, params_dtype: torch.dtype
         for p in matrices + others:
             p.requires_grad_(True)
     if settings.distributed:
-        return layer_wise([(muon, _init_momentum)]
-                          + [(inner.optimizer, inner.init_state_fn) for inner in adam], config)
+        return layer_wise([Part(muon, _init_momentum, state_tensors=len(STATES))]
+                          + [Part(inner.optimizer, inner.init_state_fn, ADAM_STATE_TENSORS)
+                             for inner in adam], config)
     return ChainedOptimizer([wrap(muon, config, _init_momentum, model_parallel_group())] + adam)

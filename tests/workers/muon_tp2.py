@@ -1,5 +1,8 @@
-"""torchrun worker on TP=2: Muon's update of each tensor-parallel shard equals the update one
-process computes for the whole matrix (Muon orthogonalizes the whole matrix, not each shard)."""
+"""Muon under TP=2: the update of each tensor-parallel shard equals the update one process
+computes for the whole matrix (Muon orthogonalizes the whole matrix, not each shard).
+
+:func:`record` runs inside ``layer_wise_layouts.py``'s TP=2 x DP=2 layout (one torchrun for
+both); run alone, this file is a torchrun worker on TP=2 (argv: the output file)."""
 
 import json
 import sys
@@ -26,11 +29,11 @@ def gather(shard, dim, group):
     return torch.cat(parts, dim=dim)
 
 
-def main():
+def record(spec) -> dict:
+    """Under an initialized TP=2 layout: per hidden matrix, the relative error against the whole
+    matrix's update, how far the step moved it, and how far it is from each shard's own update."""
     from megatron.core import parallel_state
 
-    spec = tiny_smollm3()
-    init_parallel(ParallelLayout(tensor_parallel=2), spec)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     set_seed(1)
     ddp = wrap_ddp(build_model(spec), distributed_optimizer=False)
@@ -75,8 +78,14 @@ def main():
             Muon([piece], muon, lr=LR, weight_decay=WD, qkv_split=reference.qkv_split).step()
             shards.append(piece.detach())
         blockwise[name] = float((after - torch.cat(shards, dim=p.partition_dim)).abs().max())
+    return {"errors": errors, "changes": changes, "blockwise": blockwise}
+
+
+def main():
+    spec = tiny_smollm3()
+    init_parallel(ParallelLayout(tensor_parallel=2), spec)
+    result = record(spec)
     if torch.distributed.get_rank() == 0:
-        result = {"errors": errors, "changes": changes, "blockwise": blockwise}
         Path(sys.argv[1]).write_text(json.dumps(result))
     shutdown()
 
