@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import random
 import socket
@@ -56,6 +58,36 @@ def run_cli(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Co
     if check and proc.returncode != 0:
         raise AssertionError(f"megasmol {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``megasmol ARGS`` run by the CLI's ``main`` in this process: what it prints and its exit
+    code, as ``run_cli`` gives them, without a fresh interpreter: a command that loads torch and
+    Megatron-Core costs 5-6 s of CPU in a process of its own (init 5.8, export-hf 5.7, eval
+    tasks 9.2 on the 2-core VM), most of it imports. For commands that stop before training or
+    any distributed setup (a refused input, a dry run) or only read checkpoints (init, export,
+    eval, generate): one that must show how a real process ends keeps ``run_cli``, and so does a
+    test that uses a model it built before the command (the command's ``shutdown()`` ends that
+    model's groups). An exception ``main`` lets through (a traceback in a real process) fails
+    the test."""
+    import torch.distributed
+
+    from megasmol.cli import main
+
+    had_group = torch.distributed.is_initialized()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    # A command that set up a process group would leave this worker's runtime changed.
+    assert had_group or not torch.distributed.is_initialized(), f"megasmol {args[0]}: use run_cli"
+    if had_group and not torch.distributed.is_initialized():
+        # It shut down the runtime it found (commands end with `shutdown()`): the next tests get
+        # one again, but a model built before the command holds the old groups.
+        ensure_megatron_runtime()
+    return subprocess.CompletedProcess(["megasmol", *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session", autouse=True)

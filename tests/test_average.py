@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megasmol.ckpt.reader import CheckpointReader
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import cli_in_process, run_cli, run_torchrun
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +36,9 @@ def _expected(readers, weights, key):
 
 
 def test_copies_average_to_themselves_and_a_merge_is_the_weighted_sum(inputs, megatron_runtime):
-    out = run_cli("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"),
-                  "--quiet")
+    out = cli_in_process("average", "--checkpoints", *[str(inputs / "a")] * 3, "--out", str(inputs / "same"),
+                         "--quiet")
+    assert out.returncode == 0, out.stderr
     assert "0.3333" in out.stdout and "(step 0)" in out.stdout
     # Named for what it is, never a training step's iter_*; latest names it; the output says so.
     written = inputs / "same" / "avg_iter_0000000-0000000-0000000"

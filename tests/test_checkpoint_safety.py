@@ -27,7 +27,7 @@ from megasmol.ckpt.reader import CheckpointReader
 from megasmol.ckpt.train_state import capture_rng, prune_checkpoints, restore_rng
 from megasmol.convert.export import export_hf
 from megasmol.model.init import init_checkpoint
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 from tests.specs import tiny_smollm3
 
 
@@ -63,7 +63,7 @@ def test_crafted_dcp_metadata_is_refused_before_it_runs(checkpoint, tmp_path, ll
     for command in (["export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")],
                     ["generate", "--checkpoint", str(ckpt), "--prompt", "hi",
                      "--tokenizer", str(llama_tokenizer_dir)]):
-        proc = run_cli(*command, check=False)
+        proc = cli_in_process(*command)
         assert proc.returncode == 2, proc.stderr
         assert "refuses to load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not marker.exists()
@@ -190,22 +190,20 @@ def test_outputs_that_would_damage_a_run_are_refused(checkpoint, tmp_path):
         check_output_dir(checkpoint.parent, sources=(checkpoint / "iter_0000000",))
     ckpt = _copy(checkpoint, tmp_path)
     # CLI: init / import-hf onto a run's checkpoints, export over its own source, --out a file.
-    proc = run_cli("init", "--spec", "smollm3-tiny", "--out", str(run / "checkpoints"), check=False)
+    proc = cli_in_process("init", "--spec", "smollm3-tiny", "--out", str(run / "checkpoints"))
     assert proc.returncode == 2 and "holds a training run's checkpoints" in proc.stderr, proc.stderr
     assert (run / "checkpoints" / "latest").read_text() == "iter_0000010\n"
     export_hf(ckpt, tmp_path / "hf", show_progress=False)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask(), modes
-    proc = run_cli("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(run / "checkpoints"),
-                   check=False)
+    proc = cli_in_process("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(run / "checkpoints"))
     assert proc.returncode == 2 and "holds a training run's checkpoints" in proc.stderr
-    proc = run_cli("export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite",
-                   check=False)
+    proc = cli_in_process("export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--overwrite")
     assert proc.returncode == 2 and "which this command reads" in proc.stderr
     assert read_metadata(ckpt)["step"] == 0
     (tmp_path / "afile").write_text("x")
     for args in (["--out", str(tmp_path / "afile")], ["--out", str(tmp_path / "x"), "--max-shard-gb", "0"]):
-        proc = run_cli("export-hf", "--checkpoint", str(ckpt), *args, check=False)
+        proc = cli_in_process("export-hf", "--checkpoint", str(ckpt), *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -219,15 +217,16 @@ def test_damaged_checkpoints_give_one_line(checkpoint, tmp_path):
     ckpt = _copy(checkpoint, tmp_path)
     iteration = ckpt / "iter_0000000"
 
-    def one_line(match):
-        proc = run_cli("export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"),
-                       "--quiet", check=False)
+    def one_line(match, run=cli_in_process):
+        proc = run("export-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"), "--quiet")
         assert proc.returncode == 2 and match in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
     shard = next(iteration.glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])  # truncated: DCP's CheckpointException
-    one_line("cannot read embedding.word_embeddings.weight: a file ends early")
+    # A real process once (nothing else on its stderr either), then in this one.
+    one_line("cannot read embedding.word_embeddings.weight: a file ends early",
+             lambda *args: run_cli(*args, check=False))
     (iteration / "common.pt").unlink()
     one_line("common.pt is missing")
     (ckpt / "latest").write_text("")
@@ -263,10 +262,10 @@ def test_damaged_hf_inputs_give_one_line(checkpoint, tmp_path):
     export_hf(checkpoint, tmp_path / "hf", show_progress=False)
     weights = tmp_path / "hf" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    proc = run_cli("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "a"), check=False)
+    proc = cli_in_process("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "a"))
     assert proc.returncode == 2 and "model.safetensors" in proc.stderr and "Traceback" not in proc.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "4"}))
-    proc = run_cli("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"), check=False)
+    proc = cli_in_process("import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "b"))
     assert proc.returncode == 2 and "num_hidden_layers must be a positive integer" in proc.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -13,7 +13,7 @@ from megasmol.convert.import_hf import import_hf
 from megasmol.decode.cached import greedy_generate
 from megasmol.model.init import init_checkpoint
 from megasmol.model.load import load_checkpoint_model
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 from tests.specs import tiny_llama, tiny_smollm3
 
 
@@ -197,8 +197,8 @@ def test_export_rejects_bad_input(tmp_path):
     with pytest.raises(CheckpointError, match="corrupt"):
         export_hf(tmp_path / "ckpt", tmp_path / "hf", show_progress=False)
     assert not (tmp_path / "hf").exists()
-    proc = run_cli("export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out",
-                   str(tmp_path / "hf"), check=False)
+    proc = cli_in_process("export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                          str(tmp_path / "hf"))
     assert proc.returncode == 2 and "corrupt" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -10,7 +10,7 @@ import yaml
 from megasmol.config.run import load_run_config
 from megasmol.data.audit import audit_plan, audit_run
 from megasmol.data.recipe import plan_stages
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 from tests.data_fixtures import EOS, recipe_at, write_dataset
 
 
@@ -58,8 +58,7 @@ def test_cli_data_audit_exit_codes(tmp_path):
     assert report.ok and report.rows[0].tokens_available == int(1020 * 0.99)
     proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"))
     assert proc.returncode == 0 and "audit: OK" in proc.stdout
-    proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"), "--set", "data.root=/nowhere",
-                   check=False)
+    proc = cli_in_process("data-audit", "--config", str(tmp_path / "run.yaml"), "--set", "data.root=/nowhere")
     assert proc.returncode == 1 and "missing /nowhere/d.bin/.idx" in proc.stdout
     proc = run_cli("data-audit", "--config", str(tmp_path / "run.yaml"), "--set", "training.gbs=3",
                    check=False)

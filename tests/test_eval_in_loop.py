@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
 WORDS = ["<unk>", "</s>"] + ("the a cat dog sat ran on under mat rug red blue one two three four "
@@ -128,9 +128,10 @@ def test_in_loop_scores_equal_the_offline_command_and_change_no_loss(single, tmp
     tasks = ",".join(str(single["root"] / f"{t}.yaml") for t in ("cloze", "gen", "mini.suite"))
     for step in (3, 6):
         out = tmp_path / f"offline{step}"
-        run_cli("eval", "tasks", "--checkpoint", str(run / "checkpoints" / f"iter_{step:07d}"),
-                "--tasks", tasks, "--num-fewshot", "1", "--seed", "7", "--limit", "12", "--out",
-                str(out), "--quiet", "--overwrite")
+        assert cli_in_process(
+            "eval", "tasks", "--checkpoint", str(run / "checkpoints" / f"iter_{step:07d}"), "--tasks",
+            tasks, "--num-fewshot", "1", "--seed", "7", "--limit", "12", "--out", str(out), "--quiet",
+            "--overwrite").returncode == 0
         document = json.loads((out / "results.json").read_text())
         offline = document["results"]
         assert offline["copa"]["examples"] == 12 and offline["copa"]["num_fewshot"] == 0  # the suite's

@@ -23,7 +23,7 @@ from megasmol.eval.tasks.spec import TaskSpec
 from megasmol.eval.tasks.task import Task
 from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 from tests.specs import tiny_smollm3
 
 ITEMS = Path(__file__).parent / "fixtures" / "eval" / "items.jsonl"
@@ -162,8 +162,9 @@ def test_winogrande_partial_scoring_equals_lm_eval(model, tmp_path, monkeypatch,
 
 def test_cli_writes_results_and_samples(model, tmp_path):
     out = tmp_path / "out"
-    proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
-                   f"{ITEMS},demo_arithmetic", "--limit", "20", "--out", str(out), "--quiet")
+    proc = cli_in_process("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks",
+                          f"{ITEMS},demo_arithmetic", "--limit", "20", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
     assert "acc_norm" in proc.stdout and "demo_arithmetic" in proc.stdout
     # lm-eval's layout, the paths printed: OUT/MODEL/TIMESTAMP/ (MODEL: the model's path, / as __).
     written = Path(proc.stdout.split("results: ")[1].split()[0])
@@ -180,8 +181,9 @@ def test_cli_writes_results_and_samples(model, tmp_path):
     # The same seeded subset every time; --overwrite writes OUT's own files, replacing them.
     (tmp_path / "again").mkdir()
     (tmp_path / "again" / "results.json").write_text("an earlier evaluation's")
-    again = run_cli("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "demo_arithmetic",
-                    "--limit", "20", "--out", str(tmp_path / "again"), "--quiet", "--overwrite")
+    again = cli_in_process("eval", "tasks", "--hf", str(model / "hf"), "--tasks", "demo_arithmetic",
+                           "--limit", "20", "--out", str(tmp_path / "again"), "--quiet", "--overwrite")
+    assert again.returncode == 0, again.stderr
     assert f"results: {tmp_path / 'again' / 'results.json'}" in again.stdout
     assert json.loads((tmp_path / "again" / "results.json").read_text())["results"]["demo_arithmetic"]
     prompts = [s["prompt"] for s in samples if s["task"] == "demo_arithmetic"]
@@ -238,8 +240,8 @@ def test_bad_task_input_gives_one_clear_error(tmp_path, model):
             load_task(str(path)).examples()
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         load_task("nope")
-    proc = run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt" / "iter_0000000" / "tokenizer"),
-                   "--tasks", str(ITEMS), "--out", str(tmp_path / "o"), check=False)
+    proc = cli_in_process("eval", "tasks", "--checkpoint", str(model / "ckpt" / "iter_0000000" / "tokenizer"),
+                          "--tasks", str(ITEMS), "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert not (tmp_path / "o").exists()
 
@@ -275,8 +277,8 @@ def test_task_definitions_render_records_like_lm_eval(tmp_path):
 @pytest.fixture(scope="module")
 def single_process_lls(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
-    run_cli("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
-            "--out", str(out), "--quiet", "--overwrite")
+    assert cli_in_process("eval", "tasks", "--checkpoint", str(model / "ckpt"), "--tasks", str(ITEMS),
+                          "--out", str(out), "--quiet", "--overwrite").returncode == 0
     return out
 
 
@@ -347,8 +349,8 @@ def test_free_generation_is_the_same_on_both_backends_and_scored_by_exact_match(
     outputs = {}
     for flag, source in (("--checkpoint", model / "ckpt"), ("--hf", model / "hf")):
         out = tmp_path / flag.strip("-")
-        run_cli("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen", "--limit", "4",
-                "--out", str(out), "--quiet", "--overwrite")
+        assert cli_in_process("eval", "tasks", flag, str(source), "--tasks", "demo_arithmetic_gen",
+                              "--limit", "4", "--out", str(out), "--quiet", "--overwrite").returncode == 0
         outputs[flag] = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     # Megatron-Core with its KV cache and transformers' generate write the same text, decoding the
     # four prompts (of different lengths) as one batch; one prompt at a time writes it too.
@@ -386,8 +388,8 @@ def test_few_shot_prompts_are_seeded_and_a_missing_tokenizer_is_named(model, tmp
     assert prompts[0] == prompts[1] != prompts[2]
     assert all(p.count("Question:") == 3 for p in prompts[0])  # two shots, then the question
     init_checkpoint(tiny_smollm3(), tmp_path / "bare")  # no tokenizer stored with it
-    proc = run_cli("eval", "tasks", "--checkpoint", str(tmp_path / "bare"), "--tasks", str(ITEMS),
-                   "--out", str(tmp_path / "o"), check=False)
+    proc = cli_in_process("eval", "tasks", "--checkpoint", str(tmp_path / "bare"), "--tasks", str(ITEMS),
+                          "--out", str(tmp_path / "o"))
     assert proc.returncode == 2 and "no tokenizer stored with it" in proc.stderr
     assert not (tmp_path / "o").exists()
 

@@ -9,7 +9,7 @@ import torch
 from megasmol.ckpt.checkpoint import read_metadata
 from megasmol.longctx.passkey import NEEDLE, build_prompt, evaluate, score
 from megasmol.model.run_spec import run_model_spec
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import cli_in_process, run_cli, run_torchrun
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, write_training_run
 
@@ -28,8 +28,8 @@ def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path
     meta = read_metadata(tmp_path / "long" / "run" / "checkpoints")
     assert meta["model_spec"]["rope_theta"] == 1.0e6
     assert meta["run_config"]["data"]["seq_length"] == 256
-    run_cli("export-hf", "--checkpoint", str(tmp_path / "long" / "run" / "checkpoints"),
-            "--out", str(tmp_path / "hf"))
+    assert cli_in_process("export-hf", "--checkpoint", str(tmp_path / "long" / "run" / "checkpoints"),
+                          "--out", str(tmp_path / "hf")).returncode == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["rope_parameters"]["rope_theta"] == 1.0e6
 
@@ -69,7 +69,8 @@ def test_causal_context_parallel_matches_one_rank(tmp_path):
     sections = dict(eval={"interval": 0}, data={"document_masking": False},
                     checkpoint={"interval": 0})
     single = write_training_run(tmp_path / "one", steps=8, **sections)
-    run_cli("init", "--spec", str(tmp_path / "one" / "spec.yaml"), "--out", str(tmp_path / "init"))
+    assert cli_in_process("init", "--spec", str(tmp_path / "one" / "spec.yaml"),
+                          "--out", str(tmp_path / "init")).returncode == 0
     run_cli("train", "--config", str(single), "--set", f"checkpoint.init_from={tmp_path / 'init'}")
     split = write_training_run(tmp_path / "cp", steps=8, **sections)
     run_torchrun(["-m", "megasmol", "train", "--config", str(split), "--set", "parallel.context_parallel=2",
@@ -138,8 +139,8 @@ def test_passkey_scores_only_generated_tokens(llama_tokenizer_dir):
 
 
 def test_passkey_cli_on_a_random_model_is_near_chance(tmp_path, llama_tokenizer_dir):
-    run_cli("init", "--spec", "smollm3-tiny", "--out", str(tmp_path / "ckpt"),
-            "--tokenizer", str(llama_tokenizer_dir))
+    assert cli_in_process("init", "--spec", "smollm3-tiny", "--out", str(tmp_path / "ckpt"),
+                          "--tokenizer", str(llama_tokenizer_dir)).returncode == 0
     proc = run_cli("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
                    "--depths", "0,0.5,1", "--trials", "2", "--out", str(tmp_path / "out"), "--quiet")
     report = json.loads((tmp_path / "out" / "passkey.json").read_text())

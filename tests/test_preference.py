@@ -12,7 +12,7 @@ import pytest
 
 from megasmol.data.preference.prepare import prepare_preferences
 from megasmol.model.init import init_checkpoint
-from tests.conftest import run_cli, run_torchrun
+from tests.conftest import cli_in_process, run_cli, run_torchrun
 from tests.specs import tiny_smollm3
 from tests.test_preference_data import _msg, _write
 from tests.train_fixtures import step_losses
@@ -272,8 +272,8 @@ def test_sft_to_apo_to_merge_to_export_to_transformers_generate(pref_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root, _ = pref_run
-    run_cli("average", "--checkpoints", str(root / "run" / "checkpoints"), str(root / "sft"),
-            "--weights", "0.9", "0.1", "--out", str(root / "merged"), "--quiet")
+    assert cli_in_process("average", "--checkpoints", str(root / "run" / "checkpoints"), str(root / "sft"),
+                          "--weights", "0.9", "0.1", "--out", str(root / "merged"), "--quiet").returncode == 0
     run_cli("export-hf", "--checkpoint", str(root / "merged"), "--out", str(root / "merged-hf"),
             "--tokenizer", str(root / "data" / "pref.tokenizer"), "--chat-template", "chatml", "--quiet")
     tokenizer = AutoTokenizer.from_pretrained(root / "merged-hf")

@@ -11,7 +11,7 @@ import pytest
 
 from megasmol.preflight.dcgm import parse_dcgm_json, run_dcgm
 from megasmol.preflight.report import CheckResult, PreflightReport
-from tests.conftest import REPO, free_port, run_cli
+from tests.conftest import REPO, cli_in_process, free_port, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dcgm"
 
@@ -95,9 +95,9 @@ def test_without_the_slow_rank_both_pass(tmp_path):
 
 
 def test_dry_run_rejects_an_impossible_layout(tmp_path):
-    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
-                   "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
-                   "--set", "parallel.tensor_parallel=3", check=False)
+    proc = cli_in_process("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
+                          "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
+                          "--set", "parallel.tensor_parallel=3")
     assert proc.returncode == 1
     assert "dry_run" in proc.stdout and "tensor_parallel=3 does not divide" in proc.stdout
 
@@ -107,9 +107,9 @@ def test_planning_another_world_size_writes_nothing_here(tmp_path):
     are this machine's, so nothing is timed there and nothing is written (it used to write 537 MB
     and leave an empty checkpoint directory behind)."""
     run_dir = tmp_path / "planned"
-    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--world-size", "384",
-                   "--skip", "gemm,memory_bandwidth,collectives,dcgm,nvml,dry_run",
-                   "--set", f"run_dir={run_dir}", check=False)
+    proc = cli_in_process("preflight", "--config", "examples/smollm3/pretrain.yaml", "--world-size", "384",
+                          "--skip", "gemm,memory_bandwidth,collectives,dcgm,nvml,dry_run",
+                          "--set", f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert not run_dir.exists() and not list(tmp_path.iterdir())
     [write] = [line for line in proc.stdout.splitlines() if line.startswith("storage_write")]
@@ -160,9 +160,10 @@ def test_the_table_shows_paths_relative_to_the_current_directory(monkeypatch, tm
 
 def test_dry_run_memory_of_smollm3_3b_matches_a_hand_estimate(tmp_path):
     out = tmp_path / "r.json"
-    proc = run_cli("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
-                   "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
-                   "--device-memory-gb", "80", "--json", str(out))
+    proc = cli_in_process("preflight", "--config", "examples/smollm3/pretrain.yaml", "--skip",
+                          "gemm,memory_bandwidth,storage,collectives,dcgm,nvml", "--world-size", "384",
+                          "--device-memory-gb", "80", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     [row] = [r for r in json.loads(out.read_text())["results"] if r["check"] == "dry_run"]
     assert row["status"] == "pass" and "TP2 PP1 CP1 DP192" in row["summary"], proc.stdout
     assert row["details"]["params_meta_built"] == 3_075_098_624
@@ -279,19 +280,18 @@ def test_dry_run_checks_the_attention_layout_and_counts_all_gathered_kv():
     assert any("all-gathered K/V" in note for note in sdpa.details["notes"])
 
 
-def _preflight_with(tmp_path, *args, path_prefix=None):
+def _preflight_with(tmp_path, *args, path_prefix=None, monkeypatch=None):
+    """The checks that read the node and the config (no timed ones), in this process."""
     out = tmp_path / "report.json"
-    env = dict(os.environ)
     if path_prefix:
-        env["PATH"] = f"{path_prefix}:{env['PATH']}"
-    cmd = [sys.executable, "-m", "megasmol", "preflight", "--json", str(out),
-           "--skip", "gemm,memory_bandwidth,storage,collectives,dry_run", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        monkeypatch.setenv("PATH", f"{path_prefix}:{os.environ['PATH']}")
+    proc = cli_in_process("preflight", "--json", str(out),
+                          "--skip", "gemm,memory_bandwidth,storage,collectives,dry_run", *args)
     rows = {(r["check"], r["target"]): r for r in json.loads(out.read_text())["results"]}
     return proc, rows
 
 
-def test_gpus_the_driver_lists_but_torch_cannot_see_are_a_no_go(tmp_path):
+def test_gpus_the_driver_lists_but_torch_cannot_see_are_a_no_go(tmp_path, monkeypatch):
     """This machine has no GPU: stand-ins for nvidia-smi and dcgmi play a node whose driver sees
     GPUs (one failing DCGM's memory test) while torch sees none. That used to be a silent GO."""
     bin_dir = tmp_path / "bin"
@@ -301,7 +301,7 @@ def test_gpus_the_driver_lists_but_torch_cannot_see_are_a_no_go(tmp_path):
     (bin_dir / "dcgmi").write_text(f"#!/bin/sh\ncat {FIXTURES / 'gpu1_memory_fail.json'}\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    proc, rows = _preflight_with(tmp_path, path_prefix=bin_dir)
+    proc, rows = _preflight_with(tmp_path, path_prefix=bin_dir, monkeypatch=monkeypatch)
     assert proc.returncode == 1, proc.stdout
     visibility = next(r for (check, _), r in rows.items() if check == "gpu_visibility")
     assert visibility["status"] == "fail"
@@ -429,8 +429,9 @@ def test_model_checks_run_the_configs_model_and_steps(tmp_path):
     assert speed["details"]["mfu"] == pytest.approx(speed["details"]["model_tflops_per_device"] / 2.0)
     assert speed["status"] == "fail" and "below 80% of it" in speed["summary"]  # 1e12 is not reached
     assert out.returncode == 1 and "audit" not in out.stdout.split("check ")[0]
-    quick = run_cli("preflight", "--config", str(config), "--allow-cpu", "--skip",
-                    "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,dry_run")
+    quick = cli_in_process("preflight", "--config", str(config), "--allow-cpu", "--skip",
+                           "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,dry_run")
+    assert quick.returncode == 0, quick.stdout + quick.stderr
     assert "runs at --level standard or long" in quick.stdout
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from megasmol.ckpt.object_store import MANIFEST
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 from tests.train_fixtures import (
     kill_session,
     start_train,
@@ -30,7 +30,8 @@ def reference(tmp_path_factory):
     """An uninterrupted local DP=2 run (distributed optimizer) from a saved initial checkpoint."""
     root = tmp_path_factory.mktemp("reference")
     config = write_training_run(root, steps=STEPS, checkpoint={"keep_last": 0}, eval={"interval": 0})
-    run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
+    assert cli_in_process("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"),
+                          "--seed", "3").returncode == 0
     torchrun_train(config, f"checkpoint.init_from={root / 'init'}", "optim.distributed=true")
     return {"root": root, "losses": step_losses(root / "run")}
 
@@ -84,7 +85,7 @@ def test_upload_killed_halfway_keeps_the_previous_latest(reference, s3, tmp_path
     # The readers take the bucket: export to Hugging Face straight from it.
     shutil.rmtree(local)
     out = tmp_path / "hf"
-    run_cli("export-hf", "--checkpoint", s3.url("run"), "--out", str(out))
+    assert cli_in_process("export-hf", "--checkpoint", s3.url("run"), "--out", str(out)).returncode == 0
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
 
 

@@ -12,7 +12,7 @@ import torch
 
 from megasmol.ckpt.reader import CheckpointReader
 from megasmol.ckpt.remote import RemoteCheckpoints
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,8 @@ def models(tmp_path_factory, llama_tokenizer_dir):
     """Two initialized smollm3-tiny checkpoints (4 layers) with the tokenizer stored beside them."""
     root = tmp_path_factory.mktemp("s3-readers")
     for name, seed in (("a", 3), ("b", 4)):
-        run_cli("init", "--spec", "smollm3-tiny", "--out", str(root / name), "--seed", str(seed),
-                "--tokenizer", str(llama_tokenizer_dir))
+        assert cli_in_process("init", "--spec", "smollm3-tiny", "--out", str(root / name), "--seed",
+                              str(seed), "--tokenizer", str(llama_tokenizer_dir)).returncode == 0
     return root
 
 
@@ -41,14 +41,15 @@ def test_eval_generate_and_chat_read_the_bucket(models, s3, tmp_path):
     remote = run_cli(*evaluate, "--checkpoint", url, "--out", str(tmp_path / "remote"))
     cached = Path(remote.stdout.split(f"downloading {url}/iter_0000000 to ")[1].split()[0])
     assert (cached / "megasmol.json").is_file() and (cached / "tokenizer").is_dir()
-    local = run_cli(*evaluate, "--checkpoint", str(models / "a"), "--out", str(tmp_path / "local"))
+    # The local copies' answers in this process (tests/conftest.py); the bucket's in fresh ones.
+    local = cli_in_process(*evaluate, "--checkpoint", str(models / "a"), "--out", str(tmp_path / "local"))
     assert _results(remote.stdout) == _results(local.stdout)
     assert _results(remote.stdout)["demo_arithmetic"]["examples"] == 10
 
     generate = ("generate", "--prompt", "The quick brown fox", "--max-new-tokens", "6", "--show-ids")
     remote = run_cli(*generate, "--checkpoint", url + "/iter_0000000")
     assert "downloading" not in remote.stdout  # the cached copy, checked once
-    local = run_cli(*generate, "--checkpoint", str(models / "a"))
+    local = cli_in_process(*generate, "--checkpoint", str(models / "a"))
     ids = remote.stdout.split("token ids:")[1].split()
     assert len(ids) == 5 + 6 and ids == local.stdout.split("token ids:")[1].split()
 
