@@ -45,8 +45,9 @@ def forward_step(data_iterator, model, loss_func, scored_only: bool = False,
 def forward_only_outputs(model, micro_batches: list[ModelInputs], loss_func,
                          scored_only: bool = True) -> list[dict]:
     """Forward only with ``loss_func``; on the last pipeline stage, what it reported for each
-    micro-batch (an empty list on other stages). ``scored_only=False``: the output layer runs
-    everywhere, exactly as in a training step (same GEMM shapes, same rounding)."""
+    micro-batch (an empty list on other stages). ``scored_only``: the output layer runs where the
+    loss mask counts only (False: everywhere); a pass that must round exactly as a training step
+    does takes its objective's choice (same GEMM shapes, same rounding)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     geometry = StepGeometry.of(micro_batches[0])

@@ -32,6 +32,9 @@ class Objective(Protocol):
     """The extra metric sums it reports, in order (``rewards/margins``...); empty for none."""
     unit: str
     """What ``count`` counts (``tokens``, ``pairs``): the step's log line names it."""
+    scored_only: bool
+    """True: the loss reads the per-token output only where the loss mask counts, so the training
+    forward runs the output layer at those positions only (``forward_step``'s ``scored_only``)."""
 
     def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport: ...
 

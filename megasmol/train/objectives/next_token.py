@@ -26,6 +26,7 @@ class TokenLoss:
 
     metric_names: tuple[str, ...] = ()
     unit = "tokens"
+    scored_only = False
 
     def __call__(self, inputs: ModelInputs, output_tensor: Tensor) -> LossReport:
         mask = inputs.loss_mask.reshape(-1).float()

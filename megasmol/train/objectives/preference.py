@@ -56,6 +56,7 @@ class PreferenceLoss:
     metric_names: tuple[str, ...] = ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                      "rewards/margins", "logps/chosen", "logps/rejected", "nll/chosen")
     unit = "pairs"
+    scored_only = False
 
     def __init__(self, config: PreferenceConfig):
         self.config = config

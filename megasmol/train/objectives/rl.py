@@ -52,6 +52,9 @@ class PolicyLoss:
         self.unit = LOSSES[rl.loss_type].unit
         self.engine_entropy = rollout_engine(rl.engine).reports_entropy
         """Whether the rollouts carry the policy's entropies (else no ``entropy`` is reported)."""
+        # The loss reads completion tokens only: the output layer runs there alone (a prompt's
+        # positions are most of a packed row, and a [tokens, vocabulary] GEMM most of the step).
+        self.scored_only = True
         probe = self._loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.long),
                            1, None, torch.zeros(1) if rl.beta > 0 else None, torch.zeros(1))
         self.metric_names: tuple[str, ...] = tuple(probe.sums)

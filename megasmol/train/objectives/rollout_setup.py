@@ -123,8 +123,10 @@ def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: li
 
 
 def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list[dict], name: str) -> None:
-    """``micro[i][name]``: every position's log-prob of its label under ``model``, from one
-    forward-only pass in the training packing (on the last pipeline stage, the one that needs it)."""
+    """``micro[i][name]``: each completion token's log-prob of its label under ``model`` (0
+    elsewhere), from one forward-only pass in the training packing, its output layer at the
+    completion tokens only as in the training step (``PolicyLoss.scored_only``: the same GEMM
+    shapes, the same rounding), on the last pipeline stage, the one that needs it."""
     from megasmol.data.masking import device_inputs
     from megasmol.runtime.pipeline import forward_only_outputs
 
@@ -135,7 +137,7 @@ def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list
     data = setup.config.data
     inputs = device_inputs(micro, setup.spec.eos_token_id, data.document_masking, setup.mask_format,
                            data.reset_position_ids)
-    outputs = forward_only_outputs(model, inputs, collect, scored_only=False)
+    outputs = forward_only_outputs(model, inputs, collect, scored_only=True)
     for mb, item in zip(micro, outputs):
         mb[name] = item["logps"].cpu().reshape(mb["tokens"].shape).double()
 
