@@ -7,12 +7,17 @@ output layer's matmul (the ``[tokens, vocab]`` logits), then Megatron-Core's
 (``training.cross_entropy: chunked``) as a training step runs it: the mask given as the loss
 weights, the gradients made in the forward. ``recompute`` (only when asked for: ``--variants``)
 is the chunked path without weights, as the preference and RL objectives run it: the backward
-recomputes the logits. Each variant runs once, in a fresh process, from the same inputs (fp32,
-SmolLM3-3B's hidden size and vocabulary); its peak memory is the growth of the process's peak
-RSS (``getrusage`` maxrss) over the forward and backward, the inputs already allocated, so it
-includes the weight's gradient (``vocab x hidden``) in all.
+recomputes the logits. Each variant runs once, in a fresh process, from the same inputs
+(SmolLM3-3B's hidden size and vocabulary; ``--dtype bf16``: the hidden states and the weight in
+bf16, as SmolLM3 trains, the loss in fp32 in both paths); its peak memory is the growth of the
+process's peak RSS (``getrusage`` maxrss) over the forward and backward, the inputs already
+allocated, so it includes the weight's gradient (``vocab x hidden``) in all. Time: wall-clock and
+the process's CPU time (user + system, all threads), both for the forward and backward.
+``--repeats N`` runs the variants N times, alternating (plain, chunked, plain, chunked, ...), and
+prints each run and the ratios of the medians.
 
     python bench/linear_cross_entropy.py --tokens 4096
+    python bench/linear_cross_entropy.py --tokens 4096 --dtype bf16
 """
 
 from __future__ import annotations
@@ -32,37 +37,46 @@ from megasmol.runtime.distributed import init_parallel
 
 variant, tokens, vocab, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 chunk_size = max(1, int(sys.argv[5]) // vocab) if int(sys.argv[5]) else None
+dtype = getattr(torch, sys.argv[6])
 init_parallel(ParallelLayout())
 gen = torch.Generator().manual_seed(0)
-h = torch.empty(tokens, 1, hidden).normal_(generator=gen).requires_grad_()
-w = torch.empty(vocab, hidden).normal_(std=0.02, generator=gen).requires_grad_()
+h = torch.empty(tokens, 1, hidden).normal_(generator=gen).to(dtype).requires_grad_()
+w = torch.empty(vocab, hidden).normal_(std=0.02, generator=gen).to(dtype).requires_grad_()
 labels = torch.randint(0, vocab, (1, tokens), generator=gen)
 mask = (torch.rand(1, tokens, generator=gen) > 0.1).float()  # a loss mask: 90% of the labels
 gc.collect()
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+cpu = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
 before = rss()
-start = time.perf_counter()
+start, cpu_start = time.perf_counter(), cpu()
 if variant == "plain":
-    logits = torch.matmul(h, w.t())  # the output layer: [s, b, v]
+    logits = torch.matmul(h, w.t())  # the output layer: [s, b, v] in the model's dtype
+    # Megatron-Core's CE upcasts to fp32 itself (a copy when the logits are bf16).
     loss = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t()).t()
     del logits
 else:
     loss = output_layer_loss(h, w, labels, loss_weights=mask if variant == "chunked" else None,
                              chunk_size=chunk_size)
 (loss * mask).sum().backward()
-seconds = time.perf_counter() - start
-print("RESULT " + json.dumps({"peak_bytes": rss() - before, "seconds": seconds,
+seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+print("RESULT " + json.dumps({"peak_bytes": rss() - before, "seconds": seconds, "cpu_seconds": cpu_seconds,
                               "mean_loss": loss.mean().item()}))
 """
 
 
-def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int) -> dict:
+def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int, dtype: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden),
-                           str(chunk_logits)], capture_output=True, text=True)
+                           str(chunk_logits), dtype], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
+
+
+def median(values: list) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def main() -> int:
@@ -73,22 +87,39 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["plain", "chunked"],
                         choices=["plain", "chunked", "recompute"])
     parser.add_argument("--chunk-logits", type=int, default=0,
-                        help="logits per chunk (default 0: the module's, DEFAULT_CHUNK_LOGITS = 2^25)")
+                        help="logits per chunk (default 0: the module's, DEFAULT_CHUNK_LOGITS)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the hidden states' and the weight's dtype (the loss is fp32 in both paths)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, alternating")
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain (the ratios are to it)")
-    results = {v: run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits) for v in args.variants}
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    runs: dict = {v: [] for v in args.variants}
+    for _ in range(args.repeats):
+        for v in args.variants:
+            runs[v].append(run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits, args.dtype))
     logits_bytes = args.tokens * args.vocab * 4
-    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}: "
-          f"logits {logits_bytes / 1e9:.3f} GB (fp32)")
-    print("| variant | peak RSS growth | time (forward + backward) | mean loss |")
-    print("|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['peak_bytes'] / 1e9:.3f} GB | {r['seconds']:.1f} s | {r['mean_loss']:.6f} |")
+    model_logits = args.tokens * args.vocab * (2 if args.dtype == "bfloat16" else 4)
+    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.dtype}: "
+          f"logits {logits_bytes / 1e9:.3f} GB in fp32"
+          + (f", {model_logits / 1e9:.3f} GB in bf16" if model_logits != logits_bytes else ""))
+    print("| variant | peak RSS growth | time (forward + backward) | CPU time | mean loss |")
+    print("|---|---|---|---|---|")
+    for name, rs in runs.items():
+        for r in rs:
+            print(f"| {name} | {r['peak_bytes'] / 1e9:.3f} GB | {r['seconds']:.1f} s "
+                  f"| {r['cpu_seconds']:.1f} s | {r['mean_loss']:.6f} |")
+    med = {name: {key: median([r[key] for r in rs]) for key in ("peak_bytes", "seconds", "cpu_seconds")}
+           for name, rs in runs.items()}
     for name in (v for v in args.variants if v != "plain"):
-        saved = results["plain"]["peak_bytes"] - results[name]["peak_bytes"]
-        print(f"{name}: peak saved {saved / 1e9:.3f} GB = {saved / logits_bytes:.2f} x the logits; "
-              f"time {name} / plain: {results[name]['seconds'] / results['plain']['seconds']:.2f}")
+        saved = med["plain"]["peak_bytes"] - med[name]["peak_bytes"]
+        line = f"{name}: peak saved {saved / 1e9:.3f} GB = {saved / logits_bytes:.2f} x the fp32 logits"
+        if model_logits != logits_bytes:
+            line += f" = {saved / model_logits:.2f} x the bf16 logits"
+        print(f"{line}; time {name} / plain: {med[name]['seconds'] / med['plain']['seconds']:.2f} wall, "
+              f"{med[name]['cpu_seconds'] / med['plain']['cpu_seconds']:.2f} CPU")
     return 0
 
 

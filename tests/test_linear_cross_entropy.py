@@ -63,6 +63,38 @@ def test_chunked_model_equals_plain_model(megatron_runtime, z_loss_coeff, in_for
     assert max(errors.values()) < TOL, errors
 
 
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grads-in-forward", "recompute"])
+def test_bf16_inputs_match_the_fp32_loss_to_bf16_precision(in_forward):
+    """bf16 hidden states and weight (as SmolLM3 trains): the matmuls in bf16 through the reused
+    bf16 buffer, the loss and the weight's gradient in fp32; loss and gradients agree with the
+    fp32 computation on the same (bf16) inputs to bf16 precision, as the plain path's do."""
+    gen = torch.Generator().manual_seed(4)
+    tokens, hidden, vocab = 37, 16, 300
+    h32 = torch.randn(tokens, hidden, generator=gen).bfloat16().float()
+    w32 = (0.5 * torch.randn(vocab, hidden, generator=gen)).bfloat16().float()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    mask = (torch.rand(tokens, generator=gen) > 0.2).float()
+
+    def run(h, w, chunked):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if chunked:
+            loss = linear_cross_entropy(h, w, labels, z_loss_coeff=1e-2, chunk_size=8,
+                                        loss_weights=mask if in_forward else None)
+        else:
+            loss = plain_token_loss((h @ w.t()).float(), labels, 1e-2)
+        (loss * mask).sum().backward()
+        return loss.float(), h.grad.float(), w.grad.float()
+
+    expected = run(h32, w32, chunked=False)
+    chunked = run(h32.bfloat16(), w32.bfloat16(), chunked=True)
+    plain_bf16 = run(h32.bfloat16(), w32.bfloat16(), chunked=False)
+    assert chunked[1].dtype == torch.float32  # .float() of the bf16 gradients
+    for got, plain, want in zip(chunked, plain_bf16, expected):
+        error = ((got - want).abs().max() / want.abs().max()).item()
+        plain_error = ((plain - want).abs().max() / want.abs().max()).item()
+        assert error < 2e-2 and error <= 2 * plain_error + 1e-3, (error, plain_error)
+
+
 def test_z_loss_and_ignored_labels_change_the_loss():
     gen = torch.Generator().manual_seed(1)
     h, w = torch.randn(6, 8, generator=gen), torch.randn(50, 8, generator=gen)

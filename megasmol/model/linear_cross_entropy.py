@@ -73,9 +73,40 @@ def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``hidden @ weight.T`` in the model's dtype, upcast to the loss's."""
-    return torch.matmul(hidden, weight.t()).to(_loss_dtype(hidden.dtype))
+class _ChunkBuffers:
+    """The one logits buffer every chunk reuses (``[chunk, vocab/tp]`` in the loss's dtype, fp32
+    at least) and, when the model's dtype is narrower, one in the model's dtype for the matmuls'
+    inputs and outputs: no per-chunk allocation, no ``.to`` copies when already fp32."""
+
+    def __init__(self, chunk_size: int, n: int, hidden: torch.Tensor, weight: torch.Tensor):
+        rows = min(chunk_size, n)
+        self.model_dtype = hidden.dtype
+        self.dtype = _loss_dtype(hidden.dtype)
+        self.wide = torch.empty(rows, weight.shape[0], dtype=self.dtype, device=hidden.device)
+        self.narrow = (None if self.dtype == self.model_dtype else
+                       torch.empty(rows, weight.shape[0], dtype=self.model_dtype, device=hidden.device))
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``hidden @ weight.T`` into the wide buffer's first ``len(hidden)`` rows."""
+        rows = hidden.shape[0]
+        out = self.wide[:rows]
+        if self.narrow is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return out.copy_(torch.mm(hidden, weight.t(), out=self.narrow[:rows]))
+
+    def in_model_dtype(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """``grad_logits`` (the wide buffer's rows) for the hidden-state gradient's matmul."""
+        if self.narrow is None:
+            return grad_logits
+        return self.narrow[:grad_logits.shape[0]].copy_(grad_logits)
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
+                            hidden: torch.Tensor) -> None:
+    """``grad_weight += grad_logits.T @ hidden`` in the accumulator's dtype (fp32 at least)."""
+    if hidden.dtype != grad_weight.dtype:
+        hidden = hidden.to(grad_weight.dtype)
+    grad_weight.addmm_(grad_logits.t(), hidden)
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -89,13 +120,15 @@ class _RecomputeInBackward(torch.autograd.Function):
         target_logit = torch.zeros(n, dtype=dtype, device=hidden.device)
         local_target = labels - vocab_start
         in_range = (local_target >= 0) & (local_target < v_local)
+        buffers = _ChunkBuffers(chunk_size, n, hidden, weight)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight)
-            local_lse[start:end] = torch.logsumexp(logits, dim=-1)
+            logits = buffers.logits(hidden[start:end], weight)
             rows = in_range[start:end].nonzero().squeeze(-1)
             target_logit[start + rows] = logits[rows, local_target[start:end][rows]]
-            del logits
+            row_max = logits.amax(dim=-1)  # logsumexp in place: the buffer is scratch from here
+            local_lse[start:end] = row_max + torch.log(torch.exp_(logits.sub_(row_max[:, None])).sum(dim=-1))
+        del buffers
         if _group_size(group) > 1:
             # logsumexp over ranks of each rank's logsumexp = logsumexp over the whole vocabulary.
             global_max = local_lse.clone()
@@ -122,20 +155,20 @@ class _RecomputeInBackward(torch.autograd.Function):
         grad_loss = grad_loss.to(dtype)
         # d loss / d logit_j = softmax_j * (1 + 2 z lse) - [j == target]
         scale = grad_loss * (1.0 + 2.0 * ctx.z_loss_coeff * lse)
+        buffers = _ChunkBuffers(chunk, n, hidden, weight)
         for start in range(0, n, chunk):
             end = min(start + chunk, n)
-            logits = _chunk_logits(hidden[start:end], weight)
+            logits = buffers.logits(hidden[start:end], weight)
             grad_logits = torch.exp_(logits.sub_(lse[start:end, None]))  # softmax, in place
             grad_logits.mul_(scale[start:end, None])
             rows = in_range[start:end].nonzero().squeeze(-1)
             grad_logits[rows, local_target[start:end][rows]] -= grad_loss[start:end][rows]
-            grad_logits = grad_logits.to(hidden.dtype)
             if need_hidden:
-                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+                torch.mm(buffers.in_model_dtype(grad_logits), weight, out=grad_hidden[start:end])
             if need_weight:
-                grad_weight.addmm_(grad_logits.t().to(dtype), hidden[start:end].to(dtype))
-            del logits, grad_logits
-        if need_weight:
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end])
+        del buffers
+        if need_weight and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
@@ -143,7 +176,9 @@ class _RecomputeInBackward(torch.autograd.Function):
 class _GradientsInForward(torch.autograd.Function):
     """The loss and, in the same pass over each chunk, its gradients with respect to the hidden
     states and the output weight for an upstream gradient ``c * loss_weights`` (``c`` a scalar
-    known only in the backward): three matmuls per chunk, nothing recomputed."""
+    known only in the backward): three matmuls per chunk, nothing recomputed, all of a chunk's
+    elementwise work in place in the one reused chunk buffer, the weight's gradient accumulated
+    with ``addmm_`` into one buffer."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, loss_weights, z_loss_coeff, chunk_size, vocab_start, group):
@@ -158,9 +193,10 @@ class _GradientsInForward(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        buffers = _ChunkBuffers(chunk_size, n, hidden, weight)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = _chunk_logits(hidden[start:end], weight)
+            logits = buffers.logits(hidden[start:end], weight)
             rows = in_range[start:end].nonzero().squeeze(-1)
             cols = local_target[start:end][rows]
             target_logit[start + rows] = logits[rows, cols]
@@ -178,15 +214,14 @@ class _GradientsInForward(torch.autograd.Function):
             w = weights[start:end]
             grad_logits = exp.mul_((w * (1.0 + 2.0 * z_loss_coeff * chunk_lse) / sum_exp)[:, None])
             grad_logits[rows, cols] -= w[rows]
-            grad_logits = grad_logits.to(hidden.dtype)
             if grad_hidden is not None:
-                torch.matmul(grad_logits, weight, out=grad_hidden[start:end])
+                torch.mm(buffers.in_model_dtype(grad_logits), weight, out=grad_hidden[start:end])
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t().to(dtype), hidden[start:end].to(dtype))
-            del logits, exp, grad_logits
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end])
+        del buffers
         if tp > 1:
             torch.distributed.all_reduce(target_logit, group=group)
-        if grad_weight is not None:
+        if grad_weight is not None and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.gradients = (grad_hidden, grad_weight)
         ctx.save_for_backward(weights)
