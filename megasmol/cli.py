@@ -21,7 +21,7 @@ from megasmol.errors import RunFailure, UserError
 from megasmol.eval.commands import add_eval_parser
 from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
-from megasmol.rl.commands import add_rl_parsers
+from megasmol.preflight.engine_commands import add_rl_parsers
 from megasmol.runtime.openmp import passive_waits
 from megasmol.utils.argtypes import InputPath, at_least, input_path
 from megasmol.utils.fs import shown, shown_paths

@@ -13,7 +13,7 @@ from megasmol.config.typed import ConfigError, from_dict
 from megasmol.decode.megatron_dynamic import _completion, call_seed, divided_logits, megatron_sampling
 from megasmol.decode.sampling import SamplingParams
 from megasmol.errors import RunFailure
-from megasmol.rl.engines import ROLLOUT_ENGINES
+from megasmol.train.rollout_engines import ROLLOUT_ENGINES
 from tests.rl_fixtures import write_rl_run
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
@@ -21,13 +21,18 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(),
 
 
 def test_the_engines_are_a_registry_and_an_unknown_name_is_refused_naming_the_field():
+    import typing
+
     assert list(ROLLOUT_ENGINES) == ["megasmol", "megatron-dynamic"]
+    # The config (below the training room) names the engines; the registry has exactly those.
+    assert list(typing.get_args(typing.get_type_hints(RLConfig)["engine"])) == list(ROLLOUT_ENGINES)
     assert RLConfig().engine == "megasmol"
     assert ROLLOUT_ENGINES["megasmol"].reports_entropy
     assert not ROLLOUT_ENGINES["megatron-dynamic"].reports_entropy
     from_dict(RLConfig, {"engine": "megatron-dynamic"}, "rl").validate()  # a name it knows
-    with pytest.raises(ConfigError, match="rl.engine must be one of megasmol, megatron-dynamic, got 'vllm'"):
+    with pytest.raises(ConfigError, match="rl.engine") as refused:
         from_dict(RLConfig, {"engine": "vllm"}, "rl").validate()
+    assert "'vllm'" in str(refused.value) and "megatron-dynamic" in str(refused.value)
 
 
 def _check(tmp_path, *sets):
@@ -52,7 +57,7 @@ def test_what_megatron_core_cannot_take_is_refused_naming_the_field(tmp_path):
     import importlib.util
 
     from megasmol.config.run import load_run_config
-    from megasmol.rl.engines import dynamic_engine_limits
+    from megasmol.train.rollout_engines import dynamic_engine_limits
 
     path = write_rl_run(tmp_path, steps=2)
     for sets, message in ((["training.precision=fp32"], "needs training.precision bf16"),
@@ -154,7 +159,7 @@ def test_the_check_scores_completions_as_the_trainer_and_can_fail():
     passes; scored at the wrong temperature, the same tokens fail it."""
     from megasmol.decode.cached import generate
     from megasmol.model.load import single_process_model
-    from megasmol.rl.engine_check import teacher_forced_logps
+    from megasmol.preflight.engine_check import teacher_forced_logps
     from megasmol.rl.logp_agreement import PASS_BELOW, compare_logps, padded
     from tests.specs import tiny_llama
 
@@ -172,7 +177,7 @@ def test_the_check_scores_completions_as_the_trainer_and_can_fail():
 
 
 def test_the_table_shows_each_engine_and_the_verdict():
-    from megasmol.rl.engine_check import EngineTiming, table
+    from megasmol.preflight.engine_check import EngineTiming, table
     from megasmol.rl.logp_agreement import LogpComparison
 
     lines = table([EngineTiming("megatron-dynamic", 500, 2.0), EngineTiming("megasmol", 480, 6.0)],

@@ -27,8 +27,8 @@ class RLConfig:
     rollout batch one optimizer step (TRL's ``steps_per_generation`` = gradient accumulation
     steps, its default), used ``num_iterations`` times."""
 
-    engine: str = "megasmol"
-    """Which engine samples the rollouts (:data:`megasmol.rl.engines.ROLLOUT_ENGINES`), always
+    engine: Literal["megasmol", "megatron-dynamic"] = "megasmol"
+    """Which engine samples the rollouts (the entries of ``train/rollout_engines.py``), always
     over the trainer's own model in the same process. ``megasmol`` (default): megasmol's decoder,
     on any device and parallel layout, one seeded generator per completion, exactly on-policy.
     ``megatron-dynamic``: Megatron-Core's ``DynamicInferenceEngine`` (continuous batching, paged
@@ -107,9 +107,6 @@ class RLConfig:
         return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def validate(self) -> None:
-        from megasmol.rl.engines import rollout_engine
-
-        rollout_engine(self.engine)
         for name in ("max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"rl.{name} must be >= 1, got {getattr(self, name)}")

@@ -45,8 +45,8 @@ class PolicyLoss:
     """The ``rl.loss_type`` loss of a micro-batch of packed completions, with TRL's metrics."""
 
     def __init__(self, rl: Any):
-        from megasmol.rl.engines import rollout_engine
         from megasmol.rl.policy_loss import LOSSES
+        from megasmol.train.rollout_engines import rollout_engine
 
         self.rl = rl
         self.unit = LOSSES[rl.loss_type].unit
@@ -201,7 +201,7 @@ class ReinforcementLearning:
         return is_prompt_set(prefix)
 
     def check(self, config: RunConfig, needed: bool) -> None:
-        from megasmol.rl.engines import rollout_engine
+        from megasmol.train.rollout_engines import rollout_engine
 
         rl = config.rl
         rollout_engine(rl.engine).check(config)

@@ -42,8 +42,8 @@ def _tokenizer(setup: TrainingSetup, prompts) -> Any:
 def rollout_context(setup: TrainingSetup) -> RolloutContext:
     from megatron.core import parallel_state
 
-    from megasmol.rl.engines import rollout_engine
     from megasmol.rl.rewards import build_rewards
+    from megasmol.train.rollout_engines import rollout_engine
 
     config, rl = setup.config, setup.config.rl
     sets = prompt_sets(setup)
@@ -86,40 +86,6 @@ def stop_ids(tokenizer, eos_token_id: int) -> set[int]:
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         ids.add(end_of_turn)
     return ids
-
-
-def sample_completions(setup: TrainingSetup, prompts: list[list[int]], seeds: list[int],
-                       stops: set[int]) -> list:
-    """Completions of ``prompts`` sampled by the run's model in its training layout: with the KV
-    cache when one process holds the whole model (any data parallelism), else through the
-    pipeline schedule, recomputing the prefix (tensor, pipeline or context parallelism)."""
-    from megatron.core import parallel_state
-
-    from megasmol.decode.cached import generate
-    from megasmol.decode.sampling import SamplingParams
-
-    rl = setup.config.rl
-    sampling = SamplingParams(temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k)
-    def stop(row: int, ids: list[int]) -> bool:
-        return ids[-1] in stops
-
-    whole = (parallel_state.get_tensor_model_parallel_world_size() == 1
-             and parallel_state.get_pipeline_model_parallel_world_size() == 1
-             and parallel_state.get_context_parallel_world_size() == 1)
-    if whole:  # eval mode while decoding (Megatron-Core's KV-cache path asks for it)
-        training = setup.model.training
-        setup.model.eval()
-        try:
-            return generate(setup.model, prompts, rl.max_completion_length, sampling=sampling,
-                            seeds=seeds, eos_token_id=setup.spec.eos_token_id, stop=stop)
-        finally:
-            setup.model.train(training)
-    from megasmol.decode.parallel import generate_parallel
-
-    return generate_parallel(setup.model, setup.ddp_model, prompts, rl.max_completion_length,
-                             micro_batch_size=setup.config.training.micro_batch_size,
-                             sampling=sampling, seeds=seeds, eos_token_id=setup.spec.eos_token_id,
-                             stop=stop)
 
 
 def attach_token_logps(setup: TrainingSetup, model: torch.nn.Module, micro: list[dict], name: str) -> None:

@@ -8,7 +8,7 @@ from megasmol.utils.argtypes import input_path, positive_int
 
 
 def cmd_check_engine(args) -> int:
-    from megasmol.rl.engine_check import check_engine
+    from megasmol.preflight.engine_check import check_engine
 
     passed = check_engine(args.config, args.set, args.checkpoint, args.prompts, args.threshold)
     return 0 if passed else 1

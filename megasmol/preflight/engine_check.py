@@ -57,7 +57,7 @@ def check_engine(config_path: str, overrides: list[str], checkpoint: Optional[st
                  threshold: float, say=print) -> bool:
     """Runs the check; True when it passes."""
     from megasmol.config.run import load_run_config
-    from megasmol.rl.engines import dynamic_engine_limits, needs_cuda
+    from megasmol.train.rollout_engines import dynamic_engine_limits, needs_cuda
 
     needs_cuda("check-engine", "run it on a GPU node")
     config = load_run_config(config_path, overrides)
