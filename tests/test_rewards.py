@@ -292,7 +292,7 @@ def test_the_batch_budget_scores_programs_not_started_in_time_zero(sandbox_tmp):
 
 
 def test_the_rl_demos_form_reward_wants_the_questions_own_operands():
-    """``megasmol demo --rl``'s second reward: the answer form with the asked A and B (the sum
+    """A form reward for ``megasmol demo --rl``'s prompts: the answer form with the asked A and B (the sum
     right or not), added to the math reward by weight."""
     text = ("<|im_start|>system\nYou are a calculator.<|im_end|>\n<|im_start|>user\nWhat is 3 + 4?"
             "<|im_end|>\n<|im_start|>assistant\n")

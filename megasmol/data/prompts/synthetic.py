@@ -29,7 +29,8 @@ def write_arithmetic_prompts(path: str | Path, pairs: Iterable[tuple[int, int]] 
 
 
 def restates_question(completions: list[str], records: list[Any], **_: Any) -> list[float]:
-    """The RL demo's form reward (``module:function``): 1 when the reply is in the SFT demo's answer
+    """A form reward for the RL demo's prompts (``module:function``; tried with the demo, not in its
+    shipped config: README): 1 when the reply is in the SFT demo's answer
     form ``A + B = C.`` with the question's own A and B (C right or not: the ``math`` reward
     scores it), else 0. The question is read from the rendered prompt (its last "What is A + B?")."""
     scores = []
