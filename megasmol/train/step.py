@@ -38,7 +38,7 @@ def forward_backward(model: torch.nn.Module, micro_batches: list[ModelInputs], *
     geometry = StepGeometry.of(micro_batches[0])
     outputs = get_forward_backward_func()(
         forward_step_func=partial(forward_step, loss_func=objective,
-                                  scored_only=forward_only or getattr(objective, "scored_only", False),
+                                  scored_only=forward_only or objective.scored_only,
                                   token_weights=None if forward_only else objective.token_weights),
         data_iterator=iter(micro_batches),
         model=[model],
