@@ -18,6 +18,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -66,11 +67,11 @@ class S3Server:
                             aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
 
 
-def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def _wait_for(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"moto server exited: {log.read_text(errors='replace')[-2000:]}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
@@ -79,15 +80,19 @@ def _wait_for(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
+def s3_server(tmp_path_factory):
     import boto3
 
     port = free_port()
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(_SETUP_ACTIONS)}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # The server logs a line per request on stderr: into a file, never a pipe nobody reads (a
+    # full pipe blocks the server's next write, and with it every request after it).
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=sink)
     try:
-        _wait_for(port, proc)
+        _wait_for(port, proc, log)
         endpoint = f"http://127.0.0.1:{port}"
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
                            aws_access_key_id="setup", aws_secret_access_key="setup")
@@ -101,7 +106,11 @@ def s3_server():
         yield S3Server(endpoint, users["writer"], users["reader"])
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass
