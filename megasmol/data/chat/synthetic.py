@@ -19,6 +19,7 @@ SYSTEM = "You are a calculator. Answer in the form A + B = C. /no_think"
 QUESTION = "What is {a} + {b}?"
 ANSWER = "{a} + {b} = {c}."
 _ANSWER = re.compile(r"^\s*(\d+) \+ (\d+) = (\d+)\.")
+_WHOLE_ANSWER = re.compile(r"(\d+) \+ (\d+) = (\d+)\.")
 
 WORDS = ("apple river stone cloud window garden silver music paper candle forest bridge yellow "
          "engine pocket winter mirror basket planet rabbit ladder violet copper desert harbor "
@@ -56,6 +57,12 @@ def grade(reply: str, a: int, b: int) -> tuple[bool, bool, bool]:
         return False, False, False
     echoed = (int(match.group(1)), int(match.group(2))) == (a, b)
     return True, echoed, echoed and int(match.group(3)) == a + b
+
+
+def in_answer_form(reply: str) -> bool:
+    """The whole reply is one ``X + Y = Z.`` (whitespace around it aside): the form the system turn
+    asks for and nothing else, whatever the numbers (``grade`` reads only the reply's start)."""
+    return _WHOLE_ANSWER.fullmatch(reply.strip()) is not None
 
 
 def noise_conversations(count: int, seed: int, words_per_turn: int = 8,

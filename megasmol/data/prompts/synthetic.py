@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from megasmol.data.chat.synthetic import arithmetic_pairs, arithmetic_record, grade, write_jsonl
+from megasmol.data.chat.synthetic import (
+    arithmetic_pairs,
+    arithmetic_record,
+    grade,
+    in_answer_form,
+    write_jsonl,
+)
 
 _QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 
@@ -41,3 +47,11 @@ def restates_question(completions: list[str], records: list[Any], **_: Any) -> l
         a, b = map(int, asked[-1])
         scores.append(float(grade(completion, a, b)[1]))
     return scores
+
+
+def answer_form(completions: list[str], records: list[Any], **_: Any) -> list[float]:
+    """The RL demo's reward (``module:function``): 1 when the whole reply is in the answer form the
+    system turn asks for, ``A + B = C.`` and nothing more (any numbers: the ``math`` reward scores
+    the sum), else 0. A rule checked on the text, as IFEval's verifiable instructions are: it
+    holds for every question, so what GRPO learns from it can be measured on held-out ones."""
+    return [float(in_answer_form(completion)) for completion in completions]
