@@ -19,7 +19,7 @@ a sum reward has nothing that carries to questions it did not train on: GRPO at 
 sampled reward a little on the training and the held-out questions alike, while the greedy
 replies fell from 20-27% to 10% on both, drifting into replies like ``8 +    9.`` that the
 flexible judge (the last number) pays as well as the form. The answer form is the instruction
-the SFT model follows only sometimes (about 7 samples in 10, greedy 4 in 10 with two-digit
+the SFT model follows only sometimes (about 6 samples in 10, greedy 4 in 10 with two-digit
 operands), and what GRPO learns from it holds for every question.
 """
 
