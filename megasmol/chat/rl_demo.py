@@ -39,11 +39,11 @@ def _rewards(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def held_out_scores(checkpoint: Path, prompt_prefix: Path,
-                    max_new_tokens: int = 16) -> tuple[float, float, float, tuple[str, str]]:
-    """(answer form, operands restated, sum right, an example) of ``checkpoint``'s greedy replies
-    to a prompt set: the form is the reward's rule (the whole reply ``A + B = C.``), the operands
-    those of the question, the sum the ``math`` reward's judge (the final number against the
-    reference); decoded together with the KV cache."""
+                    max_new_tokens: int = 16) -> tuple[float, float, float, int, tuple[str, str]]:
+    """(answer form, operands restated, sum right, distinct replies, an example) of
+    ``checkpoint``'s greedy replies to a prompt set: the form is the reward's rule (the whole reply
+    ``A + B = C.``), the operands those of the question, the sum the ``math`` reward's judge (the
+    final number against the reference); decoded together with the KV cache."""
     import re
 
     from megasmol.data.chat.synthetic import grade, in_answer_form
@@ -63,15 +63,17 @@ def held_out_scores(checkpoint: Path, prompt_prefix: Path,
                        eos_token_id=spec.eos_token_id, stop=lambda row, ids: ids[-1] in stops)
     form = restated = right = 0
     example = None
+    texts = set()
     for record, reply in zip(records, replies):
         text = tokenizer.decode([t for t in reply.tokens if t not in stops], skip_special_tokens=False)
         a, b = map(int, re.findall(r"What is (\d+) \+ (\d+)\?", record.text)[-1])
+        texts.add(text)
         form += in_answer_form(text)
         restated += in_answer_form(text) and grade(text, a, b)[1]
         right += matches(text, record.answer, "flexible")
         example = example or (f"What is {a} + {b}?", text)
     n = len(records)
-    return form / n, restated / n, right / n, example
+    return form / n, restated / n, right / n, len(texts), example
 
 
 def rose_beyond_noise(before: float, after: float, n: int) -> bool:
@@ -130,13 +132,13 @@ def run_rl_demo(workdir: Path, steps: int = 30, overrides: list[str] | None = No
     third = max(1, len(rewards) // 3)
     early = sum(r for _, r in rewards[:third]) / third
     late = sum(r for _, r in rewards[-third:]) / third
-    rows = [("model", "train reward", "answer form", "operands restated", "sum right")]
+    rows = [("model", "train reward", "answer form", "operands restated", "sum right", "distinct replies")]
     for label, reward, scores in (("SFT (start)", f"{early:.2f} (first third)", before),
                                   ("after GRPO", f"{late:.2f} (last third)", after)):
-        rows.append((label, reward, *(f"{100 * share:.0f}%" for share in scores[:3])))
+        rows.append((label, reward, *(f"{100 * share:.0f}%" for share in scores[:3]), str(scores[3])))
     print(f"[5/5] training reward and held-out questions ({len(test_pairs)}, greedy):")
     print("      " + format_table(rows).replace("\n", "\n      "))
-    print(f"      e.g. {after[3][0]!r} -> {after[3][1]!r}")
+    print(f"      e.g. {after[4][0]!r} -> {after[4][1]!r}")
     learned = late > early and rose_beyond_noise(before[0], after[0], len(test_pairs))
     print(f"RL demo finished in {time.time() - started:.0f}s (GRPO {rl_seconds:.0f}s): "
           + ("the reward and the held-out answer form rose" if learned
