@@ -93,19 +93,26 @@ def test_kill_during_save_keeps_previous_latest(reference, tmp_path, async_save)
 
 
 def test_bf16_run_resumes_exactly(reference, tmp_path):
-    """bf16 (Float16Module, fp32 master weights in the distributed optimizer) saves and resumes."""
+    """bf16 (Float16Module, fp32 master weights in the distributed optimizer) saves and resumes:
+    a run killed while saving step 10 resumes from step 5 and trains steps 6-10 again with the
+    losses it logged the first time, bit for bit. (The killed run's first pass is the
+    uninterrupted run up to step 10: no second bf16 run to compare with.)"""
     init = f"checkpoint.init_from={reference['root'] / 'init'}"
-    whole = write_training_run(tmp_path / "whole", steps=12, eval={"interval": 0})
-    train(whole, init, "training.precision=bf16")
-    expected = step_losses(tmp_path / "whole" / "run")
-    assert expected[12] < expected[1] - 0.2
-    broken = write_training_run(tmp_path / "broken", steps=12, eval={"interval": 0})
-    crashed = start_train(broken, init, "training.precision=bf16",
-                           env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
+    config = write_training_run(tmp_path, steps=12, eval={"interval": 0})
+    crashed = start_train(config, init, "training.precision=bf16",
+                          env_extra={"MEGASMOL_FAULT": "kill_in_save:10"})
     crashed.wait(timeout=300)
+    assert crashed.returncode == -signal.SIGKILL
     kill_session(crashed)
-    train(broken, init, "training.precision=bf16")
-    assert step_losses(tmp_path / "broken" / "run") == expected
+    first = step_losses(tmp_path / "run")
+    assert sorted(first) == list(range(1, 11))
+    resumed = train(config, init, "training.precision=bf16")
+    assert "at step 5" in resumed.stdout
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    again = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"][len(first):]
+    assert [step for step, _ in again] == list(range(6, 13))
+    assert [loss for step, loss in again if step <= 10] == [first[s] for s in range(6, 11)]
+    assert again[-1][1] < first[1] - 0.2  # and bf16 learns
 
 
 def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
@@ -123,23 +130,27 @@ def test_sigterm_saves_and_exits_then_resumes(reference, tmp_path):
     assert step_losses(tmp_path / "run") == reference["losses"]
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                                    "optim.distributed=true", "parallel.context_parallel=2"])
+@pytest.mark.parametrize("layout", ["parallel.pipeline_parallel=2", "optim.distributed=true",
+                                    "parallel.context_parallel=2"])
 def test_two_process_layouts_match_single_process(reference, tmp_path, layout):
-    # One save, at the end (the TP and PP checkpoints are exported below): the periodic ones
-    # are the resume tests' concern, and each costs every rank a checkpoint write.
+    """Each layout from the initial checkpoint, all 20 steps (TP=2: the resume test below)."""
+    # One save, at the end (the PP checkpoint is exported below): the periodic ones are the
+    # resume tests' concern, and each costs every rank a checkpoint write.
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 0})
     torchrun_train(config, layout, f"checkpoint.init_from={reference['root'] / 'init'}")
-    losses = step_losses(tmp_path / "run")
-    assert sorted(losses) == sorted(reference["losses"])
-    for step, loss in reference["losses"].items():
-        assert losses[step] == pytest.approx(loss, rel=2e-4, abs=1e-4), step
-    # The clipped gradient norm must count every shard once, or clipping differs by layout.
-    norms, reference_norms = step_losses(tmp_path / "run", "grad_norm"), reference["grad_norms"]
-    for step, norm in reference_norms.items():
-        assert norms[step] == pytest.approx(norm, rel=1e-3), step
-    if layout.startswith(("parallel.tensor", "parallel.pipeline")):
+    _matches_the_reference(reference, tmp_path / "run", range(1, STEPS + 1))
+    if layout.startswith("parallel.pipeline"):
         _exports_with_logit_parity(tmp_path / "run" / "checkpoints", tmp_path / "hf", layout)
+
+
+def _matches_the_reference(reference, run_dir, steps):
+    """The run's losses and clipped gradient norms at ``steps`` are the reference's (TP=1)."""
+    losses, norms = step_losses(run_dir), step_losses(run_dir, "grad_norm")
+    assert sorted(losses) == list(steps)
+    for step in steps:
+        assert losses[step] == pytest.approx(reference["losses"][step], rel=2e-4, abs=1e-4), step
+        # The clipped gradient norm must count every shard once, or clipping differs by layout.
+        assert norms[step] == pytest.approx(reference["grad_norms"][step], rel=1e-3), step
 
 
 def _exports_with_logit_parity(checkpoint, out, layout):
@@ -158,20 +169,21 @@ def _exports_with_logit_parity(checkpoint, out, layout):
     assert relative_error(megatron_logits(model, ids), hf_model(out)(ids).logits) < 1e-5
 
 
-def test_resume_under_a_different_layout(reference, tmp_path):
-    """A TP=1 checkpoint (model + optimizer) resumed with TP=2 continues the same run."""
-    config = write_training_run(tmp_path, steps=STEPS)
+def test_tensor_parallel_resumes_a_tp1_checkpoint_as_the_same_run(reference, tmp_path):
+    """A TP=1 checkpoint (model + optimizer) resumed with TP=2 continues the same run: the
+    reference's losses and gradient norms for steps 11-20, and the TP=2 checkpoint exports with
+    logit parity. (The TP=2 layout test: one torchrun run for both.)"""
+    layout = "parallel.tensor_parallel=2"
+    config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 0})
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
     src = reference["root"] / "run" / "checkpoints" / "iter_0000010"
     subprocess.run(["cp", "-r", str(src), str(ckpts / src.name)], check=True)
     (ckpts / "latest").write_text("iter_0000010\n")
-    proc = torchrun_train(config, "parallel.tensor_parallel=2")
+    proc = torchrun_train(config, layout)
     assert "resumed from" in proc.stdout
-    losses = step_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(11, STEPS + 1))
-    for step in losses:
-        assert losses[step] == pytest.approx(reference["losses"][step], rel=2e-4, abs=1e-4), step
+    _matches_the_reference(reference, tmp_path / "run", range(11, STEPS + 1))
+    _exports_with_logit_parity(ckpts, tmp_path / "hf", layout)
 
 
 def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
