@@ -28,9 +28,11 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted TP=1 run that starts from a saved initial checkpoint."""
+    """An uninterrupted TP=1 run that starts from a saved initial checkpoint: a checkpoint every
+    5 steps, the last 3 kept (the TP=2 test resumes step 10's), each announced by a command."""
     root = tmp_path_factory.mktemp("reference")
-    config = write_training_run(root, steps=STEPS, checkpoint={"keep_last": 0})
+    config = write_training_run(root, steps=STEPS, checkpoint={
+        "keep_last": 3, "post_save_command": f"echo {{step}} {{path}} >> {root / 'uploads.txt'}"})
     assert cli_in_process("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"),
                           "--seed", "3").returncode == 0
     proc = train(config, f"checkpoint.init_from={root / 'init'}")
@@ -44,6 +46,11 @@ def test_reference_run_learns_and_checkpoints(reference):
     assert sum(losses[s] for s in range(16, 21)) / 5 < sum(losses[s] for s in range(1, 6)) / 5 - 0.1
     ckpts = reference["root"] / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "iter_0000020"
+    # post_save_command ran after each save, with its step and path; keep_last pruned the rest.
+    uploads = [line.split() for line in (reference["root"] / "uploads.txt").read_text().splitlines()]
+    assert uploads == [[str(step), str(ckpts / f"iter_{step:07d}")] for step in (5, 10, 15, 20)]
+    kept = sorted(p.name for p in ckpts.glob("iter_*"))
+    assert kept == ["iter_0000010", "iter_0000015", "iter_0000020"]
     meta = read_metadata(ckpts)
     assert meta["train_state"]["step"] == STEPS
     assert meta["run_config"]["training"]["train_steps"] == STEPS  # the resolved config
@@ -238,17 +245,6 @@ def test_batch_rampup_trains_with_growing_batches(tmp_path):
     train(config, "training.batch_rampup={start: 4, increment: 2, steps: 4}")
     tokens = step_losses(tmp_path / "run", "tokens")
     assert [tokens[s] // 64 for s in range(1, 9)] == [4, 4, 6, 6, 8, 8, 8, 8]
-
-
-def test_post_save_command_and_keep_last(tmp_path):
-    log = tmp_path / "uploads.txt"
-    config = write_training_run(tmp_path, steps=10, checkpoint={
-        "interval": 2, "keep_last": 2, "post_save_command": f"echo {{step}} {{path}} >> {log}"},
-        eval={"interval": 0})
-    train(config)
-    assert [line.split()[0] for line in log.read_text().splitlines()] == ["2", "4", "6", "8", "10"]
-    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("iter_*"))
-    assert kept == ["iter_0000008", "iter_0000010"]
 
 
 def test_bad_configs_fail_before_training_with_the_field_named(tmp_path):
