@@ -15,14 +15,17 @@ from tests.train_fixtures import step_losses, write_training_run
 
 
 def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path):
-    base = write_training_run(tmp_path / "base", steps=10, eval={"interval": 0})
-    run_cli("train", "--config", str(base))
+    # The previous stage's checkpoint: an initial one (init_from takes weights only, trained or
+    # not, so training one first adds nothing here).
+    write_training_run(tmp_path / "base")
+    assert cli_in_process("init", "--spec", str(tmp_path / "base" / "spec.yaml"),
+                          "--out", str(tmp_path / "base" / "init")).returncode == 0
     # The CPU-sized SmolLM3 procedure: weights only, 4x the length, 100x theta, fresh cosine.
     extended = write_training_run(
         tmp_path / "long", steps=6, eval={"interval": 0},
         data={"seq_length": 256}, rope={"theta": 1.0e6, "max_position_embeddings": 256},
         schedule={"kind": "cosine", "lr": 1e-3, "warmup_steps": 2, "decay_fraction": None},
-        checkpoint={"init_from": str(tmp_path / "base" / "run" / "checkpoints"), "interval": 0})
+        checkpoint={"init_from": str(tmp_path / "base" / "init"), "interval": 0})
     run_cli("train", "--config", str(extended))
     assert sorted(step_losses(tmp_path / "long" / "run")) == list(range(1, 7))
     meta = read_metadata(tmp_path / "long" / "run" / "checkpoints")
