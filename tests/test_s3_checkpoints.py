@@ -137,19 +137,6 @@ def test_bad_buckets_fail_before_step_1_in_one_line(s3, s3_server, tmp_path, mon
     refused({}, "bucket no-such-bucket does not exist", "s3://no-such-bucket/run")
 
 
-def test_a_prefix_with_another_runs_checkpoints_is_refused(reference, s3, tmp_path):
-    first = write_training_run(tmp_path / "a", steps=5, eval={"interval": 0},
-                               checkpoint={"dir": s3.url("shared")})
-    train(first, f"checkpoint.init_from={reference['root'] / 'init'}")
-    assert s3.text("shared/latest") == "iter_0000005\n"
-    second = write_training_run(tmp_path / "b", steps=5, eval={"interval": 0},
-                                checkpoint={"dir": s3.url("shared")})
-    second.write_text(second.read_text().replace("recipe.yaml", "../b/other.yaml"))
-    (tmp_path / "b" / "other.yaml").write_text((tmp_path / "b" / "recipe.yaml").read_text())
-    _fails_before_step_1(second, tmp_path / "b", {}, "holds another run's checkpoints (iter_0000005: "
-                         "data.recipe")
-
-
 def test_a_refused_upload_is_one_line_and_the_bucket_keeps_the_last_complete_latest(s3, s3_server,
                                                                                    tmp_path):
     """The endpoint refuses the objects of the checkpoints at steps 4 and 6 (a policy denying
@@ -181,9 +168,11 @@ def test_a_refused_upload_is_one_line_and_the_bucket_keeps_the_last_complete_lat
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "iter_0000006\n"
 
 
-def test_a_branch_starts_from_a_checkpoint_in_the_bucket(s3, tmp_path, monkeypatch):
+def test_a_run_in_the_bucket_is_branched_from_and_its_prefix_refused_to_another_run(s3, tmp_path):
     """``checkpoint.branch_from: s3://bucket/prefix@STEP``: the source's model and optimizer
-    state, downloaded from the bucket (a branch whose one step is skipped saves exactly them)."""
+    state, downloaded from the bucket (a branch whose one step is skipped saves exactly them).
+    And another run (another recipe) given the source's prefix as its checkpoint.dir is refused
+    before step 1. (One source run for both.)"""
     import yaml
 
     from megasmol.ckpt.reader import CheckpointReader
@@ -217,3 +206,11 @@ def test_a_branch_starts_from_a_checkpoint_in_the_bucket(s3, tmp_path, monkeypat
     with pytest.raises(StoreError, match=r"^checkpoint.branch_from: s3://.*/src has no complete "
                                          r"checkpoint at step 7 \(complete ones at steps \[5\]\)"):
         prepare(load_run_config(branch, [f"checkpoint.branch_from={s3.url('src')}@7"]))
+
+    # Another run on the source's prefix: its recipe differs from the one the checkpoints record.
+    other = write_training_run(tmp_path / "b", steps=5, eval={"interval": 0},
+                               checkpoint={"dir": s3.url("src")})
+    other.write_text(other.read_text().replace("recipe.yaml", "../b/other.yaml"))
+    (tmp_path / "b" / "other.yaml").write_text((tmp_path / "b" / "recipe.yaml").read_text())
+    _fails_before_step_1(other, tmp_path / "b", {}, "holds another run's checkpoints (iter_0000005: "
+                         "data.recipe")
