@@ -193,15 +193,20 @@ def test_tensor_parallel_resumes_a_tp1_checkpoint_as_the_same_run(reference, tmp
     _exports_with_logit_parity(ckpts, tmp_path / "hf", layout)
 
 
-def test_init_from_loads_weights_but_starts_fresh(reference, tmp_path):
+def test_init_from_loads_weights_but_starts_fresh_and_batch_rampup_grows_the_batch(reference, tmp_path):
+    """Two settings of a run's start, in one run: ``init_from`` (the trained weights, a new
+    schedule and data position) and ``training.batch_rampup`` (the batch grows by steps)."""
     trained = reference["root"] / "run" / "checkpoints"
-    config = write_training_run(tmp_path, steps=6, checkpoint={"interval": 0},
+    config = write_training_run(tmp_path, steps=8, checkpoint={"interval": 0},
                                 eval={"interval": 0})
-    train(config, f"checkpoint.init_from={trained}")
+    train(config, f"checkpoint.init_from={trained}",
+          "training.batch_rampup={start: 4, increment: 2, steps: 4}")
     losses = step_losses(tmp_path / "run")
-    assert sorted(losses) == list(range(1, 7))  # a new schedule and data position
+    assert sorted(losses) == list(range(1, 9))  # a new schedule and data position
     assert losses[1] < reference["losses"][1] - 0.1  # but the trained weights
-    assert read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"] == 6
+    assert read_metadata(tmp_path / "run" / "checkpoints")["train_state"]["step"] == 8
+    tokens = step_losses(tmp_path / "run", "tokens")
+    assert [tokens[s] // 64 for s in range(1, 9)] == [4, 4, 6, 6, 8, 8, 8, 8]
 
 
 @pytest.mark.parametrize("policy", ["skip", "rollback"])  # "log" applies: test_callbacks' guard test
@@ -238,13 +243,6 @@ def test_skip_batches_skips_data_deterministically(reference, tmp_path):
     assert not {6, 7, 8} & set(losses)
     assert all(losses[s] == reference["losses"][s] for s in range(1, 6))
     assert losses[9] != reference["losses"][9]  # three fewer updates before it
-
-
-def test_batch_rampup_trains_with_growing_batches(tmp_path):
-    config = write_training_run(tmp_path, steps=8, checkpoint={"interval": 0}, eval={"interval": 0})
-    train(config, "training.batch_rampup={start: 4, increment: 2, steps: 4}")
-    tokens = step_losses(tmp_path / "run", "tokens")
-    assert [tokens[s] // 64 for s in range(1, 9)] == [4, 4, 6, 6, 8, 8, 8, 8]
 
 
 def test_bad_configs_fail_before_training_with_the_field_named(tmp_path):
