@@ -146,7 +146,7 @@ def test_passkey_scores_only_generated_tokens(llama_tokenizer_dir):
 def test_passkey_cli_on_a_random_model_is_near_chance(tmp_path, llama_tokenizer_dir):
     assert cli_in_process("init", "--spec", "smollm3-tiny", "--out", str(tmp_path / "ckpt"),
                           "--tokenizer", str(llama_tokenizer_dir)).returncode == 0
-    proc = run_cli("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
+    proc = cli_in_process("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
                    "--depths", "0,0.5,1", "--trials", "2", "--out", str(tmp_path / "out"), "--quiet")
     report = json.loads((tmp_path / "out" / "passkey.json").read_text())
     assert report["overall"] == 0.0 and len(report["trials"]) == 12
