@@ -21,7 +21,7 @@ from megasmol.config.run import load_run_config
 from megasmol.config.typed import ConfigError
 from megasmol.model.run_spec import run_model_spec
 from megasmol.train.callbacks.post_save import run_command
-from tests.conftest import REPO, free_port, run_cli, run_torchrun
+from tests.conftest import REPO, cli_in_process, free_port, run_cli, run_torchrun
 from tests.train_fixtures import (
     kill_session,
     start_train,
@@ -334,15 +334,21 @@ def test_a_second_trainer_on_the_same_run_is_refused(tmp_path):
         assert second.returncode == 1 and "is being trained by pid" in second.stderr, second.stderr
     finally:
         kill_session(first)
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_refused(tmp_path):
+    """Refused in one line before training (in this process: no peer or timing involved)."""
+    config = write_training_run(tmp_path, steps=4)
     (tmp_path / "afile").write_text("x")
-    proc = train(config, f"checkpoint.dir={tmp_path / 'afile'}", check=False)
+    proc = cli_in_process("train", "--config", str(config), "--set", f"checkpoint.dir={tmp_path / 'afile'}")
     assert proc.returncode == 2 and "checkpoint.dir" in proc.stderr and "is a file" in proc.stderr
 
 
-@serial
-def test_a_run_takes_its_model_from_a_checkpoint(reference, tmp_path):
-    source = reference["root"] / "run" / "checkpoints"
+def test_a_run_takes_its_model_from_a_checkpoint(tmp_path):
+    """The spec comes from the checkpoint (an initial one: its spec is what is read)."""
     config = write_training_run(tmp_path, steps=4)
+    source = tmp_path / "init"
+    assert cli_in_process("init", "--spec", str(tmp_path / "spec.yaml"), "--out", str(source)).returncode == 0
     spec = run_model_spec(load_run_config(config, [f"checkpoint.init_from={source}", "model=null",
                                                    "rope.theta=20000"]))
     assert spec.num_layers == 4 and spec.rope_theta == 20000.0

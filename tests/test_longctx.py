@@ -15,14 +15,17 @@ from tests.train_fixtures import step_losses, write_training_run
 
 
 def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path):
-    base = write_training_run(tmp_path / "base", steps=10, eval={"interval": 0})
-    run_cli("train", "--config", str(base))
+    # The previous stage's checkpoint: an initial one (init_from takes weights only, trained or
+    # not, so training one first adds nothing here).
+    write_training_run(tmp_path / "base")
+    assert cli_in_process("init", "--spec", str(tmp_path / "base" / "spec.yaml"),
+                          "--out", str(tmp_path / "base" / "init")).returncode == 0
     # The CPU-sized SmolLM3 procedure: weights only, 4x the length, 100x theta, fresh cosine.
     extended = write_training_run(
         tmp_path / "long", steps=6, eval={"interval": 0},
         data={"seq_length": 256}, rope={"theta": 1.0e6, "max_position_embeddings": 256},
         schedule={"kind": "cosine", "lr": 1e-3, "warmup_steps": 2, "decay_fraction": None},
-        checkpoint={"init_from": str(tmp_path / "base" / "run" / "checkpoints"), "interval": 0})
+        checkpoint={"init_from": str(tmp_path / "base" / "init"), "interval": 0})
     run_cli("train", "--config", str(extended))
     assert sorted(step_losses(tmp_path / "long" / "run")) == list(range(1, 7))
     meta = read_metadata(tmp_path / "long" / "run" / "checkpoints")
@@ -40,7 +43,9 @@ def test_long_context_stage_changes_theta_and_length_and_export_follows(tmp_path
 ])
 def test_long_context_settings_are_validated(tmp_path, override, message):
     config = write_training_run(tmp_path, steps=4, eval={"interval": 0})
-    proc = run_cli("train", "--config", str(config), "--set", override, check=False)
+    # In this process: the length is checked against the model once Megatron-Core is loaded
+    # (5 s of imports in a process of its own).
+    proc = cli_in_process("train", "--config", str(config), "--set", override)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
@@ -141,7 +146,7 @@ def test_passkey_scores_only_generated_tokens(llama_tokenizer_dir):
 def test_passkey_cli_on_a_random_model_is_near_chance(tmp_path, llama_tokenizer_dir):
     assert cli_in_process("init", "--spec", "smollm3-tiny", "--out", str(tmp_path / "ckpt"),
                           "--tokenizer", str(llama_tokenizer_dir)).returncode == 0
-    proc = run_cli("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
+    proc = cli_in_process("eval", "passkey", "--checkpoint", str(tmp_path / "ckpt"), "--lengths", "256,512",
                    "--depths", "0,0.5,1", "--trials", "2", "--out", str(tmp_path / "out"), "--quiet")
     report = json.loads((tmp_path / "out" / "passkey.json").read_text())
     assert report["overall"] == 0.0 and len(report["trials"]) == 12

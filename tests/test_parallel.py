@@ -19,7 +19,8 @@ def torchrun_init(out, *flags):
 
 
 # Checkpoints written by TP=2 and PP=2 training runs export with logit parity: see
-# tests/test_train.py::test_two_process_layouts_match_single_process.
+# tests/test_train.py::test_two_process_layouts_match_single_process (PP=2) and
+# ::test_tensor_parallel_resumes_a_tp1_checkpoint_as_the_same_run (TP=2).
 
 
 def test_tp1_checkpoint_loads_under_tp2(tmp_path):

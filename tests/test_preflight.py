@@ -11,7 +11,7 @@ import pytest
 
 from megasmol.preflight.dcgm import parse_dcgm_json, run_dcgm
 from megasmol.preflight.report import CheckResult, PreflightReport
-from tests.conftest import REPO, cli_in_process, free_port, run_cli
+from tests.conftest import REPO, cli_in_process, free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "dcgm"
 
@@ -186,7 +186,7 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "shard.bin").write_bytes(os.urandom(80 * 1024 * 1024))
-    proc = run_cli("preflight", "--burn-seconds", "1", "--data-path", str(data), "--checkpoint-dir",
+    proc = cli_in_process("preflight", "--burn-seconds", "1", "--data-path", str(data), "--checkpoint-dir",
                    str(tmp_path / "ckpt"), "--min-read-gbps", "0.001", "--min-write-gbps", "0.001",
                    "--json", str(out))
     report = json.loads(out.read_text())
@@ -200,13 +200,13 @@ def test_cpu_preflight_runs_what_it_can_and_says_what_it_skipped(tmp_path):
     # The write test leaves nothing: neither its file nor the directory it made for it.
     assert "skipped: no GPU" in proc.stdout and not (tmp_path / "ckpt").exists()
     # An impossible storage floor fails the run, with exit code 1.
-    slow = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
-                   str(data), "--min-read-gbps", "1e6", check=False)
+    slow = cli_in_process("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
+                          str(data), "--min-read-gbps", "1e6")
     assert slow.returncode == 1 and "NO-GO: storage_read" in slow.stdout
     # A few MB read from caches in milliseconds: reported, not judged (the CPU example's corpus).
     (data / "shard.bin").write_bytes(os.urandom(4 * 1024 * 1024))
-    tiny = run_cli("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
-                   str(data), "--min-read-gbps", "1e6", check=False)
+    tiny = cli_in_process("preflight", "--skip", "gemm,memory_bandwidth,collectives", "--data-path",
+                          str(data), "--min-read-gbps", "1e6")
     assert tiny.returncode == 0 and "too little to time" in tiny.stdout
 
 
@@ -417,9 +417,9 @@ def test_model_checks_run_the_configs_model_and_steps(tmp_path):
 
     config = write_training_run(tmp_path, steps=20, eval={"interval": 0},
                                 logging={"expected_tokens_per_s_per_gpu": 1e12, "peak_tflops": 2.0})
-    out = run_cli("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
-                  "--json", str(tmp_path / "r.json"), "--skip",
-                  "gemm,memory_bandwidth,storage,dcgm,nvml,collectives", check=False)
+    out = cli_in_process("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
+                         "--json", str(tmp_path / "r.json"), "--skip",
+                         "gemm,memory_bandwidth,storage,dcgm,nvml,collectives")
     rows = {r["check"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     parity = rows["model_parity"]
     assert parity["status"] == "pass" and parity["details"]["reference"] == "local"
@@ -440,10 +440,9 @@ def test_the_timed_steps_run_the_configs_optimizer(tmp_path, name):
     from tests.train_fixtures import write_training_run
 
     config = write_training_run(tmp_path, steps=20, eval={"interval": 0})
-    run_cli("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
-            "--set", f"optim.name={name}", "--json", str(tmp_path / "r.json"), "--skip",
-            "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,model_parity,data_audit,dry_run",
-            check=False)
+    cli_in_process("preflight", "--config", str(config), "--level", "standard", "--allow-cpu",
+                   "--set", f"optim.name={name}", "--json", str(tmp_path / "r.json"), "--skip",
+                   "gemm,memory_bandwidth,storage,dcgm,nvml,collectives,model_parity,data_audit,dry_run")
     rows = {r["check"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
     speed = rows["training_throughput"]["details"]
     assert speed["optim_name"] == name and speed["steps_timed"] == 3

@@ -27,35 +27,45 @@ STEPS = 10
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted local DP=2 run (distributed optimizer) from a saved initial checkpoint."""
+    """A saved initial checkpoint the runs start from."""
     root = tmp_path_factory.mktemp("reference")
-    config = write_training_run(root, steps=STEPS, checkpoint={"keep_last": 0}, eval={"interval": 0})
+    write_training_run(root)  # its spec
     assert cli_in_process("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"),
                           "--seed", "3").returncode == 0
-    torchrun_train(config, f"checkpoint.init_from={root / 'init'}", "optim.distributed=true")
-    return {"root": root, "losses": step_losses(root / "run")}
+    return {"root": root}
 
 
 def test_dp2_saves_to_the_bucket_and_resumes_from_it_bit_for_bit(reference, s3, tmp_path):
+    """DP=2 with the distributed optimizer, uploading every checkpoint; then a new machine whose
+    bucket's latest is step 5 (as if the job had died before step 10's upload) resumes from the
+    bucket and trains steps 6-10 with the losses the first run logged, bit for bit."""
     config = write_training_run(tmp_path, steps=STEPS, eval={"interval": 0},
-                                checkpoint={"dir": s3.url("runs/a"), "keep_last": 1, "async_save": True})
+                                checkpoint={"dir": s3.url("runs/a"), "keep_last": 0, "async_save": True})
     sets = (f"checkpoint.init_from={reference['root'] / 'init'}", "optim.distributed=true")
-    first = torchrun_train(config, *sets, "training.stop_after_step=5")
+    first = torchrun_train(config, *sets)
     assert "uploaded iter_0000005 to " + s3.url("runs/a") in first.stdout + first.stderr
-    assert s3.text("runs/a/latest") == "iter_0000005\n"
+    assert s3.text("runs/a/latest") == "iter_0000010\n"
     manifest = json.loads(s3.text(f"runs/a/iter_0000005/{MANIFEST}"))
     stored = s3.keys("runs/a/iter_0000005/")
     assert {f"runs/a/iter_0000005/{name}" for name in manifest["files"]} | {
         f"runs/a/iter_0000005/{MANIFEST}"} == set(stored)
     assert {"megasmol.json", "metadata.json", ".metadata", "common.pt"} <= set(manifest["files"])
     assert any(name.endswith(".distcp") for name in manifest["files"])
+    losses = step_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, STEPS + 1))
 
     # A new machine: nothing local but the run's logs; the checkpoint comes from the bucket.
+    client = s3.server.client()
+    for key in s3.keys("runs/a/iter_0000010/"):
+        client.delete_object(Bucket=s3.name, Key=key)
+    client.put_object(Bucket=s3.name, Key="runs/a/latest", Body=b"iter_0000005\n")
     shutil.rmtree(tmp_path / "run" / "checkpoints")
-    second = torchrun_train(config, *sets)
+    second = torchrun_train(config, *sets, "checkpoint.keep_last=1")
     out = second.stdout + second.stderr
     assert "downloaded iter_0000005 from " + s3.url("runs/a") in out and "resumed from" in out
-    assert step_losses(tmp_path / "run") == reference["losses"]  # every step, bit for bit
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    again = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"][STEPS:]
+    assert again == [(step, losses[step]) for step in range(6, STEPS + 1)]  # bit for bit
     assert s3.text("runs/a/latest") == "iter_0000010\n"
     iterations = {key.split("/")[2] for key in s3.keys("runs/a/") if key.count("/") > 2}
     assert iterations == {"iter_0000010"}  # keep_last: 1, pruned in the bucket
@@ -127,19 +137,6 @@ def test_bad_buckets_fail_before_step_1_in_one_line(s3, s3_server, tmp_path, mon
     refused({}, "bucket no-such-bucket does not exist", "s3://no-such-bucket/run")
 
 
-def test_a_prefix_with_another_runs_checkpoints_is_refused(reference, s3, tmp_path):
-    first = write_training_run(tmp_path / "a", steps=5, eval={"interval": 0},
-                               checkpoint={"dir": s3.url("shared")})
-    train(first, f"checkpoint.init_from={reference['root'] / 'init'}")
-    assert s3.text("shared/latest") == "iter_0000005\n"
-    second = write_training_run(tmp_path / "b", steps=5, eval={"interval": 0},
-                                checkpoint={"dir": s3.url("shared")})
-    second.write_text(second.read_text().replace("recipe.yaml", "../b/other.yaml"))
-    (tmp_path / "b" / "other.yaml").write_text((tmp_path / "b" / "recipe.yaml").read_text())
-    _fails_before_step_1(second, tmp_path / "b", {}, "holds another run's checkpoints (iter_0000005: "
-                         "data.recipe")
-
-
 def test_a_refused_upload_is_one_line_and_the_bucket_keeps_the_last_complete_latest(s3, s3_server,
                                                                                    tmp_path):
     """The endpoint refuses the objects of the checkpoints at steps 4 and 6 (a policy denying
@@ -171,9 +168,11 @@ def test_a_refused_upload_is_one_line_and_the_bucket_keeps_the_last_complete_lat
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "iter_0000006\n"
 
 
-def test_a_branch_starts_from_a_checkpoint_in_the_bucket(s3, tmp_path, monkeypatch):
+def test_a_run_in_the_bucket_is_branched_from_and_its_prefix_refused_to_another_run(s3, tmp_path):
     """``checkpoint.branch_from: s3://bucket/prefix@STEP``: the source's model and optimizer
-    state, downloaded from the bucket (a branch whose one step is skipped saves exactly them)."""
+    state, downloaded from the bucket (a branch whose one step is skipped saves exactly them).
+    And another run (another recipe) given the source's prefix as its checkpoint.dir is refused
+    before step 1. (One source run for both.)"""
     import yaml
 
     from megasmol.ckpt.reader import CheckpointReader
@@ -207,3 +206,11 @@ def test_a_branch_starts_from_a_checkpoint_in_the_bucket(s3, tmp_path, monkeypat
     with pytest.raises(StoreError, match=r"^checkpoint.branch_from: s3://.*/src has no complete "
                                          r"checkpoint at step 7 \(complete ones at steps \[5\]\)"):
         prepare(load_run_config(branch, [f"checkpoint.branch_from={s3.url('src')}@7"]))
+
+    # Another run on the source's prefix: its recipe differs from the one the checkpoints record.
+    other = write_training_run(tmp_path / "b", steps=5, eval={"interval": 0},
+                               checkpoint={"dir": s3.url("src")})
+    other.write_text(other.read_text().replace("recipe.yaml", "../b/other.yaml"))
+    (tmp_path / "b" / "other.yaml").write_text((tmp_path / "b" / "recipe.yaml").read_text())
+    _fails_before_step_1(other, tmp_path / "b", {}, "holds another run's checkpoints (iter_0000005: "
+                         "data.recipe")

@@ -13,6 +13,7 @@ def cmd_eval_passkey(args) -> int:
 
     from megasmol.ckpt.checkpoint import tokenizer_dir
     from megasmol.longctx.passkey import evaluate, hf_generator, megatron_generator, write_outputs
+    from megasmol.runtime.distributed import shutdown
     from megasmol.tokenizer import load_tokenizer
 
     if bool(args.checkpoint) == bool(args.hf):
@@ -21,15 +22,18 @@ def cmd_eval_passkey(args) -> int:
     depths = [float(x) for x in args.depths.split(",") if x]
     if not lengths or not depths or any(not 0 <= d <= 1 for d in depths):
         raise InputError("--lengths needs token counts (e.g. 1k,4k) and --depths fractions in [0, 1]")
-    if args.checkpoint:
-        generate = megatron_generator(args.checkpoint, args.max_new_tokens, args.yarn_factor)
-        tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.checkpoint))
-    else:
-        generate = hf_generator(args.hf, args.max_new_tokens)
-        tokenizer = load_tokenizer(args.tokenizer or args.hf)
-    total = len(lengths) * len(depths) * args.trials
-    with tqdm(total=total, unit="trial", disable=args.quiet) as bar:
-        result = evaluate(generate, tokenizer, lengths, depths, args.trials, args.seed, progress=bar)
+    try:  # the Megatron-Core model's process group ends with the command, as eval tasks' does
+        if args.checkpoint:
+            generate = megatron_generator(args.checkpoint, args.max_new_tokens, args.yarn_factor)
+            tokenizer = load_tokenizer(args.tokenizer or tokenizer_dir(args.checkpoint))
+        else:
+            generate = hf_generator(args.hf, args.max_new_tokens)
+            tokenizer = load_tokenizer(args.tokenizer or args.hf)
+        total = len(lengths) * len(depths) * args.trials
+        with tqdm(total=total, unit="trial", disable=args.quiet) as bar:
+            result = evaluate(generate, tokenizer, lengths, depths, args.trials, args.seed, progress=bar)
+    finally:
+        shutdown()
     print(result.table())
     label = str(args.checkpoint or args.hf)
     report, png = write_outputs(result, Path(args.out), label)
