@@ -35,6 +35,7 @@ from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import cli_in_process
 from tests.specs import tiny_smollm3
+from tests.test_eval_tasks import lm_eval_tasks
 
 ROWS = 6
 ARROW = "data-00000-of-00001.arrow"
@@ -81,7 +82,6 @@ def _lm_eval(hf_dir, cases: dict, num_fewshot: int, tmp_path, monkeypatch) -> di
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     folder = tmp_path / f"lm_eval_tasks_{num_fewshot}"
     folder.mkdir()
@@ -97,7 +97,7 @@ def _lm_eval(hf_dir, cases: dict, num_fewshot: int, tmp_path, monkeypatch) -> di
     lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), log_samples=True, limit=ROWS,
                                   num_fewshot=num_fewshot,
-                                  task_manager=TaskManager(include_path=str(folder)))
+                                  task_manager=lm_eval_tasks(folder))
     found = {}
     for name, alias in names.items():
         samples = sorted(out["samples"][alias], key=lambda s: s["doc_id"])
@@ -487,7 +487,6 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
     import lm_eval
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
-    from lm_eval.tasks import TaskManager
 
     from megasmol.eval.formulations.generation import FreeGeneration, judge_generation
 
@@ -504,7 +503,7 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
         "include": str(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"),
         "task": "megasmol_gsm8k", "tag": [], "dataset_path": "json", "dataset_name": None,
         "dataset_kwargs": {"data_files": {"train": str(rows), "test": str(rows)}}}))
-    reference = TaskManager(include_path=str(folder)).load(["megasmol_gsm8k"])["tasks"]["megasmol_gsm8k"]
+    reference = lm_eval_tasks(folder).load(["megasmol_gsm8k"])["tasks"]["megasmol_gsm8k"]
     docs = list(reference.test_docs())
     [flexible] = [f for f in reference.config.filter_list if f["name"] == "flexible-extract"]
     extract = RegexFilter(**{k: v for k, v in flexible["filter"][0].items() if k != "function"})
