@@ -295,12 +295,19 @@ def test_olmes_requests_score_as_olmo_eval_metric_code_scores_them(model, llama_
             for choice, (context, continuation) in enumerate(zip(example.record["contexts"],
                                                                  example.choices)):
                 request = encode_pair(tokenizer, context, continuation)
+                # The logits from the context's last position on, the positions olmo_eval reads
+                # (ctx_len counts from there: 1): those of every position of a 5-shot context, at
+                # a 128k vocabulary, with two log-softmaxes over them per pair, took most of the
+                # test's CPU time.
+                kept = len(request.continuation) + 1
                 with torch.no_grad():
-                    logits = hf(torch.tensor([request.context + request.continuation])).logits
+                    logits = hf(torch.tensor([request.context + request.continuation]),
+                                logits_to_keep=kept).logits
+                assert logits.shape[1] == kept
                 updates.append(({
                     "doc_id": [example.record["doc_id"]], "cont_id": [choice],
                     "continuation": torch.tensor([request.continuation]),
-                    "cont_len": [len(request.continuation)], "ctx_len": [len(request.context)],
+                    "cont_len": [len(request.continuation)], "ctx_len": [1],
                     "label_id": [example.gold], "cont_str_len": [len(continuation)],
                     "cont_byte_len": [len(continuation.encode())],
                     "cont_str_len_no_leading_space": [len(continuation) - 1],
