@@ -30,7 +30,7 @@ import pytest
 FILE_SECONDS = {
     "tests/test_train.py": 299,
     "tests/test_rl.py": 152,
-    "tests/test_preference.py": 122,
+    "tests/test_preference.py": 121,
     "tests/test_eval_benchmarks.py": 62,
     "tests/test_sft.py": 82,
     "tests/test_s3_checkpoints.py": 110,
