@@ -23,18 +23,20 @@ import pytest
 
 # Seconds per file in the parallel phase (setup + call + teardown), recorded by
 # MEGASMOL_FILE_SECONDS in `make test` on a clean clone at 44f4fe7 (2-core VM, 2026-12-07, the
-# machine otherwise idle). Only the order matters: a figure off by half leaves the schedule
-# nearly as good.
+# machine otherwise idle); the rows of the RL, evaluation, SFT, preference and prompt-set files
+# then scaled by their CPU time after and before the cuts of docs/tests.md's "Cut again"
+# (2026-12-07).
+# Only the order matters: a figure off by half leaves the schedule nearly as good.
 FILE_SECONDS = {
     "tests/test_train.py": 299,
-    "tests/test_rl.py": 169,
-    "tests/test_preference.py": 131,
-    "tests/test_eval_benchmarks.py": 111,
-    "tests/test_sft.py": 111,
+    "tests/test_rl.py": 152,
+    "tests/test_preference.py": 121,
+    "tests/test_eval_benchmarks.py": 62,
+    "tests/test_sft.py": 82,
     "tests/test_s3_checkpoints.py": 110,
-    "tests/test_eval_tasks.py": 102,
+    "tests/test_eval_tasks.py": 68,
     "tests/test_launch_scripts.py": 96,
-    "tests/test_eval_in_loop.py": 89,
+    "tests/test_eval_in_loop.py": 71,
     "tests/test_demo.py": 74,
     "tests/test_optimizers.py": 70,
     "tests/test_linear_cross_entropy.py": 70,
@@ -60,7 +62,7 @@ FILE_SECONDS = {
     "tests/test_demo_corpus.py": 17,
     "tests/test_generate_cache.py": 17,
     "tests/test_attention.py": 16,
-    "tests/test_prompts_data.py": 15,
+    "tests/test_prompts_data.py": 11,
     "tests/test_prepare_data.py": 12,
     "tests/test_eval_generation.py": 12,
     "tests/test_preference_data.py": 12,

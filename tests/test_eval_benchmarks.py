@@ -35,6 +35,7 @@ from megasmol.model.init import init_checkpoint
 from megasmol.tokenizer import load_tokenizer
 from tests.conftest import cli_in_process
 from tests.specs import tiny_smollm3
+from tests.test_eval_tasks import lm_eval_tasks
 
 ROWS = 6
 ARROW = "data-00000-of-00001.arrow"
@@ -81,7 +82,6 @@ def _lm_eval(hf_dir, cases: dict, num_fewshot: int, tmp_path, monkeypatch) -> di
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     folder = tmp_path / f"lm_eval_tasks_{num_fewshot}"
     folder.mkdir()
@@ -97,7 +97,7 @@ def _lm_eval(hf_dir, cases: dict, num_fewshot: int, tmp_path, monkeypatch) -> di
     lm = HFLM(pretrained=str(hf_dir), device="cpu", dtype="float32", batch_size=1)
     out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), log_samples=True, limit=ROWS,
                                   num_fewshot=num_fewshot,
-                                  task_manager=TaskManager(include_path=str(folder)))
+                                  task_manager=lm_eval_tasks(folder))
     found = {}
     for name, alias in names.items():
         samples = sorted(out["samples"][alias], key=lambda s: s["doc_id"])
@@ -295,12 +295,19 @@ def test_olmes_requests_score_as_olmo_eval_metric_code_scores_them(model, llama_
             for choice, (context, continuation) in enumerate(zip(example.record["contexts"],
                                                                  example.choices)):
                 request = encode_pair(tokenizer, context, continuation)
+                # The logits from the context's last position on, the positions olmo_eval reads
+                # (ctx_len counts from there: 1): those of every position of a 5-shot context, at
+                # a 128k vocabulary, with two log-softmaxes over them per pair, took most of the
+                # test's CPU time.
+                kept = len(request.continuation) + 1
                 with torch.no_grad():
-                    logits = hf(torch.tensor([request.context + request.continuation])).logits
+                    logits = hf(torch.tensor([request.context + request.continuation]),
+                                logits_to_keep=kept).logits
+                assert logits.shape[1] == kept
                 updates.append(({
                     "doc_id": [example.record["doc_id"]], "cont_id": [choice],
                     "continuation": torch.tensor([request.continuation]),
-                    "cont_len": [len(request.continuation)], "ctx_len": [len(request.context)],
+                    "cont_len": [len(request.continuation)], "ctx_len": [1],
                     "label_id": [example.gold], "cont_str_len": [len(continuation)],
                     "cont_byte_len": [len(continuation.encode())],
                     "cont_str_len_no_leading_space": [len(continuation) - 1],
@@ -487,7 +494,6 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
     import lm_eval
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
-    from lm_eval.tasks import TaskManager
 
     from megasmol.eval.formulations.generation import FreeGeneration, judge_generation
 
@@ -504,7 +510,7 @@ def test_gsm8k_reads_the_shipped_test_rows_and_judges_answers_as_lm_eval_does(tm
         "include": str(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"),
         "task": "megasmol_gsm8k", "tag": [], "dataset_path": "json", "dataset_name": None,
         "dataset_kwargs": {"data_files": {"train": str(rows), "test": str(rows)}}}))
-    reference = TaskManager(include_path=str(folder)).load(["megasmol_gsm8k"])["tasks"]["megasmol_gsm8k"]
+    reference = lm_eval_tasks(folder).load(["megasmol_gsm8k"])["tasks"]["megasmol_gsm8k"]
     docs = list(reference.test_docs())
     [flexible] = [f for f in reference.config.filter_list if f["name"] == "flexible-extract"]
     extract = RegexFilter(**{k: v for k, v in flexible["filter"][0].items() if k != "function"})

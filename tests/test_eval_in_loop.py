@@ -174,10 +174,17 @@ def test_in_loop_scores_are_the_same_under_tp_and_pp(single, tmp_path, vocab_tok
 
 
 def test_a_run_with_in_loop_evaluation_resumes_exactly(single, tmp_path, vocab_tokenizer):
+    """Resumed from the fixture's step-3 checkpoint (evaluated there) in a run of its own: steps
+    4-6 and the evaluation at step 6 are the uninterrupted run's."""
+    import shutil
+
     config = _config(tmp_path, vocab_tokenizer)
-    train(config, "training.stop_after_step=3")
-    train(config)  # resumes at step 3
-    assert step_losses(tmp_path / "run") == step_losses(single["root"] / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.copytree(single["root"] / "run" / "checkpoints" / "iter_0000003", checkpoints / "iter_0000003")
+    (checkpoints / "latest").write_text("iter_0000003\n")
+    assert "resumed from" in train(config).stdout
+    whole_losses = step_losses(single["root"] / "run")
+    assert step_losses(tmp_path / "run") == {s: whole_losses[s] for s in (4, 5, 6)}
     resumed, whole = _downstream(tmp_path / "run"), _downstream(single["root"] / "run")
     assert resumed[6]["cloze/acc"] == whole[6]["cloze/acc"]
     assert resumed[6]["gen/exact_match"] == whole[6]["gen/exact_match"]

@@ -14,7 +14,7 @@ from megasmol.data.prompts.prepare import prepare_prompts
 from megasmol.data.prompts.records import Fields, final_answer, runnable_tests
 from megasmol.data.prompts.synthetic import write_arithmetic_prompts
 from megasmol.errors import OutputExists
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process
 
 
 def _write(path, records):
@@ -110,13 +110,14 @@ def test_cli_on_the_arithmetic_prompts(tmp_path):
     source = write_arithmetic_prompts(tmp_path / "arith.jsonl", count=6, seed=3)
     assert [json.loads(line)["answer"] for line in source.read_text().splitlines()] == [
         str(a + b) for a, b in arithmetic_pairs(6, 3)]
-    proc = run_cli("prepare-prompts", "--input", str(source), "--out", str(tmp_path / "p"), "--quiet")
+    proc = cli_in_process("prepare-prompts", "--input", str(source), "--out", str(tmp_path / "p"), "--quiet")
+    assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[:3] == [
         f"wrote {tmp_path}/p.prompts.jsonl, {tmp_path}/p.tokenizer/, {tmp_path}/p.prompts.json",
         "  template       smollm3", "  prompts        6 (answers 6, tests 0; chat 6, plain 0)"]
     assert "  modes          no_think 6" in proc.stdout
-    bad = run_cli("prepare-prompts", "--input", str(source), "--out", str(tmp_path / "q"),
-                  "--prompt-key", "question", check=False)
+    bad = cli_in_process("prepare-prompts", "--input", str(source), "--out", str(tmp_path / "q"),
+                         "--prompt-key", "question")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith(
         "megasmol prepare-prompts: error: prepare-prompts: no usable prompt in the inputs "

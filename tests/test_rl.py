@@ -23,10 +23,11 @@ def _records(run_dir):
 @pytest.fixture(scope="module")
 def rl_run(tmp_path_factory):
     """Ten steps from a saved initialization (random initialization differs by layout; the
-    layout tests start from the same one), with an in-loop evaluation suite every 5 steps."""
+    layout tests start from the same one), with an in-loop evaluation suite every 5 steps; every
+    checkpoint kept (3, 6, 9, 10: the resume test starts from step 3's)."""
     root = tmp_path_factory.mktemp("rl")
     suite = write_eval_suite(root / "tasks")
-    config = write_rl_run(root, steps=10, initialized=True,
+    config = write_rl_run(root, steps=10, initialized=True, checkpoint={"keep_last": 0},
                           eval={"tasks": [str(suite)], "tasks_interval": 5, "tasks_limit": None})
     proc = train(config)
     return config, proc
@@ -52,26 +53,46 @@ def test_the_reward_rises_and_every_step_is_exactly_on_policy(rl_run):
     assert records[-1]["entropy"] < records[0]["entropy"], [r["entropy"] for r in records]
 
 
+def _resumed_rl_run(source_run, iteration: str, root, rollouts: bool = False, **sections):
+    """An RL run under ``root`` (``write_rl_run(root, **sections)``) whose checkpoint directory
+    holds ``source_run``'s checkpoint ``iteration`` as its latest: training it resumes there (one
+    process, instead of a run stopped and restarted). ``rollouts``: also the source's saved
+    rollout batch (``run/rollouts``, the last one sampled), as a run stopped there leaves it."""
+    import shutil
+
+    config = write_rl_run(root, **sections)
+    checkpoints = root / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(source_run / "checkpoints" / iteration, checkpoints / iteration)
+    (checkpoints / "latest").write_text(f"{iteration}\n")
+    if rollouts:
+        shutil.copytree(source_run / "rollouts", root / "run" / "rollouts")
+    return config
+
+
 def test_a_resumed_run_samples_and_trains_exactly_as_an_uninterrupted_one(rl_run, tmp_path):
+    """Resumed from the fixture's step-3 checkpoint without in-loop evaluation: steps 4-10 sample
+    and train as the uninterrupted run's, whose evaluation at step 5 changed nothing."""
     config, _ = rl_run
     whole = step_losses(config.parent / "run")
     rewards = step_losses(config.parent / "run", "reward")
-    again = write_rl_run(tmp_path / "again", steps=10)  # no in-loop evaluation: it changes nothing
-    train(again, "training.stop_after_step=6")
-    train(again)
-    assert step_losses(tmp_path / "again" / "run") == whole
-    assert step_losses(tmp_path / "again" / "run", "reward") == rewards
+    again = _resumed_rl_run(config.parent / "run", "iter_0000003", tmp_path / "again", steps=10)
+    assert "resumed from" in train(again).stdout
+    assert step_losses(tmp_path / "again" / "run") == {s: whole[s] for s in range(4, 11)}
+    assert step_losses(tmp_path / "again" / "run", "reward") == {s: rewards[s] for s in range(4, 11)}
 
 
 def test_several_updates_per_rollout_batch_resume_in_the_middle_of_one(tmp_path):
     sets = ("rl.num_iterations=2", "checkpoint.interval=1")
     first = write_rl_run(tmp_path / "whole", steps=4)
     train(first, *sets)
-    second = write_rl_run(tmp_path / "split", steps=4)
-    train(second, *sets, "training.stop_after_step=3")  # step 3 sampled a batch step 4 reuses
-    train(second, *sets)
+    # Step 3 sampled a batch step 4 reuses: resumed from step 3's checkpoint (kept: keep_last 2)
+    # with that batch on disk (the whole run's last sampled), step 4 trains on it again.
+    second = _resumed_rl_run(tmp_path / "whole" / "run", "iter_0000003", tmp_path / "split",
+                             rollouts=True, steps=4)
+    assert "resumed from" in train(second, *sets).stdout
     whole, split = _records(tmp_path / "whole" / "run"), _records(tmp_path / "split" / "run")
-    assert [r["loss"] for r in whole] == [r["loss"] for r in split]
+    assert [r["loss"] for r in whole][3:] == [r["loss"] for r in split] and len(split) == 1
     # the second update of a batch is off-policy: its importance weights differ from 1
     assert whole[1]["reward"] == whole[0]["reward"] and "logps/rollout_max_diff" not in whole[1]
     assert "logps/rollout_max_diff" in whole[2]

@@ -43,23 +43,34 @@ def test_packed_loss_equals_conversations_alone_under_tp2_pp2_and_cp2(noise_data
 
 @pytest.fixture(scope="module")
 def sft_run(noise_data):
-    """A short SFT of the tiny model on conversations whose user turns are noise. 55 steps: on the
-    2-core VM the replies' loss was 0.87 after 40 steps, 0.26 after 50 and 0.15 after 55 (the
-    test asks below 0.5), the user words' 10.0-11.9 (above 8); about 0.75 s of CPU a step."""
+    """A short SFT of the tiny model on conversations whose user turns are noise. 30 steps at a
+    peak LR of 6e-3: on the 2-core VM the replies' loss was 0.19 after them (the test asks below
+    0.5) and the user words' 9.1 (above 8); 0.43 and 10.8 at 5e-3, 0.75 after 25 steps at 1e-2
+    (the reply not generated). At 3e-3 it took 55 steps (0.15; 0.26 after 50, 0.87 after 40).
+    About 0.75 s of CPU a step."""
     (noise_data / "recipe.yaml").write_text(
         "name: noise\nroot: .\nstages:\n  - name: sft\n    start_step: 1\n    datasets:\n"
         "      - {path: noise, weight: 1.0}\n")
     (noise_data / "sft.yaml").write_text(
         "model: smollm3-tiny\nrun_dir: run\n"
         "data: {recipe: recipe.yaml, seq_length: 64, validation_fraction: 0.0, packing: ffd}\n"
-        "training: {train_steps: 55, global_batch_size: 4, micro_batch_size: 4, precision: fp32}\n"
-        "schedule: {kind: wsd, lr: 3.0e-3, warmup_steps: 5}\n"
-        "checkpoint: {interval: 55}\nlogging: {interval: 10}\neval: {interval: 0}\n")
+        "training: {train_steps: 30, global_batch_size: 4, micro_batch_size: 4, precision: fp32}\n"
+        "schedule: {kind: wsd, lr: 6.0e-3, warmup_steps: 3}\n"
+        "checkpoint: {interval: 30}\nlogging: {interval: 10}\neval: {interval: 0}\n")
     proc = run_cli("train", "--config", str(noise_data / "sft.yaml"))
     return noise_data, proc.stdout + proc.stderr
 
 
-def test_assistant_only_loss_trains_replies_not_prompts(sft_run):
+@pytest.fixture(scope="module")
+def sft_hf(sft_run):
+    """The SFT checkpoint exported by ``megasmol export-hf`` (for transformers and ``chat --hf``)."""
+    root, _ = sft_run
+    assert cli_in_process("export-hf", "--checkpoint", str(root / "run" / "checkpoints"),
+                          "--out", str(root / "hf"), "--quiet").returncode == 0
+    return root / "hf"
+
+
+def test_assistant_only_loss_trains_replies_not_prompts(sft_run, sft_hf):
     """Exported to transformers: replies (and their <|im_end|>) are learnt, the random user
     words stay near chance (ln 128256 = 11.8), far above what training on them would reach
     (ln 48 words = 3.9)."""
@@ -67,12 +78,10 @@ def test_assistant_only_loss_trains_replies_not_prompts(sft_run):
 
     root, log = sft_run
     assert "non-padding (ffd)" in log  # the packing efficiency is reported
-    run_cli("export-hf", "--checkpoint", str(root / "run" / "checkpoints"), "--out", str(root / "hf"),
-            "--quiet")
-    generation = json.loads((root / "hf" / "generation_config.json").read_text())
+    generation = json.loads((sft_hf / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [128012, 128001]
-    tokenizer = AutoTokenizer.from_pretrained(root / "hf")
-    model = AutoModelForCausalLM.from_pretrained(root / "hf").eval()
+    tokenizer = AutoTokenizer.from_pretrained(sft_hf)
+    model = AutoModelForCausalLM.from_pretrained(sft_hf).eval()
     reply, prompt = [], []
     for record in noise_conversations(8, seed=99, turns=1):
         enc = tokenizer.apply_chat_template(record["messages"], return_dict=True, return_tensors="pt",
@@ -115,7 +124,7 @@ def test_export_can_attach_a_chat_template_to_any_tokenizer(sft_run, llama_token
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 128012
 
 
-def test_chat_command_answers_with_the_template_and_stops(sft_run, tmp_path):
+def test_chat_command_answers_with_the_template_and_stops(sft_run, sft_hf):
     """The checkpoint through Megatron-Core, and its export through transformers (``--hf``): the
     same replies, each stopped at <|im_end|>, and nothing else printed."""
     root, _ = sft_run
@@ -123,9 +132,7 @@ def test_chat_command_answers_with_the_template_and_stops(sft_run, tmp_path):
                    "--message", "river", "--max-new-tokens", "24")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")]
     assert lines == [f"assistant> {REPLY}"] * 2, proc.stdout
-    assert cli_in_process("export-hf", "--checkpoint", str(root / "run" / "checkpoints"),
-                          "--out", str(tmp_path / "hf"), "--quiet").returncode == 0
-    proc = run_cli("chat", "--hf", str(tmp_path / "hf"), "--message", "apple stone", "--message", "river",
+    proc = run_cli("chat", "--hf", str(sft_hf), "--message", "apple stone", "--message", "river",
                    "--max-new-tokens", "24")
     assert [line for line in proc.stdout.splitlines() if line.startswith("assistant> ")] == lines
     # The transcript is the conversation only: transformers' cache is passed as a Cache object by
