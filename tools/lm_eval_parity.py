@@ -43,7 +43,8 @@ def _lm_eval(hf: str, items: Path, delimiter: str, work: Path, batch_size: str):
         "metric_list": [{"metric": m} for m in METRICS]}))
     lm = HFLM(pretrained=hf, device="cpu", dtype="float32", batch_size=batch_size)
     out = lm_eval.simple_evaluate(model=lm, tasks=["megasmol_parity"], log_samples=True,
-                                  task_manager=TaskManager(include_path=str(work / "tasks")))
+                                  task_manager=TaskManager(include_path=str(work / "tasks"),
+                                                           include_defaults=False))
     samples = sorted(out["samples"]["megasmol_parity"], key=lambda s: s["doc_id"])
     return ([[r[0][0] for r in s["resps"]] for s in samples],
             {m: [s[m] for s in samples] for m in METRICS})
