@@ -8,16 +8,21 @@ output layer's matmul (the ``[tokens, vocab]`` logits), then Megatron-Core's
 weights, the gradients made in the forward. ``recompute`` (only when asked for: ``--variants``)
 is the chunked path without weights, as the preference and RL objectives run it: the backward
 recomputes the logits. Each variant runs once, in a fresh process, from the same inputs
-(SmolLM3-3B's hidden size and vocabulary; ``--dtype bf16``: the hidden states and the weight in
-bf16, as SmolLM3 trains, the loss in fp32 in both paths); its peak memory is the growth of the
-process's peak RSS (``getrusage`` maxrss) over the forward and backward, the inputs already
-allocated, so it includes the weight's gradient (``vocab x hidden``) in all. Time: wall-clock and
-the process's CPU time (user + system, all threads), both for the forward and backward.
+(SmolLM3-3B's hidden size and vocabulary by default; ``--dtype bfloat16``: the hidden states
+and the weight in bf16, as SmolLM3 trains, the loss in fp32 in both paths); its peak memory
+is the growth of the process's peak RSS (``getrusage`` maxrss) over the forward and backward,
+the inputs already allocated, so it includes the weight's gradient (``vocab x hidden``) in all.
+``--hidden`` sets the size of the weight and of its gradient, which both paths hold (chunked: an fp32 accumulator and,
+in bf16, the bf16 gradient it returns; plain: the gradient in the weight's dtype), and the
+matmuls' cost; the logits (``tokens x vocab``), what the chunked path saves, do not depend on it:
+a small hidden size makes the bf16 run, slow on a CPU without bf16 instructions, feasible.
+Time: wall-clock and the process's CPU time (user + system, all threads), both for the
+forward and backward.
 ``--repeats N`` runs the variants N times, alternating (plain, chunked, plain, chunked, ...), and
 prints each run and the ratios of the medians.
 
     python bench/linear_cross_entropy.py --tokens 4096
-    python bench/linear_cross_entropy.py --tokens 4096 --dtype bf16
+    python bench/linear_cross_entropy.py --tokens 4096 --dtype bfloat16 --hidden 128
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ chunk_size = max(1, int(sys.argv[5]) // vocab) if int(sys.argv[5]) else None
 dtype = getattr(torch, sys.argv[6])
 init_parallel(ParallelLayout())
 gen = torch.Generator().manual_seed(0)
-h = torch.empty(tokens, 1, hidden).normal_(generator=gen).to(dtype).requires_grad_()
-w = torch.empty(vocab, hidden).normal_(std=0.02, generator=gen).to(dtype).requires_grad_()
+# Made in their dtype: an fp32 copy cast to bf16 would raise the peak the growth is measured
+# from by 4 bytes per weight element (more than the bf16 step holds at a large hidden size).
+h = torch.empty(tokens, 1, hidden, dtype=dtype).normal_(generator=gen).requires_grad_()
+w = torch.empty(vocab, hidden, dtype=dtype).normal_(std=0.02, generator=gen).requires_grad_()
 labels = torch.randint(0, vocab, (1, tokens), generator=gen)
 mask = (torch.rand(1, tokens, generator=gen) > 0.1).float()  # a loss mask: 90% of the labels
 gc.collect()

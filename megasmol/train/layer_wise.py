@@ -50,6 +50,18 @@ what the deal leaves between the ranks' sizes (at most about one parameter).
 Checkpoints: each rank writes the states of the parameters it owns (the data-parallel replica id
 is 0 for all of them); the state keys are the model's, so a checkpoint is read back under the same
 layout (Megatron-Core supports only that: "fixed DP usage").
+
+The parameter groups must be the same on every rank, pipeline stages included: Megatron-Core's
+``sharded_state_dict`` walks each chained optimizer's groups with one ``all_gather_object`` per
+group over all ranks and writes, for every rank, the settings (learning rate, weight decay,
+betas, ...) of the first rank whose group holds parameters, so a stage whose groups differed
+would save and load another stage's settings (or, with another number of groups, the ranks'
+collectives would not pair up). They are the same by construction where the groups come from
+Megatron-Core's ``_get_param_groups`` (what ``trainable_param_groups`` and
+``get_megatron_optimizer`` use): it all-gathers the group keys and gives every rank every group,
+empty where it holds none, in one sorted order. :func:`require_same_groups` checks it when the
+optimizer is built (the chain's parts, their optimizers' types and every group's settings) and
+refuses, in one line, a layout where they differ, rather than letting a checkpoint mix them.
 """
 
 from __future__ import annotations
@@ -59,6 +71,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from megasmol.config.typed import ConfigError
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,56 @@ def deal(weights: Sequence[int], ranks: int) -> list[int]:
     return owners
 
 
+def group_settings(parts: Sequence[Part]) -> list[tuple[str, list[str]]]:
+    """What Megatron-Core's layer-wise checkpoint takes from one rank for all: for each part of
+    the chain, its optimizer's type and each parameter group's settings (all but ``params``)."""
+    return [(type(part.optimizer).__name__,
+             [repr(sorted((key, value) for key, value in group.items() if key != "params"))
+              for group in part.optimizer.param_groups])
+            for part in parts]
+
+
+def require_same_groups(settings_by_rank: Sequence[tuple[str, list]]) -> None:
+    """``settings_by_rank``: ``(rank's name, group_settings(its parts))`` for every rank. A
+    ``ConfigError`` naming the first rank whose chain or groups differ from the first rank's."""
+    first_name, first = settings_by_rank[0]
+    for name, settings in settings_by_rank[1:]:
+        if settings == first:
+            continue
+        if len(settings) != len(first) or [t for t, _ in settings] != [t for t, _ in first]:
+            difference = (f"optimizers {[t for t, _ in first]} on {first_name}, "
+                          f"{[t for t, _ in settings]} on {name}")
+        else:
+            part, (kind, groups) = next((i, pair) for i, pair in enumerate(settings) if pair != first[i])
+            theirs = first[part][1]
+            if len(groups) != len(theirs):
+                difference = (f"{kind} has {len(theirs)} parameter groups on {first_name}, "
+                              f"{len(groups)} on {name}")
+            else:
+                index = next(i for i, (a, b) in enumerate(zip(theirs, groups)) if a != b)
+                difference = (f"{kind}'s parameter group {index} is {theirs[index]} on {first_name}, "
+                              f"{groups[index]} on {name}")
+        raise ConfigError(
+            f"optim.distributed: the optimizer's parameter groups differ between ranks ({difference}); "
+            "Megatron-Core's layer-wise checkpoint takes each group's settings from the first rank that "
+            "holds parameters in it, so it would save one rank's settings for another: set "
+            "optim.distributed: false for this model and layout")
+
+
+def _check_same_groups(parts: Sequence[Part]) -> None:
+    """:func:`require_same_groups` over all ranks (the ranks Megatron-Core's checkpoint code
+    gathers the groups over), each named by its global rank and pipeline stage."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return
+    name = (f"rank {torch.distributed.get_rank()} (pipeline stage "
+            f"{parallel_state.get_pipeline_model_parallel_rank()})")
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (name, group_settings(parts)))
+    require_same_groups(gathered)
+
+
 def layer_wise(parts: list[Part], config):
     """``parts`` sharded by whole parameter over data parallelism.
 
@@ -99,6 +163,7 @@ def layer_wise(parts: list[Part], config):
     from megatron.core.process_groups_config import ProcessGroupCollection
     from megatron.core.utils import get_pg_rank, get_pg_size
 
+    _check_same_groups(parts)
     master_copy = 1 if config.bf16 else 0
 
     class _LayerWise(LayerWiseDistributedOptimizer):
