@@ -98,6 +98,8 @@ FILE_SECONDS = {
     "tests/test_run_lock.py": 1,
     "tests/test_rl_packing.py": 1,
     "tests/test_layers.py": 1,
+    "tests/test_layer_wise_groups.py": 6,
+    "tests/test_rl_demo_task.py": 1,
     "tests/test_logp_agreement.py": 1,
     "tests/test_schedules.py": 1,
     "tests/test_eval_layers.py": 1,
