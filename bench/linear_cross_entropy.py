@@ -12,10 +12,11 @@ recomputes the logits. Each variant runs once, in a fresh process, from the same
 and the weight in bf16, as SmolLM3 trains, the loss in fp32 in both paths); its peak memory
 is the growth of the process's peak RSS (``getrusage`` maxrss) over the forward and backward,
 the inputs already allocated, so it includes the weight's gradient (``vocab x hidden``) in all.
-``--hidden`` sets the size of the weight and of its gradient, which both paths hold (chunked: an fp32 accumulator and,
-in bf16, the bf16 gradient it returns; plain: the gradient in the weight's dtype), and the
-matmuls' cost; the logits (``tokens x vocab``), what the chunked path saves, do not depend on it:
-a small hidden size makes the bf16 run, slow on a CPU without bf16 instructions, feasible.
+``--hidden`` sets the size of the weight and of its gradient, which both paths hold (chunked:
+an fp32 accumulator and, in bf16, the bf16 gradient it returns; plain: the gradient in the
+weight's dtype), and the matmuls' cost; the logits (``tokens x vocab``), what the chunked
+path saves, do not depend on it: a small hidden size makes the bf16 run, slow on a CPU
+without bf16 instructions, feasible.
 Time: wall-clock and the process's CPU time (user + system, all threads), both for the
 forward and backward.
 ``--repeats N`` runs the variants N times, alternating (plain, chunked, plain, chunked, ...), and

@@ -69,6 +69,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -146,7 +147,7 @@ def _check_same_groups(parts: Sequence[Part]) -> None:
         return
     name = (f"rank {torch.distributed.get_rank()} (pipeline stage "
             f"{parallel_state.get_pipeline_model_parallel_rank()})")
-    gathered = [None] * torch.distributed.get_world_size()
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, (name, group_settings(parts)))
     require_same_groups(gathered)
 
