@@ -106,6 +106,61 @@ def test_access_errors_are_one_line(s3, s3_server, monkeypatch):
     assert time.monotonic() - started < 15
 
 
+def test_an_endpoint_that_takes_the_connection_and_never_answers_is_one_line_within_seconds(s3, monkeypatch):
+    """A socket that accepts connections and never answers (a hung proxy, a wrong port): the
+    access check before training says so in one line within seconds (a short read timeout and 3
+    attempts), not after the transfers' 60 s read timeout times 3."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes each connect; nobody ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+        took = time.monotonic() - started
+    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: the endpoint {endpoint} took the "
+                                 "connection but did not answer within 5 s (is it an S3 endpoint, and "
+                                 "is it up?)")
+    assert 5 <= took < 30, took
+
+
+def test_a_latest_naming_an_incomplete_checkpoint_is_refused_and_never_read(s3, tmp_path):
+    """The bucket's ``latest`` names an iteration whose objects are incomplete (no manifest: its
+    upload was cut, and something else moved ``latest``): a run on that prefix is refused before
+    step 1 in one line naming the complete ones, and a reader is refused too; neither downloads
+    anything, and the bucket is left as it was."""
+    from megasmol.config.run import load_run_config
+    from megasmol.train.bucket import prepare
+    from tests.train_fixtures import write_training_run
+
+    remote = RemoteCheckpoints(s3.url("run"))
+    remote.upload(_iteration(tmp_path / "src", "iter_0000002"))
+
+    def cut(rel):
+        if rel == "megasmol.json":
+            raise UploadFailed("killed halfway")
+
+    with pytest.raises(UploadFailed):
+        remote.upload(_iteration(tmp_path / "src", "iter_0000004"), on_file=cut)
+    s3.server.client().put_object(Bucket=s3.name, Key="run/latest", Body=b"iter_0000004\n")
+    before = s3.keys("run/")
+
+    config = load_run_config(write_training_run(tmp_path / "job", steps=5, checkpoint={"dir": s3.url("run")}))
+    with pytest.raises(StoreError) as caught:
+        prepare(config)
+    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: latest names iter_0000004, whose upload "
+                                 "did not finish (no manifest); complete ones: iter_0000002: point latest "
+                                 "at a complete one, or give this run a new prefix")
+    assert not config.checkpoint_dir.exists() or not any(config.checkpoint_dir.iterdir())
+    for url in (s3.url("run"), s3.url("run/iter_0000004")):
+        with pytest.raises(StoreError, match=r"^--checkpoint: s3://\S+: no complete checkpoint"):
+            fetch(url)
+    assert s3.keys("run/") == before and s3.text("run/latest") == "iter_0000004\n"
+
+
 def test_multi_storage_client_stays_off_whatever_is_installed(tmp_path, megatron_runtime):
     """Megatron-Core turns multi-storage-client on when the package is installed: megasmol turns it
     off before every checkpoint write and read (as if it were installed here: enabled first)."""

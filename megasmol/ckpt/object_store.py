@@ -6,7 +6,10 @@ Where and as whom come from the standard AWS settings, read by boto3 itself: the
 (``AWS_PROFILE``), credentials (the environment, the profile, an instance role: boto3's chain),
 the region, and retries (``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``). megasmol only sets a short
 connect timeout and, when those two are unset, 3 attempts, so that an unreachable endpoint is one
-line within seconds rather than a minute of silent retries. Nothing secret is ever printed: a
+line within seconds rather than a minute of silent retries; the access check before training
+(:meth:`ObjectStore.check_access`) also waits at most ``CHECK_READ_TIMEOUT_S`` for each answer, so
+an endpoint that takes the connection and never answers is one line within seconds too (the
+transfers keep a 60 s read timeout: a large part may take that long). Nothing secret is ever printed: a
 failure names the URL, the endpoint and the service's error code.
 
 A directory uploads as one object per file (multipart above 64 MiB, in parallel parts) and is
@@ -30,6 +33,9 @@ MANIFEST = "megasmol-manifest.json"
 is incomplete (an upload was interrupted)."""
 MULTIPART_BYTES = 64 * 2**20
 CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+CHECK_READ_TIMEOUT_S = 5.0
+"""The access check's read timeout: its calls are tiny (a HEAD, an empty PUT, a DELETE)."""
 DEFAULT_ATTEMPTS = 3
 
 
@@ -37,7 +43,7 @@ class UploadFailed(RunFailure):
     """An upload or download did not complete (the previous ``latest`` stays as it was)."""
 
 
-def make_client():
+def make_client(read_timeout: float = READ_TIMEOUT_S):
     """An S3 client from the standard AWS settings (module docstring)."""
     try:
         import boto3
@@ -47,7 +53,7 @@ def make_client():
     retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
     if "AWS_MAX_ATTEMPTS" not in os.environ:
         retries["max_attempts"] = DEFAULT_ATTEMPTS
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=60, retries=retries)
+    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=read_timeout, retries=retries)
     session = boto3.session.Session()
     return session.client("s3", config=config)
 
@@ -70,6 +76,7 @@ class ObjectStore:
     def __init__(self, url: S3Url, client=None):
         self.url = url
         self.client = client if client is not None else make_client()
+        self._own_client = client is None
 
     @property
     def endpoint(self) -> str:
@@ -84,6 +91,7 @@ class ObjectStore:
             EndpointConnectionError,
             NoCredentialsError,
             ProfileNotFound,
+            ReadTimeoutError,
         )
 
         if isinstance(exc, ClientError):
@@ -101,6 +109,9 @@ class ObjectStore:
         if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
             return (f"cannot reach the endpoint {self.endpoint} (AWS_ENDPOINT_URL_S3 / "
                     "AWS_ENDPOINT_URL, or the profile's endpoint_url)")
+        if isinstance(exc, ReadTimeoutError):
+            return (f"the endpoint {self.endpoint} took the connection but did not answer within "
+                    f"{self.client.meta.config.read_timeout:g} s (is it an S3 endpoint, and is it up?)")
         if isinstance(exc, NoCredentialsError):
             return "no AWS credentials found (AWS_ACCESS_KEY_ID / AWS_PROFILE / an instance role)"
         if isinstance(exc, ProfileNotFound):
@@ -123,15 +134,16 @@ class ObjectStore:
         """Raise a StoreError naming ``what`` unless the bucket exists, is reachable with these
         credentials, and (``write``) takes a new object under the prefix."""
         probe = self.url.key(f".megasmol-probe-{os.getpid()}")
+        client = make_client(CHECK_READ_TIMEOUT_S) if self._own_client else self.client
         try:
-            self.client.head_bucket(Bucket=self.url.bucket)
+            client.head_bucket(Bucket=self.url.bucket)
             if write:
-                self.client.put_object(Bucket=self.url.bucket, Key=probe, Body=b"")
-                self.client.delete_object(Bucket=self.url.bucket, Key=probe)
+                client.put_object(Bucket=self.url.bucket, Key=probe, Body=b"")
+                client.delete_object(Bucket=self.url.bucket, Key=probe)
             else:
-                self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=self.url.key(""), MaxKeys=1)
+                client.list_objects_v2(Bucket=self.url.bucket, Prefix=self.url.key(""), MaxKeys=1)
         except self._errors() as exc:
-            raise StoreError(f"{what}: {self.url}: {self.describe(exc)}") from None
+            raise StoreError(f"{what}: {self.url}: {ObjectStore(self.url, client).describe(exc)}") from None
 
     # ---- objects -----------------------------------------------------------------------------
 
