@@ -12,6 +12,7 @@ import time
 import pytest
 
 from megasmol.ckpt.object_store import MANIFEST
+from megasmol.ckpt.remote import RemoteCheckpoints
 from tests.conftest import cli_in_process
 from tests.train_fixtures import (
     kill_session,
@@ -97,6 +98,33 @@ def test_upload_killed_halfway_keeps_the_previous_latest(reference, s3, tmp_path
     out = tmp_path / "hf"
     assert cli_in_process("export-hf", "--checkpoint", s3.url("run"), "--out", str(out)).returncode == 0
     assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
+def test_init_from_the_bucket_starts_as_the_local_copy_and_no_secret_is_written(reference, s3, s3_server,
+                                                                              tmp_path):
+    """``checkpoint.init_from: s3://...``: the initial checkpoint downloaded from the bucket gives
+    the losses the same run gets from the local copy (bit for bit; the run's own seed would give
+    others). And nothing secret in what megasmol prints or writes: the credentials appear in
+    neither run's output, its run directory, nor the objects it uploaded."""
+    RemoteCheckpoints(s3.url("init")).upload(reference["root"] / "init" / "iter_0000000")
+    sections = {"eval": {"interval": 0}}
+    remote = write_training_run(tmp_path / "a", steps=5, checkpoint={"dir": s3.url("a"), "keep_last": 0},
+                                **sections)
+    local = write_training_run(tmp_path / "b", steps=5, **sections)
+    got = train(remote, f"checkpoint.init_from={s3.url('init')}")
+    assert f"downloading {s3.url('init')}/iter_0000000 to " in got.stdout, got.stdout
+    want = train(local, f"checkpoint.init_from={reference['root'] / 'init'}")
+    losses = step_losses(tmp_path / "a" / "run")
+    assert sorted(losses) == [1, 2, 3, 4, 5] and losses == step_losses(tmp_path / "b" / "run")
+    assert s3.text("a/latest") == "iter_0000005\n"
+
+    secrets = list(s3_server.writer.values())
+    written = [p.read_bytes() for p in (tmp_path / "a" / "run").rglob("*") if p.is_file()]
+    uploaded = [s3.text(key) for key in s3.keys("a/") if key.endswith(".json")]
+    for secret in secrets:
+        assert secret not in got.stdout + got.stderr + want.stdout + want.stderr
+        assert not any(secret.encode() in data for data in written)
+        assert uploaded and not any(secret in text for text in uploaded)
 
 
 def _fails_before_step_1(config, tmp_path, env, expect):
