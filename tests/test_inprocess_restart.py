@@ -291,3 +291,26 @@ def test_a_spare_rank_takes_a_killed_ranks_place_with_the_losses_of_a_resumed_ru
     assert step_losses(tmp_path / "run") == plain_losses  # the spare trains as rank 1 did
     assert _left_behind(tag) == []
 
+
+
+@pytest.mark.serial
+def test_a_frozen_rank_is_ended_by_the_hard_timeout_and_a_spare_takes_its_place(tmp_path, plain_losses):
+    """Rank 1 frozen outside Python at step 8 (a stuck kernel: NVRx's interruption cannot reach
+    it) under a launcher that keeps the other processes, with a spare: the healthy rank's gloo
+    collective times out, the hard timeout ends rank 1, and the spare trains in its place from
+    the step-6 checkpoint, with the losses of the run without a fault."""
+    import re
+
+    from tests.train_fixtures import step_losses
+
+    env, tag = _tagged({"MEGASMOL_FAULT": "hang:8", "MEGASMOL_FAULT_RANK": "1"})
+    codes, out, err = _launch(_config(tmp_path, {**FAST, "spare_ranks": 1}), 3, env)
+    assert codes[0] == 0 and codes[2] == 0 and codes[1] != 0, (codes, out[-3000:], err[-6000:])
+    lines = [line for line in out.splitlines() if "in-process restart" in line]
+    assert len(lines) == 1, out
+    assert re.fullmatch(r"in-process restart 1 of at most 3: rank 1 (was terminated after resilience\."
+                        r"hard_timeout_s \(frozen\)|was lost \(its process ended[^;]*hard_timeout_s[^;]*\)); "
+                        r"resumed from step 6; step 7 done [\d.]+ s after the fault", lines[0]), lines[0]
+    assert "trained to step 12" in out
+    assert step_losses(tmp_path / "run") == plain_losses  # the spare trains as rank 1 did
+    assert _left_behind(tag) == []
