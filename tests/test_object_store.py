@@ -9,6 +9,7 @@ import pytest
 from megasmol.ckpt.object_store import MANIFEST, ObjectStore, UploadFailed
 from megasmol.ckpt.remote import RemoteCheckpoints, fetch
 from megasmol.utils.s3_url import StoreError, parse
+from tests.conftest import cli_in_process
 
 
 def _iteration(root, name, size=1000, extra=b""):
@@ -104,6 +105,51 @@ def test_access_errors_are_one_line(s3, s3_server, monkeypatch):
     with pytest.raises(StoreError, match="cannot reach the endpoint http://127.0.0.1:9"):
         ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
     assert time.monotonic() - started < 15
+
+
+def test_the_endpoint_credentials_and_retries_come_from_the_environment_or_a_profile(s3, s3_server, tmp_path,
+                                                                                    monkeypatch):
+    """The standard AWS settings, read by boto3: with no AWS_* credentials or endpoint in the
+    environment, ``AWS_PROFILE`` names a profile whose config gives the endpoint and the retries
+    and whose credentials file gives the keys; megasmol's 3 attempts (the first request
+    included, as ``AWS_MAX_ATTEMPTS`` counts them) only where neither gives a number. A profile
+    that does not exist is one line naming the field, the URL and the profile (a traceback from
+    boto3 before)."""
+    from megasmol.ckpt.object_store import make_client
+
+    assert make_client().meta.config.retries == {"total_max_attempts": 3, "mode": "standard"}
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    assert make_client().meta.config.retries == {"total_max_attempts": 7, "mode": "legacy"}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE"):
+        monkeypatch.delenv(var)
+    (tmp_path / "config").write_text(f"[profile ckpts]\nendpoint_url = {s3_server.endpoint}\n"
+                                     "region = us-east-1\nmax_attempts = 2\nretry_mode = adaptive\n")
+    (tmp_path / "credentials").write_text(
+        f"[ckpts]\naws_access_key_id = {s3_server.writer['AWS_ACCESS_KEY_ID']}\n"
+        f"aws_secret_access_key = {s3_server.writer['AWS_SECRET_ACCESS_KEY']}\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "ckpts")
+    remote = RemoteCheckpoints(s3.url("run"))
+    assert remote.store.endpoint == s3_server.endpoint
+    assert remote.store.client.meta.config.retries == {"total_max_attempts": 2, "mode": "adaptive"}
+    remote.store.check_access("checkpoint.dir")
+    remote.upload(_iteration(tmp_path / "local", "iter_0000001"))
+
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    with pytest.raises(StoreError) as caught:
+        RemoteCheckpoints(s3.url("run"))
+    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: AWS_PROFILE: The config profile "
+                                 "(no-such-profile) could not be found")
+    out = tmp_path / "hf"
+    said = cli_in_process("export-hf", "--checkpoint", s3.url("run"), "--out", str(out))
+    assert said.returncode == 2 and "Traceback" not in said.stderr, said.stderr
+    assert said.stderr.strip() == (f"megasmol export-hf: error: --checkpoint: {s3.url('run')}: AWS_PROFILE: "
+                                   "The config profile (no-such-profile) could not be found")
+    monkeypatch.delenv("AWS_PROFILE")  # boto3's default session, which the fixture's client uses
+    assert s3.text("run/latest") == "iter_0000001\n"  # the profile's upload, read as the fixture's user
 
 
 def test_an_endpoint_that_takes_the_connection_and_never_answers_is_one_line_within_seconds(s3, monkeypatch):

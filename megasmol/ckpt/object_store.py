@@ -4,12 +4,14 @@ bucket, through boto3.
 Where and as whom come from the standard AWS settings, read by boto3 itself: the endpoint
 (``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, or the profile's ``endpoint_url``), the profile
 (``AWS_PROFILE``), credentials (the environment, the profile, an instance role: boto3's chain),
-the region, and retries (``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``). megasmol only sets a short
-connect timeout and, when those two are unset, 3 attempts, so that an unreachable endpoint is one
-line within seconds rather than a minute of silent retries; the access check before training
-(:meth:`ObjectStore.check_access`) also waits at most ``CHECK_READ_TIMEOUT_S`` for each answer, so
-an endpoint that takes the connection and never answers is one line within seconds too (the
-transfers keep a 60 s read timeout: a large part may take that long). Nothing secret is ever printed: a
+the region, and retries (``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``, or the profile's
+``max_attempts`` and ``retry_mode``). megasmol only sets a short connect timeout and, when neither
+the environment nor the profile gives them, 3 attempts in boto3's standard mode, so that an
+unreachable endpoint is one line within seconds rather than a minute of silent retries; the access
+check before training (:meth:`ObjectStore.check_access`) also waits at most
+``CHECK_READ_TIMEOUT_S`` for each answer, so an endpoint that takes the connection and never
+answers is one line within seconds too (the transfers keep a 60 s read timeout: a large part may
+take that long). A profile that does not exist is one line too. Nothing secret is ever printed: a
 failure names the URL, the endpoint and the service's error code.
 
 A directory uploads as one object per file (multipart above 64 MiB, in parallel parts) and is
@@ -47,15 +49,26 @@ def make_client(read_timeout: float = READ_TIMEOUT_S):
     """An S3 client from the standard AWS settings (module docstring)."""
     try:
         import boto3
+        import botocore.session
         from botocore.config import Config
+        from botocore.exceptions import ProfileNotFound
     except ImportError:
         raise StoreError("s3:// checkpoints need boto3: pip install 'megasmol[s3]'") from None
-    retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
-    if "AWS_MAX_ATTEMPTS" not in os.environ:
-        retries["max_attempts"] = DEFAULT_ATTEMPTS
-    config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=read_timeout, retries=retries)
-    session = boto3.session.Session()
-    return session.client("s3", config=config)
+    try:
+        core = botocore.session.Session()
+        # The retry settings of the environment or the profile win; megasmol's only where neither
+        # gives one. botocore's "total_max_attempts" counts the first request, as AWS_MAX_ATTEMPTS
+        # does (its "max_attempts" would count the retries only: one attempt more).
+        retries: dict = {}
+        if core.get_config_variable("retry_mode") is None:
+            retries["mode"] = "standard"
+        if core.get_config_variable("max_attempts") is None:
+            retries["total_max_attempts"] = DEFAULT_ATTEMPTS
+        config = Config(connect_timeout=CONNECT_TIMEOUT_S, read_timeout=read_timeout,
+                        retries=retries or None)
+        return boto3.session.Session(botocore_session=core).client("s3", config=config)
+    except ProfileNotFound as exc:
+        raise StoreError(f"AWS_PROFILE: {exc}") from None
 
 
 def _sha256(path: Path) -> str:

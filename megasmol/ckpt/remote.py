@@ -44,7 +44,10 @@ class RemoteCheckpoints:
     def __init__(self, url: S3Url | str, what: str = "checkpoint.dir", client=None):
         self.url = parse(url, what) if isinstance(url, str) else url
         self.what = what
-        self.store = ObjectStore(self.url, client)
+        try:
+            self.store = ObjectStore(self.url, client)
+        except StoreError as exc:  # no boto3, or an AWS_PROFILE that does not exist
+            raise StoreError(f"{what}: {self.url}: {exc}") from None
 
     def __str__(self) -> str:
         return str(self.url)
