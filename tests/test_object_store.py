@@ -173,6 +173,27 @@ def test_an_endpoint_that_takes_the_connection_and_never_answers_is_one_line_wit
     assert 5 <= took < 30, took
 
 
+def test_an_endpoint_whose_connects_time_out_is_one_line_within_seconds(s3, monkeypatch):
+    """Connects that time out (a firewall dropping packets, a host that is down): here a socket
+    whose accept queue is full, so the kernel drops every new SYN. One line naming the endpoint,
+    after 3 attempts of ``CONNECT_TIMEOUT_S``: seconds, not minutes."""
+    import socket
+
+    with socket.socket() as full, socket.socket() as waiting:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        waiting.connect(full.getsockname())  # fills the queue: nothing is ever accepted
+        endpoint = f"http://127.0.0.1:{full.getsockname()[1]}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as caught:
+            ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+        took = time.monotonic() - started
+    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: cannot reach the endpoint {endpoint} "
+                                 "(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or the profile's endpoint_url)")
+    assert 10 <= took < 30, took  # 3 connects of 5 s each
+
+
 def test_a_latest_naming_an_incomplete_checkpoint_is_refused_and_never_read(s3, tmp_path):
     """The bucket's ``latest`` names an iteration whose objects are incomplete (no manifest: its
     upload was cut, and something else moved ``latest``): a run on that prefix is refused before
