@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from megasmol.config.typed import ConfigError
@@ -63,6 +64,32 @@ class SamplingParams:
 def row_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per row, ``torch.Generator().manual_seed(seed)``."""
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+class UniformStreams:
+    """Each row's numbers from its generator, ``CHUNK`` at a time: the numbers, in their order,
+    that one ``torch.rand((), dtype=torch.float64, generator=g)`` per token gives (torch's CPU
+    ``uniform_`` fills a tensor serially; tested), for a fraction of the calls. The generators'
+    states run ahead by the unused rest of a chunk: hand each generator to one stream only."""
+
+    CHUNK = 64
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = generators
+        self.buffers: list[list[float]] = [[] for _ in generators]
+        self.used = [0] * len(generators)
+
+    def next(self, rows: Sequence[int]) -> list[float]:
+        """The next number of each of ``rows`` (indices into the generators)."""
+        out = []
+        for row in rows:
+            used, buffer = self.used[row], self.buffers[row]
+            if used == len(buffer):
+                buffer = torch.rand(self.CHUNK, dtype=torch.float64, generator=self.generators[row]).tolist()
+                self.buffers[row], used = buffer, 0
+            out.append(buffer[used])
+            self.used[row] = used + 1
+        return out
 
 
 def _scaled(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -128,7 +155,32 @@ BLOCK = 256
 def draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """[rows, vocab] probabilities (any scale; 0 outside the allowed set) and [rows] numbers in
     [0, 1) -> [rows] the first token whose cumulative probability (in vocabulary order, float64)
-    exceeds ``uniform`` x the row's total: the inverse transform. Never a token of probability 0."""
+    exceeds ``uniform`` x the row's total: the inverse transform. Never a token of probability 0.
+
+    Past the block sums (one torch pass over the vocabulary), a CPU tensor's draw runs in numpy
+    on [rows, blocks] and [rows, BLOCK] arrays: the same float64 sums in the same order as
+    :func:`_draw_torch` (the same tokens, tested), without its few dozen small torch calls."""
+    if probs.device.type != "cpu":
+        return _draw_torch(probs, uniform)
+    rows, vocab = probs.shape
+    blocks_n = -(-vocab // BLOCK)
+    p = probs if vocab == blocks_n * BLOCK else torch.nn.functional.pad(probs, (0, blocks_n * BLOCK - vocab))
+    blocks = p.contiguous().view(rows, blocks_n, BLOCK)
+    ends = np.cumsum(blocks.sum(-1).numpy().astype(np.float64), axis=1)  # see _draw_torch
+    total = ends[:, -1]
+    target = np.minimum(np.asarray(uniform, dtype=np.float64) * total, np.nextafter(total, 0.0))
+    # searchsorted(right=True) over nondecreasing sums: how many are <= the target
+    block = np.minimum((ends <= target[:, None]).sum(1), blocks_n - 1)
+    each = np.arange(rows)
+    before = np.where(block > 0, ends[each, np.maximum(block - 1, 0)], 0.0)
+    inside = blocks.numpy()[each, block]  # [rows, BLOCK]
+    index = (before[:, None] + np.cumsum(inside.astype(np.float64), axis=1) <= target[:, None]).sum(1)
+    last = BLOCK - 1 - (inside > 0)[:, ::-1].argmax(1)  # see _draw_torch
+    return torch.from_numpy(block * BLOCK + np.minimum(index, last)).to(torch.long)
+
+
+def _draw_torch(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """:func:`draw` in torch calls, on any device."""
     rows, vocab = probs.shape
     blocks_n = -(-vocab // BLOCK)
     p = probs if vocab == blocks_n * BLOCK else torch.nn.functional.pad(probs, (0, blocks_n * BLOCK - vocab))
@@ -161,8 +213,10 @@ def choose(logits: torch.Tensor, params: SamplingParams,
 
 def choose_scored(logits: torch.Tensor, params: SamplingParams,
                   generators: Optional[Sequence[torch.Generator]] = None,
-                  with_entropy: bool = True) -> Choice:
-    """:func:`choose`, with each row's entropy (zeros when not ``with_entropy``).
+                  with_entropy: bool = True, uniform: Optional[Sequence[float]] = None) -> Choice:
+    """:func:`choose`, with each row's entropy (zeros when not ``with_entropy``). ``uniform``:
+    each sampled row's number, already drawn from its generator (:class:`UniformStreams`),
+    instead of ``generators``.
 
     One ``exp`` over the vocabulary serves all three: with ``z = x - max(x)`` and ``w = exp(z)``
     (``x`` the scaled logits), the log-probabilities are ``z - log(sum w)``, the draw takes ``w``
@@ -171,6 +225,10 @@ def choose_scored(logits: torch.Tensor, params: SamplingParams,
     scaled = _scaled(logits, params)
     if params.greedy:
         tokens = scaled.argmax(dim=-1)  # the logits' own argmax (no rounding in between)
+    elif uniform is not None:
+        if len(uniform) != logits.shape[0]:
+            raise ValueError(f"sampling {logits.shape[0]} row(s) needs one number per row, "
+                             f"got {len(uniform)}")
     elif generators is None or len(generators) != logits.shape[0]:
         raise ValueError(f"sampling {logits.shape[0]} row(s) needs one generator per row, got "
                          f"{None if generators is None else len(generators)}")
@@ -178,12 +236,15 @@ def choose_scored(logits: torch.Tensor, params: SamplingParams,
     if not params.greedy:
         hidden = outside(shifted, params.top_k, params.top_p)
         allowed = weights if hidden is None else weights.masked_fill(hidden, 0.0)
-        uniform = torch.stack([torch.rand((), dtype=torch.float64, generator=g) for g in generators])
-        tokens = draw(allowed, uniform)
+        if uniform is None:
+            assert generators is not None
+            uniform = [torch.rand((), dtype=torch.float64, generator=g).item() for g in generators]
+        tokens = draw(allowed, torch.tensor(uniform, dtype=torch.float64))
     log_total = total.log()
     chosen = shifted.gather(-1, tokens.unsqueeze(-1)).sub_(log_total).squeeze(-1)
     if not with_entropy:
         return Choice(tokens, chosen, torch.zeros_like(chosen))
-    # sum(w z) / sum(w): the mean of z; 0 x -inf (a token of probability 0) is NaN, left out
-    mean_shift = (weights * shifted).nansum(-1, keepdim=True) / total
+    # sum(w z) / sum(w): the mean of z; 0 x -inf (a token of probability 0) is NaN, left out.
+    # In place: the draw is done with the weights.
+    mean_shift = weights.mul_(shifted).nansum(-1, keepdim=True) / total
     return Choice(tokens, chosen, (log_total - mean_shift).squeeze(-1))
