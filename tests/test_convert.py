@@ -82,6 +82,46 @@ def test_sdpa_mlp_runs_the_gated_halves_as_two_matmuls_without_autograd(tmp_path
     assert fc1.weight.grad is not None and fc1.weight.grad.abs().sum() > 0
 
 
+def test_sdpa_linears_are_a_bare_matmul_without_autograd(tmp_path):
+    """Without autograd on one TP rank the sdpa spec's linears skip Megatron-Core's autograd
+    function and its identity regions: the whole model's logits are bitwise those of Megatron-Core's
+    own linear forward (the same matmul), which still runs, and trains, under autograd."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, layers
+
+    from megasmol.model.forward_linear import ForwardOnlyColumnParallelLinear, ForwardOnlyRowParallelLinear
+
+    init_checkpoint(tiny_smollm3(attention_backend="sdpa"), tmp_path / "ckpt", seed=7)
+    model, spec, _ = load_checkpoint_model(tmp_path / "ckpt")
+    attention = model.decoder.layers[0].self_attention
+    assert isinstance(attention.linear_qkv, ForwardOnlyColumnParallelLinear)
+    assert isinstance(attention.linear_proj, ForwardOnlyRowParallelLinear)
+    assert isinstance(model.decoder.layers[0].mlp.linear_fc2, ForwardOnlyRowParallelLinear)
+    assert isinstance(model.output_layer, ForwardOnlyColumnParallelLinear)  # given the tied weight
+    function, calls = layers.LinearWithGradAccumulationAndAsyncCommunication, []
+    apply = function.apply
+    ids = torch.randint(0, spec.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        function.apply = lambda *args: calls.append(1) or apply(*args)
+        fast = megatron_logits(model, ids)
+        assert calls == []  # the output layer too (GPTModel's own, of this class: gpt.build_model)
+        bare = ForwardOnlyColumnParallelLinear.forward, ForwardOnlyRowParallelLinear.forward
+        ForwardOnlyColumnParallelLinear.forward = ColumnParallelLinear.forward
+        ForwardOnlyRowParallelLinear.forward = RowParallelLinear.forward
+        try:
+            reference = megatron_logits(model, ids)
+        finally:
+            ForwardOnlyColumnParallelLinear.forward, ForwardOnlyRowParallelLinear.forward = bare
+        assert len(calls) == 1 + 3 * spec.num_layers  # the check can fail: Megatron-Core's path ran
+        assert torch.equal(fast, reference)
+        calls.clear()
+        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand_as(ids)
+        model(ids, positions, None).sum().backward()  # with autograd: Megatron-Core's forward
+        assert len(calls) == 1 + 4 * spec.num_layers  # and the MLP its fused fc1 (model/mlp.py)
+        assert attention.linear_qkv.weight.grad.abs().sum() > 0
+    finally:
+        function.apply = apply
+
+
 def test_sharded_export_writes_an_index(tmp_path):
     init_checkpoint(tiny_llama(), tmp_path / "ckpt")
     export_hf(tmp_path / "ckpt", tmp_path / "hf", max_shard_bytes=100_000, show_progress=False)

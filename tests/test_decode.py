@@ -117,11 +117,16 @@ def test_sampling_draws_only_inside_the_top_k_top_p_set_in_proportion(top_k, top
     torch.testing.assert_close(log_probs, probs.log()[tokens], rtol=0, atol=1e-5)
 
 
-def test_the_blockwise_draw_is_the_inverse_transform_and_never_picks_a_zero():
+@pytest.mark.parametrize("implementation", ["draw", "_draw_torch"])
+def test_the_blockwise_draw_is_the_inverse_transform_and_never_picks_a_zero(implementation):
     """``draw`` sums by blocks of the vocabulary, then inside one: the same tokens as one float64
     cumulative sum over the whole vocabulary (a 5,000-entry vocabulary, 20 blocks, whole blocks and
-    block edges at probability 0), and at the extreme numbers the first and last possible token."""
-    from megasmol.decode.sampling import BLOCK, draw
+    block edges at probability 0), and at the extreme numbers the first and last possible token;
+    on a CPU in numpy past the block sums, elsewhere in torch calls (both checked here)."""
+    from megasmol.decode import sampling
+    from megasmol.decode.sampling import BLOCK
+
+    draw = getattr(sampling, implementation)
 
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(5000, generator=g) ** 4
@@ -139,6 +144,25 @@ def test_the_blockwise_draw_is_the_inverse_transform_and_never_picks_a_zero():
     assert bool((probs[tokens] > 0).all())
     assert tokens[-2].item() == BLOCK + 3 and tokens[-1].item() == 5000 - 8
     assert len(set(tokens.tolist())) > 1000  # draws spread over the blocks: the check can fail
+    assert tokens.dtype == torch.long
+
+
+def test_a_rows_numbers_drawn_by_chunks_are_those_drawn_one_per_token():
+    """``UniformStreams`` draws ``CHUNK`` numbers per call: the same numbers in the same order as
+    one ``torch.rand`` per token from the row's generator (the per-request seeding RL relies on),
+    past a chunk's end and with rows drawing at different paces."""
+    from megasmol.decode.sampling import UniformStreams
+
+    streams = UniformStreams([torch.Generator().manual_seed(seed) for seed in (5, 6, 7)])
+    got: dict[int, list[float]] = {0: [], 1: [], 2: []}
+    for step in range(2 * UniformStreams.CHUNK + 9):
+        rows = [0, 2] if step % 3 else [0, 1, 2]  # row 1 draws on every third step only
+        for row, number in zip(rows, streams.next(rows)):
+            got[row].append(number)
+    for row, seed in enumerate((5, 6, 7)):
+        g = torch.Generator().manual_seed(seed)
+        assert got[row] == [torch.rand((), dtype=torch.float64, generator=g).item() for _ in got[row]]
+    assert len(got[1]) < UniformStreams.CHUNK < len(got[0]) and got[0][:5] != got[2][:5]
 
 
 @pytest.mark.parametrize("temperature", [None, 1.0, 0.7])

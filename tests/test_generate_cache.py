@@ -139,8 +139,9 @@ def test_attention_without_explicit_masks_shares_one_cache_offset(megatron_runti
 
 def test_decoding_rotates_each_key_once_as_it_enters_the_cache(megatron_runtime, monkeypatch):
     """``model/cached_rotary.py``: after the prefill a pass rotates its one new key and query per
-    rope layer, not the whole cache (Megatron-Core's static path re-rotates every cached key), and
-    decodes what recomputing the prefix decodes (the cached/uncached tests above, all specs)."""
+    rope layer, together in one call, not the whole cache (Megatron-Core's static path re-rotates
+    every cached key), and decodes what recomputing the prefix decodes (the cached/uncached tests
+    above, all specs)."""
     import megatron.core.transformer.attention as mcore_attention
 
     import megasmol.model.cached_rotary as cached_rotary
@@ -151,7 +152,7 @@ def test_decoding_rotates_each_key_once_as_it_enters_the_cache(megatron_runtime,
 
     def recording(rotate):
         def apply(t, freqs, *args, **kwargs):
-            rotated.append(t.shape[0])
+            rotated.append(tuple(t.shape[::2]))  # (positions, heads)
             return rotate(t, freqs, *args, **kwargs)
         return apply
 
@@ -160,8 +161,9 @@ def test_decoding_rotates_each_key_once_as_it_enters_the_cache(megatron_runtime,
     prompt = torch.randint(0, 5000, (1, 12))
     out = greedy_generate(model, prompt, 6)
     rope_layers = sum(not skip for skip in model.config.no_rope_freq)
-    prefill = 2 * rope_layers  # queries and keys of the 12 prompt tokens
-    assert rotated[:prefill] == [12] * prefill
-    assert rotated[prefill:] == [1] * (2 * rope_layers * 5)  # 5 passes after the prefill
+    heads = model.config.num_attention_heads + model.config.num_query_groups  # queries and keys
+    prefill = rope_layers  # the 12 prompt tokens' queries and keys, in one call per layer
+    assert rotated[:prefill] == [(12, heads)] * prefill
+    assert rotated[prefill:] == [(1, heads)] * (rope_layers * 5)  # 5 passes after the prefill
     monkeypatch.undo()
     assert out.tolist() == greedy_generate(model, prompt, 6, use_cache=False).tolist()

@@ -34,7 +34,7 @@ from typing import Any, Optional
 import torch
 
 from megasmol.decode.completion import Completion, OnStep, Stop, finish_reason, request_limits, request_seeds
-from megasmol.decode.sampling import SamplingParams, choose_scored, row_generators
+from megasmol.decode.sampling import SamplingParams, UniformStreams, choose_scored, row_generators
 from megasmol.model.layer_specs import EXPLICIT_MASK_BACKENDS
 from megasmol.runtime import cpu_compat
 
@@ -108,14 +108,16 @@ class _Run:
     def __init__(self, sampling: SamplingParams, generators: list[torch.Generator], limits: list[int],
                  eos_token_id: Optional[int], stop: Optional[Stop], on_step: Optional[OnStep],
                  out: list[Completion]):
-        self.sampling, self.generators, self.limits = sampling, generators, limits
+        self.sampling, self.limits = sampling, limits
+        self.uniforms = UniformStreams(generators)
         self.eos_token_id, self.stop, self.on_step, self.out = eos_token_id, stop, on_step, out
 
     def choose(self, logits: torch.Tensor, rows: list[int]) -> tuple[list[int], list[int]]:
         """Each of ``rows`` chooses its next token from its ``logits``; returns the tokens and the
         rows that finished with them (``on_step`` hears of both)."""
+        uniform = None if self.sampling.greedy else self.uniforms.next(rows)
         with cpu_compat.suspended():  # a few dozen torch calls per token, none naming a device
-            choice = choose_scored(logits, self.sampling, [self.generators[row] for row in rows])
+            choice = choose_scored(logits, self.sampling, uniform=uniform)
         tokens, finished = choice.tokens.tolist(), []
         for row, token, log_prob, entropy in zip(rows, tokens, choice.log_probs.tolist(),
                                                  choice.entropies.tolist()):

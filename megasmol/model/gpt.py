@@ -281,4 +281,11 @@ def build_model(spec: ModelSpec, **config_options) -> SmolGPTModel:
             config_options.get("cross_entropy", "plain")].from_hidden_states,
         attention_backend=resolve_attention_backend(spec.attention_backend),
     )
+    if model.post_process and model.attention_backend == "sdpa":
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        from megasmol.model.forward_linear import ForwardOnlyColumnParallelLinear
+
+        if type(model.output_layer) is ColumnParallelLinear:  # its forward only changes (no state)
+            model.output_layer.__class__ = ForwardOnlyColumnParallelLinear
     return model

@@ -5,7 +5,9 @@ Transformer Engine's fused-norm names), so a checkpoint moves freely between the
 * ``te``:    Transformer Engine fused norm+linear and attention kernels (BF16/FP8);
 * ``sdpa``:  Megatron-Core local linears + megasmol's SDPA/FlexAttention core attention and its
              MLP (``model/mlp.py``: the gated unit as two matmuls when there is no autograd),
-             keys rotated once as they enter a KV cache (``model/cached_rotary.py``);
+             keys rotated once as they enter a KV cache (``model/cached_rotary.py``), the
+             linears a bare matmul when there is no autograd on one TP rank
+             (``model/forward_linear.py``);
 * ``local``: Megatron-Core's local spec as is (reference attention, materializes s x s scores).
 """
 
@@ -21,6 +23,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megasmol.config.typed import ConfigError
 from megasmol.model.attention import SDPACoreAttention
 from megasmol.model.cached_rotary import RotatedCacheSelfAttention
+from megasmol.model.forward_linear import ForwardOnlyColumnParallelLinear, ForwardOnlyRowParallelLinear
 from megasmol.model.mlp import SplitGateMLP
 
 
@@ -55,6 +58,8 @@ def sdpa_layer_spec(qk_norm: bool) -> ModuleSpec:
     spec = copy.deepcopy(local_layer_spec(qk_norm))
     spec.submodules.self_attention.module = RotatedCacheSelfAttention  # model/cached_rotary.py
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.self_attention.submodules.linear_qkv = ForwardOnlyColumnParallelLinear
+    spec.submodules.self_attention.submodules.linear_proj = ForwardOnlyRowParallelLinear
     spec.submodules.mlp = SplitGateMLP  # a class, not a ModuleSpec (see model/mlp.py)
     return spec
 

@@ -13,7 +13,9 @@ own forward runs.
 The layer spec holds the class itself, not a ``ModuleSpec``: Megatron-Core's ``TransformerLayer``
 passes the tensor-parallel group to its own ``MLP`` (recognised by identity) and logs "Unknown MLP
 type" for any other ``ModuleSpec``. Built from the config alone, this MLP takes the local spec's
-linears and Megatron-Core's default tensor-parallel group, which is the one it would be given.
+column linear, ``model/forward_linear.py``'s row linear (a bare matmul without autograd on one
+tensor-parallel rank) and Megatron-Core's default tensor-parallel group, which is the one it would
+be given.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
+
+from megasmol.model.forward_linear import ForwardOnlyRowParallelLinear
 
 
 class SplitGateMLP(MLP):
     def __init__(self, config, submodules: Optional[MLPSubmodules] = None, **kwargs):
-        local = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        local = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=ForwardOnlyRowParallelLinear)
         super().__init__(config, submodules if submodules is not None else local, **kwargs)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
