@@ -294,7 +294,7 @@ def test_sigterm_with_a_hung_post_save_command_exits_within_the_grace(tmp_path):
     """A post-save command that ignores SIGTERM held the exit for 30 s after the save, plus 5 to
     kill it: past Slurm's default KillWait of 30 s, so the job was SIGKILLed. The save and the wait
     now end within checkpoint.signal_grace_s of the signal, and the command's group is stopped."""
-    pids, grace = tmp_path / "pids", 8
+    pids, grace = tmp_path / "pids", 4
     hung = f"echo $$ >> {pids}; trap '' TERM; while :; do sleep 1; done"
     config = write_training_run(tmp_path, steps=200, checkpoint={
         "interval": 3, "post_save_command": hung, "signal_grace_s": grace})
