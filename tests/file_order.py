@@ -29,7 +29,7 @@ FILE_SECONDS = {
     "tests/test_train.py": 252,
     "tests/test_rl.py": 147,
     "tests/test_preference.py": 137,
-    "tests/test_faults.py": 125,  # + 4 tests from the serial phase (2026-12-07 evening)
+    "tests/test_faults.py": 147,  # + 6 tests from the serial phase (2026-12-07 evening)
     "tests/test_launch_scripts.py": 119,
     "tests/test_eval_in_loop.py": 103,
     "tests/test_s3_checkpoints.py": 89,

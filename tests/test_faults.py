@@ -32,10 +32,11 @@ from tests.train_fixtures import (
 )
 
 # The tests marked ``serial`` time a signal's or a peer's effect (a grace, a collective timeout, a
-# frozen or lost rank) or are preempted in a torchrun job: they run alone (see Makefile). The rest
-# run with the suite: one process that is signalled, resumed, or refused while another trains
-# asserts no time (a loaded machine only makes it slower), nor do the injected non-finite
-# gradients, the failed save and the config checks.
+# frozen or lost rank) or signal a running torchrun job from outside: they run alone (see
+# Makefile). The rest run with the suite: a process signalled, resumed, or refused while another
+# trains, and a signal a rank sends itself at a planted point, assert no time (a loaded machine
+# only makes them slower), nor do the injected non-finite gradients, the failed save and the
+# config checks.
 serial = pytest.mark.serial
 
 
@@ -108,7 +109,6 @@ def test_sigterm_to_torchrun_saves_on_every_rank(tmp_path):
     assert 5 <= _latest_step(tmp_path / "run") == last < 200
 
 
-@serial
 @pytest.mark.parametrize("skip", [None, [[8, 9]]], ids=["trained-step", "skipped-step"])
 def test_a_signal_on_one_rank_after_the_all_reduce_stops_all_ranks_together(tmp_path, skip):
     """Rank 1 is signalled right after step 7's all-reduce: it must not stop alone (the others
