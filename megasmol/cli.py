@@ -23,7 +23,7 @@ from megasmol.plan.commands import add_plan_parser
 from megasmol.preflight.commands import add_preflight_parser
 from megasmol.preflight.engine_commands import add_rl_parsers
 from megasmol.runtime.openmp import passive_waits
-from megasmol.utils.argtypes import InputPath, at_least, input_path
+from megasmol.utils.argtypes import InputPath, at_least, input_path, positive_float, positive_int
 from megasmol.utils.fs import shown, shown_paths
 from megasmol.utils.s3_url import is_url
 
@@ -135,7 +135,8 @@ def cmd_demo(args) -> int:
         from megasmol.chat.rl_demo import run_rl_demo
 
         return run_rl_demo(Path(args.workdir), steps=args.steps or 30, overrides=args.set)
-    return run_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set)
+    return run_demo(Path(args.workdir), steps=args.steps or 150, overrides=args.set,
+                    code_mb=args.code_mb, math_problems=args.math_problems)
 
 
 def cmd_train(args) -> int:
@@ -302,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the SFT demo (run first if missing): GRPO on verifiable arithmetic "
                            "prompts (completions sampled by the model being trained, the math reward), "
                            "the reward over training and held-out accuracy before and after")
+    p.add_argument("--code-mb", type=positive_float, default=3.0,
+                   help="the demo corpus's standard-library code, when the pretraining demo builds it "
+                        "(default 3 MB, as demo-corpus --code-mb; a corpus already in WORKDIR is reused)")
+    p.add_argument("--math-problems", type=positive_int, default=20000,
+                   help="the demo corpus's word problems, when the pretraining demo builds it (default "
+                        "20000, as demo-corpus --math-problems)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli_override,
                    help="override a field of examples/tiny/demo.yaml (tiny/sft.yaml with --sft, "
                         "tiny/apo.yaml with --preference, tiny/grpo.yaml with --rl; repeatable)")

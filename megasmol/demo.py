@@ -37,8 +37,9 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def corpus(workdir: Path, parts: int = 5) -> Path:
-    """The demo corpus, built and tokenized once under ``workdir/corpus``."""
+def corpus(workdir: Path, parts: int = 5, code_mb: float = 3.0, math_problems: int = 20000) -> Path:
+    """The demo corpus, built and tokenized once under ``workdir/corpus`` (``code_mb`` and
+    ``math_problems`` size it when it is built, as ``megasmol demo-corpus`` takes them)."""
     from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
     from megasmol.data.tokenize import missing_parts
 
@@ -48,7 +49,7 @@ def corpus(workdir: Path, parts: int = 5) -> Path:
         print(f"[1/{parts}] demo corpus already tokenized in {shown(tokens)}")
         return tokens
     started = time.time()
-    manifest = build_demo_corpus(workdir / "corpus")
+    manifest = build_demo_corpus(workdir / "corpus", code_mb=code_mb, math_problems=math_problems)
     summaries = tokenize_demo_corpus(workdir / "corpus", overwrite=True, show_progress=False)
     sizes = ", ".join(f"{d} {manifest['domains'][d]['documents']:,} docs / {s.tokens:,} tokens"
                       for d, s in summaries.items())
@@ -180,7 +181,8 @@ def required_fall(steps: int) -> float:
     return min(2.0, 0.05 * steps)
 
 
-def run_demo(workdir: Path, steps: int = DEFAULT_STEPS, overrides: list[str] | None = None) -> int:
+def run_demo(workdir: Path, steps: int = DEFAULT_STEPS, overrides: list[str] | None = None,
+             code_mb: float = 3.0, math_problems: int = 20000) -> int:
     from megasmol.config.run import load_run_config
     from megasmol.runtime.distributed import init_distributed, shutdown
     from megasmol.train.loop import train
@@ -191,7 +193,7 @@ def run_demo(workdir: Path, steps: int = DEFAULT_STEPS, overrides: list[str] | N
     init_distributed()
     try:
         if _rank() == 0:
-            tokens = corpus(workdir)
+            tokens = corpus(workdir, code_mb=code_mb, math_problems=math_problems)
             shutil.rmtree(workdir / "run", ignore_errors=True)  # the demo always trains afresh
             scaled_plan(steps, workdir)
         torch.distributed.barrier()

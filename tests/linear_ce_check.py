@@ -1,5 +1,5 @@
 """The chunked linear cross-entropy against the plain path (logits, then cross-entropy), at any
-tensor-parallel size: used in-process (TP=1) and by ``workers/linear_ce_tp2.py`` (TP=2)."""
+tensor-parallel size: used in-process (TP=1) and by ``workers/linear_ce_layouts.py`` (TP=2)."""
 
 import torch
 import torch.nn.functional as F

@@ -9,7 +9,7 @@ import torch
 from megasmol.config.run import TrainingConfig
 from megasmol.config.typed import ConfigError
 from megasmol.model.linear_cross_entropy import linear_cross_entropy
-from tests.conftest import WORKERS, run_cli, run_torchrun
+from tests.conftest import WORKERS, cli_in_process, run_torchrun
 from tests.linear_ce_check import function_errors, model_errors, objective_errors, plain_token_loss
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
@@ -130,12 +130,20 @@ def test_forward_saves_no_tokens_by_vocab_tensor():
     assert chunked == vocab * hidden  # the largest it keeps is the output weight
 
 
-def test_tensor_parallel_chunked_equals_single_process_plain(tmp_path):
-    proc = run_torchrun([str(WORKERS / "linear_ce_tp2.py"), str(tmp_path / "result.json")])
-    results = json.loads((tmp_path / "result.json").read_text())
+@pytest.fixture(scope="module")
+def parallel_layouts(tmp_path_factory):
+    """One launch of 2 gloo processes for both tests that need one: TP=2, then PP=2 and CP=2
+    (``workers/linear_ce_layouts.py``); its results and output."""
+    out = tmp_path_factory.mktemp("layouts") / "result.json"
+    proc = run_torchrun([str(WORKERS / "linear_ce_layouts.py"), str(out)])
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_tensor_parallel_chunked_equals_single_process_plain(parallel_layouts):
+    results, stdout = parallel_layouts[0]["tp2"], parallel_layouts[1]
     assert len(results) == 8
     for case, errors in results.items():
-        assert max(errors.values()) < TOL, (case, errors, proc.stdout)
+        assert max(errors.values()) < TOL, (case, errors, stdout)
 
 
 def test_te_needs_transformer_engine():
@@ -153,7 +161,9 @@ def plain_run(tmp_path_factory):
     """A 4-step single-process run from a saved initial checkpoint (same weights in any layout)."""
     root = tmp_path_factory.mktemp("plain")
     config = _short_run(root, "plain")
-    run_cli("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"), "--seed", "3")
+    init = cli_in_process("init", "--spec", str(root / "spec.yaml"), "--out", str(root / "init"),
+                          "--seed", "3")
+    assert init.returncode == 0, init.stderr
     train(config, f"checkpoint.init_from={root / 'init'}")
     return root / "init", step_losses(root / "run")
 
@@ -204,13 +214,12 @@ def test_a_training_step_takes_the_path_its_objective_allows(megatron_runtime, m
     assert errors["loss_sum"] > 0 and max(errors["loss"], errors["grads"]) < TOL, errors
 
 
-def test_pipeline_and_context_parallel_steps_equal_the_plain_path(tmp_path):
+def test_pipeline_and_context_parallel_steps_equal_the_plain_path(parallel_layouts):
     """PP=2 and CP=2 (2 gloo processes): a training step's loss and every rank's gradients, for
     the pretraining, SFT and preference losses, chunked vs plain."""
-    proc = run_torchrun([str(WORKERS / "linear_ce_layouts.py"), str(tmp_path / "result.json")])
-    results = json.loads((tmp_path / "result.json").read_text())
+    results, stdout = parallel_layouts[0]["layouts"], parallel_layouts[1]
     assert sorted(results) == sorted(f"{layout} {objective}" for layout in ("pp2", "cp2")
                                      for objective in ("pretraining", "sft", "preference"))
     for case, errors in results.items():
         assert errors["loss_sum"] > 0, (case, errors)
-        assert max(errors["loss"], errors["grads"]) < TOL, (case, errors, proc.stdout)
+        assert max(errors["loss"], errors["grads"]) < TOL, (case, errors, stdout)

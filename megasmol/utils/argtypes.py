@@ -26,6 +26,19 @@ def at_least(minimum: int) -> Callable[[str], int]:
 positive_int = at_least(1)
 
 
+def positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
+    if not value > 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be above 0, got {raw}")
+    return value
+
+
+positive_float.__name__ = "number > 0"
+
+
 class InputPath(str):
     """The value of an argument that names an existing input (``type=input_path("--config")``).
     ``megasmol``'s entry point checks every such value right after parsing, before a command

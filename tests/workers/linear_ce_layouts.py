@@ -1,5 +1,8 @@
-"""torchrun worker: the chunked cross-entropy vs the plain path under PP=2, then CP=2, for the
-pretraining, SFT and preference losses (each rank's share; the largest error over ranks)."""
+"""torchrun worker (2 gloo processes): the chunked cross-entropy vs the plain path under TP=2 (the
+vocabulary-parallel function and model, with and without z-loss, gradients made in the forward or
+recomputed), then PP=2 and CP=2 for the pretraining, SFT and preference losses (each rank's share;
+the largest error over ranks). One launch for both tests of ``tests/test_linear_cross_entropy.py``
+that need one."""
 
 import json
 import sys
@@ -11,11 +14,24 @@ import torch  # noqa: E402
 
 from megasmol.config.parallel import ParallelLayout  # noqa: E402
 from megasmol.runtime.distributed import init_parallel, shutdown  # noqa: E402
-from tests.linear_ce_check import objective_errors  # noqa: E402
+from tests.linear_ce_check import function_errors, model_errors, objective_errors  # noqa: E402
 from tests.specs import tiny_smollm3  # noqa: E402
 
 
-def main():
+def tensor_parallel() -> dict:
+    spec = tiny_smollm3(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    init_parallel(ParallelLayout(tensor_parallel=2), spec)
+    results = {}
+    for z in (0.0, 1e-2):
+        for in_forward in (True, False):
+            results[f"function z={z} in_forward={in_forward}"] = function_errors(
+                z, chunk_size=5, in_forward=in_forward)
+            results[f"model z={z} in_forward={in_forward}"] = model_errors(spec, z, in_forward)
+    torch.distributed.barrier()
+    return results
+
+
+def pipeline_and_context_parallel() -> dict:
     spec = tiny_smollm3(vocab_size=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                         attention_backend="sdpa", z_loss_coeff=1e-2)
     results = {}
@@ -28,6 +44,11 @@ def main():
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
             results[f"{name} {objective}"] = dict(zip(("loss", "grads", "loss_sum"), packed.tolist()))
         torch.distributed.barrier()
+    return results
+
+
+def main():
+    results = {"tp2": tensor_parallel(), "layouts": pipeline_and_context_parallel()}
     if torch.distributed.get_rank() == 0:
         Path(sys.argv[1]).write_text(json.dumps(results))
     shutdown()
