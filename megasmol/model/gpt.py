@@ -119,13 +119,24 @@ class SmolGPTModel(GPTModel):
                 hidden = hidden / self.logit_temperature
             return output_layer_loss(hidden, weight, labels, z_loss_coeff=self.z_loss_coeff,
                                      sequence_parallel=self.output_layer.sequence_parallel,
-                                     tp_group=self.pg_collection.tp, loss_weights=loss_weights)
+                                     tp_group=self.pg_collection.tp, loss_weights=loss_weights,
+                                     known_scale=self._known_loss_scale())
 
         positions = self._logit_positions
         if positions is not None:  # score the selected positions only
             return _scattered(positions, token_loss(hidden_states[positions].unsqueeze(1),
                                                     labels.t()[positions].unsqueeze(0))[0])
         return token_loss(hidden_states, labels, self._loss_weights)
+
+    def _known_loss_scale(self) -> Optional[float]:
+        """The scalar Megatron-Core's schedule back-propagates the objective's loss with, when the
+        config fixes it: 1 with ``calculate_per_token_loss`` (the trainer's setting: no division
+        by the micro-batch's tokens or count) and no ``grad_scale_func`` (no loss scaler); the
+        chunked output layer then adds its weight's gradient to ``main_grad`` in the forward."""
+        config = self.config
+        if config.calculate_per_token_loss and getattr(config, "grad_scale_func", None) is None:
+            return 1.0
+        return None
 
     def compute_language_model_loss(self, labels, logits):
         positions = self._logit_positions
