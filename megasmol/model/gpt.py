@@ -90,7 +90,9 @@ class SmolGPTModel(GPTModel):
         ``loss_weights`` ([b, s], training): the returned per-token loss will be back-propagated
         as ``c * sum(loss_weights * loss)`` for some scalar ``c`` (the objective's
         ``token_weights``); the chunked cross-entropy then computes the output layer's gradients
-        in the forward instead of recomputing its logits in the backward. The plain path ignores it."""
+        in the forward instead of recomputing its logits in the backward (under DDP, with ``c``
+        fixed by the config, :meth:`_known_loss_scale`, the output weight's straight into its
+        ``main_grad``). The plain path ignores it."""
         use = (loss_positions is not None and self.post_process and bool(loss_positions.any())
                and not self.output_layer.sequence_parallel)
         self._logit_positions = loss_positions.t() if use else None
