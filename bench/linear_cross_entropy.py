@@ -19,11 +19,16 @@ path saves, do not depend on it: a small hidden size makes the bf16 run, slow on
 without bf16 instructions, feasible.
 Time: wall-clock and the process's CPU time (user + system, all threads), both for the
 forward and backward.
+``--ddp``: the weight wrapped in Megatron-Core's DDP as megasmol's training wraps a model, its
+fp32 ``main_grad`` allocated and zeroed before the measurement (both paths: DDP preallocates it
+whichever path runs): plain's gradient is made, then added to it by DDP's hook; chunked
+accumulates into it (``model/linear_cross_entropy.py``) and holds no gradient of its own.
 ``--repeats N`` runs the variants N times, alternating (plain, chunked, plain, chunked, ...), and
 prints each run and the ratios of the medians.
 
     python bench/linear_cross_entropy.py --tokens 4096
     python bench/linear_cross_entropy.py --tokens 4096 --dtype bfloat16 --hidden 128
+    python bench/linear_cross_entropy.py --tokens 4096 --ddp
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from megasmol.runtime.distributed import init_parallel
 variant, tokens, vocab, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 chunk_size = max(1, int(sys.argv[5]) // vocab) if int(sys.argv[5]) else None
 dtype = getattr(torch, sys.argv[6])
+ddp = sys.argv[7] == "ddp"
 init_parallel(ParallelLayout())
 gen = torch.Generator().manual_seed(0)
 # Made in their dtype: an fp32 copy cast to bf16 would raise the peak the growth is measured
@@ -52,6 +58,23 @@ h = torch.empty(tokens, 1, hidden, dtype=dtype).normal_(generator=gen).requires_
 w = torch.empty(vocab, hidden, dtype=dtype).normal_(std=0.02, generator=gen).requires_grad_()
 labels = torch.randint(0, vocab, (1, tokens), generator=gen)
 mask = (torch.rand(1, tokens, generator=gen) > 0.1).float()  # a loss mask: 90% of the labels
+known_scale = None
+if ddp:
+    # The weight in Megatron-Core's DDP as megasmol's training wraps a model (wrap_ddp: fp32
+    # gradient buffers): main_grad allocated and zeroed (its pages resident, as after a first
+    # step) before the measurement; plain's gradient is added to it by DDP's hook, chunked's
+    # accumulated into it. The schedule's upstream scalar for sum(mask * loss): 1.
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megasmol.train.optimizer import wrap_ddp
+
+    head = torch.nn.Module()
+    head.weight = torch.nn.Parameter(w.detach())
+    head.config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=1,
+                                    params_dtype=dtype, calculate_per_token_loss=True)
+    module = wrap_ddp(head, distributed_optimizer=False)
+    w = head.weight
+    module.zero_grad_buffer()
+    known_scale = 1.0
 gc.collect()
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 cpu = lambda: (lambda u: u.ru_utime + u.ru_stime)(resource.getrusage(resource.RUSAGE_SELF))
@@ -64,17 +87,22 @@ if variant == "plain":
     del logits
 else:
     loss = output_layer_loss(h, w, labels, loss_weights=mask if variant == "chunked" else None,
-                             chunk_size=chunk_size)
+                             chunk_size=chunk_size, known_scale=known_scale)
 (loss * mask).sum().backward()
 seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
-print("RESULT " + json.dumps({"peak_bytes": rss() - before, "seconds": seconds, "cpu_seconds": cpu_seconds,
-                              "mean_loss": loss.mean().item()}))
+peak = rss() - before
+grad = w.main_grad if ddp else w.grad
+if ddp:
+    assert w.grad is None and w.grad_added_to_main_grad == (variant != "plain")
+print("RESULT " + json.dumps({"peak_bytes": peak, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                              "mean_loss": loss.mean().item(), "grad_norm": grad.float().norm().item()}))
 """
 
 
-def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int, dtype: str) -> dict:
+def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int, dtype: str,
+        ddp: bool = False) -> dict:
     proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden),
-                           str(chunk_logits), dtype], capture_output=True, text=True)
+                           str(chunk_logits), dtype, "ddp" if ddp else "-"], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
@@ -99,6 +127,10 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the hidden states' and the weight's dtype (the loss is fp32 in both paths)")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each variant, alternating")
+    parser.add_argument("--ddp", action="store_true",
+                        help="the weight in Megatron-Core's DDP, as training wraps it: its fp32 main_grad "
+                             "allocated before the measurement; plain adds its gradient to it, chunked "
+                             "accumulates into it")
     args = parser.parse_args()
     if "plain" not in args.variants:
         parser.error("--variants must include plain (the ratios are to it)")
@@ -107,18 +139,21 @@ def main() -> int:
     runs: dict = {v: [] for v in args.variants}
     for _ in range(args.repeats):
         for v in args.variants:
-            runs[v].append(run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits, args.dtype))
+            runs[v].append(run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits, args.dtype,
+                               args.ddp))
     logits_bytes = args.tokens * args.vocab * 4
     model_logits = args.tokens * args.vocab * (2 if args.dtype == "bfloat16" else 4)
-    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.dtype}: "
+    print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.dtype}"
+          f"{', under DDP (main_grad)' if args.ddp else ''}: "
           f"logits {logits_bytes / 1e9:.3f} GB in fp32"
           + (f", {model_logits / 1e9:.3f} GB in bf16" if model_logits != logits_bytes else ""))
-    print("| variant | peak RSS growth | time (forward + backward) | CPU time | mean loss |")
-    print("|---|---|---|---|---|")
+    print("| variant | peak RSS growth | time (forward + backward) | CPU time | mean loss "
+          "| weight grad norm |")
+    print("|---|---|---|---|---|---|")
     for name, rs in runs.items():
         for r in rs:
             print(f"| {name} | {r['peak_bytes'] / 1e9:.3f} GB | {r['seconds']:.1f} s "
-                  f"| {r['cpu_seconds']:.1f} s | {r['mean_loss']:.6f} |")
+                  f"| {r['cpu_seconds']:.1f} s | {r['mean_loss']:.6f} | {r['grad_norm']:.6g} |")
     med = {name: {key: median([r[key] for r in rs]) for key in ("peak_bytes", "seconds", "cpu_seconds")}
            for name, rs in runs.items()}
     for name in (v for v in args.variants if v != "plain"):

@@ -143,3 +143,70 @@ def objective_errors(spec, objective: str, micro_batches: int = 2) -> dict:
     return {"loss": rel(totals[0], totals_ref[0]) if last_stage else 0.0,
             "grads": max(rel(grads[n], grads_ref[n]) for n in grads_ref),
             "loss_sum": float(totals_ref[0]) if last_stage else 0.0}
+
+
+def ddp_step_errors(spec, objective: str, steps: int = 2, micro_batches: int = 2) -> dict:
+    """``steps`` optimizer steps of the model wrapped as the trainer wraps it (Megatron-Core's DDP
+    with its fp32 ``main_grad`` buffers, ``calculate_per_token_loss``, ``finalize_model_grads``,
+    AdamW with eps 1, see below), chunked vs plain from the same weights and micro-batches
+    (different ones on each data-parallel rank): relative errors of each step's loss sum, of
+    every parameter's ``main_grad`` after each step's backward (reduced over data-parallel
+    ranks and divided by the global token count), and of the weights after the last update.
+    ``main_grad_marked``: the chunked model's output weight was marked
+    ``grad_added_to_main_grad`` in every step (its gradient went straight into ``main_grad``;
+    the plain path never marks it on CPU)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    from megasmol.config.preference import PreferenceConfig
+    from megasmol.config.sections import OptimizerSettings
+    from megasmol.data.masking import context_parallel_share, model_inputs
+    from megasmol.model.gpt import plain_cross_entropy
+    from megasmol.train.objectives import PreferenceLoss, TokenLoss
+    from megasmol.train.optimizer import apply_learning_rate, build_optimizer, wrap_ddp
+    from megasmol.train.step import forward_backward
+
+    gen = torch.Generator().manual_seed(13 + parallel_state.get_data_parallel_rank())
+    steps_batches = [[context_parallel_share(model_inputs(_micro_batch(spec, gen, objective),
+                                                          spec.eos_token_id, False, "sbhd"))
+                      for _ in range(micro_batches)] for _ in range(steps)]
+    loss = (PreferenceLoss(PreferenceConfig(loss_type="sigmoid", beta=0.1, sft_weight=0.5))
+            if objective == "preference" else TokenLoss())
+    results = {}
+    for name in ("plain", "chunked"):
+        set_seed(3)
+        model = build_model(spec, cross_entropy=name)
+        model.config.calculate_per_token_loss = True
+        ddp = wrap_ddp(model, distributed_optimizer=False)
+        model.config.no_sync_func = ddp.no_sync
+        model.config.finalize_model_grads_func = finalize_model_grads
+        # Adam's eps large: its update is then about lr * g, linear in the gradient (with 1e-8 the
+        # first update is lr * sign(g), which turns rounding-level differences of gradients near
+        # zero into opposite updates, the same for any two summation orders).
+        optimizer = build_optimizer(ddp, OptimizerSettings(distributed=False, eps=1.0), torch.float32)
+        output_weight = (model.output_layer.weight if model.output_layer.weight is not None
+                         else model.shared_embedding_or_output_weight()) if model.post_process else None
+        losses, main_grads, marked = [], [], []
+        for batches in steps_batches:
+            apply_learning_rate(optimizer, 0.05, 0.1)
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            if objective == "preference":
+                with plain_cross_entropy(model):
+                    totals = forward_backward(ddp, batches, objective=loss)
+            else:
+                totals = forward_backward(ddp, batches, objective=loss)
+            losses.append(totals[0])
+            main_grads.append({n: p.main_grad.clone() for n, p in model.named_parameters()})
+            marked.append(output_weight is None or output_weight.grad_added_to_main_grad)
+            assert all(p.grad is None for p in model.parameters())  # DDP's hook took every .grad
+            optimizer.step()
+        results[name] = (losses, main_grads, {n: p.detach().clone() for n, p in model.named_parameters()},
+                         all(marked))
+    (losses, grads, weights, marked), (losses_ref, grads_ref, weights_ref, marked_ref) = (
+        results["chunked"], results["plain"])
+    last_stage = parallel_state.is_pipeline_last_stage()
+    return {"loss": max(rel(a, b) for a, b in zip(losses, losses_ref)) if last_stage else 0.0,
+            "main_grads": max(rel(g[n], r[n]) for g, r in zip(grads, grads_ref) for n in r),
+            "weights": max(rel(weights[n], weights_ref[n]) for n in weights_ref),
+            "loss_sum": float(losses_ref[0]) if last_stage else 0.0,
+            "main_grad_marked": float(marked and (not last_stage or not marked_ref))}

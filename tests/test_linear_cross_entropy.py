@@ -10,7 +10,14 @@ from megasmol.config.run import TrainingConfig
 from megasmol.config.typed import ConfigError
 from megasmol.model.linear_cross_entropy import linear_cross_entropy
 from tests.conftest import WORKERS, cli_in_process, run_torchrun
-from tests.linear_ce_check import function_errors, model_errors, objective_errors, plain_token_loss
+from tests.linear_ce_check import (
+    ddp_step_errors,
+    function_errors,
+    model_errors,
+    objective_errors,
+    plain_token_loss,
+    rel,
+)
 from tests.specs import tiny_smollm3
 from tests.train_fixtures import step_losses, torchrun_train, train, write_training_run
 
@@ -54,6 +61,57 @@ def test_all_zero_weights_give_zero_gradients():
     weights = torch.zeros(6)
     (linear_cross_entropy(h, w, labels, loss_weights=weights) * weights).sum().backward()
     assert not h.grad.any() and not w.grad.any()
+
+
+def _weight_with_main_grad(w: torch.Tensor) -> torch.Tensor:
+    """``w`` as Megatron-Core's DDP leaves a parameter: an fp32 ``main_grad`` (here holding an
+    earlier micro-batch's gradient, ones) and ``grad_added_to_main_grad`` False."""
+    w = w.clone().requires_grad_()
+    w.main_grad = torch.ones_like(w)
+    w.grad_added_to_main_grad = False
+    return w
+
+
+@pytest.mark.parametrize("path", ["in-forward", "in-forward-scale-unknown", "recompute"])
+def test_the_weight_gradient_is_added_to_main_grad(path):
+    """A weight with DDP's ``main_grad``: made in the forward with the upstream scalar declared
+    (``known_scale``), the weight's gradient is in ``main_grad`` before the backward runs;
+    recomputed, in the backward; either way the weight gets no ``.grad`` and is marked
+    ``grad_added_to_main_grad``, so DDP's hook does not add one. With the scalar undeclared the
+    gradient is held and returned as ``.grad``, as without DDP, and may be scaled freely."""
+    gen = torch.Generator().manual_seed(6)
+    h, w = torch.randn(11, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    labels = torch.randint(0, 40, (11,), generator=gen)
+    mask = (torch.rand(11, generator=gen) > 0.3).float()
+    scale = 0.37 if path == "in-forward-scale-unknown" else 1.0
+    h_p, w_p = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (scale * (plain_token_loss(h_p @ w_p.t(), labels, 1e-2) * mask).sum()).backward()
+
+    h_c, w_c = h.clone().requires_grad_(), _weight_with_main_grad(w)
+    options = {"in-forward": {"loss_weights": mask, "known_scale": 1.0},
+               "in-forward-scale-unknown": {"loss_weights": mask}, "recompute": {}}[path]
+    loss = linear_cross_entropy(h_c, w_c, labels, z_loss_coeff=1e-2, chunk_size=4, **options)
+    assert bool((w_c.main_grad != 1).any()) == (path == "in-forward")  # written in the forward
+    (scale * (loss * mask).sum()).backward()
+    assert rel(h_c.grad, h_p.grad) < TOL
+    if path == "in-forward-scale-unknown":
+        assert not w_c.grad_added_to_main_grad and rel(w_c.grad, w_p.grad) < TOL
+        assert bool((w_c.main_grad == 1).all())
+    else:
+        assert w_c.grad is None and w_c.grad_added_to_main_grad
+        assert rel(w_c.main_grad - 1, w_p.grad) < TOL
+
+
+def test_an_upstream_scalar_unlike_the_declared_one_is_refused():
+    """The weight's gradient went into ``main_grad`` in the forward for the declared scalar: a
+    backward that brings another (a loss scaled by the caller) is an error, not a wrong step."""
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(10, 8, generator=gen, requires_grad=True)
+    w = _weight_with_main_grad(torch.randn(40, 8, generator=gen))
+    labels = torch.randint(0, 40, (10,), generator=gen)
+    loss = linear_cross_entropy(h, w, labels, chunk_size=3, loss_weights=torch.ones(10), known_scale=1.0)
+    with pytest.raises(RuntimeError, match="main_grad in the forward for an upstream gradient of 1 x"):
+        (0.5 * loss.sum()).backward()
 
 
 @pytest.mark.parametrize("in_forward", [True, False], ids=["grads-in-forward", "recompute"])
@@ -216,10 +274,35 @@ def test_a_training_step_takes_the_path_its_objective_allows(megatron_runtime, m
 
 def test_pipeline_and_context_parallel_steps_equal_the_plain_path(parallel_layouts):
     """PP=2 and CP=2 (2 gloo processes): a training step's loss and every rank's gradients, for
-    the pretraining, SFT and preference losses, chunked vs plain."""
+    the pretraining, SFT and preference losses, chunked vs plain; and under DDP with PP=2 (the
+    tied output weight on the last stage, its ``main_grad`` summed with the embedding's across
+    stages) and DP=2 (``main_grad`` reduced over ranks), two steps' losses, ``main_grad`` and
+    updated weights."""
     results, stdout = parallel_layouts[0]["layouts"], parallel_layouts[1]
-    assert sorted(results) == sorted(f"{layout} {objective}" for layout in ("pp2", "cp2")
-                                     for objective in ("pretraining", "sft", "preference"))
+    plain_cases = [f"{layout} {objective}" for layout in ("pp2", "cp2")
+                   for objective in ("pretraining", "sft", "preference")]
+    ddp_cases = [f"{layout} ddp {objective}" for layout in ("pp2", "dp2")
+                 for objective in ("pretraining", "preference")]
+    assert sorted(results) == sorted(plain_cases + ddp_cases)
     for case, errors in results.items():
         assert errors["loss_sum"] > 0, (case, errors)
-        assert max(errors["loss"], errors["grads"]) < TOL, (case, errors, stdout)
+        if case in ddp_cases:
+            assert errors["main_grad_marked"] == 1.0, (case, errors)
+            assert max(errors["loss"], errors["main_grads"], errors["weights"]) < TOL, (case, errors)
+        else:
+            assert max(errors["loss"], errors["grads"]) < TOL, (case, errors, stdout)
+
+
+@pytest.mark.parametrize("objective, tied", [("pretraining", True), ("pretraining", False), ("sft", True),
+                                             ("preference", True), ("preference", False)])
+def test_steps_under_ddp_write_the_output_weight_gradient_into_main_grad(megatron_runtime, objective, tied):
+    """Under Megatron-Core's DDP (as the trainer wraps the model) the chunked path adds the
+    output weight's gradient to its ``main_grad`` (in the forward for pretraining and SFT, in the
+    backward for preference) instead of holding a separate gradient: two steps of two
+    micro-batches give the plain path's losses, ``main_grad`` buffers and updated weights, with
+    tied embeddings (the embedding's gradient and the output layer's in one ``main_grad``) and
+    without."""
+    spec = small_spec().replace(z_loss_coeff=1e-2, tie_embeddings=tied)
+    errors = ddp_step_errors(spec, objective)
+    assert errors["loss_sum"] > 0 and errors["main_grad_marked"] == 1.0, errors
+    assert max(errors["loss"], errors["main_grads"], errors["weights"]) < TOL, errors

@@ -90,7 +90,9 @@ class SmolGPTModel(GPTModel):
         ``loss_weights`` ([b, s], training): the returned per-token loss will be back-propagated
         as ``c * sum(loss_weights * loss)`` for some scalar ``c`` (the objective's
         ``token_weights``); the chunked cross-entropy then computes the output layer's gradients
-        in the forward instead of recomputing its logits in the backward. The plain path ignores it."""
+        in the forward instead of recomputing its logits in the backward (under DDP, with ``c``
+        fixed by the config, :meth:`_known_loss_scale`, the output weight's straight into its
+        ``main_grad``). The plain path ignores it."""
         use = (loss_positions is not None and self.post_process and bool(loss_positions.any())
                and not self.output_layer.sequence_parallel)
         self._logit_positions = loss_positions.t() if use else None
@@ -119,13 +121,24 @@ class SmolGPTModel(GPTModel):
                 hidden = hidden / self.logit_temperature
             return output_layer_loss(hidden, weight, labels, z_loss_coeff=self.z_loss_coeff,
                                      sequence_parallel=self.output_layer.sequence_parallel,
-                                     tp_group=self.pg_collection.tp, loss_weights=loss_weights)
+                                     tp_group=self.pg_collection.tp, loss_weights=loss_weights,
+                                     known_scale=self._known_loss_scale())
 
         positions = self._logit_positions
         if positions is not None:  # score the selected positions only
             return _scattered(positions, token_loss(hidden_states[positions].unsqueeze(1),
                                                     labels.t()[positions].unsqueeze(0))[0])
         return token_loss(hidden_states, labels, self._loss_weights)
+
+    def _known_loss_scale(self) -> Optional[float]:
+        """The scalar Megatron-Core's schedule back-propagates the objective's loss with, when the
+        config fixes it: 1 with ``calculate_per_token_loss`` (the trainer's setting: no division
+        by the micro-batch's tokens or count) and no ``grad_scale_func`` (no loss scaler); the
+        chunked output layer then adds its weight's gradient to ``main_grad`` in the forward."""
+        config = self.config
+        if config.calculate_per_token_loss and getattr(config, "grad_scale_func", None) is None:
+            return 1.0
+        return None
 
     def compute_language_model_loss(self, labels, logits):
         positions = self._logit_positions

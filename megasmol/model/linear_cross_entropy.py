@@ -18,6 +18,40 @@ gradients, chosen by whether the loss's upstream gradient is known in the forwar
   and each position's log-sum-exp; the backward makes each chunk's logits again. One more matmul
   (four instead of three).
 
+**The output weight's gradient goes straight into Megatron-Core DDP's ``main_grad``** (the fp32
+gradient buffer DDP preallocates for every parameter, which the plain path adds its gradient to
+as well) when the weight has one, instead of into a separate ``vocab/tp x hidden`` gradient
+(the largest tensor the step holds besides the logits: 1.05 GB in fp32 at SmolLM3-3B's shape),
+as Megatron-Core's ``gradient_accumulation_fusion`` does on GPU. When recomputed in the backward
+the upstream gradient is known there: each chunk's contribution is added to ``main_grad``. When
+made in the forward the scalar ``c`` is not known yet, so the contributions go into ``main_grad``
+in the forward only when the caller declares ``c`` (``known_scale``): the model declares it from
+its config, ``c = 1`` under megasmol's training step (Megatron-Core's schedule with
+``calculate_per_token_loss`` back-propagates the objective's ``sum(w * loss)`` unscaled; the
+division by the global token count comes later, on ``main_grad``, in ``finalize_model_grads``;
+no ``grad_scale_func``: megasmol has no loss scaler). The backward checks the ``c`` it gets and
+raises a ``RuntimeError`` if it differs, since the contributions cannot be rescaled once summed
+into ``main_grad`` with other micro-batches' and, for tied embeddings, the embedding's. Chosen
+over the alternatives: recomputing in the backward whenever the weight has ``main_grad`` costs a
+fourth matmul (1.4x the gradients-in-forward path's time in ``bench/RESULTS.md``'s first run at
+SmolLM3-3B's shape); a separate gradient is the peak this removes; a scratch smaller than the
+weight cannot hold a sum over all positions;
+and the scalar is fixed by the config in every step megasmol runs, so the check costs nothing.
+Without a declared ``c`` (a caller that scales the loss itself) the weight's gradient is held
+until the backward, as before, and returned as its ``.grad``.
+
+How DDP is told, as in Megatron-Core's fused path (``LinearWithGradAccumulationAndAsyncCommunication``):
+``weight.grad_added_to_main_grad = True``, so DDP's backward hook does not add a ``.grad`` on top.
+The autograd function returns None for the weight rather than Megatron-Core's dummy
+``[vocab, hidden]`` tensor (which on GPU is a real allocation at the backward's peak); DDP's
+hook still runs for the weight (autograd calls the weight's accumulator with no gradient) and
+accepts None unless ``overlap_grad_reduce`` is on, which megasmol's ``wrap_ddp`` leaves off.
+Tied embeddings on one pipeline stage: the embedding's gradient still arrives as the shared
+weight's ``.grad``, and DDP adds it to the same ``main_grad`` because Megatron-Core marks a
+weight shared on one stage ``zero_out_wgrad`` (its hook adds ``.grad`` whatever the flag says);
+on the last stage of a pipeline the output weight is its own parameter, and
+``finalize_model_grads`` sums it with the embedding's across stages, as for the plain path.
+
 Vocabulary-parallel under tensor parallelism like Megatron-Core's
 ``tensor_parallel.vocab_parallel_cross_entropy``: each rank holds ``vocab/tp`` rows of the output
 weight; the maximum and the sum of exponentials are all-reduced over the TP group (per chunk,
@@ -52,6 +86,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+KNOWN_SCALE_RTOL = 1e-6
+"""How far the backward's upstream scalar may be from the one declared in the forward (relative)
+when the weight's gradient went into ``main_grad`` in the forward."""
 
 DEFAULT_CHUNK_LOGITS = 1 << 25
 """Logits computed at once (32M: 128 MiB in fp32); a chunk holds this many / vocab positions."""
@@ -102,11 +140,34 @@ class _ChunkBuffers:
 
 
 def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
-                            hidden: torch.Tensor) -> None:
-    """``grad_weight += grad_logits.T @ hidden`` in the accumulator's dtype (fp32 at least)."""
+                            hidden: torch.Tensor, alpha: float = 1.0) -> None:
+    """``grad_weight += alpha * grad_logits.T @ hidden`` in the accumulator's dtype (fp32 at least)."""
     if hidden.dtype != grad_weight.dtype:
         hidden = hidden.to(grad_weight.dtype)
-    grad_weight.addmm_(grad_logits.t(), hidden)
+    grad_weight.addmm_(grad_logits.t(), hidden, alpha=alpha)
+
+
+def _zero_grad(weight: torch.Tensor, dtype: torch.dtype, needed: bool) -> Optional[torch.Tensor]:
+    """A zero accumulator for the weight's gradient in ``dtype`` (None when not ``needed``)."""
+    return torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needed else None
+
+
+def _main_grad(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The output weight's gradient buffer when Megatron-Core's DDP gave it one the weight's
+    gradient can be accumulated into (``main_grad``, which DDP preallocates, in the loss's
+    dtype: fp32, ``grad_reduce_in_fp32``), else None (the gradient is returned as ``.grad``)."""
+    main_grad = getattr(weight, "main_grad", None)
+    if (main_grad is None or not hasattr(weight, "grad_added_to_main_grad")
+            or main_grad.shape != weight.shape or main_grad.dtype != _loss_dtype(weight.dtype)):
+        return None
+    return main_grad
+
+
+def _added_to_main_grad(weight: torch.Tensor) -> None:
+    """Mark ``weight``'s gradient as already in its ``main_grad``, as Megatron-Core's
+    ``gradient_accumulation_fusion`` does (``LinearWithGradAccumulationAndAsyncCommunication``);
+    the autograd function then returns None for it (see the module's docstring)."""
+    weight.grad_added_to_main_grad = True
 
 
 class _RecomputeInBackward(torch.autograd.Function):
@@ -151,7 +212,9 @@ class _RecomputeInBackward(torch.autograd.Function):
         n, chunk = hidden.shape[0], ctx.chunk_size
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         dtype = lse.dtype
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        # Straight into Megatron-Core DDP's buffer when it has one: no separate gradient.
+        main_grad = _main_grad(weight) if need_weight else None
+        grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
         grad_loss = grad_loss.to(dtype)
         # d loss / d logit_j = softmax_j * (1 + 2 z lse) - [j == target]
         scale = grad_loss * (1.0 + 2.0 * ctx.z_loss_coeff * lse)
@@ -168,7 +231,10 @@ class _RecomputeInBackward(torch.autograd.Function):
             if need_weight:
                 _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end])
         del buffers
-        if need_weight and grad_weight.dtype != weight.dtype:
+        if main_grad is not None:
+            _added_to_main_grad(weight)
+            grad_weight = None
+        elif need_weight and grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
@@ -181,7 +247,8 @@ class _GradientsInForward(torch.autograd.Function):
     with ``addmm_`` into one buffer."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_weights, z_loss_coeff, chunk_size, vocab_start, group):
+    def forward(ctx, hidden, weight, labels, loss_weights, z_loss_coeff, chunk_size, vocab_start, group,
+                known_scale):
         n, v_local = hidden.shape[0], weight.shape[0]
         dtype = _loss_dtype(hidden.dtype)
         tp = _group_size(group)
@@ -192,7 +259,11 @@ class _GradientsInForward(torch.autograd.Function):
         weights = loss_weights.to(dtype)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+        # The upstream scalar known now (the config's): the weight's gradient goes straight into
+        # Megatron-Core DDP's main_grad, already scaled; the backward checks the scalar.
+        main_grad = _main_grad(weight) if need_weight and known_scale is not None else None
+        weight_alpha = known_scale if main_grad is not None else 1.0
+        grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
         buffers = _ChunkBuffers(chunk_size, n, hidden, weight)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
@@ -217,12 +288,17 @@ class _GradientsInForward(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.mm(buffers.in_model_dtype(grad_logits), weight, out=grad_hidden[start:end])
             if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end])
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end], weight_alpha)
         del buffers
         if tp > 1:
             torch.distributed.all_reduce(target_logit, group=group)
-        if grad_weight is not None and grad_weight.dtype != weight.dtype:
-            grad_weight = grad_weight.to(weight.dtype)
+        if main_grad is not None:
+            grad_weight = None
+            ctx.main_grad_of, ctx.known_scale = weight, known_scale
+        else:
+            ctx.main_grad_of = None
+            if grad_weight is not None and grad_weight.dtype != weight.dtype:
+                grad_weight = grad_weight.to(weight.dtype)
         ctx.gradients = (grad_hidden, grad_weight)
         ctx.save_for_backward(weights)
         return lse - target_logit + z_loss_coeff * lse.square()
@@ -236,10 +312,20 @@ class _GradientsInForward(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.gradients
         ctx.gradients = None
         scale = upstream_scale(grad_loss, weights)
+        if ctx.main_grad_of is not None:
+            known = ctx.known_scale
+            if bool(weights.any()) and abs(scale - known) > KNOWN_SCALE_RTOL * max(abs(known), abs(scale)):
+                raise RuntimeError(
+                    f"the chunked cross-entropy added the output weight's gradient to its main_grad in "
+                    f"the forward for an upstream gradient of {known:g} x its loss weights (Megatron-Core's "
+                    f"schedule with calculate_per_token_loss and no grad_scale_func), but the backward "
+                    f"got {scale:g} x: the step's loss scaling is not what the model's config declared")
+            _added_to_main_grad(ctx.main_grad_of)
+            ctx.main_grad_of = None
         if scale != 1.0:  # in place: the stored gradients are used once
             grad_hidden = grad_hidden.mul_(scale) if grad_hidden is not None else None
             grad_weight = grad_weight.mul_(scale) if grad_weight is not None else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def upstream_scale(grad_loss: torch.Tensor, weights: torch.Tensor, rtol: float = 1e-5) -> float:
@@ -266,6 +352,7 @@ def linear_cross_entropy(
     tp_group=None,
     vocab_start: int = 0,
     loss_weights: Optional[torch.Tensor] = None,
+    known_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-position loss ``[n]`` of ``hidden`` ``[n, h]`` against ``labels`` ``[n]`` through the
     output ``weight`` ``[vocab/tp, h]`` (this rank's rows, from ``vocab_start``), without ever
@@ -276,6 +363,14 @@ def linear_cross_entropy(
     computed in the forward, with no recomputation, and the backward only scales them by ``c``
     (a ``RuntimeError`` there if the gradient it gets is not of that form). Without them (a loss
     not linear in the output: preference, RL) the backward recomputes each chunk's logits.
+
+    ``known_scale``: the scalar ``c`` when it is known before the forward (the model's config
+    says so: Megatron-Core's schedule with ``calculate_per_token_loss`` and no
+    ``grad_scale_func`` back-propagates ``sum(loss_weights * output)`` with ``c = 1``). With
+    ``loss_weights`` and a ``weight`` that has Megatron-Core DDP's ``main_grad``, the weight's
+    gradient is then accumulated into ``main_grad`` in the forward (the backward raises a
+    ``RuntimeError`` if its ``c`` differs); without it the weight's gradient is held until the
+    backward. The recomputing path writes into ``main_grad`` whenever the weight has one.
 
     Under tensor parallelism (``tp_group`` of more than one rank) ``hidden`` must be the same on
     every rank and its gradient is this rank's share: route it through Megatron-Core's
@@ -292,7 +387,8 @@ def linear_cross_entropy(
             raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the labels' shape "
                              f"{tuple(labels.shape)}")
         return _GradientsInForward.apply(hidden, weight, labels, loss_weights.detach(), float(z_loss_coeff),
-                                         int(chunk_size), int(vocab_start), tp_group)
+                                         int(chunk_size), int(vocab_start), tp_group,
+                                         None if known_scale is None else float(known_scale))
     return _RecomputeInBackward.apply(hidden, weight, labels, float(z_loss_coeff), int(chunk_size),
                                       int(vocab_start), tp_group)
 
@@ -307,12 +403,13 @@ def output_layer_loss(
     tp_group=None,
     chunk_size: Optional[int] = None,
     loss_weights: Optional[torch.Tensor] = None,
+    known_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """The per-token loss ``[b, s]`` of a vocabulary-parallel output layer (Megatron-Core's
     ``ColumnParallelLinear`` without bias, ``weight`` ``[vocab/tp, h]``) on ``hidden_states``
     ``[s, b, h]`` (``[s/tp, b, h]`` under sequence parallelism) with ``labels`` ``[b, s]``: what
     ``GPTModel`` returns with labels, computed by :func:`linear_cross_entropy` (``loss_weights``
-    ``[b, s]``: see there)."""
+    ``[b, s]`` and ``known_scale``: see there)."""
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
@@ -329,5 +426,6 @@ def output_layer_loss(
         hidden_states.reshape(s * b, h), weight, labels.t().reshape(s * b),
         z_loss_coeff=z_loss_coeff, chunk_size=chunk_size, tp_group=tp_group if tp > 1 else None,
         vocab_start=rank * weight.shape[0],
-        loss_weights=None if loss_weights is None else loss_weights.t().reshape(s * b))
+        loss_weights=None if loss_weights is None else loss_weights.t().reshape(s * b),
+        known_scale=known_scale)
     return loss.view(s, b).t()
