@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--port", type=int, default=5077)
+    parser.add_argument("--server-nice", type=int, default=19,
+                        help="the S3 server's nice value (0: the same priority as training)")
     args = parser.parse_args()
 
     from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
@@ -80,7 +82,10 @@ def main() -> None:
     build_demo_corpus(work / "corpus")
     tokenize_demo_corpus(work / "corpus", show_progress=False)
     server = work / "s3"
-    subprocess.run([sys.executable, str(REPO / "tools" / "local_s3.py"), "start", "--dir", str(server),
+    # The server stands in for storage on other machines: at the lowest CPU priority (unless
+    # --server-nice 0), it takes only the CPU that training leaves, as a remote server takes none.
+    nice = ["nice", "-n", str(args.server_nice)] if args.server_nice else []
+    subprocess.run([*nice, sys.executable, str(REPO / "tools" / "local_s3.py"), "start", "--dir", str(server),
                     "--port", str(args.port), "--bucket", "bench"], check=True)
     env = dict(os.environ)
     for line in (server / "aws.env").read_text().splitlines():
