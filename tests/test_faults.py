@@ -359,6 +359,15 @@ def test_a_run_takes_its_model_from_a_checkpoint(tmp_path):
     assert "trained to step 4" in proc.stdout
 
 
+def test_a_missing_init_from_checkpoint_is_named_not_taken_for_a_preset(tmp_path):
+    config = write_training_run(tmp_path, steps=4)
+    missing = tmp_path / "demo" / "sft" / "run" / "checkpoints"
+    with pytest.raises(
+            ConfigError, match=r"^checkpoint.init_from: no such checkpoint: .*/sft/run/checkpoints$"
+    ):
+        run_model_spec(load_run_config(config, [f"checkpoint.init_from={missing}", "model=null"]))
+
+
 def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     config = write_training_run(tmp_path, steps=STEPS, checkpoint={"interval": 3})
     proc = train(config, env_extra={"MEGASMOL_FAULT": "enospc_in_save:6"})

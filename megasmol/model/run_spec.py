@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from megasmol.config.typed import ConfigError
 from megasmol.model.spec import ModelSpec, load_model_spec
 
 if TYPE_CHECKING:
@@ -21,7 +22,10 @@ def model_reference(config: RunConfig) -> str:
         return str(locate_source(config))
     if config.model is None:
         assert config.checkpoint.init_from is not None  # RunConfig.validate: one of the three
-        return str(config.path(config.checkpoint.init_from))
+        source = config.path(config.checkpoint.init_from)
+        if not source.exists():  # else load_model_spec would take it for an unknown preset
+            raise ConfigError(f"checkpoint.init_from: no such checkpoint: {source}")
+        return str(source)
     candidate = config.path(config.model)
     return str(candidate) if candidate.exists() else config.model
 
