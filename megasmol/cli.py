@@ -300,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(correct sum chosen over a wrong one), held-out reward accuracy and "
                            "arithmetic accuracy before and after")
     mode.add_argument("--rl", action="store_true",
-                      help="after the SFT demo (run first if missing): GRPO on verifiable arithmetic "
-                           "prompts (completions sampled by the model being trained, the math reward), "
-                           "the reward over training and held-out accuracy before and after")
+                      help="after the SFT demo (run first if missing): GRPO on arithmetic prompts "
+                           "(completions sampled by the model being trained, the verifiable answer-form "
+                           "reward), the reward over training and the held-out answer form, operands and "
+                           "sums before and after")
     p.add_argument("--code-mb", type=positive_float, default=3.0,
                    help="the demo corpus's standard-library code, when the pretraining demo builds it "
                         "(default 3 MB, as demo-corpus --code-mb; a corpus already in WORKDIR is reused)")

@@ -108,23 +108,34 @@ def _micro_batch(spec, gen, objective: str, batch: int = 2, seq: int = 32) -> di
     return out
 
 
+def _share(spec, gen, objective: str) -> dict:
+    """A micro-batch as the model takes it: this rank's context-parallel share."""
+    from megasmol.data.masking import context_parallel_share, model_inputs
+
+    return context_parallel_share(model_inputs(_micro_batch(spec, gen, objective), spec.eos_token_id,
+                                               False, "sbhd"))
+
+
+def _objective(objective: str):
+    """The loss the trainer computes for ``objective`` (preference: DPO's sigmoid with an SFT term)."""
+    from megasmol.config.preference import PreferenceConfig
+    from megasmol.train.objectives import PreferenceLoss, TokenLoss
+
+    return (PreferenceLoss(PreferenceConfig(loss_type="sigmoid", beta=0.1, sft_weight=0.5))
+            if objective == "preference" else TokenLoss())
+
+
 def objective_errors(spec, objective: str, micro_batches: int = 2) -> dict:
     """One training step's forward and backward through Megatron-Core's schedule (this rank's
     share of the current layout: a pipeline stage, a context-parallel share) with the model built
     ``chunked`` vs ``plain`` (same weights), for the pretraining, SFT or preference loss: relative
     errors of the step's loss sum and of every parameter's gradient on this rank."""
-    from megasmol.config.preference import PreferenceConfig
-    from megasmol.data.masking import context_parallel_share, model_inputs
     from megasmol.model.gpt import plain_cross_entropy
-    from megasmol.train.objectives import PreferenceLoss, TokenLoss
     from megasmol.train.step import forward_backward
 
     gen = torch.Generator().manual_seed(11)
-    batches = [context_parallel_share(model_inputs(_micro_batch(spec, gen, objective), spec.eos_token_id,
-                                                   False, "sbhd"))
-               for _ in range(micro_batches)]
-    loss = (PreferenceLoss(PreferenceConfig(loss_type="sigmoid", beta=0.1, sft_weight=0.5))
-            if objective == "preference" else TokenLoss())
+    batches = [_share(spec, gen, objective) for _ in range(micro_batches)]
+    loss = _objective(objective)
     results = {}
     for name in ("plain", "chunked"):
         set_seed(3)
@@ -157,20 +168,14 @@ def ddp_step_errors(spec, objective: str, steps: int = 2, micro_batches: int = 2
     the plain path never marks it on CPU)."""
     from megatron.core.distributed import finalize_model_grads
 
-    from megasmol.config.preference import PreferenceConfig
     from megasmol.config.sections import OptimizerSettings
-    from megasmol.data.masking import context_parallel_share, model_inputs
     from megasmol.model.gpt import plain_cross_entropy
-    from megasmol.train.objectives import PreferenceLoss, TokenLoss
     from megasmol.train.optimizer import apply_learning_rate, build_optimizer, wrap_ddp
     from megasmol.train.step import forward_backward
 
     gen = torch.Generator().manual_seed(13 + parallel_state.get_data_parallel_rank())
-    steps_batches = [[context_parallel_share(model_inputs(_micro_batch(spec, gen, objective),
-                                                          spec.eos_token_id, False, "sbhd"))
-                      for _ in range(micro_batches)] for _ in range(steps)]
-    loss = (PreferenceLoss(PreferenceConfig(loss_type="sigmoid", beta=0.1, sft_weight=0.5))
-            if objective == "preference" else TokenLoss())
+    steps_batches = [[_share(spec, gen, objective) for _ in range(micro_batches)] for _ in range(steps)]
+    loss = _objective(objective)
     results = {}
     for name in ("plain", "chunked"):
         set_seed(3)
