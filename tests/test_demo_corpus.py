@@ -59,3 +59,21 @@ def test_the_stdlib_docstrings_are_parsed_once_and_a_damaged_cache_is_rebuilt(tm
     assert fresh() == first and parsed == [1, 1]
     assert not list(tmp_path.rglob("*.partial"))
     demo_corpus.stdlib_docstrings.cache_clear()
+
+
+def test_corpus_sizes_that_cannot_be_built_are_refused_in_one_line(tmp_path):
+    """``demo-corpus`` (and ``demo``, the same type) refuses a code budget of 0, below 0, NaN or
+    infinite, and a problem count below 1, naming the option, before writing anything."""
+    from tests.conftest import cli_in_process
+
+    for option, raw, said in [("--code-mb", "0", "must be above 0, got 0"),
+                              ("--code-mb", "-1", "must be above 0, got -1"),
+                              ("--code-mb", "nan", "must be above 0, got nan"),
+                              ("--code-mb", "inf", "must be a finite number, got inf"),
+                              ("--math-problems", "0", "")]:
+        out = tmp_path / "corpus"
+        proc = cli_in_process("demo-corpus", "--out", str(out), option, raw)
+        assert proc.returncode == 2 and f"argument {option}: {said}" in proc.stderr, (option, raw)
+        assert not out.exists()
+    proc = cli_in_process("demo", "--code-mb", "inf")
+    assert proc.returncode == 2 and "argument --code-mb: must be a finite number, got inf" in proc.stderr

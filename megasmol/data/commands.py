@@ -5,7 +5,7 @@ indexed datasets, the embedded demo corpus, and a run config's data checked as t
 from __future__ import annotations
 
 from megasmol.config.run import cli_override
-from megasmol.utils.argtypes import input_path
+from megasmol.utils.argtypes import input_path, positive_float, positive_int
 from megasmol.utils.fs import shown, shown_paths
 
 
@@ -80,8 +80,9 @@ def add_data_parsers(sub) -> None:
     p.add_argument("--tokenize", action="store_true", help="also tokenize it into OUT/tokens/")
     p.add_argument("--tokenizer", help="tokenizer directory (default: Llama-3.2)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--code-mb", type=float, default=3.0, help="standard-library code budget (default 3 MB)")
-    p.add_argument("--math-problems", type=int, default=20000, help="word problems (default 20000)")
+    p.add_argument("--code-mb", type=positive_float, default=3.0,
+                   help="standard-library code budget (default 3 MB)")
+    p.add_argument("--math-problems", type=positive_int, default=20000, help="word problems (default 20000)")
     p.add_argument("--seed", type=int, default=1234, help="seed for code sampling and problems")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo_corpus)

@@ -33,6 +33,8 @@ def positive_float(raw: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {raw!r}") from None
     if not value > 0:  # NaN too
         raise argparse.ArgumentTypeError(f"must be above 0, got {raw}")
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {raw}")
     return value
 
 
