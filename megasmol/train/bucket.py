@@ -18,7 +18,6 @@ local cache: ``remote.fetch``).
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import traceback
@@ -156,21 +155,6 @@ def prepare(config: RunConfig) -> None:
         setattr(config.checkpoint, field, local)
 
 
-UPLOAD_NICE = 19
-"""The upload thread's nice value: the lowest CPU priority, so that where training and an upload
-want the same cores (hashing, TLS, boto3's Python) training gets them first."""
-
-
-def yield_cpu() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: the nice value is a thread's own, and
-    the threads it starts, such as boto3's transfer workers, inherit it). Elsewhere, or where the
-    system refuses, the thread keeps its priority."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICE)
-    except (AttributeError, OSError):
-        pass
-
-
 class BucketUploads:
     """Rank 0's uploads of committed checkpoints to the bucket, one at a time on a thread.
 
@@ -214,7 +198,6 @@ class BucketUploads:
     def _run(self, iteration: Path, step: int) -> None:
         """The upload thread: ``iteration``, then whatever was queued meanwhile, until none is."""
         job: Optional[tuple[Path, int]] = (iteration, step)
-        yield_cpu()
         try:
             while job is not None:
                 self._upload(*job)
