@@ -10,6 +10,11 @@ a thread of its own. The two alternate (in turn first in each round), so machine
 alike. The figure is the training wall time from the end of step 1 to the last step (the sum of the
 per-step ``step_time_s`` the run logs with ``logging.interval: 1``, which includes what a save
 stalls the loop for), compared per round. Target (issue 39): S3 at most 5% over local.
+
+``--train-threads 1`` on a 2-core machine leaves one core to the upload thread and the loopback
+server, as a GPU node leaves its spare cores (its loop drives the GPU from one); by default
+training takes every core, so whatever the upload and the server compute comes out of training's
+time (the cost of a CPU-bound machine, not of the upload's design).
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5077)
     parser.add_argument("--server-nice", type=int, default=19,
                         help="the S3 server's nice value (0: the same priority as training)")
+    parser.add_argument("--train-threads", type=int, default=None,
+                        help="torch threads of each training run (OMP_NUM_THREADS; default: "
+                             "torch's, every core). Fewer than the cores leaves the upload and the "
+                             "loopback server a core of their own, as a GPU node's spare cores do")
     args = parser.parse_args()
 
     from megasmol.data.demo_corpus import build_demo_corpus, tokenize_demo_corpus
@@ -92,6 +101,8 @@ def main() -> None:
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = value
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if args.train_threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.train_threads)
     rows = []
     try:
         for round_ in range(args.rounds):
@@ -112,8 +123,9 @@ def main() -> None:
     finally:
         subprocess.run([sys.executable, str(REPO / "tools" / "local_s3.py"), "stop", "--dir", str(server)])
     ratios = [row["s3"] / row["local"] for row in rows]
+    threads = env.get("OMP_NUM_THREADS", f"torch's default ({os.cpu_count()} cores)")
     print(f"\n{args.spec}, {args.steps} steps, a save every {args.interval} (async), "
-          f"{args.rounds} rounds")
+          f"{args.rounds} rounds, training threads: {threads}")
     print("| round | local (s) | s3 (s) | s3 / local |\n|---|---|---|---|")
     for index, (row, ratio) in enumerate(zip(rows, ratios), 1):
         print(f"| {index} | {row['local']:.2f} | {row['s3']:.2f} | {ratio:.3f} |")
