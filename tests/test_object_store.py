@@ -152,6 +152,17 @@ def test_the_endpoint_credentials_and_retries_come_from_the_environment_or_a_pro
     assert s3.text("run/latest") == "iter_0000001\n"  # the profile's upload, read as the fixture's user
 
 
+def _access_check_at(s3, monkeypatch, port: int) -> tuple[str, str, float]:
+    """The access check before training against the endpoint on loopback ``port``: the endpoint,
+    the one line it raised, and the seconds it took."""
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
+    return endpoint, str(caught.value), time.monotonic() - started
+
+
 def test_an_endpoint_that_takes_the_connection_and_never_answers_is_one_line_within_seconds(s3, monkeypatch):
     """A socket that accepts connections and never answers (a hung proxy, a wrong port): the
     access check before training says so in one line within seconds (a short read timeout and 3
@@ -161,15 +172,10 @@ def test_an_endpoint_that_takes_the_connection_and_never_answers_is_one_line_wit
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes each connect; nobody ever reads or answers
-        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        started = time.monotonic()
-        with pytest.raises(StoreError) as caught:
-            ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
-        took = time.monotonic() - started
-    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: the endpoint {endpoint} took the "
-                                 "connection but did not answer within 5 s (is it an S3 endpoint, and "
-                                 "is it up?)")
+        endpoint, said, took = _access_check_at(s3, monkeypatch, silent.getsockname()[1])
+    assert said == (f"checkpoint.dir: {s3.url('run')}: the endpoint {endpoint} took the "
+                    "connection but did not answer within 5 s (is it an S3 endpoint, and "
+                    "is it up?)")
     assert 5 <= took < 30, took
 
 
@@ -183,14 +189,9 @@ def test_an_endpoint_whose_connects_time_out_is_one_line_within_seconds(s3, monk
         full.bind(("127.0.0.1", 0))
         full.listen(0)
         waiting.connect(full.getsockname())  # fills the queue: nothing is ever accepted
-        endpoint = f"http://127.0.0.1:{full.getsockname()[1]}"
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        started = time.monotonic()
-        with pytest.raises(StoreError) as caught:
-            ObjectStore(parse(s3.url("run"))).check_access("checkpoint.dir")
-        took = time.monotonic() - started
-    assert str(caught.value) == (f"checkpoint.dir: {s3.url('run')}: cannot reach the endpoint {endpoint} "
-                                 "(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or the profile's endpoint_url)")
+        endpoint, said, took = _access_check_at(s3, monkeypatch, full.getsockname()[1])
+    assert said == (f"checkpoint.dir: {s3.url('run')}: cannot reach the endpoint {endpoint} "
+                    "(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, or the profile's endpoint_url)")
     assert 10 <= took < 30, took  # 3 connects of 5 s each
 
 
