@@ -40,6 +40,14 @@ and the scalar is fixed by the config in every step megasmol runs, so the check 
 Without a declared ``c`` (a caller that scales the loss itself) the weight's gradient is held
 until the backward, as before, and returned as its ``.grad``.
 
+**Masked positions** (a zero loss weight in the forward, a zero upstream gradient when
+recomputing) have zero gradients: the positions are reordered, weighted ones first, so that
+their gradient matmuls (recomputing: their logits too) are skipped; the plain path computes them
+as zeros. **The chunk**: ``DEFAULT_CHUNK_LOGITS`` logits, or, when the weight's gradient goes into
+``main_grad`` (the step then holds no separate gradient), up to ``hidden / 2`` positions
+(``MAIN_GRAD_CHUNK_FRACTION``): on a CPU the matmuls of 261-row chunks took about 1.2x the whole
+batch's time, those of 1,024-row chunks 1.02-1.05x (``bench/RESULTS.md``).
+
 How DDP is told, as in Megatron-Core's fused path (``LinearWithGradAccumulationAndAsyncCommunication``):
 ``weight.grad_added_to_main_grad = True``, so DDP's backward hook does not add a ``.grad`` on top.
 The autograd function returns None for the weight rather than Megatron-Core's dummy
@@ -99,8 +107,9 @@ MAIN_GRAD_CHUNK_FRACTION = 0.5
 separate ``vocab/tp x hidden`` gradient G), a chunk may hold this fraction of the weight's
 elements in logits (``hidden / 2`` positions: 1,024 at SmolLM3-3B's hidden 2,048): the step
 then holds G / 2 less than one that makes G, and saves at least the logits and G / 2 against the
-plain path. Larger chunks run the matmuls at the whole batch's rate on a CPU (``bench/RESULTS.md``:
-256-row chunks ran up to 1.2x slower per row, 1,024 rows as fast as 4,096)."""
+plain path. Larger chunks run the matmuls closer to the whole batch's rate on a CPU
+(``bench/RESULTS.md``: at 4,096 tokens the matmuls of 261-row chunks took 1.2x plain's time,
+those of 1,024-row chunks 1.02-1.05x)."""
 
 
 def default_chunk_size(vocab_partition: int, hidden: int = 0, into_main_grad: bool = False) -> int:
