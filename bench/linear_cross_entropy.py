@@ -22,13 +22,17 @@ forward and backward.
 ``--ddp``: the weight wrapped in Megatron-Core's DDP as megasmol's training wraps a model, its
 fp32 ``main_grad`` allocated and zeroed before the measurement (both paths: DDP preallocates it
 whichever path runs): plain's gradient is made, then added to it by DDP's hook; chunked
-accumulates into it (``model/linear_cross_entropy.py``) and holds no gradient of its own.
+accumulates into it (``model/linear_cross_entropy.py``) and holds no gradient of its own;
+chunked's default chunk is then ``hidden / 2`` positions (``MAIN_GRAD_CHUNK_FRACTION``).
+``--masked F``: the loss mask zeroes a random fraction F of the positions (default 0.1); the
+chunked path skips the gradient matmuls of masked positions, plain computes them (as zeros).
 ``--repeats N`` runs the variants N times, alternating (plain, chunked, plain, chunked, ...), and
 prints each run and the ratios of the medians.
 
     python bench/linear_cross_entropy.py --tokens 4096
     python bench/linear_cross_entropy.py --tokens 4096 --dtype bfloat16 --hidden 128
     python bench/linear_cross_entropy.py --tokens 4096 --ddp
+    python bench/linear_cross_entropy.py --tokens 4096 --ddp --masked 0
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ variant, tokens, vocab, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 chunk_size = max(1, int(sys.argv[5]) // vocab) if int(sys.argv[5]) else None
 dtype = getattr(torch, sys.argv[6])
 ddp = sys.argv[7] == "ddp"
+masked = float(sys.argv[8])
 init_parallel(ParallelLayout())
 gen = torch.Generator().manual_seed(0)
 # Made in their dtype: an fp32 copy cast to bf16 would raise the peak the growth is measured
@@ -57,7 +62,7 @@ gen = torch.Generator().manual_seed(0)
 h = torch.empty(tokens, 1, hidden, dtype=dtype).normal_(generator=gen).requires_grad_()
 w = torch.empty(vocab, hidden, dtype=dtype).normal_(std=0.02, generator=gen).requires_grad_()
 labels = torch.randint(0, vocab, (1, tokens), generator=gen)
-mask = (torch.rand(1, tokens, generator=gen) > 0.1).float()  # a loss mask: 90% of the labels
+mask = (torch.rand(1, tokens, generator=gen) >= masked).float()  # a loss mask (default: 90% of the labels)
 known_scale = None
 if ddp:
     # The weight in Megatron-Core's DDP as megasmol's training wraps a model (wrap_ddp: fp32
@@ -100,9 +105,10 @@ print("RESULT " + json.dumps({"peak_bytes": peak, "seconds": seconds, "cpu_secon
 
 
 def run(variant: str, tokens: int, vocab: int, hidden: int, chunk_logits: int, dtype: str,
-        ddp: bool = False) -> dict:
+        ddp: bool = False, masked: float = 0.1) -> dict:
     proc = subprocess.run([sys.executable, "-c", VARIANT, variant, str(tokens), str(vocab), str(hidden),
-                           str(chunk_logits), dtype, "ddp" if ddp else "-"], capture_output=True, text=True)
+                           str(chunk_logits), dtype, "ddp" if ddp else "-", repr(masked)],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stdout}\n{proc.stderr}")
     line = next(out for out in proc.stdout.splitlines() if out.startswith("RESULT "))
@@ -131,7 +137,12 @@ def main() -> int:
                         help="the weight in Megatron-Core's DDP, as training wraps it: its fp32 main_grad "
                              "allocated before the measurement; plain adds its gradient to it, chunked "
                              "accumulates into it")
+    parser.add_argument("--masked", type=float, default=0.1,
+                        help="fraction of the positions the loss mask zeroes, drawn at random (default 0.1; "
+                             "0: every position weighted, as pretraining without padding)")
     args = parser.parse_args()
+    if not 0.0 <= args.masked <= 1.0:
+        parser.error(f"--masked must be in [0, 1], got {args.masked}")
     if "plain" not in args.variants:
         parser.error("--variants must include plain (the ratios are to it)")
     if args.repeats < 1:
@@ -140,11 +151,11 @@ def main() -> int:
     for _ in range(args.repeats):
         for v in args.variants:
             runs[v].append(run(v, args.tokens, args.vocab, args.hidden, args.chunk_logits, args.dtype,
-                               args.ddp))
+                               args.ddp, args.masked))
     logits_bytes = args.tokens * args.vocab * 4
     model_logits = args.tokens * args.vocab * (2 if args.dtype == "bfloat16" else 4)
     print(f"tokens {args.tokens}, vocab {args.vocab}, hidden {args.hidden}, {args.dtype}"
-          f"{', under DDP (main_grad)' if args.ddp else ''}: "
+          f"{', under DDP (main_grad)' if args.ddp else ''}, {args.masked:g} of the positions masked: "
           f"logits {logits_bytes / 1e9:.3f} GB in fp32"
           + (f", {model_logits / 1e9:.3f} GB in bf16" if model_logits != logits_bytes else ""))
     print("| variant | peak RSS growth | time (forward + backward) | CPU time | mean loss "

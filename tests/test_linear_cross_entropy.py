@@ -8,7 +8,7 @@ import torch
 
 from megasmol.config.run import TrainingConfig
 from megasmol.config.typed import ConfigError
-from megasmol.model.linear_cross_entropy import linear_cross_entropy
+from megasmol.model.linear_cross_entropy import default_chunk_size, linear_cross_entropy
 from tests.conftest import WORKERS, cli_in_process, run_torchrun
 from tests.linear_ce_check import (
     ddp_step_errors,
@@ -61,6 +61,53 @@ def test_all_zero_weights_give_zero_gradients():
     weights = torch.zeros(6)
     (linear_cross_entropy(h, w, labels, loss_weights=weights) * weights).sum().backward()
     assert not h.grad.any() and not w.grad.any()
+
+
+def _matmul_rows(prof, weight_shape) -> dict:
+    """Rows of the logits' matmuls (``hidden @ weight.T``), of the hidden-state gradient's
+    (``grad_logits @ weight``) and of the weight gradient's (``addmm_``) the profile recorded."""
+    v, h = weight_shape
+    rows = {"logits": 0, "grad_hidden": 0, "grad_weight": 0}
+    for event in prof.events():
+        shapes = event.input_shapes
+        if event.name == "aten::mm" and shapes[1] == [h, v]:
+            rows["logits"] += shapes[0][0]
+        elif event.name == "aten::mm" and shapes[1] == [v, h]:
+            rows["grad_hidden"] += shapes[0][0]
+        elif event.name == "aten::addmm_":
+            rows["grad_weight"] += shapes[2][0]
+    return rows
+
+
+@pytest.mark.parametrize("in_forward", [True, False], ids=["grads-in-forward", "recompute"])
+def test_masked_positions_skip_their_gradient_matmuls(in_forward):
+    """A position with a zero loss weight (or upstream gradient, recomputing) has zero gradients:
+    its gradient matmuls are skipped (recomputing, its logits too), and the gradients are still
+    the plain path's, exact zeros included."""
+    gen = torch.Generator().manual_seed(8)
+    h, w = torch.randn(10, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    labels = torch.randint(0, 40, (10,), generator=gen)
+    mask = torch.tensor([1.0, 0, 1, 1, 0, 0, 1, 1, 0, 1])  # 6 weighted, in every chunk of 3
+    h_p, w_p = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (plain_token_loss(h_p @ w_p.t(), labels, 1e-2) * mask).sum().backward()
+    h_c, w_c = h.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss = linear_cross_entropy(h_c, w_c, labels, z_loss_coeff=1e-2, chunk_size=3,
+                                    loss_weights=mask if in_forward else None)
+        (loss * mask).sum().backward()
+    recomputed = 0 if in_forward else 6  # the backward's logits, weighted positions only
+    assert _matmul_rows(prof, w.shape) == {"logits": 10 + recomputed, "grad_hidden": 6, "grad_weight": 6}
+    assert rel(h_c.grad, h_p.grad) < TOL and rel(w_c.grad, w_p.grad) < TOL
+    assert not h_c.grad[mask == 0].any()
+
+
+def test_the_default_chunk_under_main_grad_is_half_the_weight():
+    """Without a separate weight gradient (it goes into ``main_grad``) the default chunk is
+    ``hidden / 2`` positions where that is more than ``2^25`` logits: 1,024 at SmolLM3-3B's
+    shape instead of 261, so the step holds half the weight's gradient in logits at most."""
+    assert default_chunk_size(128256, 2048) == 261
+    assert default_chunk_size(128256, 2048, into_main_grad=True) == 1024
+    assert default_chunk_size(1000, 64, into_main_grad=True) == (1 << 25) // 1000  # never smaller
 
 
 def _weight_with_main_grad(w: torch.Tensor) -> torch.Tensor:

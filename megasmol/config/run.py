@@ -114,11 +114,12 @@ class TrainingConfig:
     SFT) the gradients are made in the forward, for the preference and RL losses the backward
     recomputes the logits) or ``te``
     (Megatron-Core's fused cross-entropy in Transformer Engine, on the logits; needs TE and a GPU).
-    ``plain`` is the default because ``chunked`` meets only half of its bar, a smaller peak by at
-    least the logits and a step no slower: under DDP it adds the output weight's gradient straight
-    to ``main_grad`` and saves 1.44x the logits in fp32 (more than the bf16 logits in bf16), but
-    it took 1.07-1.15x the plain step's CPU time on a CPU and is not measured on a GPU
-    (bench/RESULTS.md). Use ``chunked`` when the logits do not fit."""
+    ``plain`` is the default (the lead decides when to change it): under DDP ``chunked`` adds the
+    output weight's gradient straight to ``main_grad`` and saves 1.24x the logits in fp32 (more
+    than the bf16 logits in bf16), and on a CPU its step took plain's CPU time (medians: 0.94x
+    with 10% of the positions masked, 1.00x with none; single pairs 0.85-1.08x, the machine's
+    noise); not measured on a GPU (bench/RESULTS.md). Use ``chunked`` when the logits do not
+    fit."""
     batch_rampup: Optional[BatchRampup] = None
     """Start with a smaller global batch and grow it (none: full batch from step 1)."""
     stop_after_step: Optional[int] = None

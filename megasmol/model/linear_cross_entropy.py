@@ -40,6 +40,14 @@ and the scalar is fixed by the config in every step megasmol runs, so the check 
 Without a declared ``c`` (a caller that scales the loss itself) the weight's gradient is held
 until the backward, as before, and returned as its ``.grad``.
 
+**Masked positions** (a zero loss weight in the forward, a zero upstream gradient when
+recomputing) have zero gradients: the positions are reordered, weighted ones first, so that
+their gradient matmuls (recomputing: their logits too) are skipped; the plain path computes them
+as zeros. **The chunk**: ``DEFAULT_CHUNK_LOGITS`` logits, or, when the weight's gradient goes into
+``main_grad`` (the step then holds no separate gradient), up to ``hidden / 2`` positions
+(``MAIN_GRAD_CHUNK_FRACTION``): on a CPU the matmuls of 261-row chunks took about 1.2x the whole
+batch's time, those of 1,024-row chunks 1.02-1.05x (``bench/RESULTS.md``).
+
 How DDP is told, as in Megatron-Core's fused path (``LinearWithGradAccumulationAndAsyncCommunication``):
 ``weight.grad_added_to_main_grad = True``, so DDP's backward hook does not add a ``.grad`` on top.
 The autograd function returns None for the weight rather than Megatron-Core's dummy
@@ -94,10 +102,24 @@ when the weight's gradient went into ``main_grad`` in the forward."""
 DEFAULT_CHUNK_LOGITS = 1 << 25
 """Logits computed at once (32M: 128 MiB in fp32); a chunk holds this many / vocab positions."""
 
+MAIN_GRAD_CHUNK_FRACTION = 0.5
+"""When the weight's gradient goes into Megatron-Core DDP's ``main_grad`` (the step holds no
+separate ``vocab/tp x hidden`` gradient G), a chunk may hold this fraction of the weight's
+elements in logits (``hidden / 2`` positions: 1,024 at SmolLM3-3B's hidden 2,048): the step
+then holds G / 2 less than one that makes G, and saves at least the logits and G / 2 against the
+plain path. Larger chunks run the matmuls closer to the whole batch's rate on a CPU
+(``bench/RESULTS.md``: at 4,096 tokens the matmuls of 261-row chunks took 1.2x plain's time,
+those of 1,024-row chunks 1.02-1.05x)."""
 
-def default_chunk_size(vocab_partition: int) -> int:
-    """Positions per chunk for a ``vocab_partition``-row output weight."""
-    return max(1, DEFAULT_CHUNK_LOGITS // vocab_partition)
+
+def default_chunk_size(vocab_partition: int, hidden: int = 0, into_main_grad: bool = False) -> int:
+    """Positions per chunk for a ``vocab_partition x hidden`` output weight: ``DEFAULT_CHUNK_LOGITS``
+    logits; when the weight's gradient goes into ``main_grad`` (no separate gradient held), up to
+    ``hidden / 2`` positions, a chunk half the weight's size (see ``MAIN_GRAD_CHUNK_FRACTION``)."""
+    positions = DEFAULT_CHUNK_LOGITS // vocab_partition
+    if into_main_grad:
+        positions = max(positions, int(hidden * MAIN_GRAD_CHUNK_FRACTION))
+    return max(1, positions)
 
 
 def _group_size(group) -> int:
@@ -116,13 +138,27 @@ class _ChunkBuffers:
     at least) and, when the model's dtype is narrower, one in the model's dtype for the matmuls'
     inputs and outputs: no per-chunk allocation, no ``.to`` copies when already fp32."""
 
-    def __init__(self, chunk_size: int, n: int, hidden: torch.Tensor, weight: torch.Tensor):
+    def __init__(self, chunk_size: int, n: int, hidden: torch.Tensor, weight: torch.Tensor,
+                 reordered: bool = False):
         rows = min(chunk_size, n)
         self.model_dtype = hidden.dtype
         self.dtype = _loss_dtype(hidden.dtype)
         self.wide = torch.empty(rows, weight.shape[0], dtype=self.dtype, device=hidden.device)
         self.narrow = (None if self.dtype == self.model_dtype else
                        torch.empty(rows, weight.shape[0], dtype=self.model_dtype, device=hidden.device))
+        # Reordered positions (weighted ones first): a chunk's hidden rows gathered, and its
+        # hidden-state gradient made here, then scattered ([chunk, hidden] each, small).
+        self.rows_in = self.rows_out = None
+        if reordered:
+            self.rows_in = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+            self.rows_out = torch.empty_like(self.rows_in)
+
+    def hidden_rows(self, hidden: torch.Tensor, positions: torch.Tensor, start: int,
+                    end: int) -> torch.Tensor:
+        """The chunk's hidden states: a view when the positions are in order, else gathered."""
+        if self.rows_in is None:
+            return hidden[start:end]
+        return torch.index_select(hidden, 0, positions, out=self.rows_in[:end - start])
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``hidden @ weight.T`` into the wide buffer's first ``len(hidden)`` rows."""
@@ -145,6 +181,29 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor
     if hidden.dtype != grad_weight.dtype:
         hidden = hidden.to(grad_weight.dtype)
     grad_weight.addmm_(grad_logits.t(), hidden, alpha=alpha)
+
+
+def _nonzero_first(values: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
+    """The positions with a nonzero ``values`` first, in order, then the others (None when all are
+    nonzero: no reordering), and how many are nonzero. A zero loss weight (a masked position) or
+    upstream gradient makes the position's row of the logits' gradient zero: its two gradient
+    matmuls are skipped, the plain path's exact zeros kept."""
+    zero = values == 0
+    active = values.numel() - int(zero.sum())
+    if active == values.numel():
+        return None, active
+    return torch.cat([(~zero).nonzero().squeeze(-1), zero.nonzero().squeeze(-1)]), active
+
+
+def _hidden_grad_into(grad_hidden: torch.Tensor, grad_logits_model: torch.Tensor, weight: torch.Tensor,
+                      buffers: _ChunkBuffers, positions: torch.Tensor, start: int) -> None:
+    """``grad_logits @ weight`` into the hidden-state gradient's rows of the chunk's positions
+    (its first ``len(grad_logits)``): in place when in order, else scattered."""
+    rows = grad_logits_model.shape[0]
+    if buffers.rows_out is None:
+        torch.mm(grad_logits_model, weight, out=grad_hidden[start:start + rows])
+    else:
+        grad_hidden[positions[:rows]] = torch.mm(grad_logits_model, weight, out=buffers.rows_out[:rows])
 
 
 def _zero_grad(weight: torch.Tensor, dtype: torch.dtype, needed: bool) -> Optional[torch.Tensor]:
@@ -210,26 +269,34 @@ class _RecomputeInBackward(torch.autograd.Function):
         hidden, weight, local_target, in_range, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, chunk = hidden.shape[0], ctx.chunk_size
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
         dtype = lse.dtype
         # Straight into Megatron-Core DDP's buffer when it has one: no separate gradient.
         main_grad = _main_grad(weight) if need_weight else None
         grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
         grad_loss = grad_loss.to(dtype)
+        # Positions with a zero upstream gradient (masked) have zero gradients: not recomputed.
+        order, active = _nonzero_first(grad_loss)
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = torch.empty_like(hidden) if order is None else torch.zeros_like(hidden)
+        every = torch.arange(n, device=hidden.device) if order is None else order
         # d loss / d logit_j = softmax_j * (1 + 2 z lse) - [j == target]
         scale = grad_loss * (1.0 + 2.0 * ctx.z_loss_coeff * lse)
-        buffers = _ChunkBuffers(chunk, n, hidden, weight)
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
-            logits = buffers.logits(hidden[start:end], weight)
-            grad_logits = torch.exp_(logits.sub_(lse[start:end, None]))  # softmax, in place
-            grad_logits.mul_(scale[start:end, None])
-            rows = in_range[start:end].nonzero().squeeze(-1)
-            grad_logits[rows, local_target[start:end][rows]] -= grad_loss[start:end][rows]
+        buffers = _ChunkBuffers(chunk, n, hidden, weight, reordered=order is not None)
+        for start in range(0, active, chunk):
+            end = min(start + chunk, active)
+            positions = every[start:end]
+            hidden_rows = buffers.hidden_rows(hidden, positions, start, end)
+            logits = buffers.logits(hidden_rows, weight)
+            grad_logits = torch.exp_(logits.sub_(lse[positions, None]))  # softmax, in place
+            grad_logits.mul_(scale[positions, None])
+            rows = in_range[positions].nonzero().squeeze(-1)
+            grad_logits[rows, local_target[positions][rows]] -= grad_loss[positions][rows]
             if need_hidden:
-                torch.mm(buffers.in_model_dtype(grad_logits), weight, out=grad_hidden[start:end])
+                _hidden_grad_into(grad_hidden, buffers.in_model_dtype(grad_logits), weight, buffers,
+                                  positions, start)
             if need_weight:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end])
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden_rows)
         del buffers
         if main_grad is not None:
             _added_to_main_grad(weight)
@@ -258,19 +325,26 @@ class _GradientsInForward(torch.autograd.Function):
         in_range = (local_target >= 0) & (local_target < v_local)
         weights = loss_weights.to(dtype)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Weighted positions first: a masked one's gradients are zero, its gradient matmuls skipped.
+        order, active = _nonzero_first(weights)
+        every = torch.arange(n, device=hidden.device) if order is None else order
+        grad_hidden = None
+        if need_hidden:
+            grad_hidden = torch.empty_like(hidden) if order is None else torch.zeros_like(hidden)
         # The upstream scalar known now (the config's): the weight's gradient goes straight into
         # Megatron-Core DDP's main_grad, already scaled; the backward checks the scalar.
         main_grad = _main_grad(weight) if need_weight and known_scale is not None else None
         weight_alpha = known_scale if main_grad is not None else 1.0
         grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
-        buffers = _ChunkBuffers(chunk_size, n, hidden, weight)
+        buffers = _ChunkBuffers(chunk_size, n, hidden, weight, reordered=order is not None)
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
-            logits = buffers.logits(hidden[start:end], weight)
-            rows = in_range[start:end].nonzero().squeeze(-1)
-            cols = local_target[start:end][rows]
-            target_logit[start + rows] = logits[rows, cols]
+            positions = every[start:end]
+            hidden_rows = buffers.hidden_rows(hidden, positions, start, end)
+            logits = buffers.logits(hidden_rows, weight)
+            rows = in_range[positions].nonzero().squeeze(-1)
+            cols = local_target[positions][rows]
+            target_logit[positions[rows]] = logits[rows, cols]
             # softmax over the whole vocabulary: max and sum of exponentials reduced over TP.
             row_max = logits.amax(dim=-1)
             if tp > 1:
@@ -280,15 +354,21 @@ class _GradientsInForward(torch.autograd.Function):
             if tp > 1:
                 torch.distributed.all_reduce(sum_exp, group=group)
             chunk_lse = row_max + torch.log(sum_exp)
-            lse[start:end] = chunk_lse
+            lse[positions] = chunk_lse
+            weighted = min(end, active) - start  # the chunk's first rows; the rest are masked
+            if weighted <= 0:
+                continue
             # d loss_i / d logit_j = softmax_j * (1 + 2 z lse) - [j == target], times weight_i
-            w = weights[start:end]
-            grad_logits = exp.mul_((w * (1.0 + 2.0 * z_loss_coeff * chunk_lse) / sum_exp)[:, None])
-            grad_logits[rows, cols] -= w[rows]
+            w = weights[positions[:weighted]]
+            grad_logits = exp[:weighted].mul_(
+                (w * (1.0 + 2.0 * z_loss_coeff * chunk_lse[:weighted]) / sum_exp[:weighted])[:, None])
+            hit = rows < weighted
+            grad_logits[rows[hit], cols[hit]] -= w[rows[hit]]
             if grad_hidden is not None:
-                torch.mm(buffers.in_model_dtype(grad_logits), weight, out=grad_hidden[start:end])
+                _hidden_grad_into(grad_hidden, buffers.in_model_dtype(grad_logits), weight, buffers,
+                                  positions, start)
             if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, grad_logits, hidden[start:end], weight_alpha)
+                _accumulate_weight_grad(grad_weight, grad_logits, hidden_rows[:weighted], weight_alpha)
         del buffers
         if tp > 1:
             torch.distributed.all_reduce(target_logit, group=group)
@@ -377,11 +457,15 @@ def linear_cross_entropy(
     ``copy_to_tensor_model_parallel_region`` (or the sequence-parallel gather) first, as
     :func:`output_layer_loss` does.
     """
-    if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0])
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if chunk_size is None:
+        # The weight's gradient goes into main_grad (recomputing, or in the forward with the
+        # scalar declared): no separate gradient held, so a larger chunk (MAIN_GRAD_CHUNK_FRACTION).
+        into_main_grad = (training and weight.requires_grad and _main_grad(weight) is not None
+                          and (loss_weights is None or known_scale is not None))
+        chunk_size = default_chunk_size(weight.shape[0], weight.shape[1], into_main_grad)
     if loss_weights is not None and training:
         if loss_weights.shape != labels.shape:
             raise ValueError(f"loss_weights {tuple(loss_weights.shape)} must have the labels' shape "
