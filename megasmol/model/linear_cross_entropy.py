@@ -141,6 +141,7 @@ class _ChunkBuffers:
     def __init__(self, chunk_size: int, n: int, hidden: torch.Tensor, weight: torch.Tensor,
                  reordered: bool = False):
         rows = min(chunk_size, n)
+        self.chunk_size = chunk_size
         self.model_dtype = hidden.dtype
         self.dtype = _loss_dtype(hidden.dtype)
         self.wide = torch.empty(rows, weight.shape[0], dtype=self.dtype, device=hidden.device)
@@ -152,6 +153,15 @@ class _ChunkBuffers:
         if reordered:
             self.rows_in = torch.empty(rows, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
             self.rows_out = torch.empty_like(self.rows_in)
+
+    def chunks(self, hidden: torch.Tensor, weight: torch.Tensor, every: torch.Tensor, count: int):
+        """The first ``count`` positions of ``every``, a chunk at a time: for each, its first
+        index in ``every``, its positions, its hidden states and its logits (in the buffer)."""
+        for start in range(0, count, self.chunk_size):
+            end = min(start + self.chunk_size, count)
+            positions = every[start:end]
+            rows = self.hidden_rows(hidden, positions, start, end)
+            yield start, positions, rows, self.logits(rows, weight)
 
     def hidden_rows(self, hidden: torch.Tensor, positions: torch.Tensor, start: int,
                     end: int) -> torch.Tensor:
@@ -193,6 +203,18 @@ def _nonzero_first(values: torch.Tensor) -> tuple[Optional[torch.Tensor], int]:
     if active == values.numel():
         return None, active
     return torch.cat([(~zero).nonzero().squeeze(-1), zero.nonzero().squeeze(-1)]), active
+
+
+def _weighted_first(values: torch.Tensor, hidden: torch.Tensor, need_hidden: bool):
+    """:func:`_nonzero_first`'s order (None: all nonzero) and count, the positions in the order the
+    chunks take them, and the hidden states' gradient (zeros where positions are skipped; None when
+    not needed)."""
+    order, active = _nonzero_first(values)
+    every = torch.arange(values.numel(), device=hidden.device) if order is None else order
+    grad_hidden = None
+    if need_hidden:
+        grad_hidden = torch.empty_like(hidden) if order is None else torch.zeros_like(hidden)
+    return order, active, every, grad_hidden
 
 
 def _hidden_grad_into(grad_hidden: torch.Tensor, grad_logits_model: torch.Tensor, weight: torch.Tensor,
@@ -275,19 +297,11 @@ class _RecomputeInBackward(torch.autograd.Function):
         grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
         grad_loss = grad_loss.to(dtype)
         # Positions with a zero upstream gradient (masked) have zero gradients: not recomputed.
-        order, active = _nonzero_first(grad_loss)
-        grad_hidden = None
-        if need_hidden:
-            grad_hidden = torch.empty_like(hidden) if order is None else torch.zeros_like(hidden)
-        every = torch.arange(n, device=hidden.device) if order is None else order
+        order, active, every, grad_hidden = _weighted_first(grad_loss, hidden, need_hidden)
         # d loss / d logit_j = softmax_j * (1 + 2 z lse) - [j == target]
         scale = grad_loss * (1.0 + 2.0 * ctx.z_loss_coeff * lse)
         buffers = _ChunkBuffers(chunk, n, hidden, weight, reordered=order is not None)
-        for start in range(0, active, chunk):
-            end = min(start + chunk, active)
-            positions = every[start:end]
-            hidden_rows = buffers.hidden_rows(hidden, positions, start, end)
-            logits = buffers.logits(hidden_rows, weight)
+        for start, positions, hidden_rows, logits in buffers.chunks(hidden, weight, every, active):
             grad_logits = torch.exp_(logits.sub_(lse[positions, None]))  # softmax, in place
             grad_logits.mul_(scale[positions, None])
             rows = in_range[positions].nonzero().squeeze(-1)
@@ -326,22 +340,14 @@ class _GradientsInForward(torch.autograd.Function):
         weights = loss_weights.to(dtype)
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Weighted positions first: a masked one's gradients are zero, its gradient matmuls skipped.
-        order, active = _nonzero_first(weights)
-        every = torch.arange(n, device=hidden.device) if order is None else order
-        grad_hidden = None
-        if need_hidden:
-            grad_hidden = torch.empty_like(hidden) if order is None else torch.zeros_like(hidden)
+        order, active, every, grad_hidden = _weighted_first(weights, hidden, need_hidden)
         # The upstream scalar known now (the config's): the weight's gradient goes straight into
         # Megatron-Core DDP's main_grad, already scaled; the backward checks the scalar.
         main_grad = _main_grad(weight) if need_weight and known_scale is not None else None
         weight_alpha = known_scale if main_grad is not None else 1.0
         grad_weight = main_grad if main_grad is not None else _zero_grad(weight, dtype, need_weight)
         buffers = _ChunkBuffers(chunk_size, n, hidden, weight, reordered=order is not None)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            positions = every[start:end]
-            hidden_rows = buffers.hidden_rows(hidden, positions, start, end)
-            logits = buffers.logits(hidden_rows, weight)
+        for start, positions, hidden_rows, logits in buffers.chunks(hidden, weight, every, n):
             rows = in_range[positions].nonzero().squeeze(-1)
             cols = local_target[positions][rows]
             target_logit[positions[rows]] = logits[rows, cols]
@@ -355,7 +361,7 @@ class _GradientsInForward(torch.autograd.Function):
                 torch.distributed.all_reduce(sum_exp, group=group)
             chunk_lse = row_max + torch.log(sum_exp)
             lse[positions] = chunk_lse
-            weighted = min(end, active) - start  # the chunk's first rows; the rest are masked
+            weighted = min(start + len(positions), active) - start  # the first rows; the rest masked
             if weighted <= 0:
                 continue
             # d loss_i / d logit_j = softmax_j * (1 + 2 z lse) - [j == target], times weight_i
