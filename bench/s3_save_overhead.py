@@ -31,6 +31,8 @@ from pathlib import Path
 
 import yaml
 
+from megasmol.utils.argtypes import positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5077)
     parser.add_argument("--server-nice", type=int, default=19,
                         help="the S3 server's nice value (0: the same priority as training)")
-    parser.add_argument("--train-threads", type=int, default=None,
+    parser.add_argument("--train-threads", type=positive_int, default=None,
                         help="torch threads of each training run (OMP_NUM_THREADS; default: "
                              "torch's, every core). Fewer than the cores leaves the upload and the "
                              "loopback server a core of their own, as a GPU node's spare cores do")
